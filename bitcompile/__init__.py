@@ -1,0 +1,12 @@
+"""bitcompile: low-bit (ternary, binary, int8) networks as a torch.compile backend.
+
+    compiled = torch.compile(model, backend="bitnet")
+
+Importing this package is cheap: it registers the ``bitnet`` ops and nothing is
+compiled until a compiled model first runs.
+"""
+from bitcompile.config import BitConfig
+from bitcompile.explain import explain
+
+__version__ = "0.1.0"
+__all__ = ["BitConfig", "explain", "__version__"]

@@ -1,0 +1,84 @@
+"""``BitConfig``: every option of the ``bitnet`` backend.
+
+The fields are also the keys of ``torch.compile(model, backend="bitnet", options={...})``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+WEIGHT_SCHEMES = ("ternary", "binary", "int8")
+GRANULARITIES = ("per_tensor", "per_channel")
+INDUCTOR_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+@dataclass
+class BitConfig:
+    """Options of the ``bitnet`` backend.
+
+    weight: ``"ternary"`` (BitNet b1.58 absmean, default), ``"binary"`` (sign, scale
+        mean|W|) or ``"int8"`` (absmax / 127).
+    activation_bits: bits of the per-token absmax activation quantizer (2..8);
+        ``None`` quantizes weights only and keeps activations in floating point.
+    granularity: weight scale ``"per_tensor"`` or ``"per_channel"`` (one per output
+        feature); ``None`` picks the scheme's default (per-tensor for ternary and
+        binary, per-channel for int8).
+    exclude: module-path glob patterns left in full precision. A pattern matches the
+        whole path or any dotted suffix of it, so ``"lm_head"`` matches
+        ``"model.lm_head"`` (transformers' convention).
+    strict: raise instead of falling back to the unmodified graph if a pass fails.
+    mode: the Inductor mode, as ``torch.compile(mode=...)``; ``torch.compile`` does not
+        accept ``mode`` and ``options`` together, so it can be given here instead.
+    """
+
+    weight: str = "ternary"
+    activation_bits: Optional[int] = 8
+    granularity: Optional[str] = None
+    exclude: list[str] = field(default_factory=lambda: ["lm_head"])
+    strict: bool = False
+    mode: Optional[str] = None
+
+    def __post_init__(self):
+        _check_choice("weight", self.weight, WEIGHT_SCHEMES)
+        _check_choice("granularity", self.granularity, (None, *GRANULARITIES))
+        _check_choice("mode", self.mode, INDUCTOR_MODES)
+        if self.activation_bits is not None and (
+            isinstance(self.activation_bits, bool) or not isinstance(self.activation_bits, int) or not 2 <= self.activation_bits <= 8
+        ):
+            raise ValueError(f"activation_bits must be an int in 2..8 or None (weight-only), got {self.activation_bits!r}")
+        if isinstance(self.exclude, str) or not all(isinstance(p, str) for p in self.exclude):
+            raise ValueError(f"exclude must be a list of module-path glob patterns, got {self.exclude!r}")
+        self.exclude = list(self.exclude)
+
+    @property
+    def per_channel(self) -> bool:
+        if self.granularity is None:
+            return self.weight == "int8"
+        return self.granularity == "per_channel"
+
+    def excluded(self, module_path: str) -> Optional[str]:
+        """The pattern that excludes ``module_path``, or None."""
+        for pattern in self.exclude:
+            if fnmatch.fnmatchcase(module_path, pattern) or fnmatch.fnmatchcase(module_path, "*." + pattern):
+                return pattern
+        return None
+
+    @classmethod
+    def from_options(cls, options: Optional[dict[str, Any]] = None, mode: Optional[str] = None) -> "BitConfig":
+        """Build from ``torch.compile`` options, naming any unknown key and the valid ones."""
+        options = dict(options or {})
+        valid = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(options) - set(valid))
+        if unknown:
+            raise ValueError(f"unknown bitnet option(s) {', '.join(map(repr, unknown))}; valid options: {', '.join(valid)}")
+        if mode is not None:
+            options.setdefault("mode", mode)
+        return cls(**options)
+
+
+def _check_choice(name: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        shown = ", ".join(repr(c) for c in choices)
+        raise ValueError(f"invalid {name}={value!r}; valid choices: {shown}")

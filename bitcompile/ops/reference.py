@@ -1,0 +1,105 @@
+"""Plain-torch reference implementations: the oracle every kernel is tested against.
+
+Semantics are DESIGN.md's (BitNet b1.58):
+  weights      s_w = mean|W| (clamped at EPS), trits = clip(round(W / s_w), -1, 1)
+  activations  s_x = max|x| / qmax per token (clamped), q = clip(round(x / s_x), -qmax-1, qmax)
+  output       (q @ trits^T) * s_x * s_w (+ bias), accumulated exactly in int32
+Scales are always float32. NaN in an input propagates to the output through its scale.
+"""
+from __future__ import annotations
+
+import torch
+
+from bitcompile.quant.packing import pack_ternary, unpack_ternary
+
+EPS = 1e-5
+WEIGHT_SCHEMES = ("ternary", "binary", "int8")
+# float32 matmul of integers is exact while every partial sum stays below 2**24.
+_EXACT_F32_LIMIT = 2**24
+
+
+def qmax(bits: int) -> int:
+    return 2 ** (bits - 1) - 1
+
+
+def quantize_activations(x: torch.Tensor, bits: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token absmax: ``x [..., K] -> (q int8 [..., K], scale float32 [..., 1])``."""
+    xf = x.float()
+    scale = xf.abs().amax(dim=-1, keepdim=True).clamp(min=EPS) / qmax(bits)
+    q = (xf / scale).round().clamp(-qmax(bits) - 1, qmax(bits))
+    # NaN rows: keep the integers defined (0); the NaN scale carries the NaN to the output.
+    return torch.nan_to_num(q, nan=0.0).to(torch.int8), scale
+
+
+def weight_scale(w: torch.Tensor, scheme: str, per_channel: bool) -> torch.Tensor:
+    """float32 scale: ``[N]`` per output channel or ``[1]`` per tensor."""
+    a = w.float().abs()
+    if scheme == "int8":
+        s = (a.amax(dim=-1) if per_channel else a.amax().reshape(1)) / 127
+    else:  # ternary (absmean, BitNet b1.58) and binary (alpha = mean|W|, XNOR-Net)
+        s = a.mean(dim=-1) if per_channel else a.mean().reshape(1)
+    return s.clamp(min=EPS)
+
+
+def weight_integers(w: torch.Tensor, scale: torch.Tensor, scheme: str) -> torch.Tensor:
+    """The integer weights as int8 ``[N, K]`` (trits, signs or int8)."""
+    s = scale.reshape(-1, 1) if scale.numel() > 1 else scale
+    wf = w.float()
+    if scheme == "ternary":
+        v = (wf / s).round().clamp(-1, 1)
+    elif scheme == "binary":
+        v = torch.where(wf >= 0, 1.0, -1.0)
+    elif scheme == "int8":
+        v = (wf / s).round().clamp(-127, 127)
+    else:
+        raise ValueError(f"unknown weight scheme {scheme!r}; supported: {', '.join(WEIGHT_SCHEMES)}")
+    return torch.nan_to_num(v, nan=0.0).to(torch.int8)
+
+
+def quantize_weights(w: torch.Tensor, scheme: str = "ternary", per_channel: bool = False):
+    """``W [N, K] -> (wq, scale)``: wq is packed uint8 ``[N, ceil(K/4)]`` for ternary and
+    binary (canonical format), int8 ``[N, K]`` for int8."""
+    scale = weight_scale(w, scheme, per_channel)
+    ints = weight_integers(w, scale, scheme)
+    return (ints if scheme == "int8" else pack_ternary(ints)), scale
+
+
+def unpack_weights(wq: torch.Tensor, k: int, dtype: torch.dtype = torch.int8) -> torch.Tensor:
+    """Integer weights ``[N, K]`` from either stored form."""
+    return wq.to(dtype) if wq.dtype == torch.int8 else unpack_ternary(wq, k, dtype)
+
+
+def lowbit_matmul(a: torch.Tensor, wq: torch.Tensor, k: int) -> torch.Tensor:
+    """``a [..., K] @ W_int^T``. int8 ``a`` gives the exact int32 accumulator; a float
+    ``a`` (weight-only) gives float32."""
+    if a.dtype == torch.int8:
+        # Exact in float32 while max|partial sum| <= 128 * 127 * K < 2**24; float64 beyond.
+        acc_dtype = torch.float32 if 128 * 127 * k < _EXACT_F32_LIMIT else torch.float64
+        out = a.to(acc_dtype) @ unpack_weights(wq, k, acc_dtype).t()
+        return out.to(torch.int32)
+    return a.float() @ unpack_weights(wq, k, torch.float32).t()
+
+
+def dequantize(acc, x_scale, w_scale, bias, dtype: torch.dtype) -> torch.Tensor:
+    """``acc * s_x * s_w + bias`` in float32, cast to ``dtype``."""
+    y = acc.float() * w_scale
+    if x_scale is not None:
+        y = y * x_scale
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(dtype)
+
+
+def lowbit_linear(x, bias, xq, x_scale, wq, w_scale, k: int) -> torch.Tensor:
+    """Forward of one quantized linear from its quantized operands; output dtype = x.dtype."""
+    a = xq if xq is not None else x
+    return dequantize(lowbit_matmul(a, wq, k), x_scale, w_scale, bias, x.dtype)
+
+
+def dequantized_weight(wq, w_scale, k: int, dtype: torch.dtype) -> torch.Tensor:
+    s = w_scale.reshape(-1, 1) if w_scale.numel() > 1 else w_scale
+    return (unpack_weights(wq, k, torch.float32) * s).to(dtype)
+
+
+def dequantized_activations(xq, x_scale, dtype: torch.dtype) -> torch.Tensor:
+    return (xq.float() * x_scale).to(dtype)

@@ -1,0 +1,45 @@
+"""Packed weights for inference, quantized once and reused until the parameter changes.
+
+A parameter changes through in-place updates (optimizer steps, ``load_state_dict``'s
+``copy_``), which bump its version counter, or through reassignment of ``.data``,
+which changes its storage. The cache keys on both, so it never serves stale
+weights after either. Mutations made through ``param.data.<op>_()`` bypass the
+version counter: call :meth:`WeightCache.clear` after those.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.utils.weak import WeakIdKeyDictionary
+
+
+@dataclass
+class CacheStats:
+    hits: int = 0
+    misses: int = 0
+
+
+class WeightCache:
+    def __init__(self):
+        self._entries = WeakIdKeyDictionary()
+        self.stats = CacheStats()
+
+    def get(self, weight: torch.Tensor, scheme: str, per_channel: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (weight._version, weight.data_ptr(), weight.device, scheme, per_channel)
+        entry = self._entries.get(weight)
+        if entry is not None and entry[0] == key:
+            self.stats.hits += 1
+            return entry[1]
+        self.stats.misses += 1
+        with torch.no_grad():
+            packed = torch.ops.bitnet.quantize_weights(weight.detach(), scheme, per_channel)
+        self._entries[weight] = (key, packed)
+        return packed
+
+    def clear(self) -> None:
+        self._entries = WeakIdKeyDictionary()
+        self.stats = CacheStats()
+
+
+WEIGHT_CACHE = WeightCache()

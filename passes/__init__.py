@@ -1,0 +1,43 @@
+"""FX graph rewrites, one pattern family per module, run in order by :func:`run_passes`.
+
+Each pass takes ``(gm, ctx)``, rewrites ``gm.graph`` in place and records every
+candidate it looked at in ``ctx.report``. Passes emit ``torch.ops.bitnet`` ops only;
+they never call a kernel.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch.fx as fx
+
+from bitcompile.config import BitConfig
+from bitcompile.report import Report
+
+
+@dataclass
+class HoistedWeight:
+    """An inference-graph input fed from the packed-weight cache at call time."""
+
+    arg_index: int  # position of the latent weight among the graph's inputs
+    scheme: str
+    per_channel: bool
+
+
+@dataclass
+class PassContext:
+    config: BitConfig
+    training: bool  # grads needed: weights are re-quantized in the graph on every call
+    graph_index: int = 0
+    report: Report = field(default_factory=Report)
+    hoisted: list[HoistedWeight] = field(default_factory=list)
+
+
+def run_passes(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
+    from bitcompile.passes import hoist_weights, linear
+
+    for rewrite in (linear.rewrite_linears, hoist_weights.hoist_packed_weights):
+        rewrite(gm, ctx)
+    gm.graph.eliminate_dead_code()
+    gm.graph.lint()
+    gm.recompile()
+    return gm

@@ -1,0 +1,57 @@
+"""Small FX helpers shared by the passes: tensor metadata and parameter paths."""
+from __future__ import annotations
+
+import re
+from typing import Optional
+
+import torch
+import torch.fx as fx
+
+_ROOT = re.compile(r"^(?:L|G)\[['\"][^'\"]+['\"]\]")
+_STEP = re.compile(r"""\._(?:modules|parameters|buffers)\[['"]([^'"]+)['"]\]|\.([A-Za-z_]\w*)|\[['"]?([^'"\]]+)['"]?\]""")
+# Dynamo names lifted parameters after their source, e.g. L_self_modules_fc_parameters_weight_.
+_PLACEHOLDER = re.compile(r"_(?:modules|parameters|buffers)_")
+
+
+def meta(node) -> Optional[torch.Tensor]:
+    """The fake tensor Dynamo or a later trace recorded for ``node`` (None if not a tensor)."""
+    if not isinstance(node, fx.Node):
+        return None
+    value = node.meta.get("example_value", node.meta.get("val"))
+    return value if isinstance(value, torch.Tensor) else None
+
+
+def source_path(source_name: str) -> str:
+    """``L['self']._modules['fc']._parameters['weight']`` -> ``fc.weight``."""
+    rest = _ROOT.sub("", source_name)
+    return ".".join(next(g for g in m.groups() if g is not None) for m in _STEP.finditer(rest))
+
+
+def parameter_path(node: fx.Node, gm: fx.GraphModule) -> Optional[str]:
+    """Module path of the parameter ``node`` stands for, or None if it is not a parameter."""
+    if node.op == "get_attr":
+        value = _get_attr(gm, node.target)
+        return node.target if isinstance(value, torch.nn.Parameter) else None
+    if node.op != "placeholder":
+        return None
+    grapharg = node.meta.get("grapharg")
+    if grapharg is None:
+        return None
+    example = getattr(grapharg, "example", None)
+    if not isinstance(example, torch.nn.Parameter):
+        return None
+    name = grapharg.source.name
+    name = name() if callable(name) else name
+    return source_path(name) or _PLACEHOLDER.sub(".", node.name.strip("_"))
+
+
+def _get_attr(gm: fx.GraphModule, target: str):
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part, None)
+    return obj
+
+
+def owner(param_path: str) -> str:
+    """``encoder.fc.weight`` -> ``encoder.fc``."""
+    return param_path.rpartition(".")[0] or param_path

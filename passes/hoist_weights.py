@@ -1,0 +1,41 @@
+"""Inference graphs: weight quantization moves out of the graph into a cache.
+
+Without gradients the packed weights depend only on the parameters, so each
+``quantize_weights(W)`` on a parameter input becomes two new graph inputs that the
+backend's runtime wrapper fills from :data:`bitcompile.ops.WEIGHT_CACHE`, which
+re-packs only when the parameter changed. Training graphs keep the node: there
+the latent weights change every step.
+"""
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx as fx
+
+from bitcompile.passes import HoistedWeight, PassContext
+
+
+def hoist_packed_weights(gm: fx.GraphModule, ctx: PassContext) -> None:
+    if ctx.training:
+        return
+    graph = gm.graph
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    last = placeholders[-1] if placeholders else None
+    for node in list(graph.nodes):
+        if node.target is not torch.ops.bitnet.quantize_weights.default:
+            continue
+        w, scheme, per_channel = node.args
+        if w.op != "placeholder":
+            continue  # a get_attr weight: leave quantization in the graph
+        ctx.hoisted.append(HoistedWeight(placeholders.index(w), scheme, per_channel))
+        with graph.inserting_after(last):
+            packed = graph.placeholder(f"{w.name}_packed")
+        with graph.inserting_after(packed):
+            scale = graph.placeholder(f"{w.name}_scale")
+        last = scale
+        for user in list(node.users):
+            assert user.target is operator.getitem
+            user.replace_all_uses_with(packed if user.args[1] == 0 else scale)
+            graph.erase_node(user)
+        graph.erase_node(node)

@@ -1,0 +1,101 @@
+"""Linear layers -> quantize activations, quantize + pack weights, packed low-bit matmul.
+
+Matches every spelling Dynamo produces for a linear with a parameter weight
+(``torch._C._nn.linear`` = ``F.linear``, ``aten.linear``, or an ``nn.Linear``
+``call_module`` when modules are not inlined), with or without bias and with any
+number of leading batch dimensions.
+"""
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+from bitcompile.passes import PassContext
+from bitcompile.passes.graph import meta, owner, parameter_path
+from bitcompile.report import Candidate
+
+LINEAR_TARGETS = (F.linear, torch._C._nn.linear, torch.ops.aten.linear.default)
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+DEVICES = ("cpu", "cuda")
+
+
+def linear_args(node: fx.Node, gm: fx.GraphModule):
+    """``(x, weight, bias)`` if ``node`` is a linear, else None."""
+    if node.op == "call_function" and node.target in LINEAR_TARGETS:
+        args = list(node.args) + [None] * (3 - len(node.args))
+        x, w, b = args[:3]
+        return x, node.kwargs.get("weight", w), node.kwargs.get("bias", b)
+    if node.op == "call_module" and isinstance(gm.get_submodule(node.target), torch.nn.Linear):
+        with gm.graph.inserting_before(node):
+            w = gm.graph.get_attr(f"{node.target}.weight")
+            b = gm.graph.get_attr(f"{node.target}.bias") if gm.get_submodule(node.target).bias is not None else None
+        return node.args[0], w, b
+    return None
+
+
+def skip_reason(x, w, b, path, ctx: PassContext) -> str:
+    """Why this linear cannot be rewritten ('' if it can)."""
+    xm, wm = meta(x), meta(w)
+    if path is None:
+        return "weight is not a parameter (computed or passed in)"
+    pattern = ctx.config.excluded(owner(path))
+    if pattern:
+        return f"excluded by pattern {pattern!r}"
+    if xm is None or wm is None:
+        return "no tensor metadata"
+    if xm.dtype not in FLOAT_DTYPES or wm.dtype not in FLOAT_DTYPES:
+        return f"unsupported dtype x={xm.dtype}, W={wm.dtype} (supported: float32, float16, bfloat16)"
+    if xm.device.type not in DEVICES or wm.device.type not in DEVICES:
+        return f"unsupported device {xm.device.type} (supported: cpu, cuda)"
+    if wm.dim() != 2 or wm.shape[1] == 0:
+        return f"unsupported weight shape {tuple(wm.shape)}"
+    if b is not None and meta(b) is None:
+        return "bias is not a tensor"
+    return ""
+
+
+def rewrite_linears(gm: fx.GraphModule, ctx: PassContext) -> None:
+    graph = gm.graph
+    cfg = ctx.config
+    for node in list(graph.nodes):
+        matched = linear_args(node, gm)
+        if matched is None:
+            continue
+        x, w, b = matched
+        path = parameter_path(w, gm)
+        xm, wm = meta(x), meta(w)
+        reason = skip_reason(x, w, b, path, ctx)
+        ctx.report.candidates.append(
+            Candidate(
+                graph=ctx.graph_index,
+                op="linear",
+                module=owner(path) if path else str(node.name),
+                shape=f"x{list(xm.shape) if xm is not None else '?'} @ W{list(wm.shape) if wm is not None else '?'}^T",
+                dtype=str(xm.dtype).removeprefix("torch.") if xm is not None else "?",
+                rewritten=not reason,
+                reason=reason or _describe(cfg),
+            )
+        )
+        if reason:
+            continue
+        with graph.inserting_before(node):
+            xq = x_scale = None
+            if cfg.activation_bits is not None:
+                qa = graph.call_function(torch.ops.bitnet.quantize_activations.default, (x, cfg.activation_bits))
+                xq = graph.call_function(operator.getitem, (qa, 0))
+                x_scale = graph.call_function(operator.getitem, (qa, 1))
+            qw = graph.call_function(torch.ops.bitnet.quantize_weights.default, (w, cfg.weight, cfg.per_channel))
+            wq = graph.call_function(operator.getitem, (qw, 0))
+            w_scale = graph.call_function(operator.getitem, (qw, 1))
+            out = graph.call_function(torch.ops.bitnet.lowbit_linear.default, (x, w, b, xq, x_scale, wq, w_scale))
+        out.meta.update(node.meta)
+        node.replace_all_uses_with(out)
+        graph.erase_node(node)
+
+
+def _describe(cfg) -> str:
+    acts = f"A{cfg.activation_bits}" if cfg.activation_bits else "A-float"
+    return f"{cfg.weight} W ({'per-channel' if cfg.per_channel else 'per-tensor'}), {acts}"

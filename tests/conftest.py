@@ -1,0 +1,32 @@
+import os
+
+import pytest
+import torch
+from hypothesis import HealthCheck, settings
+
+# ci: derandomized and bounded so `make test` stays well inside the CI budget.
+# dev: more examples, random seeds, for local bug hunting.
+settings.register_profile(
+    "ci", derandomize=True, max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow], print_blob=True
+)
+settings.register_profile("dev", max_examples=300, deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    """Each test compiles from scratch and starts with an empty weight cache."""
+    import bitcompile.ops
+
+    torch._dynamo.reset()
+    bitcompile.ops.WEIGHT_CACHE.clear()
+    yield
+    torch._dynamo.reset()
+
+
+def pytest_collection_modifyitems(config, items):
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="needs CUDA (run `make test-gpu` on a GPU machine)")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)
