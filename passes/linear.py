@@ -28,7 +28,7 @@ def linear_args(node: fx.Node, gm: fx.GraphModule):
         args = list(node.args) + [None] * (3 - len(node.args))
         x, w, b = args[:3]
         return x, node.kwargs.get("weight", w), node.kwargs.get("bias", b)
-    if node.op == "call_module" and isinstance(gm.get_submodule(node.target), torch.nn.Linear):
+    if node.op == "call_module" and type(gm.get_submodule(node.target)) is torch.nn.Linear:
         with gm.graph.inserting_before(node):
             w = gm.graph.get_attr(f"{node.target}.weight")
             b = gm.graph.get_attr(f"{node.target}.bias") if gm.get_submodule(node.target).bias is not None else None
