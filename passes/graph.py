@@ -53,5 +53,5 @@ def _get_attr(gm: fx.GraphModule, target: str):
 
 
 def owner(param_path: str) -> str:
-    """``encoder.fc.weight`` -> ``encoder.fc``."""
-    return param_path.rpartition(".")[0] or param_path
+    """``encoder.fc.weight`` -> ``encoder.fc``; a parameter of the compiled module itself -> ``""``."""
+    return param_path.rpartition(".")[0]

@@ -72,7 +72,7 @@ def rewrite_linears(gm: fx.GraphModule, ctx: PassContext) -> None:
             Candidate(
                 graph=ctx.graph_index,
                 op="linear",
-                module=owner(path) if path else str(node.name),
+                module=(owner(path) or "(root)") if path else f"({node.name})",
                 shape=f"x{list(xm.shape) if xm is not None else '?'} @ W{list(wm.shape) if wm is not None else '?'}^T",
                 dtype=str(xm.dtype).removeprefix("torch.") if xm is not None else "?",
                 rewritten=not reason,

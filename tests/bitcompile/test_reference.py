@@ -1,0 +1,78 @@
+"""The quantizers against DESIGN.md's formulas, written out independently here."""
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from bitcompile.ops import reference as ref
+from tests.strategies import FLOAT_DTYPES, batch_shapes, ks, ns, tensors
+
+
+@given(data=st.data(), batch=batch_shapes, k=ks, dtype=st.sampled_from(FLOAT_DTYPES), bits=st.integers(2, 8))
+def test_activation_quantizer_formula(data, batch, k, dtype, bits):
+    x = data.draw(tensors((*batch, k), dtype))
+    q, s = ref.quantize_activations(x, bits)
+    qmax = 2 ** (bits - 1) - 1
+    expect_s = x.float().abs().amax(-1, keepdim=True).clamp(min=1e-5) / qmax
+    assert q.dtype == torch.int8 and s.dtype == torch.float32 and s.shape == (*batch, 1)
+    torch.testing.assert_close(s, expect_s, rtol=0, atol=0)
+    assert torch.equal(q.float(), (x.float() / expect_s).round().clamp(-qmax - 1, qmax))
+    # Dequantization error is at most half a step per element.
+    assert bool(((q.float() * s - x.float()).abs() <= s / 2 * (1 + 1e-5)).all())
+
+
+@given(data=st.data(), n=ns, k=ks, dtype=st.sampled_from(FLOAT_DTYPES), per_channel=st.booleans())
+def test_ternary_weight_quantizer_formula(data, n, k, dtype, per_channel):
+    w = data.draw(tensors((n, k), dtype))
+    wq, s = ref.quantize_weights(w, "ternary", per_channel)
+    absw = w.float().abs()
+    expect_s = (absw.mean(-1, keepdim=True) if per_channel else absw.mean()).clamp(min=1e-5)
+    trits = (w.float() / expect_s).round().clamp(-1, 1)
+    torch.testing.assert_close(s, expect_s.reshape(-1), rtol=0, atol=0)
+    assert torch.equal(ref.unpack_weights(wq, k).float(), trits)
+
+
+@given(data=st.data(), n=ns, k=ks)
+def test_binary_and_int8_weight_quantizers(data, n, k):
+    w = data.draw(tensors((n, k)))
+    bq, bs = ref.quantize_weights(w, "binary", False)
+    assert torch.equal(ref.unpack_weights(bq, k).float(), torch.where(w >= 0, 1.0, -1.0))
+    torch.testing.assert_close(bs, w.abs().mean().reshape(1), rtol=0, atol=0)
+    iq, is_ = ref.quantize_weights(w, "int8", True)
+    expect = w.abs().amax(-1).clamp(min=1e-5) / 127
+    torch.testing.assert_close(is_, expect, rtol=0, atol=0)
+    assert torch.equal(iq.float(), (w / expect[:, None]).round().clamp(-127, 127))
+
+
+@given(data=st.data(), batch=batch_shapes, n=ns, k=st.integers(1, 300))
+def test_lowbit_matmul_is_exact_int32(data, batch, n, k):
+    x = data.draw(tensors((*batch, k)))
+    w = data.draw(tensors((n, k)))
+    q, _ = ref.quantize_activations(x)
+    wq, _ = ref.quantize_weights(w)
+    acc = ref.lowbit_matmul(q, wq, k)
+    exact = q.long() @ ref.unpack_weights(wq, k).long().t()  # int64, no float involved
+    assert acc.dtype == torch.int32 and torch.equal(acc.long(), exact)
+
+
+def test_large_k_switches_to_float64_and_stays_exact():
+    k = 1100  # 128*127*k > 2**24: float32 could round
+    q = torch.full((2, k), -128, dtype=torch.int8)
+    wq, _ = ref.quantize_weights(-torch.ones(3, k))
+    assert torch.equal(ref.lowbit_matmul(q, wq, k), torch.full((2, 3), 128 * k, dtype=torch.int32))
+
+
+def test_zero_nan_inf_inputs_have_defined_results():
+    q, s = ref.quantize_activations(torch.zeros(2, 5))
+    assert torch.equal(q, torch.zeros(2, 5, dtype=torch.int8)) and bool((s == 1e-5 / 127).all())
+    wq, ws = ref.quantize_weights(torch.zeros(3, 5))
+    assert bool((ws == 1e-5).all()) and not ref.unpack_weights(wq, 5).any()
+    x = torch.randn(3, 5)
+    x[1, 2] = float("nan")
+    x[2, 0] = float("inf")
+    q, s = ref.quantize_activations(x)
+    y = ref.lowbit_linear(x, None, q, s, *ref.quantize_weights(torch.randn(4, 5)), 5)
+    assert torch.isfinite(y[0]).all() and torch.isnan(y[1]).all() and not torch.isfinite(y[2]).all()
+    wnan = torch.randn(4, 5)
+    wnan[0, 0] = float("nan")
+    y = ref.lowbit_linear(torch.randn(2, 5), None, None, None, *ref.quantize_weights(wnan), 5)
+    assert torch.isnan(y).all()  # a NaN weight poisons the per-tensor scale: every output is NaN
