@@ -1,0 +1,128 @@
+"""Launch configurations: chosen once per (kernel, shape bucket, GPU), cached on disk.
+
+Lookup order: this process's memory -> the user's cache
+(``$BITCOMPILE_CACHE_DIR`` or ``$XDG_CACHE_HOME/bitcompile`` or ``~/.cache/bitcompile``,
+file ``autotune/<gpu>.json``) -> the table shipped in the package
+(``bitcompile/kernels/tuned/<gpu>.json``, one for the H100) -> benchmark every
+candidate with ``triton.testing.do_bench`` and save the winner (progress goes to
+stderr). Without CUDA (the interpreter) the first candidate is used, no timing.
+
+``BITCOMPILE_DEBUG_DIR=<dir>`` writes the source of every specialised kernel that is
+launched (Python source with its constexpr values, plus TTIR/PTX when compiled).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+import threading
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+_lock = threading.Lock()
+_memory: dict[str, dict[str, dict]] = {}  # gpu -> key -> config
+_dumped: set[str] = set()
+SHIPPED_DIR = Path(__file__).with_name("tuned")
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def gpu_name(device: torch.device | None = None) -> str:
+    if interpreting() or not torch.cuda.is_available():
+        return "interpreter"
+    return re.sub(r"[^A-Za-z0-9]+", "_", torch.cuda.get_device_name(device)).strip("_")
+
+
+def user_cache_file(gpu: str) -> Path:
+    root = os.environ.get("BITCOMPILE_CACHE_DIR")
+    if root is None:
+        root = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "bitcompile")
+    return Path(root) / "autotune" / f"{gpu}.json"
+
+
+def _load(gpu: str) -> dict[str, dict]:
+    if gpu not in _memory:
+        table: dict[str, dict] = {}
+        for path in (SHIPPED_DIR / f"{gpu}.json", user_cache_file(gpu)):  # user entries override shipped
+            try:
+                table.update(json.loads(path.read_text()))
+            except (OSError, ValueError):
+                pass
+        _memory[gpu] = table
+    return _memory[gpu]
+
+
+def _save(gpu: str, key: str, config: dict) -> None:
+    path = user_cache_file(gpu)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        current = json.loads(path.read_text()) if path.exists() else {}
+        current[key] = config
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(current, indent=1, sort_keys=True))
+        tmp.replace(path)
+    except OSError as err:  # a read-only home must not break inference
+        print(f"bitcompile: could not write autotune cache {path}: {err}", file=sys.stderr)
+
+
+def choose(kernel: str, key: Sequence, candidates: Sequence[dict], run: Callable[[dict], None]) -> dict:
+    """The best of ``candidates`` for ``kernel`` at ``key``; ``run(config)`` launches it once
+    (on scratch buffers: it is called repeatedly while timing)."""
+    if len(candidates) == 1 or interpreting() or not torch.cuda.is_available():
+        return candidates[0]
+    gpu = gpu_name()
+    full_key = f"{kernel}:" + ",".join(map(str, key))
+    with _lock:
+        table = _load(gpu)
+        if full_key in table:
+            return table[full_key]
+        from triton.testing import do_bench
+
+        print(f"bitcompile: autotuning {full_key} on {gpu} ({len(candidates)} configs)", file=sys.stderr, flush=True)
+        best, best_ms = None, float("inf")
+        for i, config in enumerate(candidates):
+            try:
+                ms = do_bench(lambda: run(config), warmup=5, rep=20)
+            except Exception as err:  # e.g. out of shared memory for this tile
+                print(f"  [{i + 1}/{len(candidates)}] {config}: failed ({type(err).__name__})", file=sys.stderr)
+                continue
+            print(f"  [{i + 1}/{len(candidates)}] {config}: {ms * 1e3:.1f} us", file=sys.stderr, flush=True)
+            if ms < best_ms:
+                best, best_ms = config, ms
+        if best is None:
+            raise RuntimeError(f"no launch configuration of {kernel} ran for {full_key}: {list(candidates)}")
+        table[full_key] = best
+        _save(gpu, full_key, best)
+        return best
+
+
+def bucket(m: int) -> int:
+    """Rows bucketed to a power of two so each batch size does not re-tune."""
+    return 1 << max(0, (m - 1).bit_length())
+
+
+def dump_source(kernel, compiled, constexprs: dict) -> None:
+    """Write the specialised kernel once per specialisation when BITCOMPILE_DEBUG_DIR is set."""
+    root = os.environ.get("BITCOMPILE_DEBUG_DIR")
+    if not root:
+        return
+    name = kernel.fn.__name__ if hasattr(kernel, "fn") else kernel.__name__
+    spec = "_".join(f"{k}{v}" for k, v in sorted(constexprs.items()))
+    tag = re.sub(r"[^A-Za-z0-9_.-]+", "", f"{name}__{spec}")
+    if tag in _dumped:
+        return
+    _dumped.add(tag)
+    out = Path(root)
+    out.mkdir(parents=True, exist_ok=True)
+    header = "".join(f"# {k} = {v!r}\n" for k, v in sorted(constexprs.items()))
+    source = getattr(kernel, "src", None) or ""
+    (out / f"{tag}.py").write_text(f"# bitcompile kernel {name}, specialised with:\n{header}\n{source}\n")
+    asm = getattr(compiled, "asm", None) or {}
+    for ext in ("ttir", "ttgir", "ptx"):
+        if ext in asm:
+            (out / f"{tag}.{ext}").write_text(str(asm[ext]))
