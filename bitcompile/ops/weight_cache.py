@@ -4,7 +4,9 @@ A parameter changes through in-place updates (optimizer steps, ``load_state_dict
 ``copy_``), which bump its version counter, or through reassignment of ``.data``,
 which changes its storage. The cache keys on both, so it never serves stale
 weights after either. Mutations made through ``param.data.<op>_()`` bypass the
-version counter: call :meth:`WeightCache.clear` after those.
+version counter: call :meth:`WeightCache.clear` after those. Inference tensors
+(created under ``torch.inference_mode``) have no version counter, so they are
+re-quantized on every call rather than risk serving stale weights.
 """
 from __future__ import annotations
 
@@ -26,6 +28,9 @@ class WeightCache:
         self.stats = CacheStats()
 
     def get(self, weight: torch.Tensor, scheme: str, per_channel: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        if weight.is_inference():
+            self.stats.misses += 1
+            return torch.ops.bitnet.quantize_weights(weight, scheme, per_channel)
         key = (weight._version, weight.data_ptr(), weight.device, scheme, per_channel)
         entry = self._entries.get(weight)
         if entry is not None and entry[0] == key:

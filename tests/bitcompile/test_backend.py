@@ -1,0 +1,99 @@
+"""The backend as a user meets it: entry point, inference cache, training, modes."""
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import bitcompile
+from bitcompile.ops import WEIGHT_CACHE
+from tests.helpers import MLP, swap_to_bitlinear
+
+
+def test_backend_name_works_in_a_fresh_interpreter_without_import():
+    code = (
+        "import sys, torch\n"
+        "m = torch.nn.Linear(8, 4)\n"
+        "torch.compile(m, backend='bitnet')(torch.randn(2, 8))\n"
+        "assert 'bitcompile' in sys.modules  # loaded through the torch_dynamo_backends entry point\n"
+        "print(type(sys.modules['bitcompile.report'].LAST.candidates[0]).__name__)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "Candidate"
+
+
+def test_import_is_cheap():
+    code = "import sys, bitcompile, bitcompile.nn; bad = [m for m in ('triton', 'torch._inductor.compile_fx') if m in sys.modules]; print(bad)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
+def test_inference_packs_once_and_picks_up_parameter_updates():
+    torch.manual_seed(0)
+    model, x = MLP(), torch.randn(4, 12)
+    compiled = torch.compile(model, backend="bitnet")
+    model.eval()
+    with torch.no_grad():
+        first = compiled(x)
+        packs = WEIGHT_CACHE.stats.misses  # fc1, fc2 packed once, at compile time
+        for _ in range(5):
+            torch.testing.assert_close(compiled(x), first, rtol=0, atol=0)
+    assert packs == 2 and WEIGHT_CACHE.stats.misses == 2 and WEIGHT_CACHE.stats.hits >= 10
+
+    # An optimizer step (in-place update) is picked up on the next call.
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    compiled(x).square().sum().backward()
+    opt.step()
+    model.eval()
+    with torch.no_grad():
+        after = compiled(x)
+        assert WEIGHT_CACHE.stats.misses == 4
+        torch.testing.assert_close(after, swap_to_bitlinear(model)(x), rtol=0, atol=0)
+        assert not torch.equal(after, first)
+
+    # So is load_state_dict (copy_ into the same parameters).
+    other = MLP()
+    model.load_state_dict(other.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), swap_to_bitlinear(other)(x), rtol=0, atol=0)
+
+
+def test_qat_training_reduces_loss_and_eval_matches_reference():
+    torch.manual_seed(0)
+    x = torch.randn(64, 12)
+    y = (x[:, :5] * 2).argmax(-1)  # a learnable rule
+    model = MLP()
+    compiled = torch.compile(model, backend="bitnet")
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(40):
+        loss = torch.nn.functional.cross_entropy(compiled(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.6 * losses[0]
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), swap_to_bitlinear(model)(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("mode", ["reduce-overhead", "max-autotune-no-cudagraphs"])
+def test_inductor_modes_are_accepted(mode):
+    torch.manual_seed(0)
+    model, x = MLP(), torch.randn(2, 12)
+    out = torch.compile(model, backend="bitnet", mode=mode)(x)
+    torch.testing.assert_close(out, swap_to_bitlinear(model)(x), rtol=0, atol=0)
+
+
+def test_inference_mode_and_bf16():
+    torch.manual_seed(0)
+    model = MLP().to(torch.bfloat16).eval()
+    x = torch.randn(3, 12, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        out = torch.compile(model, backend="bitnet")(x)
+        assert out.dtype == torch.bfloat16
+        torch.testing.assert_close(out, swap_to_bitlinear(model)(x), rtol=0, atol=0)
