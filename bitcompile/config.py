@@ -28,6 +28,12 @@ class BitConfig:
     exclude: module-path glob patterns left in full precision. A pattern matches the
         whole path or any dotted suffix of it, so ``"lm_head"`` matches
         ``"model.lm_head"`` (transformers' convention).
+    quantize_depthwise: also quantize depthwise convolutions (groups == in_channels, one
+        kh*kw filter per channel: too few weights for a ternary scale to fit well); by
+        default they stay in floating point and the report says so.
+    attention_bits: quantize the two attention matmuls (QK^T and attention @ V) to
+        int x int of this many bits (2..8) with one absmax scale per (batch, head);
+        softmax stays in floating point. ``None`` (default) keeps them in floating point.
     strict: raise instead of falling back to the unmodified graph if a pass fails.
     mode: the Inductor mode, as ``torch.compile(mode=...)``; ``torch.compile`` does not
         accept ``mode`` and ``options`` together, so it can be given here instead.
@@ -39,11 +45,18 @@ class BitConfig:
     exclude: list[str] = field(default_factory=lambda: ["lm_head"])
     strict: bool = False
     mode: Optional[str] = None
+    quantize_depthwise: bool = False
+    attention_bits: Optional[int] = None
 
     def __post_init__(self):
         _check_choice("weight", self.weight, WEIGHT_SCHEMES)
         _check_choice("granularity", self.granularity, (None, *GRANULARITIES))
         _check_choice("mode", self.mode, INDUCTOR_MODES)
+        _check_choice("quantize_depthwise", self.quantize_depthwise, (False, True))
+        if self.attention_bits is not None and (
+            isinstance(self.attention_bits, bool) or not isinstance(self.attention_bits, int) or not 2 <= self.attention_bits <= 8
+        ):
+            raise ValueError(f"attention_bits must be an int in 2..8 or None (float attention matmuls), got {self.attention_bits!r}")
         if self.activation_bits is not None and (
             isinstance(self.activation_bits, bool) or not isinstance(self.activation_bits, int) or not 2 <= self.activation_bits <= 8
         ):

@@ -103,3 +103,75 @@ def dequantized_weight(wq, w_scale, k: int, dtype: torch.dtype) -> torch.Tensor:
 
 def dequantized_activations(xq, x_scale, dtype: torch.dtype) -> torch.Tensor:
     return (xq.float() * x_scale).to(dtype)
+
+
+# --- convolution and attention matmuls (issue 4) ------------------------------
+
+
+def quantize_activations_per_sample(x: torch.Tensor, bits: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """Absmax over everything but the batch dim: ``x [N, C, *S] -> (int8 [N, C, *S], float32
+    [N, 1, *1])``. A convolution sums over channels *and* kernel positions, so only a scale
+    constant over both factors out of the integer accumulator; zero padding stays exactly 0."""
+    q, scale = quantize_activations(x.reshape(x.shape[0], -1), bits)
+    return q.reshape(x.shape), scale.reshape(x.shape[0], *([1] * (x.dim() - 1)))
+
+
+def _conv_fn(spatial_dims: int):
+    import torch.nn.functional as F
+
+    if spatial_dims not in (1, 2):
+        raise ValueError(f"lowbit conv supports conv1d and conv2d (3-D or 4-D input), got {spatial_dims} spatial dims")
+    return F.conv1d if spatial_dims == 1 else F.conv2d
+
+
+def lowbit_conv_accumulate(a, wq, weight_shape, stride, padding, dilation, groups) -> torch.Tensor:
+    """Convolution of ``a`` with the integer weights (``wq`` packs ``W.flatten(1)``). int8 ``a``
+    gives the exact int32 accumulator (float64 sums of integers below 2**53 are exact in any
+    order); a float ``a`` (weight-only) gives float32."""
+    k = 1
+    for d in weight_shape[1:]:
+        k *= d
+    conv = _conv_fn(a.dim() - 2)
+    dtype = torch.float64 if a.dtype == torch.int8 else torch.float32
+    w = unpack_weights(wq, k, dtype).reshape(weight_shape)
+    out = conv(a.to(dtype), w, None, stride, padding, dilation, groups)
+    return out.to(torch.int32) if a.dtype == torch.int8 else out
+
+
+def per_channel(scale: torch.Tensor, ndim: int) -> torch.Tensor:
+    """A ``[C]`` (or ``[1]``) vector shaped to broadcast over dim 1 of an ``ndim`` tensor."""
+    return scale.reshape(-1, *([1] * (ndim - 2)))
+
+
+def lowbit_conv(x, weight_shape, bias, xq, x_scale, wq, w_scale, stride, padding, dilation, groups) -> torch.Tensor:
+    """Forward of one quantized conv from its quantized operands; output dtype = x.dtype."""
+    a = xq if xq is not None else x
+    acc = lowbit_conv_accumulate(a, wq, weight_shape, stride, padding, dilation, groups)
+    y = acc.float() * per_channel(w_scale, acc.dim())
+    if x_scale is not None:
+        y = y * x_scale
+    if bias is not None:
+        y = y + per_channel(bias.float(), acc.dim())
+    return y.to(x.dtype)
+
+
+def quantize_per_head(x: torch.Tensor, bits: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """Absmax over the last two dims: ``x [*H, M, K] -> (int8, float32 [*H, 1, 1])``: one
+    scale per (batch, head) matrix, which factors out of a matmul on either side."""
+    xf = x.float()
+    scale = xf.abs().amax(dim=(-2, -1), keepdim=True).clamp(min=EPS) / qmax(bits)
+    q = (xf / scale).round().clamp(-qmax(bits) - 1, qmax(bits))
+    return torch.nan_to_num(q, nan=0.0).to(torch.int8), scale
+
+
+def int_bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Exact int32 ``a @ b`` of int8 batched matrices (float64 sums of integers are exact)."""
+    return (a.double() @ b.double()).to(torch.int32)
+
+
+def quantized_attention_matmul(a: torch.Tensor, b: torch.Tensor, bits: int = 8) -> torch.Tensor:
+    """``Q(a) @ Q(b)`` with per-head absmax scales, in ``a``'s dtype (the broadcast of float
+    ``a [*H, M, K] @ b [*H, K, N]`` with both operands fake-quantized)."""
+    qa, sa = quantize_per_head(a, bits)
+    qb, sb = quantize_per_head(b, bits)
+    return (int_bmm(qa, qb).float() * sa * sb).to(a.dtype)
