@@ -175,3 +175,65 @@ def quantized_attention_matmul(a: torch.Tensor, b: torch.Tensor, bits: int = 8) 
     qa, sa = quantize_per_head(a, bits)
     qb, sb = quantize_per_head(b, bits)
     return (int_bmm(qa, qb).float() * sa * sb).to(a.dtype)
+
+
+# --- fused forms (kernels issue): references for the norm+quant and epilogue ops ----
+
+NORM_KINDS = ("none", "rms", "rms_fp32", "layer")
+
+
+def normalize(h: torch.Tensor, kind: str, weight, bias, eps: float, out_dtype: torch.dtype) -> torch.Tensor:
+    """The norm as the graph computes it. ``rms``: transformers' Llama/Mistral/Qwen
+    RMSNorm (fp32 statistics, cast to the input dtype, then times weight);
+    ``rms_fp32``: everything in fp32, one cast; ``layer``: ``F.layer_norm`` semantics."""
+    hf = h.float()
+    if kind == "none":
+        return h.to(out_dtype)
+    if kind == "layer":
+        hf = hf - hf.mean(-1, keepdim=True)
+    y = hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps)
+    if kind == "rms":
+        y = y.to(h.dtype).float()
+    elif kind not in NORM_KINDS:
+        raise ValueError(f"unknown norm {kind!r}; supported: {', '.join(NORM_KINDS)}")
+    if weight is not None:
+        y = y * weight.float()
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(out_dtype)
+
+
+def norm_quant(x, residual, weight, bias, kind: str, eps: float, bits: int, norm_dtype: torch.dtype):
+    """``h = x (+ residual)`` in x's dtype, ``y = normalize(h)``, ``(q, s) = quantize_activations(y)``.
+    Returns ``(q, s, y, h)``."""
+    h = x if residual is None else x + residual
+    y = normalize(h, kind, weight, bias, eps, norm_dtype)
+    q, s = quantize_activations(y, bits)
+    return q, s, y, h
+
+
+def activation(y: torch.Tensor, name: str) -> torch.Tensor:
+    """The epilogue activations, on fp32."""
+    if name == "none":
+        return y
+    if name == "relu":
+        return torch.relu(y)
+    if name == "gelu":
+        return torch.nn.functional.gelu(y)
+    if name == "gelu_tanh":
+        return torch.nn.functional.gelu(y, approximate="tanh")
+    if name == "silu":
+        return torch.nn.functional.silu(y)
+    if name == "relu2":
+        return torch.relu(y).square()
+    raise ValueError(f"unknown activation {name!r}; supported: none, relu, gelu, gelu_tanh, silu, relu2")
+
+
+def linear_epilogue(xq, x_scale, wq, w_scale, bias, k: int, dtype: torch.dtype, act: str = "none", residual=None):
+    """Quantized linear from int8 operands with the fused epilogue:
+    ``act(acc * s_w * s_x + bias) (+ residual)`` in fp32, cast to ``dtype``."""
+    y = dequantize(lowbit_matmul(xq, wq, k), x_scale, w_scale, bias, torch.float32)
+    y = activation(y, act)
+    if residual is not None:
+        y = y + residual.float()
+    return y.to(dtype)

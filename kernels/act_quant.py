@@ -1,0 +1,107 @@
+"""Per-token activation quantization, optionally fused behind (residual add +) a norm.
+
+One program per token row holds the whole row in registers, so x is read once:
+  h = x (+ residual)                    stored only if STORE_H (the new residual stream)
+  y = norm(h) * weight (+ bias)         stored only if STORE_Y (another consumer needs it)
+  s = max(max|y|, eps) / qmax, q = round(y / s) clipped      -> int8 q, fp32 s
+NORM: 0 none, 1 RMSNorm with the cast to the input dtype before the weight multiply
+(transformers' Llama/Mistral/Qwen spelling and torch's composite rms_norm), 2 RMSNorm
+all in fp32, 3 LayerNorm (fp32, one cast at the end, as F.layer_norm).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from bitcompile.kernels import tuning
+from bitcompile.kernels.common import round_half_even
+
+NORM_KINDS = {"none": 0, "rms": 1, "rms_fp32": 2, "layer": 3}
+MAX_ROW = 65536  # one row in registers; longer rows use the reference
+EPS = 1e-5
+
+
+@triton.jit
+def _norm_quant_kernel(X, RES, W, B, Q, S, Y, H, K, stride_x, stride_r, stride_q, stride_y, stride_h, eps, qmax, QEPS: tl.constexpr,
+                       BLOCK: tl.constexpr, NORM: tl.constexpr, HAS_RES: tl.constexpr, HAS_W: tl.constexpr,
+                       HAS_B: tl.constexpr, STORE_Y: tl.constexpr, STORE_H: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < K
+    x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0)
+    if HAS_RES:
+        # The add happens in the input dtype, as `x + residual` does in the graph.
+        x = (x.to(tl.float32) + tl.load(RES + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)).to(X.dtype.element_ty)
+        if STORE_H:
+            tl.store(H + row * stride_h + cols, x, mask=mask)
+    h = x.to(tl.float32)
+    if NORM == 0:
+        y = h
+    else:
+        if NORM == 3:
+            mean = tl.sum(h, axis=0) / K
+            h = tl.where(mask, h - mean, 0.0)
+        var = tl.sum(h * h, axis=0) / K
+        y = h * (1.0 / tl.sqrt(var + eps))
+        if NORM == 1:
+            y = y.to(X.dtype.element_ty).to(tl.float32)
+        if HAS_W:
+            y = y * tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+        if HAS_B:
+            y = y + tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
+        # The normalized tensor the graph would have produced, in its dtype.
+        y = y.to(Y.dtype.element_ty)
+        if STORE_Y:
+            tl.store(Y + row * stride_y + cols, y, mask=mask)
+        y = y.to(tl.float32)
+    amax = tl.max(tl.where(mask, tl.abs(y), 0.0), axis=0)
+    scale = tl.maximum(amax, QEPS) / qmax
+    # A NaN row: max() may drop NaN, so carry it into the scale explicitly (as the reference does).
+    has_nan = tl.max(tl.where(mask & (y != y), 1, 0), axis=0) > 0
+    scale = tl.where(has_nan, float("nan"), scale)
+    q = round_half_even(y / scale)
+    q = tl.minimum(tl.maximum(q, -qmax - 1.0), qmax)
+    q = tl.where(q != q, 0.0, q)
+    tl.store(Q + row * stride_q + cols, q.to(tl.int8), mask=mask)
+    tl.store(S + row, scale)
+
+
+def norm_quant(x: torch.Tensor, bits: int = 8, kind: str = "none", weight: Optional[torch.Tensor] = None,
+               bias: Optional[torch.Tensor] = None, eps: float = 1e-6, residual: Optional[torch.Tensor] = None,
+               norm_dtype: Optional[torch.dtype] = None, store_normed: bool = False, store_sum: bool = False):
+    """Returns ``(q int8 [..., K], scale fp32 [..., 1], normed | None, h | None)``.
+
+    ``normed`` (dtype ``norm_dtype``, default x.dtype) is written only with ``store_normed``;
+    ``h = x + residual`` only with ``store_sum``."""
+    if kind not in NORM_KINDS:
+        raise ValueError(f"unknown norm {kind!r}; supported: {', '.join(NORM_KINDS)}")
+    if not 2 <= bits <= 8:
+        raise ValueError(f"activation bits must be in 2..8, got {bits}")
+    k = x.shape[-1]
+    if k > MAX_ROW:
+        raise ValueError(f"rows longer than {MAX_ROW} are not supported by the fused kernel (got {k})")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    m = x2.shape[0]
+    q = torch.empty((m, k), device=x.device, dtype=torch.int8)
+    s = torch.empty((m, 1), device=x.device, dtype=torch.float32)
+    y = torch.empty((m, k) if store_normed else (1, 1), device=x.device, dtype=norm_dtype or x.dtype)
+    h = torch.empty((m, k) if store_sum else (1, 1), device=x.device, dtype=x.dtype)
+    r2 = residual.reshape(-1, k).contiguous() if residual is not None else x2
+    if m:
+        block = triton.next_power_of_2(max(k, 16))
+        flags = dict(BLOCK=block, NORM=NORM_KINDS[kind], HAS_RES=residual is not None, HAS_W=weight is not None,
+                     HAS_B=bias is not None, STORE_Y=store_normed, STORE_H=store_sum)
+        warps = 1 if tuning.interpreting() else min(16, max(1, block // 512))
+        compiled = _norm_quant_kernel[(m,)](
+            x2, r2, weight if weight is not None else x2, bias if bias is not None else x2, q, s, y, h, k,
+            x2.stride(0), r2.stride(0), q.stride(0), y.stride(0), h.stride(0), eps,
+            float(2 ** (bits - 1) - 1), EPS, num_warps=warps, **flags)
+        tuning.dump_source(_norm_quant_kernel, compiled, {**flags, "x": str(x.dtype), "normed": str(y.dtype)})
+    return (q.reshape(*lead, k), s.reshape(*lead, 1), y.reshape(*lead, k) if store_normed else None,
+            h.reshape(*lead, k) if store_sum else None)
