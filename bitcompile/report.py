@@ -15,6 +15,7 @@ class Candidate:
     dtype: str
     rewritten: bool
     reason: str = ""  # why it was skipped, or what it became
+    weight_bits: int = 0  # bits per stored weight once rewritten (2 for packed ternary/binary)
 
     @property
     def status(self) -> str:
@@ -36,6 +37,18 @@ class Report:
     @property
     def skipped(self) -> list[Candidate]:
         return [c for c in self.candidates if not c.rewritten]
+
+    def weight_memory(self, model) -> tuple[int, int]:
+        """``(full_bytes, deployed_bytes)`` of ``model``'s parameters: deployed counts each
+        rewritten layer's weight at its packed size plus a float32 scale per row."""
+        full = sum(p.numel() * p.element_size() for p in model.parameters())
+        deployed = full
+        for c in {c.module: c for c in self.rewritten if c.weight_bits}.values():
+            w = model.get_submodule("" if c.module == "(root)" else c.module).weight
+            rows, cols = w.shape[0], w[0].numel()
+            packed = rows * ((cols * c.weight_bits + 7) // 8) + 4 * rows
+            deployed += packed - w.numel() * w.element_size()
+        return full, deployed
 
     def __str__(self) -> str:
         head = (

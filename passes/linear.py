@@ -77,6 +77,7 @@ def rewrite_linears(gm: fx.GraphModule, ctx: PassContext) -> None:
                 dtype=str(xm.dtype).removeprefix("torch.") if xm is not None else "?",
                 rewritten=not reason,
                 reason=reason or _describe(cfg),
+                weight_bits=8 if cfg.weight == "int8" else 2,
             )
         )
         if reason:
