@@ -1,0 +1,89 @@
+"""QAT backward: ``grad_x = grad [M, N] @ (trits [N, K] * s_w)`` from the packed weights.
+
+The trits are unpacked in registers per tile and multiplied by the scale in the
+grad dtype, which is exactly the operand the reference builds (``trit * s_w`` cast
+to the grad dtype), so only the fp32 accumulation order differs. No dequantized
+copy of W is written to memory.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from bitcompile.kernels import tuning
+from bitcompile.kernels.common import unpack_trits
+
+
+@triton.jit
+def _grad_input_kernel(G, P, WS, OUT, M, N, K, KB, stride_g, stride_p, stride_o,
+                       BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+                       PER_CHANNEL: tl.constexpr, IEEE: tl.constexpr):
+    pid = tl.program_id(0)
+    grid_m = tl.cdiv(M, BM)
+    grid_k = tl.cdiv(K, BK)
+    width = GROUP_M * grid_k
+    first_m = (pid // width) * GROUP_M
+    group_rows = min(grid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % group_rows
+    pid_k = (pid % width) // group_rows
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_k = pid_k * BK + tl.arange(0, BK)
+    offs_c = pid_k * (BK // 4) + tl.arange(0, BK // 4)
+    offs_n = tl.arange(0, BN)
+    if not PER_CHANNEL:
+        ws = tl.load(WS)
+    acc = tl.zeros((BM, BK), dtype=tl.float32)
+    for n0 in range(0, N, BN):
+        n = n0 + offs_n
+        g = tl.load(G + offs_m[:, None].to(tl.int64) * stride_g + n[None, :],
+                    mask=(offs_m[:, None] < M) & (n[None, :] < N), other=0.0)
+        p = tl.load(P + n[:, None] * stride_p + offs_c[None, :], mask=(n[:, None] < N) & (offs_c[None, :] < KB), other=85)
+        if PER_CHANNEL:
+            ws = tl.load(WS + n, mask=n < N, other=0.0)[:, None]
+        w = (unpack_trits(p, BK // 4, BN).to(tl.float32) * ws).to(G.dtype.element_ty)
+        if IEEE:
+            acc = tl.dot(g, w, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(g, w, acc)
+    tl.store(OUT + offs_m[:, None].to(tl.int64) * stride_o + offs_k[None, :], acc.to(OUT.dtype.element_ty),
+             mask=(offs_m[:, None] < M) & (offs_k[None, :] < K))
+
+
+def _configs():
+    if tuning.interpreting():
+        return [dict(BM=16, BN=16, BK=32, GROUP_M=4, num_warps=4)]
+    return [dict(BM=bm, BN=bn, BK=bk, GROUP_M=8, num_warps=w, num_stages=s)
+            for bm, bn, bk, w, s in [(128, 64, 128, 8, 3), (128, 64, 256, 8, 3), (128, 32, 128, 4, 4),
+                                     (64, 64, 128, 4, 4), (256, 64, 128, 8, 3), (128, 128, 128, 8, 3)]]
+
+
+def grad_input(grad: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, k: int) -> torch.Tensor:
+    """``grad [..., N] @ (unpack(wq) * w_scale)`` in ``grad.dtype`` (fp32 accumulation;
+    fp32 grads use IEEE fp32 dot products, not TF32)."""
+    if wq.dtype != torch.uint8:
+        raise TypeError(f"grad_input kernel needs packed uint8 ternary weights, got {wq.dtype}")
+    n, kb = wq.shape
+    if grad.shape[-1] != n or kb != (k + 3) // 4:
+        raise ValueError(f"shape mismatch: grad {tuple(grad.shape)}, packed {tuple(wq.shape)}, k={k}")
+    lead = grad.shape[:-1]
+    g = grad.reshape(-1, n)
+    if g.stride(-1) != 1:
+        g = g.contiguous()
+    m = g.shape[0]
+    out = torch.empty((m, k), device=grad.device, dtype=grad.dtype)
+    if m == 0:
+        return out.reshape(*lead, k)
+    wq = wq.contiguous()
+    ws = w_scale.contiguous()
+    flags = dict(PER_CHANNEL=ws.numel() > 1, IEEE=grad.dtype == torch.float32)
+
+    def launch(cfg):
+        grid = (triton.cdiv(m, cfg["BM"]) * triton.cdiv(k, cfg["BK"]),)
+        return _grad_input_kernel[grid](g, wq, ws, out, m, n, k, kb, g.stride(0), wq.stride(0), out.stride(0),
+                                        **flags, **cfg)
+
+    cfg = tuning.choose("grad_input", (tuning.bucket(m), n, k, str(grad.dtype)), _configs(), launch)
+    compiled = launch(cfg)
+    tuning.dump_source(_grad_input_kernel, compiled, {**flags, **cfg, "grad": str(grad.dtype)})
+    return out.reshape(*lead, k)
