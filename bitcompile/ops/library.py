@@ -265,3 +265,116 @@ def _unbroadcast(g: Tensor, shape) -> Tensor:
 
 
 quantized_attention_matmul.register_autograd(_attn_backward, setup_context=_attn_setup)
+
+
+# --- fused ops (kernels issue) ------------------------------------------------
+
+
+@torch.library.custom_op("bitnet::norm_quant", mutates_args=())
+def norm_quant(
+    x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor], kind: str, eps: float,
+    bits: int, norm_dtype: torch.dtype, store_normed: bool, store_sum: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``h = x (+ residual)``, ``y = norm(h)`` (``kind``: rms | rms_fp32 | layer | none), then
+    per-token quantization of ``y``. Returns ``(q, scale, y, h)``; ``y`` and ``h`` are empty
+    unless ``store_normed`` / ``store_sum`` (the fused kernel then never writes them)."""
+    q, s, y, h = ref.norm_quant(x, residual, weight, bias, kind, eps, bits, norm_dtype)
+    empty = x.new_empty((0,))
+    return q, s, y if store_normed else empty.to(norm_dtype), h.clone() if store_sum else empty
+
+
+@norm_quant.register_fake
+def _(x, residual, weight, bias, kind, eps, bits, norm_dtype, store_normed, store_sum):
+    lead, k = x.shape[:-1], x.shape[-1]
+    return (
+        x.new_empty(x.shape, dtype=torch.int8),
+        x.new_empty((*lead, 1), dtype=torch.float32),
+        x.new_empty(x.shape if store_normed else (0,), dtype=norm_dtype),
+        x.new_empty(x.shape if store_sum else (0,)),
+    )
+
+
+@torch.library.custom_op("bitnet::linear_q", mutates_args=())
+def linear_q(
+    xq: Tensor, x_scale: Tensor, wq: Tensor, w_scale: Tensor, bias: Optional[Tensor], k: int, dtype: torch.dtype,
+    activation: str, residual: Optional[Tensor],
+) -> Tensor:
+    """Inference linear from already-quantized activations with the fused epilogue
+    ``act(acc * s_w * s_x + bias) (+ residual)`` cast to ``dtype`` (no gradients)."""
+    return ref.linear_epilogue(xq, x_scale, wq, w_scale, bias, k, dtype, activation, residual)
+
+
+@linear_q.register_fake
+def _(xq, x_scale, wq, w_scale, bias, k, dtype, activation, residual):
+    return xq.new_empty((*xq.shape[:-1], wq.shape[0]), dtype=dtype)
+
+
+# --- CUDA: Triton kernels (bitcompile.kernels); unsupported configurations use the reference
+
+
+def _packed_ternary(wq: Tensor) -> bool:
+    return wq.dtype == torch.uint8
+
+
+@quantize_activations.register_kernel("cuda")
+def _(x, bits):
+    from bitcompile.kernels.act_quant import MAX_ROW, norm_quant as kernel
+
+    if x.shape[-1] > MAX_ROW or not x.is_floating_point():
+        return ref.quantize_activations(x, bits)
+    q, s, _, _ = kernel(x, bits)
+    return q, s
+
+
+@quantize_weights.register_kernel("cuda")
+def _(w, scheme, per_channel):
+    from bitcompile.kernels.weight_pack import SCHEMES, quantize_pack
+
+    if scheme not in SCHEMES or w.dim() != 2 or not w.is_floating_point():
+        return ref.quantize_weights(w, scheme, per_channel)
+    return quantize_pack(w, scheme, per_channel)
+
+
+@lowbit_matmul.register_kernel("cuda")
+def _(a, wq, k):
+    from bitcompile.kernels.ternary_matmul import ternary_matmul
+
+    if a.dtype != torch.int8 or not _packed_ternary(wq):
+        return ref.lowbit_matmul(a, wq, k)
+    return ternary_matmul(a, wq, k)
+
+
+@lowbit_linear.register_kernel("cuda")
+def _(x, weight, bias, xq, x_scale, wq, w_scale):
+    from bitcompile.kernels.ternary_matmul import ternary_matmul
+
+    if xq is None or not _packed_ternary(wq):
+        return ref.lowbit_linear(x, bias, xq, x_scale, wq, w_scale, x.shape[-1])
+    return ternary_matmul(xq, wq, x.shape[-1], x_scale, w_scale, bias, x.dtype)
+
+
+@grad_input.register_kernel("cuda")
+def _(grad, wq, w_scale, k):
+    from bitcompile.kernels.grad_input import grad_input as kernel
+
+    if not _packed_ternary(wq):
+        return grad @ ref.dequantized_weight(wq, w_scale, k, grad.dtype)
+    return kernel(grad, wq, w_scale, k)
+
+
+@norm_quant.register_kernel("cuda")
+def _(x, residual, weight, bias, kind, eps, bits, norm_dtype, store_normed, store_sum):
+    from bitcompile.kernels.act_quant import norm_quant as kernel
+
+    q, s, y, h = kernel(x, bits, kind, weight, bias, eps, residual, norm_dtype, store_normed, store_sum)
+    empty = x.new_empty((0,))
+    return q, s, y if store_normed else empty.to(norm_dtype), h if store_sum else empty
+
+
+@linear_q.register_kernel("cuda")
+def _(xq, x_scale, wq, w_scale, bias, k, dtype, activation, residual):
+    from bitcompile.kernels.ternary_matmul import ternary_matmul
+
+    if not _packed_ternary(wq):
+        return ref.linear_epilogue(xq, x_scale, wq, w_scale, bias, k, dtype, activation, residual)
+    return ternary_matmul(xq, wq, k, x_scale, w_scale, bias, dtype, activation, residual)
