@@ -1,0 +1,62 @@
+"""Quantization primitives (seed 001), quantizers and ternary tensors.
+
+Built on the same definitions as the backend (``bitcompile.ops``): the default
+ternary quantizer here is the backend's BitNet b1.58 absmean quantizer.
+"""
+from bitcompile.quant.functional import fake_quantize_activations, quantized_conv2d, quantized_linear, quantized_matmul
+from bitcompile.quant.gradients import (
+    QuantizedBatchNorm2d,
+    clipped_ste_quantize,
+    differentiable_sparse_quantize,
+    gumbel_softmax_quantize,
+    progressive_quantize,
+    quantized_batch_norm,
+    soft_quantize,
+    ste_quantize,
+    straight_through,
+    threshold_for_sparsity,
+)
+from bitcompile.quant.packing import pack_ternary, unpack_ternary
+from bitcompile.quant.primitives import (
+    QuantizationReport,
+    adaptive_threshold_quantize,
+    affine_dequantize,
+    dequantize,
+    learned_quantize,
+    stochastic_quantize,
+    ternary_quantize,
+    threshold_quantize,
+    validate_quantization,
+    xnor_quantize,
+)
+from bitcompile.quant.quantizers import (
+    BaseQuantizer,
+    LayerAdaptiveQuantizer,
+    MixedPrecisionQuantizer,
+    PercentileQuantizer,
+    Quantizer,
+    TernaryQuantizer,
+    check_quantizer,
+    fake_quantize,
+)
+from bitcompile.quant.schemes import (
+    BlockwiseMixedPrecisionQuantizer,
+    LogQuantizer,
+    LSQQuantizer,
+    OutlierAwareQuantizer,
+    SoftQuantizer,
+)
+from bitcompile.quant.tensor import QuantizedTensor, TernaryTensor
+
+__all__ = [
+    "TernaryTensor", "QuantizedTensor", "pack_ternary", "unpack_ternary",
+    "ternary_quantize", "threshold_quantize", "adaptive_threshold_quantize", "stochastic_quantize",
+    "learned_quantize", "xnor_quantize", "dequantize", "affine_dequantize",
+    "quantized_linear", "quantized_conv2d", "quantized_matmul", "fake_quantize_activations",
+    "straight_through", "ste_quantize", "clipped_ste_quantize", "soft_quantize", "gumbel_softmax_quantize",
+    "progressive_quantize", "differentiable_sparse_quantize", "threshold_for_sparsity",
+    "quantized_batch_norm", "QuantizedBatchNorm2d", "QuantizationReport", "validate_quantization",
+    "Quantizer", "BaseQuantizer", "TernaryQuantizer", "PercentileQuantizer", "LayerAdaptiveQuantizer",
+    "MixedPrecisionQuantizer", "fake_quantize", "check_quantizer",
+    "LogQuantizer", "LSQQuantizer", "SoftQuantizer", "BlockwiseMixedPrecisionQuantizer", "OutlierAwareQuantizer",
+]  # fmt: skip

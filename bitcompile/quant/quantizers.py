@@ -1,0 +1,196 @@
+"""Seed 001's quantizer protocol and its example quantizers.
+
+A quantizer is any object with ``quantize(x)``, ``dequantize(q)`` and
+``parameters()``. ``dequantize(quantize(w))`` is its *fake-quantized* weight: the
+quantized value in the forward and the quantizer's own gradient rule in the
+backward (carried by the returned tensor, see ``bitcompile.quant.tensor``). That
+is all the backend needs to use it: ``torch.compile(model, backend="bitnet",
+options={"weight": quantizer})``; its learnable parameters then get gradients
+through the compiled graph like any model parameter.
+
+Per-layer quantizers (``LayerAdaptiveQuantizer``, ``MixedPrecisionQuantizer``)
+take a layer index, or a module path when built with ``layers=[...]``; the
+backend passes each linear's module path.
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Optional, Protocol, Sequence, Union, runtime_checkable
+
+import torch
+from torch import nn
+
+from bitcompile.quant.primitives import learned_quantize, sparsity_mask, ste_carrier, ternary_quantize
+from bitcompile.quant.tensor import QuantizedTensor, TernaryTensor
+
+Layer = Union[int, str]
+
+
+@runtime_checkable
+class Quantizer(Protocol):
+    """The seed 001 quantizer interface."""
+
+    def quantize(self, x: torch.Tensor) -> QuantizedTensor: ...
+
+    def dequantize(self, x: QuantizedTensor) -> torch.Tensor: ...
+
+    def parameters(self): ...
+
+
+def _takes_layer(method) -> bool:
+    return len(inspect.signature(method).parameters) >= 2
+
+
+def fake_quantize(quantizer, w: torch.Tensor, layer: Optional[Layer] = None) -> torch.Tensor:
+    """``quantizer.dequantize(quantizer.quantize(w))`` in ``w``'s dtype, passing
+    ``layer`` to per-layer quantizers; a quantizer may define ``fake_quantize`` itself."""
+    own = getattr(quantizer, "fake_quantize", None)
+    if own is not None:
+        out = own(w, layer) if _takes_layer(own) else own(w)
+    elif _takes_layer(quantizer.quantize):
+        out = quantizer.dequantize(quantizer.quantize(w, layer), layer)
+    else:
+        out = quantizer.dequantize(quantizer.quantize(w))
+    return out.to(w.dtype)
+
+
+def check_quantizer(obj) -> None:
+    """Raise a TypeError naming what is missing if ``obj`` is not a quantizer."""
+    missing = [m for m in ("quantize", "dequantize", "parameters") if not callable(getattr(obj, m, None))]
+    if missing:
+        raise TypeError(f"{type(obj).__name__} is not a quantizer: it lacks {', '.join(missing)} (needs quantize, dequantize, parameters)")
+
+
+class BaseQuantizer(nn.Module):
+    """Convenience base: an ``nn.Module`` (so ``parameters()`` and ``.to()`` work)
+    whose ``forward`` is the fake-quantized tensor."""
+
+    def forward(self, x: torch.Tensor, layer: Optional[Layer] = None) -> torch.Tensor:
+        return fake_quantize(self, x, layer)
+
+
+class TernaryQuantizer(BaseQuantizer):
+    """The backend's default (BitNet absmean) as a quantizer object; no parameters."""
+
+    def __init__(self, per_channel: bool = False):
+        super().__init__()
+        self.per_channel = per_channel
+
+    def quantize(self, x: torch.Tensor) -> TernaryTensor:
+        return ternary_quantize(x, self.per_channel)
+
+    def dequantize(self, x: QuantizedTensor) -> torch.Tensor:
+        return x.dequantize()
+
+
+def _differentiable_quantile(values: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    # Linear interpolation between order statistics: differentiable in q as well.
+    s = values.flatten().sort().values
+    pos = q.clamp(0, 1) * (s.numel() - 1)
+    lo = pos.detach().floor().long().clamp(max=s.numel() - 2) if s.numel() > 1 else pos.detach().long() * 0
+    hi = (lo + 1).clamp(max=s.numel() - 1)
+    frac = pos - lo
+    return s[lo] + frac * (s[hi] - s[lo])
+
+
+class PercentileQuantizer(BaseQuantizer):
+    """Threshold at the ``percentile``-th value of ``|x|`` (learnable: the threshold is
+    an interpolated order statistic, differentiable in the percentile, and reaches the
+    loss through :func:`learned_quantize`'s surrogate). Scale ``alpha`` = mean ``|x|``
+    of the surviving elements (TWN); ``dequantize(x, scale=1.0)`` as the seed."""
+
+    def __init__(self, percentile: Union[float, torch.Tensor] = 0.7, temperature: float = 0.05):
+        super().__init__()
+        p = percentile if isinstance(percentile, torch.Tensor) else torch.tensor(float(percentile))
+        self.percentile = nn.Parameter(p.detach().clone().float().reshape(()))
+        self.temperature = temperature
+
+    def quantize(self, x: torch.Tensor) -> TernaryTensor:
+        a = x.detach().abs().float()
+        t = _differentiable_quantile(a, self.percentile)
+        keep = a > t.detach()
+        alpha = (a * keep).sum() / keep.sum().clamp(min=1)
+        return learned_quantize(x, t, -t, alpha, alpha, temperature=self.temperature * float(alpha.clamp(min=1e-8)))
+
+    def dequantize(self, x: QuantizedTensor, scale: float = 1.0) -> torch.Tensor:
+        return x.dequantize(scale)
+
+
+def _layer_index(layers: Optional[Sequence[str]], layer: Optional[Layer], count: int) -> int:
+    if layer is None:
+        layer = 0
+    if isinstance(layer, str):
+        if layers is None or layer not in layers:
+            raise KeyError(f"unknown layer {layer!r}; known layers: {list(layers or [])}")
+        return list(layers).index(layer)
+    if not 0 <= layer < count:
+        raise IndexError(f"layer index {layer} out of range for {count} layers")
+    return layer
+
+
+class LayerAdaptiveQuantizer(BaseQuantizer):
+    """Per-layer learnable ternary quantizer: ``trits = learned_quantize(x / s_l,
+    t_pos_l, t_neg_l)``, value ``trits * s_l``. Thresholds are in units of the
+    layer's scale ``s_l`` (the seed multiplies instead, which makes its thresholds
+    depend on the weights' magnitude)."""
+
+    def __init__(self, num_layers: Optional[int] = None, *, layers: Optional[Sequence[str]] = None, threshold: float = 0.5, scale: Union[float, Sequence[float]] = 1.0):
+        super().__init__()
+        if num_layers is None and layers is None:
+            raise ValueError("give num_layers or layers (module paths)")
+        self.layers = list(layers) if layers is not None else None
+        n = len(self.layers) if self.layers is not None else num_layers
+        self.pos_threshold = nn.Parameter(torch.full((n,), float(threshold)))
+        self.neg_threshold = nn.Parameter(torch.full((n,), -float(threshold)))
+        scales = torch.as_tensor(scale, dtype=torch.float32)
+        self.scales = nn.Parameter(scales.expand(n).clone() if scales.dim() == 0 else scales.clone())
+
+    def quantize(self, x: torch.Tensor, layer_idx: Optional[Layer] = None) -> TernaryTensor:
+        i = _layer_index(self.layers, layer_idx, self.scales.numel())
+        s = self.scales[i]
+        t = learned_quantize(x / s, self.pos_threshold[i], self.neg_threshold[i])
+        # Rebuild with the layer scale as the tensor's own scale (exact gradient to s).
+        return TernaryTensor(t.codes, s, grad_carrier=None if t.grad_carrier is None else t.grad_carrier * s.detach())
+
+    def dequantize(self, x: QuantizedTensor, layer_idx: Optional[Layer] = None) -> torch.Tensor:
+        return x.dequantize()
+
+
+class MixedPrecisionQuantizer(BaseQuantizer):
+    """Per-layer ``"binary"`` (sign, scale mean|x|) or ``"ternary"`` (absmean)."""
+
+    MODES = ("binary", "ternary")
+
+    def __init__(self, layer_modes: Sequence[str], *, layers: Optional[Sequence[str]] = None):
+        super().__init__()
+        bad = [m for m in layer_modes if m not in self.MODES]
+        if bad:
+            raise ValueError(f"unknown mode(s) {bad}; supported: {', '.join(self.MODES)}")
+        if layers is not None and len(layers) != len(layer_modes):
+            raise ValueError(f"{len(layers)} layers but {len(layer_modes)} modes")
+        self.layer_modes = list(layer_modes)
+        self.layers = list(layers) if layers is not None else None
+
+    def quantize(self, x: torch.Tensor, layer_idx: Optional[Layer] = None) -> TernaryTensor:
+        mode = self.layer_modes[_layer_index(self.layers, layer_idx, len(self.layer_modes))]
+        if mode == "ternary":
+            return ternary_quantize(x)
+        xd = x.detach()
+        signs = torch.where(xd >= 0, 1, -1).to(torch.int8)
+        return TernaryTensor(signs, xd.abs().float().mean().clamp(min=1e-5), grad_carrier=ste_carrier(x))
+
+    def dequantize(self, x: QuantizedTensor, layer_idx: Optional[Layer] = None) -> torch.Tensor:
+        return x.dequantize()
+
+
+__all__ = [
+    "Quantizer",
+    "BaseQuantizer",
+    "TernaryQuantizer",
+    "PercentileQuantizer",
+    "LayerAdaptiveQuantizer",
+    "MixedPrecisionQuantizer",
+    "fake_quantize",
+    "check_quantizer",
+    "sparsity_mask",
+]
