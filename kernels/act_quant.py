@@ -63,8 +63,8 @@ def _norm_quant_kernel(X, RES, W, B, Q, S, Y, H, K, stride_x, stride_r, stride_q
     has_nan = tl.max(tl.where(mask & (y != y), 1, 0), axis=0) > 0
     scale = tl.where(has_nan, float("nan"), scale)
     q = round_half_even(y / scale)
+    q = tl.where(q != q, 0.0, q)  # before the clamp: tl.maximum drops NaN
     q = tl.minimum(tl.maximum(q, -qmax - 1.0), qmax)
-    q = tl.where(q != q, 0.0, q)
     tl.store(Q + row * stride_q + cols, q.to(tl.int8), mask=mask)
     tl.store(S + row, scale)
 

@@ -1,0 +1,136 @@
+"""Every Triton kernel against the plain-torch reference at small shapes (interpreter on
+the CPU). Shapes include non-multiples of the block sizes (16/32/64) and of 4."""
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from bitcompile.ops import reference as ref
+
+dims = st.integers(1, 70)
+
+
+def near_half(v: torch.Tensor, tol: float = 1e-3) -> torch.Tensor:
+    """Where ``v`` lies within ``tol`` of a rounding boundary (x.5)."""
+    return ((v - v.floor()) - 0.5).abs() < tol
+
+
+@given(m=st.integers(1, 20), n=dims, k=dims, seed=st.integers(0, 2**16))
+def test_matmul_int32_exact(kernels, device, m, n, k, seed):
+    g = torch.Generator().manual_seed(seed)
+    wq, _ = ref.quantize_weights(torch.randn(n, k, generator=g))
+    a = torch.randint(-128, 128, (m, k), dtype=torch.int8, generator=g)
+    got = kernels.ternary_matmul.ternary_matmul(a.to(device), wq.to(device), k)
+    assert got.dtype == torch.int32
+    assert torch.equal(got.cpu(), ref.lowbit_matmul(a, wq, k))
+
+
+@pytest.mark.parametrize("m", [1, 3, 9, 33])  # GEMV (<= 8 rows) and GEMM paths
+@pytest.mark.parametrize("act", ["none", "relu", "gelu", "gelu_tanh", "silu", "relu2"])
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_matmul_epilogue(kernels, device, m, act, per_channel):
+    g = torch.Generator().manual_seed(m)
+    n, k = 37, 70
+    wq, ws = ref.quantize_weights(torch.randn(n, k, generator=g), "ternary", per_channel)
+    xq, xs = ref.quantize_activations(torch.randn(2, m, k, generator=g))
+    bias, res = torch.randn(n, generator=g), torch.randn(2, m, n, generator=g)
+    want = ref.linear_epilogue(xq, xs, wq, ws, bias, k, torch.float32, act, res)
+    got = kernels.ternary_matmul.ternary_matmul(
+        xq.to(device), wq.to(device), k, xs.to(device), ws.to(device), bias.to(device), torch.float32, act, res.to(device))
+    assert got.shape == (2, m, n)
+    if act == "none":  # same accumulator, same fp32 operation order: bit-identical
+        assert torch.equal(got.cpu(), want)
+    else:  # erf/exp are library functions: a few fp32 ulps
+        torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=1e-5)
+
+
+@given(m=st.integers(1, 6), k=dims, kind=st.sampled_from(["none", "rms", "rms_fp32", "layer"]),
+       dtype=st.sampled_from([torch.float32, torch.float16]), residual=st.booleans(), bits=st.sampled_from([8, 4]),
+       seed=st.integers(0, 2**16))
+def test_norm_quant(kernels, device, m, k, kind, dtype, residual, bits, seed):
+    # bfloat16 is covered on the GPU only: the interpreter's fp32->bf16 cast truncates.
+    g = torch.Generator().manual_seed(seed)
+    x = (3 * torch.randn(m, k, generator=g)).to(dtype)
+    r = torch.randn(m, k, generator=g).to(dtype) if residual else None
+    w = torch.randn(k, generator=g).to(dtype) if kind != "none" else None
+    b = torch.randn(k, generator=g).to(dtype) if kind == "layer" else None
+    rq, rs, ry, rh = ref.norm_quant(x, r, w, b, kind, 1e-6, bits, dtype)
+    dev = lambda t: None if t is None else t.to(device)  # noqa: E731
+    q, s, y, h = kernels.act_quant.norm_quant(dev(x), bits, kind, dev(w), dev(b), 1e-6, dev(r), dtype, True, residual)
+    q, s = q.cpu(), s.cpu()
+    if residual:
+        assert torch.equal(h.cpu(), rh)
+    if kind == "none":  # max and one division: exact
+        assert torch.equal(q, rq) and torch.equal(s, rs)
+        return
+    # Norm statistics are fp32 sums in another order (and sqrt vs rsqrt): y differs by
+    # a few ulps, so the scale agrees to ~1e-6 and an integer can differ by one only where
+    # the reference value sits on a rounding boundary.
+    torch.testing.assert_close(y.cpu().float(), ry.float(), rtol=4e-3 if dtype == torch.float16 else 1e-5, atol=1e-5)
+    torch.testing.assert_close(s, rs, rtol=1e-3 if dtype == torch.float16 else 1e-5, atol=0)
+    diff = q.int() != rq.int()
+    assert (q.int() - rq.int()).abs().max() <= 1
+    assert near_half(ry.float() / rs, 2e-2 if dtype == torch.float16 else 1e-3)[diff].all()
+
+
+def test_act_quant_nan_and_zero_rows(kernels, device):
+    x = torch.randn(3, 10)
+    x[0, 4] = float("nan")
+    x[1] = 0
+    q, s, _, _ = kernels.act_quant.norm_quant(x.to(device))
+    rq, rs = ref.quantize_activations(x)
+    assert torch.equal(q.cpu(), rq)
+    torch.testing.assert_close(s.cpu(), rs, equal_nan=True, rtol=0, atol=0)
+
+
+@given(n=dims, k=dims, per_channel=st.booleans(), scheme=st.sampled_from(["ternary", "binary"]),
+       dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]), seed=st.integers(0, 2**16))
+def test_weight_pack_exact(kernels, device, n, k, per_channel, scheme, dtype, seed):
+    # Weights on a dyadic grid: every partial sum is exact, so the absmean scale is
+    # independent of the reduction order and packing must match bit for bit.
+    g = torch.Generator().manual_seed(seed)
+    w = (torch.randint(-24, 25, (n, k), generator=g) / 8).to(dtype)
+    packed, scale = kernels.weight_pack.quantize_pack(w.to(device), scheme, per_channel)
+    rp, rs = ref.quantize_weights(w, scheme, per_channel)
+    assert torch.equal(scale.cpu(), rs)
+    assert torch.equal(packed.cpu(), rp)
+
+
+def test_weight_pack_random_values(kernels, device):
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(45, 67, generator=g)
+    packed, scale = kernels.weight_pack.quantize_pack(w.to(device))
+    rp, rs = ref.quantize_weights(w)
+    torch.testing.assert_close(scale.cpu(), rs, rtol=1e-6, atol=0)
+    diff = ref.unpack_weights(packed.cpu(), 67) != ref.unpack_weights(rp, 67)
+    assert near_half(w / rs, 1e-4)[diff].all()  # a trit may differ only at |w/s| = 0.5
+
+
+def test_weight_pack_rejects_unsupported(kernels, device):
+    with pytest.raises(ValueError, match="supports ternary, binary"):
+        kernels.weight_pack.quantize_pack(torch.randn(4, 4, device=device), "int8")
+
+
+@given(m=st.integers(1, 20), n=dims, k=dims, per_channel=st.booleans(),
+       dtype=st.sampled_from([torch.float32, torch.float16]), seed=st.integers(0, 2**16))
+def test_grad_input(kernels, device, m, n, k, per_channel, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    wq, ws = ref.quantize_weights(torch.randn(n, k, generator=g), "ternary", per_channel)
+    grad = torch.randn(m, n, generator=g).to(dtype)
+    got = kernels.grad_input.grad_input(grad.to(device), wq.to(device), ws.to(device), k).cpu()
+    # Same operands as the reference (trit * s_w in grad dtype); fp32 accumulation in
+    # another order: error <= n * eps_fp32 * sum|g*w| plus the final rounding to dtype.
+    want = grad.float() @ ref.dequantized_weight(wq, ws, k, dtype).float()
+    bound = (grad.float().abs() @ ref.dequantized_weight(wq, ws, k, dtype).float().abs()) * n * 2**-23
+    bound = bound + want.abs() * (2**-10 if dtype == torch.float16 else 0) + 1e-30
+    assert got.dtype == dtype
+    assert ((got.float() - want).abs() <= bound).all()
+
+
+def test_matmul_rejects_bad_input(kernels, device):
+    wq, _ = ref.quantize_weights(torch.randn(8, 16))
+    with pytest.raises(TypeError, match="int8 activations"):
+        kernels.ternary_matmul.ternary_matmul(torch.randn(2, 16, device=device), wq.to(device), 16)
+    with pytest.raises(ValueError, match="unknown activation"):
+        kernels.ternary_matmul.ternary_matmul(torch.zeros(2, 16, dtype=torch.int8, device=device), wq.to(device), 16,
+                                              activation="tanh")
