@@ -33,9 +33,16 @@ class PassContext:
 
 
 def run_passes(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
-    from bitcompile.passes import hoist_weights, linear
+    from bitcompile.passes import attention, batchnorm, conv, hoist_weights, linear
 
-    for rewrite in (linear.rewrite_linears, hoist_weights.hoist_packed_weights):
+    for rewrite in (
+        attention.rewrite_attention,  # claims MHA / encoder-layer projections before the linear pass
+        conv.rewrite_convs,
+        conv.rewrite_conv1d_projections,
+        linear.rewrite_linears,
+        batchnorm.rewrite_batchnorms,  # folds into the lowbit ops the passes above produced
+        hoist_weights.hoist_packed_weights,
+    ):
         rewrite(gm, ctx)
     gm.graph.eliminate_dead_code()
     gm.graph.lint()
