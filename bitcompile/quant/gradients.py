@@ -20,9 +20,11 @@ LEVELS = (-1.0, 0.0, 1.0)
 
 
 def straight_through(x: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-    """``value`` in the forward, identity gradient to ``x`` in the backward
-    (``x + (value - x).detach()``)."""
-    return x + (value.to(x.dtype) - x).detach()
+    """``value`` in the forward, identity gradient to ``x`` in the backward.
+
+    Written ``value + (x - x.detach())`` rather than ``x + (value - x).detach()`` so
+    the forward is exactly ``value`` (the second form rounds twice)."""
+    return value.detach().to(x.dtype) + (x - x.detach())
 
 
 def _hard_value(x: torch.Tensor, quantize_fn: Callable) -> torch.Tensor:
