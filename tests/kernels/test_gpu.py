@@ -1,0 +1,100 @@
+"""The bitnet ops on CUDA (Triton kernels) against the reference, at realistic shapes.
+Run on a GPU machine: ``make test-gpu``."""
+import pytest
+import torch
+
+from bitcompile.ops import reference as ref
+
+pytestmark = pytest.mark.gpu
+ops = torch.ops.bitnet
+SHAPES = [(1, 4096, 4096), (7, 1000, 1003), (16, 4096, 14336), (256, 14336, 4096), (4097, 1024, 4096)]
+DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+
+
+@pytest.mark.parametrize("m,n,k", SHAPES)
+def test_lowbit_matmul_exact(m, n, k):
+    g = torch.Generator(device="cuda").manual_seed(m)
+    wq, _ = ref.quantize_weights(torch.randn(n, k, device="cuda", generator=g))
+    a = torch.randint(-128, 128, (m, k), dtype=torch.int8, device="cuda", generator=g)
+    assert torch.equal(ops.lowbit_matmul(a, wq, k), ref.lowbit_matmul(a, wq, k))
+
+
+@pytest.mark.parametrize("m,n,k", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_lowbit_linear_forward(m, n, k, dtype):
+    x = torch.randn(m, k, device="cuda", dtype=dtype)
+    w = torch.randn(n, k, device="cuda", dtype=dtype)
+    b = torch.randn(n, device="cuda", dtype=dtype)
+    xq, xs = ops.quantize_activations(x, 8)
+    rq, rs = ref.quantize_activations(x, 8)
+    assert torch.equal(xq, rq) and torch.equal(xs, rs)  # max + one division: exact
+    wq, ws = ops.quantize_weights(w, "ternary", False)
+    rwq, rws = ref.quantize_weights(w, "ternary", False)
+    torch.testing.assert_close(ws, rws, rtol=1e-6, atol=0)  # fp32 sums in another order
+    differ = ref.unpack_weights(wq, k) != ref.unpack_weights(rwq, k)
+    assert ((w.float() / rws).abs() - 0.5).abs()[differ].max(initial=0) < 1e-4  # only at |w/s| = 0.5
+    y = ops.lowbit_linear(x, w, b, xq, xs, wq, ws)
+    # Same int32 accumulator and fp32 epilogue order as the reference: identical.
+    assert torch.equal(y, ref.lowbit_linear(x, b, xq, xs, wq, ws, k))
+
+
+@pytest.mark.parametrize("act", ["none", "relu", "gelu", "silu", "relu2"])
+@pytest.mark.parametrize("m", [1, 300])
+def test_linear_q_epilogue(act, m):
+    n, k = 2048, 4096
+    xq, xs = ref.quantize_activations(torch.randn(m, k, device="cuda"))
+    wq, ws = ref.quantize_weights(torch.randn(n, k, device="cuda"), "ternary", True)
+    b, r = torch.randn(n, device="cuda"), torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
+    got = ops.linear_q(xq, xs, wq, ws, b, k, torch.bfloat16, act, r)
+    want = ref.linear_epilogue(xq, xs, wq, ws, b, k, torch.float32, act, r)
+    # One bf16 rounding of the output (rel 2^-8); the fp32 activation differs by ulps.
+    torch.testing.assert_close(got.float(), want, rtol=2**-8, atol=1e-2)
+
+
+@pytest.mark.parametrize("kind", ["rms", "rms_fp32", "layer"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_norm_quant(kind, dtype):
+    m, k = 513, 4096
+    x, r = torch.randn(m, k, device="cuda", dtype=dtype), torch.randn(m, k, device="cuda", dtype=dtype)
+    w, b = torch.rand(k, device="cuda", dtype=dtype) + 0.5, torch.randn(k, device="cuda", dtype=dtype)
+    bias = b if kind == "layer" else None
+    q, s, y, h = ops.norm_quant(x, r, w, bias, kind, 1e-6, 8, dtype, True, True)
+    rq, rs, ry, rh = ref.norm_quant(x, r, w, bias, kind, 1e-6, 8, dtype)
+    assert torch.equal(h, rh)
+    tol = {torch.bfloat16: 2**-7, torch.float16: 2**-10, torch.float32: 1e-5}[dtype]
+    torch.testing.assert_close(y.float(), ry.float(), rtol=tol, atol=tol)
+    torch.testing.assert_close(s, rs, rtol=tol, atol=0)
+    diff = q != rq
+    assert (q.int() - rq.int()).abs().max() <= 1
+    assert diff.float().mean() < 1e-3  # flips only where y/s sits on a rounding boundary
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_qat_backward(dtype, per_channel):
+    m, n, k = 1024, 2048, 4096
+    x = torch.randn(m, k, device="cuda", dtype=dtype, requires_grad=True)
+    w = torch.randn(n, k, device="cuda", dtype=dtype, requires_grad=True)
+    xq, xs = ops.quantize_activations(x, 8)
+    wq, ws = ops.quantize_weights(w, "ternary", per_channel)
+    y = ops.lowbit_linear(x, w, None, xq, xs, wq, ws)
+    g = torch.randn_like(y)
+    y.backward(g)
+    want_gx = (g.float() @ ref.dequantized_weight(wq, ws, k, dtype).float())
+    want_gw = g.float().t() @ ref.dequantized_activations(xq, xs, dtype).float()
+    rel = {torch.bfloat16: 2**-7, torch.float16: 2**-9, torch.float32: 1e-5}[dtype]
+    for got, want in ((x.grad, want_gx), (w.grad, want_gw)):
+        scale = want.abs().max()
+        assert ((got.float() - want).abs().max() / scale) < rel * 4
+
+
+def test_bitlinear_compiled_inference():
+    from bitcompile.nn import BitLinear
+
+    layer = BitLinear(4096, 4096, bias=True, device="cuda", dtype=torch.bfloat16).eval()
+    x = torch.randn(8, 4096, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        want = layer(x)
+        plain = torch.nn.Linear(4096, 4096, device="cuda", dtype=torch.bfloat16)
+        plain.load_state_dict(layer.state_dict())
+        assert torch.equal(torch.compile(plain, backend="bitnet")(x), want)
