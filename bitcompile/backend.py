@@ -48,6 +48,7 @@ def bitnet_backend(
         ctx.report.candidates.clear()
         ctx.report.fallbacks.append(message)
         ctx.hoisted.clear()
+        ctx.runtime_inputs.clear()
         work = gm
     reports.publish(ctx.report)
     return _compile(work, list(example_inputs), ctx)
@@ -66,16 +67,21 @@ def _compile(gm: fx.GraphModule, example_inputs: list, ctx) -> Callable:
     from bitcompile.ops import WEIGHT_CACHE
 
     hoisted = list(ctx.hoisted)
+    # Extra graph inputs, in placeholder order: runtime inputs (e.g. a custom quantizer's
+    # parameters, fetched fresh each call), then the hoisted packed weights.
+    runtime_inputs = list(ctx.runtime_inputs)
+    example_inputs.extend(t for fetch in runtime_inputs for t in fetch())
     for h in hoisted:
         example_inputs.extend(WEIGHT_CACHE.get(example_inputs[h.arg_index], h.scheme, h.per_channel))
     mode = ctx.config.mode
     patches = list_mode_options(mode) if mode not in (None, "default") else {}
     compiled = compile_fx(gm, example_inputs, config_patches=patches)
-    if not hoisted:
+    if not hoisted and not runtime_inputs:
         return compiled
 
     def run_with_packed_weights(*args):
+        extra = [t for fetch in runtime_inputs for t in fetch()]
         packed = [t for h in hoisted for t in WEIGHT_CACHE.get(args[h.arg_index], h.scheme, h.per_channel)]
-        return compiled(*args, *packed)
+        return compiled(*args, *extra, *packed)
 
     return run_with_packed_weights

@@ -19,7 +19,11 @@ class BitConfig:
     """Options of the ``bitnet`` backend.
 
     weight: ``"ternary"`` (BitNet b1.58 absmean, default), ``"binary"`` (sign, scale
-        mean|W|) or ``"int8"`` (absmax / 127).
+        mean|W|) or ``"int8"`` (absmax / 127). Or a quantizer object (seed 001 protocol:
+        ``quantize``, ``dequantize``, ``parameters``; see ``bitcompile.quant``): linears then
+        run on its fake-quantized weights with its gradient rule, and its parameters are
+        trained through the compiled graph. It is moved to ``weight_quantizer`` and
+        ``weight`` becomes ``"ternary"``, the scheme of the other layer kinds (conv, attention).
     activation_bits: bits of the per-token absmax activation quantizer (2..8);
         ``None`` quantizes weights only and keeps activations in floating point.
     granularity: weight scale ``"per_tensor"`` or ``"per_channel"`` (one per output
@@ -39,7 +43,7 @@ class BitConfig:
         accept ``mode`` and ``options`` together, so it can be given here instead.
     """
 
-    weight: str = "ternary"
+    weight: Any = "ternary"  # a scheme name, or a quantizer object (moved to weight_quantizer)
     activation_bits: Optional[int] = 8
     granularity: Optional[str] = None
     exclude: list[str] = field(default_factory=lambda: ["lm_head"])
@@ -47,8 +51,18 @@ class BitConfig:
     mode: Optional[str] = None
     quantize_depthwise: bool = False
     attention_bits: Optional[int] = None
+    weight_quantizer: Any = None  # a quantizer object for linears (see ``weight``)
 
     def __post_init__(self):
+        if not isinstance(self.weight, str):
+            from bitcompile.quant.quantizers import check_quantizer
+
+            check_quantizer(self.weight)  # names the missing methods
+            self.weight_quantizer, self.weight = self.weight, "ternary"
+        elif self.weight_quantizer is not None:
+            from bitcompile.quant.quantizers import check_quantizer
+
+            check_quantizer(self.weight_quantizer)
         _check_choice("weight", self.weight, WEIGHT_SCHEMES)
         _check_choice("granularity", self.granularity, (None, *GRANULARITIES))
         _check_choice("mode", self.mode, INDUCTOR_MODES)

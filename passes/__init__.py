@@ -30,6 +30,9 @@ class PassContext:
     graph_index: int = 0
     report: Report = field(default_factory=Report)
     hoisted: list[HoistedWeight] = field(default_factory=list)
+    # Callables returning tensors the runtime wrapper appends to every call, after the
+    # original inputs and before the hoisted weights (e.g. a custom quantizer's parameters).
+    runtime_inputs: list = field(default_factory=list)
 
 
 def run_passes(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:

@@ -82,6 +82,12 @@ def rewrite_linears(gm: fx.GraphModule, ctx: PassContext) -> None:
         )
         if reason:
             continue
+        if cfg.weight_quantizer is not None:  # a user quantizer object: its own forward and gradient
+            from bitcompile.passes import custom_quantizer
+
+            ctx.report.candidates[-1].reason = custom_quantizer.describe(cfg)
+            custom_quantizer.rewrite_linear(gm, ctx, node, x, w, b, path)
+            continue
         with graph.inserting_before(node):
             xq = x_scale = None
             if cfg.activation_bits is not None:

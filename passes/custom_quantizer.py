@@ -1,0 +1,134 @@
+"""Linears with a user-supplied weight quantizer (``options={"weight": quantizer}``).
+
+Any object with ``quantize``/``dequantize``/``parameters`` (the seed 001 protocol,
+``bitcompile.quant.Quantizer``) can quantize the weights. The rewrite emits the
+same computation as the eager :func:`quantized_linear_with`:
+
+    w_fq = dequantize(quantize(W))          the quantizer's own forward and gradient rule
+    x_fq = fake-quantized activations       per-token absmax, STE (if activation_bits)
+    y    = linear(x_fq, w_fq, b)            float matmul (codes are not packed: their
+                                            format is the quantizer's business)
+
+The quantizer's parameters are not model parameters, so Dynamo never lifts them
+into the graph. They become extra placeholders, one per parameter, appended to the
+graph's inputs; the backend's runtime wrapper feeds ``quantizer.parameters()`` at
+every call (``PassContext.runtime_inputs``), so AOTAutograd returns their gradients
+and the user's optimizer updates them like any parameter.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Optional
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+from bitcompile.passes import PassContext
+from bitcompile.passes.graph import owner
+from bitcompile.quant.functional import fake_quantize_activations
+from bitcompile.quant.quantizers import fake_quantize
+
+
+def quantized_linear_with(quantizer, x, weight, bias=None, activation_bits: Optional[int] = 8, layer: Optional[str] = None):
+    """Eager twin of the rewrite: what a compiled linear computes with ``quantizer``."""
+    w = fake_quantize(quantizer, weight, layer)
+    if activation_bits is not None:
+        x = fake_quantize_activations(x, activation_bits)
+    return F.linear(x, w, bias)
+
+
+def quantizer_parameters(quantizer) -> list[torch.Tensor]:
+    return list(quantizer.parameters())
+
+
+@contextmanager
+def bound_parameters(quantizer, tensors):
+    """Temporarily replace the quantizer's parameters by ``tensors`` (graph inputs).
+
+    ``nn.Module`` quantizers are rebound through their parameter dicts; other
+    objects through the attributes that hold the parameters."""
+    slots = []
+    if isinstance(quantizer, torch.nn.Module):
+        for (name, _), t in zip(quantizer.named_parameters(), tensors):
+            prefix, _, leaf = name.rpartition(".")
+            module = quantizer.get_submodule(prefix) if prefix else quantizer
+            slots.append((module._parameters, leaf))
+    else:
+        attrs = vars(quantizer)
+        for i, p in enumerate(quantizer_parameters(quantizer)):
+            name = next((k for k, v in attrs.items() if v is p), None)
+            if name is None:
+                raise TypeError(
+                    f"parameter {i} of {type(quantizer).__name__} is not an attribute of it; make the quantizer "
+                    "an nn.Module or keep each parameter in an attribute so the compiled graph can feed it"
+                )
+            slots.append((attrs, name))
+    saved = [d[k] for d, k in slots]
+    try:
+        for (d, k), t in zip(slots, tensors):
+            d[k] = t
+        yield
+    finally:
+        for (d, k), old in zip(slots, saved):
+            d[k] = old
+
+
+class QuantizerCall:
+    """Graph target: ``(W, *quantizer params) -> fake-quantized W`` for one layer."""
+
+    def __init__(self, quantizer, layer: str):
+        self.quantizer, self.layer = quantizer, layer
+        self.__name__ = f"{type(quantizer).__name__}_fake_quantize"
+
+    def __call__(self, weight, *params):
+        with bound_parameters(self.quantizer, params):
+            return fake_quantize(self.quantizer, weight, self.layer if _per_layer(self.quantizer) else None)
+
+    def __repr__(self) -> str:
+        return f"{self.__name__}[{self.layer}]"
+
+
+def _per_layer(quantizer) -> bool:
+    return getattr(quantizer, "layers", None) is not None or hasattr(quantizer, "layer_modes")
+
+
+def _parameter_nodes(gm: fx.GraphModule, ctx: PassContext, quantizer) -> list[fx.Node]:
+    """Placeholders for the quantizer's parameters, created once per graph."""
+    nodes = getattr(ctx, "_quantizer_params", None)
+    if nodes is not None:
+        return nodes
+    graph = gm.graph
+    params = quantizer_parameters(quantizer)
+    last = [n for n in graph.nodes if n.op == "placeholder"][-1]
+    nodes = []
+    for i, p in enumerate(params):
+        with graph.inserting_after(last):
+            last = graph.placeholder(f"bitnet_quantizer_param_{i}")
+        nodes.append(last)
+    if params:
+        ctx.runtime_inputs.append(lambda: quantizer_parameters(quantizer))
+    ctx._quantizer_params = nodes
+    return nodes
+
+
+def rewrite_linear(gm: fx.GraphModule, ctx: PassContext, node: fx.Node, x, w, b, path: str) -> fx.Node:
+    """Replace the linear ``node`` by the custom-quantizer computation; returns the output node."""
+    cfg = ctx.config
+    quantizer = cfg.weight_quantizer
+    graph = gm.graph
+    params = _parameter_nodes(gm, ctx, quantizer)
+    with graph.inserting_before(node):
+        w_fq = graph.call_function(QuantizerCall(quantizer, owner(path)), (w, *params))
+        if cfg.activation_bits is not None:
+            x = graph.call_function(fake_quantize_activations, (x, cfg.activation_bits))
+        out = graph.call_function(F.linear, (x, w_fq, b))
+    out.meta.update(node.meta)
+    node.replace_all_uses_with(out)
+    graph.erase_node(node)
+    return out
+
+
+def describe(cfg) -> str:
+    acts = f"A{cfg.activation_bits}" if cfg.activation_bits else "A-float"
+    return f"custom quantizer {type(cfg.weight_quantizer).__name__} (fake-quantized W, float matmul), {acts}"
