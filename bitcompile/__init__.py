@@ -5,8 +5,17 @@
 Importing this package is cheap: it registers the ``bitnet`` ops and nothing is
 compiled until a compiled model first runs.
 """
+from bitcompile.checkpoint import from_transformers_bitnet, load_packed, save_packed, to_transformers_bitnet
 from bitcompile.config import BitConfig
 from bitcompile.explain import explain
 
 __version__ = "0.1.0"
-__all__ = ["BitConfig", "explain", "__version__"]
+__all__ = [
+    "BitConfig",
+    "explain",
+    "save_packed",
+    "load_packed",
+    "from_transformers_bitnet",
+    "to_transformers_bitnet",
+    "__version__",
+]

@@ -31,16 +31,19 @@ class WeightCache:
         if weight.is_inference():
             self.stats.misses += 1
             return torch.ops.bitnet.quantize_weights(weight, scheme, per_channel)
-        key = (weight._version, weight.data_ptr(), weight.device, scheme, per_channel)
-        entry = self._entries.get(weight)
-        if entry is not None and entry[0] == key:
+        entry = self._entries.get(weight, {}).get((scheme, per_channel))
+        if entry is not None and entry[0] == _version_key(weight):
             self.stats.hits += 1
             return entry[1]
         self.stats.misses += 1
         with torch.no_grad():
             packed = torch.ops.bitnet.quantize_weights(weight.detach(), scheme, per_channel)
-        self._entries[weight] = (key, packed)
+        self.put(weight, scheme, per_channel, packed)
         return packed
+
+    def put(self, weight: torch.Tensor, scheme: str, per_channel: bool, packed: tuple[torch.Tensor, torch.Tensor]) -> None:
+        """Serve ``packed`` for ``weight`` until it changes (used when loading packed checkpoints)."""
+        self._entries.setdefault(weight, {})[(scheme, per_channel)] = (_version_key(weight), packed)
 
     def clear(self) -> None:
         self._entries = WeakIdKeyDictionary()
@@ -48,3 +51,7 @@ class WeightCache:
 
 
 WEIGHT_CACHE = WeightCache()
+
+
+def _version_key(weight: torch.Tensor):
+    return weight._version, weight.data_ptr(), weight.device
