@@ -25,7 +25,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from bitcompile.passes import PassContext
-from bitcompile.passes.graph import owner
+from bitcompile.passes.graph import meta, owner
 from bitcompile.quant.functional import fake_quantize_activations
 from bitcompile.quant.quantizers import fake_quantize
 
@@ -112,14 +112,37 @@ def _parameter_nodes(gm: fx.GraphModule, ctx: PassContext, quantizer) -> list[fx
     return nodes
 
 
+def check_traceable(call: QuantizerCall, weight_meta: torch.Tensor) -> None:
+    """Run the quantizer on fake tensors now, so a quantizer the compiler cannot trace
+    fails here with a clear message (and the backend's fallback/strict rules apply)
+    instead of inside Inductor, where Dynamo would silently run the frame eagerly."""
+    fake_mode = getattr(weight_meta, "fake_mode", None)  # the mode Dynamo recorded the weight in
+    if fake_mode is None:
+        return
+    with fake_mode:
+        params = [fake_mode.from_tensor(p) for p in quantizer_parameters(call.quantizer)]
+        try:
+            out = call(weight_meta, *params)
+        except Exception as err:
+            raise TypeError(
+                f"{type(call.quantizer).__name__} cannot be compiled into the graph ({type(err).__name__}: {err}); "
+                "a quantizer used by the backend must be torch code without host reads of tensor values "
+                "(.item(), float(t), bool(t), a 0-d index tensor, data-dependent shapes)"
+            ) from err
+    if tuple(out.shape) != tuple(weight_meta.shape):
+        raise ValueError(f"{type(call.quantizer).__name__} changed the weight shape {tuple(weight_meta.shape)} -> {tuple(out.shape)}")
+
+
 def rewrite_linear(gm: fx.GraphModule, ctx: PassContext, node: fx.Node, x, w, b, path: str) -> fx.Node:
     """Replace the linear ``node`` by the custom-quantizer computation; returns the output node."""
     cfg = ctx.config
     quantizer = cfg.weight_quantizer
     graph = gm.graph
+    call = QuantizerCall(quantizer, owner(path))
+    check_traceable(call, meta(w))
     params = _parameter_nodes(gm, ctx, quantizer)
     with graph.inserting_before(node):
-        w_fq = graph.call_function(QuantizerCall(quantizer, owner(path)), (w, *params))
+        w_fq = graph.call_function(call, (w, *params))
         if cfg.activation_bits is not None:
             x = graph.call_function(fake_quantize_activations, (x, cfg.activation_bits))
         out = graph.call_function(F.linear, (x, w_fq, b))

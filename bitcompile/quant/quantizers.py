@@ -90,7 +90,9 @@ def _differentiable_quantile(values: torch.Tensor, q: torch.Tensor) -> torch.Ten
     lo = pos.detach().floor().long().clamp(max=s.numel() - 2) if s.numel() > 1 else pos.detach().long() * 0
     hi = (lo + 1).clamp(max=s.numel() - 1)
     frac = pos - lo
-    return s[lo] + frac * (s[hi] - s[lo])
+    # 1-element index tensors, not 0-d ones: a 0-d index would read its value on the host.
+    lo, hi = lo.reshape(1), hi.reshape(1)
+    return (s[lo] + frac * (s[hi] - s[lo])).reshape(())
 
 
 class PercentileQuantizer(BaseQuantizer):
@@ -110,7 +112,8 @@ class PercentileQuantizer(BaseQuantizer):
         t = _differentiable_quantile(a, self.percentile)
         keep = a > t.detach()
         alpha = (a * keep).sum() / keep.sum().clamp(min=1)
-        return learned_quantize(x, t, -t, alpha, alpha, temperature=self.temperature * float(alpha.clamp(min=1e-8)))
+        # Surrogate width relative to the weights' magnitude (a tensor: no host sync, traceable).
+        return learned_quantize(x, t, -t, alpha, alpha, temperature=self.temperature * alpha.clamp(min=1e-8))
 
     def dequantize(self, x: QuantizedTensor, scale: float = 1.0) -> torch.Tensor:
         return x.dequantize(scale)

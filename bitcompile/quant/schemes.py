@@ -173,7 +173,8 @@ class BlockwiseMixedPrecisionQuantizer(BaseQuantizer):
         codes = torch.where(high, hi_codes, lo_codes)
         scale = torch.where(high, hi_s, lo_s).expand_as(blocks)
         unblock = lambda t: t.reshape(*xd.shape[:-1], -1)[..., :k]  # noqa: E731
-        self.last_bits = torch.where(high.squeeze(-1), self.high_bits, self.low_bits)
+        if type(xd) is torch.Tensor:  # a real tensor, not one being traced by the compiler
+            self.last_bits = torch.where(high.squeeze(-1), self.high_bits, self.low_bits)
         return QuantizedTensor(unblock(codes).to(torch.int8), unblock(scale), grad_carrier=ste_carrier(x))
 
     def dequantize(self, x: QuantizedTensor) -> torch.Tensor:
@@ -183,13 +184,14 @@ class BlockwiseMixedPrecisionQuantizer(BaseQuantizer):
 class OutlierTensor(TernaryTensor):
     """Ternary inliers plus a few full-precision outliers kept at their positions."""
 
-    def __init__(self, trits, scale, outlier_mask: torch.Tensor, outlier_values: torch.Tensor, **kwargs):
+    def __init__(self, trits, scale, outlier_mask: torch.Tensor, outliers: torch.Tensor, **kwargs):
         super().__init__(trits, scale, **kwargs)
-        self.outlier_mask, self.outlier_values = outlier_mask, outlier_values
+        # Dense (zeros off the mask) rather than gathered values: static shapes trace.
+        self.outlier_mask, self.outliers = outlier_mask, outliers
 
     def dequantize(self, scale=1.0, dtype=torch.float32) -> torch.Tensor:
         y = super().dequantize(scale, torch.float32)
-        kept = torch.zeros_like(y).masked_scatter(self.outlier_mask, self.outlier_values.float() * scale)
+        kept = self.outliers.float() * scale
         if self.grad_carrier is not None:
             kept = kept + self.grad_carrier  # the STE holds at the outliers too
         return torch.where(self.outlier_mask, kept, y).to(dtype)
@@ -211,7 +213,7 @@ class OutlierAwareQuantizer(BaseQuantizer):
         s = (xd.abs() * inlier).sum() / inlier.sum().clamp(min=1)
         s = s.clamp(min=1e-8)
         trits = ((xd / s).round().clamp(-1, 1) * inlier).to(torch.int8)
-        return OutlierTensor(trits, s, ~inlier, xd[~inlier], grad_carrier=ste_carrier(x))
+        return OutlierTensor(trits, s, ~inlier, torch.where(inlier, 0.0, xd), grad_carrier=ste_carrier(x))
 
     def dequantize(self, x: QuantizedTensor) -> torch.Tensor:
         return x.dequantize()
