@@ -1,9 +1,10 @@
 """Linear layers -> quantize activations, quantize + pack weights, packed low-bit matmul.
 
 Matches every spelling Dynamo produces for a linear with a parameter weight
-(``torch._C._nn.linear`` = ``F.linear``, ``aten.linear``, or an ``nn.Linear``
-``call_module`` when modules are not inlined), with or without bias and with any
-number of leading batch dimensions.
+(``torch._C._nn.linear`` = ``F.linear``, ``aten.linear``, an ``nn.Linear``
+``call_module`` when modules are not inlined, and the hand-written forms
+``x @ W.T`` / ``torch.matmul(x, W.t())`` / ``torch.addmm(b, x, W.t())``), with or
+without bias and with any number of leading batch dimensions.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from bitcompile.passes.graph import meta, owner, parameter_path
 from bitcompile.report import Candidate
 
 LINEAR_TARGETS = (F.linear, torch._C._nn.linear, torch.ops.aten.linear.default)
+MATMUL_TARGETS = (operator.matmul, torch.matmul)
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 DEVICES = ("cpu", "cuda")
 
@@ -28,11 +30,34 @@ def linear_args(node: fx.Node, gm: fx.GraphModule):
         args = list(node.args) + [None] * (3 - len(node.args))
         x, w, b = args[:3]
         return x, node.kwargs.get("weight", w), node.kwargs.get("bias", b)
+    if node.op == "call_function" and node.target in MATMUL_TARGETS and len(node.args) == 2 and not node.kwargs:
+        w = transposed_matrix(node.args[1])
+        return (node.args[0], w, None) if w is not None else None
+    if node.op == "call_function" and node.target is torch.addmm and len(node.args) == 3 and not node.kwargs:
+        w = transposed_matrix(node.args[2])
+        return (node.args[1], w, node.args[0]) if w is not None else None
     if node.op == "call_module" and type(gm.get_submodule(node.target)) is torch.nn.Linear:
         with gm.graph.inserting_before(node):
             w = gm.graph.get_attr(f"{node.target}.weight")
             b = gm.graph.get_attr(f"{node.target}.bias") if gm.get_submodule(node.target).bias is not None else None
         return node.args[0], w, b
+    return None
+
+
+def transposed_matrix(node):
+    """``W`` if ``node`` is ``W.T``, ``W.t()``, ``W.mT`` or ``W.transpose(0, 1)`` of a 2-D ``W``."""
+    if not isinstance(node, fx.Node) or not node.args:
+        return None
+    w = node.args[0]
+    wm = meta(w)
+    if wm is None or wm.dim() != 2:
+        return None
+    if node.op == "call_function" and node.target is getattr and node.args[1] in ("T", "mT"):
+        return w
+    if (node.op, node.target) in (("call_method", "t"), ("call_function", torch.t)) and len(node.args) == 1:
+        return w
+    if node.op == "call_method" and node.target == "transpose" and sorted(d % 2 for d in node.args[1:]) == [0, 1]:
+        return w
     return None
 
 

@@ -173,3 +173,24 @@ def test_failing_pass_falls_back_with_one_warning_or_raises_when_strict(monkeypa
     torch._dynamo.reset()
     with pytest.raises(Exception, match="boom"):
         torch.compile(model, backend="bitnet", options={"strict": True})(x)
+
+
+def test_hand_written_matmul_spellings_are_linears():
+    class HandWritten(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(4, 8))
+            self.b = nn.Parameter(torch.randn(4))
+
+        def forward(self, x):
+            return x @ self.w.T + torch.matmul(x, self.w.t()) + torch.addmm(self.b, x, self.w.t()) + x @ self.w.transpose(0, 1)
+
+    torch.manual_seed(0)
+    model, x = HandWritten(), torch.randn(3, 8)
+    report = bitcompile.explain(model, x)
+    assert [c.rewritten for c in report.candidates] == [True] * 4
+    ops = torch.ops.bitnet
+    wq, s = bitcompile.ops.reference.quantize_weights(model.w.detach())
+    y = ops.lowbit_linear(x, model.w, None, *ops.quantize_activations(x, 8), wq, s)
+    expect = 4 * y + model.b
+    torch.testing.assert_close(torch.compile(model, backend="bitnet")(x), expect, rtol=1e-6, atol=1e-6)
