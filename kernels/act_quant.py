@@ -42,9 +42,9 @@ def _norm_quant_kernel(X, RES, W, B, Q, S, Y, H, K, stride_x, stride_r, stride_q
         y = h
     else:
         if NORM == 3:
-            mean = tl.sum(h, axis=0) / K
+            mean = tl.math.div_rn(tl.sum(h, axis=0), K * 1.0)
             h = tl.where(mask, h - mean, 0.0)
-        var = tl.sum(h * h, axis=0) / K
+        var = tl.math.div_rn(tl.sum(h * h, axis=0), K * 1.0)
         y = h * (1.0 / tl.sqrt(var + eps))
         if NORM == 1:
             y = y.to(X.dtype.element_ty).to(tl.float32)
@@ -58,11 +58,12 @@ def _norm_quant_kernel(X, RES, W, B, Q, S, Y, H, K, stride_x, stride_r, stride_q
             tl.store(Y + row * stride_y + cols, y, mask=mask)
         y = y.to(tl.float32)
     amax = tl.max(tl.where(mask, tl.abs(y), 0.0), axis=0)
-    scale = tl.maximum(amax, QEPS) / qmax
+    # IEEE divisions (Triton's `/` may be approximate): the reference's integers exactly.
+    scale = tl.math.div_rn(tl.maximum(amax, QEPS), qmax)
     # A NaN row: max() may drop NaN, so carry it into the scale explicitly (as the reference does).
     has_nan = tl.max(tl.where(mask & (y != y), 1, 0), axis=0) > 0
     scale = tl.where(has_nan, float("nan"), scale)
-    q = round_half_even(y / scale)
+    q = round_half_even(tl.math.div_rn(y, scale))
     q = tl.where(q != q, 0.0, q)  # before the clamp: tl.maximum drops NaN
     q = tl.minimum(tl.maximum(q, -qmax - 1.0), qmax)
     tl.store(Q + row * stride_q + cols, q.to(tl.int8), mask=mask)

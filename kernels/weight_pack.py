@@ -46,7 +46,7 @@ def _pack_kernel(W, S, P, N, K, KB, stride_w, stride_p,
         valid = (rows[:, None] < N) & (col[None, :] < K)
         w = tl.load(W + rows[:, None].to(tl.int64) * stride_w + col[None, :], mask=valid, other=0.0).to(tl.float32)
         if SCHEME == 0:
-            t = round_half_even(w / s)
+            t = round_half_even(tl.math.div_rn(w, s))  # IEEE division, as the reference
             t = tl.where(t != t, 0.0, t)  # NaN weight -> trit 0, as the reference (before the clamp drops NaN)
             t = tl.minimum(tl.maximum(t, -1.0), 1.0)
         else:

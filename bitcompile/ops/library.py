@@ -279,8 +279,9 @@ def norm_quant(
     per-token quantization of ``y``. Returns ``(q, scale, y, h)``; ``y`` and ``h`` are empty
     unless ``store_normed`` / ``store_sum`` (the fused kernel then never writes them)."""
     q, s, y, h = ref.norm_quant(x, residual, weight, bias, kind, eps, bits, norm_dtype)
-    empty = x.new_empty((0,))
-    return q, s, y if store_normed else empty.to(norm_dtype), h.clone() if store_sum else empty
+    # Outputs may not alias inputs or each other: fresh (empty) tensors where not stored.
+    y = y.clone() if store_normed else x.new_empty((0,), dtype=norm_dtype)
+    return q, s, y, h.clone() if store_sum else x.new_empty((0,))
 
 
 @norm_quant.register_fake
@@ -367,8 +368,8 @@ def _(x, residual, weight, bias, kind, eps, bits, norm_dtype, store_normed, stor
     from bitcompile.kernels.act_quant import norm_quant as kernel
 
     q, s, y, h = kernel(x, bits, kind, weight, bias, eps, residual, norm_dtype, store_normed, store_sum)
-    empty = x.new_empty((0,))
-    return q, s, y if store_normed else empty.to(norm_dtype), h if store_sum else empty
+    y = y if store_normed else x.new_empty((0,), dtype=norm_dtype)
+    return q, s, y, h if store_sum else x.new_empty((0,))
 
 
 @linear_q.register_kernel("cuda")
