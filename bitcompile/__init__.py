@@ -18,4 +18,17 @@ __all__ = [
     "from_transformers_bitnet",
     "to_transformers_bitnet",
     "__version__",
+    "Quantizer",
+    "BitNetQuantizer",
 ]
+
+# Model quantizers load on first use, keeping `import bitcompile` cheap.
+_LAZY = {"Quantizer": "bitcompile.quantizers", "BitNetQuantizer": "bitcompile.quantizers"}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'bitcompile' has no attribute {name!r}")

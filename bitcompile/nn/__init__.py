@@ -1,4 +1,5 @@
 """Eager layers built on the ``bitnet`` ops (the references the compiled paths are tested against)."""
 from bitcompile.nn.bit_linear import BitLinear
+from bitcompile.nn.w8a16 import W8A16Linear, W8A16LinearLayer
 
-__all__ = ["BitLinear"]
+__all__ = ["BitLinear", "W8A16Linear", "W8A16LinearLayer"]
