@@ -47,7 +47,13 @@ def run_passes(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         hoist_weights.hoist_packed_weights,
     ):
         rewrite(gm, ctx)
-    gm.graph.eliminate_dead_code()
+    # In-place method calls with no users (BatchNorm's ``num_batches_tracked.add_(1)``) are
+    # side effects FX's default purity check does not see: keep them.
+    gm.graph.eliminate_dead_code(is_impure_node=_is_impure)
     gm.graph.lint()
     gm.recompile()
     return gm
+
+
+def _is_impure(node: fx.Node) -> bool:
+    return node.is_impure() or (node.op == "call_method" and str(node.target).endswith("_"))
