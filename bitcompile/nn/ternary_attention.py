@@ -1,0 +1,167 @@
+"""``TernaryMultiheadAttention`` (seed 000): ternary multi-head attention.
+
+A drop-in for ``nn.MultiheadAttention`` (same constructor arguments and state dict:
+``in_proj_weight``, ``in_proj_bias``, ``out_proj``) whose projections are ternary
+weights x int8 activations through the ``bitnet`` ops. The Q/K/V projection is one
+fused ``[3E, E]`` weight: self-attention runs it as one packed matmul;
+cross-attention (``key``/``value`` from another sequence) uses its row slices (the
+packed format runs along K, so a row slice of the packed weight is the packed
+slice), fusing K and V when ``key is value``. The attention maps are returned, kept
+in ``last_attention`` and can be saved as a PNG heatmap
+(:func:`save_attention_heatmap`, no plotting library needed).
+
+The computation is ``bitcompile.nn.bit_attention.multi_head_attention``, the same
+function the backend's attention pass inserts into compiled graphs.
+"""
+from __future__ import annotations
+
+import struct
+import zlib
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+from torch import nn
+
+from bitcompile.config import BitConfig
+from bitcompile.nn.bit_attention import multi_head_attention
+from bitcompile.ops import WEIGHT_CACHE
+
+
+class TernaryMultiheadAttention(nn.Module):
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        dropout: float = 0.0,
+        bias: bool = True,
+        batch_first: bool = False,
+        *,
+        activation_bits: Optional[int] = 8,
+        attention_bits: Optional[int] = None,
+        weight: str = "ternary",
+        granularity: Optional[str] = None,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        if embed_dim % num_heads:
+            raise ValueError(f"embed_dim {embed_dim} must be divisible by num_heads {num_heads}")
+        self.embed_dim, self.num_heads, self.dropout, self.batch_first = embed_dim, num_heads, dropout, batch_first
+        self.config = BitConfig(weight=weight, activation_bits=activation_bits, granularity=granularity, exclude=[], attention_bits=attention_bits)
+        kw = dict(device=device, dtype=dtype)
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * embed_dim, embed_dim, **kw))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * embed_dim, **kw)) if bias else None
+        self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **kw)
+        nn.init.xavier_uniform_(self.in_proj_weight)
+        if bias:
+            nn.init.zeros_(self.out_proj.bias)
+        self.last_attention: Optional[torch.Tensor] = None
+
+    def _packed(self, w: torch.Tensor):
+        cfg = self.config
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return torch.ops.bitnet.quantize_weights(w, cfg.weight, cfg.per_channel)
+        return WEIGHT_CACHE.get(w, cfg.weight, cfg.per_channel)
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: Optional[torch.Tensor] = None,
+        value: Optional[torch.Tensor] = None,
+        key_padding_mask: Optional[torch.Tensor] = None,
+        need_weights: bool = True,
+        attn_mask: Optional[torch.Tensor] = None,
+        average_attn_weights: bool = True,
+        is_causal: bool = False,
+    ):
+        """``(output, attention)`` as ``nn.MultiheadAttention``; ``key``/``value``
+        default to ``query`` (self-attention). ``attention`` is ``[B, L, S]`` (averaged
+        over heads) or ``[B, H, L, S]``, or None without ``need_weights``."""
+        key = query if key is None else key
+        value = key if value is None else value
+        if query.dim() != 3:
+            raise ValueError(f"TernaryMultiheadAttention needs batched 3-D inputs, got {query.dim()}-D")
+        if key.shape[-1] != self.embed_dim or value.shape[-1] != self.embed_dim:
+            raise ValueError(f"key and value must have embed_dim={self.embed_dim} features (fused QKV projection); got {key.shape[-1]}, {value.shape[-1]}")
+        q = query.transpose(0, 1) if self.batch_first else query
+        k = q if key is query else (key.transpose(0, 1) if self.batch_first else key)
+        v = k if value is key else (q if value is query else (value.transpose(0, 1) if self.batch_first else value))
+        in_proj = (self.in_proj_weight, self.in_proj_bias, *self._packed(self.in_proj_weight))
+        out_proj = (self.out_proj.weight, self.out_proj.bias, *self._packed(self.out_proj.weight))
+        out, weights = multi_head_attention(
+            q, k, v, self.num_heads, in_proj, out_proj,
+            dropout_p=self.dropout, training=self.training, key_padding_mask=key_padding_mask, need_weights=need_weights,
+            attn_mask=attn_mask, average_attn_weights=average_attn_weights, is_causal=is_causal,
+            activation_bits=self.config.activation_bits, attention_bits=self.config.attention_bits,
+        )  # fmt: skip
+        if weights is not None:
+            self.last_attention = weights.detach()
+        return (out.transpose(0, 1) if self.batch_first else out), weights
+
+    def save_attention_heatmap(self, path: Union[str, Path], batch: int = 0, head: Optional[int] = None, cell: int = 8) -> Path:
+        """Save the last returned attention map (of ``batch``; ``head`` if per-head) as a PNG."""
+        if self.last_attention is None:
+            raise RuntimeError("no attention map yet: call the layer with need_weights=True first")
+        a = self.last_attention[batch]
+        if a.dim() == 3:
+            a = a.mean(0) if head is None else a[head]
+        return save_attention_heatmap(a, path, cell)
+
+    def extra_repr(self) -> str:
+        cfg = self.config
+        acts = f"A{cfg.activation_bits}" if cfg.activation_bits else "A-float"
+        return f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, batch_first={self.batch_first}, {cfg.weight}, {acts}"
+
+
+# A few anchors of the viridis colormap (dark purple -> yellow), linearly interpolated.
+_ANCHORS = torch.tensor([[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]], dtype=torch.float32)
+
+
+def heatmap_rgb(values: torch.Tensor) -> torch.Tensor:
+    """``[H, W]`` values -> ``uint8 [H, W, 3]`` colours, min..max mapped onto the colormap."""
+    v = values.detach().float().cpu()
+    span = (v.max() - v.min()).clamp(min=1e-12)
+    t = ((v - v.min()) / span).clamp(0, 1) * (len(_ANCHORS) - 1)
+    lo = t.floor().long().clamp(max=len(_ANCHORS) - 2)
+    frac = (t - lo).unsqueeze(-1)
+    return (_ANCHORS[lo] * (1 - frac) + _ANCHORS[lo + 1] * frac).round().to(torch.uint8)
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
+def save_attention_heatmap(attention: torch.Tensor, path: Union[str, Path], cell: int = 8) -> Path:
+    """Write a 2-D attention map ``[L, S]`` (rows: queries) as an RGB PNG heatmap,
+    each entry a ``cell`` x ``cell`` square."""
+    if attention.dim() != 2:
+        raise ValueError(f"attention map must be 2-D [queries, keys], got shape {tuple(attention.shape)}")
+    rgb = heatmap_rgb(attention).repeat_interleave(cell, 0).repeat_interleave(cell, 1)
+    h, w, _ = rgb.shape
+    rows = torch.cat([torch.zeros(h, 1, dtype=torch.uint8), rgb.reshape(h, w * 3)], dim=1)  # filter byte 0 per row
+    png = b"\x89PNG\r\n\x1a\n"
+    png += _png_chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+    png += _png_chunk(b"IDAT", zlib.compress(rows.numpy().tobytes(), 9))
+    png += _png_chunk(b"IEND", b"")
+    path = Path(path)
+    path.write_bytes(png)
+    return path
+
+
+def read_png_rgb(path: Union[str, Path]) -> torch.Tensor:
+    """Decode a PNG written by :func:`save_attention_heatmap` (8-bit RGB, filter 0) to ``[H, W, 3]``."""
+    data = Path(path).read_bytes()
+    if data[:8] != b"\x89PNG\r\n\x1a\n":
+        raise ValueError("not a PNG file")
+    pos, idat, w, h = 8, b"", 0, 0
+    while pos < len(data):
+        n = struct.unpack(">I", data[pos : pos + 4])[0]
+        kind, body = data[pos + 4 : pos + 8], data[pos + 8 : pos + 8 + n]
+        if kind == b"IHDR":
+            w, h = struct.unpack(">II", body[:8])
+        elif kind == b"IDAT":
+            idat += body
+        pos += 12 + n
+    raw = torch.frombuffer(bytearray(zlib.decompress(idat)), dtype=torch.uint8).reshape(h, 1 + w * 3)
+    return raw[:, 1:].reshape(h, w, 3)
