@@ -71,8 +71,13 @@ def _compile(gm: fx.GraphModule, example_inputs: list, ctx) -> Callable:
     # parameters, fetched fresh each call), then the hoisted packed weights.
     runtime_inputs = list(ctx.runtime_inputs)
     example_inputs.extend(t for fetch in runtime_inputs for t in fetch())
+    # Packed weights enter as static-shape fake tensors of Dynamo's fake mode: fakified
+    # later by AOTAutograd they would get fresh symbols with no Dynamo source, and any
+    # guard on them (a view or split of a projection's output) breaks guard building.
+    fake_mode = torch._guards.detect_fake_mode()
     for h in hoisted:
-        example_inputs.extend(WEIGHT_CACHE.get(example_inputs[h.arg_index], h.scheme, h.per_channel))
+        packed = WEIGHT_CACHE.get(example_inputs[h.arg_index], h.scheme, h.per_channel)
+        example_inputs.extend(fake_mode.from_tensor(t, static_shapes=True) if fake_mode is not None else t for t in packed)
     mode = ctx.config.mode
     patches = list_mode_options(mode) if mode not in (None, "default") else {}
     compiled = compile_fx(gm, example_inputs, config_patches=patches)
