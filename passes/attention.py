@@ -88,7 +88,7 @@ def _rewrite_mha(node, gm, ctx) -> None:
     a = MHA_SIGNATURE.bind(*node.args, **node.kwargs)
     a.apply_defaults()
     a = a.arguments
-    module = owner(parameter_path(a["out_proj_weight"], gm) or "attention.out_proj")
+    module = owner(owner(parameter_path(a["out_proj_weight"], gm) or "attention.out_proj.weight"))
     reason = _mha_unsupported(a)
     if reason:
         _record(ctx, "attention", module, "", _dtype(a["query"]), reason, "")
