@@ -123,8 +123,10 @@ def _layer_index(layers: Optional[Sequence[str]], layer: Optional[Layer], count:
     if layer is None:
         layer = 0
     if isinstance(layer, str):
-        if layers is None or layer not in layers:
-            raise KeyError(f"unknown layer {layer!r}; known layers: {list(layers or [])}")
+        if layers is None:
+            raise KeyError(f"layer {layer!r} given by name, but the quantizer was built without layers=[module paths] (the backend names layers by module path, e.g. 'fc1')")
+        if layer not in layers:
+            raise KeyError(f"unknown layer {layer!r}; known layers: {list(layers)}")
         return list(layers).index(layer)
     if not 0 <= layer < count:
         raise IndexError(f"layer index {layer} out of range for {count} layers")
