@@ -22,6 +22,7 @@ LINEAR_TARGETS = (F.linear, torch._C._nn.linear, torch.ops.aten.linear.default)
 MATMUL_TARGETS = (operator.matmul, torch.matmul)
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 DEVICES = ("cpu", "cuda")
+EMBEDDING_TARGETS = (F.embedding, torch.embedding, torch.ops.aten.embedding.default)
 
 
 def linear_args(node: fx.Node, gm: fx.GraphModule):
@@ -69,6 +70,9 @@ def skip_reason(x, w, b, path, ctx: PassContext) -> str:
     pattern = ctx.config.excluded(owner(path))
     if pattern:
         return f"excluded by pattern {pattern!r}"
+    # A tied lm_head shares the embedding's parameter, which Dynamo names after the embedding.
+    if isinstance(w, fx.Node) and any(u.target in EMBEDDING_TARGETS for u in w.users):
+        return "weight is tied to an embedding table (e.g. a tied lm_head); embeddings stay in float"
     if xm is None or wm is None:
         return "no tensor metadata"
     if xm.dtype not in FLOAT_DTYPES or wm.dtype not in FLOAT_DTYPES:

@@ -124,9 +124,10 @@ def _gpt2_conv1d_type():
     return Conv1D
 
 
-def _swap(module: nn.Module, path: str, cfg: BitConfig):
+def _swap(module: nn.Module, path: str, cfg: BitConfig, embedding_weights: set):
     """The reference layer for ``module`` (or None to keep it)."""
-    excluded = cfg.excluded(path) is not None
+    # A linear tied to an embedding table (tied lm_head) stays in float, as in the linear pass.
+    excluded = cfg.excluded(path) is not None or id(getattr(module, "weight", None)) in embedding_weights
     opts = _layer_options(cfg)
     conv1d_type = _gpt2_conv1d_type()
     if type(module) is nn.Linear and not excluded:
@@ -149,10 +150,11 @@ def reference_model(model: nn.Module, **options) -> ReferenceModel:
     """The eager-reference twin of ``model`` under the backend options ``options``."""
     cfg = BitConfig.from_options(options)
     twin = copy.deepcopy(model)
+    embedding_weights = {id(m.weight) for m in twin.modules() if isinstance(m, nn.Embedding)}
     for path, module in list(twin.named_modules()):
         for name, child in list(module.named_children()):
             child_path = f"{path}.{name}" if path else name
-            new = _swap(child, child_path, cfg)
+            new = _swap(child, child_path, cfg, embedding_weights)
             if new is not None:
                 setattr(module, name, new)
     return ReferenceModel(twin, cfg)
