@@ -97,7 +97,8 @@ def quantized_matmul(
     """``a [..., k] @ b [k, n]`` with ``b`` ternary (absmean, per tensor) and/or ``a``
     per-row absmax int8. With both quantized the product is the exact integer
     accumulator, rescaled. ``use_ste=False`` gives the quantized operands their true
-    (zero) gradient instead of the straight-through one."""
+    (zero) gradient instead of the straight-through one (with both quantized, the
+    result then does not require grad)."""
     if b.dim() != 2 or a.shape[-1] != b.shape[0]:
         raise ValueError(f"quantized_matmul needs a [..., k] and b [k, n]; got {tuple(a.shape)}, {tuple(b.shape)}")
     a_in = a if (use_ste or not quantize_a) else a.detach()

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 import bitcompile.quant as Q
+from bitcompile import report as reports
 from bitcompile.config import BitConfig
 from bitcompile.passes.custom_quantizer import quantized_linear_with
 from tests.helpers import MLP
@@ -36,6 +37,9 @@ QUANTIZERS = {
     "plain_object": PlainLearnedQuantizer,
     "soft": lambda: Q.SoftQuantizer(0.5, scale=0.15),
     "outlier": lambda: Q.OutlierAwareQuantizer(0.05),
+    "blockwise": lambda: Q.BlockwiseMixedPrecisionQuantizer(4, high_precision_fraction=0.25),
+    "mixed_precision": lambda: Q.MixedPrecisionQuantizer(["binary", "ternary"], layers=["fc1", "fc2"]),
+    "ternary_per_channel": lambda: Q.TernaryQuantizer(per_channel=True),
 }
 
 
@@ -56,7 +60,12 @@ def test_compiled_matches_eager_with_gradients(name):
     ref_model, ref_quantizer = copy.deepcopy(model), copy.deepcopy(quantizer)
     x = torch.randn(4, 12)
     compiled = torch.compile(model, backend="bitnet", options={"weight": quantizer, "strict": True})
-    y = compiled(x)
+    torch._dynamo.utils.counters.clear()
+    with reports.collecting() as report:
+        y = compiled(x)
+    rewritten = [c.module for c in report.candidates if c.rewritten]
+    assert rewritten == ["fc1", "fc2"] and "custom quantizer" in report.candidates[0].reason
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1  # one graph, no graph break
     y_ref = eager_forward(ref_model, ref_quantizer, x)
     # Same ops in the same order; Inductor may fuse/reorder float arithmetic: a few ulps.
     torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-6)
