@@ -21,7 +21,7 @@ import triton.language as tl
 from bitcompile.kernels import tuning
 from bitcompile.kernels.common import ACTIVATIONS, apply_activation, unpack_trits
 
-GEMV_MAX_M = 8  # above this the tensor-core GEMM wins (weights are re-read per token in the GEMV)
+GEMV_MAX_M = 1  # measured on the H100: the BM=16 tensor-core GEMM already wins at M=16
 
 
 @triton.jit
@@ -58,7 +58,8 @@ def _gemv_kernel(A, P, C, XS, WS, BIAS, RES, M, N, K, KB, stride_am, stride_pn, 
     m = tl.program_id(1)
     offs_n = pid_n * BN + tl.arange(0, BN)
     offs_c = tl.arange(0, BKB)
-    acc = tl.zeros((BN,), dtype=tl.int32)
+    # 2-D partial sums, reduced across threads once at the end (not once per chunk).
+    acc2 = tl.zeros((BN, BKB), dtype=tl.int32)
     a_row = A + m * stride_am
     for c0 in range(0, KB, BKB):
         c = c0 + offs_c
@@ -67,7 +68,8 @@ def _gemv_kernel(A, P, C, XS, WS, BIAS, RES, M, N, K, KB, stride_am, stride_pn, 
                     mask=(offs_n[:, None] < N) & (c[None, :] < KB), other=85).to(tl.int32)
         for j in tl.static_range(4):
             x = tl.load(a_row + 4 * c + j, mask=4 * c + j < K, other=0).to(tl.int32)
-            acc += tl.sum((((p >> (2 * j)) & 3) - 1) * x[None, :], axis=1)
+            acc2 += (((p >> (2 * j)) & 3) - 1) * x[None, :]
+    acc = tl.sum(acc2, axis=1)
     offs_m = m + tl.arange(0, 1)
     _epilogue(acc[None, :], C, XS, WS, BIAS, RES, offs_m, offs_n, M, N, stride_cm, stride_rm,
               EPILOGUE, PER_CHANNEL, HAS_BIAS, ACTIVATION, HAS_RES)
@@ -107,8 +109,8 @@ def _gemv_configs(n: int):
     if tuning.interpreting():
         return [dict(BN=16, BKB=16, num_warps=4)]
     return [dict(BN=bn, BKB=bkb, num_warps=w, num_stages=s)
-            for bn, bkb, w, s in [(8, 256, 4, 3), (16, 256, 4, 3), (16, 512, 8, 3), (32, 256, 8, 3),
-                                  (8, 512, 4, 4), (32, 128, 4, 4), (64, 128, 8, 3), (16, 1024, 8, 2)]]
+            for bn, bkb, w, s in [(4, 512, 4, 3), (8, 256, 4, 3), (8, 512, 4, 3), (16, 256, 4, 3), (16, 128, 4, 4),
+                                  (8, 1024, 8, 3), (32, 128, 8, 3), (4, 1024, 4, 3)]]
 
 
 def _gemm_configs(m: int):

@@ -12,6 +12,7 @@ launched (Python source with its constexpr values, plus TTIR/PTX when compiled).
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -32,10 +33,16 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def gpu_name(device: torch.device | None = None) -> str:
+@functools.lru_cache(maxsize=None)
+def _cuda_name(index: int) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "_", torch.cuda.get_device_name(index)).strip("_")
+
+
+def gpu_name() -> str:
+    # Cached: querying device properties costs far more than a small kernel launch.
     if interpreting() or not torch.cuda.is_available():
         return "interpreter"
-    return re.sub(r"[^A-Za-z0-9]+", "_", torch.cuda.get_device_name(device)).strip("_")
+    return _cuda_name(torch.cuda.current_device())
 
 
 def user_cache_file(gpu: str) -> Path:
@@ -77,6 +84,9 @@ def choose(kernel: str, key: Sequence, candidates: Sequence[dict], run: Callable
         return candidates[0]
     gpu = gpu_name()
     full_key = f"{kernel}:" + ",".join(map(str, key))
+    hit = _memory.get(gpu, {}).get(full_key)
+    if hit is not None:  # fast path, no lock
+        return hit
     with _lock:
         table = _load(gpu)
         if full_key in table:
