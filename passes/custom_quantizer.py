@@ -9,9 +9,9 @@ same computation as the eager :func:`quantized_linear_with`:
     y    = linear(x_fq, w_fq, b)            float matmul (codes are not packed: their
                                             format is the quantizer's business)
 
-The quantizer's parameters are not model parameters, so Dynamo never lifts them
-into the graph. They become extra placeholders, one per parameter, appended to the
-graph's inputs; the backend's runtime wrapper feeds ``quantizer.parameters()`` at
+The quantizer's parameters (and buffers) are not model parameters, so Dynamo never
+lifts them into the graph. They become extra placeholders, one per tensor, appended
+to the graph's inputs; the backend's runtime wrapper feeds their current values at
 every call (``PassContext.runtime_inputs``), so AOTAutograd returns their gradients
 and the user's optimizer updates them like any parameter.
 """
@@ -38,32 +38,40 @@ def quantized_linear_with(quantizer, x, weight, bias=None, activation_bits: Opti
     return F.linear(x, w, bias)
 
 
-def quantizer_parameters(quantizer) -> list[torch.Tensor]:
-    return list(quantizer.parameters())
+def state_slots(quantizer) -> list[tuple[dict, str]]:
+    """Where the quantizer keeps its tensors, as ``(dict, key)`` slots, in a fixed order:
+    parameters and buffers of an ``nn.Module`` (and its submodules); for other objects,
+    the attributes holding ``parameters()`` and then any other tensor attributes."""
+    if isinstance(quantizer, torch.nn.Module):
+        slots = []
+        for module in quantizer.modules():
+            slots += [(module._parameters, k) for k, v in module._parameters.items() if v is not None]
+            slots += [(module._buffers, k) for k, v in module._buffers.items() if v is not None]
+        return slots
+    attrs = vars(quantizer)
+    slots = []
+    for i, p in enumerate(quantizer.parameters()):
+        name = next((k for k, v in attrs.items() if v is p), None)
+        if name is None:
+            raise TypeError(
+                f"parameter {i} of {type(quantizer).__name__} is not an attribute of it; make the quantizer "
+                "an nn.Module or keep each parameter in an attribute so the compiled graph can feed it"
+            )
+        slots.append((attrs, name))
+    named = {k for _, k in slots}
+    slots += [(attrs, k) for k in sorted(attrs) if k not in named and isinstance(attrs[k], torch.Tensor)]
+    return slots
+
+
+def quantizer_tensors(quantizer) -> list[torch.Tensor]:
+    """The tensors fed to the graph at every call (current values, updated in place or not)."""
+    return [d[k] for d, k in state_slots(quantizer)]
 
 
 @contextmanager
-def bound_parameters(quantizer, tensors):
-    """Temporarily replace the quantizer's parameters by ``tensors`` (graph inputs).
-
-    ``nn.Module`` quantizers are rebound through their parameter dicts; other
-    objects through the attributes that hold the parameters."""
-    slots = []
-    if isinstance(quantizer, torch.nn.Module):
-        for (name, _), t in zip(quantizer.named_parameters(), tensors):
-            prefix, _, leaf = name.rpartition(".")
-            module = quantizer.get_submodule(prefix) if prefix else quantizer
-            slots.append((module._parameters, leaf))
-    else:
-        attrs = vars(quantizer)
-        for i, p in enumerate(quantizer_parameters(quantizer)):
-            name = next((k for k, v in attrs.items() if v is p), None)
-            if name is None:
-                raise TypeError(
-                    f"parameter {i} of {type(quantizer).__name__} is not an attribute of it; make the quantizer "
-                    "an nn.Module or keep each parameter in an attribute so the compiled graph can feed it"
-                )
-            slots.append((attrs, name))
+def bound_tensors(quantizer, tensors):
+    """Temporarily put ``tensors`` (graph inputs) in the quantizer's tensor slots."""
+    slots = state_slots(quantizer)
     saved = [d[k] for d, k in slots]
     try:
         for (d, k), t in zip(slots, tensors):
@@ -82,7 +90,7 @@ class QuantizerCall:
         self.__name__ = f"{type(quantizer).__name__}_fake_quantize"
 
     def __call__(self, weight, *params):
-        with bound_parameters(self.quantizer, params):
+        with bound_tensors(self.quantizer, params):
             return fake_quantize(self.quantizer, weight, self.layer if _per_layer(self.quantizer) else None)
 
     def __repr__(self) -> str:
@@ -94,20 +102,20 @@ def _per_layer(quantizer) -> bool:
 
 
 def _parameter_nodes(gm: fx.GraphModule, ctx: PassContext, quantizer) -> list[fx.Node]:
-    """Placeholders for the quantizer's parameters, created once per graph."""
+    """Placeholders for the quantizer's tensors (parameters, buffers), created once per graph."""
     nodes = getattr(ctx, "_quantizer_params", None)
     if nodes is not None:
         return nodes
     graph = gm.graph
-    params = quantizer_parameters(quantizer)
+    params = quantizer_tensors(quantizer)
     last = [n for n in graph.nodes if n.op == "placeholder"][-1]
     nodes = []
     for i, p in enumerate(params):
         with graph.inserting_after(last):
-            last = graph.placeholder(f"bitnet_quantizer_param_{i}")
+            last = graph.placeholder(f"bitnet_quantizer_tensor_{i}")
         nodes.append(last)
     if params:
-        ctx.runtime_inputs.append(lambda: quantizer_parameters(quantizer))
+        ctx.runtime_inputs.append(lambda: quantizer_tensors(quantizer))
     ctx._quantizer_params = nodes
     return nodes
 
@@ -120,14 +128,14 @@ def check_traceable(call: QuantizerCall, weight_meta: torch.Tensor) -> None:
     if fake_mode is None:
         return
     with fake_mode:
-        params = [fake_mode.from_tensor(p) for p in quantizer_parameters(call.quantizer)]
+        params = [fake_mode.from_tensor(p) for p in quantizer_tensors(call.quantizer)]
         try:
             out = call(weight_meta, *params)
         except Exception as err:
             raise TypeError(
                 f"{type(call.quantizer).__name__} cannot be compiled into the graph ({type(err).__name__}: {err}); "
-                "a quantizer used by the backend must be torch code without host reads of tensor values "
-                "(.item(), float(t), bool(t), a 0-d index tensor, data-dependent shapes)"
+                "a quantizer used by the backend must be torch code on its input and its own parameters and buffers, "
+                "without host reads of tensor values (.item(), float(t), bool(t), a 0-d index tensor, data-dependent shapes)"
             ) from err
     if tuple(out.shape) != tuple(weight_meta.shape):
         raise ValueError(f"{type(call.quantizer).__name__} changed the weight shape {tuple(weight_meta.shape)} -> {tuple(out.shape)}")

@@ -128,3 +128,29 @@ def test_untraceable_quantizer_fails_clearly_not_silently():
     lenient = torch.compile(model, backend="bitnet", options={"weight": HostReadingQuantizer()})
     with pytest.warns(UserWarning, match="cannot be compiled into the graph"):
         lenient(torch.randn(2, 12))
+
+
+class BufferScaleQuantizer(Q.BaseQuantizer):
+    """Ternary with a scale held in a buffer (set by the user, not learned)."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("s", torch.tensor(0.1))
+
+    def quantize(self, x):
+        trits = (x.detach() / self.s).round().clamp(-1, 1).to(torch.int8)
+        return Q.TernaryTensor(trits, self.s, grad_carrier=Q.primitives.ste_carrier(x))
+
+    def dequantize(self, q):
+        return q.dequantize()
+
+
+def test_quantizer_buffers_are_fed_at_call_time():
+    torch.manual_seed(0)
+    model, quantizer = MLP(), BufferScaleQuantizer()
+    compiled = torch.compile(model, backend="bitnet", options={"weight": quantizer, "strict": True})
+    x = torch.randn(3, 12)
+    torch.testing.assert_close(compiled(x), eager_forward(model, quantizer, x), rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        quantizer.s.fill_(0.2)  # a changed buffer is read by the compiled graph without recompiling
+    torch.testing.assert_close(compiled(x), eager_forward(model, quantizer, x), rtol=1e-5, atol=1e-6)
