@@ -20,7 +20,7 @@ from typing import Optional, Protocol, Sequence, Union, runtime_checkable
 import torch
 from torch import nn
 
-from bitcompile.quant.primitives import learned_quantize, sparsity_mask, ste_carrier, ternary_quantize
+from bitcompile.quant.primitives import learned_quantize, ste_carrier, ternary_quantize
 from bitcompile.quant.tensor import QuantizedTensor, TernaryTensor
 
 Layer = Union[int, str]
@@ -197,5 +197,4 @@ __all__ = [
     "MixedPrecisionQuantizer",
     "fake_quantize",
     "check_quantizer",
-    "sparsity_mask",
 ]

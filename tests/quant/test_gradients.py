@@ -1,7 +1,6 @@
 """Gradient estimators and advanced techniques (seed 001)."""
 import math
 
-import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import given
