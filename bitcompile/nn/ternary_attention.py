@@ -36,6 +36,8 @@ class TernaryMultiheadAttention(nn.Module):
         dropout: float = 0.0,
         bias: bool = True,
         batch_first: bool = False,
+        kdim: Optional[int] = None,
+        vdim: Optional[int] = None,
         *,
         activation_bits: Optional[int] = 8,
         attention_bits: Optional[int] = None,
@@ -47,6 +49,8 @@ class TernaryMultiheadAttention(nn.Module):
         super().__init__()
         if embed_dim % num_heads:
             raise ValueError(f"embed_dim {embed_dim} must be divisible by num_heads {num_heads}")
+        if (kdim or embed_dim) != embed_dim or (vdim or embed_dim) != embed_dim:
+            raise ValueError(f"the fused [3E, E] QKV projection needs kdim == vdim == embed_dim={embed_dim}; got kdim={kdim}, vdim={vdim}")
         self.embed_dim, self.num_heads, self.dropout, self.batch_first = embed_dim, num_heads, dropout, batch_first
         self.config = BitConfig(weight=weight, activation_bits=activation_bits, granularity=granularity, exclude=[], attention_bits=attention_bits)
         kw = dict(device=device, dtype=dtype)

@@ -83,6 +83,8 @@ def test_training_gradients_and_masks():
     assert x.grad is not None
     with pytest.raises(ValueError, match="embed_dim=8"):
         layer(x, torch.randn(2, 3, 6))
+    with pytest.raises(ValueError, match="kdim == vdim == embed_dim=8"):
+        TernaryMultiheadAttention(8, 2, kdim=6)
 
 
 def test_state_dict_is_nn_multihead_attentions():

@@ -32,3 +32,23 @@ def test_custom_quant_through_the_backend(monkeypatch, capsys):
     run_example(monkeypatch, "custom_quant.py", "--train", "--quantization-scheme", "lsq", "--bits", "4", "--epochs", "1", "--limit", "128")
     out = capsys.readouterr().out
     assert "lsq: test accuracy" in out and "quantizer parameter 0" in out
+
+
+def test_cifar10_directory_format(tmp_path, monkeypatch):
+    """--data-dir reads CIFAR-10's python batches (written here with random pixels)."""
+    import pickle
+
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch = {b"data": rng.integers(0, 256, (4, 3072), dtype=np.uint8), b"labels": list(rng.integers(0, 10, 4))}
+        (tmp_path / name).write_bytes(pickle.dumps(batch))
+    monkeypatch.syspath_prepend(str(EXAMPLES))
+    from image_data import load_images
+
+    xtr, xte, ytr, yte = load_images("cifar10", str(tmp_path))
+    assert xtr.shape == (20, 3, 32, 32) and xte.shape == (4, 3, 32, 32)
+    assert 0.0 <= float(xtr.min()) and float(xtr.max()) <= 1.0 and ytr.shape == (20,)
+    with pytest.raises(SystemExit, match="--data-dir"):
+        load_images("cifar10", None)
