@@ -23,7 +23,7 @@ def llama():
 
     cfg = LlamaConfig(
         vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, attn_implementation="sdpa",
+        num_key_value_heads=2, max_position_embeddings=64, attn_implementation="sdpa", use_cache=False,
     )
     return LlamaForCausalLM(cfg), _ids, _lm_loss
 
@@ -32,7 +32,8 @@ def gpt2():
     from transformers import GPT2Config, GPT2LMHeadModel
 
     cfg = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64, attn_implementation="sdpa",
-                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, use_cache=False,
+                     bos_token_id=0, eos_token_id=0)
     return GPT2LMHeadModel(cfg), _ids, _lm_loss
 
 
