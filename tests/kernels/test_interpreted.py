@@ -25,7 +25,7 @@ def test_matmul_int32_exact(kernels, device, m, n, k, seed):
     assert torch.equal(got.cpu(), ref.lowbit_matmul(a, wq, k))
 
 
-@pytest.mark.parametrize("m", [1, 3, 9, 33])  # GEMV (<= 8 rows) and GEMM paths
+@pytest.mark.parametrize("m", [1, 3, 9, 33])  # GEMV (M = 1) and GEMM paths
 @pytest.mark.parametrize("act", ["none", "relu", "gelu", "gelu_tanh", "silu", "relu2"])
 @pytest.mark.parametrize("per_channel", [False, True])
 def test_matmul_epilogue(kernels, device, m, act, per_channel):
