@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import inspect
 import operator
+import re
 from typing import Optional
 
 import torch
@@ -31,6 +32,7 @@ from bitcompile.passes.graph import meta, owner, parameter_path
 from bitcompile.passes.linear import _describe
 from bitcompile.report import Candidate
 
+_ROOT = re.compile(r"^(?:L|G)\[['\"][^'\"]+['\"]\]\.?")  # Dynamo's L['self']. prefix
 MHA_SIGNATURE = inspect.signature(F.multi_head_attention_forward)
 SDPA_TARGETS = (F.scaled_dot_product_attention, torch.ops.aten.scaled_dot_product_attention.default)
 SOFTMAX_TARGETS = (F.softmax, torch.softmax, torch.ops.aten.softmax.int)
@@ -136,6 +138,14 @@ def _attn_desc(cfg) -> str:
     return f"int{cfg.attention_bits} x int{cfg.attention_bits} (per-head scales)" if cfg.attention_bits else "float"
 
 
+def _module_path(node: fx.Node) -> str:
+    """The module that called ``node`` (from Dynamo's ``nn_module_stack``), else the node name."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return node.name
+    return _ROOT.sub("", list(stack.values())[-1][0]) or node.name
+
+
 def _is(node, targets, methods=()) -> bool:
     return isinstance(node, fx.Node) and (
         (node.op == "call_function" and node.target in targets) or (node.op == "call_method" and node.target in methods)
@@ -185,7 +195,7 @@ def _rewrite_attention_matmuls(gm, ctx) -> None:
         if _is(node, SDPA_TARGETS):
             with graph.inserting_before(node):
                 new = graph.call_function(bit_attention.quantized_sdpa, node.args, {**node.kwargs, "attention_bits": bits})
-            _record(ctx, "attention_matmul", node.name, f"q{list(meta(node.args[0]).shape) if meta(node.args[0]) is not None else '?'}", _dtype(node), "", f"scaled_dot_product_attention -> {_attn_desc(ctx.config)}")
+            _record(ctx, "attention_matmul", _module_path(node), f"q{list(meta(node.args[0]).shape) if meta(node.args[0]) is not None else '?'}", _dtype(node), "", f"scaled_dot_product_attention -> {_attn_desc(ctx.config)}")
             new.meta.update(node.meta)
             node.replace_all_uses_with(new)
             graph.erase_node(node)
@@ -198,7 +208,7 @@ def _rewrite_attention_matmuls(gm, ctx) -> None:
                 reason = "softmax not between two matmuls (not an attention pattern)"
             elif shape is None or shape.dim() < 3:
                 reason = "attention scores not batched per head (< 3-D)"
-            _record(ctx, "attention_matmul", node.name, f"scores{list(shape.shape) if shape is not None else '?'}", _dtype(node), reason, f"softmax(q @ k^T ...) @ v -> {_attn_desc(ctx.config)}")
+            _record(ctx, "attention_matmul", _module_path(node), f"scores{list(shape.shape) if shape is not None else '?'}", _dtype(node), reason, f"softmax(q @ k^T ...) @ v -> {_attn_desc(ctx.config)}")
             if not reason:
                 _replace_matmul(graph, scores, bits)
                 _replace_matmul(graph, values, bits)

@@ -87,3 +87,20 @@ def test_real_model(name):
     with torch.no_grad():
         got, want = output_tensor(call(compiled, inputs[1])), output_tensor(call(twin, inputs[1]))
     assert rel_err(got, want) < REL_TOL
+
+
+def test_llama_int8_attention_matmuls_match_reference():
+    """attention_bits=8 on real model code: both SDPA matmuls per layer become int8 x int8
+    (reported with the attention module's path); the twin runs the same quantized SDPA."""
+    torch.manual_seed(1)
+    model, make_inputs, _ = MODELS["llama"]()
+    model.eval()
+    x = make_inputs(2, 8)
+    with torch.no_grad(), collecting() as report:
+        got = output_tensor(call(torch.compile(model, backend="bitnet", options={"attention_bits": 8}), x))
+        want = output_tensor(call(reference_model(model, attention_bits=8), x))
+        float_attention = output_tensor(call(reference_model(model), x))
+    assert rel_err(got, want) < REL_TOL
+    assert rel_err(got, float_attention) > 1e-5  # the option changed the numerics
+    attn = [c.module for c in report.candidates if c.op == "attention_matmul" and c.rewritten]
+    assert attn == ["model.layers.0.self_attn", "model.layers.1.self_attn"], str(report)

@@ -119,6 +119,7 @@ def test_attention_matmuls_stay_float_by_default_and_non_attention_softmax_is_re
         assert bitcompile.explain(SoftmaxOnly(), x).candidates == []
         r = bitcompile.explain(SoftmaxOnly(), x, attention_bits=8)
     assert len(r.candidates) == 1 and not r.candidates[0].rewritten and "not an attention pattern" in r.candidates[0].reason
+    assert r.candidates[0].module == "softmax"  # the root module called it: the node name stands in
 
 
 class MHABlock(nn.Module):
