@@ -213,3 +213,20 @@ def test_qat_grads_match_reference_and_dynamic_shapes_do_not_recompile():
             x = torch.randn(n, 3, length)
             torch.testing.assert_close(compiled(x), twin(x), rtol=1e-5, atol=1e-6)
     assert counters["stats"]["unique_graphs"] == 1
+
+
+@pytest.mark.parametrize(
+    "options,dtype",
+    [({"activation_bits": None}, torch.float32), ({"weight": "int8"}, torch.float32), ({"granularity": "per_channel", "activation_bits": 4}, torch.bfloat16)],
+)
+def test_conv_options_and_dtypes_match_reference(options, dtype):
+    torch.manual_seed(6)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 2, 1)).to(dtype).eval()
+    x = torch.randn(2, 3, 5, 5, dtype=dtype)
+    with torch.no_grad():
+        got = torch.compile(model, backend="bitnet", options=options)(x)
+        want = reference_model(model, **options)(x)
+    assert got.dtype == dtype
+    # bf16: the float ReLU between the layers is fused by Inductor; one bf16 ulp of slack
+    tol = dict(rtol=1e-2, atol=1e-2) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got, want, **tol)
