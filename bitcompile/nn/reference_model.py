@@ -157,4 +157,5 @@ def reference_model(model: nn.Module, **options) -> ReferenceModel:
             new = _swap(child, child_path, cfg, embedding_weights)
             if new is not None:
                 setattr(module, name, new)
-    return ReferenceModel(twin, cfg)
+    root = _swap(twin, "", cfg, embedding_weights)  # the model may itself be one layer
+    return ReferenceModel(root if root is not None else twin, cfg)

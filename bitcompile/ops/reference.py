@@ -28,7 +28,9 @@ def quantize_activations(x: torch.Tensor, bits: int = 8) -> tuple[torch.Tensor, 
     scale = xf.abs().amax(dim=-1, keepdim=True).clamp(min=EPS) / qmax(bits)
     q = (xf / scale).round().clamp(-qmax(bits) - 1, qmax(bits))
     # NaN rows: keep the integers defined (0); the NaN scale carries the NaN to the output.
-    return torch.nan_to_num(q, nan=0.0).to(torch.int8), scale
+    # Contiguous like the fake kernel, also for a transposed x (else compiled graphs fail
+    # their stride assertion on this op).
+    return torch.nan_to_num(q, nan=0.0).to(torch.int8).contiguous(), scale.contiguous()
 
 
 def weight_scale(w: torch.Tensor, scheme: str, per_channel: bool) -> torch.Tensor:

@@ -158,3 +158,17 @@ def test_multihead_attention_projections_match_reference(batch_first, attention_
         assert rows[("linear", m)].rewritten and "in_proj" in rows[("linear", m)].reason
         assert rows[("linear", f"{m}.out_proj")].rewritten and rows[("attention", m)].rewritten
     assert report.graph_breaks == 0
+
+
+def test_projection_of_a_transposed_sequence_first_input():
+    """Seq-first attention code projects transposed activations: the activation quantizer
+    must return the contiguous layout its fake kernel promises."""
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(8, 6))  # reference_model swaps children, not the root
+    x = torch.randn(5, 2, 8).transpose(0, 1)
+    for grad in (False, True):
+        torch._dynamo.reset()
+        with torch.set_grad_enabled(grad):
+            got = torch.compile(model, backend="bitnet", options={"exclude": []})(x)
+            want = reference_model(model, exclude=[])(x)
+        torch.testing.assert_close(got, want, **EXACT)
