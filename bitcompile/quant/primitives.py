@@ -98,14 +98,16 @@ def stochastic_quantize(
     x: torch.Tensor, temperature: float = 1.0, training: bool = True, threshold: float = 0.5, generator: Optional[torch.Generator] = None
 ) -> TernaryTensor:
     """Sample each trit from ``{-1: p_neg, 0: p_zero, +1: p_pos}`` while ``training``;
-    otherwise return the most probable trit (deterministic). Unit scale; STE gradient."""
+    otherwise threshold deterministically at ``threshold`` (the temperature -> 0 limit
+    of the sampling; the most probable trit would never be 0 at ``T = 1``, where
+    ``p_zero < 0.25``). Unit scale; STE gradient."""
     _check_float(x)
     p_neg, p_zero, p_pos = stochastic_probabilities(x, temperature, threshold)
     if training:
         u = torch.rand(x.shape, generator=generator, device=x.device)
         trits = (u < p_pos).to(torch.int8) - (u >= 1.0 - p_neg).to(torch.int8)
     else:
-        trits = (torch.stack([p_neg, p_zero, p_pos], dim=-1).argmax(dim=-1) - 1).to(torch.int8)
+        return threshold_quantize(x, threshold)
     return TernaryTensor(trits, 1.0, grad_carrier=ste_carrier(x))
 
 
