@@ -45,7 +45,7 @@ def _norm_quant_kernel(X, RES, W, B, Q, S, Y, H, K, stride_x, stride_r, stride_q
             mean = tl.math.div_rn(tl.sum(h, axis=0), K * 1.0)
             h = tl.where(mask, h - mean, 0.0)
         var = tl.math.div_rn(tl.sum(h * h, axis=0), K * 1.0)
-        y = h * (1.0 / tl.sqrt(var + eps))
+        y = h * tl.rsqrt(var + eps)  # rsqrt, as the reference (and torch on CUDA)
         if NORM == 1:
             y = y.to(X.dtype.element_ty).to(tl.float32)
         if HAS_W:

@@ -1,14 +1,19 @@
-"""Packed-ternary matmul: int8 activations x canonical 2-bit weights, int32 accumulation.
+"""Packed-ternary matmul: int8 activations x 2-bit trits, exact int32 accumulation.
 
-Two kernels, chosen by the number of rows M:
-  * ``_gemv_kernel`` (decode-sized M): one program per (row block of W, token); the
-    packed bytes are streamed once per token, trits unpacked in registers and reduced
-    with integer multiply-adds (no tensor cores; the op is bound by the weight bytes).
-  * ``_gemm_kernel`` (larger M): tiles of int8 A and unpacked trits fed to the int8
-    tensor cores (``tl.dot`` -> int32), grouped tile order for L2 reuse.
+Both kernels read the K-blocked layout (``kernels.layout``): one shift of a run of bytes
+gives trits of consecutive K, so every activation load is a contiguous slice.
+  * ``_gemv_kernel`` (M <= GEMV_MAX_M, decode): CUDA cores. 32-bit words of 4 packed
+    bytes are shifted and masked into 4 codes c = trit + 1 in one register and met with 4
+    int8 activations by one ``dp4a`` (4 multiply-adds per instruction);
+    sum(trit * x) = sum(c * x) - sum(x), the second sum shared by all rows of the program.
+    Per 4 trits: shift, and, dp4a (the previous version spent ~4 int ops per trit and was
+    ALU bound at 33% of bandwidth).
+  * ``_gemm_kernel`` (larger M): int8 tensor cores with the operands swapped,
+    C^T tile = trits [BN, 64] @ A^T [64, BM]: the unpacked trits are the left operand
+    (the one the MMA may take from registers) and the activations the right one, loaded
+    straight from memory. Each 256-trit block gives 4 independent dots, one per shift.
 Both share one epilogue: ``acc * s_w * s_x (+ bias)``, an optional activation, an
-optional residual add, and the cast to the output dtype, in that order (the order of
-the reference, so the float results match it bit for bit on the same accumulators).
+optional residual add, and the cast to the output dtype, in the reference's order.
 """
 from __future__ import annotations
 
@@ -19,9 +24,10 @@ import triton
 import triton.language as tl
 
 from bitcompile.kernels import tuning
-from bitcompile.kernels.common import ACTIVATIONS, apply_activation, unpack_trits
+from bitcompile.kernels.common import ACTIVATIONS, apply_activation
+from bitcompile.kernels.layout import QUARTER, kblocked
 
-GEMV_MAX_M = 1  # measured on the H100: the BM=16 tensor-core GEMM already wins at M=16
+GEMV_MAX_M = 4  # dp4a cost grows with M; beyond, the tensor cores win
 
 
 @triton.jit
@@ -29,7 +35,7 @@ def _epilogue(acc, C, XS, WS, BIAS, RES, offs_m, offs_n, M, N, stride_cm, stride
               EPILOGUE: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr,
               ACTIVATION: tl.constexpr, HAS_RES: tl.constexpr):
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-    c_ptrs = C + offs_m[:, None] * stride_cm + offs_n[None, :]
+    c_ptrs = C + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :]
     if EPILOGUE:
         if PER_CHANNEL:
             ws = tl.load(WS + offs_n, mask=offs_n < N, other=0.0)[None, :]
@@ -42,7 +48,7 @@ def _epilogue(acc, C, XS, WS, BIAS, RES, offs_m, offs_n, M, N, stride_cm, stride
             y = y + tl.load(BIAS + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
         y = apply_activation(y, ACTIVATION)
         if HAS_RES:
-            r = tl.load(RES + offs_m[:, None] * stride_rm + offs_n[None, :], mask=mask, other=0.0)
+            r = tl.load(RES + offs_m[:, None].to(tl.int64) * stride_rm + offs_n[None, :], mask=mask, other=0.0)
             y = y + r.to(tl.float32)
         tl.store(c_ptrs, y.to(C.dtype.element_ty), mask=mask)
     else:
@@ -50,98 +56,137 @@ def _epilogue(acc, C, XS, WS, BIAS, RES, offs_m, offs_n, M, N, stride_cm, stride
 
 
 @triton.jit
-def _gemv_kernel(A, P, C, XS, WS, BIAS, RES, M, N, K, KB, stride_am, stride_pn, stride_cm, stride_rm,
-                 BN: tl.constexpr, BKB: tl.constexpr,
+def _dp4a(a, b, c, USE_ASM: tl.constexpr):
+    """c + sum over the 4 bytes of a (unsigned) * b (signed), int32."""
+    if USE_ASM:
+        return tl.inline_asm_elementwise("dp4a.u32.s32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c],
+                                         dtype=tl.int32, is_pure=True, pack=1)
+    else:  # the interpreter has no PTX: the same sum, byte by byte
+        for j in tl.static_range(4):
+            c += ((a >> (8 * j)) & 255) * ((b << (24 - 8 * j)) >> 24)
+        return c
+
+
+@triton.jit
+def _gemv_kernel(A, P, C, XS, WS, BIAS, RES, M, N, XW, PW, stride_am, stride_pn, stride_cm, stride_rm,
+                 BM: tl.constexpr, BN: tl.constexpr, BW: tl.constexpr, USE_ASM: tl.constexpr,
                  EPILOGUE: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr,
                  ACTIVATION: tl.constexpr, HAS_RES: tl.constexpr):
+    # A: int32 words of 4 int8 activations [M, XW]; P: int32 words of 4 K-blocked bytes
+    # [N, PW]. Word w of a 16-word (256-trit) block, shift i, holds trits
+    # k = 256 * block + 64 i + 4 (w % 16) + 0..3, i.e. activation word 64 block + 16 i + w % 16.
     pid_n = tl.program_id(0)
-    m = tl.program_id(1)
     offs_n = pid_n * BN + tl.arange(0, BN)
-    offs_c = tl.arange(0, BKB)
-    # 2-D partial sums, reduced across threads once at the end (not once per chunk).
-    acc2 = tl.zeros((BN, BKB), dtype=tl.int32)
-    a_row = A + m * stride_am
-    for c0 in range(0, KB, BKB):
-        c = c0 + offs_c
-        # Out-of-range bytes read as 0x55 (four zero trits), out-of-range K as 0.
-        p = tl.load(P + offs_n[:, None] * stride_pn + c[None, :],
-                    mask=(offs_n[:, None] < N) & (c[None, :] < KB), other=85).to(tl.int32)
-        for j in tl.static_range(4):
-            x = tl.load(a_row + 4 * c + j, mask=4 * c + j < K, other=0).to(tl.int32)
-            acc2 += (((p >> (2 * j)) & 3) - 1) * x[None, :]
-    acc = tl.sum(acc2, axis=1)
-    offs_m = m + tl.arange(0, 1)
-    _epilogue(acc[None, :], C, XS, WS, BIAS, RES, offs_m, offs_n, M, N, stride_cm, stride_rm,
+    offs_m = tl.arange(0, BM)
+    offs_w = tl.arange(0, BW)
+    x_word = (offs_w // 16) * 64 + offs_w % 16
+    n_ok = offs_n[:, None] < N
+    acc = tl.zeros((BM, BN, BW), dtype=tl.int32)
+    xsum = tl.zeros((BM, BW), dtype=tl.int32)
+    ones = tl.full((BM, BW), 0x01010101, dtype=tl.int32)
+    p_ptrs = P + offs_n[:, None].to(tl.int64) * stride_pn + offs_w[None, :]
+    a_rows = A + offs_m[:, None] * stride_am
+    for w0 in range(0, PW, BW):
+        # Out-of-range words read as code 1 (zero trit) in every byte.
+        p = tl.load(p_ptrs + w0, mask=n_ok & ((w0 + offs_w)[None, :] < PW), other=0x55555555)
+        for i in tl.static_range(4):
+            xi = 4 * w0 + x_word + 16 * i
+            x = tl.load(a_rows + xi[None, :], mask=(offs_m[:, None] < M) & (xi[None, :] < XW), other=0)
+            codes = (p >> (2 * i)) & 0x03030303
+            acc = _dp4a(tl.broadcast_to(codes[None, :, :], (BM, BN, BW)),
+                        tl.broadcast_to(x[:, None, :], (BM, BN, BW)), acc, USE_ASM)
+            xsum = _dp4a(ones, x, xsum, USE_ASM)
+    out = tl.sum(acc, axis=2) - tl.sum(xsum, axis=1)[:, None]
+    _epilogue(out, C, XS, WS, BIAS, RES, offs_m, offs_n, M, N, stride_cm, stride_rm,
               EPILOGUE, PER_CHANNEL, HAS_BIAS, ACTIVATION, HAS_RES)
 
 
 @triton.jit
-def _gemm_kernel(A, P, C, XS, WS, BIAS, RES, M, N, K, KB, stride_am, stride_pn, stride_cm, stride_rm,
-                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+def _gemm_kernel(A, P, C, XS, WS, BIAS, RES, M, N, K, KPB, stride_am, stride_pn, stride_cm, stride_rm,
+                 BM: tl.constexpr, BN: tl.constexpr, GROUP_N: tl.constexpr, Q: tl.constexpr,
                  EPILOGUE: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr,
                  ACTIVATION: tl.constexpr, HAS_RES: tl.constexpr):
+    # Grouped order over (weight row tiles, token tiles): GROUP_N weight tiles share L2.
     pid = tl.program_id(0)
-    grid_m = tl.cdiv(M, BM)
     grid_n = tl.cdiv(N, BN)
-    width = GROUP_M * grid_n
-    first_m = (pid // width) * GROUP_M
-    group_rows = min(grid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % width) % group_rows
-    pid_n = (pid % width) // group_rows
-    offs_m = pid_m * BM + tl.arange(0, BM)
+    grid_m = tl.cdiv(M, BM)
+    width = GROUP_N * grid_m
+    first_n = (pid // width) * GROUP_N
+    group_rows = min(grid_n - first_n, GROUP_N)
+    pid_n = first_n + (pid % width) % group_rows
+    pid_m = (pid % width) // group_rows
     offs_n = pid_n * BN + tl.arange(0, BN)
-    offs_k = tl.arange(0, BK)
-    offs_c = tl.arange(0, BK // 4)
-    acc = tl.zeros((BM, BN), dtype=tl.int32)
-    for k0 in range(0, K, BK):
-        a = tl.load(A + offs_m[:, None] * stride_am + (k0 + offs_k)[None, :],
-                    mask=(offs_m[:, None] < M) & ((k0 + offs_k)[None, :] < K), other=0)
-        c = k0 // 4 + offs_c
-        p = tl.load(P + offs_n[:, None] * stride_pn + c[None, :],
-                    mask=(offs_n[:, None] < N) & (c[None, :] < KB), other=85)
-        w = unpack_trits(p, BK // 4, BN)
-        acc = tl.dot(a, tl.trans(w), acc, out_dtype=tl.int32)
-    _epilogue(acc, C, XS, WS, BIAS, RES, offs_m, offs_n, M, N, stride_cm, stride_rm,
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_j = tl.arange(0, Q)
+    p_ptrs = P + offs_n[:, None].to(tl.int64) * stride_pn + offs_j[None, :]
+    a_ptrs = A + offs_m[:, None].to(tl.int64) * stride_am + offs_j[None, :]
+    n_ok = offs_n[:, None] < N
+    m_ok = offs_m[:, None] < M
+    acc = tl.zeros((BN, BM), dtype=tl.int32)
+    for kb in range(0, KPB, Q):
+        p = tl.load(p_ptrs + kb, mask=n_ok, other=85)  # 85 = 0x55: four zero trits
+        for i in tl.static_range(4):
+            k = 4 * kb + i * Q
+            a = tl.load(a_ptrs + k, mask=m_ok & ((k + offs_j)[None, :] < K), other=0)
+            w = ((p >> (2 * i)) & 3).to(tl.int8) - 1
+            acc = tl.dot(w, tl.trans(a), acc, out_dtype=tl.int32)
+    _epilogue(tl.trans(acc), C, XS, WS, BIAS, RES, offs_m, offs_n, M, N, stride_cm, stride_rm,
               EPILOGUE, PER_CHANNEL, HAS_BIAS, ACTIVATION, HAS_RES)
 
 
-def _gemv_configs(n: int):
+def _gemv_configs():
     if tuning.interpreting():
-        return [dict(BN=16, BKB=16, num_warps=4)]
-    return [dict(BN=bn, BKB=bkb, num_warps=w, num_stages=s)
-            for bn, bkb, w, s in [(4, 512, 4, 3), (8, 256, 4, 3), (8, 512, 4, 3), (16, 256, 4, 3), (16, 128, 4, 4),
-                                  (8, 1024, 8, 3), (32, 128, 8, 3), (4, 1024, 4, 3)]]
+        return [dict(BN=4, BW=32, num_warps=4)]
+    return [dict(BN=bn, BW=bw, num_warps=w, num_stages=s)
+            for bn, bw, w, s in [(4, 64, 4, 3), (8, 64, 4, 3), (4, 128, 4, 2), (2, 128, 4, 3), (8, 128, 8, 2),
+                                 (16, 64, 8, 2), (2, 256, 8, 2)]]
 
 
 def _gemm_configs(m: int):
     if tuning.interpreting():
-        return [dict(BM=16, BN=16, BK=64, GROUP_M=4, num_warps=4)]
-    shapes = [(128, 128, 128, 8, 3), (128, 256, 128, 8, 3), (256, 128, 128, 8, 3), (128, 128, 256, 8, 3),
-              (64, 128, 128, 4, 4), (64, 64, 256, 4, 4), (128, 64, 128, 4, 4)]
-    if m <= 64:
-        shapes = [(16, 64, 256, 4, 4), (16, 128, 128, 4, 4), (32, 64, 256, 4, 4), (32, 128, 256, 4, 4),
-                  (64, 64, 256, 4, 4), (16, 32, 512, 4, 4), (32, 32, 512, 4, 4)]
-    return [dict(BM=bm, BN=bn, BK=bk, GROUP_M=8, num_warps=w, num_stages=s) for bm, bn, bk, w, s in shapes]
+        return [dict(BN=16, BM=16, GROUP_N=4, num_warps=4)]
+    if m <= 32:
+        shapes = [(16, 16, 4, 3), (32, 16, 4, 3), (64, 16, 4, 3), (32, 32, 4, 3), (64, 32, 4, 3), (16, 32, 4, 4)]
+    elif m <= 256:
+        shapes = [(64, 64, 4, 3), (128, 64, 4, 3), (128, 128, 8, 3), (64, 128, 4, 3), (128, 32, 4, 4)]
+    else:
+        shapes = [(128, 128, 8, 3), (128, 256, 8, 3), (256, 128, 8, 3), (128, 128, 4, 4), (64, 256, 8, 3)]
+    return [dict(BN=bn, BM=bm, GROUP_N=8, num_warps=w, num_stages=s) for bn, bm, w, s in shapes]
+
+
+def _as_words(t: torch.Tensor) -> torch.Tensor:
+    """An int8/uint8 [R, C] tensor (C % 4 == 0) viewed as int32 words [R, C / 4]."""
+    try:
+        return t.view(torch.int32)
+    except RuntimeError:  # storage offset not word aligned
+        return t.clone().view(torch.int32)
 
 
 def ternary_matmul(a: torch.Tensor, wq: torch.Tensor, k: int, x_scale: Optional[torch.Tensor] = None,
                    w_scale: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None,
                    out_dtype: torch.dtype = torch.int32, activation: str = "none",
-                   residual: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``a int8 [..., K] @ trits(wq)^T``. Without scales: the exact int32 accumulator.
-    With ``x_scale [..., 1]`` and ``w_scale [N] | [1]``: the dequantized ``out_dtype`` output
-    with bias, ``activation`` and ``residual [..., N]`` fused."""
+                   residual: Optional[torch.Tensor] = None, layout: str = "canonical") -> torch.Tensor:
+    """``a int8 [..., K] @ trits(wq)^T``. ``wq`` is canonical packed ``[N, ceil(K/4)]``
+    (re-laid out once, cached) or, with ``layout="kblocked"``, already K-blocked.
+    Without scales: the exact int32 accumulator. With ``x_scale [..., 1]`` and
+    ``w_scale [N] | [1]``: the dequantized ``out_dtype`` output with bias, ``activation``
+    and ``residual [..., N]`` fused."""
     if a.dtype != torch.int8 or wq.dtype != torch.uint8:
         raise TypeError(f"ternary_matmul needs int8 activations and uint8 packed weights, got {a.dtype}, {wq.dtype}")
     if activation not in ACTIVATIONS:
         raise ValueError(f"unknown activation {activation!r}; supported: {', '.join(ACTIVATIONS)}")
-    n, kb = wq.shape
-    if kb != (k + 3) // 4 or a.shape[-1] != k:
+    if layout not in ("canonical", "kblocked"):
+        raise ValueError(f"unknown packed layout {layout!r}; supported: canonical, kblocked")
+    n = wq.shape[0]
+    if a.shape[-1] != k or wq.dim() != 2:
         raise ValueError(f"shape mismatch: a {tuple(a.shape)}, packed {tuple(wq.shape)}, k={k}")
+    blocked = kblocked(wq, k) if layout == "canonical" else wq.contiguous()
+    kpb = blocked.shape[1]
+    if kpb != -(-k // (4 * QUARTER)) * QUARTER:
+        raise ValueError(f"packed weights {tuple(wq.shape)} do not hold k={k} trits in the {layout} layout")
     lead = a.shape[:-1]
-    a2 = a.reshape(-1, k).contiguous()
+    a2 = a.reshape(-1, k)
     m = a2.shape[0]
-    wq = wq.contiguous()
     epilogue = w_scale is not None
     c = torch.empty((m, n), device=a.device, dtype=out_dtype if epilogue else torch.int32)
     if m == 0 or n == 0:
@@ -151,18 +196,28 @@ def ternary_matmul(a: torch.Tensor, wq: torch.Tensor, k: int, x_scale: Optional[
     res = residual.reshape(m, n).contiguous() if residual is not None else c
     flags = dict(EPILOGUE=epilogue, PER_CHANNEL=epilogue and w_scale.numel() > 1, HAS_BIAS=bias is not None,
                  ACTIVATION=ACTIVATIONS[activation], HAS_RES=residual is not None)
-    args = (a2, wq, c, xs, ws, bias if bias is not None else c, res, m, n, k, kb,
-            a2.stride(0), wq.stride(0), c.stride(0), res.stride(0))
+    tail = (xs, ws, bias if bias is not None else c, res)
 
     if m <= GEMV_MAX_M:
+        if k % 4:  # whole int32 words of activations
+            a2 = torch.nn.functional.pad(a2, (0, 4 - k % 4))
+        aw = _as_words(a2.contiguous())
+        pw = blocked.view(torch.int32)
+        flags.update(BM=triton.next_power_of_2(m), USE_ASM=not tuning.interpreting())
+
         def launch(cfg):
-            return _gemv_kernel[(triton.cdiv(n, cfg["BN"]), m)](*args, **flags, **cfg)
-        kernel, cfg = _gemv_kernel, tuning.choose("ternary_gemv", (tuning.bucket(m), n, k), _gemv_configs(n), launch)
+            return _gemv_kernel[(triton.cdiv(n, cfg["BN"]),)](
+                aw, pw, c, *tail, m, n, aw.shape[1], pw.shape[1], aw.stride(0), pw.stride(0), c.stride(0),
+                res.stride(0), **flags, **cfg)
+        kernel, cfg = _gemv_kernel, tuning.choose("gemv_kb", (tuning.bucket(m), n, k), _gemv_configs(), launch)
     else:
+        a2 = a2.contiguous()
+
         def launch(cfg):
             grid = (triton.cdiv(m, cfg["BM"]) * triton.cdiv(n, cfg["BN"]),)
-            return _gemm_kernel[grid](*args, **flags, **cfg)
-        kernel, cfg = _gemm_kernel, tuning.choose("ternary_gemm", (tuning.bucket(m), n, k), _gemm_configs(m), launch)
+            return _gemm_kernel[grid](a2, blocked, c, *tail, m, n, k, kpb, a2.stride(0), blocked.stride(0),
+                                      c.stride(0), res.stride(0), Q=QUARTER, **flags, **cfg)
+        kernel, cfg = _gemm_kernel, tuning.choose("gemm_kb", (tuning.bucket(m), n, k), _gemm_configs(m), launch)
     compiled = launch(cfg)
     tuning.dump_source(kernel, compiled, {**flags, **cfg, "out": str(c.dtype)})
     return c.reshape(*lead, n)

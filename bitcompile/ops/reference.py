@@ -25,7 +25,10 @@ def qmax(bits: int) -> int:
 def quantize_activations(x: torch.Tensor, bits: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token absmax: ``x [..., K] -> (q int8 [..., K], scale float32 [..., 1])``."""
     xf = x.float()
-    scale = xf.abs().amax(dim=-1, keepdim=True).clamp(min=EPS) / qmax(bits)
+    amax = xf.abs().amax(dim=-1, keepdim=True).clamp(min=EPS)
+    # Divide by a tensor, not a Python number: on CUDA `t / 127` computes t * fl(1/127),
+    # one ulp off the IEEE quotient the CPU (and the Triton kernel) compute for ~1/4 of rows.
+    scale = amax / amax.new_full((), float(qmax(bits)))
     q = (xf / scale).round().clamp(-qmax(bits) - 1, qmax(bits))
     # NaN rows: keep the integers defined (0); the NaN scale carries the NaN to the output.
     # Contiguous like the fake kernel, also for a transposed x (else compiled graphs fail

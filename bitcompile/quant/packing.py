@@ -45,3 +45,36 @@ def unpack_ternary(packed: torch.Tensor, k: int, dtype: torch.dtype = torch.int8
         raise ValueError("packed ternary tensor contains the invalid code 3")
     codes = codes.reshape(*packed.shape[:-1], -1)[..., :k]
     return (codes.to(torch.int8) - 1).to(dtype)
+
+
+# --- kernel layout (issue 3): K-blocked bytes, built from the canonical format ---------
+# Within each block of KBLOCK trits of a row, byte j (0 <= j < KBLOCK/4) holds trits
+# k = j + i * KBLOCK/4 in bits 2i..2i+1 (i = 0..3), codes as canonical. One shift of a
+# byte run then yields KBLOCK/4 trits with *consecutive* K, which meet a contiguous slice
+# of the activations (no stride-4 gathers in the kernels). K is padded to a whole block
+# with zero trits. Only the CUDA kernels use it; what is saved and exchanged stays canonical.
+KBLOCK = 256
+
+
+def kblocked_columns(k: int) -> int:
+    """Bytes per row of the K-blocked layout for K trits."""
+    return -(-k // KBLOCK) * (KBLOCK // TRITS_PER_BYTE)
+
+
+def to_kblocked(packed: torch.Tensor, k: int) -> torch.Tensor:
+    """Canonical ``uint8 [..., ceil(k/4)]`` -> K-blocked ``uint8 [..., kblocked_columns(k)]``."""
+    trits = unpack_ternary(packed, k, torch.int16)
+    pad = kblocked_columns(k) * TRITS_PER_BYTE - k
+    codes = torch.nn.functional.pad(trits + 1, (0, pad), value=1).to(torch.uint8)
+    codes = codes.reshape(*codes.shape[:-1], -1, TRITS_PER_BYTE, KBLOCK // TRITS_PER_BYTE)
+    out = codes[..., 0, :] | (codes[..., 1, :] << 2) | (codes[..., 2, :] << 4) | (codes[..., 3, :] << 6)
+    return out.reshape(*packed.shape[:-1], -1).contiguous()
+
+
+def from_kblocked(blocked: torch.Tensor, k: int) -> torch.Tensor:
+    """Inverse of :func:`to_kblocked`: back to the canonical format."""
+    q = KBLOCK // TRITS_PER_BYTE
+    b = blocked.reshape(*blocked.shape[:-1], -1, 1, q)
+    codes = torch.cat([(b >> s) & 3 for s in _SHIFTS], dim=-2)  # [..., blocks, 4, q]: k = 256 blk + q i + j
+    codes = codes.reshape(*blocked.shape[:-1], -1)[..., :k]
+    return pack_ternary(codes.to(torch.int16) - 1)

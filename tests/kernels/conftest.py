@@ -33,6 +33,7 @@ def kernels(_triton_interpreter):
         weight_pack = importlib.import_module("bitcompile.kernels.weight_pack")
         ternary_matmul = importlib.import_module("bitcompile.kernels.ternary_matmul")
         grad_input = importlib.import_module("bitcompile.kernels.grad_input")
+        layout = importlib.import_module("bitcompile.kernels.layout")
 
     return Modules
 

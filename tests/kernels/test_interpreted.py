@@ -134,3 +134,54 @@ def test_matmul_rejects_bad_input(kernels, device):
     with pytest.raises(ValueError, match="unknown activation"):
         kernels.ternary_matmul.ternary_matmul(torch.zeros(2, 16, dtype=torch.int8, device=device), wq.to(device), 16,
                                               activation="tanh")
+
+
+@pytest.mark.parametrize("m", [1, 2, 4, 5, 20])  # GEMV (M <= 4, dp4a emulated) and GEMM paths
+@pytest.mark.parametrize("k", [255, 300, 516, 777])  # several 256-trit blocks, partial words and blocks
+def test_matmul_multi_block_exact(kernels, device, m, k):
+    g = torch.Generator().manual_seed(m * 1000 + k)
+    n = 23
+    wq, _ = ref.quantize_weights(torch.randn(n, k, generator=g))
+    a = torch.randint(-128, 128, (m, k), dtype=torch.int8, generator=g)
+    a[0, :5] = -128  # the most negative int8 (sign extension of each byte)
+    got = kernels.ternary_matmul.ternary_matmul(a.to(device), wq.to(device), k)
+    assert torch.equal(got.cpu(), ref.lowbit_matmul(a, wq, k))
+    # The K-blocked layout given directly, as a weight cache would.
+    blocked = kernels.layout.relayout(wq.to(device), k)
+    got = kernels.ternary_matmul.ternary_matmul(a.to(device), blocked, k, layout="kblocked")
+    assert torch.equal(got.cpu(), ref.lowbit_matmul(a, wq, k))
+
+
+@given(n=dims, k=st.integers(1, 600), seed=st.integers(0, 2**16))
+def test_relayout_matches_reference(kernels, device, n, k, seed):
+    from bitcompile.quant.packing import from_kblocked, to_kblocked
+
+    g = torch.Generator().manual_seed(seed)
+    wq, _ = ref.quantize_weights(torch.randn(n, k, generator=g))
+    got = kernels.layout.relayout(wq.to(device), k).cpu()
+    assert torch.equal(got, to_kblocked(wq, k))
+    assert torch.equal(from_kblocked(got, k), wq)
+
+
+def test_kblocked_cache_follows_changes(kernels, device):
+    wq, _ = ref.quantize_weights(torch.randn(8, 300))
+    wq = wq.to(device)
+    first = kernels.layout.kblocked(wq, 300)
+    assert kernels.layout.kblocked(wq, 300) is first  # cached
+    wq.copy_(ref.quantize_weights(torch.randn(8, 300))[0].to(device))  # in-place change bumps the version
+    again = kernels.layout.kblocked(wq, 300)
+    assert again is not first
+    from bitcompile.quant.packing import to_kblocked
+    assert torch.equal(again.cpu(), to_kblocked(wq.cpu(), 300))
+
+
+@given(n=dims, k=st.integers(1, 600), per_channel=st.booleans(), seed=st.integers(0, 2**16))
+def test_weight_pack_kblocked_layout(kernels, device, n, k, per_channel, seed):
+    from bitcompile.quant.packing import to_kblocked
+
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randint(-24, 25, (n, k), generator=g) / 8
+    packed, scale = kernels.weight_pack.quantize_pack(w.to(device), "ternary", per_channel, layout="kblocked")
+    rp, rs = ref.quantize_weights(w, "ternary", per_channel)
+    assert torch.equal(scale.cpu(), rs)
+    assert torch.equal(packed.cpu(), to_kblocked(rp, k))

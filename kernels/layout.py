@@ -1,0 +1,67 @@
+"""The K-blocked kernel layout of packed trits (``bitcompile.quant.packing.to_kblocked``).
+
+``relayout(wq, k)`` converts canonical bytes on the GPU (one read, one write of the packed
+bytes). ``kblocked(wq, k)`` does the same once per packed tensor and keeps the result while
+``wq`` lives and is unchanged: inference graphs feed the same cached packed weights on every
+call (``ops.weight_cache``), so they pay the conversion once; QAT re-packs every step and
+pays it every step (a few µs against a GEMM of milliseconds).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch.utils.weak import WeakIdKeyDictionary
+
+from bitcompile.kernels import tuning
+from bitcompile.quant.packing import KBLOCK, kblocked_columns
+
+QUARTER = KBLOCK // 4  # bytes per row per block; also the trits one shift yields
+
+
+@triton.jit
+def _relayout_kernel(P, OUT, N, K, KB, KBO, stride_p, stride_o, BN: tl.constexpr, Q: tl.constexpr):
+    rows = tl.program_id(0) * BN + tl.arange(0, BN)
+    blk = tl.program_id(1)
+    i = tl.arange(0, 4)[None, :, None]
+    j = tl.arange(0, Q)[None, None, :]
+    k = blk * 4 * Q + i * Q + j  # trit index of (shift i, byte j) in this block
+    valid = (rows[:, None, None] < N) & (k < K)
+    src = tl.load(P + rows[:, None, None].to(tl.int64) * stride_p + k // 4, mask=valid, other=0).to(tl.int32)
+    code = tl.where(valid, (src >> (2 * (k % 4))) & 3, 1)  # padding: the zero trit
+    out = tl.sum(code << (2 * i), axis=1)
+    tl.store(OUT + rows[:, None].to(tl.int64) * stride_o + blk * Q + tl.arange(0, Q)[None, :], out.to(tl.uint8),
+             mask=rows[:, None] < N)
+
+
+def relayout(wq: torch.Tensor, k: int) -> torch.Tensor:
+    """Canonical packed ``uint8 [N, ceil(k/4)]`` -> K-blocked ``uint8 [N, kblocked_columns(k)]``."""
+    if wq.dtype != torch.uint8 or wq.dim() != 2 or wq.shape[1] != (k + 3) // 4:
+        raise ValueError(f"relayout needs canonical packed uint8 [N, ceil(k/4)] weights, got {wq.dtype} "
+                         f"{tuple(wq.shape)} for k={k}")
+    wq = wq.contiguous()
+    n = wq.shape[0]
+    kbo = kblocked_columns(k)
+    out = torch.empty((n, kbo), device=wq.device, dtype=torch.uint8)
+    if n and kbo:
+        bn = 16 if tuning.interpreting() else 32
+        _relayout_kernel[(triton.cdiv(n, bn), kbo // QUARTER)](wq, out, n, k, wq.shape[1], kbo, wq.stride(0),
+                                                              out.stride(0), BN=bn, Q=QUARTER, num_warps=4)
+    return out
+
+
+_cache = WeakIdKeyDictionary()
+
+
+def kblocked(wq: torch.Tensor, k: int) -> torch.Tensor:
+    """``relayout(wq, k)``, computed once per packed tensor (re-done if it is modified or
+    its storage replaced)."""
+    if wq.is_inference():  # no version counter: cannot tell whether it changed
+        return relayout(wq, k)
+    version = (wq._version, wq.data_ptr(), k)
+    hit = _cache.get(wq)
+    if hit is not None and hit[0] == version:
+        return hit[1]
+    out = relayout(wq, k)
+    _cache[wq] = (version, out)
+    return out
