@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # picks the build for the platform.
 TORCH ?= torch==2.13.0
 
-.PHONY: demo test test-gpu bench clean
+.PHONY: demo test test-gpu gpu-install bench clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -21,12 +21,20 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed
 	HYPOTHESIS_PROFILE=ci $(PY) -m pytest -q -m "not gpu" tests
 
-# GPU suite (CUDA machine, e.g. through the device tool): kernels at realistic shapes.
-test-gpu:
-	python3 -m pytest -q -m gpu tests
+# GPU machine (e.g. the device tool's image: system python3 with torch + triton, no venv).
+# The package is installed editable first (no dependencies fetched: nothing can be).
+GPU_PY ?= python3
+BENCH_OUT ?= BENCHMARKS.md
+gpu-install:
+	$(GPU_PY) -m pip install -q --no-deps --no-build-isolation -e .
 
-bench:
-	python3 benchmarks/bench_kernels.py
+# GPU suite: kernels at realistic shapes, against the reference.
+test-gpu: gpu-install
+	$(GPU_PY) -m pytest -q -m gpu tests
+
+# Kernel benchmark: prints the table and writes $(BENCH_OUT).
+bench: gpu-install
+	$(GPU_PY) benchmarks/bench_kernels.py --out $(BENCH_OUT)
 
 clean:
 	rm -rf $(VENV) build *.egg-info
