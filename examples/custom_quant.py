@@ -31,8 +31,8 @@ class MLP(nn.Module):
 
 def make_quantizer(scheme: str, bits: int, model: MLP):
     w = model.fc2.weight
-    if scheme == "lsq":
-        return Q.LSQQuantizer.from_tensor(w, bits)
+    if scheme == "lsq":  # one learned step size per linear, initialized from its weights
+        return Q.PerLayerQuantizer.for_model(model, lambda weight: Q.LSQQuantizer.from_tensor(weight, bits))
     if scheme == "log":
         return Q.LogQuantizer(bits)
     if scheme == "soft":
@@ -69,7 +69,9 @@ def main():
     for i, (t, b) in enumerate(zip(learnable, before)):
         print(f"  quantizer parameter {i}: {b.flatten()[:3].tolist()} -> {t.detach().flatten()[:3].tolist()}")
     with torch.no_grad():
-        report = Q.validate_quantization(model.fc2.weight, quantizer.quantize(model.fc2.weight))
+        per_layer = isinstance(quantizer, Q.PerLayerQuantizer)
+        q = quantizer.quantize(model.fc2.weight, "fc2") if per_layer else quantizer.quantize(model.fc2.weight)
+        report = Q.validate_quantization(model.fc2.weight, q)
     print(f"  fc2 weight: MSE {report.mse:.2e}, MAE {report.mae:.2e}")
 
 

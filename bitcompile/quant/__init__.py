@@ -34,6 +34,7 @@ from bitcompile.quant.quantizers import (
     LayerAdaptiveQuantizer,
     MixedPrecisionQuantizer,
     PercentileQuantizer,
+    PerLayerQuantizer,
     Quantizer,
     TernaryQuantizer,
     check_quantizer,
@@ -57,6 +58,6 @@ __all__ = [
     "progressive_quantize", "differentiable_sparse_quantize", "threshold_for_sparsity",
     "quantized_batch_norm", "QuantizedBatchNorm2d", "QuantizationReport", "validate_quantization",
     "Quantizer", "BaseQuantizer", "TernaryQuantizer", "PercentileQuantizer", "LayerAdaptiveQuantizer",
-    "MixedPrecisionQuantizer", "fake_quantize", "check_quantizer",
+    "MixedPrecisionQuantizer", "PerLayerQuantizer", "fake_quantize", "check_quantizer",
     "LogQuantizer", "LSQQuantizer", "SoftQuantizer", "BlockwiseMixedPrecisionQuantizer", "OutlierAwareQuantizer",
 ]  # fmt: skip

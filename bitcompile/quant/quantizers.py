@@ -188,6 +188,44 @@ class MixedPrecisionQuantizer(BaseQuantizer):
         return x.dequantize()
 
 
+class PerLayerQuantizer(BaseQuantizer):
+    """One quantizer per layer, chosen by module path: e.g. an LSQ step size per linear,
+    as LSQ intends, where a single quantizer object would share one across all layers.
+
+    Build it with :meth:`for_model` before creating the optimizer, so the optimizer sees
+    every layer's parameters."""
+
+    def __init__(self, quantizers: dict):
+        super().__init__()
+        bad = [k for k, q in quantizers.items() if not isinstance(q, nn.Module)]
+        if bad:
+            raise TypeError(f"PerLayerQuantizer holds nn.Module quantizers; not modules: {bad}")
+        self.layers = list(quantizers)
+        self.per_layer = nn.ModuleList(quantizers.values())
+
+    @classmethod
+    def for_model(cls, model: nn.Module, factory, exclude: Sequence[str] = ("lm_head",)) -> "PerLayerQuantizer":
+        """``factory(weight) -> quantizer`` for every ``nn.Linear`` of ``model`` not matched by
+        ``exclude`` (the backend's rule: a glob on the module path or a dotted suffix of it)."""
+        from bitcompile.config import BitConfig
+
+        cfg = BitConfig(exclude=list(exclude))
+        found = {path: factory(m.weight) for path, m in model.named_modules() if isinstance(m, nn.Linear) and not cfg.excluded(path)}
+        return cls(found)
+
+    def _pick(self, layer_idx):
+        return self.per_layer[_layer_index(self.layers, layer_idx, len(self.layers))]
+
+    def quantize(self, x: torch.Tensor, layer_idx: Optional[Layer] = None) -> QuantizedTensor:
+        return self._pick(layer_idx).quantize(x)
+
+    def dequantize(self, x: QuantizedTensor, layer_idx: Optional[Layer] = None) -> torch.Tensor:
+        return self._pick(layer_idx).dequantize(x)
+
+    def fake_quantize(self, x: torch.Tensor, layer_idx: Optional[Layer] = None) -> torch.Tensor:
+        return fake_quantize(self._pick(layer_idx), x)
+
+
 __all__ = [
     "Quantizer",
     "BaseQuantizer",
@@ -195,6 +233,7 @@ __all__ = [
     "PercentileQuantizer",
     "LayerAdaptiveQuantizer",
     "MixedPrecisionQuantizer",
+    "PerLayerQuantizer",
     "fake_quantize",
     "check_quantizer",
 ]

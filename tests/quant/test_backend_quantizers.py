@@ -154,3 +154,24 @@ def test_quantizer_buffers_are_fed_at_call_time():
     with torch.no_grad():
         quantizer.s.fill_(0.2)  # a changed buffer is read by the compiled graph without recompiling
     torch.testing.assert_close(compiled(x), eager_forward(model, quantizer, x), rtol=1e-5, atol=1e-6)
+
+
+def test_per_layer_lsq_trains_one_step_size_per_linear():
+    torch.manual_seed(0)
+    model = MLP()
+    quantizer = Q.PerLayerQuantizer.for_model(model, lambda w: Q.LSQQuantizer.from_tensor(w, 4))
+    assert quantizer.layers == ["fc1", "fc2"]  # lm_head excluded, as by the backend
+    ref_model, ref_quantizer = copy.deepcopy(model), copy.deepcopy(quantizer)
+    compiled = torch.compile(model, backend="bitnet", options={"weight": quantizer, "strict": True})
+    x = torch.randn(4, 12)
+    y, y_ref = compiled(x), eager_forward(ref_model, ref_quantizer, x)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-6)
+    y.square().sum().backward()
+    y_ref.square().sum().backward()
+    steps = [q.step for q in quantizer.per_layer]
+    assert steps[0].item() != steps[1].item()  # initialized from each layer's own weights
+    for s, s_ref in zip(steps, [q.step for q in ref_quantizer.per_layer]):
+        assert s.grad is not None and s.grad.abs() > 0
+        torch.testing.assert_close(s.grad, s_ref.grad, rtol=1e-4, atol=1e-7)
+    with pytest.raises(KeyError, match="known layers"):
+        quantizer.quantize(torch.randn(3, 3), "lm_head")
