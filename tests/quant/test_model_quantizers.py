@@ -99,3 +99,14 @@ def test_memory_footprint_counts_shared_tensors_once():
     a = nn.Linear(4, 4)
     model = nn.ModuleList([a, a])
     assert memory_footprint(model) == (16 + 4) * 4
+
+
+def test_w8a16_model_compiles_with_the_backend():
+    torch.manual_seed(0)
+    model = MLP().eval()
+    bitcompile.Quantizer(model, W8A16Linear, ["lm_head"])
+    x = torch.randn(3, 12)
+    with torch.no_grad():
+        expected = model(x)
+        compiled = torch.compile(model, backend="bitnet", options={"strict": True})
+        torch.testing.assert_close(compiled(x), expected, rtol=1e-5, atol=1e-6)
