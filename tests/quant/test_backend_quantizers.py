@@ -175,3 +175,32 @@ def test_per_layer_lsq_trains_one_step_size_per_linear():
         torch.testing.assert_close(s.grad, s_ref.grad, rtol=1e-4, atol=1e-7)
     with pytest.raises(KeyError, match="known layers"):
         quantizer.quantize(torch.randn(3, 3), "lm_head")
+
+
+class NormResidualBlock(nn.Module):
+    """RMSNorm -> linear -> SiLU -> linear + residual: the pattern the fusion passes look for."""
+
+    def __init__(self, d=16):
+        super().__init__()
+        self.norm = nn.RMSNorm(d)
+        self.up = nn.Linear(d, 2 * d)
+        self.down = nn.Linear(2 * d, d)
+
+    def forward(self, x):
+        return x + self.down(nn.functional.silu(self.up(self.norm(x))))
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_custom_quantizer_with_norms_and_residuals(training):
+    torch.manual_seed(0)
+    block, quantizer = NormResidualBlock(), Q.LSQQuantizer(4, step=0.05)
+    block.train(training)
+    compiled = torch.compile(block, backend="bitnet", options={"weight": quantizer, "strict": True})
+    x = torch.randn(2, 3, 16)
+
+    def eager(x):
+        h = nn.functional.silu(quantized_linear_with(quantizer, block.norm(x), block.up.weight, block.up.bias, 8, "up"))
+        return x + quantized_linear_with(quantizer, h, block.down.weight, block.down.bias, 8, "down")
+
+    with torch.set_grad_enabled(training):
+        torch.testing.assert_close(compiled(x), eager(x), rtol=1e-5, atol=1e-5)
