@@ -102,9 +102,9 @@ def _gemv_kernel(A, P, C, XS, WS, BIAS, RES, M, N, XW, PW, stride_am, stride_pn,
 
 
 @triton.jit
-def _gemm_kernel(A, P, C, XS, WS, BIAS, RES, M, N, K, KPB, stride_am, stride_pn, stride_cm, stride_rm,
-                 BM: tl.constexpr, BN: tl.constexpr, GROUP_N: tl.constexpr, Q: tl.constexpr,
-                 EPILOGUE: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr,
+def _gemm_kernel(A, P, C, XS, WS, BIAS, RES, PARTIAL, COUNT, M, N, K, KPB, stride_am, stride_pn, stride_cm,
+                 stride_rm, BM: tl.constexpr, BN: tl.constexpr, GROUP_N: tl.constexpr, Q: tl.constexpr,
+                 SPLIT_K: tl.constexpr, EPILOGUE: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr,
                  ACTIVATION: tl.constexpr, HAS_RES: tl.constexpr):
     # Grouped order over (weight row tiles, token tiles): GROUP_N weight tiles share L2.
     pid = tl.program_id(0)
@@ -123,15 +123,50 @@ def _gemm_kernel(A, P, C, XS, WS, BIAS, RES, M, N, K, KPB, stride_am, stride_pn,
     n_ok = offs_n[:, None] < N
     m_ok = offs_m[:, None] < M
     acc = tl.zeros((BN, BM), dtype=tl.int32)
-    for kb in range(0, KPB, Q):
+    # Split-K (small M: enough programs to stream the weights at full bandwidth): program
+    # pid_k takes a run of 256-trit blocks.
+    pid_k = tl.program_id(1)
+    blocks = tl.cdiv(tl.cdiv(KPB, Q), SPLIT_K)
+    k_lo = pid_k * blocks * Q
+    k_hi = min(KPB, k_lo + blocks * Q)
+    for kb in range(k_lo, k_hi, Q):
         p = tl.load(p_ptrs + kb, mask=n_ok, other=85)  # 85 = 0x55: four zero trits
         for i in tl.static_range(4):
             k = 4 * kb + i * Q
             a = tl.load(a_ptrs + k, mask=m_ok & ((k + offs_j)[None, :] < K), other=0)
             w = ((p >> (2 * i)) & 3).to(tl.int8) - 1
             acc = tl.dot(w, tl.trans(a), acc, out_dtype=tl.int32)
-    _epilogue(tl.trans(acc), C, XS, WS, BIAS, RES, offs_m, offs_n, M, N, stride_cm, stride_rm,
-              EPILOGUE, PER_CHANNEL, HAS_BIAS, ACTIVATION, HAS_RES)
+    if SPLIT_K > 1:
+        # int32 sums are exact in any order: add into a zeroed workspace; the program that
+        # finishes last reads the total (leaving zeros for the next call) and runs the epilogue.
+        tile = pid_n * tl.cdiv(M, BM) + pid_m
+        ws_ptrs = PARTIAL + tile * BN * BM + tl.arange(0, BN)[:, None] * BM + tl.arange(0, BM)[None, :]
+        tl.atomic_add(ws_ptrs, acc, sem="relaxed")
+        tl.debug_barrier()
+        done = tl.atomic_add(COUNT + tile, 1, sem="acq_rel")
+        if done == SPLIT_K - 1:
+            acc = tl.atomic_xchg(ws_ptrs, tl.zeros((BN, BM), dtype=tl.int32), sem="acq_rel")
+            tl.atomic_xchg(COUNT + tile, 0)
+            _epilogue(tl.trans(acc), C, XS, WS, BIAS, RES, offs_m, offs_n, M, N, stride_cm, stride_rm,
+                      EPILOGUE, PER_CHANNEL, HAS_BIAS, ACTIVATION, HAS_RES)
+    else:
+        _epilogue(tl.trans(acc), C, XS, WS, BIAS, RES, offs_m, offs_n, M, N, stride_cm, stride_rm,
+                  EPILOGUE, PER_CHANNEL, HAS_BIAS, ACTIVATION, HAS_RES)
+
+
+_workspaces: dict = {}
+
+
+def _split_k_workspace(device: torch.device, numel: int, tiles: int):
+    """Zeroed int32 partial sums and arrival counters, per device and stream (the kernel
+    leaves them zeroed; two streams must not share one)."""
+    key = (device, torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0)
+    ws = _workspaces.get(key)
+    if ws is None or ws[0].numel() < numel or ws[1].numel() < tiles:
+        ws = (torch.zeros(max(numel, 1 << 16), device=device, dtype=torch.int32),
+              torch.zeros(max(tiles, 1024), device=device, dtype=torch.int32))
+        _workspaces[key] = ws
+    return ws
 
 
 def _gemv_configs():
@@ -144,14 +179,17 @@ def _gemv_configs():
 
 def _gemm_configs(m: int):
     if tuning.interpreting():
-        return [dict(BN=16, BM=16, GROUP_N=4, num_warps=4)]
-    if m <= 32:
-        shapes = [(16, 16, 4, 3), (32, 16, 4, 3), (64, 16, 4, 3), (32, 32, 4, 3), (64, 32, 4, 3), (16, 32, 4, 4)]
+        return [dict(BN=16, BM=16, GROUP_N=4, SPLIT_K=2, num_warps=4)]
+    if m <= 32:  # (BN, BM, split, warps, stages)
+        shapes = [(64, 16, 4, 4, 3), (64, 16, 2, 4, 3), (128, 16, 4, 4, 3), (32, 16, 4, 4, 3), (32, 16, 1, 4, 3),
+                  (64, 32, 4, 4, 3), (128, 32, 8, 8, 3), (16, 16, 1, 4, 4)]
     elif m <= 256:
-        shapes = [(64, 64, 4, 3), (128, 64, 4, 3), (128, 128, 8, 3), (64, 128, 4, 3), (128, 32, 4, 4)]
+        shapes = [(64, 64, 2, 4, 3), (128, 64, 1, 4, 3), (128, 128, 1, 8, 3), (64, 128, 2, 4, 3),
+                  (128, 128, 2, 8, 3), (128, 64, 2, 4, 4)]
     else:
-        shapes = [(128, 128, 8, 3), (128, 256, 8, 3), (256, 128, 8, 3), (128, 128, 4, 4), (64, 256, 8, 3)]
-    return [dict(BN=bn, BM=bm, GROUP_N=8, num_warps=w, num_stages=s) for bn, bm, w, s in shapes]
+        shapes = [(128, 128, 1, 8, 3), (128, 256, 1, 8, 3), (256, 128, 1, 8, 3), (128, 128, 1, 4, 4),
+                  (64, 256, 1, 8, 3)]
+    return [dict(BN=bn, BM=bm, SPLIT_K=sk, GROUP_N=8, num_warps=w, num_stages=s) for bn, bm, sk, w, s in shapes]
 
 
 def _as_words(t: torch.Tensor) -> torch.Tensor:
@@ -214,9 +252,13 @@ def ternary_matmul(a: torch.Tensor, wq: torch.Tensor, k: int, x_scale: Optional[
         a2 = a2.contiguous()
 
         def launch(cfg):
-            grid = (triton.cdiv(m, cfg["BM"]) * triton.cdiv(n, cfg["BN"]),)
-            return _gemm_kernel[grid](a2, blocked, c, *tail, m, n, k, kpb, a2.stride(0), blocked.stride(0),
-                                      c.stride(0), res.stride(0), Q=QUARTER, **flags, **cfg)
+            tiles = triton.cdiv(m, cfg["BM"]) * triton.cdiv(n, cfg["BN"])
+            partial, count = c, c
+            if cfg["SPLIT_K"] > 1:
+                partial, count = _split_k_workspace(a.device, tiles * cfg["BM"] * cfg["BN"], tiles)
+            return _gemm_kernel[(tiles, cfg["SPLIT_K"])](
+                a2, blocked, c, *tail, partial, count, m, n, k, kpb, a2.stride(0), blocked.stride(0), c.stride(0),
+                res.stride(0), Q=QUARTER, **flags, **cfg)
         kernel, cfg = _gemm_kernel, tuning.choose("gemm_kb", (tuning.bucket(m), n, k), _gemm_configs(m), launch)
     compiled = launch(cfg)
     tuning.dump_source(kernel, compiled, {**flags, **cfg, "out": str(c.dtype)})
