@@ -38,6 +38,10 @@ class BitConfig:
     attention_bits: quantize the two attention matmuls (QK^T and attention @ V) to
         int x int of this many bits (2..8) with one absmax scale per (batch, head);
         softmax stays in floating point. ``None`` (default) keeps them in floating point.
+    fuse: in inference graphs, fuse (residual add +) RMSNorm/LayerNorm with activation
+        quantization, and a linear's following activation and residual add into its
+        epilogue (``bitnet::norm_quant`` / ``bitnet::linear_q``). ``False`` keeps each
+        linear as quantize -> matmul + dequantize.
     strict: raise instead of falling back to the unmodified graph if a pass fails.
     mode: the Inductor mode, as ``torch.compile(mode=...)``; ``torch.compile`` does not
         accept ``mode`` and ``options`` together, so it can be given here instead.
@@ -49,6 +53,7 @@ class BitConfig:
     exclude: list[str] = field(default_factory=lambda: ["lm_head"])
     strict: bool = False
     mode: Optional[str] = None
+    fuse: bool = True
     quantize_depthwise: bool = False
     attention_bits: Optional[int] = None
     weight_quantizer: Any = None  # a quantizer object for linears (see ``weight``)

@@ -36,7 +36,7 @@ class PassContext:
 
 
 def run_passes(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
-    from bitcompile.passes import attention, batchnorm, conv, hoist_weights, linear
+    from bitcompile.passes import attention, batchnorm, conv, epilogue, hoist_weights, linear, norm_quant
 
     for rewrite in (
         attention.rewrite_attention,  # claims MHA / encoder-layer projections before the linear pass
@@ -44,6 +44,8 @@ def run_passes(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         conv.rewrite_conv1d_projections,
         linear.rewrite_linears,
         batchnorm.rewrite_batchnorms,  # folds into the lowbit ops the passes above produced
+        epilogue.fuse_epilogues,  # inference: linear + activation + residual add -> linear_q
+        norm_quant.fuse_norm_quant,  # inference: (add +) norm + activation quant -> norm_quant
         hoist_weights.hoist_packed_weights,
     ):
         rewrite(gm, ctx)

@@ -128,6 +128,7 @@ def rewrite_linears(gm: fx.GraphModule, ctx: PassContext) -> None:
             w_scale = graph.call_function(operator.getitem, (qw, 1))
             out = graph.call_function(torch.ops.bitnet.lowbit_linear.default, (x, w, b, xq, x_scale, wq, w_scale))
         out.meta.update(node.meta)
+        out.meta["bitnet_candidate"] = ctx.report.candidates[-1]  # later passes add what they fused
         node.replace_all_uses_with(out)
         graph.erase_node(node)
 

@@ -1,0 +1,102 @@
+"""Inference graphs: a quantized linear absorbs the activation and residual add after it.
+
+``lowbit_linear`` (which carries the STE for training) becomes ``linear_q`` on the
+already-quantized operands, whose epilogue computes
+``act(acc * s_x * s_w + bias) (+ residual)`` in float32 before the single cast to the
+output dtype, so on CUDA the activation and the residual add cost no extra pass
+over the output. Absorbed only when the linear's output has no other user.
+Training graphs keep ``lowbit_linear``: its autograd rule is the STE.
+"""
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+from bitcompile.passes import PassContext
+from bitcompile.passes.graph import meta
+
+_RELU = {("call_function", torch.relu), ("call_function", F.relu), ("call_method", "relu"), ("call_function", torch.nn.functional.relu)}
+_GELU = {("call_function", F.gelu), ("call_function", torch._C._nn.gelu), ("call_method", "gelu")}
+_SILU = {("call_function", F.silu), ("call_function", torch._C._nn.silu), ("call_method", "silu")}
+_ADD = {("call_function", operator.add), ("call_function", torch.add), ("call_method", "add")}
+
+
+def _only_user(node: fx.Node):
+    users = list(node.users)
+    return users[0] if len(users) == 1 else None
+
+
+def _activation(node: fx.Node, src: fx.Node):
+    """``(name, last node)`` if ``node`` applies an epilogue activation to ``src``."""
+    key = (node.op, node.target)
+    if node.args[:1] != (src,):
+        return None
+    extra = {k: v for k, v in node.kwargs.items() if k != "inplace" or v}
+    if key in _RELU and len(node.args) == 1 and not extra:
+        square = _only_user(node)
+        if square is not None and _is_square(square, node):
+            return "relu2", square
+        return "relu", node
+    if key in _GELU and len(node.args) == 1 and set(extra) <= {"approximate"}:
+        return ("gelu_tanh" if extra.get("approximate") == "tanh" else "gelu"), node
+    if key in _SILU and len(node.args) == 1 and not extra:
+        return "silu", node
+    return None
+
+
+def _is_square(node: fx.Node, src: fx.Node) -> bool:
+    if node.args[:1] != (src,) or node.kwargs:
+        return False
+    if (node.op, node.target) in {("call_method", "square"), ("call_function", torch.square)}:
+        return len(node.args) == 1
+    pow_ops = {("call_function", operator.pow), ("call_function", torch.pow), ("call_method", "pow")}
+    return (node.op, node.target) in pow_ops and len(node.args) == 2 and node.args[1] == 2
+
+
+def _residual(node: fx.Node, src: fx.Node):
+    """The other operand if ``node`` is ``src + r`` or ``r + src`` with r of src's shape and dtype."""
+    if (node.op, node.target) not in _ADD or len(node.args) != 2 or node.kwargs:
+        return None
+    other = node.args[1] if node.args[0] is src else node.args[0] if node.args[1] is src else None
+    om, sm = meta(other), meta(node)
+    if om is None or sm is None or om.shape != sm.shape or om.dtype != sm.dtype or other is src:
+        return None
+    return other
+
+
+def fuse_epilogues(gm: fx.GraphModule, ctx: PassContext) -> None:
+    if ctx.training or not ctx.config.fuse:
+        return
+    graph = gm.graph
+    for node in list(graph.nodes):
+        if node.target is not torch.ops.bitnet.lowbit_linear.default:
+            continue
+        x, _weight, bias, xq, x_scale, wq, w_scale = node.args
+        xm = meta(x)
+        if xq is None or xm is None:
+            continue  # weight-only linears keep the float path
+        last, act, residual, chain = node, "none", None, [node]
+        user = _only_user(last)
+        found = _activation(user, last) if user is not None else None
+        if found:
+            act, last = found
+            chain += [user] if last is user else [user, last]  # relu, then square for relu2
+            user = _only_user(last)
+        if user is not None and (other := _residual(user, last)) is not None:
+            residual, last = other, user
+            chain.append(user)
+        with graph.inserting_before(last):
+            fused = graph.call_function(
+                torch.ops.bitnet.linear_q.default, (xq, x_scale, wq, w_scale, bias, xm.shape[-1], xm.dtype, act, residual)
+            )
+        fused.meta.update(last.meta)
+        last.replace_all_uses_with(fused)
+        candidate = node.meta.get("bitnet_candidate")
+        if candidate is not None and (act != "none" or residual is not None):
+            parts = ([act] if act != "none" else []) + (["residual add"] if residual is not None else [])
+            candidate.reason += f", epilogue: {' + '.join(parts)}"
+        for absorbed in reversed(chain):
+            graph.erase_node(absorbed)

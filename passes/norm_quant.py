@@ -1,0 +1,198 @@
+"""Inference graphs: (residual add +) RMSNorm / LayerNorm + activation quantization -> one op.
+
+Every ``quantize_activations`` whose input is a normalization becomes ``norm_quant``,
+which reads ``x`` once and writes int8 and the per-token scales; the normalized
+tensor (and the residual sum ``x + r``) is written only if something else in the
+graph uses it. All linears that consume the same normalized input (q/k/v,
+gate/up) share one ``norm_quant``. Recognised spellings:
+
+* ``torch.rms_norm`` / ``F.rms_norm`` and ``F.layer_norm`` over the last dimension;
+* transformers' Llama / Mistral / Qwen RMSNorm written out:
+  ``w * (h32 * torch.rsqrt(h32.pow(2).mean(-1, keepdim=True) + eps)).to(dtype)``
+  with ``h32 = h.to(torch.float32)`` (with or without the casts and the weight);
+* a residual add feeding the norm, ``h = x + r``.
+
+Training graphs are left alone: there the norm's backward (Inductor's) needs it.
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+from bitcompile.passes import PassContext
+from bitcompile.passes.graph import meta, owner, parameter_path
+from bitcompile.report import Candidate
+
+_MUL = {("call_function", operator.mul), ("call_function", torch.mul), ("call_method", "mul")}
+_ADD = {("call_function", operator.add), ("call_function", torch.add), ("call_method", "add")}
+_CASTS = {("call_method", "to"), ("call_method", "type")}
+
+
+@dataclass
+class Norm:
+    h: fx.Node  # the tensor being normalized
+    weight: Optional[fx.Node]
+    bias: Optional[fx.Node]
+    kind: str  # a reference.normalize kind: rms | rms_fp32 | layer
+    eps: float
+    internal: set  # the pattern's nodes (users of h inside the norm)
+    label: str
+
+
+def _key(node) -> tuple:
+    return (node.op, node.target) if isinstance(node, fx.Node) else ()
+
+
+def _arg(node: fx.Node, i: int, name: str, default=None):
+    return node.args[i] if len(node.args) > i else node.kwargs.get(name, default)
+
+
+def _last_dim_only(h: fx.Node, shape) -> bool:
+    hm = meta(h)
+    return hm is not None and isinstance(shape, (tuple, list)) and len(shape) == 1 and shape[0] == hm.shape[-1]
+
+
+def match_norm(y: fx.Node) -> Optional[Norm]:
+    if not isinstance(y, fx.Node):
+        return None
+    if _key(y) in {("call_function", torch.rms_norm), ("call_function", F.rms_norm)}:
+        h, shape, w, eps = _arg(y, 0, "input"), _arg(y, 1, "normalized_shape"), _arg(y, 2, "weight"), _arg(y, 3, "eps")
+        if not _last_dim_only(h, shape) or not isinstance(eps, (float, type(None))):
+            return None
+        eps = torch.finfo(meta(h).dtype).eps if eps is None else eps
+        return Norm(h, w, None, "rms", eps, {y}, "rms_norm")
+    if _key(y) in {("call_function", F.layer_norm), ("call_function", torch.layer_norm)}:
+        h, shape = _arg(y, 0, "input"), _arg(y, 1, "normalized_shape")
+        w, b, eps = _arg(y, 2, "weight"), _arg(y, 3, "bias"), _arg(y, 4, "eps", 1e-5)
+        if not _last_dim_only(h, shape) or not isinstance(eps, float):
+            return None
+        return Norm(h, w, b, "layer", eps, {y}, "layer_norm")
+    return _manual_rms(y)
+
+
+def _manual_rms(y: fx.Node) -> Optional[Norm]:
+    """``w * (h32 * rsqrt(mean(h32^2, -1, keepdim) + eps)).to(h.dtype)``, casts and ``w`` optional."""
+    weight, scaled = None, y
+    if _key(y) in _MUL and len(y.args) == 2:
+        for w, other in (y.args, y.args[::-1]):
+            wm, om = meta(w), meta(other)
+            inner = other.args[0] if _key(other) in _CASTS else other
+            if wm is not None and om is not None and wm.dim() == 1 and wm.shape[0] == om.shape[-1] and _normalized(inner):
+                weight, scaled = w, other
+                break
+    cast_back = None
+    if _key(scaled) in _CASTS:
+        cast_back, scaled = scaled, scaled.args[0]
+    found = _normalized(scaled)
+    if found is None:
+        return None
+    h32, internal = found
+    h = h32.args[0] if _key(h32) in _CASTS else h32
+    hm, h32m = meta(h), meta(h32)
+    if hm is None or h32m is None or h32m.dtype != torch.float32:
+        return None
+    if cast_back is not None and meta(cast_back).dtype != hm.dtype:
+        return None  # a cast to some other dtype: not the reference's semantics
+    kind = "rms" if cast_back is not None else "rms_fp32"
+    internal |= {y, scaled} | ({h32} if h32 is not h else set()) | ({cast_back} if cast_back is not None else set())
+    return Norm(h, weight, None, kind, found_eps(scaled), internal, "RMSNorm (manual)")
+
+
+def _normalized(node) -> Optional[tuple[fx.Node, set]]:
+    """``(h32, nodes)`` if ``node`` is ``h32 * rsqrt(h32.pow(2).mean(-1, keepdim=True) + eps)``."""
+    if _key(node) not in _MUL or len(node.args) != 2:
+        return None
+    for h32, r in (node.args, node.args[::-1]):
+        if _key(r) not in {("call_function", torch.rsqrt), ("call_method", "rsqrt")}:
+            continue
+        add = r.args[0]
+        if _key(add) not in _ADD or not isinstance(add.args[1], float):
+            continue
+        mean = add.args[0]
+        if _key(mean) not in {("call_method", "mean"), ("call_function", torch.mean)} or not mean.kwargs.get("keepdim"):
+            continue
+        if _arg(mean, 1, "dim") not in (-1, [-1], (-1,), meta(h32).dim() - 1):
+            continue
+        sq = mean.args[0]
+        squares = {("call_method", "pow"), ("call_function", torch.pow), ("call_function", operator.pow)}
+        if _key(sq) in squares and sq.args == (h32, 2):
+            return h32, {node, r, add, mean, sq}
+    return None
+
+
+def found_eps(scaled: fx.Node) -> float:
+    r = scaled.args[1] if _key(scaled.args[1]) in {("call_function", torch.rsqrt), ("call_method", "rsqrt")} else scaled.args[0]
+    return float(r.args[0].args[1])
+
+
+def _residual(h: fx.Node):
+    """``(x, r)`` if ``h = x + r`` with operands of h's shape and dtype, else ``(h, None)``."""
+    if _key(h) in _ADD and len(h.args) == 2 and not h.kwargs:
+        a, b = h.args
+        ms = [meta(n) for n in (a, b, h)]
+        if all(m is not None for m in ms) and ms[0].shape == ms[1].shape == ms[2].shape and ms[0].dtype == ms[1].dtype == ms[2].dtype:
+            return a, b
+    return h, None
+
+
+def fuse_norm_quant(gm: fx.GraphModule, ctx: PassContext) -> None:
+    if not ctx.config.fuse:
+        return
+    graph = gm.graph
+    quantize = torch.ops.bitnet.quantize_activations.default
+    done = set()
+    for node in list(graph.nodes):
+        if node.target is not quantize or node in done:
+            continue
+        y, bits = node.args
+        norm = match_norm(y)
+        if norm is None:
+            continue
+        quants = [u for u in y.users if u.target is quantize and u.args[1] == bits]
+        done.update(quants)
+        hm = meta(norm.h)
+        path = parameter_path(norm.weight, gm) if norm.weight is not None else None
+        candidate = Candidate(
+            graph=ctx.graph_index,
+            op=f"{norm.label}+quant",
+            module=(owner(path) or "(root)") if path else f"({y.name})",
+            shape=f"x{list(hm.shape)}",
+            dtype=str(hm.dtype).removeprefix("torch."),
+            rewritten=not ctx.training,
+        )
+        ctx.report.candidates.append(candidate)
+        if ctx.training:
+            candidate.reason = "training graph: norm left to Inductor (its backward needs the normalized input)"
+            continue
+        x, residual = _residual(norm.h)
+        order = {n: i for i, n in enumerate(graph.nodes)}
+        if residual is not None and any(order[u] < order[y] for u in norm.h.users if u not in norm.internal):
+            x, residual = norm.h, None  # the sum is used before the norm: keep the add
+        internal = norm.internal | set(quants)
+        store_normed = any(u not in internal for u in y.users)
+        store_sum = residual is not None and any(u not in norm.internal for u in norm.h.users)
+        args = (x, residual, norm.weight, norm.bias, norm.kind, norm.eps, bits, meta(y).dtype, store_normed, store_sum)
+        with graph.inserting_after(y):
+            fused = graph.call_function(torch.ops.bitnet.norm_quant.default, args)
+        last = fused
+        if store_normed:
+            with graph.inserting_after(last):
+                last = normed = graph.call_function(operator.getitem, (fused, 2))
+            normed.meta.update(y.meta)
+            y.replace_all_uses_with(normed, delete_user_cb=lambda u: u not in internal and u is not fused)
+        if store_sum:
+            with graph.inserting_after(last):
+                summed = graph.call_function(operator.getitem, (fused, 3))
+            summed.meta.update(norm.h.meta)  # later norms may match this sum as their residual input
+            norm.h.replace_all_uses_with(summed, delete_user_cb=lambda u: u not in norm.internal and u is not fused)
+        for q in quants:
+            q.replace_all_uses_with(fused)  # getitem 0 / 1 of either is (int8, scale)
+        candidate.reason = (
+            f"fused: {'residual add + ' if residual is not None else ''}{norm.kind} norm + int{bits} quant "
+            f"feeding {len(quants)} linear(s){'; normalized output also stored' if store_normed else ''}"
+        )

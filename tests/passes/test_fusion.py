@@ -1,0 +1,113 @@
+"""The inference fusions (norm + quant, linear epilogues) against the unfused graph."""
+import re
+
+import pytest
+import torch
+
+import bitcompile
+from bitcompile.backend import _copy
+from bitcompile.config import BitConfig
+from bitcompile.passes import PassContext, run_passes
+from tests.passes.fusion_models import Block, Epilogues
+
+bitnet = torch.ops.bitnet
+
+
+def rewritten_targets(model, *inputs, training=False, **options):
+    """The bitnet ops of the rewritten graph (passes run on Dynamo's graph, nothing compiled)."""
+    graphs = []
+
+    def capture(gm, example_inputs):
+        ctx = PassContext(BitConfig.from_options(options), training=training)
+        graphs.append(run_passes(_copy(gm), ctx))
+        return gm.forward
+
+    torch.compile(model, backend=capture)(*inputs)
+    return [n.target for g in graphs for n in g.graph.nodes if str(n.target).startswith("bitnet.")]
+
+
+def compiled_pair(model, *inputs):
+    with torch.no_grad():
+        fused = torch.compile(model, backend="bitnet")(*inputs)
+        torch._dynamo.reset()
+        unfused = torch.compile(model, backend="bitnet", options={"fuse": False})(*inputs)
+    return fused, unfused
+
+
+# The fused norm computes y = norm(h) in its own order of float operations; a one-ulp
+# change of y can move an activation across a rounding boundary and change its int8
+# code by 1, i.e. the output by at most s_x * s_w * (#flipped codes). At these sizes
+# that stays below 1e-3 relative to the output's scale in fp32, 3% in bf16.
+TOL = {torch.float32: dict(rtol=1e-3, atol=1e-3), torch.bfloat16: dict(rtol=3e-2, atol=3e-2)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_llama_block_fuses_norms_residuals_and_epilogues(dtype):
+    torch.manual_seed(0)
+    model = Block().to(dtype).eval()
+    x, r = torch.randn(2, 5, 16, dtype=dtype), torch.randn(2, 5, 16, dtype=dtype)
+    with torch.no_grad():
+        targets = rewritten_targets(model, x, r)
+    assert targets.count(bitnet.norm_quant.default) == 2  # one per norm, shared by q/k/v
+    assert targets.count(bitnet.quantize_activations.default) == 1  # only `down`'s input is not a norm
+    assert targets.count(bitnet.linear_q.default) == 5 and bitnet.lowbit_linear.default not in targets
+    fused, unfused = compiled_pair(model, x, r)
+    torch.testing.assert_close(fused, unfused, **TOL[dtype])
+    with torch.no_grad():
+        report = bitcompile.explain(model, x, r)
+    notes = {c.module: c.reason for c in report.candidates}
+    assert "residual add + rms norm + int8 quant feeding 3 linear(s)" in notes["attn_norm"]
+    # The second residual add was absorbed by `v`'s epilogue, so mlp_norm reads v's output.
+    assert notes["mlp_norm"] == "fused: rms norm + int8 quant feeding 1 linear(s)"
+    assert notes["v"].endswith("epilogue: residual add") and notes["up"].endswith("epilogue: silu")
+    assert notes["down"].endswith("epilogue: residual add")
+
+
+def test_epilogue_activations_and_stored_normalized_output():
+    torch.manual_seed(0)
+    model, x = Epilogues().eval(), torch.randn(3, 12)
+    with torch.no_grad():
+        report = bitcompile.explain(model, x)
+    notes = [c.reason for c in report.candidates]
+    for act in ("relu", "gelu", "gelu_tanh", "silu", "relu2"):
+        assert any(re.search(rf"epilogue: {act}( |$)", n) for n in notes), act
+    assert any("epilogue: residual add" in n for n in notes)
+    assert any("normalized output also stored" in n for n in notes)  # `n * 2` needs it
+    fused, unfused = compiled_pair(model, x)
+    for a, b in zip(fused, unfused):
+        torch.testing.assert_close(a, b, **TOL[torch.float32])
+
+
+def test_training_graphs_are_not_fused():
+    model = Block()
+    x, r = torch.randn(2, 3, 16), torch.randn(2, 3, 16)
+    targets = rewritten_targets(model, x, r, training=True)
+    assert bitnet.norm_quant.default not in targets and bitnet.linear_q.default not in targets
+    assert targets.count(bitnet.lowbit_linear.default) == 5
+    report = bitcompile.explain(model, x, r)
+    assert all("training graph" in c.reason for c in report.candidates if "norm" in c.op)
+
+
+def test_a_linear_output_with_other_users_keeps_its_activation_outside():
+    class Shared(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(8, 8)
+
+        def forward(self, x):
+            y = self.fc(x)
+            return torch.relu(y) + y  # y has two users: relu cannot be absorbed
+
+    model, x = Shared().eval(), torch.randn(2, 8)
+    with torch.no_grad():
+        report = bitcompile.explain(model, x)
+    assert "epilogue" not in report.candidates[0].reason
+    fused, unfused = compiled_pair(model, x)
+    torch.testing.assert_close(fused, unfused, rtol=0, atol=0)
+
+
+def test_fuse_false_keeps_the_plain_linear_path():
+    model = Block().eval()
+    with torch.no_grad():
+        targets = rewritten_targets(model, torch.randn(1, 2, 16), torch.randn(1, 2, 16), fuse=False)
+    assert bitnet.norm_quant.default not in targets and bitnet.linear_q.default not in targets
