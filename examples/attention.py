@@ -91,7 +91,7 @@ def main():
             pred = model(img.unsqueeze(0)).argmax(-1).item()
         side = img.shape[-1] // model.patch
         attn = model.pool.last_attention[0, 0].reshape(side, side)  # the class query over the patch grid
-        path = save_attention_heatmap(attn, args.out, cell=16)
+        path = save_attention_heatmap(attn, args.out, title=f"class query over the patch grid (predicted {pred})")
         print(f"predicted class {pred}; attention over the {side}x{side} patch grid saved to {path}")
 
 

@@ -8,15 +8,13 @@ cross-attention (``key``/``value`` from another sequence) uses its row slices (t
 packed format runs along K, so a row slice of the packed weight is the packed
 slice), fusing K and V when ``key is value``. The attention maps are returned, kept
 in ``last_attention`` and can be saved as a PNG heatmap
-(:func:`save_attention_heatmap`, no plotting library needed).
+(:func:`save_attention_heatmap`, drawn with matplotlib).
 
 The computation is ``bitcompile.nn.bit_attention.multi_head_attention``, the same
 function the backend's attention pass inserts into compiled graphs.
 """
 from __future__ import annotations
 
-import struct
-import zlib
 from pathlib import Path
 from typing import Optional, Union
 
@@ -103,14 +101,15 @@ class TernaryMultiheadAttention(nn.Module):
             self.last_attention = weights.detach()
         return (out.transpose(0, 1) if self.batch_first else out), weights
 
-    def save_attention_heatmap(self, path: Union[str, Path], batch: int = 0, head: Optional[int] = None, cell: int = 8) -> Path:
+    def save_attention_heatmap(self, path: Union[str, Path], batch: int = 0, head: Optional[int] = None) -> Path:
         """Save the last returned attention map (of ``batch``; ``head`` if per-head) as a PNG."""
         if self.last_attention is None:
             raise RuntimeError("no attention map yet: call the layer with need_weights=True first")
         a = self.last_attention[batch]
         if a.dim() == 3:
             a = a.mean(0) if head is None else a[head]
-        return save_attention_heatmap(a, path, cell)
+        title = f"attention (batch {batch}, {'mean over heads' if head is None else f'head {head}'})"
+        return save_attention_heatmap(a, path, title=title)
 
     def extra_repr(self) -> str:
         cfg = self.config
@@ -118,54 +117,22 @@ class TernaryMultiheadAttention(nn.Module):
         return f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, batch_first={self.batch_first}, {cfg.weight}, {acts}"
 
 
-# A few anchors of the viridis colormap (dark purple -> yellow), linearly interpolated.
-_ANCHORS = torch.tensor([[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]], dtype=torch.float32)
-
-
-def heatmap_rgb(values: torch.Tensor) -> torch.Tensor:
-    """``[H, W]`` values -> ``uint8 [H, W, 3]`` colours, min..max mapped onto the colormap."""
-    v = values.detach().float().cpu()
-    span = (v.max() - v.min()).clamp(min=1e-12)
-    t = ((v - v.min()) / span).clamp(0, 1) * (len(_ANCHORS) - 1)
-    lo = t.floor().long().clamp(max=len(_ANCHORS) - 2)
-    frac = (t - lo).unsqueeze(-1)
-    return (_ANCHORS[lo] * (1 - frac) + _ANCHORS[lo + 1] * frac).round().to(torch.uint8)
-
-
-def _png_chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-
-def save_attention_heatmap(attention: torch.Tensor, path: Union[str, Path], cell: int = 8) -> Path:
-    """Write a 2-D attention map ``[L, S]`` (rows: queries) as an RGB PNG heatmap,
-    each entry a ``cell`` x ``cell`` square."""
+def save_attention_heatmap(attention: torch.Tensor, path: Union[str, Path], title: str = "attention") -> Path:
+    """Write a 2-D attention map ``[queries, keys]`` as a PNG heatmap with a colour bar."""
     if attention.dim() != 2:
         raise ValueError(f"attention map must be 2-D [queries, keys], got shape {tuple(attention.shape)}")
-    rgb = heatmap_rgb(attention).repeat_interleave(cell, 0).repeat_interleave(cell, 1)
-    h, w, _ = rgb.shape
-    rows = torch.cat([torch.zeros(h, 1, dtype=torch.uint8), rgb.reshape(h, w * 3)], dim=1)  # filter byte 0 per row
-    png = b"\x89PNG\r\n\x1a\n"
-    png += _png_chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
-    png += _png_chunk(b"IDAT", zlib.compress(rows.numpy().tobytes(), 9))
-    png += _png_chunk(b"IEND", b"")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")  # files only: no display needed
+        import matplotlib.pyplot as plt
+    except ImportError as err:
+        raise ImportError("saving heatmaps needs matplotlib: pip install 'bitcompile[plot]'") from err
+    fig, ax = plt.subplots(figsize=(4.8, 4))
+    image = ax.imshow(attention.detach().float().cpu().numpy(), cmap="viridis", interpolation="nearest")
+    ax.set(xlabel="key", ylabel="query", title=title)
+    fig.colorbar(image, ax=ax)
     path = Path(path)
-    path.write_bytes(png)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
     return path
-
-
-def read_png_rgb(path: Union[str, Path]) -> torch.Tensor:
-    """Decode a PNG written by :func:`save_attention_heatmap` (8-bit RGB, filter 0) to ``[H, W, 3]``."""
-    data = Path(path).read_bytes()
-    if data[:8] != b"\x89PNG\r\n\x1a\n":
-        raise ValueError("not a PNG file")
-    pos, idat, w, h = 8, b"", 0, 0
-    while pos < len(data):
-        n = struct.unpack(">I", data[pos : pos + 4])[0]
-        kind, body = data[pos + 4 : pos + 8], data[pos + 8 : pos + 8 + n]
-        if kind == b"IHDR":
-            w, h = struct.unpack(">II", body[:8])
-        elif kind == b"IDAT":
-            idat += body
-        pos += 12 + n
-    raw = torch.frombuffer(bytearray(zlib.decompress(idat)), dtype=torch.uint8).reshape(h, 1 + w * 3)
-    return raw[:, 1:].reshape(h, w, 3)
