@@ -156,6 +156,19 @@ def host_overhead(n: int = 8192, k: int = 8192) -> dict:
             fn()
         out[name] = (time.perf_counter() - t0) / 200 * 1e6
         torch.cuda.synchronize()
+    import cProfile
+    import io
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(200):
+        call()
+    prof.disable()
+    torch.cuda.synchronize()
+    text = io.StringIO()
+    pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(14)
+    print("host profile of 200 linear_q calls (M=1):\n" + text.getvalue(), flush=True)
     return out
 
 

@@ -27,7 +27,7 @@ from bitcompile.kernels import tuning
 from bitcompile.kernels.common import ACTIVATIONS, apply_activation
 from bitcompile.kernels.layout import QUARTER, kblocked
 
-GEMV_MAX_M = 4  # dp4a cost grows with M; beyond, the tensor cores win
+GEMV_MAX_M = 16  # dp4a cost grows with M: from 2 rows on, tuning times it against the tensor cores
 
 
 @triton.jit
@@ -104,7 +104,7 @@ def _gemv_kernel(A, P, C, XS, WS, BIAS, RES, M, N, XW, PW, stride_am, stride_pn,
 @triton.jit
 def _gemm_kernel(A, P, C, XS, WS, BIAS, RES, PARTIAL, COUNT, M, N, K, KPB, stride_am, stride_pn, stride_cm,
                  stride_rm, BM: tl.constexpr, BN: tl.constexpr, GROUP_N: tl.constexpr, Q: tl.constexpr,
-                 SPLIT_K: tl.constexpr, EPILOGUE: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 SPLIT_K: tl.constexpr, SWAP: tl.constexpr, EPILOGUE: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr,
                  ACTIVATION: tl.constexpr, HAS_RES: tl.constexpr):
     # Grouped order over (weight row tiles, token tiles): GROUP_N weight tiles share L2.
     pid = tl.program_id(0)
@@ -122,7 +122,10 @@ def _gemm_kernel(A, P, C, XS, WS, BIAS, RES, PARTIAL, COUNT, M, N, K, KPB, strid
     a_ptrs = A + offs_m[:, None].to(tl.int64) * stride_am + offs_j[None, :]
     n_ok = offs_n[:, None] < N
     m_ok = offs_m[:, None] < M
-    acc = tl.zeros((BN, BM), dtype=tl.int32)
+    if SWAP:
+        acc = tl.zeros((BN, BM), dtype=tl.int32)
+    else:
+        acc = tl.zeros((BM, BN), dtype=tl.int32)
     # Split-K (small M: enough programs to stream the weights at full bandwidth): program
     # pid_k takes a run of 256-trit blocks.
     pid_k = tl.program_id(1)
@@ -135,22 +138,29 @@ def _gemm_kernel(A, P, C, XS, WS, BIAS, RES, PARTIAL, COUNT, M, N, K, KPB, strid
             k = 4 * kb + i * Q
             a = tl.load(a_ptrs + k, mask=m_ok & ((k + offs_j)[None, :] < K), other=0)
             w = ((p >> (2 * i)) & 3).to(tl.int8) - 1
-            acc = tl.dot(w, tl.trans(a), acc, out_dtype=tl.int32)
+            if SWAP:
+                acc = tl.dot(w, tl.trans(a), acc, out_dtype=tl.int32)
+            else:
+                acc = tl.dot(a, tl.trans(w), acc, out_dtype=tl.int32)
+    if SWAP:
+        out = tl.trans(acc)
+    else:
+        out = acc
     if SPLIT_K > 1:
         # int32 sums are exact in any order: add into a zeroed workspace; the program that
         # finishes last reads the total (leaving zeros for the next call) and runs the epilogue.
         tile = pid_n * tl.cdiv(M, BM) + pid_m
-        ws_ptrs = PARTIAL + tile * BN * BM + tl.arange(0, BN)[:, None] * BM + tl.arange(0, BM)[None, :]
-        tl.atomic_add(ws_ptrs, acc, sem="relaxed")
+        ws_ptrs = PARTIAL + tile * BN * BM + tl.arange(0, BM)[:, None] * BN + tl.arange(0, BN)[None, :]
+        tl.atomic_add(ws_ptrs, out, sem="relaxed")
         tl.debug_barrier()
         done = tl.atomic_add(COUNT + tile, 1, sem="acq_rel")
         if done == SPLIT_K - 1:
-            acc = tl.atomic_xchg(ws_ptrs, tl.zeros((BN, BM), dtype=tl.int32), sem="acq_rel")
+            out = tl.atomic_xchg(ws_ptrs, tl.zeros((BM, BN), dtype=tl.int32), sem="acq_rel")
             tl.atomic_xchg(COUNT + tile, 0)
-            _epilogue(tl.trans(acc), C, XS, WS, BIAS, RES, offs_m, offs_n, M, N, stride_cm, stride_rm,
+            _epilogue(out, C, XS, WS, BIAS, RES, offs_m, offs_n, M, N, stride_cm, stride_rm,
                       EPILOGUE, PER_CHANNEL, HAS_BIAS, ACTIVATION, HAS_RES)
     else:
-        _epilogue(tl.trans(acc), C, XS, WS, BIAS, RES, offs_m, offs_n, M, N, stride_cm, stride_rm,
+        _epilogue(out, C, XS, WS, BIAS, RES, offs_m, offs_n, M, N, stride_cm, stride_rm,
                   EPILOGUE, PER_CHANNEL, HAS_BIAS, ACTIVATION, HAS_RES)
 
 
@@ -169,27 +179,31 @@ def _split_k_workspace(device: torch.device, numel: int, tiles: int):
     return ws
 
 
-def _gemv_configs():
+def _gemv_configs(m: int):
     if tuning.interpreting():
-        return [dict(BN=4, BW=32, num_warps=4)]
-    return [dict(BN=bn, BW=bw, num_warps=w, num_stages=s)
-            for bn, bw, w, s in [(4, 64, 4, 3), (8, 64, 4, 3), (4, 128, 4, 2), (2, 128, 4, 3), (8, 128, 8, 2),
-                                 (16, 64, 8, 2), (2, 256, 8, 2)]]
+        return [dict(kernel="gemv", BN=4, BW=32, num_warps=4)]
+    shapes = [(4, 64, 4, 3), (8, 64, 4, 3), (4, 128, 4, 2), (2, 128, 4, 3), (8, 128, 8, 2), (2, 256, 8, 2),
+              (4, 128, 8, 3), (1, 256, 4, 3)]
+    if m > 4:  # BM x BN x BW accumulators: keep the register tile small
+        shapes = [(2, 64, 4, 3), (4, 64, 8, 3), (2, 128, 8, 2), (1, 128, 4, 3)]
+    return [dict(kernel="gemv", BN=bn, BW=bw, num_warps=w, num_stages=s) for bn, bw, w, s in shapes]
 
 
 def _gemm_configs(m: int):
     if tuning.interpreting():
-        return [dict(BN=16, BM=16, GROUP_N=4, SPLIT_K=2, num_warps=4)]
-    if m <= 32:  # (BN, BM, split, warps, stages)
-        shapes = [(64, 16, 4, 4, 3), (64, 16, 2, 4, 3), (128, 16, 4, 4, 3), (32, 16, 4, 4, 3), (32, 16, 1, 4, 3),
-                  (64, 32, 4, 4, 3), (128, 32, 8, 8, 3), (16, 16, 1, 4, 4)]
+        return [dict(kernel="gemm", BN=16, BM=16, GROUP_N=4, SPLIT_K=2, SWAP=True, num_warps=4),
+                dict(kernel="gemm", BN=16, BM=16, GROUP_N=4, SPLIT_K=1, SWAP=False, num_warps=4)]
+    if m <= 32:  # (BN, BM, split, swap, warps, stages)
+        shapes = [(64, 16, 4, 1, 4, 3), (64, 16, 2, 1, 4, 3), (32, 16, 4, 1, 4, 3), (32, 16, 1, 1, 4, 3),
+                  (32, 16, 4, 0, 4, 3), (64, 16, 4, 0, 4, 3), (16, 16, 4, 0, 4, 3), (64, 32, 4, 1, 4, 3)]
     elif m <= 256:
-        shapes = [(64, 64, 2, 4, 3), (128, 64, 1, 4, 3), (128, 128, 1, 8, 3), (64, 128, 2, 4, 3),
-                  (128, 128, 2, 8, 3), (128, 64, 2, 4, 4)]
+        shapes = [(128, 64, 1, 1, 4, 3), (128, 128, 1, 1, 8, 3), (64, 64, 2, 1, 4, 3), (128, 64, 2, 0, 4, 3),
+                  (128, 128, 1, 0, 8, 3), (64, 128, 2, 0, 4, 3), (128, 128, 2, 0, 8, 3)]
     else:
-        shapes = [(128, 128, 1, 8, 3), (128, 256, 1, 8, 3), (256, 128, 1, 8, 3), (128, 128, 1, 4, 4),
-                  (64, 256, 1, 8, 3)]
-    return [dict(BN=bn, BM=bm, SPLIT_K=sk, GROUP_N=8, num_warps=w, num_stages=s) for bn, bm, sk, w, s in shapes]
+        shapes = [(128, 256, 1, 1, 8, 3), (128, 256, 1, 1, 8, 4), (256, 128, 1, 0, 8, 3), (128, 256, 1, 0, 8, 3),
+                  (128, 128, 1, 0, 8, 4), (256, 128, 1, 1, 8, 3)]
+    return [dict(kernel="gemm", BN=bn, BM=bm, SPLIT_K=sk, SWAP=bool(sw), GROUP_N=8, num_warps=w, num_stages=s)
+            for bn, bm, sk, sw, w, s in shapes]
 
 
 def _as_words(t: torch.Tensor) -> torch.Tensor:
@@ -236,30 +250,37 @@ def ternary_matmul(a: torch.Tensor, wq: torch.Tensor, k: int, x_scale: Optional[
                  ACTIVATION=ACTIVATIONS[activation], HAS_RES=residual is not None)
     tail = (xs, ws, bias if bias is not None else c, res)
 
+    a2 = a2.contiguous()
+    aw = pw = None
     if m <= GEMV_MAX_M:
-        if k % 4:  # whole int32 words of activations
-            a2 = torch.nn.functional.pad(a2, (0, 4 - k % 4))
-        aw = _as_words(a2.contiguous())
+        # dp4a reads int32 words: whole words of activations
+        aw = _as_words(torch.nn.functional.pad(a2, (0, 4 - k % 4)) if k % 4 else a2)
         pw = blocked.view(torch.int32)
-        flags.update(BM=triton.next_power_of_2(m), USE_ASM=not tuning.interpreting())
+    gemv_flags = dict(BM=triton.next_power_of_2(m), USE_ASM=not tuning.interpreting())
 
-        def launch(cfg):
+    def launch(cfg):
+        cfg = dict(cfg)
+        if cfg.pop("kernel") == "gemv":
             return _gemv_kernel[(triton.cdiv(n, cfg["BN"]),)](
                 aw, pw, c, *tail, m, n, aw.shape[1], pw.shape[1], aw.stride(0), pw.stride(0), c.stride(0),
-                res.stride(0), **flags, **cfg)
-        kernel, cfg = _gemv_kernel, tuning.choose("gemv_kb", (tuning.bucket(m), n, k), _gemv_configs(), launch)
-    else:
-        a2 = a2.contiguous()
+                res.stride(0), **flags, **gemv_flags, **cfg)
+        tiles = triton.cdiv(m, cfg["BM"]) * triton.cdiv(n, cfg["BN"])
+        partial, count = c, c
+        if cfg["SPLIT_K"] > 1:
+            partial, count = _split_k_workspace(a.device, tiles * cfg["BM"] * cfg["BN"], tiles)
+        return _gemm_kernel[(tiles, cfg["SPLIT_K"])](
+            a2, blocked, c, *tail, partial, count, m, n, k, kpb, a2.stride(0), blocked.stride(0), c.stride(0),
+            res.stride(0), Q=QUARTER, **flags, **cfg)
 
-        def launch(cfg):
-            tiles = triton.cdiv(m, cfg["BM"]) * triton.cdiv(n, cfg["BN"])
-            partial, count = c, c
-            if cfg["SPLIT_K"] > 1:
-                partial, count = _split_k_workspace(a.device, tiles * cfg["BM"] * cfg["BN"], tiles)
-            return _gemm_kernel[(tiles, cfg["SPLIT_K"])](
-                a2, blocked, c, *tail, partial, count, m, n, k, kpb, a2.stride(0), blocked.stride(0), c.stride(0),
-                res.stride(0), Q=QUARTER, **flags, **cfg)
-        kernel, cfg = _gemm_kernel, tuning.choose("gemm_kb", (tuning.bucket(m), n, k), _gemm_configs(m), launch)
+    # Tuning picks the kernel too: for 2 <= M <= GEMV_MAX_M both are candidates.
+    candidates = (_gemv_configs(m) if m <= GEMV_MAX_M else []) + (_gemm_configs(m) if m > 1 else [])
+    if tuning.interpreting():
+        # No timing here: spread the CPU tests' M over every kernel variant instead.
+        gemv = [c_ for c_ in candidates if c_["kernel"] == "gemv"]
+        gemm = [c_ for c_ in candidates if c_["kernel"] == "gemm"]
+        candidates = gemv if m <= 4 or (m <= GEMV_MAX_M and m % 2 == 0) else [gemm[m % 2]]
+    cfg = tuning.choose("ternary_mm", (tuning.bucket(m), n, k), candidates, launch)
+    kernel = _gemv_kernel if cfg["kernel"] == "gemv" else _gemm_kernel
     compiled = launch(cfg)
     tuning.dump_source(kernel, compiled, {**flags, **cfg, "out": str(c.dtype)})
     return c.reshape(*lead, n)

@@ -88,23 +88,34 @@ def quantize_pack(w: torch.Tensor, scheme: str = "ternary", per_channel: bool = 
     n, k = w.shape
     kb = (k + 3) // 4 if layout == "canonical" else kblocked_columns(k)
     interp = tuning.interpreting()
-    bn_sum, bk = (4, 32) if interp else (16, 512)
-    n_part = triton.cdiv(n, bn_sum)
     row_sum = torch.empty(n, device=w.device, dtype=torch.float32)
-    part = torch.empty(max(n_part, 1), device=w.device, dtype=torch.float32)
     scale = torch.empty(n if per_channel else 1, device=w.device, dtype=torch.float32)
     packed = torch.empty((n, kb), device=w.device, dtype=torch.uint8)
     if n == 0 or k == 0:
         scale.fill_(EPS)
         return packed.fill_(85), scale
-    _abs_sum_kernel[(n_part,)](w, row_sum, part, n, k, w.stride(0), BN=bn_sum, BK=bk, num_warps=4)
-    bn = 4 if interp else 8
-    # Per tensor: the partials summed once (fixed order), not re-read by every program.
-    total = part.sum(0, keepdim=True) if not per_channel else part
-    flags = dict(BN=bn, PER_CHANNEL=per_channel, SCHEME=SCHEMES[scheme],
-                 LAYOUT=LAYOUTS[layout], QB=Q)
-    compiled = _pack_kernel[(triton.cdiv(n, bn), triton.cdiv(k, 4 * Q))](
-        w, row_sum, total, scale, packed, n, k, kb, float(n * k), w.stride(0), packed.stride(0),
-        num_warps=4, **flags)
-    tuning.dump_source(_pack_kernel, compiled, {**flags, "w": str(w.dtype)})
+    flags = dict(PER_CHANNEL=per_channel, SCHEME=SCHEMES[scheme], LAYOUT=LAYOUTS[layout], QB=Q)
+
+    def launch(cfg):
+        n_part = triton.cdiv(n, cfg["sum_rows"])
+        part = torch.empty(n_part, device=w.device, dtype=torch.float32)
+        _abs_sum_kernel[(n_part,)](w, row_sum, part, n, k, w.stride(0), BN=cfg["sum_rows"], BK=cfg["sum_cols"],
+                                   num_warps=cfg["sum_warps"])
+        # Per tensor: the partials summed once (fixed order), not re-read by every program.
+        total = part if per_channel else part.sum(0, keepdim=True)
+        return _pack_kernel[(triton.cdiv(n, cfg["BN"]), triton.cdiv(k, 4 * Q))](
+            w, row_sum, total, scale, packed, n, k, kb, float(n * k), w.stride(0), packed.stride(0),
+            BN=cfg["BN"], num_warps=cfg["num_warps"], **flags)
+
+    cfg = tuning.choose("weight_pack", (n, k, str(w.dtype), per_channel, layout), _configs(), launch)
+    compiled = launch(cfg)
+    tuning.dump_source(_pack_kernel, compiled, {**flags, **cfg, "w": str(w.dtype)})
     return packed, scale
+
+
+def _configs():
+    if tuning.interpreting():
+        return [dict(sum_rows=4, sum_cols=32, sum_warps=4, BN=4, num_warps=4)]
+    return [dict(sum_rows=sr, sum_cols=sc, sum_warps=sw, BN=bn, num_warps=w)
+            for sr, sc, sw, bn, w in [(16, 512, 4, 8, 4), (4, 1024, 4, 8, 4), (8, 2048, 8, 16, 4), (32, 256, 8, 32, 8),
+                                      (2, 2048, 4, 4, 4), (16, 512, 4, 64, 8)]]

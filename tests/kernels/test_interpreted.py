@@ -136,7 +136,7 @@ def test_matmul_rejects_bad_input(kernels, device):
                                               activation="tanh")
 
 
-@pytest.mark.parametrize("m", [1, 2, 4, 5, 20])  # GEMV (M <= 4, dp4a emulated) and GEMM paths
+@pytest.mark.parametrize("m", [1, 2, 4, 5, 8, 20, 21])  # GEMV (dp4a emulated) and both GEMM orientations
 @pytest.mark.parametrize("k", [255, 300, 516, 777])  # several 256-trit blocks, partial words and blocks
 def test_matmul_multi_block_exact(kernels, device, m, k):
     g = torch.Generator().manual_seed(m * 1000 + k)
