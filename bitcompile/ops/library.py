@@ -379,3 +379,11 @@ def _(xq, x_scale, wq, w_scale, bias, k, dtype, activation, residual):
     if not _packed_ternary(wq):
         return ref.linear_epilogue(xq, x_scale, wq, w_scale, bias, k, dtype, activation, residual)
     return ternary_matmul(xq, wq, k, x_scale, w_scale, bias, dtype, activation, residual)
+
+
+# nn.TransformerEncoderLayer's inference fast path is one aten op that the attention pass
+# decomposes. Some torch builds (2.11 on the GPU machine) have no Meta kernel for it, so Dynamo cannot trace it with dynamic
+# shapes and graph-breaks, running the layer unquantized in eager. Its output has src's shape.
+if not torch._C._dispatch_has_kernel_for_dispatch_key("aten::_transformer_encoder_layer_fwd", "Meta"):
+    _ATEN_META = torch.library.Library("aten", "IMPL")
+    _ATEN_META.impl("_transformer_encoder_layer_fwd", lambda src, *args, **kwargs: torch.empty_like(src), "Meta")
