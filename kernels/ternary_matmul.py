@@ -75,28 +75,36 @@ def _gemv_kernel(A, P, C, XS, WS, BIAS, RES, M, N, XW, PW, stride_am, stride_pn,
     # A: int32 words of 4 int8 activations [M, XW]; P: int32 words of 4 K-blocked bytes
     # [N, PW]. Word w of a 16-word (256-trit) block, shift i, holds trits
     # k = 256 * block + 64 i + 4 (w % 16) + 0..3, i.e. activation word 64 block + 16 i + w % 16.
+    # Tiles are [.., NB, 16]: NB blocks of 16 words, so every load is visibly contiguous in
+    # runs of 16 words (16-byte vector loads; a flat index with // and % gave scalar x loads
+    # and made L1 the bottleneck: ncu, round 2).
     pid_n = tl.program_id(0)
     offs_n = pid_n * BN + tl.arange(0, BN)
     offs_m = tl.arange(0, BM)
-    offs_w = tl.arange(0, BW)
-    x_word = (offs_w // 16) * 64 + offs_w % 16
-    n_ok = offs_n[:, None] < N
-    acc = tl.zeros((BM, BN, BW), dtype=tl.int32)
-    xsum = tl.zeros((BM, BW), dtype=tl.int32)
-    ones = tl.full((BM, BW), 0x01010101, dtype=tl.int32)
-    p_ptrs = P + offs_n[:, None].to(tl.int64) * stride_pn + offs_w[None, :]
-    a_rows = A + offs_m[:, None] * stride_am
+    offs_b = tl.arange(0, BW // 16)
+    offs_q = tl.arange(0, 16)
+    n3 = offs_n[:, None, None]
+    word = offs_b[None, :, None] * 16 + offs_q[None, None, :]  # [1, NB, 16] word within the tile
+    x_word = offs_b[None, :, None] * 64 + offs_q[None, None, :]  # its activation word for shift 0
+    m3 = offs_m[:, None, None]
+    acc = tl.zeros((BM, BN, BW // 16, 16), dtype=tl.int32)
+    xsum = tl.zeros((BM, BW // 16, 16), dtype=tl.int32)
+    ones = tl.full((BM, BW // 16, 16), 0x01010101, dtype=tl.int32)
+    p_ptrs = P + n3.to(tl.int64) * stride_pn + word
+    a_rows = A + m3 * stride_am
     for w0 in range(0, PW, BW):
         # Out-of-range words read as code 1 (zero trit) in every byte.
-        p = tl.load(p_ptrs + w0, mask=n_ok & ((w0 + offs_w)[None, :] < PW), other=0x55555555)
+        p = tl.load(p_ptrs + w0, mask=(n3 < N) & (w0 + word < PW), other=0x55555555)
         for i in tl.static_range(4):
-            xi = 4 * w0 + x_word + 16 * i
-            x = tl.load(a_rows + xi[None, :], mask=(offs_m[:, None] < M) & (xi[None, :] < XW), other=0)
+            xi = 4 * w0 + 16 * i + x_word
+            x = tl.load(a_rows + xi, mask=(m3 < M) & (xi < XW), other=0)
             codes = (p >> (2 * i)) & 0x03030303
-            acc = _dp4a(tl.broadcast_to(codes[None, :, :], (BM, BN, BW)),
-                        tl.broadcast_to(x[:, None, :], (BM, BN, BW)), acc, USE_ASM)
+            acc = _dp4a(tl.broadcast_to(codes[None, :, :, :], (BM, BN, BW // 16, 16)),
+                        tl.broadcast_to(x[:, None, :, :], (BM, BN, BW // 16, 16)), acc, USE_ASM)
             xsum = _dp4a(ones, x, xsum, USE_ASM)
-    out = tl.sum(acc, axis=2) - tl.sum(xsum, axis=1)[:, None]
+    acc = tl.sum(tl.sum(acc, axis=3), axis=2)
+    xsum = tl.sum(tl.sum(xsum, axis=2), axis=1)
+    out = acc - xsum[:, None]
     _epilogue(out, C, XS, WS, BIAS, RES, offs_m, offs_n, M, N, stride_cm, stride_rm,
               EPILOGUE, PER_CHANNEL, HAS_BIAS, ACTIVATION, HAS_RES)
 
