@@ -76,7 +76,7 @@ def _compile(gm: fx.GraphModule, example_inputs: list, ctx) -> Callable:
     # guard on them (a view or split of a projection's output) breaks guard building.
     fake_mode = torch._guards.detect_fake_mode()
     for h in hoisted:
-        packed = WEIGHT_CACHE.get(example_inputs[h.arg_index], h.scheme, h.per_channel)
+        packed = WEIGHT_CACHE.get(example_inputs[h.arg_index], h.scheme, h.per_channel, h.layout)
         example_inputs.extend(fake_mode.from_tensor(t, static_shapes=True) if fake_mode is not None else t for t in packed)
     mode = ctx.config.mode
     patches = list_mode_options(mode) if mode not in (None, "default") else {}
@@ -86,7 +86,7 @@ def _compile(gm: fx.GraphModule, example_inputs: list, ctx) -> Callable:
 
     def run_with_packed_weights(*args):
         extra = [t for fetch in runtime_inputs for t in fetch()]
-        packed = [t for h in hoisted for t in WEIGHT_CACHE.get(args[h.arg_index], h.scheme, h.per_channel)]
+        packed = [t for h in hoisted for t in WEIGHT_CACHE.get(args[h.arg_index], h.scheme, h.per_channel, h.layout)]
         return compiled(*args, *extra, *packed)
 
     return run_with_packed_weights

@@ -10,7 +10,7 @@ all in fp32, 3 LayerNorm (fp32, one cast at the end, as F.layer_norm).
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import triton
@@ -31,6 +31,9 @@ def _norm_quant_kernel(X, RES, W, B, Q, S, Y, H, K, stride_x, stride_r, stride_q
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < K
+    # Float scalars arrive as fp32 from Triton's launcher but as fp64 from Inductor's (triton_op).
+    eps = tl.cast(eps, tl.float32)
+    qmax = tl.cast(qmax, tl.float32)
     x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0)
     if HAS_RES:
         # The add happens in the input dtype, as `x + residual` does in the graph.
@@ -72,11 +75,13 @@ def _norm_quant_kernel(X, RES, W, B, Q, S, Y, H, K, stride_x, stride_r, stride_q
 
 def norm_quant(x: torch.Tensor, bits: int = 8, kind: str = "none", weight: Optional[torch.Tensor] = None,
                bias: Optional[torch.Tensor] = None, eps: float = 1e-6, residual: Optional[torch.Tensor] = None,
-               norm_dtype: Optional[torch.dtype] = None, store_normed: bool = False, store_sum: bool = False):
+               norm_dtype: Optional[torch.dtype] = None, store_normed: bool = False, store_sum: bool = False,
+               wrap: Optional[Callable] = None):
     """Returns ``(q int8 [..., K], scale fp32 [..., 1], normed | None, h | None)``.
 
     ``normed`` (dtype ``norm_dtype``, default x.dtype) is written only with ``store_normed``;
-    ``h = x + residual`` only with ``store_sum``."""
+    ``h = x + residual`` only with ``store_sum``. ``wrap=torch.library.wrap_triton``
+    launches through it (traceable; ``ops.triton_ops``)."""
     if kind not in NORM_KINDS:
         raise ValueError(f"unknown norm {kind!r}; supported: {', '.join(NORM_KINDS)}")
     if not 2 <= bits <= 8:
@@ -99,7 +104,8 @@ def norm_quant(x: torch.Tensor, bits: int = 8, kind: str = "none", weight: Optio
         flags = dict(BLOCK=block, NORM=NORM_KINDS[kind], HAS_RES=residual is not None, HAS_W=weight is not None,
                      HAS_B=bias is not None, STORE_Y=store_normed, STORE_H=store_sum)
         warps = 1 if tuning.interpreting() else min(16, max(1, block // 512))
-        compiled = _norm_quant_kernel[(m,)](
+        kernel = wrap(_norm_quant_kernel) if wrap is not None else _norm_quant_kernel
+        compiled = kernel[(m,)](
             x2, r2, weight if weight is not None else x2, bias if bias is not None else x2, q, s, y, h, k,
             x2.stride(0), r2.stride(0), q.stride(0), y.stride(0), h.stride(0), eps,
             float(2 ** (bits - 1) - 1), EPS, num_warps=warps, **flags)

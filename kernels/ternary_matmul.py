@@ -17,7 +17,7 @@ optional residual add, and the cast to the output dtype, in the reference's orde
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import triton
@@ -225,12 +225,18 @@ def _as_words(t: torch.Tensor) -> torch.Tensor:
 def ternary_matmul(a: torch.Tensor, wq: torch.Tensor, k: int, x_scale: Optional[torch.Tensor] = None,
                    w_scale: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None,
                    out_dtype: torch.dtype = torch.int32, activation: str = "none",
-                   residual: Optional[torch.Tensor] = None, layout: str = "canonical") -> torch.Tensor:
+                   residual: Optional[torch.Tensor] = None, layout: str = "canonical",
+                   wrap: Optional[Callable] = None) -> torch.Tensor:
     """``a int8 [..., K] @ trits(wq)^T``. ``wq`` is canonical packed ``[N, ceil(K/4)]``
     (re-laid out once, cached) or, with ``layout="kblocked"``, already K-blocked.
     Without scales: the exact int32 accumulator. With ``x_scale [..., 1]`` and
     ``w_scale [N] | [1]``: the dequantized ``out_dtype`` output with bias, ``activation``
-    and ``residual [..., N]`` fused."""
+    and ``residual [..., N]`` fused.
+
+    ``wrap=torch.library.wrap_triton`` launches through it (``ops.triton_ops``: traceable,
+    so Inductor compiles and launches the kernel from its own generated code); the
+    launch configuration is then taken from the tuning cache, tuned first on stand-in
+    tensors if missing."""
     if a.dtype != torch.int8 or wq.dtype != torch.uint8:
         raise TypeError(f"ternary_matmul needs int8 activations and uint8 packed weights, got {a.dtype}, {wq.dtype}")
     if activation not in ACTIVATIONS:
@@ -269,14 +275,19 @@ def ternary_matmul(a: torch.Tensor, wq: torch.Tensor, k: int, x_scale: Optional[
     def launch(cfg):
         cfg = dict(cfg)
         if cfg.pop("kernel") == "gemv":
-            return _gemv_kernel[(triton.cdiv(n, cfg["BN"]),)](
+            gemv = wrap(_gemv_kernel) if wrap is not None else _gemv_kernel
+            return gemv[(triton.cdiv(n, cfg["BN"]),)](
                 aw, pw, c, *tail, m, n, aw.shape[1], pw.shape[1], aw.stride(0), pw.stride(0), c.stride(0),
                 res.stride(0), **flags, **gemv_flags, **cfg)
         tiles = triton.cdiv(m, cfg["BM"]) * triton.cdiv(n, cfg["BN"])
         partial, count = c, c
-        if cfg["SPLIT_K"] > 1:
+        if cfg["SPLIT_K"] > 1 and wrap is not None:  # traced: a graph input cannot be a global buffer
+            partial = torch.zeros(tiles * cfg["BM"] * cfg["BN"], device=a.device, dtype=torch.int32)
+            count = torch.zeros(tiles, device=a.device, dtype=torch.int32)
+        elif cfg["SPLIT_K"] > 1:
             partial, count = _split_k_workspace(a.device, tiles * cfg["BM"] * cfg["BN"], tiles)
-        return _gemm_kernel[(tiles, cfg["SPLIT_K"])](
+        gemm = wrap(_gemm_kernel) if wrap is not None else _gemm_kernel
+        return gemm[(tiles, cfg["SPLIT_K"])](
             a2, blocked, c, *tail, partial, count, m, n, k, kpb, a2.stride(0), blocked.stride(0), c.stride(0),
             res.stride(0), Q=QUARTER, **flags, **cfg)
 
@@ -287,7 +298,14 @@ def ternary_matmul(a: torch.Tensor, wq: torch.Tensor, k: int, x_scale: Optional[
         gemv = [c_ for c_ in candidates if c_["kernel"] == "gemv"]
         gemm = [c_ for c_ in candidates if c_["kernel"] == "gemm"]
         candidates = gemv if m <= 4 or (m <= GEMV_MAX_M and m % 2 == 0) else [gemm[m % 2]]
-    cfg = tuning.choose("ternary_mm", (tuning.bucket(m), n, k), candidates, launch)
+    key = (tuning.bucket(m), n, k)
+    if wrap is not None and not tuning.cached("ternary_mm", key, candidates):
+        # Traced tensors cannot be timed: tune on real stand-ins of the same shapes first.
+        with tuning.real_tensors():
+            ternary_matmul(torch.randint(-127, 128, (m, k), device=a.device, dtype=torch.int8),
+                           torch.randint(0, 256, tuple(blocked.shape), device=a.device, dtype=torch.uint8),
+                           k, layout="kblocked")
+    cfg = tuning.choose("ternary_mm", key, candidates, launch)
     kernel = _gemv_kernel if cfg["kernel"] == "gemv" else _gemm_kernel
     compiled = launch(cfg)
     tuning.dump_source(kernel, compiled, {**flags, **cfg, "out": str(c.dtype)})

@@ -12,6 +12,7 @@ launched (Python source with its constexpr values, plus TTIR/PTX when compiled).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -109,6 +110,23 @@ def choose(kernel: str, key: Sequence, candidates: Sequence[dict], run: Callable
         table[full_key] = best
         _save(gpu, full_key, best)
         return best
+
+
+def cached(kernel: str, key: Sequence, candidates: Sequence[dict]) -> bool:
+    """Whether :func:`choose` would answer without timing."""
+    if len(candidates) == 1 or interpreting() or not torch.cuda.is_available():
+        return True
+    return f"{kernel}:" + ",".join(map(str, key)) in _load(gpu_name())
+
+
+@contextlib.contextmanager
+def real_tensors():
+    """Leave the tracing modes (fake tensors, functionalization) for a block that allocates
+    and times real tensors while a traceable op is being traced."""
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    with _disable_current_modes():
+        yield
 
 
 def bucket(m: int) -> int:

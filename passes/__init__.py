@@ -21,6 +21,8 @@ class HoistedWeight:
     arg_index: int  # position of the latent weight among the graph's inputs
     scheme: str
     per_channel: bool
+    packed_name: str = ""  # the placeholder of the packed weights
+    layout: str = "canonical"  # or "kblocked" (passes.lower_triton)
 
 
 @dataclass
@@ -36,7 +38,7 @@ class PassContext:
 
 
 def run_passes(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
-    from bitcompile.passes import attention, batchnorm, conv, epilogue, hoist_weights, linear, norm_quant
+    from bitcompile.passes import attention, batchnorm, conv, epilogue, hoist_weights, linear, lower_triton, norm_quant
 
     for rewrite in (
         attention.rewrite_attention,  # claims MHA / encoder-layer projections before the linear pass
@@ -47,6 +49,7 @@ def run_passes(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         epilogue.fuse_epilogues,  # inference: linear + activation + residual add -> linear_q
         norm_quant.fuse_norm_quant,  # inference: (add +) norm + activation quant -> norm_quant
         hoist_weights.hoist_packed_weights,
+        lower_triton.lower_to_triton,  # CUDA, static shapes: Inductor-visible Triton ops
     ):
         rewrite(gm, ctx)
     # In-place method calls with no users (BatchNorm's ``num_batches_tracked.add_(1)``) are

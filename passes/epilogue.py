@@ -95,6 +95,7 @@ def fuse_epilogues(gm: fx.GraphModule, ctx: PassContext) -> None:
         fused.meta.update(last.meta)
         last.replace_all_uses_with(fused)
         candidate = node.meta.get("bitnet_candidate")
+        fused.meta["bitnet_candidate"] = candidate
         if candidate is not None and (act != "none" or residual is not None):
             parts = ([act] if act != "none" else []) + (["residual add"] if residual is not None else [])
             candidate.reason += f", epilogue: {' + '.join(parts)}"

@@ -28,9 +28,9 @@ def hoist_packed_weights(gm: fx.GraphModule, ctx: PassContext) -> None:
         w, scheme, per_channel = node.args
         if w.op != "placeholder":
             continue  # a get_attr weight: leave quantization in the graph
-        ctx.hoisted.append(HoistedWeight(placeholders.index(w), scheme, per_channel))
         with graph.inserting_after(last):
             packed = graph.placeholder(f"{w.name}_packed")
+        ctx.hoisted.append(HoistedWeight(placeholders.index(w), scheme, per_channel, packed.name))
         with graph.inserting_after(packed):
             scale = graph.placeholder(f"{w.name}_scale")
         last = scale

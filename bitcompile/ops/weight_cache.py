@@ -27,7 +27,15 @@ class WeightCache:
         self._entries = WeakIdKeyDictionary()
         self.stats = CacheStats()
 
-    def get(self, weight: torch.Tensor, scheme: str, per_channel: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def get(self, weight: torch.Tensor, scheme: str, per_channel: bool, layout: str = "canonical") -> tuple[torch.Tensor, torch.Tensor]:
+        """``(packed, scale)``; ``layout="kblocked"``: ternary codes in the kernels' K-blocked
+        layout (relaid once per packed tensor), for ``bitnet::linear_q_triton``."""
+        packed, scale = self._canonical(weight, scheme, per_channel)
+        if layout == "kblocked":
+            packed = _kblocked(packed, weight.shape[-1])
+        return packed, scale
+
+    def _canonical(self, weight: torch.Tensor, scheme: str, per_channel: bool) -> tuple[torch.Tensor, torch.Tensor]:
         if weight.is_inference():
             self.stats.misses += 1
             return torch.ops.bitnet.quantize_weights(weight, scheme, per_channel)
@@ -51,6 +59,16 @@ class WeightCache:
 
 
 WEIGHT_CACHE = WeightCache()
+
+
+def _kblocked(packed: torch.Tensor, k: int) -> torch.Tensor:
+    if packed.is_cuda:
+        from bitcompile.kernels.layout import kblocked
+
+        return kblocked(packed, k)
+    from bitcompile.quant.packing import to_kblocked
+
+    return to_kblocked(packed, k)
 
 
 def _version_key(weight: torch.Tensor):

@@ -9,6 +9,7 @@ pytestmark = pytest.mark.gpu
 ops = torch.ops.bitnet
 SHAPES = [(1, 4096, 4096), (7, 1000, 1003), (16, 4096, 14336), (256, 14336, 4096), (4097, 1024, 4096)]
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+STATIC_OPCHECK = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_static")
 
 
 @pytest.mark.parametrize("m,n,k", SHAPES)
@@ -132,3 +133,41 @@ def test_bitlinear_compiled_inference():
         plain = torch.nn.Linear(4096, 4096, device="cuda", dtype=torch.bfloat16)
         plain.load_state_dict(layer.state_dict())
         assert torch.equal(torch.compile(plain, backend="bitnet")(x), want)
+
+
+def test_triton_twins_opcheck():
+    # Their fake implementation traces the kernels through wrap_triton (not possible in
+    # the CPU interpreter, so this check runs here). Static shapes only: the lowering pass
+    # emits them only for graphs with static shapes (the kernel variant depends on M).
+    from bitcompile.ops import triton_ops  # noqa: F401
+    from bitcompile.kernels.layout import relayout
+
+    wq, ws = ops.quantize_weights(torch.randn(64, 300, device="cuda"), "ternary", False)
+    xq, xs = ops.quantize_activations(torch.randn(3, 300, device="cuda"), 8)
+    torch.library.opcheck(ops.linear_q_triton.default, (xq, xs, relayout(wq, 300), ws, None, 300, torch.bfloat16, "relu", None),
+                          test_utils=STATIC_OPCHECK)
+    x = torch.randn(3, 300, device="cuda")
+    torch.library.opcheck(ops.norm_quant_triton.default, (x, None, None, None, "rms", 1e-6, 8, torch.float32, True, False),
+                          test_utils=STATIC_OPCHECK)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_compiled_block_launches_our_kernels_from_inductor_code(dtype, monkeypatch):
+    # CUDA inference with static shapes: Inductor's generated code launches the Triton
+    # kernels itself (triton_op); the output equals the same graph on the opaque ops.
+    from torch._inductor.utils import run_and_get_code
+
+    from bitcompile.passes import lower_triton
+    from tests.passes.fusion_models import Block
+
+    torch.manual_seed(0)
+    model = Block(d=256, hidden=512).to("cuda", dtype).eval()
+    x, r = (torch.randn(2, 7, 256, device="cuda", dtype=dtype) for _ in range(2))
+    with torch.no_grad():
+        got, (code, *_) = run_and_get_code(torch.compile(model, backend="bitnet"), x, r)
+        assert "_norm_quant_kernel" in code and ("_gemv_kernel" in code or "_gemm_kernel" in code)
+        assert "torch.ops.bitnet.linear_q.default" not in code and "bitnet.norm_quant.default" not in code
+        torch._dynamo.reset()
+        monkeypatch.setattr(lower_triton, "lower_to_triton", lambda gm, ctx: None)
+        opaque = torch.compile(model, backend="bitnet")(x, r)
+    assert torch.equal(got, opaque)
