@@ -354,6 +354,15 @@ def _(x, weight, bias, xq, x_scale, wq, w_scale):
     return ternary_matmul(xq, wq, x.shape[-1], x_scale, w_scale, bias, x.dtype)
 
 
+@lowbit_conv.register_kernel("cuda")
+def _(x, weight, bias, xq, x_scale, wq, w_scale, stride, padding, dilation, groups):
+    from bitcompile.kernels.conv import ternary_conv
+
+    if xq is None or not _packed_ternary(wq):  # weight-only / int8 weights: the reference
+        return ref.lowbit_conv(x, weight.shape, bias, xq, x_scale, wq, w_scale, stride, padding, dilation, groups)
+    return ternary_conv(xq, wq, weight.shape, stride, padding, dilation, groups, x_scale, w_scale, bias, x.dtype)
+
+
 @grad_input.register_kernel("cuda")
 def _(grad, wq, w_scale, k):
     from bitcompile.kernels.grad_input import grad_input as kernel

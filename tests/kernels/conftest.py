@@ -34,6 +34,7 @@ def kernels(_triton_interpreter):
         ternary_matmul = importlib.import_module("bitcompile.kernels.ternary_matmul")
         grad_input = importlib.import_module("bitcompile.kernels.grad_input")
         layout = importlib.import_module("bitcompile.kernels.layout")
+        conv = importlib.import_module("bitcompile.kernels.conv")
 
     return Modules
 

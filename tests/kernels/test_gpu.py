@@ -171,3 +171,34 @@ def test_compiled_block_launches_our_kernels_from_inductor_code(dtype, monkeypat
         monkeypatch.setattr(lower_triton, "lower_to_triton", lambda gm, ctx: None)
         opaque = torch.compile(model, backend="bitnet")(x, r)
     assert torch.equal(got, opaque)
+
+
+CONVS = [  # (N, C_in, C_out, HW, kernel, stride, padding, dilation, groups): ResNet / MobileNet-like
+    (8, 64, 64, 56, 3, 1, 1, 1, 1), (4, 128, 256, 28, 3, 2, 1, 1, 1), (4, 256, 512, 14, 1, 1, 0, 1, 1),
+    (2, 96, 96, 30, 3, 1, 2, 2, 1), (2, 64, 64, 20, 3, 1, 1, 1, 64), (2, 64, 128, 20, 3, 1, 1, 1, 4),
+]
+
+
+@pytest.mark.parametrize("n,cin,cout,hw,kern,stride,pad,dil,groups", CONVS)
+def test_conv_implicit_gemm_exact(n, cin, cout, hw, kern, stride, pad, dil, groups):
+    from bitcompile.kernels.conv import ternary_conv
+
+    wshape = (cout, cin // groups, kern, kern)
+    wq, _ = ref.quantize_weights(torch.randn(wshape).flatten(1))
+    xq = torch.randint(-128, 128, (n, cin, hw, hw), dtype=torch.int8)
+    conv = dict(stride=[stride] * 2, padding=[pad] * 2, dilation=[dil] * 2, groups=groups)
+    got = ternary_conv(xq.cuda(), wq.cuda(), wshape, **conv)
+    assert torch.equal(got.cpu(), ref.lowbit_conv_accumulate(xq, wq, wshape, **conv))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_lowbit_conv_op_on_cuda(dtype):
+    # The op's CUDA kernel (implicit GEMM) against the reference op on the same quantized operands.
+    x = torch.randn(4, 32, 17, 17, device="cuda", dtype=dtype)
+    w, b = torch.randn(48, 32, 3, 3, device="cuda", dtype=dtype), torch.randn(48, device="cuda", dtype=dtype)
+    xq, xs = ops.quantize_activations_per_sample(x, 8)
+    wq, ws = ops.quantize_weights(w.flatten(1), "ternary", True)
+    args = ([2, 2], [1, 1], [1, 1], 1)
+    got = ops.lowbit_conv(x, w, b, xq, xs, wq, ws, *args)
+    want = ref.lowbit_conv(x, w.shape, b, xq, xs, wq, ws, *args)
+    assert torch.equal(got, want)  # same int32 accumulator, same fp32 epilogue order, one rounding

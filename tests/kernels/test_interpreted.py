@@ -219,3 +219,36 @@ def test_norm_quant_triton_twin(kernels, device):
     assert torch.equal(q.cpu(), want[0]) and torch.equal(h.cpu(), want[3]) and y.numel() == 0
     torch.testing.assert_close(s.cpu(), want[1], rtol=1e-6, atol=0)
 
+
+
+@given(n=st.integers(1, 2), cin=st.integers(1, 6), cout=st.integers(1, 20), size=st.integers(1, 9),
+       kernel=st.integers(1, 3), stride=st.integers(1, 2), padding=st.integers(0, 2), dilation=st.integers(1, 2),
+       groups=st.sampled_from([1, 2]), spatial=st.sampled_from([1, 2]), seed=st.integers(0, 2**16))
+def test_conv_implicit_gemm_exact(kernels, device, n, cin, cout, size, kernel, stride, padding, dilation, groups,
+                                  spatial, seed):
+    from hypothesis import assume
+
+    assume(size + 2 * padding >= dilation * (kernel - 1) + 1)
+    cin, cout = cin * groups, cout * groups
+    g = torch.Generator().manual_seed(seed)
+    wshape = (cout, cin // groups, *([kernel] * spatial))
+    wq, ws = ref.quantize_weights(torch.randn(wshape, generator=g).flatten(1))
+    xq = torch.randint(-128, 128, (n, cin, *([size] * spatial)), dtype=torch.int8, generator=g)
+    conv = dict(stride=[stride] * spatial, padding=[padding] * spatial, dilation=[dilation] * spatial, groups=groups)
+    want = ref.lowbit_conv_accumulate(xq, wq, wshape, **conv)
+    got = kernels.conv.ternary_conv(xq.to(device), wq.to(device), wshape, **conv)
+    assert got.dtype == torch.int32 and torch.equal(got.cpu(), want)
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_conv_epilogue(kernels, device, per_channel):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 6, 7, 7, generator=g)
+    w, bias = torch.randn(10, 3, 3, 3, generator=g), torch.randn(10, generator=g)
+    wq, ws = ref.quantize_weights(w.flatten(1), "ternary", per_channel)
+    xq, xs = ref.quantize_activations_per_sample(x)
+    args = ([2, 1], [1, 0], [1, 2], 2)
+    want = ref.lowbit_conv(x, w.shape, bias, xq, xs, wq, ws, *args)
+    got = kernels.conv.ternary_conv(xq.to(device), wq.to(device), w.shape, *args, xs.to(device), ws.to(device),
+                                    bias.to(device), torch.float32)
+    assert torch.equal(got.cpu(), want)  # same int32 accumulator, same fp32 operation order
