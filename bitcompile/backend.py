@@ -55,9 +55,31 @@ def bitnet_backend(
 
 
 def _copy(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy the passes may rewrite, keeping what AOTAutograd reads from Dynamo's graph
+    (its meta, parameter sources, each placeholder's source): without them it cannot tell
+    parameters from activations, and CUDA graphs would copy every weight on every replay."""
     graph = fx.Graph()
     graph.output(graph.graph_copy(gm.graph, {}))
-    return fx.GraphModule(gm, graph)
+    out = fx.GraphModule(gm, graph)
+    out.meta.update(gm.meta)
+    if hasattr(gm, "_param_name_to_source"):
+        out._param_name_to_source = gm._param_name_to_source
+    for old, new in zip(gm.graph.find_nodes(op="placeholder"), out.graph.find_nodes(op="placeholder")):
+        if hasattr(old, "_dynamo_source"):
+            new._dynamo_source = old._dynamo_source
+    return out
+
+
+def _mark_added_inputs(gm: fx.GraphModule, hoisted) -> None:
+    """Placeholders the passes added have no Dynamo source; hoisted packed weights are static
+    (their cache entry keeps one address until the parameter changes), so CUDA graphs do not
+    copy them on every replay."""
+    static = {name for h in hoisted for name in (h.packed_name, h.scale_name)}
+    for node in gm.graph.find_nodes(op="placeholder"):
+        if not hasattr(node, "_dynamo_source"):
+            node._dynamo_source = None
+        if node.name in static:
+            node.meta["tensor_dict"] = {**node.meta.get("tensor_dict", {}), "_dynamo_static_input_type": "unguarded"}
 
 
 def _compile(gm: fx.GraphModule, example_inputs: list, ctx) -> Callable:
@@ -78,6 +100,8 @@ def _compile(gm: fx.GraphModule, example_inputs: list, ctx) -> Callable:
     for h in hoisted:
         packed = WEIGHT_CACHE.get(example_inputs[h.arg_index], h.scheme, h.per_channel, h.layout)
         example_inputs.extend(fake_mode.from_tensor(t, static_shapes=True) if fake_mode is not None else t for t in packed)
+    if "dynamo_compile_id" in gm.meta:
+        _mark_added_inputs(gm, hoisted)
     mode = ctx.config.mode
     patches = list_mode_options(mode) if mode not in (None, "default") else {}
     compiled = compile_fx(gm, example_inputs, config_patches=patches)

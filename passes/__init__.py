@@ -21,7 +21,8 @@ class HoistedWeight:
     arg_index: int  # position of the latent weight among the graph's inputs
     scheme: str
     per_channel: bool
-    packed_name: str = ""  # the placeholder of the packed weights
+    packed_name: str = ""  # the placeholders of the packed weights and of their scale
+    scale_name: str = ""
     layout: str = "canonical"  # or "kblocked" (passes.lower_triton)
 
 

@@ -30,9 +30,9 @@ def hoist_packed_weights(gm: fx.GraphModule, ctx: PassContext) -> None:
             continue  # a get_attr weight: leave quantization in the graph
         with graph.inserting_after(last):
             packed = graph.placeholder(f"{w.name}_packed")
-        ctx.hoisted.append(HoistedWeight(placeholders.index(w), scheme, per_channel, packed.name))
         with graph.inserting_after(packed):
             scale = graph.placeholder(f"{w.name}_scale")
+        ctx.hoisted.append(HoistedWeight(placeholders.index(w), scheme, per_channel, packed.name, scale.name))
         last = scale
         for user in list(node.users):
             assert user.target is operator.getitem

@@ -97,3 +97,28 @@ def test_inference_mode_and_bf16():
         out = torch.compile(model, backend="bitnet")(x)
         assert out.dtype == torch.bfloat16
         torch.testing.assert_close(out, swap_to_bitlinear(model)(x), rtol=0, atol=0)
+
+
+def test_aot_sees_parameters_and_packed_weights_as_static_inputs(monkeypatch):
+    # CUDA graphs copy every non-static input into their buffers on each replay: the graph
+    # the passes rewrite must keep Dynamo's parameter metadata, and the hoisted packed
+    # weights must be marked static, or every weight would be copied on every call.
+    import torch._functorch.aot_autograd as aot
+
+    seen = []
+    original = aot._try_get_metadata_from_dynamo
+
+    def spy(mod, *args, **kwargs):
+        sources, static = original(mod, *args, **kwargs)
+        seen.append((mod, static))
+        return sources, static
+
+    monkeypatch.setattr(aot, "_try_get_metadata_from_dynamo", spy)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4)).eval()
+    with torch.no_grad():
+        torch.compile(model, backend="bitnet")(torch.randn(3, 8))
+    (mod, static), = seen
+    names = [n.name for n in mod.graph.find_nodes(op="placeholder")]
+    static_names = {names[i] for i in static}
+    assert {n for n in names if n.endswith(("_packed", "_scale"))} <= static_names and len(static_names) == 8
+    assert not any("l_input" in n or "args" in n for n in static_names)  # the activation is not static

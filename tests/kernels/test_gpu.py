@@ -227,3 +227,24 @@ def test_resnet_compiled_on_cuda_matches_cpu_reference():
     # CPU and GPU float ops may differ by an ulp before a quantizer, which can move one int8
     # code by 1 (1/127 of that sample's scale): 1e-2 relative bounds a few such flips.
     assert rel_err(got.cpu(), want) < 1e-2
+
+
+def test_reduce_overhead_reads_repacked_weights():
+    # mode="reduce-overhead": CUDA graphs treat the hoisted packed weights as static inputs
+    # (not copied per replay). After a weight update the cache re-packs into a new buffer:
+    # the graph must see it (re-recorded), never replay stale weights.
+    from bitcompile.nn import reference_model
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(256, 512), torch.nn.SiLU(), torch.nn.Linear(512, 256))
+    model = model.to("cuda", torch.bfloat16).eval()
+    x = torch.randn(4, 256, device="cuda", dtype=torch.bfloat16)
+    compiled = torch.compile(model, backend="bitnet", mode="reduce-overhead")
+    with torch.no_grad():
+        for _ in range(3):
+            got = compiled(x).clone()
+        torch.testing.assert_close(got, reference_model(model)(x), rtol=2e-2, atol=2e-2)
+        model[0].weight.mul_(-0.5)
+        for _ in range(3):
+            got = compiled(x).clone()
+        torch.testing.assert_close(got, reference_model(model)(x), rtol=2e-2, atol=2e-2)
