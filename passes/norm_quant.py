@@ -12,7 +12,10 @@ gate/up) share one ``norm_quant``. Recognised spellings:
   with ``h32 = h.to(torch.float32)`` (with or without the casts and the weight);
 * a residual add feeding the norm, ``h = x + r``.
 
-Training graphs are left alone: there the norm's backward (Inductor's) needs it.
+Training graphs are fused too: there the normalized tensor is always stored (the linears'
+STE routes their input gradient through it) and ``norm_quant``'s autograd rule backpropagates
+through the norm and the residual add (``reference.normalize_backward``, plain torch ops that
+AOTAutograd traces into the backward graph for Inductor to fuse).
 """
 from __future__ import annotations
 
@@ -163,12 +166,9 @@ def fuse_norm_quant(gm: fx.GraphModule, ctx: PassContext) -> None:
             module=(owner(path) or "(root)") if path else f"({y.name})",
             shape=f"x{list(hm.shape)}",
             dtype=str(hm.dtype).removeprefix("torch."),
-            rewritten=not ctx.training,
+            rewritten=True,
         )
         ctx.report.candidates.append(candidate)
-        if ctx.training:
-            candidate.reason = "training graph: norm left to Inductor (its backward needs the normalized input)"
-            continue
         x, residual = _residual(norm.h)
         order = {n: i for i, n in enumerate(graph.nodes)}
         if residual is not None and any(order[u] < order[y] for u in norm.h.users if u not in norm.internal):

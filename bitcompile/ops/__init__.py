@@ -1,6 +1,6 @@
 """The ``bitnet`` ops: one definition of every quantizer, shared by the eager layers
 (``bitcompile.nn``) and the compiled graphs (``bitcompile.passes``)."""
-from bitcompile.ops import reference
+from bitcompile.ops import conv_attention, cuda, fused, reference  # noqa: F401  (each registers its ops)
 from bitcompile.ops.library import (
     dequantize,
     grad_input,

@@ -208,6 +208,29 @@ def normalize(h: torch.Tensor, kind: str, weight, bias, eps: float, out_dtype: t
     return y.to(out_dtype)
 
 
+def normalize_backward(h: torch.Tensor, grad: torch.Tensor, kind: str, weight, bias, eps: float):
+    """Gradients of :func:`normalize` for an output gradient ``grad``: ``(d h, d weight,
+    d bias)`` in float32 (casts count as the identity; ``d weight`` uses the normalized
+    value the forward multiplied, cast as there). None where there is nothing to return."""
+    g = grad.float()
+    if kind == "none":
+        return g, None, None
+    hf = h.float()
+    if kind == "layer":
+        hf = hf - hf.mean(-1, keepdim=True)
+    r = torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps)
+    xhat = hf * r
+    lead = tuple(range(g.dim() - 1))
+    gw = (g * (xhat.to(h.dtype).float() if kind == "rms" else xhat)).sum(lead) if weight is not None else None
+    gb = g.sum(lead) if bias is not None else None
+    if weight is not None:
+        g = g * weight.float()
+    if kind == "layer":
+        g = g - g.mean(-1, keepdim=True)
+    gh = r * (g - xhat * (g * xhat).mean(-1, keepdim=True))
+    return gh, gw, gb
+
+
 def norm_quant(x, residual, weight, bias, kind: str, eps: float, bits: int, norm_dtype: torch.dtype):
     """``h = x (+ residual)`` in x's dtype, ``y = normalize(h)``, ``(q, s) = quantize_activations(y)``.
     Returns ``(q, s, y, h)``."""

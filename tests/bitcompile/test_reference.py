@@ -76,3 +76,27 @@ def test_zero_nan_inf_inputs_have_defined_results():
     wnan[0, 0] = float("nan")
     y = ref.lowbit_linear(torch.randn(2, 5), None, None, None, *ref.quantize_weights(wnan), 5)
     assert torch.isnan(y).all()  # a NaN weight poisons the per-tensor scale: every output is NaN
+
+
+@given(kind=st.sampled_from(["none", "rms", "rms_fp32", "layer"]), k=st.integers(1, 40), affine=st.booleans(),
+       seed=st.integers(0, 2**16))
+def test_normalize_backward_matches_autograd(kind, k, affine, seed):
+    # The hand-written norm backward (QAT through norm_quant) against autograd through the
+    # forward formula, in float64 so the comparison is not about rounding.
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(3, 2, k, generator=g, dtype=torch.float64, requires_grad=True)
+    w = (torch.rand(k, generator=g, dtype=torch.float64) + 0.5).requires_grad_() if affine and kind != "none" else None
+    b = torch.randn(k, generator=g, dtype=torch.float64).requires_grad_() if affine and kind == "layer" else None
+    gy = torch.randn(3, 2, k, generator=g, dtype=torch.float64)
+
+    def forward(h, w, b):  # ref.normalize computes in float32; the same formula in float64
+        hf = h - h.mean(-1, keepdim=True) if kind == "layer" else h
+        y = hf if kind == "none" else hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + 1e-5)
+        return y * (w if w is not None else 1) + (b if b is not None else 0)
+
+    inputs = [t for t in (h, w, b) if t is not None]
+    want = torch.autograd.grad(forward(h, w, b), inputs, gy)
+    gh, gw, gb = ref.normalize_backward(h.detach(), gy, kind, w, b, 1e-5)
+    got = [gh] + [t for t in (gw, gb) if t is not None]
+    for a, e in zip(got, want):
+        torch.testing.assert_close(a.double(), e, rtol=1e-5, atol=1e-5)  # float32 arithmetic inside

@@ -78,14 +78,35 @@ def test_epilogue_activations_and_stored_normalized_output():
         torch.testing.assert_close(a, b, **TOL[torch.float32])
 
 
-def test_training_graphs_are_not_fused():
+def test_training_graphs_fuse_norms_and_keep_the_ste_linears():
     model = Block()
     x, r = torch.randn(2, 3, 16), torch.randn(2, 3, 16)
     targets = rewritten_targets(model, x, r, training=True)
-    assert bitnet.norm_quant.default not in targets and bitnet.linear_q.default not in targets
-    assert targets.count(bitnet.lowbit_linear.default) == 5
+    assert targets.count(bitnet.norm_quant.default) == 2 and bitnet.linear_q.default not in targets
+    assert targets.count(bitnet.lowbit_linear.default) == 5  # the epilogue fusion is inference-only
     report = bitcompile.explain(model, x, r)
-    assert all("training graph" in c.reason for c in report.candidates if "norm" in c.op)
+    assert sum("normalized output also stored" in c.reason for c in report.candidates if c.op.endswith("+quant")) == 2, str(report)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_qat_gradients_through_the_fused_norm_match_the_unfused_graph(dtype):
+    # The fused training graph (norm_quant with its backward) against the unfused one
+    # (Inductor's norm + quantize_activations): same loss, same gradients for the input, the
+    # residual, the linear weights and the norm weights.
+    torch.manual_seed(0)
+    model = Block().to(dtype)
+    x, r = torch.randn(2, 5, 16, dtype=dtype), torch.randn(2, 5, 16, dtype=dtype)
+
+    def grads(**options):
+        torch._dynamo.reset()
+        model.zero_grad()
+        xs, rs = x.clone().requires_grad_(), r.clone().requires_grad_()
+        out = torch.compile(model, backend="bitnet", options=options)(xs, rs)
+        out.pow(2).mean().backward()
+        return [out.detach(), xs.grad, rs.grad] + [p.grad.clone() for p in model.parameters()]
+
+    for got, want in zip(grads(), grads(fuse=False)):
+        torch.testing.assert_close(got, want, **TOL[dtype])
 
 
 def test_a_linear_output_with_other_users_keeps_its_activation_outside():
