@@ -248,3 +248,24 @@ def test_reduce_overhead_reads_repacked_weights():
         for _ in range(3):
             got = compiled(x).clone()
         torch.testing.assert_close(got, reference_model(model)(x), rtol=2e-2, atol=2e-2)
+
+
+def test_qat_fused_norm_gradients_on_cuda():
+    # Training graphs fuse the norm into norm_quant (CUDA kernel forward, plain-torch norm
+    # backward): gradients equal the unfused graph's (Inductor's norm) within bf16 rounding
+    # plus the occasional int8 code flip (see tests/passes/test_fusion.py).
+    from tests.passes.fusion_models import Block
+
+    torch.manual_seed(0)
+    model = Block(d=256, hidden=512).to("cuda", torch.bfloat16)
+    x, r = (torch.randn(2, 7, 256, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+
+    def grads(**options):
+        torch._dynamo.reset()
+        model.zero_grad()
+        xs, rs = x.clone().requires_grad_(), r.clone().requires_grad_()
+        torch.compile(model, backend="bitnet", options=options)(xs, rs).pow(2).mean().backward()
+        return [xs.grad, rs.grad] + [p.grad.clone() for p in model.parameters()]
+
+    for got, want in zip(grads(), grads(fuse=False)):
+        torch.testing.assert_close(got, want, rtol=3e-2, atol=3e-2 * want.abs().max().item())
