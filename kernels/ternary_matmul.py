@@ -190,10 +190,9 @@ def _split_k_workspace(device: torch.device, numel: int, tiles: int):
 def _gemv_configs(m: int):
     if tuning.interpreting():
         return [dict(kernel="gemv", BN=4, BW=32, num_warps=4)]
-    # (BN, BW, warps, stages). Every program re-reads x (K bytes) against BN * K / 4 weight
-    # bytes: BN >= 16 keeps the activation loads (L1-bound at BN=4, ncu) below the weights'.
-    shapes = [(4, 64, 4, 3), (8, 64, 4, 3), (4, 128, 4, 2), (8, 128, 8, 2), (16, 64, 4, 3), (16, 64, 8, 3),
-              (16, 128, 8, 3), (32, 64, 8, 3), (32, 32, 4, 3)]
+    # (BN, BW, warps, stages). Wider weight tiles (BN 16/32: x re-read less per weight byte)
+    # were tried on the H100 and never won (round 3, .notes/kernels.md); BN=4, BW=128 does.
+    shapes = [(4, 64, 4, 3), (8, 64, 4, 3), (4, 128, 4, 2), (8, 128, 8, 2), (4, 128, 8, 3), (2, 128, 4, 3)]
     if m > 4:  # BM x BN x BW accumulators: keep the register tile small
         shapes = [(2, 64, 4, 3), (4, 64, 8, 3), (2, 128, 8, 2), (1, 128, 4, 3)]
     return [dict(kernel="gemv", BN=bn, BW=bw, num_warps=w, num_stages=s) for bn, bw, w, s in shapes]

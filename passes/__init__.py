@@ -48,7 +48,7 @@ def run_passes(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         linear.rewrite_linears,
         batchnorm.rewrite_batchnorms,  # folds into the lowbit ops the passes above produced
         epilogue.fuse_epilogues,  # inference: linear + activation + residual add -> linear_q
-        norm_quant.fuse_norm_quant,  # inference: (add +) norm + activation quant -> norm_quant
+        norm_quant.fuse_norm_quant,  # (add +) norm + activation quant -> norm_quant (also in training)
         hoist_weights.hoist_packed_weights,
         lower_triton.lower_to_triton,  # CUDA, static shapes: Inductor-visible Triton ops
     ):

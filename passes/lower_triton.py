@@ -1,8 +1,8 @@
 """CUDA inference graphs: the fused ops become their Inductor-visible Triton twins.
 
 ``linear_q`` -> ``linear_q_triton``, and ``norm_quant`` and ``quantize_activations`` ->
-``norm_quant_triton`` (``bitcompile.ops.triton_ops``), so Inductor launches our kernels from its generated
-code instead of calling an opaque op through Python on every call. Only where the
+``norm_quant_triton`` (``bitcompile.ops.triton_ops``), so Inductor launches our kernels
+from its generated code instead of calling an opaque op through Python on every call. Only where the
 choice of kernel can be made at compile time:
 
 * the graph runs on CUDA and every shape the kernels see is static (the variant and its
