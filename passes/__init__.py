@@ -24,6 +24,7 @@ class HoistedWeight:
     packed_name: str = ""  # the placeholders of the packed weights and of their scale
     scale_name: str = ""
     layout: str = "canonical"  # or "kblocked" (passes.lower_triton)
+    view: str = ""  # quantize W itself, or W.flatten(1) ("flatten"), or W.t() ("t")
 
 
 @dataclass

@@ -1,7 +1,8 @@
 """Inference graphs: weight quantization moves out of the graph into a cache.
 
 Without gradients the packed weights depend only on the parameters, so each
-``quantize_weights(W)`` on a parameter input becomes two new graph inputs that the
+``quantize_weights(W)`` on a parameter input (or on ``W.flatten(1)`` of a conv weight,
+``W.t()`` of a GPT-2 ``Conv1D`` weight) becomes two new graph inputs that the
 backend's runtime wrapper fills from :data:`bitcompile.ops.WEIGHT_CACHE`, which
 re-packs only when the parameter changed. Training graphs keep the node: there
 the latent weights change every step.
@@ -16,6 +17,16 @@ import torch.fx as fx
 from bitcompile.passes import HoistedWeight, PassContext
 
 
+def _parameter_view(w: fx.Node):
+    """``(placeholder, view)`` for ``W``, ``torch.flatten(W, 1)`` (a conv's 2-D weight) or
+    ``torch.t(W)`` (transformers' ``Conv1D``); ``(None, "")`` for anything else."""
+    if w.op == "call_function" and w.target is torch.flatten and w.args[1:] == (1,) and not w.kwargs:
+        return w.args[0], "flatten"
+    if w.op == "call_function" and w.target is torch.t and len(w.args) == 1:
+        return w.args[0], "t"
+    return (w, "") if w.op in ("placeholder", "get_attr") else (None, "")
+
+
 def hoist_packed_weights(gm: fx.GraphModule, ctx: PassContext) -> None:
     if ctx.training:
         return
@@ -26,13 +37,14 @@ def hoist_packed_weights(gm: fx.GraphModule, ctx: PassContext) -> None:
         if node.target is not torch.ops.bitnet.quantize_weights.default:
             continue
         w, scheme, per_channel = node.args
-        if w.op != "placeholder":
-            continue  # a get_attr weight: leave quantization in the graph
+        w, view = _parameter_view(w)
+        if w is None or w.op != "placeholder":
+            continue  # a get_attr weight or a computed one: leave quantization in the graph
         with graph.inserting_after(last):
             packed = graph.placeholder(f"{w.name}_packed")
         with graph.inserting_after(packed):
             scale = graph.placeholder(f"{w.name}_scale")
-        ctx.hoisted.append(HoistedWeight(placeholders.index(w), scheme, per_channel, packed.name, scale.name))
+        ctx.hoisted.append(HoistedWeight(placeholders.index(w), scheme, per_channel, packed.name, scale.name, view=view))
         last = scale
         for user in list(node.users):
             assert user.target is operator.getitem

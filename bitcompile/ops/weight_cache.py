@@ -27,31 +27,35 @@ class WeightCache:
         self._entries = WeakIdKeyDictionary()
         self.stats = CacheStats()
 
-    def get(self, weight: torch.Tensor, scheme: str, per_channel: bool, layout: str = "canonical") -> tuple[torch.Tensor, torch.Tensor]:
-        """``(packed, scale)``; ``layout="kblocked"``: ternary codes in the kernels' K-blocked
-        layout (relaid once per packed tensor), for ``bitnet::linear_q_triton``."""
-        packed, scale = self._canonical(weight, scheme, per_channel)
-        if layout == "kblocked":
-            packed = _kblocked(packed, weight.shape[-1])
-        return packed, scale
-
-    def _canonical(self, weight: torch.Tensor, scheme: str, per_channel: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def get(self, weight: torch.Tensor, scheme: str, per_channel: bool, layout: str = "canonical",
+            view: str = "") -> tuple[torch.Tensor, torch.Tensor]:
+        """``(packed, scale)`` of ``weight``, or of ``weight.flatten(1)`` (``view="flatten"``, a
+        conv) or ``weight.t()`` (``view="t"``); ``layout="kblocked"``: ternary codes in the
+        kernels' K-blocked layout (relaid once per packed tensor), for ``bitnet::linear_q_triton``."""
+        w2d = _VIEWS[view](weight)
         if weight.is_inference():
             self.stats.misses += 1
-            return torch.ops.bitnet.quantize_weights(weight, scheme, per_channel)
-        entry = self._entries.get(weight, {}).get((scheme, per_channel))
-        if entry is not None and entry[0] == _version_key(weight):
-            self.stats.hits += 1
-            return entry[1]
-        self.stats.misses += 1
-        with torch.no_grad():
-            packed = torch.ops.bitnet.quantize_weights(weight.detach(), scheme, per_channel)
-        self.put(weight, scheme, per_channel, packed)
+            packed = torch.ops.bitnet.quantize_weights(w2d, scheme, per_channel)
+        else:
+            key = (scheme, per_channel, view)
+            entry = self._entries.get(weight, {}).get(key)
+            if entry is not None and entry[0] == _version_key(weight):
+                self.stats.hits += 1
+                packed = entry[1]
+            else:
+                self.stats.misses += 1
+                with torch.no_grad():
+                    packed = torch.ops.bitnet.quantize_weights(w2d.detach().contiguous(), scheme, per_channel)
+                self.put(weight, scheme, per_channel, packed, view)
+        if layout == "kblocked":
+            return _kblocked(packed[0], w2d.shape[-1]), packed[1]
         return packed
 
-    def put(self, weight: torch.Tensor, scheme: str, per_channel: bool, packed: tuple[torch.Tensor, torch.Tensor]) -> None:
-        """Serve ``packed`` for ``weight`` until it changes (used when loading packed checkpoints)."""
-        self._entries.setdefault(weight, {})[(scheme, per_channel)] = (_version_key(weight), packed)
+    def put(self, weight: torch.Tensor, scheme: str, per_channel: bool, packed: tuple[torch.Tensor, torch.Tensor],
+            view: str = "") -> None:
+        """Serve ``packed`` for ``weight`` (seen through ``view``) until it changes (also used
+        when loading packed checkpoints)."""
+        self._entries.setdefault(weight, {})[(scheme, per_channel, view)] = (_version_key(weight), packed)
 
     def clear(self) -> None:
         self._entries = WeakIdKeyDictionary()
@@ -59,6 +63,7 @@ class WeightCache:
 
 
 WEIGHT_CACHE = WeightCache()
+_VIEWS = {"": lambda w: w, "flatten": lambda w: w.flatten(1), "t": lambda w: w.t()}
 
 
 def _kblocked(packed: torch.Tensor, k: int) -> torch.Tensor:

@@ -230,3 +230,37 @@ def test_conv_options_and_dtypes_match_reference(options, dtype):
     # bf16: the float ReLU between the layers is fused by Inductor; one bf16 ulp of slack
     tol = dict(rtol=1e-2, atol=1e-2) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(got, want, **tol)
+
+
+def test_inference_packs_conv_and_conv1d_projection_weights_once():
+    # Conv weights (W.flatten(1)) and GPT-2 Conv1D weights (W.t()) are hoisted like linear
+    # weights: packed once by the cache, not re-quantized inside the graph on every call, and
+    # re-packed after an update.
+    from bitcompile.ops import WEIGHT_CACHE
+
+    from transformers.pytorch_utils import Conv1D
+
+    class ConvAndProjection(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3, padding=1)
+            self.proj = Conv1D(5, 8)  # GPT-2's projection: weight [in, out], addmm
+
+        def forward(self, x):
+            return self.proj(self.conv(x).mean((2, 3)))
+
+    torch.manual_seed(0)
+    model, x = ConvAndProjection().eval(), torch.randn(2, 3, 6, 6)
+    compiled = torch.compile(model, backend="bitnet")
+    with torch.no_grad():
+        first = compiled(x)
+        assert WEIGHT_CACHE.stats.misses == 2  # packed at compile time
+        for _ in range(3):
+            assert torch.equal(compiled(x), first)
+        assert WEIGHT_CACHE.stats.misses == 2 and WEIGHT_CACHE.stats.hits >= 6
+        torch.testing.assert_close(first, reference_model(model)(x), rtol=1e-5, atol=1e-5)
+        model.conv.weight.mul_(-1)
+        model.proj.weight.mul_(0.5)
+        after = compiled(x)
+        assert WEIGHT_CACHE.stats.misses == 4
+        torch.testing.assert_close(after, reference_model(model)(x), rtol=1e-5, atol=1e-5)
