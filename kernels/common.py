@@ -20,6 +20,16 @@ def round_half_even(y):
 
 
 @triton.jit
+def grouped_tile(pid, grid_major, grid_minor, GROUP: tl.constexpr):
+    """``(major, minor)`` tile indices of program ``pid`` in grouped order: GROUP consecutive
+    major tiles sweep every minor tile together, so their shared operand stays in L2."""
+    width = GROUP * grid_minor
+    first = (pid // width) * GROUP
+    rows = min(grid_major - first, GROUP)
+    return first + (pid % width) % rows, (pid % width) // rows
+
+
+@triton.jit
 def unpack_trits(p, BKB: tl.constexpr, BN: tl.constexpr):
     """Packed bytes ``[BN, BKB]`` (canonical format) -> int8 trits ``[BN, 4 * BKB]`` in K order."""
     b = p.to(tl.int32)

@@ -12,21 +12,14 @@ import triton
 import triton.language as tl
 
 from bitcompile.kernels import tuning
-from bitcompile.kernels.common import unpack_trits
+from bitcompile.kernels.common import grouped_tile, unpack_trits
 
 
 @triton.jit
 def _grad_input_kernel(G, P, WS, OUT, M, N, K, KB, stride_g, stride_p, stride_o,
                        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
                        PER_CHANNEL: tl.constexpr, IEEE: tl.constexpr):
-    pid = tl.program_id(0)
-    grid_m = tl.cdiv(M, BM)
-    grid_k = tl.cdiv(K, BK)
-    width = GROUP_M * grid_k
-    first_m = (pid // width) * GROUP_M
-    group_rows = min(grid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % width) % group_rows
-    pid_k = (pid % width) // group_rows
+    pid_m, pid_k = grouped_tile(tl.program_id(0), tl.cdiv(M, BM), tl.cdiv(K, BK), GROUP_M)
     offs_m = pid_m * BM + tl.arange(0, BM)
     offs_k = pid_k * BK + tl.arange(0, BK)
     offs_c = pid_k * (BK // 4) + tl.arange(0, BK // 4)

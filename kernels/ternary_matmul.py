@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from bitcompile.kernels import tuning
-from bitcompile.kernels.common import ACTIVATIONS, apply_activation
+from bitcompile.kernels.common import ACTIVATIONS, apply_activation, grouped_tile
 from bitcompile.kernels.layout import QUARTER, kblocked
 
 GEMV_MAX_M = 16  # dp4a cost grows with M: from 2 rows on, tuning times it against the tensor cores
@@ -115,14 +115,7 @@ def _gemm_kernel(A, P, C, XS, WS, BIAS, RES, PARTIAL, COUNT, M, N, K, KPB, strid
                  SPLIT_K: tl.constexpr, SWAP: tl.constexpr, EPILOGUE: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr,
                  ACTIVATION: tl.constexpr, HAS_RES: tl.constexpr):
     # Grouped order over (weight row tiles, token tiles): GROUP_N weight tiles share L2.
-    pid = tl.program_id(0)
-    grid_n = tl.cdiv(N, BN)
-    grid_m = tl.cdiv(M, BM)
-    width = GROUP_N * grid_m
-    first_n = (pid // width) * GROUP_N
-    group_rows = min(grid_n - first_n, GROUP_N)
-    pid_n = first_n + (pid % width) % group_rows
-    pid_m = (pid % width) // group_rows
+    pid_n, pid_m = grouped_tile(tl.program_id(0), tl.cdiv(N, BN), tl.cdiv(M, BM), GROUP_N)
     offs_n = pid_n * BN + tl.arange(0, BN)
     offs_m = pid_m * BM + tl.arange(0, BM)
     offs_j = tl.arange(0, Q)

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from bitcompile.nn import bit_attention
 from bitcompile.passes import PassContext
-from bitcompile.passes.graph import meta, owner, parameter_path
+from bitcompile.passes.graph import emit_weight_quantization, meta, owner, parameter_path
 from bitcompile.passes.linear import _describe
 from bitcompile.report import Candidate
 
@@ -68,8 +68,7 @@ def _quantized_projection(graph, gm, ctx, w, b, x_node, label: str):
     _record(ctx, "linear", module, f"W{list(wm.shape) if wm is not None else '?'}", _dtype(x_node), reason, _describe(ctx.config) + f" ({label})")
     if reason:
         return (w, b, None, None)
-    qw = graph.call_function(torch.ops.bitnet.quantize_weights.default, (w, ctx.config.weight, ctx.config.per_channel))
-    return (w, b, graph.call_function(operator.getitem, (qw, 0)), graph.call_function(operator.getitem, (qw, 1)))
+    return (w, b, *emit_weight_quantization(graph, w, ctx.config))
 
 
 def _mha_unsupported(a) -> str:

@@ -13,13 +13,12 @@ GPT-2 ``Conv1D`` is a linear with a transposed ``[in, out]`` weight, spelled
 """
 from __future__ import annotations
 
-import operator
 
 import torch
 import torch.fx as fx
 
 from bitcompile.passes import PassContext
-from bitcompile.passes.graph import meta, owner, parameter_path
+from bitcompile.passes.graph import emit_activation_quantization, emit_weight_quantization, meta, owner, parameter_path
 from bitcompile.passes.linear import DEVICES, FLOAT_DTYPES, _describe
 from bitcompile.report import Candidate
 
@@ -92,11 +91,6 @@ def conv_skip_reason(x, w, b, path, groups, ctx: PassContext) -> str:
     return ""
 
 
-def _quantize_weight(graph: fx.Graph, w2d, cfg):
-    qw = graph.call_function(torch.ops.bitnet.quantize_weights.default, (w2d, cfg.weight, cfg.per_channel))
-    return graph.call_function(operator.getitem, (qw, 0)), graph.call_function(operator.getitem, (qw, 1))
-
-
 def rewrite_convs(gm: fx.GraphModule, ctx: PassContext) -> None:
     graph, cfg = gm.graph, ctx.config
     for node in list(graph.nodes):
@@ -126,12 +120,8 @@ def rewrite_convs(gm: fx.GraphModule, ctx: PassContext) -> None:
         if reason:
             continue
         with graph.inserting_before(node):
-            xq = x_scale = None
-            if cfg.activation_bits is not None:
-                qa = graph.call_function(torch.ops.bitnet.quantize_activations_per_sample.default, (x, cfg.activation_bits))
-                xq = graph.call_function(operator.getitem, (qa, 0))
-                x_scale = graph.call_function(operator.getitem, (qa, 1))
-            wq, w_scale = _quantize_weight(graph, graph.call_function(torch.flatten, (w, 1)), cfg)
+            xq, x_scale = emit_activation_quantization(graph, x, cfg, per_sample=True)
+            wq, w_scale = emit_weight_quantization(graph, graph.call_function(torch.flatten, (w, 1)), cfg)
             out = graph.call_function(
                 torch.ops.bitnet.lowbit_conv.default, (x, w, b, xq, x_scale, wq, w_scale, stride, padding, dilation, groups)
             )
@@ -170,13 +160,9 @@ def rewrite_conv1d_projections(gm: fx.GraphModule, ctx: PassContext) -> None:
         if reason:
             continue
         with graph.inserting_before(node):
-            xq = x_scale = None
-            if cfg.activation_bits is not None:
-                qa = graph.call_function(torch.ops.bitnet.quantize_activations.default, (x, cfg.activation_bits))
-                xq = graph.call_function(operator.getitem, (qa, 0))
-                x_scale = graph.call_function(operator.getitem, (qa, 1))
+            xq, x_scale = emit_activation_quantization(graph, x, cfg)
             wt = graph.call_function(torch.t, (w,))
-            wq, w_scale = _quantize_weight(graph, wt, cfg)
+            wq, w_scale = emit_weight_quantization(graph, wt, cfg)
             out = graph.call_function(torch.ops.bitnet.lowbit_linear.default, (x, wt, b, xq, x_scale, wq, w_scale))
         out.meta.update(node.meta)
         node.replace_all_uses_with(out)

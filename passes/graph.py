@@ -1,6 +1,8 @@
-"""Small FX helpers shared by the passes: tensor metadata and parameter paths."""
+"""Small FX helpers shared by the passes: tensor metadata, parameter paths, and the
+quantize nodes every rewrite emits."""
 from __future__ import annotations
 
+import operator
 import re
 from typing import Optional
 
@@ -55,3 +57,19 @@ def _get_attr(gm: fx.GraphModule, target: str):
 def owner(param_path: str) -> str:
     """``encoder.fc.weight`` -> ``encoder.fc``; a parameter of the compiled module itself -> ``""``."""
     return param_path.rpartition(".")[0]
+
+
+def emit_weight_quantization(graph: fx.Graph, w2d: fx.Node, cfg) -> tuple[fx.Node, fx.Node]:
+    """``(packed, scale)`` nodes of ``quantize_weights(w2d)`` (inserted at the graph's cursor)."""
+    qw = graph.call_function(torch.ops.bitnet.quantize_weights.default, (w2d, cfg.weight, cfg.per_channel))
+    return graph.call_function(operator.getitem, (qw, 0)), graph.call_function(operator.getitem, (qw, 1))
+
+
+def emit_activation_quantization(graph: fx.Graph, x: fx.Node, cfg, per_sample: bool = False):
+    """``(int8, scale)`` nodes of the activation quantizer (per token, or per sample for a
+    conv), or ``(None, None)`` for weight-only configurations."""
+    if cfg.activation_bits is None:
+        return None, None
+    op = torch.ops.bitnet.quantize_activations_per_sample if per_sample else torch.ops.bitnet.quantize_activations
+    qa = graph.call_function(op.default, (x, cfg.activation_bits))
+    return graph.call_function(operator.getitem, (qa, 0)), graph.call_function(operator.getitem, (qa, 1))

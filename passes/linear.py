@@ -15,7 +15,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from bitcompile.passes import PassContext
-from bitcompile.passes.graph import meta, owner, parameter_path
+from bitcompile.passes.graph import emit_activation_quantization, emit_weight_quantization, meta, owner, parameter_path
 from bitcompile.report import Candidate
 
 LINEAR_TARGETS = (F.linear, torch._C._nn.linear, torch.ops.aten.linear.default)
@@ -118,14 +118,8 @@ def rewrite_linears(gm: fx.GraphModule, ctx: PassContext) -> None:
             custom_quantizer.rewrite_linear(gm, ctx, node, x, w, b, path)
             continue
         with graph.inserting_before(node):
-            xq = x_scale = None
-            if cfg.activation_bits is not None:
-                qa = graph.call_function(torch.ops.bitnet.quantize_activations.default, (x, cfg.activation_bits))
-                xq = graph.call_function(operator.getitem, (qa, 0))
-                x_scale = graph.call_function(operator.getitem, (qa, 1))
-            qw = graph.call_function(torch.ops.bitnet.quantize_weights.default, (w, cfg.weight, cfg.per_channel))
-            wq = graph.call_function(operator.getitem, (qw, 0))
-            w_scale = graph.call_function(operator.getitem, (qw, 1))
+            xq, x_scale = emit_activation_quantization(graph, x, cfg)
+            wq, w_scale = emit_weight_quantization(graph, w, cfg)
             out = graph.call_function(torch.ops.bitnet.lowbit_linear.default, (x, w, b, xq, x_scale, wq, w_scale))
         out.meta.update(node.meta)
         out.meta["bitnet_candidate"] = ctx.report.candidates[-1]  # later passes add what they fused

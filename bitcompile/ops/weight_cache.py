@@ -10,6 +10,7 @@ re-quantized on every call rather than risk serving stale weights.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -32,10 +33,9 @@ class WeightCache:
         """``(packed, scale)`` of ``weight``, or of ``weight.flatten(1)`` (``view="flatten"``, a
         conv) or ``weight.t()`` (``view="t"``); ``layout="kblocked"``: ternary codes in the
         kernels' K-blocked layout (relaid once per packed tensor), for ``bitnet::linear_q_triton``."""
-        w2d = _VIEWS[view](weight)
         if weight.is_inference():
             self.stats.misses += 1
-            packed = torch.ops.bitnet.quantize_weights(w2d, scheme, per_channel)
+            packed = torch.ops.bitnet.quantize_weights(_VIEWS[view](weight), scheme, per_channel)
         else:
             key = (scheme, per_channel, view)
             entry = self._entries.get(weight, {}).get(key)
@@ -45,10 +45,11 @@ class WeightCache:
             else:
                 self.stats.misses += 1
                 with torch.no_grad():
-                    packed = torch.ops.bitnet.quantize_weights(w2d.detach().contiguous(), scheme, per_channel)
+                    packed = torch.ops.bitnet.quantize_weights(_VIEWS[view](weight.detach()), scheme, per_channel)
                 self.put(weight, scheme, per_channel, packed, view)
         if layout == "kblocked":
-            return _kblocked(packed[0], w2d.shape[-1]), packed[1]
+            k = weight.shape[0] if view == "t" else math.prod(weight.shape[1:])
+            return _kblocked(packed[0], k), packed[1]
         return packed
 
     def put(self, weight: torch.Tensor, scheme: str, per_channel: bool, packed: tuple[torch.Tensor, torch.Tensor],
