@@ -43,6 +43,46 @@ def unpack_trits(p, BKB: tl.constexpr, BN: tl.constexpr):
 
 
 @triton.jit
+def trits_at(p, SHIFT: tl.constexpr, USE_ASM: tl.constexpr):
+    """int8 trits ``((p >> SHIFT) & 3) - 1`` of packed bytes ``p``. On the GPU four bytes at
+    a time in one 32-bit register (shift, mask, subtract; the xor with 0x80 per byte keeps
+    the subtraction from borrowing across bytes): Triton's own int8 arithmetic unpacked each
+    byte separately and repacked with byte permutes, ~5 instructions per trit (SASS)."""
+    if not USE_ASM:
+        return ((p >> SHIFT) & 3).to(tl.int8) - 1
+    elif SHIFT == 0:
+        return _trits_asm(p, "mov.b32 t, $1; ")
+    elif SHIFT == 2:
+        return _trits_asm(p, "shr.b32 t, $1, 2; ")
+    elif SHIFT == 4:
+        return _trits_asm(p, "shr.b32 t, $1, 4; ")
+    else:
+        return _trits_asm(p, "shr.b32 t, $1, 6; ")
+
+
+@triton.jit
+def _trits_asm(p, SHIFTED: tl.constexpr):
+    return tl.inline_asm_elementwise(
+        "{ .reg .b32 t; " + SHIFTED + "and.b32 t, t, 0x03030303; or.b32 t, t, 0x80808080; "
+        "sub.u32 t, t, 0x01010101; xor.b32 $0, t, 0x80808080; }",
+        "=r,r", [p], dtype=tl.int8, is_pure=True, pack=4)
+
+
+@triton.jit
+def unpack_kblock(p, BN: tl.constexpr, Q: tl.constexpr, USE_ASM: tl.constexpr):
+    """One 256-trit block of K-blocked bytes ``[BN, Q]`` -> int8 trits ``[BN, 4 Q]`` in K order.
+    Shift i of byte j holds trit ``64 i + j``, so the four shifted tiles laid side by side are
+    the block's K order (a register relabelling, no data exchanged between threads)."""
+    w0 = trits_at(p, 0, USE_ASM)
+    w1 = trits_at(p, 2, USE_ASM)
+    w2 = trits_at(p, 4, USE_ASM)
+    w3 = trits_at(p, 6, USE_ASM)
+    # join(join(w0, w1), join(w2, w3))[n, j, y, x] = w_{2x+y}; order (n, x, y, j) is 64 i + j.
+    w = tl.permute(tl.join(tl.join(w0, w1), tl.join(w2, w3)), (0, 3, 2, 1))
+    return tl.reshape(w, (BN, 4 * Q))
+
+
+@triton.jit
 def apply_activation(y, ACTIVATION: tl.constexpr):
     """fp32 activation, formulas as torch computes them in fp32."""
     if ACTIVATION == 1:

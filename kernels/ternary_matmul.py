@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from bitcompile.kernels import tuning
-from bitcompile.kernels.common import ACTIVATIONS, apply_activation, grouped_tile
+from bitcompile.kernels.common import ACTIVATIONS, apply_activation, grouped_tile, trits_at, unpack_kblock
 from bitcompile.kernels.layout import QUARTER, kblocked
 
 GEMV_MAX_M = 16  # dp4a cost grows with M: from 2 rows on, tuning times it against the tensor cores
@@ -69,60 +69,84 @@ def _dp4a(a, b, c, USE_ASM: tl.constexpr):
 
 @triton.jit
 def _gemv_kernel(A, P, C, XS, WS, BIAS, RES, M, N, XW, PW, stride_am, stride_pn, stride_cm, stride_rm,
-                 BM: tl.constexpr, BN: tl.constexpr, BW: tl.constexpr, USE_ASM: tl.constexpr,
+                 BM: tl.constexpr, BN: tl.constexpr, BW: tl.constexpr, EVEN: tl.constexpr, USE_ASM: tl.constexpr,
                  EPILOGUE: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr,
                  ACTIVATION: tl.constexpr, HAS_RES: tl.constexpr):
     # A: int32 words of 4 int8 activations [M, XW]; P: int32 words of 4 K-blocked bytes
     # [N, PW]. Word w of a 16-word (256-trit) block, shift i, holds trits
     # k = 256 * block + 64 i + 4 (w % 16) + 0..3, i.e. activation word 64 block + 16 i + w % 16.
-    # Tiles are [.., NB, 16]: NB blocks of 16 words, so every load is visibly contiguous in
-    # runs of 16 words (16-byte vector loads; a flat index with // and % gave scalar x loads
-    # and made L1 the bottleneck: ncu, round 2).
+    # Tiles are [BM, BN, NB, 16]: NB blocks of 16 words, so loads are visibly contiguous
+    # (16-byte vectors). Both dp4a operands are loaded at that full shape (pointers broadcast
+    # over the other operand's axis; L1 serves the repeats): a [BN, ..] weight tile met with
+    # a [BM, ..] activation tile made Triton move the codes through shared memory, with a
+    # barrier, four times per step (SASS; benchmarks/inspect_kernels.py).
     pid_n = tl.program_id(0)
-    offs_n = pid_n * BN + tl.arange(0, BN)
-    offs_m = tl.arange(0, BM)
-    offs_b = tl.arange(0, BW // 16)
-    offs_q = tl.arange(0, 16)
-    n3 = offs_n[:, None, None]
-    word = offs_b[None, :, None] * 16 + offs_q[None, None, :]  # [1, NB, 16] word within the tile
-    x_word = offs_b[None, :, None] * 64 + offs_q[None, None, :]  # its activation word for shift 0
-    m3 = offs_m[:, None, None]
+    m4 = tl.arange(0, BM)[:, None, None, None]
+    n4 = (pid_n * BN + tl.arange(0, BN))[None, :, None, None]
+    b4 = tl.arange(0, BW // 16)[None, None, :, None]
+    q4 = tl.arange(0, 16)[None, None, None, :]
+    full = 0 * m4 + 0 * n4  # [BM, BN, 1, 1] zeros: broadcasts an index to the full tile shape
+    word = b4 * 16 + q4 + full  # word within the tile
+    x_word = b4 * 64 + q4 + full  # its activation word for shift 0
+    # Rows past N / M read a valid row (never stored); with EVEN (whole steps, no partial
+    # words) no load needs a mask, and the last step's prefetch re-reads its own tile.
+    p_ptrs = P + (n4 % N).to(tl.int64) * stride_pn + word
+    x_ptrs = A + (m4 % M) * stride_am + x_word
+    # sum(x) per row, for sum(trit * x) = sum(code * x) - sum(x): from a [BM, ..] tile, once.
+    xs_word = b4 * 64 + q4 + 0 * m4
+    xs_ptrs = A + (m4 % M) * stride_am + xs_word
     acc = tl.zeros((BM, BN, BW // 16, 16), dtype=tl.int32)
-    xsum = tl.zeros((BM, BW // 16, 16), dtype=tl.int32)
-    ones = tl.full((BM, BW // 16, 16), 0x01010101, dtype=tl.int32)
-    p_ptrs = P + n3.to(tl.int64) * stride_pn + word
-    a_rows = A + m3 * stride_am
+    xsum = tl.zeros((BM, 1, BW // 16, 16), dtype=tl.int32)
+    ones = tl.full((BM, 1, BW // 16, 16), 0x01010101, dtype=tl.int32)
+    # Out-of-range words read as code 1 (zero trit) in every byte.
+    p = tl.load(p_ptrs, mask=EVEN or (word < PW), other=0x55555555)
     for w0 in range(0, PW, BW):
-        # Out-of-range words read as code 1 (zero trit) in every byte.
-        p = tl.load(p_ptrs + w0, mask=(n3 < N) & (w0 + word < PW), other=0x55555555)
+        # The next step's weights are requested before this step's arithmetic (a register
+        # double buffer), so each program has a DRAM load in flight while it computes.
+        if EVEN:
+            p_next = tl.load(p_ptrs + tl.minimum(w0 + BW, PW - BW))
+        else:
+            p_next = tl.load(p_ptrs + w0 + BW, mask=w0 + BW + word < PW, other=0x55555555)
         for i in tl.static_range(4):
-            xi = 4 * w0 + 16 * i + x_word
-            x = tl.load(a_rows + xi, mask=(m3 < M) & (xi < XW), other=0)
-            codes = (p >> (2 * i)) & 0x03030303
-            acc = _dp4a(tl.broadcast_to(codes[None, :, :, :], (BM, BN, BW // 16, 16)),
-                        tl.broadcast_to(x[:, None, :, :], (BM, BN, BW // 16, 16)), acc, USE_ASM)
-            xsum = _dp4a(ones, x, xsum, USE_ASM)
-    acc = tl.sum(tl.sum(acc, axis=3), axis=2)
-    xsum = tl.sum(tl.sum(xsum, axis=2), axis=1)
-    out = acc - xsum[:, None]
+            xi = 4 * w0 + 16 * i
+            x = tl.load(x_ptrs + xi, mask=EVEN or (xi + x_word < XW), other=0)
+            acc = _dp4a((p >> (2 * i)) & 0x03030303, x, acc, USE_ASM)
+            xs = tl.load(xs_ptrs + xi, mask=EVEN or (xi + xs_word < XW), other=0)
+            xsum = _dp4a(ones, xs, xsum, USE_ASM)
+        p = p_next
+    out = tl.sum(tl.sum(acc, axis=3), axis=2) - tl.sum(tl.sum(xsum, axis=3), axis=2)
+    offs_m = tl.arange(0, BM)
+    offs_n = pid_n * BN + tl.arange(0, BN)
     _epilogue(out, C, XS, WS, BIAS, RES, offs_m, offs_n, M, N, stride_cm, stride_rm,
               EPILOGUE, PER_CHANNEL, HAS_BIAS, ACTIVATION, HAS_RES)
 
 
 @triton.jit
+def _mma(acc, w, a, SWAP: tl.constexpr):
+    """acc += w @ a^T (trits as the left operand, acc is C^T) or a @ w^T."""
+    if SWAP:
+        return tl.dot(w, tl.trans(a), acc, out_dtype=tl.int32)
+    else:
+        return tl.dot(a, tl.trans(w), acc, out_dtype=tl.int32)
+
+
+@triton.jit
 def _gemm_kernel(A, P, C, XS, WS, BIAS, RES, PARTIAL, COUNT, M, N, K, KPB, stride_am, stride_pn, stride_cm,
                  stride_rm, BM: tl.constexpr, BN: tl.constexpr, GROUP_N: tl.constexpr, Q: tl.constexpr,
-                 SPLIT_K: tl.constexpr, SWAP: tl.constexpr, EPILOGUE: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr,
-                 ACTIVATION: tl.constexpr, HAS_RES: tl.constexpr):
+                 SPLIT_K: tl.constexpr, SWAP: tl.constexpr, JOIN_K: tl.constexpr, EVEN_K: tl.constexpr,
+                 USE_ASM: tl.constexpr, EPILOGUE: tl.constexpr,
+                 PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, HAS_RES: tl.constexpr):
     # Grouped order over (weight row tiles, token tiles): GROUP_N weight tiles share L2.
     pid_n, pid_m = grouped_tile(tl.program_id(0), tl.cdiv(N, BN), tl.cdiv(M, BM), GROUP_N)
     offs_n = pid_n * BN + tl.arange(0, BN)
     offs_m = pid_m * BM + tl.arange(0, BM)
     offs_j = tl.arange(0, Q)
-    p_ptrs = P + offs_n[:, None].to(tl.int64) * stride_pn + offs_j[None, :]
-    a_ptrs = A + offs_m[:, None].to(tl.int64) * stride_am + offs_j[None, :]
-    n_ok = offs_n[:, None] < N
-    m_ok = offs_m[:, None] < M
+    offs_k = tl.arange(0, 4 * Q)
+    # Rows past N / M load a valid row instead (their results are never stored), so the
+    # loads need no row masks (per-byte selects in the loop otherwise); K needs a mask only
+    # when it is not whole 256-trit blocks (past K the trits are zero, the memory may not be).
+    p_ptrs = P + (offs_n % N)[:, None].to(tl.int64) * stride_pn + offs_j[None, :]
+    a_rows = A + (offs_m % M)[:, None].to(tl.int64) * stride_am
     if SWAP:
         acc = tl.zeros((BN, BM), dtype=tl.int32)
     else:
@@ -134,15 +158,18 @@ def _gemm_kernel(A, P, C, XS, WS, BIAS, RES, PARTIAL, COUNT, M, N, K, KPB, strid
     k_lo = pid_k * blocks * Q
     k_hi = min(KPB, k_lo + blocks * Q)
     for kb in range(k_lo, k_hi, Q):
-        p = tl.load(p_ptrs + kb, mask=n_ok, other=85)  # 85 = 0x55: four zero trits
-        for i in tl.static_range(4):
-            k = 4 * kb + i * Q
-            a = tl.load(a_ptrs + k, mask=m_ok & ((k + offs_j)[None, :] < K), other=0)
-            w = ((p >> (2 * i)) & 3).to(tl.int8) - 1
-            if SWAP:
-                acc = tl.dot(w, tl.trans(a), acc, out_dtype=tl.int32)
-            else:
-                acc = tl.dot(a, tl.trans(w), acc, out_dtype=tl.int32)
+        p = tl.load(p_ptrs + kb)
+        if JOIN_K:
+            # The whole block in one dot: the tensor cores are waited on once per block, not
+            # once per shift (Triton waits after every dot whose operand is computed in the loop).
+            k = 4 * kb + offs_k
+            a = tl.load(a_rows + k[None, :], mask=EVEN_K or (k[None, :] < K), other=0)
+            acc = _mma(acc, unpack_kblock(p, BN, Q, USE_ASM), a, SWAP)
+        else:
+            for i in tl.static_range(4):
+                k = 4 * kb + i * Q + offs_j
+                a = tl.load(a_rows + k[None, :], mask=EVEN_K or (k[None, :] < K), other=0)
+                acc = _mma(acc, trits_at(p, 2 * i, USE_ASM), a, SWAP)
     if SWAP:
         out = tl.trans(acc)
     else:
@@ -193,8 +220,8 @@ def _gemv_configs(m: int):
 
 def _gemm_configs(m: int):
     if tuning.interpreting():
-        return [dict(kernel="gemm", BN=16, BM=16, GROUP_N=4, SPLIT_K=2, SWAP=True, num_warps=4),
-                dict(kernel="gemm", BN=16, BM=16, GROUP_N=4, SPLIT_K=1, SWAP=False, num_warps=4)]
+        return [dict(kernel="gemm", BN=16, BM=16, GROUP_N=4, SPLIT_K=sk, SWAP=sw, JOIN_K=jk, num_warps=4)
+                for sk, sw, jk in ((2, True, True), (1, False, False), (1, False, True), (2, True, False))]
     if m <= 32:  # (BN, BM, split, swap, warps, stages)
         shapes = [(64, 16, 4, 1, 4, 3), (64, 16, 2, 1, 4, 3), (32, 16, 4, 1, 4, 3), (32, 16, 1, 1, 4, 3),
                   (32, 16, 4, 0, 4, 3), (64, 16, 4, 0, 4, 3), (16, 16, 4, 0, 4, 3), (64, 32, 4, 1, 4, 3)]
@@ -204,8 +231,10 @@ def _gemm_configs(m: int):
     else:
         shapes = [(128, 256, 1, 1, 8, 3), (128, 256, 1, 1, 8, 4), (256, 128, 1, 0, 8, 3), (128, 256, 1, 0, 8, 3),
                   (128, 128, 1, 0, 8, 4), (256, 128, 1, 1, 8, 3)]
-    return [dict(kernel="gemm", BN=bn, BM=bm, SPLIT_K=sk, SWAP=bool(sw), GROUP_N=8, num_warps=w, num_stages=s)
-            for bn, bm, sk, sw, w, s in shapes]
+    # JOIN_K: one dot per 256-trit block instead of one per shift (both are timed; the
+    # shipped H100 table predates JOIN_K, whose entries run the per-shift path).
+    return [dict(kernel="gemm", BN=bn, BM=bm, SPLIT_K=sk, SWAP=bool(sw), JOIN_K=jk, GROUP_N=8, num_warps=w,
+                 num_stages=s) for bn, bm, sk, sw, w, s in shapes for jk in (False, True)]
 
 
 def _as_words(t: torch.Tensor) -> torch.Tensor:
@@ -272,7 +301,8 @@ def ternary_matmul(a: torch.Tensor, wq: torch.Tensor, k: int, x_scale: Optional[
             gemv = wrap(_gemv_kernel) if wrap is not None else _gemv_kernel
             return gemv[(triton.cdiv(n, cfg["BN"]),)](
                 aw, pw, c, *tail, m, n, aw.shape[1], pw.shape[1], aw.stride(0), pw.stride(0), c.stride(0),
-                res.stride(0), **flags, **gemv_flags, **cfg)
+                res.stride(0), EVEN=pw.shape[1] % cfg["BW"] == 0 and aw.shape[1] == 4 * pw.shape[1], **flags, **gemv_flags, **cfg)
+        cfg.setdefault("JOIN_K", False)  # tuned before the joined-K path existed
         tiles = triton.cdiv(m, cfg["BM"]) * triton.cdiv(n, cfg["BN"])
         partial, count = c, c
         if cfg["SPLIT_K"] > 1 and wrap is not None:  # traced: a graph input cannot be a global buffer
@@ -283,7 +313,8 @@ def ternary_matmul(a: torch.Tensor, wq: torch.Tensor, k: int, x_scale: Optional[
         gemm = wrap(_gemm_kernel) if wrap is not None else _gemm_kernel
         return gemm[(tiles, cfg["SPLIT_K"])](
             a2, blocked, c, *tail, partial, count, m, n, k, kpb, a2.stride(0), blocked.stride(0), c.stride(0),
-            res.stride(0), Q=QUARTER, **flags, **cfg)
+            res.stride(0), Q=QUARTER, EVEN_K=k % (4 * QUARTER) == 0, USE_ASM=not tuning.interpreting(), **flags,
+            **cfg)
 
     # Tuning picks the kernel too: for 2 <= M <= GEMV_MAX_M both are candidates.
     candidates = (_gemv_configs(m) if m <= GEMV_MAX_M else []) + (_gemm_configs(m) if m > 1 else [])
@@ -291,7 +322,7 @@ def ternary_matmul(a: torch.Tensor, wq: torch.Tensor, k: int, x_scale: Optional[
         # No timing here: spread the CPU tests' M over every kernel variant instead.
         gemv = [c_ for c_ in candidates if c_["kernel"] == "gemv"]
         gemm = [c_ for c_ in candidates if c_["kernel"] == "gemm"]
-        candidates = gemv if m <= 4 or (m <= GEMV_MAX_M and m % 2 == 0) else [gemm[m % 2]]
+        candidates = gemv if m <= 4 or (m <= GEMV_MAX_M and m % 2 == 0) else [gemm[m % len(gemm)]]
     key = (tuning.bucket(m), n, k)
     if wrap is not None and not tuning.cached("ternary_mm", key, candidates):
         # Traced tensors cannot be timed: tune on real stand-ins of the same shapes first.

@@ -20,6 +20,25 @@ def test_lowbit_matmul_exact(m, n, k):
     assert torch.equal(ops.lowbit_matmul(a, wq, k), ref.lowbit_matmul(a, wq, k))
 
 
+@pytest.mark.parametrize("m,n,k", [(1, 1000, 1003), (1, 4096, 8192), (3, 1000, 4096), (16, 4096, 4096),
+                                   (100, 1000, 1003), (300, 2048, 4096)])
+def test_every_matmul_config_exact(m, n, k, monkeypatch):
+    """Every launch configuration tuning may pick (GEMV, GEMM with and without split-K, operand
+    swap, one dot per block), not only the one this GPU's tuning picks; whole and partial
+    256-trit blocks (the unmasked and masked load paths)."""
+    from bitcompile.kernels import ternary_matmul as tm
+    from bitcompile.kernels import tuning
+
+    g = torch.Generator(device="cuda").manual_seed(m + k)
+    wq, _ = ref.quantize_weights(torch.randn(n, k, device="cuda", generator=g))
+    a = torch.randint(-128, 128, (m, k), dtype=torch.int8, device="cuda", generator=g)
+    want = ref.lowbit_matmul(a, wq, k)
+    configs = (tm._gemv_configs(m) if m <= tm.GEMV_MAX_M else []) + (tm._gemm_configs(m) if m > 1 else [])
+    for cfg in configs:
+        monkeypatch.setattr(tuning, "choose", lambda *args, cfg=cfg: cfg)
+        assert torch.equal(tm.ternary_matmul(a, wq, k), want), cfg
+
+
 @pytest.mark.parametrize("m,n,k", SHAPES)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_lowbit_linear_forward(m, n, k, dtype):

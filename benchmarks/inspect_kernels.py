@@ -1,0 +1,56 @@
+"""Static profile of the packed-ternary matmul as it compiles for the H100 (sm_90), no GPU
+needed: for every configuration in the shipped tuning table, registers, spills, shared
+memory and the main loop's instruction mix (``bitcompile.kernels.codegen``).
+
+    python benchmarks/inspect_kernels.py [--shape 8192x8192] [--join-k]
+
+Columns per loop step: instructions per thread, global loads (scalar / 16-byte),
+``cp.async`` copies, shared-memory ops and barriers (layout conversions show up here),
+``dp4a`` and tensor-core instructions, and tensor-core waits.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import triton
+
+from bitcompile.kernels import codegen, tuning
+
+COLUMNS = ("regs", "spill_bytes", "smem_bytes", "loop_instructions", "ldg", "ldg128", "cp_async", "smem", "bar", "dp4a",
+           "mma", "mma_wait")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shape", help="only N x K, e.g. 8192x8192")
+    parser.add_argument("--join-k", action="store_true", help="also profile each GEMM entry with JOIN_K=True")
+    parser.add_argument("--gpu", default="NVIDIA_H100_80GB_HBM3", help="shipped table to read")
+    args = parser.parse_args()
+    if not codegen.available():
+        print("this Triton has no NVIDIA backend (ptxas/cuobjdump): nothing to inspect", file=sys.stderr)
+        return 1
+    table = json.loads((tuning.SHIPPED_DIR / f"{args.gpu}.json").read_text())
+    print(f"Triton {triton.__version__}, target sm_90, table {args.gpu}\n")
+    print("| M, N, K | config | " + " | ".join(COLUMNS) + " |")
+    print("|---" * (len(COLUMNS) + 2) + "|")
+    for key, config in sorted(table.items(), key=lambda kv: [int(v) for v in kv[0].split(":")[1].split(",")]
+                              if kv[0].startswith("ternary_mm:") else [0]):
+        if not key.startswith("ternary_mm:"):
+            continue
+        m, n, k = (int(v) for v in key.split(":")[1].split(","))
+        if args.shape and args.shape != f"{n}x{k}":
+            continue
+        variants = [config]
+        if args.join_k and config["kernel"] == "gemm" and not config.get("JOIN_K"):
+            variants.append(dict(config, JOIN_K=True))
+        for cfg in variants:
+            stats = codegen.profile(*codegen.ternary_mm_case(cfg, m, n, k))
+            shown = ",".join(f"{k_}={v}" for k_, v in cfg.items() if k_ not in ("GROUP_N",))
+            print(f"| {m}, {n}, {k} | {shown} | " + " | ".join(str(stats[c]) for c in COLUMNS) + " |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,177 @@
+"""What the matmul kernels compile to, without a GPU.
+
+Triton's NVIDIA backend (and the ``ptxas``/``cuobjdump`` it bundles) compiles for a target
+architecture on any machine. ``profile(kernel, args, constexprs, ...)`` compiles one
+specialisation for sm_90 exactly as a launch would specialise it (pointers 16-byte
+aligned, integers marked divisible by 16 or specialised when equal to 1) and reads the
+SASS of its main loop: how many instructions per step, which loads (vector width,
+``cp.async``), whether data moves through shared memory (``STS``/``LDS``/``BAR``), how many
+``dp4a`` / tensor-core instructions, and how often the loop waits for the tensor cores.
+
+This is how layout conversions hidden in a kernel are found before a GPU is at hand (the
+GEMV's per-step shared-memory transposes were found this way); timings still need one.
+``benchmarks/inspect_kernels.py`` prints the profile of every shipped configuration.
+"""
+from __future__ import annotations
+
+import collections
+import functools
+import importlib
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import triton
+
+SASS_OP = re.compile(r"^\s+/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*(?:\.[A-Z0-9_]+)*)(.*)$", re.M)
+
+
+def available() -> bool:
+    """Whether this Triton can compile for NVIDIA GPUs here (its wheel ships ptxas)."""
+    try:
+        from triton.backends.nvidia.compiler import CUDABackend  # noqa: F401
+    except ImportError:
+        return False
+    return os.path.exists(_tool("cuobjdump"))
+
+
+def _tool(name: str) -> str:
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+
+
+@functools.lru_cache(maxsize=None)
+def compilable(module: str):
+    """``module`` with its kernels decorated for compilation. Under ``TRITON_INTERPRET=1``
+    (the CPU test suite) the imported kernel modules hold interpreter functions, which cannot
+    be compiled: import separate copies with the interpreter off, leaving those in place."""
+    if os.environ.get("TRITON_INTERPRET", "0") != "1":
+        return importlib.import_module(module)
+    ours = [name for name in sys.modules if name.startswith("bitcompile.kernels.") and name != __name__]
+    saved = {name: sys.modules.pop(name) for name in ours}
+    os.environ["TRITON_INTERPRET"] = "0"
+    try:
+        return importlib.import_module(module)
+    finally:
+        os.environ["TRITON_INTERPRET"] = "1"
+        for name in [n for n in sys.modules if n.startswith("bitcompile.kernels.") and n != __name__]:
+            del sys.modules[name]
+        sys.modules.update(saved)
+
+
+def signature_type(value) -> str:
+    """How a launch specialises an argument: pointers (torch allocations are 16-byte
+    aligned) and integers divisible by 16 carry that fact; 1 becomes a constant."""
+    if isinstance(value, str):  # a pointer type such as "*i8"
+        return value + ":16"
+    if value == 1:
+        return "constexpr"
+    return "i32:16" if value % 16 == 0 else "i32"
+
+
+def compile_sm90(kernel, args: dict, constexprs: dict, num_warps: int, num_stages: int):
+    """Compile ``kernel`` for sm_90. ``args``: every non-constexpr argument by name, a pointer
+    as its Triton type string ("*i8") and an integer as its value."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    signature, attrs, constants = {}, {}, dict(constexprs)
+    for index, name in enumerate(kernel.arg_names):
+        if name in constexprs:
+            signature[name] = "constexpr"
+            continue
+        kind = signature_type(args[name])
+        if kind == "constexpr":
+            signature[name] = "constexpr"
+            constants[name] = args[name]
+            continue
+        if kind.endswith(":16"):
+            kind = kind[:-3]
+            attrs[(index,)] = [["tt.divisibility", 16]]
+        signature[name] = kind
+    source = ASTSource(kernel, signature, constexprs={(kernel.arg_names.index(k),): v for k, v in constants.items()},
+                       attrs=attrs)
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                          options=dict(num_warps=num_warps, num_stages=num_stages))
+
+
+def _run(tool: str, cubin: bytes, flag: str) -> str:
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        return subprocess.run([_tool(tool), flag, f.name], capture_output=True, text=True, check=True).stdout
+
+
+def main_loop(sass: str) -> list[str]:
+    """Opcodes of the largest loop body (a backward branch and everything it jumps over)."""
+    ops = [(int(a, 16), op, rest) for a, op, rest in SASS_OP.findall(sass)]
+    best: list[str] = []
+    for address, op, rest in ops:
+        target = re.search(r"0x([0-9a-f]+)", rest) if op == "BRA" else None
+        if target and int(target[1], 16) < address:
+            body = [o for a, o, _ in ops if int(target[1], 16) <= a <= address]
+            if len(body) > len(best):
+                best = body
+    return best
+
+
+def family(op: str) -> str | None:
+    """The class of a SASS opcode that the loop profile counts (None: not counted)."""
+    if op.startswith("LDGSTS"):
+        return "cp_async"
+    if op.startswith("LDG"):
+        return "ldg128" if ".128" in op else "ldg"
+    if op.startswith(("LDS", "STS")):  # LDS, LDSM, STS, STSM
+        return "smem"
+    if op.startswith("BAR"):
+        return "bar"
+    if op.startswith("IDP"):
+        return "dp4a"
+    if op.startswith(("HGMMA", "IGMMA", "HMMA", "IMMA")):
+        return "mma"
+    if op.startswith("WARPGROUP.DEPBAR"):
+        return "mma_wait"
+    return None
+
+
+FAMILIES = ("ldg", "ldg128", "cp_async", "smem", "bar", "dp4a", "mma", "mma_wait")
+
+
+def profile(kernel, args: dict, constexprs: dict, num_warps: int, num_stages: int) -> dict:
+    """Resources and main-loop instruction counts of one specialisation (see module doc)."""
+    compiled = compile_sm90(kernel, args, constexprs, num_warps, num_stages)
+    usage = _run("cuobjdump", compiled.asm["cubin"], "-res-usage")
+    regs, spill = re.search(r"REG:(\d+) STACK:\d+ SHARED:\d+ LOCAL:(\d+)", usage).groups()
+    loop = main_loop(_run("cuobjdump", compiled.asm["cubin"], "-sass"))
+    counts = collections.Counter(family(op) for op in loop)
+    return dict(regs=int(regs), spill_bytes=int(spill), smem_bytes=compiled.metadata.shared,
+                loop_instructions=len(loop), **{f: counts[f] for f in FAMILIES})
+
+
+def ternary_mm_case(config: dict, m: int, n: int, k: int) -> tuple:
+    """``(kernel, args, constexprs, num_warps, num_stages)`` of the packed-ternary matmul launch
+    that ``kernels.ternary_matmul`` makes for a tuned ``config`` at ``m x n x k`` (bf16 output,
+    per-tensor scale, no bias/activation/residual)."""
+    tm = compilable("bitcompile.kernels.ternary_matmul")
+    from bitcompile.kernels.layout import QUARTER
+    from bitcompile.quant.packing import kblocked_columns
+
+    cfg = dict(config)
+    kind = cfg.pop("kernel")
+    warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages", 3)
+    flags = dict(EPILOGUE=True, PER_CHANNEL=False, HAS_BIAS=False, ACTIVATION=0, HAS_RES=False)
+    pointers = dict(C="*bf16", XS="*fp32", WS="*fp32", BIAS="*bf16", RES="*bf16")
+    kpb = kblocked_columns(k)
+    if kind == "gemv":
+        xw, pw = -(-k // 4), kpb // 4
+        args = dict(A="*i32", P="*i32", **pointers, M=m, N=n, XW=xw, PW=pw, stride_am=xw, stride_pn=pw,
+                    stride_cm=n, stride_rm=n)
+        even = pw % cfg["BW"] == 0 and xw == 4 * pw
+        return (tm._gemv_kernel, args, dict(BM=triton.next_power_of_2(m), EVEN=even, USE_ASM=True, **flags, **cfg),
+                warps, stages)
+    cfg.setdefault("JOIN_K", False)
+    scratch = "*i32" if cfg["SPLIT_K"] > 1 else "*bf16"
+    args = dict(A="*i8", P="*u8", **pointers, PARTIAL=scratch, COUNT=scratch, M=m, N=n, K=k, KPB=kpb,
+                stride_am=k, stride_pn=kpb, stride_cm=n, stride_rm=n)
+    return tm._gemm_kernel, args, dict(Q=QUARTER, EVEN_K=k % (4 * QUARTER) == 0, USE_ASM=True, **flags, **cfg), warps, stages
