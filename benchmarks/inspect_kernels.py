@@ -1,6 +1,7 @@
-"""Static profile of the packed-ternary matmul as it compiles for the H100 (sm_90), no GPU
-needed: for every configuration in the shipped tuning table, registers, spills, shared
-memory and the main loop's instruction mix (``bitcompile.kernels.codegen``).
+"""Static profile of the packed-ternary matmul and the QAT ``grad_input`` kernel as they
+compile for the H100 (sm_90), no GPU needed: for every configuration in the shipped tuning
+table, registers, spills, shared memory and the main loop's instruction mix
+(``bitcompile.kernels.codegen``).
 
     python benchmarks/inspect_kernels.py [--shape 8192x8192] [--join-k]
 
@@ -33,22 +34,28 @@ def main() -> int:
         return 1
     table = json.loads((tuning.SHIPPED_DIR / f"{args.gpu}.json").read_text())
     print(f"Triton {triton.__version__}, target sm_90, table {args.gpu}\n")
-    print("| M, N, K | config | " + " | ".join(COLUMNS) + " |")
+    print("| kernel:M,N,K[,dtype] | config | " + " | ".join(COLUMNS) + " |")
     print("|---" * (len(COLUMNS) + 2) + "|")
-    for key, config in sorted(table.items(), key=lambda kv: [int(v) for v in kv[0].split(":")[1].split(",")]
-                              if kv[0].startswith("ternary_mm:") else [0]):
-        if not key.startswith("ternary_mm:"):
+    dtypes = {"torch.bfloat16": "bf16", "torch.float16": "fp16", "torch.float32": "fp32"}
+    for key, config in sorted(table.items(), key=lambda kv: (kv[0].split(":")[0], kv[0])):
+        kernel, _, rest = key.partition(":")
+        if kernel not in ("ternary_mm", "grad_input"):
             continue
-        m, n, k = (int(v) for v in key.split(":")[1].split(","))
+        m, n, k = (int(v) for v in rest.split(",")[:3])
         if args.shape and args.shape != f"{n}x{k}":
             continue
         variants = [config]
-        if args.join_k and config["kernel"] == "gemm" and not config.get("JOIN_K"):
+        if args.join_k and config.get("kernel") == "gemm" and not config.get("JOIN_K"):
             variants.append(dict(config, JOIN_K=True))
         for cfg in variants:
-            stats = codegen.profile(*codegen.ternary_mm_case(cfg, m, n, k))
-            shown = ",".join(f"{k_}={v}" for k_, v in cfg.items() if k_ not in ("GROUP_N",))
-            print(f"| {m}, {n}, {k} | {shown} | " + " | ".join(str(stats[c]) for c in COLUMNS) + " |", flush=True)
+            if kernel == "ternary_mm":
+                case = codegen.ternary_mm_case(cfg, m, n, k)
+            else:
+                case = codegen.grad_input_case(cfg, m, n, k, dtypes[rest.split(",")[3]])
+            stats = codegen.profile(*case)
+            shown = ",".join(f"{k_}={v}" for k_, v in cfg.items() if k_ not in ("GROUP_N", "GROUP_M"))
+            print(f"| {key} | {shown} | " + " | ".join(str(stats[c]) for c in COLUMNS) + " |",
+                  flush=True)
     return 0
 
 

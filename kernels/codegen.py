@@ -175,3 +175,15 @@ def ternary_mm_case(config: dict, m: int, n: int, k: int) -> tuple:
     args = dict(A="*i8", P="*u8", **pointers, PARTIAL=scratch, COUNT=scratch, M=m, N=n, K=k, KPB=kpb,
                 stride_am=k, stride_pn=kpb, stride_cm=n, stride_rm=n)
     return tm._gemm_kernel, args, dict(Q=QUARTER, EVEN_K=k % (4 * QUARTER) == 0, USE_ASM=True, **flags, **cfg), warps, stages
+
+
+def grad_input_case(config: dict, m: int, n: int, k: int, dtype: str = "bf16") -> tuple:
+    """The QAT backward's ``grad_input`` launch for a tuned ``config`` (per-tensor scale)."""
+    gi = compilable("bitcompile.kernels.grad_input")
+    cfg = dict(config)
+    warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages", 3)
+    kb = -(-k // 4)
+    args = dict(G=f"*{dtype}", P="*u8", WS="*fp32", OUT=f"*{dtype}", M=m, N=n, K=k, KB=kb, stride_g=n, stride_p=kb,
+                stride_o=k)
+    flags = dict(PER_CHANNEL=False, IEEE=dtype == "fp32", EVEN_N=n % cfg["BN"] == 0, USE_ASM=True)
+    return gi._grad_input_kernel, args, dict(**flags, **cfg), warps, stages

@@ -30,16 +30,15 @@ def grouped_tile(pid, grid_major, grid_minor, GROUP: tl.constexpr):
 
 
 @triton.jit
-def unpack_trits(p, BKB: tl.constexpr, BN: tl.constexpr):
+def unpack_trits(p, BKB: tl.constexpr, BN: tl.constexpr, USE_ASM: tl.constexpr):
     """Packed bytes ``[BN, BKB]`` (canonical format) -> int8 trits ``[BN, 4 * BKB]`` in K order."""
-    b = p.to(tl.int32)
-    w0 = ((b >> 0) & 3) - 1
-    w1 = ((b >> 2) & 3) - 1
-    w2 = ((b >> 4) & 3) - 1
-    w3 = ((b >> 6) & 3) - 1
+    w0 = trits_at(p, 0, USE_ASM)
+    w1 = trits_at(p, 2, USE_ASM)
+    w2 = trits_at(p, 4, USE_ASM)
+    w3 = trits_at(p, 6, USE_ASM)
     # join(join(w0, w2), join(w1, w3))[n, c, q, p] = w_{2p+q}; flattening gives index 4c + 2q + p.
     w = tl.join(tl.join(w0, w2), tl.join(w1, w3))
-    return tl.reshape(w, (BN, 4 * BKB)).to(tl.int8)
+    return tl.reshape(w, (BN, 4 * BKB))
 
 
 @triton.jit

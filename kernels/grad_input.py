@@ -18,23 +18,27 @@ from bitcompile.kernels.common import grouped_tile, unpack_trits
 @triton.jit
 def _grad_input_kernel(G, P, WS, OUT, M, N, K, KB, stride_g, stride_p, stride_o,
                        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
-                       PER_CHANNEL: tl.constexpr, IEEE: tl.constexpr):
+                       PER_CHANNEL: tl.constexpr, IEEE: tl.constexpr, EVEN_N: tl.constexpr, USE_ASM: tl.constexpr):
     pid_m, pid_k = grouped_tile(tl.program_id(0), tl.cdiv(M, BM), tl.cdiv(K, BK), GROUP_M)
     offs_m = pid_m * BM + tl.arange(0, BM)
     offs_k = pid_k * BK + tl.arange(0, BK)
     offs_c = pid_k * (BK // 4) + tl.arange(0, BK // 4)
     offs_n = tl.arange(0, BN)
+    # Rows past M and packed columns past KB read valid memory (their results are never
+    # stored); weight rows past N are met by zero grads, so only the grad load may need a
+    # mask (none when N is whole tiles): masks cost a select per element in the loop.
+    g_rows = G + (offs_m % M)[:, None].to(tl.int64) * stride_g
+    p_cols = P + (offs_c % KB)[None, :]
     if not PER_CHANNEL:
         ws = tl.load(WS)
     acc = tl.zeros((BM, BK), dtype=tl.float32)
     for n0 in range(0, N, BN):
         n = n0 + offs_n
-        g = tl.load(G + offs_m[:, None].to(tl.int64) * stride_g + n[None, :],
-                    mask=(offs_m[:, None] < M) & (n[None, :] < N), other=0.0)
-        p = tl.load(P + n[:, None] * stride_p + offs_c[None, :], mask=(n[:, None] < N) & (offs_c[None, :] < KB), other=85)
+        g = tl.load(g_rows + n[None, :], mask=EVEN_N or (n[None, :] < N), other=0.0)
+        p = tl.load(p_cols + (n % N)[:, None] * stride_p)
         if PER_CHANNEL:
-            ws = tl.load(WS + n, mask=n < N, other=0.0)[:, None]
-        w = (unpack_trits(p, BK // 4, BN).to(tl.float32) * ws).to(G.dtype.element_ty)
+            ws = tl.load(WS + n % N)[:, None]
+        w = (unpack_trits(p, BK // 4, BN, USE_ASM).to(tl.float32) * ws).to(G.dtype.element_ty)
         if IEEE:
             acc = tl.dot(g, w, acc, input_precision="ieee")
         else:
@@ -69,12 +73,12 @@ def grad_input(grad: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, k: i
         return out.reshape(*lead, k)
     wq = wq.contiguous()
     ws = w_scale.contiguous()
-    flags = dict(PER_CHANNEL=ws.numel() > 1, IEEE=grad.dtype == torch.float32)
+    flags = dict(PER_CHANNEL=ws.numel() > 1, IEEE=grad.dtype == torch.float32, USE_ASM=not tuning.interpreting())
 
     def launch(cfg):
         grid = (triton.cdiv(m, cfg["BM"]) * triton.cdiv(k, cfg["BK"]),)
         return _grad_input_kernel[grid](g, wq, ws, out, m, n, k, kb, g.stride(0), wq.stride(0), out.stride(0),
-                                        **flags, **cfg)
+                                        EVEN_N=n % cfg["BN"] == 0, **flags, **cfg)
 
     cfg = tuning.choose("grad_input", (tuning.bucket(m), n, k, str(grad.dtype)), _configs(), launch)
     compiled = launch(cfg)

@@ -6,6 +6,8 @@ file ``autotune/<gpu>.json``) -> the table shipped in the package
 (``bitcompile/kernels/tuned/<gpu>.json``, one for the H100) -> benchmark every
 candidate with ``triton.testing.do_bench`` and save the winner (progress goes to
 stderr). Without CUDA (the interpreter) the first candidate is used, no timing.
+``BITCOMPILE_RETUNE=ternary_mm,grad_input`` (or ``all``) skips the shipped entries of those
+kernels, e.g. after a kernel change, so they are timed again and land in the user cache.
 
 ``BITCOMPILE_DEBUG_DIR=<dir>`` writes the source of every specialised kernel that is
 launched (Python source with its constexpr values, plus TTIR/PTX when compiled).
@@ -53,15 +55,19 @@ def user_cache_file(gpu: str) -> Path:
     return Path(root) / "autotune" / f"{gpu}.json"
 
 
+def _read(path: Path) -> dict[str, dict]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
 def _load(gpu: str) -> dict[str, dict]:
     if gpu not in _memory:
-        table: dict[str, dict] = {}
-        for path in (SHIPPED_DIR / f"{gpu}.json", user_cache_file(gpu)):  # user entries override shipped
-            try:
-                table.update(json.loads(path.read_text()))
-            except (OSError, ValueError):
-                pass
-        _memory[gpu] = table
+        retune = {k.strip() for k in os.environ.get("BITCOMPILE_RETUNE", "").split(",") if k.strip()}
+        shipped = {key: cfg for key, cfg in _read(SHIPPED_DIR / f"{gpu}.json").items()
+                   if "all" not in retune and key.split(":")[0] not in retune}
+        _memory[gpu] = {**shipped, **_read(user_cache_file(gpu))}  # user entries override shipped
     return _memory[gpu]
 
 

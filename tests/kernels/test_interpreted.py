@@ -2,7 +2,7 @@
 the CPU). Shapes include non-multiples of the block sizes (16/32/64) and of 4."""
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from bitcompile.ops import reference as ref
@@ -113,6 +113,8 @@ def test_weight_pack_rejects_unsupported(kernels, device):
 
 @given(m=st.integers(1, 20), n=dims, k=dims, per_channel=st.booleans(),
        dtype=st.sampled_from([torch.float32, torch.float16]), seed=st.integers(0, 2**16))
+@example(m=3, n=32, k=70, per_channel=True, dtype=torch.float16, seed=1)  # whole N tiles: unmasked grad loads
+@example(m=17, n=48, k=64, per_channel=False, dtype=torch.float32, seed=2)
 def test_grad_input(kernels, device, m, n, k, per_channel, dtype, seed):
     g = torch.Generator().manual_seed(seed)
     wq, ws = ref.quantize_weights(torch.randn(n, k, generator=g), "ternary", per_channel)

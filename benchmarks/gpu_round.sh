@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# One GPU round in a few device calls (each under 10 minutes), logs under $OUT:
+#   bash benchmarks/gpu_round.sh test     # install + GPU test suite
+#   bash benchmarks/gpu_round.sh bench    # re-tune the matmul (shipped entries skipped) + make bench
+#   bash benchmarks/gpu_round.sh profile  # QAT per-kernel split + static profile on this Triton
+# Tuning results land in $OUT/cache/autotune/<gpu>.json, to merge into kernels/tuned/.
+set -u
+out=${OUT:-gpu_round}
+mkdir -p "$out"
+export BITCOMPILE_CACHE_DIR="$out/cache"
+python3 -m pip install -q --no-deps --no-build-isolation -e . > "$out/install.log" 2>&1 || { tail "$out/install.log"; exit 1; }
+case "${1:-}" in
+  test)
+    python3 -m pytest -q -p no:logging --tb=short -m gpu tests > "$out/test_gpu.log" 2>&1
+    echo "test-gpu rc=$?"; tail -25 "$out/test_gpu.log" ;;
+  bench)
+    BITCOMPILE_RETUNE=ternary_mm python3 benchmarks/bench_kernels.py --out "$out/BENCHMARKS.md" > "$out/bench.log" 2>&1
+    echo "bench rc=$?"; grep -v "^  \[" "$out/bench.log" | tail -60 ;;
+  profile)
+    python3 benchmarks/profile_qat.py > "$out/profile_qat.log" 2>&1; echo "profile_qat rc=$?"
+    python3 benchmarks/inspect_kernels.py --join-k > "$out/inspect.md" 2>&1; echo "inspect rc=$?"
+    cat "$out/profile_qat.log"; head -30 "$out/inspect.md" ;;
+  *) echo "usage: $0 test|bench|profile" >&2; exit 2 ;;
+esac
