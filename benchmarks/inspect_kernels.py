@@ -3,7 +3,7 @@ compile for the H100 (sm_90), no GPU needed: for every configuration in the ship
 table, registers, spills, shared memory and the main loop's instruction mix
 (``bitcompile.kernels.codegen``).
 
-    python benchmarks/inspect_kernels.py [--shape 8192x8192] [--join-k]
+    python benchmarks/inspect_kernels.py [--shape 8192x8192] [--join-k] [--json]
 
 Columns per loop step: instructions per thread, global loads (scalar / 16-byte),
 ``cp.async`` copies, shared-memory ops and barriers (layout conversions show up here),
@@ -28,14 +28,16 @@ def main() -> int:
     parser.add_argument("--shape", help="only N x K, e.g. 8192x8192")
     parser.add_argument("--join-k", action="store_true", help="also profile each GEMM entry with JOIN_K=True")
     parser.add_argument("--gpu", default="NVIDIA_H100_80GB_HBM3", help="shipped table to read")
+    parser.add_argument("--json", action="store_true", help="one JSON object per line instead of the table")
     args = parser.parse_args()
     if not codegen.available():
         print("this Triton has no NVIDIA backend (ptxas/cuobjdump): nothing to inspect", file=sys.stderr)
         return 1
     table = json.loads((tuning.SHIPPED_DIR / f"{args.gpu}.json").read_text())
-    print(f"Triton {triton.__version__}, target sm_90, table {args.gpu}\n")
-    print("| kernel:M,N,K[,dtype] | config | " + " | ".join(COLUMNS) + " |")
-    print("|---" * (len(COLUMNS) + 2) + "|")
+    if not args.json:
+        print(f"Triton {triton.__version__}, target sm_90, table {args.gpu}\n")
+        print("| kernel:M,N,K[,dtype] | config | " + " | ".join(COLUMNS) + " |")
+        print("|---" * (len(COLUMNS) + 2) + "|")
     dtypes = {"torch.bfloat16": "bf16", "torch.float16": "fp16", "torch.float32": "fp32"}
     for key, config in sorted(table.items(), key=lambda kv: (kv[0].split(":")[0], kv[0])):
         kernel, _, rest = key.partition(":")
@@ -53,6 +55,9 @@ def main() -> int:
             else:
                 case = codegen.grad_input_case(cfg, m, n, k, dtypes[rest.split(",")[3]])
             stats = codegen.profile(*case)
+            if args.json:
+                print(json.dumps(dict(key=key, config=cfg, **stats)), flush=True)
+                continue
             shown = ",".join(f"{k_}={v}" for k_, v in cfg.items() if k_ not in ("GROUP_N", "GROUP_M"))
             print(f"| {key} | {shown} | " + " | ".join(str(stats[c]) for c in COLUMNS) + " |",
                   flush=True)

@@ -15,12 +15,9 @@ GEMV's per-step shared-memory transposes were found this way); timings still nee
 from __future__ import annotations
 
 import collections
-import functools
-import importlib
 import os
 import re
 import subprocess
-import sys
 import tempfile
 
 import triton
@@ -41,25 +38,6 @@ def _tool(name: str) -> str:
     return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
 
 
-@functools.lru_cache(maxsize=None)
-def compilable(module: str):
-    """``module`` with its kernels decorated for compilation. Under ``TRITON_INTERPRET=1``
-    (the CPU test suite) the imported kernel modules hold interpreter functions, which cannot
-    be compiled: import separate copies with the interpreter off, leaving those in place."""
-    if os.environ.get("TRITON_INTERPRET", "0") != "1":
-        return importlib.import_module(module)
-    ours = [name for name in sys.modules if name.startswith("bitcompile.kernels.") and name != __name__]
-    saved = {name: sys.modules.pop(name) for name in ours}
-    os.environ["TRITON_INTERPRET"] = "0"
-    try:
-        return importlib.import_module(module)
-    finally:
-        os.environ["TRITON_INTERPRET"] = "1"
-        for name in [n for n in sys.modules if n.startswith("bitcompile.kernels.") and n != __name__]:
-            del sys.modules[name]
-        sys.modules.update(saved)
-
-
 def signature_type(value) -> str:
     """How a launch specialises an argument: pointers (torch allocations are 16-byte
     aligned) and integers divisible by 16 carry that fact; 1 becomes a constant."""
@@ -75,7 +53,11 @@ def compile_sm90(kernel, args: dict, constexprs: dict, num_warps: int, num_stage
     as its Triton type string ("*i8") and an integer as its value."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
+    from triton.runtime.jit import JITFunction
 
+    if not isinstance(kernel, JITFunction):
+        raise RuntimeError("kernels imported with TRITON_INTERPRET=1 run in the interpreter and cannot be "
+                           "compiled: inspect them in a process without it")
     signature, attrs, constants = {}, {}, dict(constexprs)
     for index, name in enumerate(kernel.arg_names):
         if name in constexprs:
@@ -153,7 +135,7 @@ def ternary_mm_case(config: dict, m: int, n: int, k: int) -> tuple:
     """``(kernel, args, constexprs, num_warps, num_stages)`` of the packed-ternary matmul launch
     that ``kernels.ternary_matmul`` makes for a tuned ``config`` at ``m x n x k`` (bf16 output,
     per-tensor scale, no bias/activation/residual)."""
-    tm = compilable("bitcompile.kernels.ternary_matmul")
+    from bitcompile.kernels import ternary_matmul as tm
     from bitcompile.kernels.layout import QUARTER
     from bitcompile.quant.packing import kblocked_columns
 
@@ -179,7 +161,7 @@ def ternary_mm_case(config: dict, m: int, n: int, k: int) -> tuple:
 
 def grad_input_case(config: dict, m: int, n: int, k: int, dtype: str = "bf16") -> tuple:
     """The QAT backward's ``grad_input`` launch for a tuned ``config`` (per-tensor scale)."""
-    gi = compilable("bitcompile.kernels.grad_input")
+    from bitcompile.kernels import grad_input as gi
     cfg = dict(config)
     warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages", 3)
     kb = -(-k // 4)
