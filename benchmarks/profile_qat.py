@@ -4,6 +4,7 @@
     python benchmarks/profile_qat.py [N K]
 """
 import sys
+import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -34,11 +35,21 @@ def main():
     w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     g = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
     inductor = torch.compile(eager_bitlinear)
-    for label, layer in (("bitnet ops", bitnet_ops_layer), ("Inductor fake-quant", inductor)):
+    linear = torch.nn.Linear(k, n, bias=False, device="cuda", dtype=torch.bfloat16)
+    compiled = torch.compile(linear, backend="bitnet")
+    for label, layer in (("bitnet ops", bitnet_ops_layer), ("nn.Linear, backend=bitnet", lambda x, w: compiled(x)),
+                         ("Inductor fake-quant", inductor)):
         def step(layer=layer):
-            x.grad = w.grad = None
+            x.grad = w.grad = linear.weight.grad = None
             layer(x, w).backward(g)
         kernel_table(step, f"{label}, M={m}, N={n}, K={k}")
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(5):
+            step()
+        torch.cuda.synchronize()
+        # Against the kernel total above: a wall time well above it means the host is the limit.
+        print(f"{(time.perf_counter() - start) / 5 * 1e6:9.1f} us  wall time per step")
 
 
 if __name__ == "__main__":
