@@ -228,9 +228,10 @@ def _gemm_configs(m: int):
     elif m <= 256:
         shapes = [(128, 64, 1, 1, 4, 3), (128, 128, 1, 1, 8, 3), (64, 64, 2, 1, 4, 3), (128, 64, 2, 0, 4, 3),
                   (128, 128, 1, 0, 8, 3), (64, 128, 2, 0, 4, 3), (128, 128, 2, 0, 8, 3)]
-    else:
+    else:  # the 2-stage 128x128 tiles fit two programs per SM (registers and shared memory), so
+        # one program's unpack can overlap the other's tensor-core work (Triton waits on each dot)
         shapes = [(128, 256, 1, 1, 8, 3), (128, 256, 1, 1, 8, 4), (256, 128, 1, 0, 8, 3), (128, 256, 1, 0, 8, 3),
-                  (128, 128, 1, 0, 8, 4), (256, 128, 1, 1, 8, 3)]
+                  (128, 128, 1, 0, 8, 4), (256, 128, 1, 1, 8, 3), (128, 128, 1, 1, 8, 2), (128, 128, 1, 0, 8, 2)]
     # JOIN_K: one dot per 256-trit block instead of one per shift (both are timed; the
     # shipped H100 table predates JOIN_K, whose entries run the per-shift path).
     return [dict(kernel="gemm", BN=bn, BM=bm, SPLIT_K=sk, SWAP=bool(sw), JOIN_K=jk, GROUP_N=8, num_warps=w,
