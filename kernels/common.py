@@ -41,30 +41,25 @@ def unpack_trits(p, BKB: tl.constexpr, BN: tl.constexpr, USE_ASM: tl.constexpr):
     return tl.reshape(w, (BN, 4 * BKB))
 
 
+# Four trits per 32-bit register: $0 = ((bytes of $1 >> $2) & 3) - 1. The subtraction would
+# borrow across bytes; setting each byte's top bit first (or 0x80) and clearing it after
+# (xor 0x80) keeps every byte's result its own. Checked on the CPU by interpreting this text
+# (tests/kernels/test_ptx.py).
+TRITS_PTX = tl.constexpr("{ .reg .b32 t; shr.b32 t, $1, $2; and.b32 t, t, 0x03030303; or.b32 t, t, 0x80808080; "
+                         "sub.u32 t, t, 0x01010101; xor.b32 $0, t, 0x80808080; }")
+
+
 @triton.jit
 def trits_at(p, SHIFT: tl.constexpr, USE_ASM: tl.constexpr):
     """int8 trits ``((p >> SHIFT) & 3) - 1`` of packed bytes ``p``. On the GPU four bytes at
-    a time in one 32-bit register (shift, mask, subtract; the xor with 0x80 per byte keeps
-    the subtraction from borrowing across bytes): Triton's own int8 arithmetic unpacked each
-    byte separately and repacked with byte permutes, ~5 instructions per trit (SASS)."""
-    if not USE_ASM:
-        return ((p >> SHIFT) & 3).to(tl.int8) - 1
-    elif SHIFT == 0:
-        return _trits_asm(p, "mov.b32 t, $1; ")
-    elif SHIFT == 2:
-        return _trits_asm(p, "shr.b32 t, $1, 2; ")
-    elif SHIFT == 4:
-        return _trits_asm(p, "shr.b32 t, $1, 4; ")
+    a time in one register (``TRITS_PTX``): Triton's own int8 arithmetic unpacked each byte
+    separately and repacked with byte permutes, ~5 instructions per trit (SASS)."""
+    if USE_ASM:
+        shift = tl.full(p.shape, SHIFT, tl.int32)  # a constant: ptxas folds it into the shift
+        return tl.inline_asm_elementwise(TRITS_PTX, "=r,r,r,r,r,r", [p, shift], dtype=tl.int8, is_pure=True,
+                                         pack=4)
     else:
-        return _trits_asm(p, "shr.b32 t, $1, 6; ")
-
-
-@triton.jit
-def _trits_asm(p, SHIFTED: tl.constexpr):
-    return tl.inline_asm_elementwise(
-        "{ .reg .b32 t; " + SHIFTED + "and.b32 t, t, 0x03030303; or.b32 t, t, 0x80808080; "
-        "sub.u32 t, t, 0x01010101; xor.b32 $0, t, 0x80808080; }",
-        "=r,r", [p], dtype=tl.int8, is_pure=True, pack=4)
+        return ((p >> SHIFT) & 3).to(tl.int8) - 1
 
 
 @triton.jit

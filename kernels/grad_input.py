@@ -15,6 +15,17 @@ from bitcompile.kernels import tuning
 from bitcompile.kernels.common import grouped_tile, unpack_trits
 
 
+# Four trits (bytes of $2: -1, 0, 1) and the 16-bit scale bits of each ($3..$6) -> four 16-bit
+# values (+-scale or 0) in $0 (elements 0, 1) and $1 (2, 3). Checked on the CPU by interpreting
+# this text (tests/kernels/test_ptx.py).
+SCALED_TRITS_PTX = tl.constexpr(
+    "{ .reg .b32 s, w, m; "
+    "prmt.b32 s, $2, 0, 0x9180; prmt.b32 w, $3, $4, 0x5410; "
+    "and.b32 m, s, 0x00010001; mul.lo.u32 m, m, 0xFFFF; and.b32 w, w, m; and.b32 s, s, 0x80008000; or.b32 $0, w, s; "
+    "prmt.b32 s, $2, 0, 0xB3A2; prmt.b32 w, $5, $6, 0x5410; "
+    "and.b32 m, s, 0x00010001; mul.lo.u32 m, m, 0xFFFF; and.b32 w, w, m; and.b32 s, s, 0x80008000; or.b32 $1, w, s; }")
+
+
 @triton.jit
 def _scaled_trits(t, ws, dtype: tl.constexpr, USE_ASM: tl.constexpr):
     """``(t * ws).to(dtype)`` for int8 trits t and positive scales ws, i.e. +-``ws`` rounded to
@@ -24,15 +35,8 @@ def _scaled_trits(t, ws, dtype: tl.constexpr, USE_ASM: tl.constexpr):
     per element. (Unlike ``0 * ws``, a zero trit gives 0 even for a NaN or inf scale.)"""
     if USE_ASM and dtype != tl.float32:
         bits = tl.broadcast_to(ws.to(dtype).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF, t.shape)
-        out = tl.inline_asm_elementwise(
-            "{ .reg .b32 s, w, m; "
-            "prmt.b32 s, $2, 0, 0x9180; prmt.b32 w, $3, $4, 0x5410; "
-            "and.b32 m, s, 0x00010001; mul.lo.u32 m, m, 0xFFFF; and.b32 w, w, m; "
-            "and.b32 s, s, 0x80008000; or.b32 $0, w, s; "
-            "prmt.b32 s, $2, 0, 0xB3A2; prmt.b32 w, $5, $6, 0x5410; "
-            "and.b32 m, s, 0x00010001; mul.lo.u32 m, m, 0xFFFF; and.b32 w, w, m; "
-            "and.b32 s, s, 0x80008000; or.b32 $1, w, s; }",
-            "=r,=r,r,r,r,r,r", [t, bits], dtype=tl.int16, is_pure=True, pack=4)
+        out = tl.inline_asm_elementwise(SCALED_TRITS_PTX, "=r,=r,r,r,r,r,r", [t, bits], dtype=tl.int16,
+                                        is_pure=True, pack=4)
         return out.to(dtype, bitcast=True)
     else:
         return (t.to(tl.float32) * ws).to(dtype)

@@ -1,0 +1,70 @@
+"""The kernels' inline PTX, executed on the CPU: a small interpreter for the instructions they
+use runs the exact asm text against the plain-torch meaning of each snippet (the Triton
+interpreter cannot run PTX, so the CPU suite would otherwise never execute it)."""
+import re
+
+import numpy as np
+import pytest
+
+from bitcompile.kernels.common import TRITS_PTX
+from bitcompile.kernels.grad_input import SCALED_TRITS_PTX
+
+MASK = 0xFFFFFFFF
+
+
+def prmt(a, b, selector):
+    """PTX ``prmt.b32`` (default mode): byte i of the result is byte ``sel & 7`` of {b, a},
+    or that byte's sign replicated when ``sel & 8``."""
+    src = [(a >> 8 * i) & 255 for i in range(4)] + [(b >> 8 * i) & 255 for i in range(4)]
+    out = 0
+    for i in range(4):
+        sel = (selector >> 4 * i) & 15
+        byte = src[sel & 7]
+        out |= ((255 if byte & 128 else 0) if sel & 8 else byte) << 8 * i
+    return out
+
+
+OPS = {
+    "mov.b32": lambda a: a, "shr.b32": lambda a, b: a >> b, "and.b32": lambda a, b: a & b,
+    "or.b32": lambda a, b: a | b, "xor.b32": lambda a, b: a ^ b, "sub.u32": lambda a, b: (a - b) & MASK,
+    "mul.lo.u32": lambda a, b: (a * b) & MASK, "prmt.b32": prmt,
+}
+
+
+def run_ptx(text: str, operands: dict) -> dict:
+    """Execute ``text`` (one ``{ .reg ...; op d, a, b; ... }`` block) on 32-bit ``operands``
+    {"$1": value, ...}; returns every register afterwards."""
+    regs = dict(operands)
+    body = text.strip().strip("{}")
+    for statement in filter(None, (s.strip() for s in body.split(";"))):
+        if statement.startswith(".reg"):
+            continue
+        op, args = statement.split(None, 1)
+        dest, *srcs = (a.strip() for a in args.split(","))
+        if op not in OPS:
+            raise AssertionError(f"the test's PTX interpreter has no {op}: extend it")
+        values = [int(s, 0) if re.fullmatch(r"0x[0-9a-fA-F]+|\d+", s) else regs[s] for s in srcs]
+        regs[dest] = OPS[op](*values) & MASK
+    return regs
+
+
+@pytest.mark.parametrize("shift", [0, 2, 4, 6])
+def test_trits_ptx(shift):
+    rng = np.random.default_rng(shift)
+    for word in rng.integers(0, 2**32, 2000, dtype=np.uint64).tolist():
+        out = run_ptx(TRITS_PTX.value, {"$1": word, "$2": shift})["$0"]
+        for byte in range(4):
+            want = (((word >> 8 * byte) >> shift) & 3) - 1
+            assert (out >> 8 * byte) & 255 == want & 255, (hex(word), shift, byte)
+
+
+def test_scaled_trits_ptx():
+    rng = np.random.default_rng(0)
+    for _ in range(3000):
+        trits = rng.integers(-1, 2, 4).tolist()
+        scale_bits = rng.integers(1, 0x7F80, 4).tolist()  # positive finite bf16/fp16-like patterns
+        packed = sum((t & 255) << 8 * i for i, t in enumerate(trits))
+        regs = run_ptx(SCALED_TRITS_PTX.value, {"$2": packed, **{f"${3 + i}": b for i, b in enumerate(scale_bits)}})
+        got = [regs["$0"] & 0xFFFF, regs["$0"] >> 16, regs["$1"] & 0xFFFF, regs["$1"] >> 16]
+        want = [0 if t == 0 else b | (0x8000 if t < 0 else 0) for t, b in zip(trits, scale_bits)]
+        assert got == want, (trits, scale_bits)
