@@ -6,12 +6,13 @@ gives trits of consecutive K, so every activation load is a contiguous slice.
     bytes are shifted and masked into 4 codes c = trit + 1 in one register and met with 4
     int8 activations by one ``dp4a`` (4 multiply-adds per instruction);
     sum(trit * x) = sum(c * x) - sum(x), the second sum shared by all rows of the program.
-    Per 4 trits: shift, and, dp4a (the previous version spent ~4 int ops per trit and was
-    ALU bound at 33% of bandwidth).
-  * ``_gemm_kernel`` (larger M): int8 tensor cores with the operands swapped,
-    C^T tile = trits [BN, 64] @ A^T [64, BM]: the unpacked trits are the left operand
-    (the one the MMA may take from registers) and the activations the right one, loaded
-    straight from memory. Each 256-trit block gives 4 independent dots, one per shift.
+    Per 4 trits: shift, and, dp4a. Both operands are loaded at the accumulator's shape, so
+    the loop never exchanges data between threads (no shared memory, no barriers).
+  * ``_gemm_kernel`` (larger M): int8 tensor cores, optionally with the operands swapped
+    (C^T tile = trits [BN, K] @ A^T [K, BM]: the trits are then the operand the MMA takes
+    from registers). Trits are unpacked four per register op (``common.trits_at``); a
+    256-trit block is one dot (``JOIN_K``) or four, one per shift; the activations stream
+    in through ``cp.async`` (Triton's pipeliner).
 Both share one epilogue: ``acc * s_w * s_x (+ bias)``, an optional activation, an
 optional residual add, and the cast to the output dtype, in the reference's order.
 """
@@ -302,7 +303,8 @@ def ternary_matmul(a: torch.Tensor, wq: torch.Tensor, k: int, x_scale: Optional[
             gemv = wrap(_gemv_kernel) if wrap is not None else _gemv_kernel
             return gemv[(triton.cdiv(n, cfg["BN"]),)](
                 aw, pw, c, *tail, m, n, aw.shape[1], pw.shape[1], aw.stride(0), pw.stride(0), c.stride(0),
-                res.stride(0), EVEN=pw.shape[1] % cfg["BW"] == 0 and aw.shape[1] == 4 * pw.shape[1], **flags, **gemv_flags, **cfg)
+                res.stride(0), EVEN=pw.shape[1] % cfg["BW"] == 0 and aw.shape[1] == 4 * pw.shape[1], **flags,
+                **gemv_flags, **cfg)
         cfg.setdefault("JOIN_K", False)  # tuned before the joined-K path existed
         tiles = triton.cdiv(m, cfg["BM"]) * triton.cdiv(n, cfg["BN"])
         partial, count = c, c

@@ -28,7 +28,9 @@ def profiles():
 
 
 def row(profiles, key, **config):
-    return next(r for r in profiles if r["key"] == key and all(r["config"].get(k, False) == v for k, v in config.items()))
+    """The profile of shipped entry ``key`` (with ``config`` overrides such as JOIN_K=True)."""
+    matches = (r for r in profiles if r["key"] == key and all(r["config"].get(k, False) == v for k, v in config.items()))
+    return next(matches)
 
 
 def test_gemv_loop_stays_in_registers(profiles):
