@@ -1,26 +1,27 @@
 #!/usr/bin/env bash
-# One GPU round in a few device calls (each under 10 minutes), logs under $OUT:
-#   bash benchmarks/gpu_round.sh test     # install + GPU test suite
-#   bash benchmarks/gpu_round.sh bench    # re-tune the matmul (shipped entries skipped) + make bench
-#   bash benchmarks/gpu_round.sh profile  # QAT per-kernel split + static profile on this Triton
-# Tuning results land in $OUT/cache/autotune/<gpu>.json, to merge into kernels/tuned/.
+# One GPU round in a few device calls (each bounded below the 10-minute call limit), logs under $OUT:
+#   bash benchmarks/gpu_round.sh test            # install + GPU test suite
+#   bash benchmarks/gpu_round.sh bench [--quick] # re-tune the matmul (shipped entries skipped) + make bench
+#   bash benchmarks/gpu_round.sh profile         # QAT per-kernel split + static profile on this Triton
+# Tuning results persist in .gpu_round_cache while the machine stays warm (a bench cut short resumes
+# where it stopped) and are copied to $OUT/cache/autotune/<gpu>.json, to merge into kernels/tuned/.
 set -u
 out=${OUT:-gpu_round}
 mkdir -p "$out"
-export BITCOMPILE_CACHE_DIR="$out/cache"
+export BITCOMPILE_CACHE_DIR="$PWD/.gpu_round_cache"
 python3 -m pip install -q --no-deps --no-build-isolation -e . > "$out/install.log" 2>&1 || { tail "$out/install.log"; exit 1; }
 case "${1:-}" in
   test)
-    # Bounded below the device's 10-minute call limit so the log comes back either way.
     timeout 540 python3 -m pytest -q -p no:logging --tb=short --durations=15 -m gpu tests > "$out/test_gpu.log" 2>&1
     echo "test-gpu rc=$?"; tail -40 "$out/test_gpu.log" ;;
   bench)
-    BITCOMPILE_RETUNE=ternary_mm timeout 560 python3 benchmarks/bench_kernels.py --out "$out/BENCHMARKS.md" \
+    BITCOMPILE_RETUNE=ternary_mm timeout 560 python3 benchmarks/bench_kernels.py --out "$out/BENCHMARKS.md" "${@:2}" \
       > "$out/bench.log" 2>&1
     echo "bench rc=$?"; grep -v "^  \[" "$out/bench.log" | tail -60 ;;
   profile)
-    python3 benchmarks/profile_qat.py > "$out/profile_qat.log" 2>&1; echo "profile_qat rc=$?"
-    python3 benchmarks/inspect_kernels.py --join-k > "$out/inspect.md" 2>&1; echo "inspect rc=$?"
+    timeout 300 python3 benchmarks/profile_qat.py > "$out/profile_qat.log" 2>&1; echo "profile_qat rc=$?"
+    timeout 200 python3 benchmarks/inspect_kernels.py --join-k > "$out/inspect.md" 2>&1; echo "inspect rc=$?"
     cat "$out/profile_qat.log"; head -30 "$out/inspect.md" ;;
-  *) echo "usage: $0 test|bench|profile" >&2; exit 2 ;;
+  *) echo "usage: $0 test|bench [--quick]|profile" >&2; exit 2 ;;
 esac
+cp -r "$BITCOMPILE_CACHE_DIR" "$out/cache" 2>/dev/null || true
