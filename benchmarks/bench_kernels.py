@@ -122,23 +122,30 @@ def bitnet_ops_layer(x, w):
     return ops.lowbit_linear(x, w, None, xq, xs, wq, ws)
 
 
-def bench_qat(m: int, n: int, k: int):
+def qat_steps(m: int, n: int, k: int) -> dict:
+    """One QAT layer forward + backward at ``m`` tokens, bf16, three ways: ``inductor`` (the
+    usual fake-quant formula under ``torch.compile``), ``ours`` (the bitnet ops called eagerly)
+    and ``compiled`` (the product: a plain ``nn.Linear`` made a QAT layer by the bitnet backend,
+    same quantizers, its ops called from AOTAutograd's compiled graphs). Also ``pack``: the
+    weight absmean + pack alone."""
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     g = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
-    inductor = torch.compile(eager_bitlinear)
-    # The product: a plain nn.Linear made a QAT layer by the bitnet backend (same quantizers
-    # as eager_bitlinear); its ops are called from AOTAutograd's compiled graphs.
     linear = torch.nn.Linear(k, n, bias=False, device="cuda", dtype=torch.bfloat16)
     compiled = torch.compile(linear, backend="bitnet")
-    out = {}
-    for name, fn in (("inductor", inductor), ("ours", bitnet_ops_layer), ("compiled", lambda x, w: compiled(x))):
+    steps = {}
+    for name, fn in (("inductor", torch.compile(eager_bitlinear)), ("ours", bitnet_ops_layer),
+                     ("compiled", lambda x, w: compiled(x))):
         def step(fn=fn):
             x.grad = w.grad = linear.weight.grad = None
             fn(x, w).backward(g)
-        out[name] = time_rotating([step], graph=False, reps=20)
-    out["pack"] = time_rotating([lambda: ops.quantize_weights(w.detach(), "ternary", False)], graph=False, reps=20)
-    return out
+        steps[name] = step
+    steps["pack"] = lambda: ops.quantize_weights(w.detach(), "ternary", False)
+    return steps
+
+
+def bench_qat(m: int, n: int, k: int):
+    return {name: time_rotating([step], graph=False, reps=20) for name, step in qat_steps(m, n, k).items()}
 
 
 def host_overhead(n: int = 8192, k: int = 8192) -> dict:

@@ -10,7 +10,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from bench_kernels import bitnet_ops_layer, eager_bitlinear  # noqa: E402
+from bench_kernels import qat_steps  # noqa: E402
 
 
 def kernel_table(fn, label: str, steps: int = 5) -> None:
@@ -31,17 +31,10 @@ def kernel_table(fn, label: str, steps: int = 5) -> None:
 def main():
     n, k = (int(sys.argv[1]), int(sys.argv[2])) if len(sys.argv) > 2 else (8192, 8192)
     m = 8192
-    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    g = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
-    inductor = torch.compile(eager_bitlinear)
-    linear = torch.nn.Linear(k, n, bias=False, device="cuda", dtype=torch.bfloat16)
-    compiled = torch.compile(linear, backend="bitnet")
-    for label, layer in (("bitnet ops", bitnet_ops_layer), ("nn.Linear, backend=bitnet", lambda x, w: compiled(x)),
-                         ("Inductor fake-quant", inductor)):
-        def step(layer=layer):
-            x.grad = w.grad = linear.weight.grad = None
-            layer(x, w).backward(g)
+    labels = {"ours": "bitnet ops", "compiled": "nn.Linear, backend=bitnet", "inductor": "Inductor fake-quant"}
+    steps = qat_steps(m, n, k)
+    for name, label in labels.items():
+        step = steps[name]
         kernel_table(step, f"{label}, M={m}, N={n}, K={k}")
         torch.cuda.synchronize()
         start = time.perf_counter()

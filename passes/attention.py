@@ -28,9 +28,8 @@ import torch.nn.functional as F
 
 from bitcompile.nn import bit_attention
 from bitcompile.passes import PassContext
-from bitcompile.passes.graph import emit_weight_quantization, meta, owner, parameter_path
+from bitcompile.passes.graph import dtype_name, emit_weight_quantization, meta, owner, parameter_path, record
 from bitcompile.passes.linear import _describe
-from bitcompile.report import Candidate
 
 _ROOT = re.compile(r"^(?:L|G)\[['\"][^'\"]+['\"]\]\.?")  # Dynamo's L['self']. prefix
 MHA_SIGNATURE = inspect.signature(F.multi_head_attention_forward)
@@ -44,15 +43,8 @@ PROB_OPS = (F.dropout, torch.dropout)
 PROB_METHODS = ("to", "float", "type", "contiguous", "type_as")
 
 
-def _record(ctx, op, module, shape, dtype, reason, detail):
-    ctx.report.candidates.append(
-        Candidate(graph=ctx.graph_index, op=op, module=module, shape=shape, dtype=dtype, rewritten=not reason, reason=reason or detail)
-    )
-
-
 def _dtype(node) -> str:
-    m = meta(node)
-    return str(m.dtype).removeprefix("torch.") if m is not None else "?"
+    return dtype_name(meta(node))
 
 
 def _quantized_projection(graph, gm, ctx, w, b, x_node, label: str):
@@ -65,7 +57,7 @@ def _quantized_projection(graph, gm, ctx, w, b, x_node, label: str):
         reason = "weight is not a parameter"
     elif ctx.config.excluded(module):
         reason = f"excluded by pattern {ctx.config.excluded(module)!r}"
-    _record(ctx, "linear", module, f"W{list(wm.shape) if wm is not None else '?'}", _dtype(x_node), reason, _describe(ctx.config) + f" ({label})")
+    record(ctx, "linear", module, f"W{list(wm.shape) if wm is not None else '?'}", _dtype(x_node), reason, _describe(ctx.config) + f" ({label})")
     if reason:
         return (w, b, None, None)
     return (w, b, *emit_weight_quantization(graph, w, ctx.config))
@@ -92,7 +84,7 @@ def _rewrite_mha(node, gm, ctx) -> None:
     module = owner(owner(parameter_path(a["out_proj_weight"], gm) or "attention.out_proj.weight"))
     reason = _mha_unsupported(a)
     if reason:
-        _record(ctx, "attention", module, "", _dtype(a["query"]), reason, "")
+        record(ctx, "attention", module, "", _dtype(a["query"]), reason, "")
         return
     with graph.inserting_before(node):
         in_proj = _quantized_projection(graph, gm, ctx, a["in_proj_weight"], a["in_proj_bias"], a["query"], "fused q/k/v in_proj")
@@ -103,7 +95,7 @@ def _rewrite_mha(node, gm, ctx) -> None:
             (a["query"], a["key"], a["value"], a["num_heads"], in_proj, out_proj),
             {**kwargs, "activation_bits": cfg.activation_bits, "attention_bits": cfg.attention_bits},
         )
-    _record(ctx, "attention", module, "", _dtype(a["query"]), "", f"nn.MultiheadAttention, attention matmuls {_attn_desc(cfg)}")
+    record(ctx, "attention", module, "", _dtype(a["query"]), "", f"nn.MultiheadAttention, attention matmuls {_attn_desc(cfg)}")
     new.meta.update(node.meta)
     node.replace_all_uses_with(new)
     graph.erase_node(node)
@@ -115,7 +107,7 @@ def _rewrite_encoder_layer(node, gm, ctx) -> None:
     module = owner(owner(parameter_path(f1w, gm) or "encoder_layer.linear1.weight"))
     mask = rest[0] if rest else None
     if mask is not None:
-        _record(ctx, "attention", module, "", _dtype(src), "encoder-layer fast path with a mask not supported (left in float)", "")
+        record(ctx, "attention", module, "", _dtype(src), "encoder-layer fast path with a mask not supported (left in float)", "")
         return
     with graph.inserting_before(node):
         projs = [
@@ -127,7 +119,7 @@ def _rewrite_encoder_layer(node, gm, ctx) -> None:
             (src, heads, projs[0], projs[1], use_gelu, norm_first, eps, (n1w, n1b), (n2w, n2b), projs[2], projs[3]),
             {"activation_bits": cfg.activation_bits, "attention_bits": cfg.attention_bits},
         )
-    _record(ctx, "attention", module, "", _dtype(src), "", f"TransformerEncoderLayer fast path, attention matmuls {_attn_desc(cfg)}")
+    record(ctx, "attention", module, "", _dtype(src), "", f"TransformerEncoderLayer fast path, attention matmuls {_attn_desc(cfg)}")
     new.meta.update(node.meta)
     node.replace_all_uses_with(new)
     graph.erase_node(node)
@@ -194,7 +186,7 @@ def _rewrite_attention_matmuls(gm, ctx) -> None:
         if _is(node, SDPA_TARGETS):
             with graph.inserting_before(node):
                 new = graph.call_function(bit_attention.quantized_sdpa, node.args, {**node.kwargs, "attention_bits": bits})
-            _record(ctx, "attention_matmul", _module_path(node), f"q{list(meta(node.args[0]).shape) if meta(node.args[0]) is not None else '?'}", _dtype(node), "", f"scaled_dot_product_attention -> {_attn_desc(ctx.config)}")
+            record(ctx, "attention_matmul", _module_path(node), f"q{list(meta(node.args[0]).shape) if meta(node.args[0]) is not None else '?'}", _dtype(node), "", f"scaled_dot_product_attention -> {_attn_desc(ctx.config)}")
             new.meta.update(node.meta)
             node.replace_all_uses_with(new)
             graph.erase_node(node)
@@ -207,7 +199,7 @@ def _rewrite_attention_matmuls(gm, ctx) -> None:
                 reason = "softmax not between two matmuls (not an attention pattern)"
             elif shape is None or shape.dim() < 3:
                 reason = "attention scores not batched per head (< 3-D)"
-            _record(ctx, "attention_matmul", _module_path(node), f"scores{list(shape.shape) if shape is not None else '?'}", _dtype(node), reason, f"softmax(q @ k^T ...) @ v -> {_attn_desc(ctx.config)}")
+            record(ctx, "attention_matmul", _module_path(node), f"scores{list(shape.shape) if shape is not None else '?'}", _dtype(node), reason, f"softmax(q @ k^T ...) @ v -> {_attn_desc(ctx.config)}")
             if not reason:
                 _replace_matmul(graph, scores, bits)
                 _replace_matmul(graph, values, bits)

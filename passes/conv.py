@@ -18,9 +18,9 @@ import torch
 import torch.fx as fx
 
 from bitcompile.passes import PassContext
-from bitcompile.passes.graph import emit_activation_quantization, emit_weight_quantization, meta, owner, parameter_path
+from bitcompile.passes.graph import (dims, dtype_name, emit_activation_quantization, emit_weight_quantization, meta,
+                                    owner, parameter_path, parameter_skip_reason, record)
 from bitcompile.passes.linear import DEVICES, FLOAT_DTYPES, _describe
-from bitcompile.report import Candidate
 
 CONV_TARGETS = {
     torch.conv1d: 1,
@@ -69,11 +69,9 @@ def normalize_padding(padding, kernel, dilation) -> tuple[list[int] | None, str]
 
 def conv_skip_reason(x, w, b, path, groups, ctx: PassContext) -> str:
     xm, wm = meta(x), meta(w)
-    if path is None:
-        return "weight is not a parameter (computed or passed in)"
-    pattern = ctx.config.excluded(owner(path))
-    if pattern:
-        return f"excluded by pattern {pattern!r}"
+    reason = parameter_skip_reason(path, ctx)
+    if reason:
+        return reason
     if xm is None or wm is None:
         return "no tensor metadata"
     if xm.dtype not in FLOAT_DTYPES or wm.dtype not in FLOAT_DTYPES:
@@ -101,22 +99,14 @@ def rewrite_convs(gm: fx.GraphModule, ctx: PassContext) -> None:
         path = parameter_path(w, gm)
         xm, wm = meta(x), meta(w)
         reason = conv_skip_reason(x, w, b, path, groups, ctx)
-        dims = wm.dim() - 2 if wm is not None else 0
+        spatial = wm.dim() - 2 if wm is not None else 0
         if not reason:
-            stride, dilation = _ints(stride, dims), _ints(dilation, dims)
+            stride, dilation = _ints(stride, spatial), _ints(dilation, spatial)
             padding, reason = normalize_padding(padding, list(wm.shape[2:]), dilation)
-        ctx.report.candidates.append(
-            Candidate(
-                graph=ctx.graph_index,
-                op=f"conv{dims}d" if dims else "conv",
-                module=owner(path) if path else str(node.name),
-                shape=f"x{list(xm.shape) if xm is not None else '?'} * W{list(wm.shape) if wm is not None else '?'}"
-                + (f" stride={stride} pad={padding} dil={dilation} groups={groups}" if not reason else ""),
-                dtype=str(xm.dtype).removeprefix("torch.") if xm is not None else "?",
-                rewritten=not reason,
-                reason=reason or _describe(cfg) + " (per-sample activation scale)",
-            )
-        )
+        shape = f"x{dims(xm)} * W{dims(wm)}" + (f" stride={stride} pad={padding} dil={dilation} groups={groups}"
+                                                if not reason else "")
+        record(ctx, f"conv{spatial}d" if spatial else "conv", owner(path) if path else str(node.name), shape,
+               dtype_name(xm), reason, _describe(cfg) + " (per-sample activation scale)")
         if reason:
             continue
         with graph.inserting_before(node):
@@ -146,17 +136,8 @@ def rewrite_conv1d_projections(gm: fx.GraphModule, ctx: PassContext) -> None:
         reason = conv_skip_reason(x, w, b, path, 1, ctx)
         if not reason and (wm.dim() != 2 or xm.dim() != 2):
             reason = f"unsupported addmm shapes x{list(xm.shape)} @ W{list(wm.shape)}"
-        ctx.report.candidates.append(
-            Candidate(
-                graph=ctx.graph_index,
-                op="conv1d_proj",
-                module=owner(path),
-                shape=f"x{list(xm.shape) if xm is not None else '?'} @ W{list(wm.shape) if wm is not None else '?'}",
-                dtype=str(xm.dtype).removeprefix("torch.") if xm is not None else "?",
-                rewritten=not reason,
-                reason=reason or _describe(cfg) + " (transformers Conv1D: addmm with W[in, out])",
-            )
-        )
+        record(ctx, "conv1d_proj", owner(path), f"x{dims(xm)} @ W{dims(wm)}", dtype_name(xm), reason,
+               _describe(cfg) + " (transformers Conv1D: addmm with W[in, out])")
         if reason:
             continue
         with graph.inserting_before(node):

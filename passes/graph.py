@@ -1,5 +1,5 @@
-"""Small FX helpers shared by the passes: tensor metadata, parameter paths, and the
-quantize nodes every rewrite emits."""
+"""Small FX helpers shared by the passes: tensor metadata, parameter paths, the reasons
+and report entries every rewrite shares, and the quantize nodes every rewrite emits."""
 from __future__ import annotations
 
 import operator
@@ -8,6 +8,8 @@ from typing import Optional
 
 import torch
 import torch.fx as fx
+
+from bitcompile.report import Candidate
 
 _ROOT = re.compile(r"^(?:L|G)\[['\"][^'\"]+['\"]\]")
 _STEP = re.compile(r"""\._(?:modules|parameters|buffers)\[['"]([^'"]+)['"]\]|\.([A-Za-z_]\w*)|\[['"]?([^'"\]]+)['"]?\]""")
@@ -57,6 +59,33 @@ def _get_attr(gm: fx.GraphModule, target: str):
 def owner(param_path: str) -> str:
     """``encoder.fc.weight`` -> ``encoder.fc``; a parameter of the compiled module itself -> ``""``."""
     return param_path.rpartition(".")[0]
+
+
+def dims(m: Optional[torch.Tensor]) -> str:
+    """``[2, 16]`` for a tensor's metadata, ``?`` without it (report shapes)."""
+    return str(list(m.shape)) if m is not None else "?"
+
+
+def dtype_name(m: Optional[torch.Tensor]) -> str:
+    return str(m.dtype).removeprefix("torch.") if m is not None else "?"
+
+
+def parameter_skip_reason(path: Optional[str], ctx) -> str:
+    """What every weight rewrite checks first: the weight is a parameter, and the user did
+    not exclude its module ('' if neither applies)."""
+    if path is None:
+        return "weight is not a parameter (computed or passed in)"
+    pattern = ctx.config.excluded(owner(path))
+    return f"excluded by pattern {pattern!r}" if pattern else ""
+
+
+def record(ctx, op: str, module: str, shape: str, dtype: str, reason: str, detail: str, **extra) -> Candidate:
+    """Add one candidate to the report: rewritten when there is no ``reason`` (then ``detail``
+    says how)."""
+    candidate = Candidate(graph=ctx.graph_index, op=op, module=module, shape=shape, dtype=dtype, rewritten=not reason,
+                          reason=reason or detail, **extra)
+    ctx.report.candidates.append(candidate)
+    return candidate
 
 
 def emit_weight_quantization(graph: fx.Graph, w2d: fx.Node, cfg) -> tuple[fx.Node, fx.Node]:

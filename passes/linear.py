@@ -15,8 +15,8 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from bitcompile.passes import PassContext
-from bitcompile.passes.graph import emit_activation_quantization, emit_weight_quantization, meta, owner, parameter_path
-from bitcompile.report import Candidate
+from bitcompile.passes.graph import (dims, dtype_name, emit_activation_quantization, emit_weight_quantization, meta,
+                                    owner, parameter_path, parameter_skip_reason, record)
 
 LINEAR_TARGETS = (F.linear, torch._C._nn.linear, torch.ops.aten.linear.default)
 MATMUL_TARGETS = (operator.matmul, torch.matmul)
@@ -65,11 +65,9 @@ def transposed_matrix(node):
 def skip_reason(x, w, b, path, ctx: PassContext) -> str:
     """Why this linear cannot be rewritten ('' if it can)."""
     xm, wm = meta(x), meta(w)
-    if path is None:
-        return "weight is not a parameter (computed or passed in)"
-    pattern = ctx.config.excluded(owner(path))
-    if pattern:
-        return f"excluded by pattern {pattern!r}"
+    reason = parameter_skip_reason(path, ctx)
+    if reason:
+        return reason
     # A tied lm_head shares the embedding's parameter, which Dynamo names after the embedding.
     if isinstance(w, fx.Node) and any(u.target in EMBEDDING_TARGETS for u in w.users):
         return "weight is tied to an embedding table (e.g. a tied lm_head); embeddings stay in float"
@@ -97,18 +95,8 @@ def rewrite_linears(gm: fx.GraphModule, ctx: PassContext) -> None:
         path = parameter_path(w, gm)
         xm, wm = meta(x), meta(w)
         reason = skip_reason(x, w, b, path, ctx)
-        ctx.report.candidates.append(
-            Candidate(
-                graph=ctx.graph_index,
-                op="linear",
-                module=(owner(path) or "(root)") if path else f"({node.name})",
-                shape=f"x{list(xm.shape) if xm is not None else '?'} @ W{list(wm.shape) if wm is not None else '?'}^T",
-                dtype=str(xm.dtype).removeprefix("torch.") if xm is not None else "?",
-                rewritten=not reason,
-                reason=reason or _describe(cfg),
-                weight_bits=8 if cfg.weight == "int8" else 2,
-            )
-        )
+        record(ctx, "linear", (owner(path) or "(root)") if path else f"({node.name})", f"x{dims(xm)} @ W{dims(wm)}^T",
+               dtype_name(xm), reason, _describe(cfg), weight_bits=8 if cfg.weight == "int8" else 2)
         if reason:
             continue
         if cfg.weight_quantizer is not None:  # a user quantizer object: its own forward and gradient
