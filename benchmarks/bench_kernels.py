@@ -1,18 +1,22 @@
 """Kernel benchmark: one table, printed and written to BENCHMARKS.md.
 
-    python benchmarks/bench_kernels.py [--out BENCHMARKS.md] [--quick]
+    python benchmarks/bench_kernels.py [--out BENCHMARKS.md] [--quick | --smoke]
 
 Every time is a median over repetitions measured with CUDA events. Weight buffers
 are rotated (enough copies to exceed the L2 several times), so every call reads
 its weights from HBM. The calls are captured in a CUDA graph and the graph is
 replayed (launch overhead excluded, as in a decode loop or a compiled graph); our
 matmul is also timed launched from Python each call ("eager launch").
+
+``--smoke`` runs every part at tiny shapes on whatever device there is (the CPU in CI,
+with wall-clock timing): a check that the script runs, its numbers mean nothing.
 """
 from __future__ import annotations
 
 import argparse
 import datetime
 import statistics
+import time
 
 import torch
 import torch.nn.functional as F
@@ -21,23 +25,40 @@ import bitcompile.ops  # noqa: F401  (registers the bitnet ops)
 import triton
 
 ops = torch.ops.bitnet
-L2_BYTES = 50 * 2**20
-SHAPES = [(4096, 4096), (8192, 8192), (14336, 4096), (4096, 14336)]
-MS = [1, 16, 128, 1024, 8192]
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+ROTATE_BYTES = 4 * 50 * 2**20  # weight copies rotated through: 4x the H100's L2
+FULL = dict(shapes=[(4096, 4096), (8192, 8192), (14336, 4096), (4096, 14336)], ms=[1, 16, 128, 1024, 8192],
+            qat=[(8192, 4096, 4096), (8192, 8192, 8192)], decode=(8192, 8192), copy_bytes=2**30,
+            conv=[(32, 64, 64, 56, 3, 1), (32, 128, 256, 28, 3, 2), (32, 512, 512, 7, 3, 1)])
+SMOKE = dict(shapes=[(64, 96)], ms=[1, 16, 40], qat=[(32, 64, 64)], decode=(64, 96), copy_bytes=2**20,
+             conv=[(2, 8, 8, 6, 3, 1)])
 TARGETS = {  # (M, N, K): minimum speed-up over bf16 cuBLAS (issue 3)
     (1, 8192, 8192): 6.0, (1, 4096, 4096): 4.0, (16, 8192, 8192): 5.0, (128, 8192, 8192): 2.5, (8192, 8192, 8192): 1.3,
 }
 
 
 def copies(nbytes: int) -> int:
-    return max(2, -(-4 * L2_BYTES // max(nbytes, 1)))
+    return max(2, -(-ROTATE_BYTES // max(nbytes, 1)))
+
+
+def sync() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
 
 
 def time_rotating(fns, graph: bool, reps: int = 50) -> float:
     """Median microseconds of one call, cycling through ``fns`` (one per weight copy)."""
     for f in fns:  # compile / autotune / warm up
         f()
-    torch.cuda.synchronize()
+    sync()
+    if DEVICE != "cuda":  # smoke runs: wall clock, no graphs
+        times = []
+        for _ in range(min(reps, 3)):
+            start = time.perf_counter()
+            for f in fns:
+                f()
+            times.append((time.perf_counter() - start) * 1e6 / len(fns))
+        return statistics.median(times)
     if graph:
         g = torch.cuda.CUDAGraph()
         s = torch.cuda.Stream()
@@ -67,16 +88,16 @@ def time_rotating(fns, graph: bool, reps: int = 50) -> float:
     return statistics.median(times)
 
 
-def copy_bandwidth() -> float:
+def copy_bandwidth(nbytes: int) -> float:
     """Device-to-device copy, bytes read + written per second (TB/s)."""
-    src = torch.empty(2**30, dtype=torch.uint8, device="cuda")
+    src = torch.empty(nbytes, dtype=torch.uint8, device=DEVICE)
     dst = torch.empty_like(src)
     us = time_rotating([lambda: dst.copy_(src)], graph=False, reps=20)
     return 2 * src.numel() / (us * 1e-6) / 1e12
 
 
 def bench_matmul(m: int, n: int, k: int):
-    dev = "cuda"
+    dev = DEVICE
     x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
     r = copies(n * k * 2)
     ws = [torch.randn(n, k, device=dev, dtype=torch.bfloat16) for _ in range(r)]
@@ -123,19 +144,21 @@ def bitnet_ops_layer(x, w):
 
 
 def qat_steps(m: int, n: int, k: int) -> dict:
-    """One QAT layer forward + backward at ``m`` tokens, bf16, three ways: ``inductor`` (the
-    usual fake-quant formula under ``torch.compile``), ``ours`` (the bitnet ops called eagerly)
-    and ``compiled`` (the product: a plain ``nn.Linear`` made a QAT layer by the bitnet backend,
-    same quantizers, its ops called from AOTAutograd's compiled graphs). Also ``pack``: the
-    weight absmean + pack alone."""
-    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    g = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
-    linear = torch.nn.Linear(k, n, bias=False, device="cuda", dtype=torch.bfloat16)
+    """One QAT layer forward + backward at ``m`` tokens, bf16: ``inductor`` (the usual
+    fake-quant formula under ``torch.compile``), ``ours`` (the bitnet ops called eagerly),
+    ``compiled`` (the product: a plain ``nn.Linear`` made a QAT layer by the bitnet backend,
+    same quantizers, its ops called from AOTAutograd's compiled graphs) and ``compiled_q8``
+    (the same with ``grad_input_bits=8``: int8 output gradients for the input gradient).
+    Also ``pack``: the weight absmean + pack alone."""
+    x = torch.randn(m, k, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(n, k, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+    g = torch.randn(m, n, device=DEVICE, dtype=torch.bfloat16)
+    linear = torch.nn.Linear(k, n, bias=False, device=DEVICE, dtype=torch.bfloat16)
     compiled = torch.compile(linear, backend="bitnet")
+    compiled_q8 = torch.compile(linear, backend="bitnet", options={"grad_input_bits": 8})
     steps = {}
     for name, fn in (("inductor", torch.compile(eager_bitlinear)), ("ours", bitnet_ops_layer),
-                     ("compiled", lambda x, w: compiled(x))):
+                     ("compiled", lambda x, w: compiled(x)), ("compiled_q8", lambda x, w: compiled_q8(x))):
         def step(fn=fn):
             x.grad = w.grad = linear.weight.grad = None
             fn(x, w).backward(g)
@@ -151,46 +174,45 @@ def bench_qat(m: int, n: int, k: int):
 def host_overhead(n: int = 8192, k: int = 8192) -> dict:
     """M=1 linear_q: time per call launched from Python (no graph) vs graph replay, and the
     host-side time of one call (perf_counter around the op, GPU never the bottleneck)."""
-    import time
-
-    x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+    calls = 200 if DEVICE == "cuda" else 2  # smoke runs: the launcher runs interpreted
+    x = torch.randn(1, k, device=DEVICE, dtype=torch.bfloat16)
     xq, xs = ops.quantize_activations(x, 8)
-    wq, ws = ops.quantize_weights(torch.randn(n, k, device="cuda", dtype=torch.bfloat16), "ternary", False)
+    wq, ws = ops.quantize_weights(torch.randn(n, k, device=DEVICE, dtype=torch.bfloat16), "ternary", False)
     call = lambda: ops.linear_q(xq, xs, wq, ws, None, k, torch.bfloat16, "none", None)  # noqa: E731
     from bitcompile.kernels.ternary_matmul import ternary_matmul
     direct = lambda: ternary_matmul(xq, wq, k, xs, ws, None, torch.bfloat16)  # noqa: E731
     out = {"graph": time_rotating([call], graph=True), "eager": time_rotating([call], graph=False)}
     for name, fn in (("host_op", call), ("host_launcher", direct)):
-        for _ in range(20):
+        for _ in range(calls // 10):
             fn()
-        torch.cuda.synchronize()
+        sync()
         t0 = time.perf_counter()
-        for _ in range(200):
+        for _ in range(calls):
             fn()
-        out[name] = (time.perf_counter() - t0) / 200 * 1e6
-        torch.cuda.synchronize()
+        out[name] = (time.perf_counter() - t0) / calls * 1e6
+        sync()
     import cProfile
     import io
     import pstats
 
     prof = cProfile.Profile()
     prof.enable()
-    for _ in range(200):
+    for _ in range(calls):
         call()
     prof.disable()
-    torch.cuda.synchronize()
+    sync()
     text = io.StringIO()
     pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(14)
-    print("host profile of 200 linear_q calls (M=1):\n" + text.getvalue(), flush=True)
+    print(f"host profile of {calls} linear_q calls (M=1):\n" + text.getvalue(), flush=True)
     return out
 
 
-def bench_conv() -> list[str]:
+def bench_conv(shapes) -> list[str]:
     """Packed-ternary implicit-GEMM conv (with its epilogue) vs bf16 cuDNN, weights warm."""
     rows = []
-    for n, cin, cout, hw, k, stride in [(32, 64, 64, 56, 3, 1), (32, 128, 256, 28, 3, 2), (32, 512, 512, 7, 3, 1)]:
-        x = torch.randn(n, cin, hw, hw, device="cuda", dtype=torch.bfloat16)
-        w = torch.randn(cout, cin, k, k, device="cuda", dtype=torch.bfloat16)
+    for n, cin, cout, hw, k, stride in shapes:
+        x = torch.randn(n, cin, hw, hw, device=DEVICE, dtype=torch.bfloat16)
+        w = torch.randn(cout, cin, k, k, device=DEVICE, dtype=torch.bfloat16)
         xq, xs = ops.quantize_activations_per_sample(x, 8)
         wq, ws = ops.quantize_weights(w.flatten(1), "ternary", False)
         args = ([stride] * 2, [k // 2] * 2, [1, 1], 1)
@@ -206,8 +228,8 @@ def compiled_decode(n: int = 8192, k: int = 8192) -> dict:
     (``triton``) or through the opaque ops (``opaque``), and plain bf16 under Inductor."""
     from bitcompile.passes import lower_triton
 
-    layer = torch.nn.Linear(k, n, bias=False, device="cuda", dtype=torch.bfloat16).eval()
-    x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+    layer = torch.nn.Linear(k, n, bias=False, device=DEVICE, dtype=torch.bfloat16).eval()
+    x = torch.randn(1, k, device=DEVICE, dtype=torch.bfloat16)
     out = {}
     lower = lower_triton.lower_to_triton
     for name, backend, lowering, mode in (
@@ -228,19 +250,28 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="BENCHMARKS.md")
     ap.add_argument("--quick", action="store_true", help="M=1 and 8192 only")
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes, any device: checks the script runs")
     args = ap.parse_args()
-    bw = copy_bandwidth()
+    global ROTATE_BYTES
+    plan = SMOKE if args.smoke else FULL
+    if args.smoke:
+        ROTATE_BYTES = 0
+    elif DEVICE != "cuda":
+        ap.error("the benchmark needs a CUDA GPU (--smoke runs it at tiny shapes on the CPU)")
+    device = torch.cuda.get_device_name() if DEVICE == "cuda" else "CPU"
+    bw = copy_bandwidth(plan["copy_bytes"])
     lines = [
         "# Benchmarks", "",
-        f"{datetime.date.today()} · {torch.cuda.get_device_name()} · torch {torch.__version__} · triton {triton.__version__}", "",
+        f"{datetime.date.today()} · {device} · torch {torch.__version__} · triton {triton.__version__}"
+        + (" · smoke run: tiny shapes, times mean nothing" if args.smoke else ""), "",
         f"Measured copy bandwidth: {bw:.2f} TB/s. Times in µs (median, CUDA events, weights rotated through "
         f"> 4× L2; every row by CUDA-graph replay, so launch overhead is excluded; `ours, eager launch` is the same call launched from Python each time). `ours` = packed-ternary matmul with dequant epilogue, bf16 out; "
         f"`layer` = fused RMSNorm+quant kernel + matmul. `%BW` = packed weight bytes / time vs measured copy bandwidth.", "",
         "| M | N×K | bf16 F.linear | _int_mm | ours | ours, eager launch | layer | speed-up vs bf16 | %BW | target | met |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for n, k in SHAPES:
-        for m in ([1, 8192] if args.quick else MS):
+    for n, k in plan["shapes"]:
+        for m in ([1, 8192] if args.quick else plan["ms"]):
             row = bench_matmul(m, n, k)
             speed = row["bf16"] / row["ours"]
             target = TARGETS.get((m, n, k))
@@ -253,16 +284,19 @@ def main():
     lines += ["", "QAT forward+backward of one layer, 8192 tokens, bf16 (Inductor = `torch.compile` of the usual "
               "fake-quant BitLinear formula; ours = bitnet ops on the Triton kernels, called eagerly; compiled = "
               "an `nn.Linear` under `torch.compile(backend=\"bitnet\")`; speed-up = Inductor / the faster of the two; "
-              "pack = weight absmean+pack alone):", "",
-              "| N×K | Inductor | ours | compiled | speed-up | pack | target ≥1.2× |", "|---|---|---|---|---|---|---|"]
-    for n, k in [(4096, 4096), (8192, 8192)]:
-        q = bench_qat(8192, n, k)
+              "int8 grads = compiled with `grad_input_bits=8` (input gradient from int8 output gradients, not the "
+              "exact STE), its speed-up alongside; pack = weight absmean+pack alone):", "",
+              "| N×K | Inductor | ours | compiled | speed-up | target ≥1.2× | int8 grads | speed-up | pack |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for m, n, k in plan["qat"]:
+        q = bench_qat(m, n, k)
         speed = q["inductor"] / min(q["ours"], q["compiled"])
-        line = (f"| {n}×{k} | {q['inductor']:.0f} | {q['ours']:.0f} | {q['compiled']:.0f} | {speed:.2f}× | {q['pack']:.0f} | "
-                f"{'yes' if speed >= 1.2 else f'NO ({speed / 1.2:.2f} of target)'} |")
+        line = (f"| {n}×{k} | {q['inductor']:.0f} | {q['ours']:.0f} | {q['compiled']:.0f} | {speed:.2f}× | "
+                f"{'yes' if speed >= 1.2 else f'NO ({speed / 1.2:.2f} of target)'} | {q['compiled_q8']:.0f} | "
+                f"{q['inductor'] / q['compiled_q8']:.2f}× | {q['pack']:.0f} |")
         print(line, flush=True)
         lines.append(line)
-    h = host_overhead()
+    h = host_overhead(*plan["decode"])
     lines += ["", f"Host overhead (M=1, 8192², one layer, weights warm in L2): graph replay {h['graph']:.1f} µs, "
               f"eager launches {h['eager']:.1f} µs per call; host time per call {h['host_op']:.1f} µs through "
               f"`torch.ops.bitnet.linear_q`, {h['host_launcher']:.1f} µs calling the launcher directly."]
@@ -270,10 +304,10 @@ def main():
     lines += ["", "Convolution (conv2d, bf16 out; ours = packed-ternary implicit GEMM from int8 activations, "
               "quantization not included; CUDA-graph replay, weights warm):", "",
               "| input -> C_out, kernel/stride | bf16 cuDNN | ours | speed-up |", "|---|---|---|---|"]
-    conv_rows = bench_conv()
+    conv_rows = bench_conv(plan["conv"])
     print("\n".join(conv_rows), flush=True)
     lines += conv_rows
-    d = compiled_decode()
+    d = compiled_decode(*plan["decode"])
     lines += ["", f"Compiled decode (M=1, 8192², `torch.compile(nn.Linear, backend=\"bitnet\")` in eval, launched from "
               f"Python every call, no CUDA graph): {d['triton']:.1f} µs per call with the kernels launched by Inductor's "
               f"generated code (`triton_op`), {d['opaque']:.1f} µs through the opaque ops; bf16 under Inductor "

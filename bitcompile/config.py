@@ -38,6 +38,10 @@ class BitConfig:
     attention_bits: quantize the two attention matmuls (QK^T and attention @ V) to
         int x int of this many bits (2..8) with one absmax scale per (batch, head);
         softmax stays in floating point. ``None`` (default) keeps them in floating point.
+    grad_input_bits: QAT only: the input gradient of each quantized linear from the output
+        gradient quantized per row to this many bits (2..8; int8 tensor cores instead of a
+        16-bit matmul, as in SwitchBack, Wortsman et al. 2023); the weight gradient stays
+        exact. ``None`` (default) keeps the exact STE gradient in the gradient's dtype.
     fuse: in inference graphs, fuse (residual add +) RMSNorm/LayerNorm with activation
         quantization, and a linear's following activation and residual add into its
         epilogue (``bitnet::norm_quant`` / ``bitnet::linear_q``). ``False`` keeps each
@@ -56,6 +60,7 @@ class BitConfig:
     fuse: bool = True
     quantize_depthwise: bool = False
     attention_bits: Optional[int] = None
+    grad_input_bits: Optional[int] = None
     weight_quantizer: Any = None  # a quantizer object for linears (see ``weight``)
 
     def __post_init__(self):
@@ -72,14 +77,9 @@ class BitConfig:
         _check_choice("granularity", self.granularity, (None, *GRANULARITIES))
         _check_choice("mode", self.mode, INDUCTOR_MODES)
         _check_choice("quantize_depthwise", self.quantize_depthwise, (False, True))
-        if self.attention_bits is not None and (
-            isinstance(self.attention_bits, bool) or not isinstance(self.attention_bits, int) or not 2 <= self.attention_bits <= 8
-        ):
-            raise ValueError(f"attention_bits must be an int in 2..8 or None (float attention matmuls), got {self.attention_bits!r}")
-        if self.activation_bits is not None and (
-            isinstance(self.activation_bits, bool) or not isinstance(self.activation_bits, int) or not 2 <= self.activation_bits <= 8
-        ):
-            raise ValueError(f"activation_bits must be an int in 2..8 or None (weight-only), got {self.activation_bits!r}")
+        _check_bits("attention_bits", self.attention_bits, "float attention matmuls")
+        _check_bits("activation_bits", self.activation_bits, "weight-only")
+        _check_bits("grad_input_bits", self.grad_input_bits, "exact STE input gradient")
         if isinstance(self.exclude, str) or not all(isinstance(p, str) for p in self.exclude):
             raise ValueError(f"exclude must be a list of module-path glob patterns, got {self.exclude!r}")
         self.exclude = list(self.exclude)
@@ -108,6 +108,11 @@ class BitConfig:
         if mode is not None:
             options.setdefault("mode", mode)
         return cls(**options)
+
+
+def _check_bits(name: str, value: Any, none_means: str) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 2 <= value <= 8):
+        raise ValueError(f"{name} must be an int in 2..8 or None ({none_means}), got {value!r}")
 
 
 def _check_choice(name: str, value: Any, choices: tuple) -> None:

@@ -3,7 +3,7 @@
 One program per token row holds the whole row in registers, so x is read once:
   h = x (+ residual)                    stored only if STORE_H (the new residual stream)
   y = norm(h) * weight (+ bias)         stored only if STORE_Y (another consumer needs it)
-  s = max(max|y|, eps) / qmax, q = round(y / s) clipped      -> int8 q, fp32 s
+  s = max(max|y|, qeps) / qmax, q = round(y / s) clipped     -> int8 q, fp32 s
 NORM: 0 none, 1 RMSNorm with the cast to the input dtype before the weight multiply
 (transformers' Llama/Mistral/Qwen spelling and torch's composite rms_norm), 2 RMSNorm
 all in fp32, 3 LayerNorm (fp32, one cast at the end, as F.layer_norm).
@@ -43,6 +43,8 @@ def _norm_quant_kernel(X, RES, W, B, Q, S, Y, H, K, stride_x, stride_r, stride_q
     h = x.to(tl.float32)
     if NORM == 0:
         y = h
+        if HAS_W:  # a plain per-column scale (the QAT gradient path folds per-channel s_w in here)
+            y = y * tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
     else:
         if NORM == 3:
             mean = tl.math.div_rn(tl.sum(h, axis=0), K * 1.0)
@@ -76,12 +78,13 @@ def _norm_quant_kernel(X, RES, W, B, Q, S, Y, H, K, stride_x, stride_r, stride_q
 def norm_quant(x: torch.Tensor, bits: int = 8, kind: str = "none", weight: Optional[torch.Tensor] = None,
                bias: Optional[torch.Tensor] = None, eps: float = 1e-6, residual: Optional[torch.Tensor] = None,
                norm_dtype: Optional[torch.dtype] = None, store_normed: bool = False, store_sum: bool = False,
-               wrap: Optional[Callable] = None):
+               wrap: Optional[Callable] = None, qeps: float = EPS):
     """Returns ``(q int8 [..., K], scale fp32 [..., 1], normed | None, h | None)``.
 
     ``normed`` (dtype ``norm_dtype``, default x.dtype) is written only with ``store_normed``;
     ``h = x + residual`` only with ``store_sum``. ``wrap=torch.library.wrap_triton``
-    launches through it (traceable; ``ops.triton_ops``)."""
+    launches through it (traceable; ``ops.triton_ops``). ``max|y|`` is clamped at ``qeps``;
+    with ``kind="none"``, ``weight`` is a per-column fp32 multiplier."""
     if kind not in NORM_KINDS:
         raise ValueError(f"unknown norm {kind!r}; supported: {', '.join(NORM_KINDS)}")
     if not 2 <= bits <= 8:
@@ -108,7 +111,7 @@ def norm_quant(x: torch.Tensor, bits: int = 8, kind: str = "none", weight: Optio
         compiled = kernel[(m,)](
             x2, r2, weight if weight is not None else x2, bias if bias is not None else x2, q, s, y, h, k,
             x2.stride(0), r2.stride(0), q.stride(0), y.stride(0), h.stride(0), eps,
-            float(2 ** (bits - 1) - 1), EPS, num_warps=warps, **flags)
+            float(2 ** (bits - 1) - 1), qeps, num_warps=warps, **flags)
         tuning.dump_source(_norm_quant_kernel, compiled, {**flags, "x": str(x.dtype), "normed": str(y.dtype)})
     return (q.reshape(*lead, k), s.reshape(*lead, 1), y.reshape(*lead, k) if store_normed else None,
             h.reshape(*lead, k) if store_sum else None)

@@ -111,3 +111,25 @@ def grad_input(grad: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, k: i
     compiled = launch(cfg)
     tuning.dump_source(_grad_input_kernel, compiled, {**flags, **cfg, "grad": str(grad.dtype)})
     return out.reshape(*lead, k)
+
+
+def grad_input_quantized(grad: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, k: int, bits: int) -> torch.Tensor:
+    """``ops.reference.grad_input_quantized`` on the GPU: the per-row quantization of ``grad``
+    (per-channel ``s_w`` folded in) is the activation-quantization kernel, and ``q @ W_int``
+    is the forward matmul kernel on int8 tensor cores, fed ``W_int^T`` re-laid out from the
+    packed weights (``layout.transposed_kblocked``, a few µs); its epilogue applies the scales."""
+    from bitcompile.kernels.act_quant import norm_quant
+    from bitcompile.kernels.layout import transposed_kblocked
+    from bitcompile.kernels.ternary_matmul import ternary_matmul
+    from bitcompile.ops.reference import GRAD_EPS
+
+    if wq.dtype != torch.uint8:
+        raise TypeError(f"grad_input kernel needs packed uint8 ternary weights, got {wq.dtype}")
+    n = wq.shape[0]
+    if grad.shape[-1] != n or wq.shape[1] != (k + 3) // 4:
+        raise ValueError(f"shape mismatch: grad {tuple(grad.shape)}, packed {tuple(wq.shape)}, k={k}")
+    per_channel = w_scale.numel() > 1
+    ws = w_scale.float().contiguous()
+    q, s, _, _ = norm_quant(grad, bits, "none", ws if per_channel else None, qeps=GRAD_EPS)
+    out_scale = torch.ones_like(ws[:1]) if per_channel else ws
+    return ternary_matmul(q, transposed_kblocked(wq, k), n, s, out_scale, None, grad.dtype, layout="kblocked")

@@ -50,6 +50,38 @@ def relayout(wq: torch.Tensor, k: int) -> torch.Tensor:
     return out
 
 
+@triton.jit
+def _transposed_kernel(P, OUT, N, K, stride_p, stride_o, BR: tl.constexpr, Q: tl.constexpr):
+    # Output row r (= input column), block b: byte j holds, in bits 2i, trit (n = b*4Q + i*Q + j, r).
+    rows = tl.program_id(0) * BR + tl.arange(0, BR)[:, None, None]
+    n = tl.program_id(1) * 4 * Q + tl.arange(0, 4)[None, :, None] * Q + tl.arange(0, Q)[None, None, :]
+    valid = (n < N) & (rows < K)
+    src = tl.load(P + n.to(tl.int64) * stride_p + rows // 4, mask=valid, other=0).to(tl.int32)
+    code = tl.where(valid, (src >> (2 * (rows % 4))) & 3, 1)  # padding: the zero trit
+    out = tl.sum(code << (2 * tl.arange(0, 4)[None, :, None]), axis=1)
+    r = tl.program_id(0) * BR + tl.arange(0, BR)[:, None]
+    tl.store(OUT + r.to(tl.int64) * stride_o + tl.program_id(1) * Q + tl.arange(0, Q)[None, :], out.to(tl.uint8),
+             mask=r < K)
+
+
+def transposed_kblocked(wq: torch.Tensor, k: int) -> torch.Tensor:
+    """Canonical packed trits ``T [N, ceil(k/4)]`` -> ``T^T`` K-blocked, ``uint8 [k,
+    kblocked_columns(N)]``: the operand that lets the forward matmul kernel compute
+    ``g @ T`` (the QAT input gradient). One read and one write of the packed bytes."""
+    if wq.dtype != torch.uint8 or wq.dim() != 2 or wq.shape[1] != (k + 3) // 4:
+        raise ValueError(f"transposed_kblocked needs canonical packed uint8 [N, ceil(k/4)] weights, got {wq.dtype} "
+                         f"{tuple(wq.shape)} for k={k}")
+    wq = wq.contiguous()
+    n = wq.shape[0]
+    cols = kblocked_columns(n)
+    out = torch.empty((k, cols), device=wq.device, dtype=torch.uint8)
+    if k and cols:
+        br = 16 if tuning.interpreting() else 32
+        _transposed_kernel[(triton.cdiv(k, br), cols // QUARTER)](wq, out, n, k, wq.stride(0), out.stride(0), BR=br,
+                                                                  Q=QUARTER, num_warps=4)
+    return out
+
+
 _cache = WeakIdKeyDictionary()
 
 

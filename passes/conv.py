@@ -18,7 +18,8 @@ import torch
 import torch.fx as fx
 
 from bitcompile.passes import PassContext
-from bitcompile.passes.graph import (dims, dtype_name, emit_activation_quantization, emit_weight_quantization, meta,
+from bitcompile.passes.graph import (dims, dtype_name, emit_activation_quantization, emit_lowbit_linear,
+                                     emit_weight_quantization, grad_note, meta,
                                     owner, parameter_path, parameter_skip_reason, record)
 from bitcompile.passes.linear import DEVICES, FLOAT_DTYPES, _describe
 
@@ -137,14 +138,14 @@ def rewrite_conv1d_projections(gm: fx.GraphModule, ctx: PassContext) -> None:
         if not reason and (wm.dim() != 2 or xm.dim() != 2):
             reason = f"unsupported addmm shapes x{list(xm.shape)} @ W{list(wm.shape)}"
         record(ctx, "conv1d_proj", owner(path), f"x{dims(xm)} @ W{dims(wm)}", dtype_name(xm), reason,
-               _describe(cfg) + " (transformers Conv1D: addmm with W[in, out])")
+               _describe(cfg) + grad_note(ctx) + " (transformers Conv1D: addmm with W[in, out])")
         if reason:
             continue
         with graph.inserting_before(node):
             xq, x_scale = emit_activation_quantization(graph, x, cfg)
             wt = graph.call_function(torch.t, (w,))
             wq, w_scale = emit_weight_quantization(graph, wt, cfg)
-            out = graph.call_function(torch.ops.bitnet.lowbit_linear.default, (x, wt, b, xq, x_scale, wq, w_scale))
+            out = emit_lowbit_linear(graph, (x, wt, b, xq, x_scale, wq, w_scale), ctx)
         out.meta.update(node.meta)
         node.replace_all_uses_with(out)
         graph.erase_node(node)

@@ -94,6 +94,23 @@ def emit_weight_quantization(graph: fx.Graph, w2d: fx.Node, cfg) -> tuple[fx.Nod
     return graph.call_function(operator.getitem, (qw, 0)), graph.call_function(operator.getitem, (qw, 1))
 
 
+def _grad_input_bits(ctx):
+    return ctx.config.grad_input_bits if ctx.training else None
+
+
+def grad_note(ctx) -> str:
+    """The report's note for a linear whose input gradient is quantized."""
+    bits = _grad_input_bits(ctx)
+    return "" if bits is None else f", int{bits} output grads for the input gradient"
+
+
+def emit_lowbit_linear(graph: fx.Graph, args: tuple, ctx) -> fx.Node:
+    """A ``lowbit_linear`` node; in training graphs it carries ``grad_input_bits`` if set."""
+    bits = _grad_input_bits(ctx)
+    kwargs = {} if bits is None else {"grad_input_bits": bits}
+    return graph.call_function(torch.ops.bitnet.lowbit_linear.default, args, kwargs)
+
+
 def emit_activation_quantization(graph: fx.Graph, x: fx.Node, cfg, per_sample: bool = False):
     """``(int8, scale)`` nodes of the activation quantizer (per token, or per sample for a
     conv), or ``(None, None)`` for weight-only configurations."""

@@ -15,7 +15,8 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from bitcompile.passes import PassContext
-from bitcompile.passes.graph import (dims, dtype_name, emit_activation_quantization, emit_weight_quantization, meta,
+from bitcompile.passes.graph import (dims, dtype_name, emit_activation_quantization, emit_lowbit_linear,
+                                     emit_weight_quantization, grad_note, meta,
                                     owner, parameter_path, parameter_skip_reason, record)
 
 LINEAR_TARGETS = (F.linear, torch._C._nn.linear, torch.ops.aten.linear.default)
@@ -96,7 +97,7 @@ def rewrite_linears(gm: fx.GraphModule, ctx: PassContext) -> None:
         xm, wm = meta(x), meta(w)
         reason = skip_reason(x, w, b, path, ctx)
         record(ctx, "linear", (owner(path) or "(root)") if path else f"({node.name})", f"x{dims(xm)} @ W{dims(wm)}^T",
-               dtype_name(xm), reason, _describe(cfg), weight_bits=8 if cfg.weight == "int8" else 2)
+               dtype_name(xm), reason, _describe(cfg) + grad_note(ctx), weight_bits=8 if cfg.weight == "int8" else 2)
         if reason:
             continue
         if cfg.weight_quantizer is not None:  # a user quantizer object: its own forward and gradient
@@ -108,7 +109,7 @@ def rewrite_linears(gm: fx.GraphModule, ctx: PassContext) -> None:
         with graph.inserting_before(node):
             xq, x_scale = emit_activation_quantization(graph, x, cfg)
             wq, w_scale = emit_weight_quantization(graph, w, cfg)
-            out = graph.call_function(torch.ops.bitnet.lowbit_linear.default, (x, w, b, xq, x_scale, wq, w_scale))
+            out = emit_lowbit_linear(graph, (x, w, b, xq, x_scale, wq, w_scale), ctx)
         out.meta.update(node.meta)
         out.meta["bitnet_candidate"] = ctx.report.candidates[-1]  # later passes add what they fused
         node.replace_all_uses_with(out)

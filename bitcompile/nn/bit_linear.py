@@ -27,11 +27,13 @@ class BitLinear(nn.Linear):
         weight: str = "ternary",
         activation_bits: Optional[int] = 8,
         granularity: Optional[str] = None,
+        grad_input_bits: Optional[int] = None,
         device=None,
         dtype=None,
     ):
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
-        self.config = BitConfig(weight=weight, activation_bits=activation_bits, granularity=granularity, exclude=[])
+        self.config = BitConfig(weight=weight, activation_bits=activation_bits, granularity=granularity, exclude=[],
+                                grad_input_bits=grad_input_bits)
         self.norm = nn.RMSNorm(in_features, eps=eps, device=device, dtype=dtype) if norm else None
 
     @classmethod
@@ -57,9 +59,11 @@ class BitLinear(nn.Linear):
         if self.config.activation_bits is not None:
             xq, x_scale = torch.ops.bitnet.quantize_activations(x, self.config.activation_bits)
         wq, w_scale = self.packed_weight()
-        return torch.ops.bitnet.lowbit_linear(x, self.weight, self.bias, xq, x_scale, wq, w_scale)
+        return torch.ops.bitnet.lowbit_linear(x, self.weight, self.bias, xq, x_scale, wq, w_scale,
+                                              self.config.grad_input_bits)
 
     def extra_repr(self) -> str:
         cfg = self.config
         acts = f"A{cfg.activation_bits}" if cfg.activation_bits else "A-float"
-        return f"{super().extra_repr()}, {cfg.weight}, {acts}, {'per-channel' if cfg.per_channel else 'per-tensor'}"
+        grads = f", grad_input int{cfg.grad_input_bits}" if cfg.grad_input_bits else ""
+        return f"{super().extra_repr()}, {cfg.weight}, {acts}, {'per-channel' if cfg.per_channel else 'per-tensor'}{grads}"

@@ -47,7 +47,7 @@ def _(a, wq, k):
 
 
 @lowbit_linear.register_kernel("cuda")
-def _(x, weight, bias, xq, x_scale, wq, w_scale):
+def _(x, weight, bias, xq, x_scale, wq, w_scale, grad_input_bits=None):
     from bitcompile.kernels.ternary_matmul import ternary_matmul
 
     if xq is None or not _packed_ternary(wq):
@@ -65,11 +65,14 @@ def _(x, weight, bias, xq, x_scale, wq, w_scale, stride, padding, dilation, grou
 
 
 @grad_input.register_kernel("cuda")
-def _(grad, wq, w_scale, k):
-    from bitcompile.kernels.grad_input import grad_input as kernel
+def _(grad, wq, w_scale, k, bits=None):
+    from bitcompile.kernels.act_quant import MAX_ROW
+    from bitcompile.kernels.grad_input import grad_input as kernel, grad_input_quantized
 
-    if not _packed_ternary(wq):
-        return grad @ ref.dequantized_weight(wq, w_scale, k, grad.dtype)
+    if not _packed_ternary(wq) or (bits is not None and wq.shape[0] > MAX_ROW):
+        return ref.grad_input(grad, wq, w_scale, k, bits)
+    if bits is not None:
+        return grad_input_quantized(grad, wq, w_scale, k, bits)
     return kernel(grad, wq, w_scale, k)
 
 

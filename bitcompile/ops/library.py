@@ -6,7 +6,9 @@ any device until a faster kernel is registered for that device), a fake
 implementation for tracing, and an autograd rule. The straight-through estimator
 lives on ``lowbit_linear``, the only op with float inputs and a float output:
 forward runs on the quantized operands, backward treats both quantizers as the
-identity, so ``dL/dx = g @ (W_int * s_w)`` and ``dL/dW = g^T @ (q * s_x)``.
+identity, so ``dL/dx = g @ (W_int * s_w)`` and ``dL/dW = g^T @ (q * s_x)``. With
+``grad_input_bits`` set, ``dL/dx`` uses g quantized per row to that many bits instead
+(``ops.reference.grad_input_quantized``): an int8 tensor-core matmul in place of a 16-bit one.
 """
 from __future__ import annotations
 
@@ -66,27 +68,30 @@ def _(acc, x_scale, w_scale, bias, dtype):
 
 @torch.library.custom_op("bitnet::lowbit_linear", mutates_args=())
 def lowbit_linear(
-    x: Tensor, weight: Tensor, bias: Optional[Tensor], xq: Optional[Tensor], x_scale: Optional[Tensor], wq: Tensor, w_scale: Tensor
+    x: Tensor, weight: Tensor, bias: Optional[Tensor], xq: Optional[Tensor], x_scale: Optional[Tensor], wq: Tensor,
+    w_scale: Tensor, grad_input_bits: Optional[int] = None,
 ) -> Tensor:
     """Packed low-bit matmul with the dequantize epilogue. ``x`` and ``weight`` are the
     latent full-precision tensors: they carry the STE gradients (``weight`` is not read
-    in the forward). ``xq``/``x_scale`` are None for weight-only quantization."""
+    in the forward). ``xq``/``x_scale`` are None for weight-only quantization.
+    ``grad_input_bits`` only changes the backward (see the module docstring)."""
     return ref.lowbit_linear(x, bias, xq, x_scale, wq, w_scale, x.shape[-1])
 
 
 @lowbit_linear.register_fake
-def _(x, weight, bias, xq, x_scale, wq, w_scale):
+def _(x, weight, bias, xq, x_scale, wq, w_scale, grad_input_bits=None):
     return x.new_empty((*x.shape[:-1], wq.shape[0]))
 
 
 @torch.library.custom_op("bitnet::grad_input", mutates_args=())
-def grad_input(grad: Tensor, wq: Tensor, w_scale: Tensor, k: int) -> Tensor:
-    """STE input gradient ``grad @ (W_int * s_w)`` in ``grad.dtype``."""
-    return grad @ ref.dequantized_weight(wq, w_scale, k, grad.dtype)
+def grad_input(grad: Tensor, wq: Tensor, w_scale: Tensor, k: int, bits: Optional[int] = None) -> Tensor:
+    """STE input gradient ``grad @ (W_int * s_w)`` in ``grad.dtype``; with ``bits``, from
+    ``grad`` quantized per row (``ops.reference.grad_input_quantized``)."""
+    return ref.grad_input(grad, wq, w_scale, k, bits)
 
 
 @grad_input.register_fake
-def _(grad, wq, w_scale, k):
+def _(grad, wq, w_scale, k, bits=None):
     return grad.new_empty((*grad.shape[:-1], k))
 
 
@@ -109,7 +114,7 @@ quantize_weights.register_autograd(no_gradient, setup_context=quantizer_setup)
 
 
 def _linear_setup(ctx, inputs, output):
-    x, weight, bias, xq, x_scale, wq, w_scale = inputs
+    x, weight, bias, xq, x_scale, wq, w_scale, ctx.grad_input_bits = inputs
     ctx.k = x.shape[-1]
     ctx.weight_dtype = weight.dtype
     ctx.has_bias = bias is not None
@@ -125,13 +130,13 @@ def _linear_backward(ctx, grad):
     n = wq.shape[0]
     g2 = grad.reshape(-1, n)
     if ctx.needs_input_grad[0]:
-        gx = grad_input(grad, wq, w_scale, ctx.k)
+        gx = grad_input(grad, wq, w_scale, ctx.k, ctx.grad_input_bits)
     if ctx.needs_input_grad[1]:
         a_deq = a.to(grad.dtype) if ctx.weight_only else ref.dequantized_activations(a, x_scale, grad.dtype)
         gw = (g2.t() @ a_deq.reshape(-1, ctx.k)).to(ctx.weight_dtype)
     if ctx.has_bias and ctx.needs_input_grad[2]:
         gb = g2.sum(0)
-    return gx, gw, gb, None, None, None, None
+    return gx, gw, gb, None, None, None, None, None
 
 
 lowbit_linear.register_autograd(_linear_backward, setup_context=_linear_setup)

@@ -13,6 +13,9 @@ import torch
 from bitcompile.quant.packing import pack_ternary, unpack_ternary
 
 EPS = 1e-5
+# Gradients are often far below 1e-5: their per-row scale is clamped only where amax / qmax would
+# leave float32's normal range (rows whose largest |g| is below this are quantized to zero).
+GRAD_EPS = 2.0**-100
 WEIGHT_SCHEMES = ("ternary", "binary", "int8")
 # float32 matmul of integers is exact while every partial sum stays below 2**24.
 _EXACT_F32_LIMIT = 2**24
@@ -22,10 +25,11 @@ def qmax(bits: int) -> int:
     return 2 ** (bits - 1) - 1
 
 
-def quantize_activations(x: torch.Tensor, bits: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token absmax: ``x [..., K] -> (q int8 [..., K], scale float32 [..., 1])``."""
+def quantize_activations(x: torch.Tensor, bits: int = 8, eps: float = EPS) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token absmax: ``x [..., K] -> (q int8 [..., K], scale float32 [..., 1])``; ``max|x|``
+    is clamped at ``eps``."""
     xf = x.float()
-    amax = xf.abs().amax(dim=-1, keepdim=True).clamp(min=EPS)
+    amax = xf.abs().amax(dim=-1, keepdim=True).clamp(min=eps)
     # Divide by a tensor, not a Python number: on CUDA `t / 127` computes t * fl(1/127),
     # one ulp off the IEEE quotient the CPU (and the Triton kernel) compute for ~1/4 of rows.
     scale = amax / amax.new_full((), float(qmax(bits)))
@@ -104,6 +108,31 @@ def lowbit_linear(x, bias, xq, x_scale, wq, w_scale, k: int) -> torch.Tensor:
 def dequantized_weight(wq, w_scale, k: int, dtype: torch.dtype) -> torch.Tensor:
     s = w_scale.reshape(-1, 1) if w_scale.numel() > 1 else w_scale
     return (unpack_weights(wq, k, torch.float32) * s).to(dtype)
+
+
+def grad_input(grad, wq, w_scale, k: int, bits=None) -> torch.Tensor:
+    """The STE input gradient ``grad @ (W_int * s_w)`` in grad's dtype, or with ``bits``, from
+    ``grad`` quantized per row."""
+    if bits is not None:
+        return grad_input_quantized(grad, wq, w_scale, k, bits)
+    return grad @ dequantized_weight(wq, w_scale, k, grad.dtype)
+
+
+def grad_input_quantized(grad, wq, w_scale, k: int, bits: int) -> torch.Tensor:
+    """Input gradient from an int ``bits`` output gradient (SwitchBack, Wortsman et al. 2023):
+    ``g' = grad * s_w`` (per-channel s_w lies along the contraction, so it is folded in first;
+    a per-tensor one is applied at the end), ``(q, s_g) = `` per-row absmax of ``g'``, then
+    ``(q @ W_int) * s_g (* s_w)`` with q @ W_int exact in int32 and the rest as ``dequantize``."""
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
+        raise ValueError(f"grad_input_bits must be an int in 2..8 or None (exact STE gradient), got {bits!r}")
+    n = wq.shape[0]
+    per_channel = w_scale.numel() > 1
+    g = grad.reshape(-1, n)
+    q, s = quantize_activations(g.float() * w_scale if per_channel else g, bits, GRAD_EPS)
+    # W_int^T [K, N]: int8 weights as they are, trits packed along N
+    w_t = wq.t().contiguous() if wq.dtype == torch.int8 else pack_ternary(unpack_weights(wq, k).t())
+    out_scale = torch.ones_like(w_scale[:1]) if per_channel else w_scale
+    return dequantize(lowbit_matmul(q, w_t, n), s, out_scale, None, grad.dtype).reshape(*grad.shape[:-1], k)
 
 
 def dequantized_activations(xq, x_scale, dtype: torch.dtype) -> torch.Tensor:

@@ -28,8 +28,10 @@ def test_opcheck_every_op(scheme, per_channel, bits):
     acc = bitnet.lowbit_matmul(a, wq, 10)
     torch.library.opcheck(bitnet.dequantize, (acc, xs, ws, b, torch.bfloat16))
     torch.library.opcheck(bitnet.grad_input, (torch.randn(2, 3, 6), wq, ws, 10))
+    torch.library.opcheck(bitnet.grad_input, (torch.randn(2, 3, 6), wq, ws, 10, 8))
     args = (x.requires_grad_(), w.requires_grad_(), b.requires_grad_(), xq, xs, wq, ws)
     torch.library.opcheck(bitnet.lowbit_linear, args)
+    torch.library.opcheck(bitnet.lowbit_linear, (*args, 8))
 
 
 @given(
@@ -59,6 +61,30 @@ def test_ste_gradients_match_design_formulas(data, batch, n, k, scheme, per_chan
         torch.testing.assert_close(b.grad, g.reshape(-1, n).sum(0))
     # The forward is the quantized product itself.
     torch.testing.assert_close(y.detach(), x_deq @ w_deq.t() + (b.detach() if bias else 0), rtol=1e-5, atol=1e-5)
+
+
+@given(data=st.data(), batch=batch_shapes, n=ns, k=ks, per_channel=st.booleans(), bits=st.sampled_from([8, 4]))
+def test_grad_input_bits_changes_only_the_input_gradient(data, batch, n, k, per_channel, bits):
+    x = data.draw(tensors((*batch, k)))
+    w = data.draw(tensors((n, k)))
+    g = data.draw(tensors((*batch, n)))
+    operands = _operands(x, w, "ternary", per_channel)
+    grads = []
+    for grad_bits in (None, bits):
+        xi, wi = x.clone().requires_grad_(), w.clone().requires_grad_()
+        y = bitnet.lowbit_linear(xi, wi, None, *operands, grad_bits)
+        y.backward(g)
+        grads.append((y.detach(), xi.grad, wi.grad))
+    (y0, gx0, gw0), (y1, gx1, gw1) = grads
+    assert torch.equal(y0, y1) and torch.equal(gw0, gw1)
+    _, _, wq, ws = operands
+    assert torch.equal(gx1, ref.grad_input_quantized(g, wq, ws, k, bits))
+
+
+def test_grad_input_bits_are_validated():
+    wq, ws = bitnet.quantize_weights(torch.randn(4, 8), "ternary", False)
+    with pytest.raises(ValueError, match="grad_input_bits must be an int in 2..8"):
+        bitnet.grad_input(torch.randn(2, 4), wq, ws, 8, 16)
 
 
 @given(data=st.data(), dtype=st.sampled_from(FLOAT_DTYPES))

@@ -54,6 +54,25 @@ def test_lowbit_matmul_is_exact_int32(data, batch, n, k):
     assert acc.dtype == torch.int32 and torch.equal(acc.long(), exact)
 
 
+@given(data=st.data(), batch=batch_shapes, n=ns, k=ks, scheme=st.sampled_from(["ternary", "binary", "int8"]),
+       per_channel=st.booleans(), bits=st.integers(2, 8), magnitude=st.sampled_from([1.0, 1e-9]))
+def test_quantized_grad_input_within_half_a_step_of_exact(data, batch, n, k, scheme, per_channel, bits, magnitude):
+    g = data.draw(tensors((*batch, n))) * magnitude  # 1e-9: far below the activations' clamp
+    wq, ws = ref.quantize_weights(data.draw(tensors((n, k))), scheme, per_channel)
+    got = ref.grad_input(g, wq, ws, k, bits)
+    w_int = ref.unpack_weights(wq, k, torch.float64)
+    exact = g.double() @ (w_int * ws.double().reshape(-1, 1))
+    # Each element of g' = g * s_w (per-channel; per-tensor s_w multiplies at the end) is
+    # rounded to a multiple of s_g = max|g'| / qmax of its row: off by <= s_g / 2. Plus fp32
+    # rounding of the scales and the epilogue (relative 2**-20 of the magnitudes involved).
+    gp = g.double() * (ws.double() if per_channel else 1.0)
+    s_g = gp.abs().amax(-1, keepdim=True) / ref.qmax(bits)
+    bound = s_g / 2 * w_int.abs().sum(0) + (gp.abs() @ w_int.abs()) * 2**-20
+    bound = bound * (1.0 if per_channel else ws.double())
+    assert got.shape == (*batch, k) and got.dtype == g.dtype
+    assert ((got.double() - exact).abs() <= bound + 1e-300).all()
+
+
 def test_large_k_switches_to_float64_and_stays_exact():
     k = 1100  # 128*127*k > 2**24: float32 could round
     q = torch.full((2, k), -128, dtype=torch.int8)

@@ -143,6 +143,20 @@ def test_qat_backward(dtype, per_channel, n):
         assert ((got.float() - want).abs().max() / scale) < rel * 4
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.parametrize("m,n,k", [(1024, 2048, 4096), (333, 2000, 1003)])
+def test_quantized_grad_input_equals_reference(dtype, per_channel, m, n, k):
+    """grad_input_bits=8: same integers (act-quant kernel, exact int32 matmul on the transposed
+    packing), same fp32 epilogue as the reference on the CPU: equal."""
+    g = torch.Generator(device="cuda").manual_seed(n)
+    wq, ws = ops.quantize_weights(torch.randn(n, k, device="cuda", generator=g), "ternary", per_channel)
+    grad = (torch.randn(m, n, device="cuda", generator=g) * 1e-6).to(dtype)
+    got = ops.grad_input(grad, wq, ws, k, 8)
+    want = ref.grad_input_quantized(grad.cpu(), wq.cpu(), ws.cpu(), k, 8)
+    assert got.dtype == dtype and torch.equal(got.cpu(), want)
+
+
 def test_bitlinear_compiled_inference():
     from bitcompile.nn import BitLinear
 

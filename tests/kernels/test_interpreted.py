@@ -129,6 +129,32 @@ def test_grad_input(kernels, device, m, n, k, per_channel, dtype, seed):
     assert ((got.float() - want).abs() <= bound).all()
 
 
+@given(n=st.integers(1, 600), k=dims, seed=st.integers(0, 2**16))
+@example(n=256, k=64, seed=0)  # whole blocks, whole row tiles
+def test_transposed_kblocked(kernels, device, n, k, seed):
+    from bitcompile.quant.packing import pack_ternary, to_kblocked, unpack_ternary
+
+    g = torch.Generator().manual_seed(seed)
+    wq, _ = ref.quantize_weights(torch.randn(n, k, generator=g))
+    got = kernels.layout.transposed_kblocked(wq.to(device), k).cpu()
+    assert torch.equal(got, to_kblocked(pack_ternary(unpack_ternary(wq, k).t()), n))
+
+
+@given(m=st.integers(1, 24), n=dims, k=dims, per_channel=st.booleans(), bits=st.sampled_from([8, 4]),
+       dtype=st.sampled_from([torch.float32, torch.float16]), seed=st.integers(0, 2**16))
+@example(m=20, n=300, k=33, per_channel=True, bits=8, dtype=torch.float16, seed=3)  # > 1 block of N, GEMM path
+def test_grad_input_quantized(kernels, device, m, n, k, per_channel, bits, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    wq, ws = ref.quantize_weights(torch.randn(n, k, generator=g), "ternary", per_channel)
+    # Gradients far below the activations' 1e-5 clamp (bf16 on the GPU only: see test_norm_quant)
+    grad = (torch.randn(m, n, generator=g) * (1e-8 if dtype == torch.float32 else 1e-4)).to(dtype)
+    grad[0, : n // 2] = 0  # a partly zero row
+    got = kernels.grad_input.grad_input_quantized(grad.to(device), wq.to(device), ws.to(device), k, bits).cpu()
+    # Same integers (exact quantization, exact int32 sums), same fp32 epilogue: equal.
+    want = ref.grad_input_quantized(grad, wq, ws, k, bits)
+    assert got.dtype == dtype and torch.equal(got, want)
+
+
 def test_matmul_rejects_bad_input(kernels, device):
     wq, _ = ref.quantize_weights(torch.randn(8, 16))
     with pytest.raises(TypeError, match="int8 activations"):

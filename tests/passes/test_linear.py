@@ -10,6 +10,7 @@ from torch import nn
 
 import bitcompile
 from bitcompile.backend import BitcompileFallbackWarning
+from bitcompile.report import collecting
 from tests.helpers import MLP, swap_to_bitlinear
 
 EXACT = dict(rtol=0, atol=0)  # same ops on the same inputs: bitwise equal
@@ -62,6 +63,24 @@ def test_training_gradients_equal_eager_reference():
         torch.testing.assert_close(p.grad, q.grad, msg=name)
 
 
+def test_grad_input_bits_option_quantizes_the_output_gradient():
+    torch.manual_seed(0)
+    model, x = MLP(), torch.randn(4, 12)
+    twins = {bits: swap_to_bitlinear(model, grad_input_bits=bits) for bits in (None, 8)}
+    compiled = torch.compile(model, backend="bitnet", options={"grad_input_bits": 8})
+    xs = {name: x.clone().requires_grad_() for name in ("compiled", None, 8)}
+    with collecting() as report:
+        compiled(xs["compiled"]).square().sum().backward()
+    for bits, twin in twins.items():
+        twin(xs[bits]).square().sum().backward()
+    torch.testing.assert_close(xs["compiled"].grad, xs[8].grad, rtol=0, atol=0)
+    assert not torch.equal(xs[8].grad, xs[None].grad)  # the option is in effect: not the exact STE gradient
+    for (name, p), q in zip(model.named_parameters(), twins[8].parameters()):
+        torch.testing.assert_close(p.grad, q.grad, msg=name)
+    notes = [c.reason for c in report.candidates if c.rewritten]
+    assert notes and all("int8 output grads for the input gradient" in r for r in notes)
+
+
 @settings(max_examples=6)
 @given(batch=st.lists(st.integers(1, 5), min_size=1, max_size=3).map(tuple), seed=st.integers(0, 1000))
 def test_dynamic_shapes_match_reference(batch, seed):
@@ -105,6 +124,8 @@ def test_unknown_or_invalid_options_name_the_valid_ones():
         bitcompile.BitConfig(weight="quaternary")
     with pytest.raises(ValueError, match="activation_bits"):
         bitcompile.BitConfig(activation_bits=16)
+    with pytest.raises(ValueError, match="grad_input_bits must be an int in 2..8"):
+        bitcompile.BitConfig(grad_input_bits=1)
 
 
 def test_graph_breaks_and_graphs_are_counted():

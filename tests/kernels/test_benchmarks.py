@@ -1,0 +1,36 @@
+"""The GPU benchmark scripts run end to end (``--smoke``: tiny shapes, on the CPU here), so a
+GPU round is not spent finding a broken script. Checks what they print, not their timings."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def smoke(script: str, *args: str) -> str:
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--smoke", *args], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def test_bench_kernels_smoke(tmp_path):
+    out = tmp_path / "BENCHMARKS.md"
+    printed = smoke("bench_kernels.py", "--out", str(out))
+    table = out.read_text()
+    assert "smoke run" in table
+    # one matmul row per M, the QAT row (with the int8-gradient column), conv and decode lines
+    assert [line.split("|")[1].strip() for line in table.splitlines() if "| 64×96 |" in line] == ["1", "16", "40"]
+    qat = [line for line in table.splitlines() if line.startswith("| 64×64 |")]
+    assert len(qat) == 1 and len(qat[0].split("|")) == 11
+    assert "Host overhead" in table and "Compiled decode" in table and "3×3/1" in table
+    assert "nan" not in qat[0] and qat[0] in printed
+
+
+def test_profile_qat_smoke():
+    printed = smoke("profile_qat.py")
+    for label in ("bitnet ops", "backend=bitnet,", "grad_input_bits=8", "Inductor fake-quant"):
+        assert f"{label}" in printed
+    assert printed.count("wall time per step") == 4
