@@ -51,17 +51,22 @@ def relayout(wq: torch.Tensor, k: int) -> torch.Tensor:
 
 
 @triton.jit
-def _transposed_kernel(P, OUT, N, K, stride_p, stride_o, BR: tl.constexpr, Q: tl.constexpr):
-    # Output row r (= input column), block b: byte j holds, in bits 2i, trit (n = b*4Q + i*Q + j, r).
-    rows = tl.program_id(0) * BR + tl.arange(0, BR)[:, None, None]
-    n = tl.program_id(1) * 4 * Q + tl.arange(0, 4)[None, :, None] * Q + tl.arange(0, Q)[None, None, :]
-    valid = (n < N) & (rows < K)
-    src = tl.load(P + n.to(tl.int64) * stride_p + rows // 4, mask=valid, other=0).to(tl.int32)
-    code = tl.where(valid, (src >> (2 * (rows % 4))) & 3, 1)  # padding: the zero trit
-    out = tl.sum(code << (2 * tl.arange(0, 4)[None, :, None]), axis=1)
-    r = tl.program_id(0) * BR + tl.arange(0, BR)[:, None]
-    tl.store(OUT + r.to(tl.int64) * stride_o + tl.program_id(1) * Q + tl.arange(0, Q)[None, :], out.to(tl.uint8),
-             mask=r < K)
+def _transposed_kernel(P, OUT, N, K, KB, stride_p, stride_o, BC: tl.constexpr, Q: tl.constexpr):
+    # Input: a [4Q rows, BC bytes] tile of canonical bytes, read along the bytes (coalesced).
+    # Output row k = 4c + s (shift s of byte column c), block b = program_id(1): byte j holds, in
+    # bits 2i, the trit of input row n = b*4Q + i*Q + j. Triton transposes between the load's
+    # and the stores' layouts through shared memory.
+    c = tl.program_id(0) * BC + tl.arange(0, BC)
+    i = tl.arange(0, 4)[:, None, None]
+    n = tl.program_id(1) * 4 * Q + i * Q + tl.arange(0, Q)[None, :, None]
+    valid = (n < N) & (c[None, None, :] < KB)
+    src = tl.load(P + n.to(tl.int64) * stride_p + c[None, None, :], mask=valid, other=0x55)  # 0x55: zero trits
+    src = src.to(tl.int32)
+    out_rows = OUT + tl.program_id(1) * Q + tl.arange(0, Q)[:, None]
+    for s in tl.static_range(4):
+        out = tl.sum(((src >> (2 * s)) & 3) << (2 * i), axis=0)  # [Q, BC]
+        k = 4 * c[None, :] + s
+        tl.store(out_rows + k.to(tl.int64) * stride_o, out.to(tl.uint8), mask=k < K)
 
 
 def transposed_kblocked(wq: torch.Tensor, k: int) -> torch.Tensor:
@@ -72,13 +77,13 @@ def transposed_kblocked(wq: torch.Tensor, k: int) -> torch.Tensor:
         raise ValueError(f"transposed_kblocked needs canonical packed uint8 [N, ceil(k/4)] weights, got {wq.dtype} "
                          f"{tuple(wq.shape)} for k={k}")
     wq = wq.contiguous()
-    n = wq.shape[0]
+    n, kb = wq.shape
     cols = kblocked_columns(n)
     out = torch.empty((k, cols), device=wq.device, dtype=torch.uint8)
     if k and cols:
-        br = 16 if tuning.interpreting() else 32
-        _transposed_kernel[(triton.cdiv(k, br), cols // QUARTER)](wq, out, n, k, wq.stride(0), out.stride(0), BR=br,
-                                                                  Q=QUARTER, num_warps=4)
+        bc = 16 if tuning.interpreting() else 32
+        _transposed_kernel[(triton.cdiv(kb, bc), cols // QUARTER)](wq, out, n, k, kb, wq.stride(0), out.stride(0),
+                                                                   BC=bc, Q=QUARTER, num_warps=4)
     return out
 
 
