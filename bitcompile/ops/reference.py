@@ -136,7 +136,14 @@ def grad_input_quantized(grad, wq, w_scale, k: int, bits: int) -> torch.Tensor:
 
 
 def dequantized_activations(xq, x_scale, dtype: torch.dtype) -> torch.Tensor:
-    return (xq.float() * x_scale).to(dtype)
+    """``(xq.float() * x_scale).to(dtype)``: the fp32 product rounded once to ``dtype``."""
+    if x_scale.requires_grad:  # a learned scale: out= records no autograd
+        return (xq.float() * x_scale).to(dtype)
+    # One pass (TensorIterator computes in fp32 and casts on store), not three: run eagerly on
+    # the GPU, the spelled-out form also writes and reads the fp32 copy and the fp32 product,
+    # ~6x the bytes (~0.35 ms more per eager QAT step at 8192 tokens x 8192; compiled graphs
+    # fuse either form).
+    return torch.mul(xq, x_scale, out=torch.empty(xq.shape, dtype=dtype, device=xq.device))
 
 
 # --- convolution and attention matmuls (issue 4) ------------------------------

@@ -73,6 +73,15 @@ def test_quantized_grad_input_within_half_a_step_of_exact(data, batch, n, k, sch
     assert ((got.double() - exact).abs() <= bound + 1e-300).all()
 
 
+@given(data=st.data(), batch=batch_shapes, k=ks, dtype=st.sampled_from(FLOAT_DTYPES), learned=st.booleans())
+def test_dequantized_activations_round_the_fp32_product_once(data, batch, k, dtype, learned):
+    q, s = ref.quantize_activations(data.draw(tensors((*batch, k))))
+    s = s.clone().requires_grad_(learned)
+    got = ref.dequantized_activations(q, s, dtype)
+    assert got.dtype == dtype and torch.equal(got, (q.float() * s.detach()).to(dtype))
+    assert got.requires_grad == learned
+
+
 def test_large_k_switches_to_float64_and_stays_exact():
     k = 1100  # 128*127*k > 2**24: float32 could round
     q = torch.full((2, k), -128, dtype=torch.int8)
