@@ -77,9 +77,9 @@ class BitConfig:
         _check_choice("granularity", self.granularity, (None, *GRANULARITIES))
         _check_choice("mode", self.mode, INDUCTOR_MODES)
         _check_choice("quantize_depthwise", self.quantize_depthwise, (False, True))
-        _check_bits("attention_bits", self.attention_bits, "float attention matmuls")
-        _check_bits("activation_bits", self.activation_bits, "weight-only")
-        _check_bits("grad_input_bits", self.grad_input_bits, "exact STE input gradient")
+        check_bits("attention_bits", self.attention_bits, "float attention matmuls")
+        check_bits("activation_bits", self.activation_bits, "weight-only")
+        check_bits("grad_input_bits", self.grad_input_bits, "exact STE input gradient")
         if isinstance(self.exclude, str) or not all(isinstance(p, str) for p in self.exclude):
             raise ValueError(f"exclude must be a list of module-path glob patterns, got {self.exclude!r}")
         self.exclude = list(self.exclude)
@@ -110,7 +110,8 @@ class BitConfig:
         return cls(**options)
 
 
-def _check_bits(name: str, value: Any, none_means: str) -> None:
+def check_bits(name: str, value: Any, none_means: str) -> None:
+    """``value`` is None or an int in 2..8 (the widths the int8 kernels take)."""
     if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 2 <= value <= 8):
         raise ValueError(f"{name} must be an int in 2..8 or None ({none_means}), got {value!r}")
 

@@ -117,12 +117,15 @@ def grad_input_quantized(grad: torch.Tensor, wq: torch.Tensor, w_scale: torch.Te
     """``ops.reference.grad_input_quantized`` on the GPU: the per-row quantization of ``grad``
     (per-channel ``s_w`` folded in) is the activation-quantization kernel, and ``q @ W_int``
     is the forward matmul kernel on int8 tensor cores, fed ``W_int^T`` re-laid out from the
-    packed weights (``layout.transposed_kblocked``, a few µs); its epilogue applies the scales."""
+    packed weights (``layout.transposed_kblocked``, one pass over the packed bytes); its epilogue
+    applies the scales."""
     from bitcompile.kernels.act_quant import norm_quant
     from bitcompile.kernels.layout import transposed_kblocked
     from bitcompile.kernels.ternary_matmul import ternary_matmul
+    from bitcompile.config import check_bits
     from bitcompile.ops.reference import GRAD_EPS
 
+    check_bits("grad_input_bits", bits, "exact STE input gradient")
     if wq.dtype != torch.uint8:
         raise TypeError(f"grad_input kernel needs packed uint8 ternary weights, got {wq.dtype}")
     n = wq.shape[0]

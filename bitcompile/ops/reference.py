@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from bitcompile.config import check_bits
 from bitcompile.quant.packing import pack_ternary, unpack_ternary
 
 EPS = 1e-5
@@ -121,10 +122,9 @@ def grad_input(grad, wq, w_scale, k: int, bits=None) -> torch.Tensor:
 def grad_input_quantized(grad, wq, w_scale, k: int, bits: int) -> torch.Tensor:
     """Input gradient from an int ``bits`` output gradient (SwitchBack, Wortsman et al. 2023):
     ``g' = grad * s_w`` (per-channel s_w lies along the contraction, so it is folded in first;
-    a per-tensor one is applied at the end), ``(q, s_g) = `` per-row absmax of ``g'``, then
-    ``(q @ W_int) * s_g (* s_w)`` with q @ W_int exact in int32 and the rest as ``dequantize``."""
-    if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
-        raise ValueError(f"grad_input_bits must be an int in 2..8 or None (exact STE gradient), got {bits!r}")
+    a per-tensor one is applied at the end), q and s_g the per-row absmax quantization of
+    ``g'``, then ``(q @ W_int) * s_g (* s_w)``, q @ W_int exact in int32, the rest as ``dequantize``."""
+    check_bits("grad_input_bits", bits, "exact STE input gradient")
     n = wq.shape[0]
     per_channel = w_scale.numel() > 1
     g = grad.reshape(-1, n)
