@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from bitcompile.kernels import tuning
-from bitcompile.kernels.common import round_half_even
+from bitcompile.kernels.common import round_half_even, rows
 
 NORM_KINDS = {"none": 0, "rms": 1, "rms_fp32": 2, "layer": 3}
 MAX_ROW = 65536  # one row in registers; longer rows use the reference
@@ -93,9 +93,7 @@ def norm_quant(x: torch.Tensor, bits: int = 8, kind: str = "none", weight: Optio
     if k > MAX_ROW:
         raise ValueError(f"rows longer than {MAX_ROW} are not supported by the fused kernel (got {k})")
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, k)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
+    x2 = rows(x, k)
     m = x2.shape[0]
     q = torch.empty((m, k), device=x.device, dtype=torch.int8)
     s = torch.empty((m, 1), device=x.device, dtype=torch.float32)

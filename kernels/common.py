@@ -1,8 +1,16 @@
 """Small Triton helpers shared by the kernel families."""
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
+
+
+def rows(t: torch.Tensor, width: int) -> torch.Tensor:
+    """``t [..., width]`` as ``[rows, width]`` with unit stride along the row (the kernels'
+    pointer arithmetic assumes it; a view when it already has it)."""
+    t2 = t.reshape(-1, width)
+    return t2 if t2.stride(-1) == 1 else t2.contiguous()
 
 # Epilogue activations (constexpr ACTIVATION); names as the passes and ops spell them.
 ACTIVATIONS = {"none": 0, "relu": 1, "gelu": 2, "silu": 3, "relu2": 4, "gelu_tanh": 5}

@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from bitcompile.kernels import tuning
-from bitcompile.kernels.common import grouped_tile, unpack_trits
+from bitcompile.kernels.common import grouped_tile, rows, unpack_trits
 
 
 # Four trits (bytes of $2: -1, 0, 1) and the 16-bit scale bits of each ($3..$6) -> four 16-bit
@@ -82,18 +82,20 @@ def _configs():
                                      (64, 64, 128, 4, 4), (256, 64, 128, 8, 3), (128, 128, 128, 8, 3)]]
 
 
+def _check_operands(grad: torch.Tensor, wq: torch.Tensor, k: int) -> None:
+    if wq.dtype != torch.uint8:
+        raise TypeError(f"grad_input kernel needs packed uint8 ternary weights, got {wq.dtype}")
+    if grad.shape[-1] != wq.shape[0] or wq.shape[1] != (k + 3) // 4:
+        raise ValueError(f"shape mismatch: grad {tuple(grad.shape)}, packed {tuple(wq.shape)}, k={k}")
+
+
 def grad_input(grad: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, k: int) -> torch.Tensor:
     """``grad [..., N] @ (unpack(wq) * w_scale)`` in ``grad.dtype`` (fp32 accumulation;
     fp32 grads use IEEE fp32 dot products, not TF32)."""
-    if wq.dtype != torch.uint8:
-        raise TypeError(f"grad_input kernel needs packed uint8 ternary weights, got {wq.dtype}")
+    _check_operands(grad, wq, k)
     n, kb = wq.shape
-    if grad.shape[-1] != n or kb != (k + 3) // 4:
-        raise ValueError(f"shape mismatch: grad {tuple(grad.shape)}, packed {tuple(wq.shape)}, k={k}")
     lead = grad.shape[:-1]
-    g = grad.reshape(-1, n)
-    if g.stride(-1) != 1:
-        g = g.contiguous()
+    g = rows(grad, n)
     m = g.shape[0]
     out = torch.empty((m, k), device=grad.device, dtype=grad.dtype)
     if m == 0:
@@ -121,16 +123,13 @@ def grad_input_quantized(grad: torch.Tensor, wq: torch.Tensor, w_scale: torch.Te
     applies the scales."""
     from bitcompile.kernels.act_quant import norm_quant
     from bitcompile.kernels.layout import transposed_kblocked
-    from bitcompile.kernels.ternary_matmul import ternary_matmul
     from bitcompile.config import check_bits
+    from bitcompile.kernels.ternary_matmul import ternary_matmul
     from bitcompile.ops.reference import GRAD_EPS
 
     check_bits("grad_input_bits", bits, "exact STE input gradient")
-    if wq.dtype != torch.uint8:
-        raise TypeError(f"grad_input kernel needs packed uint8 ternary weights, got {wq.dtype}")
+    _check_operands(grad, wq, k)
     n = wq.shape[0]
-    if grad.shape[-1] != n or wq.shape[1] != (k + 3) // 4:
-        raise ValueError(f"shape mismatch: grad {tuple(grad.shape)}, packed {tuple(wq.shape)}, k={k}")
     per_channel = w_scale.numel() > 1
     ws = w_scale.float().contiguous()
     q, s, _, _ = norm_quant(grad, bits, "none", ws if per_channel else None, qeps=GRAD_EPS)
