@@ -1,7 +1,10 @@
 """Where a QAT step's time goes: one layer's forward + backward through the bitnet ops at
 8192 tokens, bf16, per CUDA kernel (torch.profiler), next to Inductor's fake-quant layer.
 
-    python benchmarks/profile_qat.py [N K] [--smoke]
+    python benchmarks/profile_qat.py [N K] [--host] [--smoke]
+
+``--host``: also where the host's time per step goes (operators and CUDA runtime calls), for
+shapes where the wall time is well above the kernel total.
 
 ``--smoke``: 32 tokens, 64x64, on the CPU if there is no GPU (profiles CPU ops): checks the
 script runs.
@@ -39,6 +42,7 @@ def kernel_table(fn, label: str, steps: int = 5) -> None:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("shape", nargs="*", type=int, help="N K (default 8192 8192)")
+    ap.add_argument("--host", action="store_true", help="also profile the host side of each step")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, any device: checks the script runs")
     args = ap.parse_args()
     if not CUDA and not args.smoke:
@@ -57,6 +61,21 @@ def main():
         sync()
         # Against the kernel total above: a wall time well above it means the host is the limit.
         print(f"{(time.perf_counter() - start) / 5 * 1e6:9.1f} us  wall time per step")
+        if args.host:
+            host_table(step)
+
+
+def host_table(step, steps: int = 20) -> None:
+    """Host time per step by operator and CUDA runtime call (torch.profiler's CPU side: unlike
+    cProfile it sees time spent in C++ and in the CUDA driver, e.g. a blocking call)."""
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step()
+        sync()
+    rows = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:20]
+    print(f"host time per step by own CPU time ({steps} steps averaged):")
+    for e in rows:
+        print(f"{e.self_cpu_time_total / steps:9.1f} us  x{e.count // steps}  {e.key[:100]}")
 
 
 if __name__ == "__main__":

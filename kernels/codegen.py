@@ -152,7 +152,6 @@ def ternary_mm_case(config: dict, m: int, n: int, k: int) -> tuple:
         even = pw % cfg["BW"] == 0 and xw == 4 * pw
         return (tm._gemv_kernel, args, dict(BM=triton.next_power_of_2(m), EVEN=even, USE_ASM=True, **flags, **cfg),
                 warps, stages)
-    cfg.setdefault("JOIN_K", False)
     scratch = "*i32" if cfg["SPLIT_K"] > 1 else "*bf16"
     args = dict(A="*i8", P="*u8", **pointers, PARTIAL=scratch, COUNT=scratch, M=m, N=n, K=k, KPB=kpb,
                 stride_am=k, stride_pn=kpb, stride_cm=n, stride_rm=n)

@@ -211,9 +211,10 @@ def _split_k_workspace(device: torch.device, numel: int, tiles: int):
 def _gemv_configs(m: int):
     if tuning.interpreting():
         return [dict(kernel="gemv", BN=4, BW=32, num_warps=4)]
-    # (BN, BW, warps, stages). Wider weight tiles (BN 16/32: x re-read less per weight byte)
-    # were tried on the H100 and never won (round 3, .notes/kernels.md); BN=4, BW=128 does.
-    shapes = [(4, 64, 4, 3), (8, 64, 4, 3), (4, 128, 4, 2), (8, 128, 8, 2), (4, 128, 8, 3), (2, 128, 4, 3)]
+    # (BN, BW, warps, stages). BN 16/32 tiles never won on the H100 (round 3, .notes/kernels.md);
+    # round 4 picked BN=8 (BW 64 or 128); deeper pipelines are tried for more loads in flight.
+    shapes = [(4, 64, 4, 3), (8, 64, 4, 3), (4, 128, 4, 2), (8, 128, 8, 2), (4, 128, 8, 3), (2, 128, 4, 3),
+              (8, 64, 4, 4), (8, 32, 4, 4), (8, 128, 4, 3)]
     if m > 4:  # BM x BN x BW accumulators: keep the register tile small
         shapes = [(2, 64, 4, 3), (4, 64, 8, 3), (2, 128, 8, 2), (1, 128, 4, 3)]
     return [dict(kernel="gemv", BN=bn, BW=bw, num_warps=w, num_stages=s) for bn, bw, w, s in shapes]
@@ -225,18 +226,22 @@ def _gemm_configs(m: int):
                 for sk, sw, jk in ((2, True, True), (1, False, False), (1, False, True), (2, True, False))]
     if m <= 32:  # (BN, BM, split, swap, warps, stages)
         shapes = [(64, 16, 4, 1, 4, 3), (64, 16, 2, 1, 4, 3), (32, 16, 4, 1, 4, 3), (32, 16, 1, 1, 4, 3),
-                  (32, 16, 4, 0, 4, 3), (64, 16, 4, 0, 4, 3), (16, 16, 4, 0, 4, 3), (64, 32, 4, 1, 4, 3)]
+                  (32, 16, 4, 0, 4, 3), (64, 16, 4, 0, 4, 3), (16, 16, 4, 0, 4, 3), (64, 32, 4, 1, 4, 3),
+                  (32, 16, 8, 1, 4, 3), (64, 16, 8, 1, 4, 3)]
     elif m <= 256:
         shapes = [(128, 64, 1, 1, 4, 3), (128, 128, 1, 1, 8, 3), (64, 64, 2, 1, 4, 3), (128, 64, 2, 0, 4, 3),
-                  (128, 128, 1, 0, 8, 3), (64, 128, 2, 0, 4, 3), (128, 128, 2, 0, 8, 3)]
+                  (128, 128, 1, 0, 8, 3), (64, 128, 2, 0, 4, 3), (128, 128, 2, 0, 8, 3), (128, 64, 4, 1, 4, 3),
+                  (64, 64, 4, 1, 4, 3)]
     else:  # the 2-stage 128x128 tiles fit two programs per SM (registers and shared memory), so
         # one program's unpack can overlap the other's tensor-core work (Triton waits on each dot)
-        shapes = [(128, 256, 1, 1, 8, 3), (128, 256, 1, 1, 8, 4), (256, 128, 1, 0, 8, 3), (128, 256, 1, 0, 8, 3),
-                  (128, 128, 1, 0, 8, 4), (256, 128, 1, 1, 8, 3), (128, 128, 1, 1, 8, 2), (128, 128, 1, 0, 8, 2)]
-    # JOIN_K: one dot per 256-trit block instead of one per shift (both are timed; the
-    # shipped H100 table predates JOIN_K, whose entries run the per-shift path).
+        shapes = [(128, 256, 1, 1, 8, 3), (256, 128, 1, 0, 8, 3), (128, 256, 1, 0, 8, 3), (128, 128, 1, 0, 8, 4),
+                  (256, 128, 1, 1, 8, 3), (128, 128, 1, 1, 8, 2), (128, 128, 1, 0, 8, 2)]
+    # JOIN_K: one dot per 256-trit block instead of one per shift (both are timed). Left out:
+    # what needs more than the H100's 227 KB of shared memory (round 4: 4-stage 128x256 tiles,
+    # and the joined 256-row activation tile unswapped).
     return [dict(kernel="gemm", BN=bn, BM=bm, SPLIT_K=sk, SWAP=bool(sw), JOIN_K=jk, GROUP_N=8, num_warps=w,
-                 num_stages=s) for bn, bm, sk, sw, w, s in shapes for jk in (False, True)]
+                 num_stages=s) for bn, bm, sk, sw, w, s in shapes for jk in (False, True)
+            if not (jk and bm == 256 and not sw)]
 
 
 def _as_words(t: torch.Tensor) -> torch.Tensor:
@@ -305,7 +310,6 @@ def ternary_matmul(a: torch.Tensor, wq: torch.Tensor, k: int, x_scale: Optional[
                 aw, pw, c, *tail, m, n, aw.shape[1], pw.shape[1], aw.stride(0), pw.stride(0), c.stride(0),
                 res.stride(0), EVEN=pw.shape[1] % cfg["BW"] == 0 and aw.shape[1] == 4 * pw.shape[1], **flags,
                 **gemv_flags, **cfg)
-        cfg.setdefault("JOIN_K", False)  # tuned before the joined-K path existed
         tiles = triton.cdiv(m, cfg["BM"]) * triton.cdiv(n, cfg["BN"])
         partial, count = c, c
         if cfg["SPLIT_K"] > 1 and wrap is not None:  # traced: a graph input cannot be a global buffer
