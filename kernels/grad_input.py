@@ -134,4 +134,5 @@ def grad_input_quantized(grad: torch.Tensor, wq: torch.Tensor, w_scale: torch.Te
     ws = w_scale.float().contiguous()
     q, s, _, _ = norm_quant(grad, bits, "none", ws if per_channel else None, qeps=GRAD_EPS)
     out_scale = torch.ones_like(ws[:1]) if per_channel else ws
-    return ternary_matmul(q, transposed_kblocked(wq, k), n, s, out_scale, None, grad.dtype, layout="kblocked")
+    return ternary_matmul(q, transposed_kblocked(wq, k), n, s, out_scale, None, grad.dtype, layout="kblocked",
+                          keep=False)

@@ -26,7 +26,7 @@ import triton.language as tl
 
 from bitcompile.kernels import tuning
 from bitcompile.kernels.common import ACTIVATIONS, apply_activation, grouped_tile, trits_at, unpack_kblock
-from bitcompile.kernels.layout import QUARTER, kblocked
+from bitcompile.kernels.layout import QUARTER, kblocked, relayout
 
 GEMV_MAX_M = 16  # dp4a cost grows with M: from 2 rows on, tuning times it against the tensor cores
 
@@ -256,9 +256,12 @@ def ternary_matmul(a: torch.Tensor, wq: torch.Tensor, k: int, x_scale: Optional[
                    w_scale: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None,
                    out_dtype: torch.dtype = torch.int32, activation: str = "none",
                    residual: Optional[torch.Tensor] = None, layout: str = "canonical",
-                   wrap: Optional[Callable] = None) -> torch.Tensor:
+                   wrap: Optional[Callable] = None, keep: bool = True) -> torch.Tensor:
     """``a int8 [..., K] @ trits(wq)^T``. ``wq`` is canonical packed ``[N, ceil(K/4)]``
     (re-laid out once, cached) or, with ``layout="kblocked"``, already K-blocked.
+    ``keep=False``: nothing allocated here outlives the call (no cached K-blocked copy, no
+    shared split-K workspace), for weights re-packed every step (QAT) and CUDA graph
+    recording, where a kept allocation would be pool memory the graph does not track.
     Without scales: the exact int32 accumulator. With ``x_scale [..., 1]`` and
     ``w_scale [N] | [1]``: the dequantized ``out_dtype`` output with bias, ``activation``
     and ``residual [..., N]`` fused.
@@ -276,7 +279,7 @@ def ternary_matmul(a: torch.Tensor, wq: torch.Tensor, k: int, x_scale: Optional[
     n = wq.shape[0]
     if a.shape[-1] != k or wq.dim() != 2:
         raise ValueError(f"shape mismatch: a {tuple(a.shape)}, packed {tuple(wq.shape)}, k={k}")
-    blocked = kblocked(wq, k) if layout == "canonical" else wq.contiguous()
+    blocked = (kblocked if keep else relayout)(wq, k) if layout == "canonical" else wq.contiguous()
     kpb = blocked.shape[1]
     if kpb != -(-k // (4 * QUARTER)) * QUARTER:
         raise ValueError(f"packed weights {tuple(wq.shape)} do not hold k={k} trits in the {layout} layout")
@@ -312,7 +315,7 @@ def ternary_matmul(a: torch.Tensor, wq: torch.Tensor, k: int, x_scale: Optional[
                 **gemv_flags, **cfg)
         tiles = triton.cdiv(m, cfg["BM"]) * triton.cdiv(n, cfg["BN"])
         partial, count = c, c
-        if cfg["SPLIT_K"] > 1 and wrap is not None:  # traced: a graph input cannot be a global buffer
+        if cfg["SPLIT_K"] > 1 and (wrap is not None or not keep):  # traced: a graph input cannot be a global buffer
             partial = torch.zeros(tiles * cfg["BM"] * cfg["BN"], device=a.device, dtype=torch.int32)
             count = torch.zeros(tiles, device=a.device, dtype=torch.int32)
         elif cfg["SPLIT_K"] > 1:

@@ -43,7 +43,7 @@ def _(a, wq, k):
 
     if a.dtype != torch.int8 or not _packed_ternary(wq):
         return ref.lowbit_matmul(a, wq, k)
-    return ternary_matmul(a, wq, k)
+    return ternary_matmul(a, wq, k, keep=False)
 
 
 @lowbit_linear.register_kernel("cuda")
@@ -52,7 +52,7 @@ def _(x, weight, bias, xq, x_scale, wq, w_scale, grad_input_bits=None):
 
     if xq is None or not _packed_ternary(wq):
         return ref.lowbit_linear(x, bias, xq, x_scale, wq, w_scale, x.shape[-1])
-    return ternary_matmul(xq, wq, x.shape[-1], x_scale, w_scale, bias, x.dtype)
+    return ternary_matmul(xq, wq, x.shape[-1], x_scale, w_scale, bias, x.dtype, keep=False)  # per-step weights
 
 
 @lowbit_conv.register_kernel("cuda")

@@ -87,7 +87,9 @@ def test_norm_quant(kind, dtype):
     assert torch.equal(h, rh)
     # The norm statistics are fp32 sums in another order, so y may differ from the reference
     # by one rounding of its dtype (then, rarely, a row's amax and so its scale moves by that).
-    tol = {torch.bfloat16: 2**-7, torch.float16: 2**-10, torch.float32: 1e-5}[dtype]
+    # "rms" rounds twice (to the dtype before the weight multiply, and after): one ulp off in
+    # the first can become two in y (seen once on the H100 in fp16: 2 ulps at 2.94).
+    tol = {torch.bfloat16: 2**-7, torch.float16: 2**-10, torch.float32: 1e-5}[dtype] * (2 if kind == "rms" else 1)
     torch.testing.assert_close(y.float(), ry.float(), rtol=tol, atol=tol)
     torch.testing.assert_close(s, rs, rtol=tol, atol=0)
     # The quantization of the kernel's own y is exact: same integers, same scales.
@@ -141,6 +143,28 @@ def test_qat_backward(dtype, per_channel, n):
     for got, want in ((x.grad, want_gx), (w.grad, want_gw)):
         scale = want.abs().max()
         assert ((got.float() - want).abs().max() / scale) < rel * 4
+
+
+@pytest.mark.parametrize("grad_input_bits", [None, 8])
+def test_qat_under_cuda_graphs(grad_input_bits):
+    """`mode="reduce-overhead"` for training: the steps replay CUDA graphs and give the
+    gradients of the same compiled layer without graphs (round 4 found it refused: the
+    matmul kept a K-blocked weight copy allocated in the graph's pool)."""
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(512, 256, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(64, 512, device="cuda", dtype=torch.bfloat16)
+    g = torch.randn(64, 256, device="cuda", dtype=torch.bfloat16)
+    grads = []
+    for mode in (None, "reduce-overhead"):
+        options = {"grad_input_bits": grad_input_bits, "mode": mode}
+        model = torch.compile(layer, backend="bitnet", options={k: v for k, v in options.items() if v})
+        for _ in range(3):  # warm-up, recording, replay
+            xi = x.clone().requires_grad_(True)
+            layer.weight.grad = None
+            model(xi).backward(g)
+        grads.append((xi.grad.clone(), layer.weight.grad.clone()))
+    for plain, graphed in zip(*grads):
+        assert torch.equal(plain, graphed)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -209,6 +209,19 @@ def test_kblocked_cache_follows_changes(kernels, device):
     assert torch.equal(again.cpu(), to_kblocked(wq.cpu(), 300))
 
 
+def test_matmul_keep_false_keeps_no_relaid_copy(kernels, device):
+    """Training passes fresh packed weights every step: with ``keep=False`` the matmul must not
+    keep their K-blocked copy (inside a CUDA graph it would be untracked pool memory)."""
+    wq, _ = ref.quantize_weights(torch.randn(8, 300))
+    wq = wq.to(device)
+    a = torch.randint(-128, 128, (3, 300), dtype=torch.int8).to(device)
+    want = ref.lowbit_matmul(a.cpu(), wq.cpu(), 300)
+    assert torch.equal(kernels.ternary_matmul.ternary_matmul(a, wq, 300, keep=False).cpu(), want)
+    assert wq not in kernels.layout._cache
+    assert torch.equal(kernels.ternary_matmul.ternary_matmul(a, wq, 300).cpu(), want)
+    assert wq in kernels.layout._cache  # the default (inference: the same weights every call)
+
+
 @given(n=dims, k=st.integers(1, 600), per_channel=st.booleans(), seed=st.integers(0, 2**16))
 def test_weight_pack_kblocked_layout(kernels, device, n, k, per_channel, seed):
     from bitcompile.quant.packing import to_kblocked
