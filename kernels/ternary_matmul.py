@@ -315,7 +315,7 @@ def ternary_matmul(a: torch.Tensor, wq: torch.Tensor, k: int, x_scale: Optional[
                 **gemv_flags, **cfg)
         tiles = triton.cdiv(m, cfg["BM"]) * triton.cdiv(n, cfg["BN"])
         partial, count = c, c
-        if cfg["SPLIT_K"] > 1 and (wrap is not None or not keep):  # traced: a graph input cannot be a global buffer
+        if cfg["SPLIT_K"] > 1 and (wrap is not None or not keep):  # traced, a graph input cannot be a global buffer
             partial = torch.zeros(tiles * cfg["BM"] * cfg["BN"], device=a.device, dtype=torch.int32)
             count = torch.zeros(tiles, device=a.device, dtype=torch.int32)
         elif cfg["SPLIT_K"] > 1:
