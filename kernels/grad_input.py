@@ -61,7 +61,7 @@ def _grad_input_kernel(G, P, WS, OUT, M, N, K, KB, stride_g, stride_p, stride_o,
     acc = tl.zeros((BM, BK), dtype=tl.float32)
     for n0 in range(0, N, BN):
         n = n0 + offs_n
-        g = tl.load(g_rows + n[None, :], mask=EVEN_N or (n[None, :] < N), other=0.0)
+        g = tl.load(g_rows + n[None, :], mask=(n[None, :] < N) | EVEN_N, other=0.0)
         p = tl.load(p_cols + (n % N)[:, None] * stride_p)
         if PER_CHANNEL:
             ws = tl.load(WS + n % N)[:, None]

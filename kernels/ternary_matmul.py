@@ -100,7 +100,7 @@ def _gemv_kernel(A, P, C, XS, WS, BIAS, RES, M, N, XW, PW, stride_am, stride_pn,
     xsum = tl.zeros((BM, 1, BW // 16, 16), dtype=tl.int32)
     ones = tl.full((BM, 1, BW // 16, 16), 0x01010101, dtype=tl.int32)
     # Out-of-range words read as code 1 (zero trit) in every byte.
-    p = tl.load(p_ptrs, mask=EVEN or (word < PW), other=0x55555555)
+    p = tl.load(p_ptrs, mask=(word < PW) | EVEN, other=0x55555555)
     for w0 in range(0, PW, BW):
         # The next step's weights are requested before this step's arithmetic (a register
         # double buffer), so each program has a DRAM load in flight while it computes.
@@ -110,9 +110,9 @@ def _gemv_kernel(A, P, C, XS, WS, BIAS, RES, M, N, XW, PW, stride_am, stride_pn,
             p_next = tl.load(p_ptrs + w0 + BW, mask=w0 + BW + word < PW, other=0x55555555)
         for i in tl.static_range(4):
             xi = 4 * w0 + 16 * i
-            x = tl.load(x_ptrs + xi, mask=EVEN or (xi + x_word < XW), other=0)
+            x = tl.load(x_ptrs + xi, mask=(xi + x_word < XW) | EVEN, other=0)
             acc = _dp4a((p >> (2 * i)) & 0x03030303, x, acc, USE_ASM)
-            xs = tl.load(xs_ptrs + xi, mask=EVEN or (xi + xs_word < XW), other=0)
+            xs = tl.load(xs_ptrs + xi, mask=(xi + xs_word < XW) | EVEN, other=0)
             xsum = _dp4a(ones, xs, xsum, USE_ASM)
         p = p_next
     out = tl.sum(tl.sum(acc, axis=3), axis=2) - tl.sum(tl.sum(xsum, axis=3), axis=2)
@@ -164,12 +164,12 @@ def _gemm_kernel(A, P, C, XS, WS, BIAS, RES, PARTIAL, COUNT, M, N, K, KPB, strid
             # The whole block in one dot: the tensor cores are waited on once per block, not
             # once per shift (Triton waits after every dot whose operand is computed in the loop).
             k = 4 * kb + offs_k
-            a = tl.load(a_rows + k[None, :], mask=EVEN_K or (k[None, :] < K), other=0)
+            a = tl.load(a_rows + k[None, :], mask=(k[None, :] < K) | EVEN_K, other=0)
             acc = _mma(acc, unpack_kblock(p, BN, Q, USE_ASM), a, SWAP)
         else:
             for i in tl.static_range(4):
                 k = 4 * kb + i * Q + offs_j
-                a = tl.load(a_rows + k[None, :], mask=EVEN_K or (k[None, :] < K), other=0)
+                a = tl.load(a_rows + k[None, :], mask=(k[None, :] < K) | EVEN_K, other=0)
                 acc = _mma(acc, trits_at(p, 2 * i, USE_ASM), a, SWAP)
     if SWAP:
         out = tl.trans(acc)
