@@ -37,8 +37,8 @@ def _relayout_kernel(P, OUT, N, K, KB, stride_p, stride_o, BN: tl.constexpr, Q: 
         byte = tl.load(P + rows.to(tl.int64) * stride_p + col, mask=(rows < N) & (col < KB), other=0x55).to(tl.int32)
         # Fields past K (the last byte's padding, whatever its bits) become the zero trit 01.
         valid = tl.minimum(tl.maximum(K - (blk * 4 * Q + i * Q + 4 * c), 0), 4)
-        keep = (1 << (2 * valid)) - 1
-        byte = (byte & keep) | (0x55 & ~keep)
+        trit_bits = (1 << (2 * valid)) - 1
+        byte = (byte & trit_bits) | (0x55 & ~trit_bits)
         for s in tl.static_range(4):
             out |= ((byte >> (2 * s)) & 3) << (8 * s + 2 * i)
     tl.store(OUT + rows.to(tl.int64) * stride_o + blk * (Q // 4) + c, out, mask=rows < N)
