@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One GPU round in a few device calls (each bounded below the 10-minute call limit), logs under $OUT:
 #   bash benchmarks/gpu_round.sh test            # install + GPU test suite
-#   bash benchmarks/gpu_round.sh bench [--quick] # re-tune the matmul (shipped entries skipped) + make bench
+#   bash benchmarks/gpu_round.sh bench [--quick] # re-tune the matmul (shipped entries skipped; RETUNE=grad_input,...
+#                                                # names other kernels) + make bench
 #   bash benchmarks/gpu_round.sh profile         # QAT per-kernel split + static profile on this Triton
 # Tuning results persist in .gpu_round_cache while the machine stays warm (a bench cut short resumes
 # where it stopped) and are copied to $OUT/cache/autotune/<gpu>.json, to merge into kernels/tuned/.
@@ -15,7 +16,7 @@ case "${1:-}" in
     timeout 540 python3 -m pytest -q -p no:logging --tb=short --durations=15 -m gpu tests > "$out/test_gpu.log" 2>&1
     echo "test-gpu rc=$?"; tail -40 "$out/test_gpu.log" ;;
   bench)
-    BITCOMPILE_RETUNE=ternary_mm timeout 560 python3 benchmarks/bench_kernels.py --out "$out/BENCHMARKS.md" "${@:2}" \
+    BITCOMPILE_RETUNE=${RETUNE:-ternary_mm} timeout 560 python3 benchmarks/bench_kernels.py --out "$out/BENCHMARKS.md" "${@:2}" \
       > "$out/bench.log" 2>&1
     echo "bench rc=$?"; grep -v "^  \[" "$out/bench.log" | tail -60 ;;
   profile)

@@ -162,10 +162,19 @@ def ternary_mm_case(config: dict, m: int, n: int, k: int) -> tuple:
 def grad_input_case(config: dict, m: int, n: int, k: int, dtype: str = "bf16") -> tuple:
     """The QAT backward's ``grad_input`` launch for a tuned ``config`` (per-tensor scale)."""
     from bitcompile.kernels import grad_input as gi
+    from bitcompile.kernels.layout import QUARTER
+    from bitcompile.quant.packing import kblocked_columns
+
     cfg = dict(config)
     warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages", 3)
+    pointers = dict(G=f"*{dtype}", P="*u8", WS="*fp32", OUT=f"*{dtype}")
+    if cfg.pop("layout", "canonical") == "transposed":
+        npb = kblocked_columns(n)
+        args = dict(**pointers, M=m, N=n, K=k, NPB=npb, stride_g=n, stride_p=npb, stride_o=k)
+        lo, hi = gi.ONE_TABLES[dtype]
+        constexprs = dict(Q=QUARTER, LO=lo, HI=hi, EVEN_N=n % (4 * QUARTER) == 0, USE_ASM=True, **cfg)
+        return gi._grad_input_t_kernel, args, constexprs, warps, stages
     kb = -(-k // 4)
-    args = dict(G=f"*{dtype}", P="*u8", WS="*fp32", OUT=f"*{dtype}", M=m, N=n, K=k, KB=kb, stride_g=n, stride_p=kb,
-                stride_o=k)
+    args = dict(**pointers, M=m, N=n, K=k, KB=kb, stride_g=n, stride_p=kb, stride_o=k)
     flags = dict(PER_CHANNEL=False, IEEE=dtype == "fp32", EVEN_N=n % cfg["BN"] == 0, USE_ASM=True)
     return gi._grad_input_kernel, args, dict(**flags, **cfg), warps, stages

@@ -3,9 +3,19 @@
 The trits are unpacked in registers per tile and multiplied by the scale in the
 grad dtype, which is exactly the operand the reference builds (``trit * s_w`` cast
 to the grad dtype), so only the fp32 accumulation order differs. No dequantized
-copy of W is written to memory.
+copy of W is written to memory. Two kernels, chosen by tuning:
+  * ``_grad_input_kernel`` reads the canonical bytes (packed along K, the output axis):
+    the scaled trits are the MMA's shared-memory operand, stored there every step, and
+    the tensor cores are waited on before each store.
+  * ``_grad_input_t_kernel`` (16-bit grads, one weight scale) reads
+    ``layout.transposed_kblocked(W)`` (packed along N, the reduction axis; one relayout
+    pass per call, included in the tuning's timing) and computes the transposed tile
+    ``trits^T @ grad^T``, then scales it: the trits (+-1.0 / 0) are the MMA's register
+    operand, never stored to shared memory, as in the forward's SWAP.
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import triton
@@ -13,6 +23,7 @@ import triton.language as tl
 
 from bitcompile.kernels import tuning
 from bitcompile.kernels.common import grouped_tile, rows, unpack_trits
+from bitcompile.kernels.layout import QUARTER, transposed_kblocked
 
 
 # Four trits (bytes of $2: -1, 0, 1) and the 16-bit scale bits of each ($3..$6) -> four 16-bit
@@ -74,12 +85,97 @@ def _grad_input_kernel(G, P, WS, OUT, M, N, K, KB, stride_g, stride_p, stride_o,
              mask=(offs_m[:, None] < M) & (offs_k[None, :] < K))
 
 
-def _configs():
+# Two trits (2-bit codes c = trit + 1 at bit $2 of bytes 0 and 1 of $1) -> two 16-bit values
+# (-1, 0 or 1) in one register, by one byte permute: $3 = [L, 0, L, L] and $4 = [H^0x80, 0,
+# H, H] are the low and high bytes of 1.0 by code, so the selector for lane e is (c_e, 4 + c_e).
+# Checked on the CPU by interpreting this text (tests/kernels/test_ptx.py).
+TRIT_PAIR_PTX = tl.constexpr("{ .reg .b32 t; shr.b32 t, $1, $2; and.b32 t, t, 0x0303; "
+                             "mad.lo.u32 t, t, 0x11, 0x4040; prmt.b32 $0, $3, $4, t; }")
+ONE_TABLES = {"bf16": (0x80800080, 0x3F3F00BF), "fp16": (0x00000000, 0x3C3C00BC)}  # 1.0 = 0x3F80 / 0x3C00
+
+
+@triton.jit
+def _trit_pairs(p16, SHIFT: tl.constexpr, LO: tl.constexpr, HI: tl.constexpr, USE_ASM: tl.constexpr):
+    """Packed byte pairs ``p16 [R, C]`` (int16) -> the 16-bit float bits of the trits at bit
+    SHIFT of each byte, ``[R, C, 2]``; ``LO``/``HI``: the ``ONE_TABLES`` entry of the float
+    type. The pair axis stays within a thread, as in the 16-bit MMA register operand (two
+    consecutive K per register), so the byte loads feed the MMA without a layout conversion
+    (unpacking four trits per 32-bit register, or tables computed from the scale at run time,
+    made Triton convert the trits' layout through shared memory every step)."""
+    if USE_ASM:
+        pair = tl.inline_asm_elementwise(
+            TRIT_PAIR_PTX, "=r,r,r,r,r",
+            [p16.to(tl.int32) & 0xFFFF, tl.full(p16.shape, SHIFT, tl.int32), tl.full(p16.shape, LO, tl.int32),
+             tl.full(p16.shape, HI, tl.int32)], dtype=tl.int32, is_pure=True, pack=1)
+        return tl.join((pair & 0xFFFF).to(tl.int16), (pair >> 16).to(tl.int16))
+    else:
+        t0 = (((p16 >> SHIFT) & 3) - 1).to(tl.float32)
+        t1 = (((p16 >> (SHIFT + 8)) & 3) - 1).to(tl.float32)
+        dtype = tl.bfloat16 if HI == 0x3F3F00BF else tl.float16
+        return tl.join(t0, t1).to(dtype).to(tl.int16, bitcast=True)
+
+
+@triton.jit
+def _grad_input_t_kernel(G, P, WS, OUT, M, N, K, NPB, stride_g, stride_p, stride_o,
+                         BK: tl.constexpr, BM: tl.constexpr, GROUP_K: tl.constexpr, Q: tl.constexpr,
+                         JOIN: tl.constexpr, LO: tl.constexpr, HI: tl.constexpr, EVEN_N: tl.constexpr,
+                         USE_ASM: tl.constexpr):
+    # P: transposed K-blocked bytes [K, NPB], read as int16 byte pairs: row k, block b, shift
+    # i of byte j holds the trit of weight row n = 4 Q b + Q i + j. The tile is acc^T [BK, BM]
+    # = trits^T [BK, 4Q] @ g^T, the trits (+-1.0 or 0 in the grad dtype) the MMA's register
+    # operand; the one weight scale s (rounded to the grad dtype, as the reference's operand
+    # trit * s is) multiplies the sum: g * (t * s) = (g * t) * s exactly in fp32, so only the
+    # accumulation's rounding differs. Per-channel scales vary along N: the canonical kernel.
+    pid_k, pid_m = grouped_tile(tl.program_id(0), tl.cdiv(K, BK), tl.cdiv(M, BM), GROUP_K)
+    offs_k = pid_k * BK + tl.arange(0, BK)
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_j = tl.arange(0, Q)
+    offs_b = tl.arange(0, 4 * Q)
+    # Rows past K / M read valid rows (never stored); N past its end holds zero trits, and
+    # the grad load is masked there (no mask at all when N is whole 4Q blocks).
+    p_ptrs = P.to(tl.pointer_type(tl.int16)) + ((offs_k % K)[:, None].to(tl.int64) * (stride_p // 2)
+                                                + tl.arange(0, Q // 2)[None, :])
+    g_rows = G + (offs_m % M)[:, None].to(tl.int64) * stride_g
+    dtype = G.dtype.element_ty
+    acc = tl.zeros((BK, BM), dtype=tl.float32)
+    for nb in range(0, NPB, Q):
+        p = tl.load(p_ptrs + nb // 2)
+        if JOIN:  # one dot per 4Q block: the four shifted tiles side by side are its N order
+            n = 4 * nb + offs_b
+            g = tl.load(g_rows + n[None, :], mask=(n[None, :] < N) | EVEN_N, other=0.0)
+            w = tl.join(tl.join(_trit_pairs(p, 0, LO, HI, USE_ASM), _trit_pairs(p, 2, LO, HI, USE_ASM)),
+                        tl.join(_trit_pairs(p, 4, LO, HI, USE_ASM), _trit_pairs(p, 6, LO, HI, USE_ASM)))
+            # w[k, h, e, y, x] is the trit of shift 2x + y, byte 2h + e: order (x, y, h, e) is N order
+            w = tl.reshape(tl.permute(w, (0, 4, 3, 1, 2)), (BK, 4 * Q))
+            acc = tl.dot(w.to(dtype, bitcast=True), tl.trans(g), acc)
+        else:
+            for i in tl.static_range(4):
+                n = 4 * nb + i * Q + offs_j
+                g = tl.load(g_rows + n[None, :], mask=(n[None, :] < N) | EVEN_N, other=0.0)
+                w = tl.reshape(_trit_pairs(p, 2 * i, LO, HI, USE_ASM), (BK, Q))
+                acc = tl.dot(w.to(dtype, bitcast=True), tl.trans(g), acc)
+    acc = acc * tl.load(WS).to(dtype).to(tl.float32)
+    out = tl.trans(acc)
+    tl.store(OUT + offs_m[:, None].to(tl.int64) * stride_o + offs_k[None, :], out.to(OUT.dtype.element_ty),
+             mask=(offs_m[:, None] < M) & (offs_k[None, :] < K))
+
+
+def _configs(transposed_ok: bool = True):
+    """Launch candidates; ``transposed_ok``: the grads are 16-bit and the scale one number."""
     if tuning.interpreting():
-        return [dict(BM=16, BN=16, BK=32, GROUP_M=4, num_warps=4)]
-    return [dict(BM=bm, BN=bn, BK=bk, GROUP_M=8, num_warps=w, num_stages=s)
-            for bm, bn, bk, w, s in [(128, 64, 128, 8, 3), (128, 64, 256, 8, 3), (128, 32, 128, 4, 4),
-                                     (64, 64, 128, 4, 4), (256, 64, 128, 8, 3), (128, 128, 128, 8, 3)]]
+        canonical = [dict(BM=16, BN=16, BK=32, GROUP_M=4, num_warps=4)]
+        return canonical + [dict(layout="transposed", BK=16, BM=16, JOIN=jn, GROUP_K=4, num_warps=4)
+                            for jn in (False, True)] * transposed_ok
+    canonical = [dict(BM=bm, BN=bn, BK=bk, GROUP_M=8, num_warps=w, num_stages=s)
+                 for bm, bn, bk, w, s in [(128, 64, 128, 8, 3), (128, 64, 256, 8, 3), (128, 32, 128, 4, 4),
+                                          (64, 64, 128, 4, 4), (256, 64, 128, 8, 3), (128, 128, 128, 8, 3)]]
+    # (BK, BM, JOIN, warps, stages). With one warpgroup (4 warps) ptxas keeps the MMAs in flight
+    # within a dot; with two it serialises them (C7515, Triton 3.9's sm_90 code): both are timed.
+    transposed = [dict(layout="transposed", BK=bk, BM=bm, JOIN=jn, GROUP_K=8, num_warps=w, num_stages=s)
+                  for bk, bm, jn, w, s in [(128, 64, False, 4, 3), (128, 64, False, 4, 4), (128, 128, False, 4, 2),
+                                           (64, 128, False, 4, 3), (128, 128, False, 8, 2), (128, 128, True, 8, 2),
+                                           (128, 128, False, 8, 3), (256, 64, False, 8, 3)]]
+    return canonical + transposed * transposed_ok
 
 
 def _check_operands(grad: torch.Tensor, wq: torch.Tensor, k: int) -> None:
@@ -89,9 +185,11 @@ def _check_operands(grad: torch.Tensor, wq: torch.Tensor, k: int) -> None:
         raise ValueError(f"shape mismatch: grad {tuple(grad.shape)}, packed {tuple(wq.shape)}, k={k}")
 
 
-def grad_input(grad: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, k: int) -> torch.Tensor:
+def grad_input(grad: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, k: int,
+               config: Optional[dict] = None) -> torch.Tensor:
     """``grad [..., N] @ (unpack(wq) * w_scale)`` in ``grad.dtype`` (fp32 accumulation;
-    fp32 grads use IEEE fp32 dot products, not TF32)."""
+    fp32 grads use IEEE fp32 dot products, not TF32). ``config``: one of ``_configs()``
+    instead of the tuned choice (tests run each kernel this way)."""
     _check_operands(grad, wq, k)
     n, kb = wq.shape
     lead = grad.shape[:-1]
@@ -102,16 +200,35 @@ def grad_input(grad: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, k: i
         return out.reshape(*lead, k)
     wq = wq.contiguous()
     ws = w_scale.contiguous()
-    flags = dict(PER_CHANNEL=ws.numel() > 1, IEEE=grad.dtype == torch.float32, USE_ASM=not tuning.interpreting())
+    per_channel = ws.numel() > 1
+    transposed_ok = not per_channel and grad.dtype in (torch.bfloat16, torch.float16)
+    use_asm = not tuning.interpreting()
 
     def launch(cfg):
+        cfg = dict(cfg)
         grid = (triton.cdiv(m, cfg["BM"]) * triton.cdiv(k, cfg["BK"]),)
+        if cfg.pop("layout", "canonical") == "transposed":
+            if not transposed_ok:
+                raise ValueError("the transposed grad_input kernel takes 16-bit grads and a per-tensor weight scale, "
+                                 f"got {grad.dtype} and {ws.numel()} scales")
+            pt = transposed_kblocked(wq, k)
+            lo, hi = ONE_TABLES["bf16" if grad.dtype == torch.bfloat16 else "fp16"]
+            return _grad_input_t_kernel[grid](g, pt, ws, out, m, n, k, pt.shape[1], g.stride(0), pt.stride(0),
+                                              out.stride(0), Q=QUARTER, LO=lo, HI=hi, EVEN_N=n % (4 * QUARTER) == 0,
+                                              USE_ASM=use_asm, **cfg)
         return _grad_input_kernel[grid](g, wq, ws, out, m, n, k, kb, g.stride(0), wq.stride(0), out.stride(0),
-                                        EVEN_N=n % cfg["BN"] == 0, **flags, **cfg)
+                                        PER_CHANNEL=per_channel, IEEE=grad.dtype == torch.float32,
+                                        EVEN_N=n % cfg["BN"] == 0, USE_ASM=use_asm, **cfg)
 
-    cfg = tuning.choose("grad_input", (tuning.bucket(m), n, k, str(grad.dtype)), _configs(), launch)
+    candidates = [config] if config is not None else _configs(transposed_ok)
+    if tuning.interpreting() and config is None:  # no timing here: spread the CPU tests' shapes over both kernels
+        candidates = [candidates[(m + n) % len(candidates)]]
+    # Per-channel scales have their own entries (only the canonical kernel takes them).
+    key = (tuning.bucket(m), n, k, str(grad.dtype)) + (("per_channel",) if per_channel else ())
+    cfg = tuning.choose("grad_input", key, candidates, launch)
     compiled = launch(cfg)
-    tuning.dump_source(_grad_input_kernel, compiled, {**flags, **cfg, "grad": str(grad.dtype)})
+    kernel = _grad_input_t_kernel if cfg.get("layout") == "transposed" else _grad_input_kernel
+    tuning.dump_source(kernel, compiled, {**cfg, "per_channel": per_channel, "grad": str(grad.dtype)})
     return out.reshape(*lead, k)
 
 

@@ -145,6 +145,25 @@ def test_qat_backward(dtype, per_channel, n):
         assert ((got.float() - want).abs().max() / scale) < rel * 4
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m,n,k", [(512, 2048, 1024), (333, 2000, 1003)])  # whole and partial tiles, N blocks
+def test_every_grad_input_config(dtype, m, n, k):
+    """Every grad_input launch configuration (canonical and transposed kernels), not only the
+    tuned one; same operands as the reference, fp32 sums in another order (bound as in the
+    CPU test: n * eps_fp32 * sum|g * w| plus the final rounding to the grad dtype)."""
+    from bitcompile.kernels import grad_input as gi
+
+    g = torch.Generator(device="cuda").manual_seed(n)
+    wq, ws = ops.quantize_weights(torch.randn(n, k, device="cuda", generator=g), "ternary", False)
+    grad = torch.randn(m, n, device="cuda", generator=g).to(dtype)
+    w = ref.dequantized_weight(wq.cpu(), ws.cpu(), k, dtype).float().cuda()
+    want = grad.float() @ w
+    bound = (grad.float().abs() @ w.abs()) * n * 2**-23 + want.abs() * (2**-8 if dtype == torch.bfloat16 else 2**-11)
+    for cfg in gi._configs(transposed_ok=True):
+        got = gi.grad_input(grad, wq, ws, k, config=cfg)
+        assert got.dtype == dtype and ((got.float() - want).abs() <= bound).all(), cfg
+
+
 @pytest.mark.parametrize("grad_input_bits", [None, 8])
 def test_qat_under_cuda_graphs(grad_input_bits):
     """`mode="reduce-overhead"` for training: the steps replay CUDA graphs and give the

@@ -112,14 +112,19 @@ def test_weight_pack_rejects_unsupported(kernels, device):
 
 
 @given(m=st.integers(1, 20), n=dims, k=dims, per_channel=st.booleans(),
-       dtype=st.sampled_from([torch.float32, torch.float16]), seed=st.integers(0, 2**16))
-@example(m=3, n=32, k=70, per_channel=True, dtype=torch.float16, seed=1)  # whole N tiles: unmasked grad loads
-@example(m=17, n=48, k=64, per_channel=False, dtype=torch.float32, seed=2)
-def test_grad_input(kernels, device, m, n, k, per_channel, dtype, seed):
+       dtype=st.sampled_from([torch.float32, torch.float16]), seed=st.integers(0, 2**16), variant=st.integers(0, 99))
+@example(m=3, n=32, k=70, per_channel=True, dtype=torch.float16, seed=1, variant=0)  # whole N tiles: unmasked grad loads
+@example(m=17, n=48, k=64, per_channel=False, dtype=torch.float32, seed=2, variant=0)
+@example(m=5, n=256, k=40, per_channel=False, dtype=torch.float16, seed=3, variant=1)  # transposed, whole N blocks
+@example(m=18, n=300, k=33, per_channel=False, dtype=torch.float16, seed=4, variant=2)  # transposed, joined, 2 blocks
+def test_grad_input(kernels, device, m, n, k, per_channel, dtype, seed, variant):
     g = torch.Generator().manual_seed(seed)
     wq, ws = ref.quantize_weights(torch.randn(n, k, generator=g), "ternary", per_channel)
     grad = torch.randn(m, n, generator=g).to(dtype)
-    got = kernels.grad_input.grad_input(grad.to(device), wq.to(device), ws.to(device), k).cpu()
+    # every kernel that takes these operands: canonical; transposed per shift and joined (16-bit, one scale)
+    configs = kernels.grad_input._configs(transposed_ok=not per_channel and dtype != torch.float32)
+    got = kernels.grad_input.grad_input(grad.to(device), wq.to(device), ws.to(device), k,
+                                        config=configs[variant % len(configs)]).cpu()
     # Same operands as the reference (trit * s_w in grad dtype); fp32 accumulation in
     # another order: error <= n * eps_fp32 * sum|g*w| plus the final rounding to dtype.
     want = grad.float() @ ref.dequantized_weight(wq, ws, k, dtype).float()

@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 
 from bitcompile.kernels.common import TRITS_PTX
-from bitcompile.kernels.grad_input import SCALED_TRITS_PTX
+import torch
+
+from bitcompile.kernels.grad_input import ONE_TABLES, SCALED_TRITS_PTX, TRIT_PAIR_PTX
 
 MASK = 0xFFFFFFFF
 
@@ -27,7 +29,7 @@ def prmt(a, b, selector):
 OPS = {
     "mov.b32": lambda a: a, "shr.b32": lambda a, b: a >> b, "and.b32": lambda a, b: a & b,
     "or.b32": lambda a, b: a | b, "xor.b32": lambda a, b: a ^ b, "sub.u32": lambda a, b: (a - b) & MASK,
-    "mul.lo.u32": lambda a, b: (a * b) & MASK, "prmt.b32": prmt,
+    "mul.lo.u32": lambda a, b: (a * b) & MASK, "mad.lo.u32": lambda a, b, c: (a * b + c) & MASK, "prmt.b32": prmt,
 }
 
 
@@ -68,3 +70,18 @@ def test_scaled_trits_ptx():
         got = [regs["$0"] & 0xFFFF, regs["$0"] >> 16, regs["$1"] & 0xFFFF, regs["$1"] >> 16]
         want = [0 if t == 0 else b | (0x8000 if t < 0 else 0) for t, b in zip(trits, scale_bits)]
         assert got == want, (trits, scale_bits)
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+@pytest.mark.parametrize("shift", [0, 2, 4, 6])
+def test_trit_pair_ptx(dtype, shift):
+    """Two packed bytes -> the 16-bit float bits of their trits at ``shift`` (-1.0, 0, 1.0)."""
+    torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    lo, hi = ONE_TABLES[dtype]
+    rng = np.random.default_rng(shift)
+    for _ in range(1000):
+        trits = rng.integers(-1, 2, (2, 4))  # two bytes, four fields each (code 3 is never packed)
+        pair = sum(int(t + 1) << (8 * byte + 2 * field) for byte in range(2) for field, t in enumerate(trits[byte]))
+        out = run_ptx(TRIT_PAIR_PTX.value, {"$1": pair, "$2": shift, "$3": lo, "$4": hi})["$0"]
+        want = torch.tensor(trits[:, shift // 2], dtype=torch_dtype).view(torch.int16).tolist()
+        assert [out & 0xFFFF, out >> 16] == [w & 0xFFFF for w in want], (trits, shift)
