@@ -4,8 +4,9 @@ Two passes over W, the minimum for a scale that depends on all of W, both readin
 contiguous 2-D tiles (16-byte loads; the previous version gathered every 4th column):
   1. ``_abs_sum_kernel``: fp32 sum |W| per row, and one partial sum per program.
   2. ``_pack_kernel``: computes the scale itself (IEEE division, as the CPU reference:
-     row sum / K per channel, or the summed partials / (N K) per tensor), reads W once more, divides, rounds, clips and
-     writes 4 codes per byte, canonical or K-blocked, from the same [BN, 4, 64] tile.
+     row sum / K per channel, or the summed partials / (N K) per tensor), reads W once more and
+     writes 4 codes per byte, canonical or K-blocked, from the same [BN, 4, 64] tile. The
+     trits need no division per weight: two exact comparisons decide them (see the kernel).
 The partials are summed in a fixed order: the scale is deterministic run to run.
 """
 from __future__ import annotations
@@ -15,7 +16,6 @@ import triton
 import triton.language as tl
 
 from bitcompile.kernels import tuning
-from bitcompile.kernels.common import round_half_even
 from bitcompile.quant.packing import kblocked_columns
 
 EPS = 1e-5
@@ -62,9 +62,14 @@ def _pack_kernel(W, ROWSUM, TOTAL, SCALE, P, N, K, KB, count, stride_w, stride_p
     valid = (rows[:, None, None] < N) & (k < K)
     w = tl.load(W + rows[:, None, None].to(tl.int64) * stride_w + k, mask=valid, other=0.0).to(tl.float32)
     if SCHEME == 0:
-        t = round_half_even(tl.math.div_rn(w, s))  # IEEE division, as the reference
-        t = tl.where(t != t, 0.0, t)  # NaN weight -> trit 0, as the reference (before the clamp drops NaN)
-        t = tl.minimum(tl.maximum(t, -1.0), 1.0)
+        # The reference's clamp(round(fl(w / s)), -1, 1) without dividing: trit = sign(w) where
+        # |w| > s/2, else 0. Exact for fp32 w and s: s/2 is exact, and |w| > s/2 means |w| >= s/2
+        # + ulp(s/2), so |w / s| >= 1/2 + 2^-24 / m (m in [1, 2): the mantissa of s/2), beyond
+        # 1/2 + 2^-25, the midpoint that rounds (ties to even) down to 0.5; fl(|w / s|) is then
+        # above 0.5 and rounds to 1 or more. |w| = s/2 gives 0.5, a tie to 0. NaN compares false:
+        # trit 0, as the reference's nan_to_num. (Replaces an IEEE division and a rounding per weight.)
+        half = s * 0.5
+        t = (w > half).to(tl.float32) - (w < -half).to(tl.float32)
     else:
         t = tl.where(w >= 0, 1.0, -1.0)
     t = tl.where(valid, t, 0.0)  # K padding is the zero trit

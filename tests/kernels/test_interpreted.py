@@ -106,6 +106,24 @@ def test_weight_pack_random_values(kernels, device):
     assert near_half(w / rs, 1e-4)[diff].all()  # a trit may differ only at |w/s| = 0.5
 
 
+@given(per_channel=st.booleans(), seed=st.integers(0, 2**16))
+def test_weight_pack_trits_at_rounding_boundaries(kernels, device, per_channel, seed):
+    """Weights within a few ulps of s/2 (the trit boundary fl(w / s) = 0.5, a tie) for scales
+    with random mantissas: the kernel decides trits by comparisons, the reference divides and
+    rounds; with the kernel's own scale the trits must be equal."""
+    g = torch.Generator().manual_seed(seed)
+    n, k = 6, 128
+    # the scale each row's (or the tensor's) mean |w| lands near, a few ulps off
+    target = torch.rand(n if per_channel else 1, 1, generator=g).expand(n, 1) + 0.5
+    ulps = torch.randint(-4, 5, (n, k // 2), generator=g).float()
+    near = target * 0.5 * (1 + ulps * 2**-24)  # a few ulps around s/2
+    sign = torch.where(torch.rand(n, k // 2, generator=g) < 0.5, -1.0, 1.0)
+    w = torch.cat([sign * near, 1.5 * target.expand(n, k // 2)], dim=1)  # mean |w| ~ target
+    packed, scale = kernels.weight_pack.quantize_pack(w.to(device), "ternary", per_channel)
+    want = ref.weight_integers(w, scale.cpu(), "ternary")
+    assert torch.equal(ref.unpack_weights(packed.cpu(), k), want)
+
+
 def test_weight_pack_rejects_unsupported(kernels, device):
     with pytest.raises(ValueError, match="supports ternary, binary"):
         kernels.weight_pack.quantize_pack(torch.randn(4, 4, device=device), "int8")
