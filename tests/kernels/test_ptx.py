@@ -5,10 +5,9 @@ import re
 
 import numpy as np
 import pytest
-
-from bitcompile.kernels.common import TRITS_PTX
 import torch
 
+from bitcompile.kernels.common import TRITS_PTX
 from bitcompile.kernels.grad_input import ONE_TABLES, SCALED_TRITS_PTX, TRIT_PAIR_PTX
 
 MASK = 0xFFFFFFFF
