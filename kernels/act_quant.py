@@ -75,6 +75,13 @@ def _norm_quant_kernel(X, RES, W, B, Q, S, Y, H, K, stride_x, stride_r, stride_q
     tl.store(S + row, scale)
 
 
+def num_warps(block: int) -> int:
+    """Warps per row program: one per 1024 elements for 4096- and 8192-wide rows (H100,
+    ``benchmarks/sweep_norm_quant.py``: 8 warps 115 vs 134 us at 8192x8192, 4 warps 55 vs
+    59 us at 8192x4096, bf16); other widths, not swept, one per 512."""
+    return min(16, max(1, block // (1024 if block in (4096, 8192) else 512)))
+
+
 def norm_quant(x: torch.Tensor, bits: int = 8, kind: str = "none", weight: Optional[torch.Tensor] = None,
                bias: Optional[torch.Tensor] = None, eps: float = 1e-6, residual: Optional[torch.Tensor] = None,
                norm_dtype: Optional[torch.dtype] = None, store_normed: bool = False, store_sum: bool = False,
@@ -104,7 +111,7 @@ def norm_quant(x: torch.Tensor, bits: int = 8, kind: str = "none", weight: Optio
         block = triton.next_power_of_2(max(k, 16))
         flags = dict(BLOCK=block, NORM=NORM_KINDS[kind], HAS_RES=residual is not None, HAS_W=weight is not None,
                      HAS_B=bias is not None, STORE_Y=store_normed, STORE_H=store_sum)
-        warps = 1 if tuning.interpreting() else min(16, max(1, block // 512))
+        warps = 1 if tuning.interpreting() else num_warps(block)
         kernel = wrap(_norm_quant_kernel) if wrap is not None else _norm_quant_kernel
         compiled = kernel[(m,)](
             x2, r2, weight if weight is not None else x2, bias if bias is not None else x2, q, s, y, h, k,
