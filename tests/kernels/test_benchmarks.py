@@ -34,3 +34,11 @@ def test_profile_qat_smoke():
     for label in ("bitnet ops", "backend=bitnet,", "grad_input_bits=8", "Inductor fake-quant"):
         assert f"{label}" in printed
     assert printed.count("wall time per step") == 4
+
+
+def test_sweep_norm_quant_smoke():
+    printed = smoke("sweep_norm_quant.py")
+    assert "copy bandwidth" in printed
+    none, rms = (printed.count(f"8x64 {kind}") for kind in ("none", "rms "))
+    assert none == rms >= 5  # the same warp counts for both norm kinds
+    assert printed.count("(launcher's)") == 2
