@@ -96,10 +96,11 @@ ONE_TABLES = {"bf16": (0x80800080, 0x3F3F00BF), "fp16": (0x00000000, 0x3C3C00BC)
 
 
 @triton.jit
-def _trit_pairs(p16, SHIFT: tl.constexpr, LO: tl.constexpr, HI: tl.constexpr, USE_ASM: tl.constexpr):
+def _trit_pairs(p16, SHIFT: tl.constexpr, LO: tl.constexpr, HI: tl.constexpr, dtype: tl.constexpr,
+                USE_ASM: tl.constexpr):
     """Packed byte pairs ``p16 [R, C]`` (int16) -> the 16-bit float bits of the trits at bit
-    SHIFT of each byte, ``[R, C, 2]``; ``LO``/``HI``: the ``ONE_TABLES`` entry of the float
-    type. The pair axis stays within a thread, as in the 16-bit MMA register operand (two
+    SHIFT of each byte, ``[R, C, 2]``; ``LO``/``HI``: the ``ONE_TABLES`` entry of ``dtype``.
+    The pair axis stays within a thread, as in the 16-bit MMA register operand (two
     consecutive K per register), so the byte loads feed the MMA without a layout conversion
     (unpacking four trits per 32-bit register, or tables computed from the scale at run time,
     made Triton convert the trits' layout through shared memory every step)."""
@@ -112,7 +113,6 @@ def _trit_pairs(p16, SHIFT: tl.constexpr, LO: tl.constexpr, HI: tl.constexpr, US
     else:
         t0 = (((p16 >> SHIFT) & 3) - 1).to(tl.float32)
         t1 = (((p16 >> (SHIFT + 8)) & 3) - 1).to(tl.float32)
-        dtype = tl.bfloat16 if HI == 0x3F3F00BF else tl.float16
         return tl.join(t0, t1).to(dtype).to(tl.int16, bitcast=True)
 
 
@@ -144,8 +144,9 @@ def _grad_input_t_kernel(G, P, WS, OUT, M, N, K, NPB, stride_g, stride_p, stride
         if JOIN:  # one dot per 4Q block: the four shifted tiles side by side are its N order
             n = 4 * nb + offs_b
             g = tl.load(g_rows + n[None, :], mask=(n[None, :] < N) | EVEN_N, other=0.0)
-            w = tl.join(tl.join(_trit_pairs(p, 0, LO, HI, USE_ASM), _trit_pairs(p, 2, LO, HI, USE_ASM)),
-                        tl.join(_trit_pairs(p, 4, LO, HI, USE_ASM), _trit_pairs(p, 6, LO, HI, USE_ASM)))
+            w = tl.join(tl.join(_trit_pairs(p, 0, LO, HI, dtype, USE_ASM), _trit_pairs(p, 2, LO, HI, dtype, USE_ASM)),
+                        tl.join(_trit_pairs(p, 4, LO, HI, dtype, USE_ASM),
+                                _trit_pairs(p, 6, LO, HI, dtype, USE_ASM)))
             # w[k, h, e, y, x] is the trit of shift 2x + y, byte 2h + e: order (x, y, h, e) is N order
             w = tl.reshape(tl.permute(w, (0, 4, 3, 1, 2)), (BK, 4 * Q))
             acc = tl.dot(w.to(dtype, bitcast=True), tl.trans(g), acc)
@@ -153,7 +154,7 @@ def _grad_input_t_kernel(G, P, WS, OUT, M, N, K, NPB, stride_g, stride_p, stride
             for i in tl.static_range(4):
                 n = 4 * nb + i * Q + offs_j
                 g = tl.load(g_rows + n[None, :], mask=(n[None, :] < N) | EVEN_N, other=0.0)
-                w = tl.reshape(_trit_pairs(p, 2 * i, LO, HI, USE_ASM), (BK, Q))
+                w = tl.reshape(_trit_pairs(p, 2 * i, LO, HI, dtype, USE_ASM), (BK, Q))
                 acc = tl.dot(w.to(dtype, bitcast=True), tl.trans(g), acc)
     acc = acc * tl.load(WS).to(dtype).to(tl.float32)
     out = tl.trans(acc)
@@ -235,7 +236,8 @@ def grad_input(grad: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, k: i
     return out.reshape(*lead, k)
 
 
-def grad_input_quantized(grad: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, k: int, bits: int) -> torch.Tensor:
+def grad_input_quantized(grad: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, k: int,
+                         bits: int) -> torch.Tensor:
     """``ops.reference.grad_input_quantized`` on the GPU: the per-row quantization of ``grad``
     (per-channel ``s_w`` folded in) is the activation-quantization kernel, and ``q @ W_int``
     is the forward matmul kernel on int8 tensor cores, fed ``W_int^T`` re-laid out from the

@@ -212,7 +212,8 @@ def _gemv_configs(m: int):
     if tuning.interpreting():
         return [dict(kernel="gemv", BN=4, BW=32, num_warps=4)]
     # (BN, BW, warps, stages). BN 16/32 tiles never won on the H100 (round 3, .notes/kernels.md);
-    # round 4 picked BN=8 (BW 64 or 128); deeper pipelines are tried for more loads in flight.
+    # round 4 picked BN=8 (BW 64 or 128); the 4-stage and BW=32 tiles (more loads in flight) were
+    # never chosen there.
     shapes = [(4, 64, 4, 3), (8, 64, 4, 3), (4, 128, 4, 2), (8, 128, 8, 2), (4, 128, 8, 3), (2, 128, 4, 3),
               (8, 64, 4, 4), (8, 32, 4, 4), (8, 128, 4, 3)]
     if m > 4:  # BM x BN x BW accumulators: keep the register tile small
