@@ -4,11 +4,12 @@
 #   bash benchmarks/gpu_round.sh bench [--quick] # re-tune the matmul (shipped entries skipped; RETUNE=grad_input,...
 #                                                # names other kernels) + make bench
 #   bash benchmarks/gpu_round.sh profile         # QAT per-kernel split + static profile on this Triton
+#   bash benchmarks/gpu_round.sh sweep [M,N,K ..] # every matmul launch configuration, timed (sweep_matmul.py)
 # Tuning results persist in .gpu_round_cache while the machine stays warm (a bench cut short resumes
 # where it stopped) and are copied to $OUT/cache/autotune/<gpu>.json, to merge into kernels/tuned/.
 set -u
 out=${OUT:-gpu_round}
-mkdir -p "$out"
+mkdir -p "$out" && out=$(cd "$out" && pwd)
 export BITCOMPILE_CACHE_DIR="$PWD/.gpu_round_cache"
 python3 -m pip install -q --no-deps --no-build-isolation -e . > "$out/install.log" 2>&1 || { tail "$out/install.log"; exit 1; }
 case "${1:-}" in
@@ -23,6 +24,9 @@ case "${1:-}" in
     timeout 300 python3 benchmarks/profile_qat.py > "$out/profile_qat.log" 2>&1; echo "profile_qat rc=$?"
     timeout 200 python3 benchmarks/inspect_kernels.py --join-k > "$out/inspect.md" 2>&1; echo "inspect rc=$?"
     cat "$out/profile_qat.log"; head -30 "$out/inspect.md" ;;
-  *) echo "usage: $0 test|bench [--quick]|profile" >&2; exit 2 ;;
+  sweep)
+    cd benchmarks && timeout 560 python3 sweep_matmul.py --json "$out/sweep.json" ${2:+--shapes "${@:2}"} \
+      > "$out/sweep.log" 2>&1; echo "sweep rc=$?"; cd ..; cat "$out/sweep.log" ;;
+  *) echo "usage: $0 test|bench [--quick]|profile|sweep [M,N,K ...]" >&2; exit 2 ;;
 esac
 cp -r "$BITCOMPILE_CACHE_DIR" "$out/cache" 2>/dev/null || true

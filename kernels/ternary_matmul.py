@@ -211,11 +211,12 @@ def _split_k_workspace(device: torch.device, numel: int, tiles: int):
 def _gemv_configs(m: int):
     if tuning.interpreting():
         return [dict(kernel="gemv", BN=4, BW=32, num_warps=4)]
-    # (BN, BW, warps, stages). BN 16/32 tiles never won on the H100 (round 3, .notes/kernels.md);
-    # round 4 picked BN=8 (BW 64 or 128); the 4-stage and BW=32 tiles (more loads in flight) were
-    # never chosen there.
+    # (BN, BW, warps, stages). BN 16/32 tiles never won on the H100 with round 3's kernel
+    # (.notes/kernels.md); round 4 picked BN=8 (BW 64 or 128). Round 6 adds longer steps
+    # (BW 256/512: a program's row span requested at once, more bytes in flight per SM).
     shapes = [(4, 64, 4, 3), (8, 64, 4, 3), (4, 128, 4, 2), (8, 128, 8, 2), (4, 128, 8, 3), (2, 128, 4, 3),
-              (8, 64, 4, 4), (8, 32, 4, 4), (8, 128, 4, 3)]
+              (8, 128, 4, 3), (8, 256, 4, 2), (8, 512, 4, 2), (4, 256, 4, 2), (4, 512, 4, 2), (16, 128, 8, 2),
+              (16, 256, 8, 2), (8, 256, 8, 2), (2, 512, 2, 2)]
     if m > 4:  # BM x BN x BW accumulators: keep the register tile small
         shapes = [(2, 64, 4, 3), (4, 64, 8, 3), (2, 128, 8, 2), (1, 128, 4, 3)]
     return [dict(kernel="gemv", BN=bn, BW=bw, num_warps=w, num_stages=s) for bn, bw, w, s in shapes]
@@ -226,13 +227,19 @@ def _gemm_configs(m: int):
         return [dict(kernel="gemm", BN=16, BM=16, GROUP_N=4, SPLIT_K=sk, SWAP=sw, JOIN_K=jk, num_warps=4)
                 for sk, sw, jk in ((2, True, True), (1, False, False), (1, False, True), (2, True, False))]
     if m <= 32:  # (BN, BM, split, swap, warps, stages)
+        # Round 6: wider weight tiles (every program reads all M activation rows of its K range,
+        # so BN=32 at M=16 re-reads twice the weight bytes from L2) with deeper split-K.
         shapes = [(64, 16, 4, 1, 4, 3), (64, 16, 2, 1, 4, 3), (32, 16, 4, 1, 4, 3), (32, 16, 1, 1, 4, 3),
                   (32, 16, 4, 0, 4, 3), (64, 16, 4, 0, 4, 3), (16, 16, 4, 0, 4, 3), (64, 32, 4, 1, 4, 3),
-                  (32, 16, 8, 1, 4, 3), (64, 16, 8, 1, 4, 3)]
+                  (64, 16, 8, 1, 4, 3), (128, 16, 8, 1, 4, 3), (128, 16, 16, 1, 4, 3), (256, 16, 16, 1, 8, 3),
+                  (128, 16, 4, 1, 4, 3), (64, 16, 16, 1, 4, 3), (64, 16, 8, 0, 4, 3)]
     elif m <= 256:
+        # Round 6: BN=256 (activation re-reads from L2 are (N / BN) * M * K bytes: 64 MB at
+        # BN=128, M=128, 8192^2, four times the packed weights) with split-K for enough programs.
         shapes = [(128, 64, 1, 1, 4, 3), (128, 128, 1, 1, 8, 3), (64, 64, 2, 1, 4, 3), (128, 64, 2, 0, 4, 3),
                   (128, 128, 1, 0, 8, 3), (64, 128, 2, 0, 4, 3), (128, 128, 2, 0, 8, 3), (128, 64, 4, 1, 4, 3),
-                  (64, 64, 4, 1, 4, 3)]
+                  (64, 64, 4, 1, 4, 3), (256, 128, 2, 1, 8, 3), (256, 128, 4, 1, 8, 3), (256, 64, 4, 1, 8, 3),
+                  (128, 128, 4, 1, 8, 3), (256, 128, 1, 1, 8, 3)]
     else:  # the 2-stage 128x128 tiles fit two programs per SM (registers and shared memory), so
         # one program's unpack can overlap the other's tensor-core work (Triton waits on each dot)
         shapes = [(128, 256, 1, 1, 8, 3), (256, 128, 1, 0, 8, 3), (128, 256, 1, 0, 8, 3), (128, 128, 1, 0, 8, 4),

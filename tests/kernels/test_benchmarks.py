@@ -42,3 +42,9 @@ def test_sweep_norm_quant_smoke():
     none, rms = (printed.count(f"8x64 {kind}") for kind in ("none", "rms "))
     assert none == rms >= 5  # the same warp counts for both norm kinds
     assert printed.count("(launcher's)") == 2
+
+
+def test_sweep_matmul_smoke():
+    printed = smoke("sweep_matmul.py")
+    assert "exact=False" not in printed and printed.count("exact=True") >= 9
+    assert printed.count("int8 GEMM exact vs torch: True") == 2
