@@ -1,18 +1,24 @@
-"""A few matmul calls for Nsight Compute (``ncu``) to profile: M=1 (GEMV) and M=16 (GEMM) at 8192².
+"""One matmul call per M (1, 16, 128, 8192 at 8192², the shipped configurations) for Nsight
+Compute (``ncu``) to profile; each kernel is compiled before the profiled launch.
 
-    ncu --kernel-name regex:_gemv_kernel\\|_gemm_kernel --launch-skip 2 --launch-count 2 \\
-        --section SpeedOfLight --section MemoryWorkloadAnalysis python3 benchmarks/profile_kernels.py
+    ncu --clock-control none -k regex:'_gemv_kernel|_gemm_kernel' --set full \\
+        python3 benchmarks/profile_kernels.py [M ...]
 """
+import sys
+
 import torch
 
 import bitcompile.ops  # noqa: F401
+from bitcompile.kernels.layout import relayout
+from bitcompile.kernels.ternary_matmul import ternary_matmul
 from bitcompile.ops import reference as ref
 
-ops = torch.ops.bitnet
 n = k = 8192
 wq, ws = ref.quantize_weights(torch.randn(n, k, device="cuda"))
-for m in (1, 16):
+blocked = relayout(wq, k)
+for m in [int(v) for v in sys.argv[1:]] or [1, 16, 128, 8192]:
     xq, xs = ref.quantize_activations(torch.randn(m, k, device="cuda"))
-    for _ in range(4):
-        ops.linear_q(xq, xs, wq, ws, None, k, torch.bfloat16, "none", None)
+    # No warm-up launch: the first call compiles (no kernel launched before it), so ncu's
+    # launch filter sees exactly one launch per M.
+    ternary_matmul(xq, blocked, k, xs, ws, None, torch.bfloat16, layout="kblocked")
 torch.cuda.synchronize()

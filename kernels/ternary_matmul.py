@@ -3,10 +3,10 @@
 Both kernels read the K-blocked layout (``kernels.layout``): one shift of a run of bytes
 gives trits of consecutive K, so every activation load is a contiguous slice.
   * ``_gemv_kernel`` (M <= GEMV_MAX_M, decode): CUDA cores. 32-bit words of 4 packed
-    bytes are shifted and masked into 4 codes c = trit + 1 in one register and met with 4
-    int8 activations by one ``dp4a`` (4 multiply-adds per instruction);
-    sum(trit * x) = sum(c * x) - sum(x), the second sum shared by all rows of the program.
-    Per 4 trits: shift, and, dp4a. Both operands are loaded at the accumulator's shape, so
+    bytes are masked into 4 codes (c = trit + 1) * 4^shift in one register and met with 4
+    int8 activations by one ``dp4a`` (4 multiply-adds per instruction), one accumulator per
+    shift (the 4^shift divided out at the end); sum(trit * x) = sum(c * x) - sum(x), the
+    second sum shared by all rows of the program. Per 4 trits: and, dp4a. Both operands are loaded at the accumulator's shape, so
     the loop never exchanges data between threads (no shared memory, no barriers).
   * ``_gemm_kernel`` (larger M): int8 tensor cores, optionally with the operands swapped
     (C^T tile = trits [BN, K] @ A^T [K, BM]: the trits are then the operand the MMA takes
@@ -29,6 +29,7 @@ from bitcompile.kernels.common import ACTIVATIONS, apply_activation, grouped_til
 from bitcompile.kernels.layout import QUARTER, kblocked, relayout
 
 GEMV_MAX_M = 16  # dp4a cost grows with M: from 2 rows on, tuning times it against the tensor cores
+GEMV_MAX_K = 1 << 19  # the shift-3 accumulator holds 64 * sum(c * x): below 2^31 for K < 2^19
 
 
 @triton.jit
@@ -69,6 +70,11 @@ def _dp4a(a, b, c, USE_ASM: tl.constexpr):
 
 
 @triton.jit
+def _row_sums(t):
+    return tl.sum(tl.sum(t, axis=3), axis=2)
+
+
+@triton.jit
 def _gemv_kernel(A, P, C, XS, WS, BIAS, RES, M, N, XW, PW, stride_am, stride_pn, stride_cm, stride_rm,
                  BM: tl.constexpr, BN: tl.constexpr, BW: tl.constexpr, EVEN: tl.constexpr, USE_ASM: tl.constexpr,
                  EPILOGUE: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -96,7 +102,12 @@ def _gemv_kernel(A, P, C, XS, WS, BIAS, RES, M, N, XW, PW, stride_am, stride_pn,
     # sum(x) per row, for sum(trit * x) = sum(code * x) - sum(x): from a [BM, ..] tile, once.
     xs_word = b4 * 64 + q4 + 0 * m4
     xs_ptrs = A + (m4 % M) * stride_am + xs_word
-    acc = tl.zeros((BM, BN, BW // 16, 16), dtype=tl.int32)
+    # One accumulator per shift: shift i's codes are taken in place, c * 4^i (p & mask_i, one
+    # op per 4 trits instead of shift + mask), and the 4^i is divided out once at the end.
+    acc0 = tl.zeros((BM, BN, BW // 16, 16), dtype=tl.int32)
+    acc1 = tl.zeros((BM, BN, BW // 16, 16), dtype=tl.int32)
+    acc2 = tl.zeros((BM, BN, BW // 16, 16), dtype=tl.int32)
+    acc3 = tl.zeros((BM, BN, BW // 16, 16), dtype=tl.int32)
     xsum = tl.zeros((BM, 1, BW // 16, 16), dtype=tl.int32)
     ones = tl.full((BM, 1, BW // 16, 16), 0x01010101, dtype=tl.int32)
     # Out-of-range words read as code 1 (zero trit) in every byte.
@@ -108,14 +119,22 @@ def _gemv_kernel(A, P, C, XS, WS, BIAS, RES, M, N, XW, PW, stride_am, stride_pn,
             p_next = tl.load(p_ptrs + tl.minimum(w0 + BW, PW - BW))
         else:
             p_next = tl.load(p_ptrs + w0 + BW, mask=w0 + BW + word < PW, other=0x55555555)
+        xi = 4 * w0
+        acc0 = _dp4a(p & 0x03030303, tl.load(x_ptrs + xi, mask=(xi + x_word < XW) | EVEN, other=0), acc0, USE_ASM)
+        xi += 16
+        acc1 = _dp4a(p & 0x0C0C0C0C, tl.load(x_ptrs + xi, mask=(xi + x_word < XW) | EVEN, other=0), acc1, USE_ASM)
+        xi += 16
+        acc2 = _dp4a(p & 0x30303030, tl.load(x_ptrs + xi, mask=(xi + x_word < XW) | EVEN, other=0), acc2, USE_ASM)
+        xi += 16
+        acc3 = _dp4a(p & -0x3F3F3F40, tl.load(x_ptrs + xi, mask=(xi + x_word < XW) | EVEN, other=0), acc3,
+                     USE_ASM)  # -0x3F3F3F40 == 0xC0C0C0C0 as int32
         for i in tl.static_range(4):
-            xi = 4 * w0 + 16 * i
-            x = tl.load(x_ptrs + xi, mask=(xi + x_word < XW) | EVEN, other=0)
-            acc = _dp4a((p >> (2 * i)) & 0x03030303, x, acc, USE_ASM)
-            xs = tl.load(xs_ptrs + xi, mask=(xi + xs_word < XW) | EVEN, other=0)
+            xs = tl.load(xs_ptrs + 4 * w0 + 16 * i, mask=(4 * w0 + 16 * i + xs_word < XW) | EVEN, other=0)
             xsum = _dp4a(ones, xs, xsum, USE_ASM)
         p = p_next
-    out = tl.sum(tl.sum(acc, axis=3), axis=2) - tl.sum(tl.sum(xsum, axis=3), axis=2)
+    # Every element of acc_i is a multiple of 4^i: the shifts are exact.
+    out = (_row_sums(acc0) + _row_sums(acc1 >> 2) + _row_sums(acc2 >> 4) + _row_sums(acc3 >> 6)
+           - _row_sums(xsum))
     offs_m = tl.arange(0, BM)
     offs_n = pid_n * BN + tl.arange(0, BN)
     _epilogue(out, C, XS, WS, BIAS, RES, offs_m, offs_n, M, N, stride_cm, stride_rm,
@@ -227,19 +246,19 @@ def _gemm_configs(m: int):
         return [dict(kernel="gemm", BN=16, BM=16, GROUP_N=4, SPLIT_K=sk, SWAP=sw, JOIN_K=jk, num_warps=4)
                 for sk, sw, jk in ((2, True, True), (1, False, False), (1, False, True), (2, True, False))]
     if m <= 32:  # (BN, BM, split, swap, warps, stages)
-        # Round 6: wider weight tiles (every program reads all M activation rows of its K range,
-        # so BN=32 at M=16 re-reads twice the weight bytes from L2) with deeper split-K.
+        # Round 6 (sweep_matmul.py): wider tiles with deeper split-K lost (BN 128/256, split 8/16:
+        # 26-36 us vs 18 at 8192^2); narrower unsplit tiles are timed instead.
         shapes = [(64, 16, 4, 1, 4, 3), (64, 16, 2, 1, 4, 3), (32, 16, 4, 1, 4, 3), (32, 16, 1, 1, 4, 3),
                   (32, 16, 4, 0, 4, 3), (64, 16, 4, 0, 4, 3), (16, 16, 4, 0, 4, 3), (64, 32, 4, 1, 4, 3),
-                  (64, 16, 8, 1, 4, 3), (128, 16, 8, 1, 4, 3), (128, 16, 16, 1, 4, 3), (256, 16, 16, 1, 8, 3),
-                  (128, 16, 4, 1, 4, 3), (64, 16, 16, 1, 4, 3), (64, 16, 8, 0, 4, 3)]
+                  (16, 16, 1, 1, 4, 3), (16, 16, 2, 1, 4, 3), (32, 16, 2, 1, 4, 3), (32, 16, 1, 0, 4, 3),
+                  (32, 16, 1, 1, 2, 3)]
     elif m <= 256:
-        # Round 6: BN=256 (activation re-reads from L2 are (N / BN) * M * K bytes: 64 MB at
-        # BN=128, M=128, 8192^2, four times the packed weights) with split-K for enough programs.
+        # Round 6: one 4-warp program per SM (128 tiles at 8192^2) issues an instruction every
+        # 3.5 cycles (ncu); smaller tiles or 8 warps give each SM more warps. BN=256 and split-K
+        # lost (the int32 atomics of 128 x 8192 partial sums cost more than they hide).
         shapes = [(128, 64, 1, 1, 4, 3), (128, 128, 1, 1, 8, 3), (64, 64, 2, 1, 4, 3), (128, 64, 2, 0, 4, 3),
-                  (128, 128, 1, 0, 8, 3), (64, 128, 2, 0, 4, 3), (128, 128, 2, 0, 8, 3), (128, 64, 4, 1, 4, 3),
-                  (64, 64, 4, 1, 4, 3), (256, 128, 2, 1, 8, 3), (256, 128, 4, 1, 8, 3), (256, 64, 4, 1, 8, 3),
-                  (128, 128, 4, 1, 8, 3), (256, 128, 1, 1, 8, 3)]
+                  (128, 128, 1, 0, 8, 3), (64, 128, 2, 0, 4, 3), (128, 128, 2, 0, 8, 3), (64, 64, 1, 1, 4, 3),
+                  (128, 64, 1, 1, 8, 3), (64, 128, 1, 1, 4, 3), (64, 32, 1, 1, 4, 3)]
     else:  # the 2-stage 128x128 tiles fit two programs per SM (registers and shared memory), so
         # one program's unpack can overlap the other's tensor-core work (Triton waits on each dot)
         shapes = [(128, 256, 1, 1, 8, 3), (256, 128, 1, 0, 8, 3), (128, 256, 1, 0, 8, 3), (128, 128, 1, 0, 8, 4),
@@ -307,7 +326,8 @@ def ternary_matmul(a: torch.Tensor, wq: torch.Tensor, k: int, x_scale: Optional[
 
     a2 = a2.contiguous()
     aw = pw = None
-    if m <= GEMV_MAX_M:
+    gemv_ok = m <= GEMV_MAX_M and k < GEMV_MAX_K
+    if gemv_ok:
         # dp4a reads int32 words: whole words of activations
         aw = _as_words(torch.nn.functional.pad(a2, (0, 4 - k % 4)) if k % 4 else a2)
         pw = blocked.view(torch.int32)
@@ -335,12 +355,12 @@ def ternary_matmul(a: torch.Tensor, wq: torch.Tensor, k: int, x_scale: Optional[
             **cfg)
 
     # Tuning picks the kernel too: for 2 <= M <= GEMV_MAX_M both are candidates.
-    candidates = (_gemv_configs(m) if m <= GEMV_MAX_M else []) + (_gemm_configs(m) if m > 1 else [])
+    candidates = (_gemv_configs(m) if gemv_ok else []) + (_gemm_configs(m) if m > 1 or not gemv_ok else [])
     if tuning.interpreting():
         # No timing here: spread the CPU tests' M over every kernel variant instead.
         gemv = [c_ for c_ in candidates if c_["kernel"] == "gemv"]
         gemm = [c_ for c_ in candidates if c_["kernel"] == "gemm"]
-        candidates = gemv if m <= 4 or (m <= GEMV_MAX_M and m % 2 == 0) else [gemm[m % len(gemm)]]
+        candidates = gemv if gemv and (m <= 4 or m % 2 == 0) else [gemm[m % len(gemm)]]
     key = (tuning.bucket(m), n, k)
     if wrap is not None and not tuning.cached("ternary_mm", key, candidates):
         # Traced tensors cannot be timed: tune on real stand-ins of the same shapes first.
