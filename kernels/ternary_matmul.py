@@ -3,10 +3,10 @@
 Both kernels read the K-blocked layout (``kernels.layout``): one shift of a run of bytes
 gives trits of consecutive K, so every activation load is a contiguous slice.
   * ``_gemv_kernel`` (M <= GEMV_MAX_M, decode): CUDA cores. 32-bit words of 4 packed
-    bytes are masked into 4 codes (c = trit + 1) * 4^shift in one register and met with 4
-    int8 activations by one ``dp4a`` (4 multiply-adds per instruction), one accumulator per
-    shift (the 4^shift divided out at the end); sum(trit * x) = sum(c * x) - sum(x), the
-    second sum shared by all rows of the program. Per 4 trits: and, dp4a. Both operands are loaded at the accumulator's shape, so
+    bytes are shifted and masked into 4 codes c = trit + 1 in one register and met with 4
+    int8 activations by one ``dp4a`` (4 multiply-adds per instruction);
+    sum(trit * x) = sum(c * x) - sum(x), the second sum shared by all rows of the program.
+    Per 4 trits: shift, and, dp4a. Both operands are loaded at the accumulator's shape, so
     the loop never exchanges data between threads (no shared memory, no barriers).
   * ``_gemm_kernel`` (larger M): int8 tensor cores, optionally with the operands swapped
     (C^T tile = trits [BN, K] @ A^T [K, BM]: the trits are then the operand the MMA takes
@@ -29,7 +29,6 @@ from bitcompile.kernels.common import ACTIVATIONS, apply_activation, grouped_til
 from bitcompile.kernels.layout import QUARTER, kblocked, relayout
 
 GEMV_MAX_M = 16  # dp4a cost grows with M: from 2 rows on, tuning times it against the tensor cores
-GEMV_MAX_K = 1 << 19  # the shift-3 accumulator holds 64 * sum(c * x): below 2^31 for K < 2^19
 
 
 @triton.jit
@@ -70,11 +69,6 @@ def _dp4a(a, b, c, USE_ASM: tl.constexpr):
 
 
 @triton.jit
-def _row_sums(t):
-    return tl.sum(tl.sum(t, axis=3), axis=2)
-
-
-@triton.jit
 def _gemv_kernel(A, P, C, XS, WS, BIAS, RES, M, N, XW, PW, stride_am, stride_pn, stride_cm, stride_rm,
                  BM: tl.constexpr, BN: tl.constexpr, BW: tl.constexpr, EVEN: tl.constexpr, USE_ASM: tl.constexpr,
                  EPILOGUE: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -102,12 +96,7 @@ def _gemv_kernel(A, P, C, XS, WS, BIAS, RES, M, N, XW, PW, stride_am, stride_pn,
     # sum(x) per row, for sum(trit * x) = sum(code * x) - sum(x): from a [BM, ..] tile, once.
     xs_word = b4 * 64 + q4 + 0 * m4
     xs_ptrs = A + (m4 % M) * stride_am + xs_word
-    # One accumulator per shift: shift i's codes are taken in place, c * 4^i (p & mask_i, one
-    # op per 4 trits instead of shift + mask), and the 4^i is divided out once at the end.
-    acc0 = tl.zeros((BM, BN, BW // 16, 16), dtype=tl.int32)
-    acc1 = tl.zeros((BM, BN, BW // 16, 16), dtype=tl.int32)
-    acc2 = tl.zeros((BM, BN, BW // 16, 16), dtype=tl.int32)
-    acc3 = tl.zeros((BM, BN, BW // 16, 16), dtype=tl.int32)
+    acc = tl.zeros((BM, BN, BW // 16, 16), dtype=tl.int32)
     xsum = tl.zeros((BM, 1, BW // 16, 16), dtype=tl.int32)
     ones = tl.full((BM, 1, BW // 16, 16), 0x01010101, dtype=tl.int32)
     # Out-of-range words read as code 1 (zero trit) in every byte.
@@ -119,22 +108,14 @@ def _gemv_kernel(A, P, C, XS, WS, BIAS, RES, M, N, XW, PW, stride_am, stride_pn,
             p_next = tl.load(p_ptrs + tl.minimum(w0 + BW, PW - BW))
         else:
             p_next = tl.load(p_ptrs + w0 + BW, mask=w0 + BW + word < PW, other=0x55555555)
-        xi = 4 * w0
-        acc0 = _dp4a(p & 0x03030303, tl.load(x_ptrs + xi, mask=(xi + x_word < XW) | EVEN, other=0), acc0, USE_ASM)
-        xi += 16
-        acc1 = _dp4a(p & 0x0C0C0C0C, tl.load(x_ptrs + xi, mask=(xi + x_word < XW) | EVEN, other=0), acc1, USE_ASM)
-        xi += 16
-        acc2 = _dp4a(p & 0x30303030, tl.load(x_ptrs + xi, mask=(xi + x_word < XW) | EVEN, other=0), acc2, USE_ASM)
-        xi += 16
-        acc3 = _dp4a(p & -0x3F3F3F40, tl.load(x_ptrs + xi, mask=(xi + x_word < XW) | EVEN, other=0), acc3,
-                     USE_ASM)  # -0x3F3F3F40 == 0xC0C0C0C0 as int32
         for i in tl.static_range(4):
-            xs = tl.load(xs_ptrs + 4 * w0 + 16 * i, mask=(4 * w0 + 16 * i + xs_word < XW) | EVEN, other=0)
+            xi = 4 * w0 + 16 * i
+            x = tl.load(x_ptrs + xi, mask=(xi + x_word < XW) | EVEN, other=0)
+            acc = _dp4a((p >> (2 * i)) & 0x03030303, x, acc, USE_ASM)
+            xs = tl.load(xs_ptrs + xi, mask=(xi + xs_word < XW) | EVEN, other=0)
             xsum = _dp4a(ones, xs, xsum, USE_ASM)
         p = p_next
-    # Every element of acc_i is a multiple of 4^i: the shifts are exact.
-    out = (_row_sums(acc0) + _row_sums(acc1 >> 2) + _row_sums(acc2 >> 4) + _row_sums(acc3 >> 6)
-           - _row_sums(xsum))
+    out = tl.sum(tl.sum(acc, axis=3), axis=2) - tl.sum(tl.sum(xsum, axis=3), axis=2)
     offs_m = tl.arange(0, BM)
     offs_n = pid_n * BN + tl.arange(0, BN)
     _epilogue(out, C, XS, WS, BIAS, RES, offs_m, offs_n, M, N, stride_cm, stride_rm,
@@ -230,12 +211,11 @@ def _split_k_workspace(device: torch.device, numel: int, tiles: int):
 def _gemv_configs(m: int):
     if tuning.interpreting():
         return [dict(kernel="gemv", BN=4, BW=32, num_warps=4)]
-    # (BN, BW, warps, stages). BN 16/32 tiles never won on the H100 with round 3's kernel
-    # (.notes/kernels.md); round 4 picked BN=8 (BW 64 or 128). Round 6 adds longer steps
-    # (BW 256/512: a program's row span requested at once, more bytes in flight per SM).
+    # (BN, BW, warps, stages). Round 4 picked BN=8 (BW 64 or 128). Round 6 (sweep_matmul.py) timed
+    # longer steps (BW 256/512, more bytes in flight) and 16-row tiles: none won at 8192^2 or
+    # 4096^2 (BW=512, a program's whole row span requested at once, was the slowest).
     shapes = [(4, 64, 4, 3), (8, 64, 4, 3), (4, 128, 4, 2), (8, 128, 8, 2), (4, 128, 8, 3), (2, 128, 4, 3),
-              (8, 128, 4, 3), (8, 256, 4, 2), (8, 512, 4, 2), (4, 256, 4, 2), (4, 512, 4, 2), (16, 128, 8, 2),
-              (16, 256, 8, 2), (8, 256, 8, 2), (2, 512, 2, 2)]
+              (8, 128, 4, 3), (16, 128, 8, 2)]
     if m > 4:  # BM x BN x BW accumulators: keep the register tile small
         shapes = [(2, 64, 4, 3), (4, 64, 8, 3), (2, 128, 8, 2), (1, 128, 4, 3)]
     return [dict(kernel="gemv", BN=bn, BW=bw, num_warps=w, num_stages=s) for bn, bw, w, s in shapes]
@@ -326,8 +306,7 @@ def ternary_matmul(a: torch.Tensor, wq: torch.Tensor, k: int, x_scale: Optional[
 
     a2 = a2.contiguous()
     aw = pw = None
-    gemv_ok = m <= GEMV_MAX_M and k < GEMV_MAX_K
-    if gemv_ok:
+    if m <= GEMV_MAX_M:
         # dp4a reads int32 words: whole words of activations
         aw = _as_words(torch.nn.functional.pad(a2, (0, 4 - k % 4)) if k % 4 else a2)
         pw = blocked.view(torch.int32)
@@ -355,7 +334,7 @@ def ternary_matmul(a: torch.Tensor, wq: torch.Tensor, k: int, x_scale: Optional[
             **cfg)
 
     # Tuning picks the kernel too: for 2 <= M <= GEMV_MAX_M both are candidates.
-    candidates = (_gemv_configs(m) if gemv_ok else []) + (_gemm_configs(m) if m > 1 or not gemv_ok else [])
+    candidates = (_gemv_configs(m) if m <= GEMV_MAX_M else []) + (_gemm_configs(m) if m > 1 else [])
     if tuning.interpreting():
         # No timing here: spread the CPU tests' M over every kernel variant instead.
         gemv = [c_ for c_ in candidates if c_["kernel"] == "gemv"]
