@@ -123,6 +123,13 @@ def _gemv_kernel(A, P, C, XS, WS, BIAS, RES, M, N, XW, PW, stride_am, stride_pn,
 
 
 @triton.jit
+def _fence(USE_ASM: tl.constexpr):
+    """A GPU-scope memory fence in every thread (the interpreter runs programs one by one)."""
+    if USE_ASM:
+        tl.inline_asm_elementwise("fence.acq_rel.gpu;", "=r", [], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
 def _mma(acc, w, a, SWAP: tl.constexpr):
     """acc += w @ a^T (trits as the left operand, acc is C^T) or a @ w^T."""
     if SWAP:
@@ -176,16 +183,23 @@ def _gemm_kernel(A, P, C, XS, WS, BIAS, RES, PARTIAL, COUNT, M, N, K, KPB, strid
     else:
         out = acc
     if SPLIT_K > 1:
-        # int32 sums are exact in any order: add into a zeroed workspace; the program that
-        # finishes last reads the total (leaving zeros for the next call) and runs the epilogue.
+        # Each program stores its partial tile (plain stores: per-element int32 atomics cost
+        # more than the split saved, round 6); the last of the SPLIT_K to arrive adds the
+        # others' partials to its own (exact in any order), resets the counter for the next
+        # call and runs the epilogue. Fences: release of this thread's stores before the
+        # arrival, acquire of the others' before reading them.
         tile = pid_n * tl.cdiv(M, BM) + pid_m
-        ws_ptrs = PARTIAL + tile * BN * BM + tl.arange(0, BM)[:, None] * BN + tl.arange(0, BN)[None, :]
-        tl.atomic_add(ws_ptrs, out, sem="relaxed")
+        at = tl.arange(0, BM)[:, None] * BN + tl.arange(0, BN)[None, :]
+        base = PARTIAL + tile.to(tl.int64) * (SPLIT_K * BM * BN)
+        tl.store(base + pid_k * (BM * BN) + at, out)
+        _fence(USE_ASM)
         tl.debug_barrier()
         done = tl.atomic_add(COUNT + tile, 1, sem="acq_rel")
         if done == SPLIT_K - 1:
-            out = tl.atomic_xchg(ws_ptrs, tl.zeros((BM, BN), dtype=tl.int32), sem="acq_rel")
-            tl.atomic_xchg(COUNT + tile, 0)
+            _fence(USE_ASM)
+            for s in tl.static_range(SPLIT_K):
+                out += tl.where(pid_k == s, 0, tl.load(base + s * (BM * BN) + at))
+            tl.store(COUNT + tile, 0)
             _epilogue(out, C, XS, WS, BIAS, RES, offs_m, offs_n, M, N, stride_cm, stride_rm,
                       EPILOGUE, PER_CHANNEL, HAS_BIAS, ACTIVATION, HAS_RES)
     else:
@@ -197,12 +211,12 @@ _workspaces: dict = {}
 
 
 def _split_k_workspace(device: torch.device, numel: int, tiles: int):
-    """Zeroed int32 partial sums and arrival counters, per device and stream (the kernel
-    leaves them zeroed; two streams must not share one)."""
+    """Partial sums and zeroed arrival counters, per device and stream (the kernel leaves the
+    counters zeroed; two streams must not share one)."""
     key = (device, torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0)
     ws = _workspaces.get(key)
     if ws is None or ws[0].numel() < numel or ws[1].numel() < tiles:
-        ws = (torch.zeros(max(numel, 1 << 16), device=device, dtype=torch.int32),
+        ws = (torch.empty(max(numel, 1 << 16), device=device, dtype=torch.int32),
               torch.zeros(max(tiles, 1024), device=device, dtype=torch.int32))
         _workspaces[key] = ws
     return ws
@@ -234,11 +248,12 @@ def _gemm_configs(m: int):
                   (32, 16, 1, 1, 2, 3)]
     elif m <= 256:
         # Round 6: one 4-warp program per SM (128 tiles at 8192^2) issues an instruction every
-        # 3.5 cycles (ncu); smaller tiles or 8 warps give each SM more warps. BN=256 and split-K
-        # lost (the int32 atomics of 128 x 8192 partial sums cost more than they hide).
+        # 3.5 cycles (ncu); smaller tiles, 8 warps or split-K give each SM more warps. BN=256
+        # tiles lost; split-K lost while it reduced with per-element atomics (64 vs 25 us).
         shapes = [(128, 64, 1, 1, 4, 3), (128, 128, 1, 1, 8, 3), (64, 64, 2, 1, 4, 3), (128, 64, 2, 0, 4, 3),
                   (128, 128, 1, 0, 8, 3), (64, 128, 2, 0, 4, 3), (128, 128, 2, 0, 8, 3), (64, 64, 1, 1, 4, 3),
-                  (128, 64, 1, 1, 8, 3), (64, 128, 1, 1, 4, 3), (64, 32, 1, 1, 4, 3)]
+                  (128, 64, 1, 1, 8, 3), (64, 128, 1, 1, 4, 3), (64, 32, 1, 1, 4, 3), (128, 64, 2, 1, 4, 3),
+                  (64, 64, 4, 1, 4, 3)]
     else:  # the 2-stage 128x128 tiles fit two programs per SM (registers and shared memory), so
         # one program's unpack can overlap the other's tensor-core work (Triton waits on each dot)
         shapes = [(128, 256, 1, 1, 8, 3), (256, 128, 1, 0, 8, 3), (128, 256, 1, 0, 8, 3), (128, 128, 1, 0, 8, 4),
@@ -322,11 +337,12 @@ def ternary_matmul(a: torch.Tensor, wq: torch.Tensor, k: int, x_scale: Optional[
                 **gemv_flags, **cfg)
         tiles = triton.cdiv(m, cfg["BM"]) * triton.cdiv(n, cfg["BN"])
         partial, count = c, c
+        partials = tiles * cfg["SPLIT_K"] * cfg["BM"] * cfg["BN"]
         if cfg["SPLIT_K"] > 1 and (wrap is not None or not keep):  # traced, a graph input cannot be a global buffer
-            partial = torch.zeros(tiles * cfg["BM"] * cfg["BN"], device=a.device, dtype=torch.int32)
+            partial = torch.empty(partials, device=a.device, dtype=torch.int32)
             count = torch.zeros(tiles, device=a.device, dtype=torch.int32)
         elif cfg["SPLIT_K"] > 1:
-            partial, count = _split_k_workspace(a.device, tiles * cfg["BM"] * cfg["BN"], tiles)
+            partial, count = _split_k_workspace(a.device, partials, tiles)
         gemm = wrap(_gemm_kernel) if wrap is not None else _gemm_kernel
         return gemm[(tiles, cfg["SPLIT_K"])](
             a2, blocked, c, *tail, partial, count, m, n, k, kpb, a2.stride(0), blocked.stride(0), c.stride(0),
