@@ -240,12 +240,12 @@ def _gemm_configs(m: int):
         return [dict(kernel="gemm", BN=16, BM=16, GROUP_N=4, SPLIT_K=sk, SWAP=sw, JOIN_K=jk, num_warps=4)
                 for sk, sw, jk in ((2, True, True), (1, False, False), (1, False, True), (2, True, False))]
     if m <= 32:  # (BN, BM, split, swap, warps, stages)
-        # Round 6 (sweep_matmul.py): wider tiles with deeper split-K lost (BN 128/256, split 8/16:
-        # 26-36 us vs 18 at 8192^2); narrower unsplit tiles are timed instead.
+        # Round 6 (sweep_matmul.py): with the atomic-free split-K reduction, BN=64 split 4 went
+        # from 20 to 13 us at 8192^2; deeper splits and BN=128 are timed again.
         shapes = [(64, 16, 4, 1, 4, 3), (64, 16, 2, 1, 4, 3), (32, 16, 4, 1, 4, 3), (32, 16, 1, 1, 4, 3),
                   (32, 16, 4, 0, 4, 3), (64, 16, 4, 0, 4, 3), (16, 16, 4, 0, 4, 3), (64, 32, 4, 1, 4, 3),
-                  (16, 16, 1, 1, 4, 3), (16, 16, 2, 1, 4, 3), (32, 16, 2, 1, 4, 3), (32, 16, 1, 0, 4, 3),
-                  (32, 16, 1, 1, 2, 3)]
+                  (32, 16, 1, 0, 4, 3), (64, 16, 8, 1, 4, 3), (128, 16, 4, 1, 4, 3), (128, 16, 8, 1, 4, 3),
+                  (32, 16, 8, 1, 4, 3)]
     elif m <= 256:
         # Round 6: one 4-warp program per SM (128 tiles at 8192^2) issues an instruction every
         # 3.5 cycles (ncu); smaller tiles, 8 warps or split-K give each SM more warps. BN=256
