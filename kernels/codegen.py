@@ -155,7 +155,7 @@ def ternary_mm_case(config: dict, m: int, n: int, k: int) -> tuple:
     scratch = "*i32" if cfg["SPLIT_K"] > 1 else "*bf16"
     args = dict(A="*i8", P="*u8", **pointers, PARTIAL=scratch, COUNT=scratch, M=m, N=n, K=k, KPB=kpb,
                 stride_am=k, stride_pn=kpb, stride_cm=n, stride_rm=n)
-    constexprs = dict(Q=QUARTER, EVEN_K=k % (4 * QUARTER) == 0, USE_ASM=True, **flags, **cfg)
+    constexprs = dict(Q=QUARTER, EVEN_K=k % (4 * QUARTER) == 0, USE_ASM=True, STORE_PARTIALS=True, **flags, **cfg)
     return tm._gemm_kernel, args, constexprs, warps, stages
 
 

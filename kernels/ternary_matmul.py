@@ -141,7 +141,8 @@ def _mma(acc, w, a, SWAP: tl.constexpr):
 @triton.jit
 def _gemm_kernel(A, P, C, XS, WS, BIAS, RES, PARTIAL, COUNT, M, N, K, KPB, stride_am, stride_pn, stride_cm,
                  stride_rm, BM: tl.constexpr, BN: tl.constexpr, GROUP_N: tl.constexpr, Q: tl.constexpr,
-                 SPLIT_K: tl.constexpr, SWAP: tl.constexpr, JOIN_K: tl.constexpr, EVEN_K: tl.constexpr,
+                 SPLIT_K: tl.constexpr, STORE_PARTIALS: tl.constexpr, SWAP: tl.constexpr, JOIN_K: tl.constexpr,
+                 EVEN_K: tl.constexpr,
                  USE_ASM: tl.constexpr, EPILOGUE: tl.constexpr,
                  PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, HAS_RES: tl.constexpr):
     # Grouped order over (weight row tiles, token tiles): GROUP_N weight tiles share L2.
@@ -183,22 +184,31 @@ def _gemm_kernel(A, P, C, XS, WS, BIAS, RES, PARTIAL, COUNT, M, N, K, KPB, strid
     else:
         out = acc
     if SPLIT_K > 1:
-        # Each program stores its partial tile (plain stores: per-element int32 atomics cost
-        # more than the split saved, round 6); the last of the SPLIT_K to arrive adds the
-        # others' partials to its own (exact in any order), resets the counter for the next
-        # call and runs the epilogue. Fences: release of this thread's stores before the
-        # arrival, acquire of the others' before reading them.
+        # The last of the SPLIT_K programs of a tile to arrive (acq_rel counter, which it resets
+        # for the next call) holds the total and runs the epilogue; int32 sums are exact in any
+        # order. STORE_PARTIALS: each program stores its partial tile and the last adds the
+        # others' (fences: release of this thread's stores before the arrival, acquire before
+        # reading); round 6: 20 -> 13 us at M=16, 8192^2, where per-element atomics into a
+        # zeroed tile cost more than the split saved. Traced launches (torch.compile) keep the
+        # atomics: the stored partials gave NaN under mode="reduce-overhead" (cause not found).
         tile = pid_n * tl.cdiv(M, BM) + pid_m
         at = tl.arange(0, BM)[:, None] * BN + tl.arange(0, BN)[None, :]
-        base = PARTIAL + tile.to(tl.int64) * (SPLIT_K * BM * BN)
-        tl.store(base + pid_k * (BM * BN) + at, out)
-        _fence(USE_ASM)
+        if STORE_PARTIALS:
+            base = PARTIAL + tile.to(tl.int64) * (SPLIT_K * BM * BN)
+            tl.store(base + pid_k * (BM * BN) + at, out)
+            _fence(USE_ASM)
+        else:
+            base = PARTIAL + tile.to(tl.int64) * (BM * BN)
+            tl.atomic_add(base + at, out, sem="relaxed")
         tl.debug_barrier()
         done = tl.atomic_add(COUNT + tile, 1, sem="acq_rel")
         if done == SPLIT_K - 1:
-            _fence(USE_ASM)
-            for s in tl.static_range(SPLIT_K):
-                out += tl.where(pid_k == s, 0, tl.load(base + s * (BM * BN) + at))
+            if STORE_PARTIALS:
+                _fence(USE_ASM)
+                for s in tl.static_range(SPLIT_K):
+                    out += tl.where(pid_k == s, 0, tl.load(base + s * (BM * BN) + at))
+            else:  # the total, leaving zeros for the next call
+                out = tl.atomic_xchg(base + at, tl.zeros((BM, BN), dtype=tl.int32), sem="acq_rel")
             tl.store(COUNT + tile, 0)
             _epilogue(out, C, XS, WS, BIAS, RES, offs_m, offs_n, M, N, stride_cm, stride_rm,
                       EPILOGUE, PER_CHANNEL, HAS_BIAS, ACTIVATION, HAS_RES)
@@ -211,12 +221,12 @@ _workspaces: dict = {}
 
 
 def _split_k_workspace(device: torch.device, numel: int, tiles: int):
-    """Partial sums and zeroed arrival counters, per device and stream (the kernel leaves the
-    counters zeroed; two streams must not share one)."""
+    """Zeroed partial sums and arrival counters, per device and stream (the kernel leaves them
+    zeroed; two streams must not share one)."""
     key = (device, torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0)
     ws = _workspaces.get(key)
     if ws is None or ws[0].numel() < numel or ws[1].numel() < tiles:
-        ws = (torch.empty(max(numel, 1 << 16), device=device, dtype=torch.int32),
+        ws = (torch.zeros(max(numel, 1 << 16), device=device, dtype=torch.int32),
               torch.zeros(max(tiles, 1024), device=device, dtype=torch.int32))
         _workspaces[key] = ws
     return ws
@@ -337,16 +347,18 @@ def ternary_matmul(a: torch.Tensor, wq: torch.Tensor, k: int, x_scale: Optional[
                 **gemv_flags, **cfg)
         tiles = triton.cdiv(m, cfg["BM"]) * triton.cdiv(n, cfg["BN"])
         partial, count = c, c
-        partials = tiles * cfg["SPLIT_K"] * cfg["BM"] * cfg["BN"]
+        store_partials = wrap is None  # see the kernel's split-K comment
+        partials = tiles * cfg["BM"] * cfg["BN"] * (cfg["SPLIT_K"] if store_partials else 1)
         if cfg["SPLIT_K"] > 1 and (wrap is not None or not keep):  # traced, a graph input cannot be a global buffer
-            partial = torch.empty(partials, device=a.device, dtype=torch.int32)
+            partial = torch.zeros(partials, device=a.device, dtype=torch.int32)
             count = torch.zeros(tiles, device=a.device, dtype=torch.int32)
         elif cfg["SPLIT_K"] > 1:
             partial, count = _split_k_workspace(a.device, partials, tiles)
         gemm = wrap(_gemm_kernel) if wrap is not None else _gemm_kernel
         return gemm[(tiles, cfg["SPLIT_K"])](
             a2, blocked, c, *tail, partial, count, m, n, k, kpb, a2.stride(0), blocked.stride(0), c.stride(0),
-            res.stride(0), Q=QUARTER, EVEN_K=k % (4 * QUARTER) == 0, USE_ASM=not tuning.interpreting(), **flags,
+            res.stride(0), STORE_PARTIALS=store_partials, Q=QUARTER, EVEN_K=k % (4 * QUARTER) == 0,
+            USE_ASM=not tuning.interpreting(), **flags,
             **cfg)
 
     # Tuning picks the kernel too: for 2 <= M <= GEMV_MAX_M both are candidates.
