@@ -205,6 +205,26 @@ def test_matmul_multi_block_exact(kernels, device, m, k):
     assert torch.equal(got.cpu(), ref.lowbit_matmul(a, wq, k))
 
 
+@pytest.mark.parametrize("traced", [False, True])
+def test_split_k_reductions_exact(kernels, device, traced, monkeypatch):
+    """Both split-K reductions: stored partials summed by the last program (untraced launches,
+    shared workspace) and atomics into a zeroed tile (launches traced by torch.compile; a
+    pass-through ``wrap`` selects it here). Two calls in a row with different inputs: the
+    arrival counters (and the atomic path's tile) must be left reset for the next call."""
+    tm, tuning = kernels.ternary_matmul, kernels.ternary_matmul.tuning
+    g = torch.Generator().manual_seed(7)
+    m, n, k = 20, 40, 1030  # several 256-trit blocks per split, a partial last block
+    wq, _ = ref.quantize_weights(torch.randn(n, k, generator=g))
+    split = [c for c in tm._gemm_configs(m) if c["SPLIT_K"] > 1]
+    assert split
+    for cfg in split:
+        monkeypatch.setattr(tuning, "choose", lambda *args, cfg=cfg: cfg)
+        for _ in range(2):
+            a = torch.randint(-128, 128, (m, k), dtype=torch.int8, generator=g)
+            got = tm.ternary_matmul(a.to(device), wq.to(device), k, wrap=(lambda f: f) if traced else None)
+            assert torch.equal(got.cpu(), ref.lowbit_matmul(a, wq, k)), cfg
+
+
 @given(n=dims, k=st.integers(1, 600), seed=st.integers(0, 2**16))
 def test_relayout_matches_reference(kernels, device, n, k, seed):
     from bitcompile.quant.packing import from_kblocked, to_kblocked
