@@ -43,10 +43,6 @@ def forced(cfg: dict):
         tuning.choose = choose
 
 
-def candidates(m: int) -> list[dict]:
-    return (tm._gemv_configs(m) if m <= tm.GEMV_MAX_M else []) + (tm._gemm_configs(m) if m > 1 else [])
-
-
 def label(cfg: dict) -> str:
     return ",".join(f"{k}={v}" for k, v in sorted(cfg.items()) if k != "kernel") + f" [{cfg['kernel']}]"
 
@@ -139,7 +135,7 @@ def sweep(m: int, n: int, k: int, smoke: bool, bandwidth: float) -> dict:
     want = ref.lowbit_matmul(xq, wq, k)
     shipped = tuning._load(tuning.gpu_name()).get(f"ternary_mm:{tuning.bucket(m)},{n},{k}")
     rows = []
-    for cfg in candidates(m):
+    for cfg in tm._candidates(m):
         with forced(cfg):
             try:
                 exact = torch.equal(tm.ternary_matmul(xq, blocked, k, layout="kblocked"), want)

@@ -276,6 +276,11 @@ def _gemm_configs(m: int):
             if not (jk and bm == 256 and not sw)]
 
 
+def _candidates(m: int) -> list[dict]:
+    """Every launch configuration tuning may pick at M rows: for 2 <= M <= GEMV_MAX_M both kernels."""
+    return (_gemv_configs(m) if m <= GEMV_MAX_M else []) + (_gemm_configs(m) if m > 1 else [])
+
+
 def _as_words(t: torch.Tensor) -> torch.Tensor:
     """An int8/uint8 [R, C] tensor (C % 4 == 0) viewed as int32 words [R, C / 4]."""
     try:
@@ -361,8 +366,7 @@ def ternary_matmul(a: torch.Tensor, wq: torch.Tensor, k: int, x_scale: Optional[
             USE_ASM=not tuning.interpreting(), **flags,
             **cfg)
 
-    # Tuning picks the kernel too: for 2 <= M <= GEMV_MAX_M both are candidates.
-    candidates = (_gemv_configs(m) if m <= GEMV_MAX_M else []) + (_gemm_configs(m) if m > 1 else [])
+    candidates = _candidates(m)
     if tuning.interpreting():
         # No timing here: spread the CPU tests' M over every kernel variant instead.
         gemv = [c_ for c_ in candidates if c_["kernel"] == "gemv"]

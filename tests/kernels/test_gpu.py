@@ -33,8 +33,7 @@ def test_every_matmul_config_exact(m, n, k, monkeypatch):
     wq, _ = ref.quantize_weights(torch.randn(n, k, device="cuda", generator=g))
     a = torch.randint(-128, 128, (m, k), dtype=torch.int8, device="cuda", generator=g)
     want = ref.lowbit_matmul(a, wq, k)
-    configs = (tm._gemv_configs(m) if m <= tm.GEMV_MAX_M else []) + (tm._gemm_configs(m) if m > 1 else [])
-    for cfg in configs:
+    for cfg in tm._candidates(m):
         monkeypatch.setattr(tuning, "choose", lambda *args, cfg=cfg: cfg)
         assert torch.equal(tm.ternary_matmul(a, wq, k), want), cfg
 
