@@ -69,8 +69,9 @@ def _dp4a(a, b, c, USE_ASM: tl.constexpr):
 
 
 @triton.jit
-def _gemv_kernel(A, P, C, XS, WS, BIAS, RES, M, N, XW, PW, stride_am, stride_pn, stride_cm, stride_rm,
-                 BM: tl.constexpr, BN: tl.constexpr, BW: tl.constexpr, EVEN: tl.constexpr, USE_ASM: tl.constexpr,
+def _gemv_kernel(A, P, C, XS, WS, BIAS, RES, PARTIAL, COUNT, M, N, XW, PW, stride_am, stride_pn, stride_cm,
+                 stride_rm, BM: tl.constexpr, BN: tl.constexpr, BW: tl.constexpr, SPLIT_K: tl.constexpr,
+                 STORE_PARTIALS: tl.constexpr, EVEN: tl.constexpr, USE_ASM: tl.constexpr,
                  EPILOGUE: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr,
                  ACTIVATION: tl.constexpr, HAS_RES: tl.constexpr):
     # A: int32 words of 4 int8 activations [M, XW]; P: int32 words of 4 K-blocked bytes
@@ -99,13 +100,23 @@ def _gemv_kernel(A, P, C, XS, WS, BIAS, RES, M, N, XW, PW, stride_am, stride_pn,
     acc = tl.zeros((BM, BN, BW // 16, 16), dtype=tl.int32)
     xsum = tl.zeros((BM, 1, BW // 16, 16), dtype=tl.int32)
     ones = tl.full((BM, 1, BW // 16, 16), 0x01010101, dtype=tl.int32)
+    # Split-K: program pid_k takes a run of whole steps, [w_lo, w_hi) (possibly empty). Each
+    # program is a chain of dependent steps (ncu, round 6: latency-bound, half the SMs' warp
+    # slots empty at 8192^2), so splitting shortens the chain and fills the machine.
+    pid_k = tl.program_id(1)
+    per_split = tl.cdiv(tl.cdiv(PW, BW), SPLIT_K) * BW
+    w_lo = pid_k * per_split
+    w_hi = min(PW, w_lo + per_split)
     # Out-of-range words read as code 1 (zero trit) in every byte.
-    p = tl.load(p_ptrs, mask=(word < PW) | EVEN, other=0x55555555)
-    for w0 in range(0, PW, BW):
+    if EVEN:
+        p = tl.load(p_ptrs + min(w_lo, PW - BW))
+    else:
+        p = tl.load(p_ptrs + w_lo, mask=w_lo + word < PW, other=0x55555555)
+    for w0 in range(w_lo, w_hi, BW):
         # The next step's weights are requested before this step's arithmetic (a register
         # double buffer), so each program has a DRAM load in flight while it computes.
         if EVEN:
-            p_next = tl.load(p_ptrs + tl.minimum(w0 + BW, PW - BW))
+            p_next = tl.load(p_ptrs + tl.minimum(w0 + BW, w_hi - BW))
         else:
             p_next = tl.load(p_ptrs + w0 + BW, mask=w0 + BW + word < PW, other=0x55555555)
         for i in tl.static_range(4):
@@ -118,8 +129,13 @@ def _gemv_kernel(A, P, C, XS, WS, BIAS, RES, M, N, XW, PW, stride_am, stride_pn,
     out = tl.sum(tl.sum(acc, axis=3), axis=2) - tl.sum(tl.sum(xsum, axis=3), axis=2)
     offs_m = tl.arange(0, BM)
     offs_n = pid_n * BN + tl.arange(0, BN)
-    _epilogue(out, C, XS, WS, BIAS, RES, offs_m, offs_n, M, N, stride_cm, stride_rm,
-              EPILOGUE, PER_CHANNEL, HAS_BIAS, ACTIVATION, HAS_RES)
+    if SPLIT_K > 1:
+        out, last = _split_k_total(out, PARTIAL, COUNT, pid_n, pid_k, BM, BN, SPLIT_K, STORE_PARTIALS, USE_ASM)
+    else:
+        last = True
+    if last:
+        _epilogue(out, C, XS, WS, BIAS, RES, offs_m, offs_n, M, N, stride_cm, stride_rm,
+                  EPILOGUE, PER_CHANNEL, HAS_BIAS, ACTIVATION, HAS_RES)
 
 
 @triton.jit
@@ -127,6 +143,37 @@ def _fence(USE_ASM: tl.constexpr):
     """A GPU-scope memory fence in every thread (the interpreter runs programs one by one)."""
     if USE_ASM:
         tl.inline_asm_elementwise("fence.acq_rel.gpu;", "=r", [], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def _split_k_total(out, PARTIAL, COUNT, tile, pid_k, BM: tl.constexpr, BN: tl.constexpr, SPLIT_K: tl.constexpr,
+                   STORE_PARTIALS: tl.constexpr, USE_ASM: tl.constexpr):
+    """``(total, last)``: the last of the SPLIT_K programs of ``tile`` to arrive (acq_rel
+    counter, which it resets for the next call) gets the tile's total; int32 sums are exact in
+    any order. STORE_PARTIALS: each program stores its partial tile and the last adds the
+    others' (fences: release of this thread's stores before the arrival, acquire before
+    reading); round 6: 20 -> 13 us at M=16, 8192^2, where per-element atomics into a zeroed
+    tile cost more than the split saved. Traced launches (torch.compile) keep the atomics:
+    the stored partials gave NaN under mode="reduce-overhead" (cause not found)."""
+    at = tl.arange(0, BM)[:, None] * BN + tl.arange(0, BN)[None, :]
+    if STORE_PARTIALS:
+        base = PARTIAL + tile.to(tl.int64) * (SPLIT_K * BM * BN)
+        tl.store(base + pid_k * (BM * BN) + at, out)
+        _fence(USE_ASM)
+    else:
+        base = PARTIAL + tile.to(tl.int64) * (BM * BN)
+        tl.atomic_add(base + at, out, sem="relaxed")
+    tl.debug_barrier()
+    done = tl.atomic_add(COUNT + tile, 1, sem="acq_rel")
+    if done == SPLIT_K - 1:
+        if STORE_PARTIALS:
+            _fence(USE_ASM)
+            for s in tl.static_range(SPLIT_K):
+                out += tl.where(pid_k == s, 0, tl.load(base + s * (BM * BN) + at))
+        else:  # the total, leaving zeros for the next call
+            out = tl.atomic_xchg(base + at, tl.zeros((BM, BN), dtype=tl.int32), sem="acq_rel")
+        tl.store(COUNT + tile, 0)
+    return out, done == SPLIT_K - 1
 
 
 @triton.jit
@@ -184,35 +231,11 @@ def _gemm_kernel(A, P, C, XS, WS, BIAS, RES, PARTIAL, COUNT, M, N, K, KPB, strid
     else:
         out = acc
     if SPLIT_K > 1:
-        # The last of the SPLIT_K programs of a tile to arrive (acq_rel counter, which it resets
-        # for the next call) holds the total and runs the epilogue; int32 sums are exact in any
-        # order. STORE_PARTIALS: each program stores its partial tile and the last adds the
-        # others' (fences: release of this thread's stores before the arrival, acquire before
-        # reading); round 6: 20 -> 13 us at M=16, 8192^2, where per-element atomics into a
-        # zeroed tile cost more than the split saved. Traced launches (torch.compile) keep the
-        # atomics: the stored partials gave NaN under mode="reduce-overhead" (cause not found).
-        tile = pid_n * tl.cdiv(M, BM) + pid_m
-        at = tl.arange(0, BM)[:, None] * BN + tl.arange(0, BN)[None, :]
-        if STORE_PARTIALS:
-            base = PARTIAL + tile.to(tl.int64) * (SPLIT_K * BM * BN)
-            tl.store(base + pid_k * (BM * BN) + at, out)
-            _fence(USE_ASM)
-        else:
-            base = PARTIAL + tile.to(tl.int64) * (BM * BN)
-            tl.atomic_add(base + at, out, sem="relaxed")
-        tl.debug_barrier()
-        done = tl.atomic_add(COUNT + tile, 1, sem="acq_rel")
-        if done == SPLIT_K - 1:
-            if STORE_PARTIALS:
-                _fence(USE_ASM)
-                for s in tl.static_range(SPLIT_K):
-                    out += tl.where(pid_k == s, 0, tl.load(base + s * (BM * BN) + at))
-            else:  # the total, leaving zeros for the next call
-                out = tl.atomic_xchg(base + at, tl.zeros((BM, BN), dtype=tl.int32), sem="acq_rel")
-            tl.store(COUNT + tile, 0)
-            _epilogue(out, C, XS, WS, BIAS, RES, offs_m, offs_n, M, N, stride_cm, stride_rm,
-                      EPILOGUE, PER_CHANNEL, HAS_BIAS, ACTIVATION, HAS_RES)
+        out, last = _split_k_total(out, PARTIAL, COUNT, pid_n * tl.cdiv(M, BM) + pid_m, pid_k, BM, BN, SPLIT_K,
+                                   STORE_PARTIALS, USE_ASM)
     else:
+        last = True
+    if last:
         _epilogue(out, C, XS, WS, BIAS, RES, offs_m, offs_n, M, N, stride_cm, stride_rm,
                   EPILOGUE, PER_CHANNEL, HAS_BIAS, ACTIVATION, HAS_RES)
 
@@ -233,16 +256,20 @@ def _split_k_workspace(device: torch.device, numel: int, tiles: int):
 
 
 def _gemv_configs(m: int):
-    if tuning.interpreting():
-        return [dict(kernel="gemv", BN=4, BW=32, num_warps=4)]
-    # (BN, BW, warps, stages). Round 4 picked BN=8 (BW 64 or 128). Round 6 (sweep_matmul.py) timed
-    # longer steps (BW 256/512, more bytes in flight) and 16-row tiles: none won at 8192^2 or
-    # 4096^2 (BW=512, a program's whole row span requested at once, was the slowest).
-    shapes = [(4, 64, 4, 3), (8, 64, 4, 3), (4, 128, 4, 2), (8, 128, 8, 2), (4, 128, 8, 3), (2, 128, 4, 3),
-              (8, 128, 4, 3), (16, 128, 8, 2)]
+    if tuning.interpreting():  # a split that does not divide the steps leaves a program empty
+        return [dict(kernel="gemv", BN=4, BW=32, SPLIT_K=sk, num_warps=4) for sk in (1, 3)]
+    # (BN, BW, split, warps, stages). Round 4 picked BN=8 (BW 64 or 128). Round 6 (sweep_matmul.py)
+    # timed longer steps (BW 256/512, more bytes in flight) and 16-row tiles: none won at 8192^2 or
+    # 4096^2 (BW=512, a program's whole row span requested at once, was the slowest). Split-K
+    # (round 7): shorter dependent chains per program, more programs in flight.
+    shapes = [(4, 64, 1, 4, 3), (8, 64, 1, 4, 3), (4, 128, 1, 4, 2), (8, 128, 1, 8, 2), (4, 128, 1, 8, 3),
+              (2, 128, 1, 4, 3), (8, 128, 1, 4, 3), (16, 128, 1, 8, 2), (8, 64, 2, 4, 3), (8, 64, 4, 4, 3),
+              (4, 64, 2, 4, 3), (4, 128, 2, 4, 2), (8, 128, 2, 4, 2), (8, 128, 2, 8, 2), (4, 128, 4, 4, 2),
+              (16, 128, 4, 8, 2)]
     if m > 4:  # BM x BN x BW accumulators: keep the register tile small
-        shapes = [(2, 64, 4, 3), (4, 64, 8, 3), (2, 128, 8, 2), (1, 128, 4, 3)]
-    return [dict(kernel="gemv", BN=bn, BW=bw, num_warps=w, num_stages=s) for bn, bw, w, s in shapes]
+        shapes = [(2, 64, 1, 4, 3), (4, 64, 1, 8, 3), (2, 128, 1, 8, 2), (1, 128, 1, 4, 3), (2, 64, 2, 4, 3),
+                  (4, 64, 2, 8, 3)]
+    return [dict(kernel="gemv", BN=bn, BW=bw, SPLIT_K=sk, num_warps=w, num_stages=s) for bn, bw, sk, w, s in shapes]
 
 
 def _gemm_configs(m: int):
@@ -255,7 +282,9 @@ def _gemm_configs(m: int):
         shapes = [(64, 16, 4, 1, 4, 3), (64, 16, 2, 1, 4, 3), (32, 16, 4, 1, 4, 3), (32, 16, 1, 1, 4, 3),
                   (32, 16, 4, 0, 4, 3), (64, 16, 4, 0, 4, 3), (16, 16, 4, 0, 4, 3), (64, 32, 4, 1, 4, 3),
                   (32, 16, 1, 0, 4, 3), (64, 16, 8, 1, 4, 3), (128, 16, 4, 1, 4, 3), (128, 16, 8, 1, 4, 3),
-                  (32, 16, 8, 1, 4, 3)]
+                  (32, 16, 8, 1, 4, 3),
+                  # round 7: deeper pipelines (more weight bytes in flight per program; 4-8 KB a stage)
+                  (64, 16, 4, 1, 4, 5), (64, 16, 2, 1, 4, 5), (64, 16, 8, 1, 4, 4), (32, 16, 4, 1, 4, 5)]
     elif m <= 256:
         # Round 6: one 4-warp program per SM (128 tiles at 8192^2) issues an instruction every
         # 3.5 cycles (ncu); smaller tiles, 8 warps or split-K give each SM more warps. BN=256
@@ -263,7 +292,7 @@ def _gemm_configs(m: int):
         shapes = [(128, 64, 1, 1, 4, 3), (128, 128, 1, 1, 8, 3), (64, 64, 2, 1, 4, 3), (128, 64, 2, 0, 4, 3),
                   (128, 128, 1, 0, 8, 3), (64, 128, 2, 0, 4, 3), (128, 128, 2, 0, 8, 3), (64, 64, 1, 1, 4, 3),
                   (128, 64, 1, 1, 8, 3), (64, 128, 1, 1, 4, 3), (64, 32, 1, 1, 4, 3), (128, 64, 2, 1, 4, 3),
-                  (64, 64, 4, 1, 4, 3)]
+                  (64, 64, 4, 1, 4, 3), (64, 64, 1, 1, 4, 4), (64, 64, 1, 1, 4, 5), (128, 64, 1, 1, 4, 4)]
     else:  # the 2-stage 128x128 tiles fit two programs per SM (registers and shared memory), so
         # one program's unpack can overlap the other's tensor-core work (Triton waits on each dot)
         shapes = [(128, 256, 1, 1, 8, 3), (256, 128, 1, 0, 8, 3), (128, 256, 1, 0, 8, 3), (128, 128, 1, 0, 8, 4),
@@ -342,36 +371,39 @@ def ternary_matmul(a: torch.Tensor, wq: torch.Tensor, k: int, x_scale: Optional[
         pw = blocked.view(torch.int32)
     gemv_flags = dict(BM=triton.next_power_of_2(m), USE_ASM=not tuning.interpreting())
 
+    def split_k_buffers(cfg, tiles, bm):
+        """Partial tiles and arrival counters for a split-K launch (unused otherwise)."""
+        if cfg["SPLIT_K"] == 1:
+            return c, c
+        store_partials = wrap is None  # see _split_k_total
+        numel = tiles * bm * cfg["BN"] * (cfg["SPLIT_K"] if store_partials else 1)
+        if wrap is not None or not keep:  # traced, a graph input cannot be a global buffer
+            return (torch.zeros(numel, device=a.device, dtype=torch.int32),
+                    torch.zeros(tiles, device=a.device, dtype=torch.int32))
+        return _split_k_workspace(a.device, numel, tiles)
+
     def launch(cfg):
-        cfg = dict(cfg)
+        cfg = {"SPLIT_K": 1, **cfg}  # GEMV entries tuned before GEMV split-K have none
         if cfg.pop("kernel") == "gemv":
+            tiles = triton.cdiv(n, cfg["BN"])
             gemv = wrap(_gemv_kernel) if wrap is not None else _gemv_kernel
-            return gemv[(triton.cdiv(n, cfg["BN"]),)](
-                aw, pw, c, *tail, m, n, aw.shape[1], pw.shape[1], aw.stride(0), pw.stride(0), c.stride(0),
-                res.stride(0), EVEN=pw.shape[1] % cfg["BW"] == 0 and aw.shape[1] == 4 * pw.shape[1], **flags,
-                **gemv_flags, **cfg)
+            return gemv[(tiles, cfg["SPLIT_K"])](
+                aw, pw, c, *tail, *split_k_buffers(cfg, tiles, gemv_flags["BM"]), m, n, aw.shape[1], pw.shape[1],
+                aw.stride(0), pw.stride(0), c.stride(0), res.stride(0), STORE_PARTIALS=wrap is None,
+                EVEN=pw.shape[1] % cfg["BW"] == 0 and aw.shape[1] == 4 * pw.shape[1], **flags, **gemv_flags, **cfg)
         tiles = triton.cdiv(m, cfg["BM"]) * triton.cdiv(n, cfg["BN"])
-        partial, count = c, c
-        store_partials = wrap is None  # see the kernel's split-K comment
-        partials = tiles * cfg["BM"] * cfg["BN"] * (cfg["SPLIT_K"] if store_partials else 1)
-        if cfg["SPLIT_K"] > 1 and (wrap is not None or not keep):  # traced, a graph input cannot be a global buffer
-            partial = torch.zeros(partials, device=a.device, dtype=torch.int32)
-            count = torch.zeros(tiles, device=a.device, dtype=torch.int32)
-        elif cfg["SPLIT_K"] > 1:
-            partial, count = _split_k_workspace(a.device, partials, tiles)
         gemm = wrap(_gemm_kernel) if wrap is not None else _gemm_kernel
         return gemm[(tiles, cfg["SPLIT_K"])](
-            a2, blocked, c, *tail, partial, count, m, n, k, kpb, a2.stride(0), blocked.stride(0), c.stride(0),
-            res.stride(0), STORE_PARTIALS=store_partials, Q=QUARTER, EVEN_K=k % (4 * QUARTER) == 0,
-            USE_ASM=not tuning.interpreting(), **flags,
-            **cfg)
+            a2, blocked, c, *tail, *split_k_buffers(cfg, tiles, cfg["BM"]), m, n, k, kpb, a2.stride(0),
+            blocked.stride(0), c.stride(0), res.stride(0), STORE_PARTIALS=wrap is None, Q=QUARTER,
+            EVEN_K=k % (4 * QUARTER) == 0, USE_ASM=not tuning.interpreting(), **flags, **cfg)
 
     candidates = _candidates(m)
     if tuning.interpreting():
         # No timing here: spread the CPU tests' M over every kernel variant instead.
         gemv = [c_ for c_ in candidates if c_["kernel"] == "gemv"]
         gemm = [c_ for c_ in candidates if c_["kernel"] == "gemm"]
-        candidates = gemv if gemv and (m <= 4 or m % 2 == 0) else [gemm[m % len(gemm)]]
+        candidates = [gemv[m.bit_length() % len(gemv)] if gemv and (m <= 4 or m % 2 == 0) else gemm[m % len(gemm)]]
     key = (tuning.bucket(m), n, k)
     if wrap is not None and not tuning.cached("ternary_mm", key, candidates):
         # Traced tensors cannot be timed: tune on real stand-ins of the same shapes first.
