@@ -145,15 +145,15 @@ def ternary_mm_case(config: dict, m: int, n: int, k: int) -> tuple:
     flags = dict(EPILOGUE=True, PER_CHANNEL=False, HAS_BIAS=False, ACTIVATION=0, HAS_RES=False)
     pointers = dict(C="*bf16", XS="*fp32", WS="*fp32", BIAS="*bf16", RES="*bf16")
     kpb = kblocked_columns(k)
-    cfg.setdefault("SPLIT_K", 1)
-    scratch = "*i32" if cfg["SPLIT_K"] > 1 else "*bf16"
     if kind == "gemv":
         xw, pw = -(-k // 4), kpb // 4
-        args = dict(A="*i32", P="*i32", **pointers, PARTIAL=scratch, COUNT=scratch, M=m, N=n, XW=xw, PW=pw,
-                    stride_am=xw, stride_pn=pw, stride_cm=n, stride_rm=n)
+        args = dict(A="*i32", P="*i32", **pointers, M=m, N=n, XW=xw, PW=pw, stride_am=xw, stride_pn=pw,
+                    stride_cm=n, stride_rm=n)
         even = pw % cfg["BW"] == 0 and xw == 4 * pw
-        return (tm._gemv_kernel, args, dict(BM=triton.next_power_of_2(m), EVEN=even, USE_ASM=True,
-                                            STORE_PARTIALS=True, **flags, **cfg), warps, stages)
+        cfg.pop("PERSIST", None)  # the grid, not a kernel argument
+        return (tm._gemv_kernel, args, dict(BM=triton.next_power_of_2(m), EVEN=even, USE_ASM=True, **flags, **cfg),
+                warps, stages)
+    scratch = "*i32" if cfg["SPLIT_K"] > 1 else "*bf16"
     args = dict(A="*i8", P="*u8", **pointers, PARTIAL=scratch, COUNT=scratch, M=m, N=n, K=k, KPB=kpb,
                 stride_am=k, stride_pn=kpb, stride_cm=n, stride_rm=n)
     constexprs = dict(Q=QUARTER, EVEN_K=k % (4 * QUARTER) == 0, USE_ASM=True, STORE_PARTIALS=True, **flags, **cfg)

@@ -18,6 +18,7 @@ optional residual add, and the cast to the output dtype, in the reference's orde
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable, Optional
 
 import torch
@@ -69,9 +70,8 @@ def _dp4a(a, b, c, USE_ASM: tl.constexpr):
 
 
 @triton.jit
-def _gemv_kernel(A, P, C, XS, WS, BIAS, RES, PARTIAL, COUNT, M, N, XW, PW, stride_am, stride_pn, stride_cm,
-                 stride_rm, BM: tl.constexpr, BN: tl.constexpr, BW: tl.constexpr, SPLIT_K: tl.constexpr,
-                 STORE_PARTIALS: tl.constexpr, EVEN: tl.constexpr, USE_ASM: tl.constexpr,
+def _gemv_kernel(A, P, C, XS, WS, BIAS, RES, M, N, XW, PW, stride_am, stride_pn, stride_cm, stride_rm,
+                 BM: tl.constexpr, BN: tl.constexpr, BW: tl.constexpr, EVEN: tl.constexpr, USE_ASM: tl.constexpr,
                  EPILOGUE: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr,
                  ACTIVATION: tl.constexpr, HAS_RES: tl.constexpr):
     # A: int32 words of 4 int8 activations [M, XW]; P: int32 words of 4 K-blocked bytes
@@ -82,17 +82,21 @@ def _gemv_kernel(A, P, C, XS, WS, BIAS, RES, PARTIAL, COUNT, M, N, XW, PW, strid
     # over the other operand's axis; L1 serves the repeats): a [BN, ..] weight tile met with
     # a [BM, ..] activation tile made Triton move the codes through shared memory, with a
     # barrier, four times per step (SASS; benchmarks/inspect_kernels.py).
-    pid_n = tl.program_id(0)
+    # Program pid takes row tiles pid, pid + programs, ... (one each, or several when the grid
+    # is a few programs per SM) as one run of steps: the next step's weights, the next tile's
+    # first included, are requested before this step's arithmetic (a register double buffer),
+    # so a DRAM load is in flight while it computes.
+    pid = tl.program_id(0)
+    programs = tl.num_programs(0)
+    steps = tl.cdiv(PW, BW)
+    last_tile = pid + (tl.cdiv(tl.cdiv(N, BN) - pid, programs) - 1) * programs
     m4 = tl.arange(0, BM)[:, None, None, None]
-    n4 = (pid_n * BN + tl.arange(0, BN))[None, :, None, None]
+    n4 = tl.arange(0, BN)[None, :, None, None]
     b4 = tl.arange(0, BW // 16)[None, None, :, None]
     q4 = tl.arange(0, 16)[None, None, None, :]
     full = 0 * m4 + 0 * n4  # [BM, BN, 1, 1] zeros: broadcasts an index to the full tile shape
     word = b4 * 16 + q4 + full  # word within the tile
     x_word = b4 * 64 + q4 + full  # its activation word for shift 0
-    # Rows past N / M read a valid row (never stored); with EVEN (whole steps, no partial
-    # words) no load needs a mask, and the last step's prefetch re-reads its own tile.
-    p_ptrs = P + (n4 % N).to(tl.int64) * stride_pn + word
     x_ptrs = A + (m4 % M) * stride_am + x_word
     # sum(x) per row, for sum(trit * x) = sum(code * x) - sum(x): from a [BM, ..] tile, once.
     xs_word = b4 * 64 + q4 + 0 * m4
@@ -100,42 +104,36 @@ def _gemv_kernel(A, P, C, XS, WS, BIAS, RES, PARTIAL, COUNT, M, N, XW, PW, strid
     acc = tl.zeros((BM, BN, BW // 16, 16), dtype=tl.int32)
     xsum = tl.zeros((BM, 1, BW // 16, 16), dtype=tl.int32)
     ones = tl.full((BM, 1, BW // 16, 16), 0x01010101, dtype=tl.int32)
-    # Split-K: program pid_k takes a run of whole steps, [w_lo, w_hi) (possibly empty). Each
-    # program is a chain of dependent steps (ncu, round 6: latency-bound, half the SMs' warp
-    # slots empty at 8192^2), so splitting shortens the chain and fills the machine.
-    pid_k = tl.program_id(1)
-    per_split = tl.cdiv(tl.cdiv(PW, BW), SPLIT_K) * BW
-    w_lo = pid_k * per_split
-    w_hi = min(PW, w_lo + per_split)
-    # Out-of-range words read as code 1 (zero trit) in every byte.
-    if EVEN:
-        p = tl.load(p_ptrs + min(w_lo, PW - BW))
-    else:
-        p = tl.load(p_ptrs + w_lo, mask=w_lo + word < PW, other=0x55555555)
-    for w0 in range(w_lo, w_hi, BW):
-        # The next step's weights are requested before this step's arithmetic (a register
-        # double buffer), so each program has a DRAM load in flight while it computes.
-        if EVEN:
-            p_next = tl.load(p_ptrs + tl.minimum(w0 + BW, w_hi - BW))
-        else:
-            p_next = tl.load(p_ptrs + w0 + BW, mask=w0 + BW + word < PW, other=0x55555555)
+    # Rows past N read a valid row (never stored); with EVEN (whole steps, no partial words)
+    # no load needs a mask. Out-of-range words read as code 1 (zero trit) in every byte.
+    tile = pid
+    w0 = 0
+    p_ptrs = P + ((tile * BN + n4) % N).to(tl.int64) * stride_pn + word
+    p = tl.load(p_ptrs, mask=(word < PW) | EVEN, other=0x55555555)
+    for _ in range(0, (last_tile - pid) // programs * steps + steps):
+        if w0 + BW < PW:
+            next_w0 = w0 + BW
+            next_ptrs = p_ptrs + BW
+        else:  # the next tile's first step (the last tile re-reads its own: valid, never used)
+            next_w0 = 0
+            next_ptrs = P + ((min(tile + programs, last_tile) * BN + n4) % N).to(tl.int64) * stride_pn + word
+        p_next = tl.load(next_ptrs, mask=(next_w0 + word < PW) | EVEN, other=0x55555555)
         for i in tl.static_range(4):
             xi = 4 * w0 + 16 * i
             x = tl.load(x_ptrs + xi, mask=(xi + x_word < XW) | EVEN, other=0)
             acc = _dp4a((p >> (2 * i)) & 0x03030303, x, acc, USE_ASM)
             xs = tl.load(xs_ptrs + xi, mask=(xi + xs_word < XW) | EVEN, other=0)
             xsum = _dp4a(ones, xs, xsum, USE_ASM)
+        if next_w0 == 0:  # the tile's rows are done
+            out = tl.sum(tl.sum(acc, axis=3), axis=2) - tl.sum(tl.sum(xsum, axis=3), axis=2)
+            _epilogue(out, C, XS, WS, BIAS, RES, tl.arange(0, BM), tile * BN + tl.arange(0, BN), M, N, stride_cm,
+                      stride_rm, EPILOGUE, PER_CHANNEL, HAS_BIAS, ACTIVATION, HAS_RES)
+            acc = tl.zeros((BM, BN, BW // 16, 16), dtype=tl.int32)
+            xsum = tl.zeros((BM, 1, BW // 16, 16), dtype=tl.int32)
+            tile += programs
+        w0 = next_w0
+        p_ptrs = next_ptrs
         p = p_next
-    out = tl.sum(tl.sum(acc, axis=3), axis=2) - tl.sum(tl.sum(xsum, axis=3), axis=2)
-    offs_m = tl.arange(0, BM)
-    offs_n = pid_n * BN + tl.arange(0, BN)
-    if SPLIT_K > 1:
-        out, last = _split_k_total(out, PARTIAL, COUNT, pid_n, pid_k, BM, BN, SPLIT_K, STORE_PARTIALS, USE_ASM)
-    else:
-        last = True
-    if last:
-        _epilogue(out, C, XS, WS, BIAS, RES, offs_m, offs_n, M, N, stride_cm, stride_rm,
-                  EPILOGUE, PER_CHANNEL, HAS_BIAS, ACTIVATION, HAS_RES)
 
 
 @triton.jit
@@ -243,6 +241,11 @@ def _gemm_kernel(A, P, C, XS, WS, BIAS, RES, PARTIAL, COUNT, M, N, K, KPB, strid
 _workspaces: dict = {}
 
 
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+
+
 def _split_k_workspace(device: torch.device, numel: int, tiles: int):
     """Zeroed partial sums and arrival counters, per device and stream (the kernel leaves them
     zeroed; two streams must not share one)."""
@@ -256,20 +259,22 @@ def _split_k_workspace(device: torch.device, numel: int, tiles: int):
 
 
 def _gemv_configs(m: int):
-    if tuning.interpreting():  # a split that does not divide the steps leaves a program empty
-        return [dict(kernel="gemv", BN=4, BW=32, SPLIT_K=sk, num_warps=4) for sk in (1, 3)]
-    # (BN, BW, split, warps, stages). Round 4 picked BN=8 (BW 64 or 128). Round 6 (sweep_matmul.py)
-    # timed longer steps (BW 256/512, more bytes in flight) and 16-row tiles: none won at 8192^2 or
-    # 4096^2 (BW=512, a program's whole row span requested at once, was the slowest). Split-K
-    # (round 7): shorter dependent chains per program, more programs in flight.
-    shapes = [(4, 64, 1, 4, 3), (8, 64, 1, 4, 3), (4, 128, 1, 4, 2), (8, 128, 1, 8, 2), (4, 128, 1, 8, 3),
-              (2, 128, 1, 4, 3), (8, 128, 1, 4, 3), (16, 128, 1, 8, 2), (8, 64, 2, 4, 3), (8, 64, 4, 4, 3),
-              (4, 64, 2, 4, 3), (4, 128, 2, 4, 2), (8, 128, 2, 4, 2), (8, 128, 2, 8, 2), (4, 128, 4, 4, 2),
-              (16, 128, 4, 8, 2)]
+    if tuning.interpreting():  # one tile per program, and two programs striding over the tiles
+        return [dict(kernel="gemv", BN=4, BW=32, PERSIST=p, num_warps=4) for p in (0, 2)]
+    # (BN, BW, warps, stages). Round 4 picked BN=8 (BW 64 or 128). Round 6 (sweep_matmul.py) timed
+    # longer steps (BW 256/512, more bytes in flight) and 16-row tiles: none won at 8192^2 or
+    # 4096^2 (BW=512, a program's whole row span requested at once, was the slowest). Round 7:
+    # split-K (a last-arriver sum as in the GEMM) lost at every M=1 shape (14.6 vs 9.9 us).
+    shapes = [(4, 64, 4, 3), (8, 64, 4, 3), (4, 128, 4, 2), (8, 128, 8, 2), (4, 128, 8, 3), (2, 128, 4, 3),
+              (8, 128, 4, 3), (16, 128, 8, 2)]
     if m > 4:  # BM x BN x BW accumulators: keep the register tile small
-        shapes = [(2, 64, 1, 4, 3), (4, 64, 1, 8, 3), (2, 128, 1, 8, 2), (1, 128, 1, 4, 3), (2, 64, 2, 4, 3),
-                  (4, 64, 2, 8, 3)]
-    return [dict(kernel="gemv", BN=bn, BW=bw, SPLIT_K=sk, num_warps=w, num_stages=s) for bn, bw, sk, w, s in shapes]
+        shapes = [(2, 64, 4, 3), (4, 64, 8, 3), (2, 128, 8, 2), (1, 128, 4, 3)]
+    configs = [dict(kernel="gemv", BN=bn, BW=bw, PERSIST=0, num_warps=w, num_stages=s)
+               for bn, bw, w, s in shapes]
+    if m <= 4:  # round 7: persistent programs (PERSIST per SM)
+        configs += [dict(kernel="gemv", BN=bn, BW=bw, PERSIST=p, num_warps=w, num_stages=2)
+                    for bn, bw, w in ((4, 128, 4), (8, 64, 4), (4, 64, 4), (8, 128, 8)) for p in (4, 8, 12)]
+    return configs
 
 
 def _gemm_configs(m: int):
@@ -371,30 +376,31 @@ def ternary_matmul(a: torch.Tensor, wq: torch.Tensor, k: int, x_scale: Optional[
         pw = blocked.view(torch.int32)
     gemv_flags = dict(BM=triton.next_power_of_2(m), USE_ASM=not tuning.interpreting())
 
-    def split_k_buffers(cfg, tiles, bm):
+    def split_k_buffers(cfg, tiles):
         """Partial tiles and arrival counters for a split-K launch (unused otherwise)."""
         if cfg["SPLIT_K"] == 1:
             return c, c
         store_partials = wrap is None  # see _split_k_total
-        numel = tiles * bm * cfg["BN"] * (cfg["SPLIT_K"] if store_partials else 1)
+        numel = tiles * cfg["BM"] * cfg["BN"] * (cfg["SPLIT_K"] if store_partials else 1)
         if wrap is not None or not keep:  # traced, a graph input cannot be a global buffer
             return (torch.zeros(numel, device=a.device, dtype=torch.int32),
                     torch.zeros(tiles, device=a.device, dtype=torch.int32))
         return _split_k_workspace(a.device, numel, tiles)
 
     def launch(cfg):
-        cfg = {"SPLIT_K": 1, **cfg}  # GEMV entries tuned before GEMV split-K have none
+        cfg = dict(cfg)
         if cfg.pop("kernel") == "gemv":
             tiles = triton.cdiv(n, cfg["BN"])
+            per_sm = cfg.pop("PERSIST", 0)  # programs per SM; 0: one per row tile
             gemv = wrap(_gemv_kernel) if wrap is not None else _gemv_kernel
-            return gemv[(tiles, cfg["SPLIT_K"])](
-                aw, pw, c, *tail, *split_k_buffers(cfg, tiles, gemv_flags["BM"]), m, n, aw.shape[1], pw.shape[1],
-                aw.stride(0), pw.stride(0), c.stride(0), res.stride(0), STORE_PARTIALS=wrap is None,
-                EVEN=pw.shape[1] % cfg["BW"] == 0 and aw.shape[1] == 4 * pw.shape[1], **flags, **gemv_flags, **cfg)
+            return gemv[(min(tiles, per_sm * _sm_count(a.device)) if per_sm else tiles,)](
+                aw, pw, c, *tail, m, n, aw.shape[1], pw.shape[1], aw.stride(0), pw.stride(0), c.stride(0),
+                res.stride(0), EVEN=pw.shape[1] % cfg["BW"] == 0 and aw.shape[1] == 4 * pw.shape[1], **flags,
+                **gemv_flags, **cfg)
         tiles = triton.cdiv(m, cfg["BM"]) * triton.cdiv(n, cfg["BN"])
         gemm = wrap(_gemm_kernel) if wrap is not None else _gemm_kernel
         return gemm[(tiles, cfg["SPLIT_K"])](
-            a2, blocked, c, *tail, *split_k_buffers(cfg, tiles, cfg["BM"]), m, n, k, kpb, a2.stride(0),
+            a2, blocked, c, *tail, *split_k_buffers(cfg, tiles), m, n, k, kpb, a2.stride(0),
             blocked.stride(0), c.stride(0), res.stride(0), STORE_PARTIALS=wrap is None, Q=QUARTER,
             EVEN_K=k % (4 * QUARTER) == 0, USE_ASM=not tuning.interpreting(), **flags, **cfg)
 

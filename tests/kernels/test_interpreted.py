@@ -206,18 +206,16 @@ def test_matmul_multi_block_exact(kernels, device, m, k):
 
 
 @pytest.mark.parametrize("traced", [False, True])
-@pytest.mark.parametrize("m", [3, 20])  # the GEMV, the GEMM
-def test_split_k_reductions_exact(kernels, device, traced, m, monkeypatch):
+def test_split_k_reductions_exact(kernels, device, traced, monkeypatch):
     """Both split-K reductions: stored partials summed by the last program (untraced launches,
     shared workspace) and atomics into a zeroed tile (launches traced by torch.compile; a
     pass-through ``wrap`` selects it here). Two calls in a row with different inputs: the
     arrival counters (and the atomic path's tile) must be left reset for the next call."""
     tm, tuning = kernels.ternary_matmul, kernels.ternary_matmul.tuning
     g = torch.Generator().manual_seed(7)
-    n, k = 40, 1030  # several 256-trit blocks per split, a partial last block
+    m, n, k = 20, 40, 1030  # several 256-trit blocks per split, a partial last block
     wq, _ = ref.quantize_weights(torch.randn(n, k, generator=g))
-    kind = "gemv" if m <= tm.GEMV_MAX_M else "gemm"
-    split = [c for c in tm._candidates(m) if c["kernel"] == kind and c["SPLIT_K"] > 1]
+    split = [c for c in tm._gemm_configs(m) if c["SPLIT_K"] > 1]
     assert split
     for cfg in split:
         monkeypatch.setattr(tuning, "choose", lambda *args, cfg=cfg: cfg)
