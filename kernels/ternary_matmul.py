@@ -18,7 +18,6 @@ optional residual add, and the cast to the output dtype, in the reference's orde
 """
 from __future__ import annotations
 
-import functools
 from typing import Callable, Optional
 
 import torch
@@ -82,21 +81,17 @@ def _gemv_kernel(A, P, C, XS, WS, BIAS, RES, M, N, XW, PW, stride_am, stride_pn,
     # over the other operand's axis; L1 serves the repeats): a [BN, ..] weight tile met with
     # a [BM, ..] activation tile made Triton move the codes through shared memory, with a
     # barrier, four times per step (SASS; benchmarks/inspect_kernels.py).
-    # Program pid takes row tiles pid, pid + programs, ... (one each, or several when the grid
-    # is a few programs per SM) as one run of steps: the next step's weights, the next tile's
-    # first included, are requested before this step's arithmetic (a register double buffer),
-    # so a DRAM load is in flight while it computes.
-    pid = tl.program_id(0)
-    programs = tl.num_programs(0)
-    steps = tl.cdiv(PW, BW)
-    last_tile = pid + (tl.cdiv(tl.cdiv(N, BN) - pid, programs) - 1) * programs
+    pid_n = tl.program_id(0)
     m4 = tl.arange(0, BM)[:, None, None, None]
-    n4 = tl.arange(0, BN)[None, :, None, None]
+    n4 = (pid_n * BN + tl.arange(0, BN))[None, :, None, None]
     b4 = tl.arange(0, BW // 16)[None, None, :, None]
     q4 = tl.arange(0, 16)[None, None, None, :]
     full = 0 * m4 + 0 * n4  # [BM, BN, 1, 1] zeros: broadcasts an index to the full tile shape
     word = b4 * 16 + q4 + full  # word within the tile
     x_word = b4 * 64 + q4 + full  # its activation word for shift 0
+    # Rows past N / M read a valid row (never stored); with EVEN (whole steps, no partial
+    # words) no load needs a mask, and the last step's prefetch re-reads its own tile.
+    p_ptrs = P + (n4 % N).to(tl.int64) * stride_pn + word
     x_ptrs = A + (m4 % M) * stride_am + x_word
     # sum(x) per row, for sum(trit * x) = sum(code * x) - sum(x): from a [BM, ..] tile, once.
     xs_word = b4 * 64 + q4 + 0 * m4
@@ -104,36 +99,27 @@ def _gemv_kernel(A, P, C, XS, WS, BIAS, RES, M, N, XW, PW, stride_am, stride_pn,
     acc = tl.zeros((BM, BN, BW // 16, 16), dtype=tl.int32)
     xsum = tl.zeros((BM, 1, BW // 16, 16), dtype=tl.int32)
     ones = tl.full((BM, 1, BW // 16, 16), 0x01010101, dtype=tl.int32)
-    # Rows past N read a valid row (never stored); with EVEN (whole steps, no partial words)
-    # no load needs a mask. Out-of-range words read as code 1 (zero trit) in every byte.
-    tile = pid
-    w0 = 0
-    p_ptrs = P + ((tile * BN + n4) % N).to(tl.int64) * stride_pn + word
+    # Out-of-range words read as code 1 (zero trit) in every byte.
     p = tl.load(p_ptrs, mask=(word < PW) | EVEN, other=0x55555555)
-    for _ in range(0, (last_tile - pid) // programs * steps + steps):
-        if w0 + BW < PW:
-            next_w0 = w0 + BW
-            next_ptrs = p_ptrs + BW
-        else:  # the next tile's first step (the last tile re-reads its own: valid, never used)
-            next_w0 = 0
-            next_ptrs = P + ((min(tile + programs, last_tile) * BN + n4) % N).to(tl.int64) * stride_pn + word
-        p_next = tl.load(next_ptrs, mask=(next_w0 + word < PW) | EVEN, other=0x55555555)
+    for w0 in range(0, PW, BW):
+        # The next step's weights are requested before this step's arithmetic (a register
+        # double buffer), so each program has a DRAM load in flight while it computes.
+        if EVEN:
+            p_next = tl.load(p_ptrs + tl.minimum(w0 + BW, PW - BW))
+        else:
+            p_next = tl.load(p_ptrs + w0 + BW, mask=w0 + BW + word < PW, other=0x55555555)
         for i in tl.static_range(4):
             xi = 4 * w0 + 16 * i
             x = tl.load(x_ptrs + xi, mask=(xi + x_word < XW) | EVEN, other=0)
             acc = _dp4a((p >> (2 * i)) & 0x03030303, x, acc, USE_ASM)
             xs = tl.load(xs_ptrs + xi, mask=(xi + xs_word < XW) | EVEN, other=0)
             xsum = _dp4a(ones, xs, xsum, USE_ASM)
-        if next_w0 == 0:  # the tile's rows are done
-            out = tl.sum(tl.sum(acc, axis=3), axis=2) - tl.sum(tl.sum(xsum, axis=3), axis=2)
-            _epilogue(out, C, XS, WS, BIAS, RES, tl.arange(0, BM), tile * BN + tl.arange(0, BN), M, N, stride_cm,
-                      stride_rm, EPILOGUE, PER_CHANNEL, HAS_BIAS, ACTIVATION, HAS_RES)
-            acc = tl.zeros((BM, BN, BW // 16, 16), dtype=tl.int32)
-            xsum = tl.zeros((BM, 1, BW // 16, 16), dtype=tl.int32)
-            tile += programs
-        w0 = next_w0
-        p_ptrs = next_ptrs
         p = p_next
+    out = tl.sum(tl.sum(acc, axis=3), axis=2) - tl.sum(tl.sum(xsum, axis=3), axis=2)
+    offs_m = tl.arange(0, BM)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    _epilogue(out, C, XS, WS, BIAS, RES, offs_m, offs_n, M, N, stride_cm, stride_rm,
+              EPILOGUE, PER_CHANNEL, HAS_BIAS, ACTIVATION, HAS_RES)
 
 
 @triton.jit
@@ -241,11 +227,6 @@ def _gemm_kernel(A, P, C, XS, WS, BIAS, RES, PARTIAL, COUNT, M, N, K, KPB, strid
 _workspaces: dict = {}
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
-
-
 def _split_k_workspace(device: torch.device, numel: int, tiles: int):
     """Zeroed partial sums and arrival counters, per device and stream (the kernel leaves them
     zeroed; two streams must not share one)."""
@@ -259,22 +240,19 @@ def _split_k_workspace(device: torch.device, numel: int, tiles: int):
 
 
 def _gemv_configs(m: int):
-    if tuning.interpreting():  # one tile per program, and two programs striding over the tiles
-        return [dict(kernel="gemv", BN=4, BW=32, PERSIST=p, num_warps=4) for p in (0, 2)]
+    if tuning.interpreting():
+        return [dict(kernel="gemv", BN=4, BW=32, num_warps=4)]
     # (BN, BW, warps, stages). Round 4 picked BN=8 (BW 64 or 128). Round 6 (sweep_matmul.py) timed
     # longer steps (BW 256/512, more bytes in flight) and 16-row tiles: none won at 8192^2 or
-    # 4096^2 (BW=512, a program's whole row span requested at once, was the slowest). Round 7:
-    # split-K (a last-arriver sum as in the GEMM) lost at every M=1 shape (14.6 vs 9.9 us).
+    # 4096^2 (BW=512, a program's whole row span requested at once, was the slowest). Round 7
+    # refuted split-K (a last-arriver sum as in the GEMM: 14.6 vs 9.9 us at 8192^2) and
+    # persistent programs striding over row tiles (10.7 us; the loop's tile bookkeeping cost
+    # 8 registers, so 12 instead of 16 programs fit an SM).
     shapes = [(4, 64, 4, 3), (8, 64, 4, 3), (4, 128, 4, 2), (8, 128, 8, 2), (4, 128, 8, 3), (2, 128, 4, 3),
               (8, 128, 4, 3), (16, 128, 8, 2)]
     if m > 4:  # BM x BN x BW accumulators: keep the register tile small
         shapes = [(2, 64, 4, 3), (4, 64, 8, 3), (2, 128, 8, 2), (1, 128, 4, 3)]
-    configs = [dict(kernel="gemv", BN=bn, BW=bw, PERSIST=0, num_warps=w, num_stages=s)
-               for bn, bw, w, s in shapes]
-    if m <= 4:  # round 7: persistent programs (PERSIST per SM)
-        configs += [dict(kernel="gemv", BN=bn, BW=bw, PERSIST=p, num_warps=w, num_stages=2)
-                    for bn, bw, w in ((4, 128, 4), (8, 64, 4), (4, 64, 4), (8, 128, 8)) for p in (4, 8, 12)]
-    return configs
+    return [dict(kernel="gemv", BN=bn, BW=bw, num_warps=w, num_stages=s) for bn, bw, w, s in shapes]
 
 
 def _gemm_configs(m: int):
@@ -288,7 +266,7 @@ def _gemm_configs(m: int):
                   (32, 16, 4, 0, 4, 3), (64, 16, 4, 0, 4, 3), (16, 16, 4, 0, 4, 3), (64, 32, 4, 1, 4, 3),
                   (32, 16, 1, 0, 4, 3), (64, 16, 8, 1, 4, 3), (128, 16, 4, 1, 4, 3), (128, 16, 8, 1, 4, 3),
                   (32, 16, 8, 1, 4, 3),
-                  # round 7: deeper pipelines (more weight bytes in flight per program; 4-8 KB a stage)
+                  # round 7: deeper pipelines; ties at 8192^2 (13.1 us), 2-4% ahead at 4096^2 and M=4
                   (64, 16, 4, 1, 4, 5), (64, 16, 2, 1, 4, 5), (64, 16, 8, 1, 4, 4), (32, 16, 4, 1, 4, 5)]
     elif m <= 256:
         # Round 6: one 4-warp program per SM (128 tiles at 8192^2) issues an instruction every
@@ -297,7 +275,7 @@ def _gemm_configs(m: int):
         shapes = [(128, 64, 1, 1, 4, 3), (128, 128, 1, 1, 8, 3), (64, 64, 2, 1, 4, 3), (128, 64, 2, 0, 4, 3),
                   (128, 128, 1, 0, 8, 3), (64, 128, 2, 0, 4, 3), (128, 128, 2, 0, 8, 3), (64, 64, 1, 1, 4, 3),
                   (128, 64, 1, 1, 8, 3), (64, 128, 1, 1, 4, 3), (64, 32, 1, 1, 4, 3), (128, 64, 2, 1, 4, 3),
-                  (64, 64, 4, 1, 4, 3), (64, 64, 1, 1, 4, 4), (64, 64, 1, 1, 4, 5), (128, 64, 1, 1, 4, 4)]
+                  (64, 64, 4, 1, 4, 3)]  # round 7: 4-5 stages lost (25.5 vs 25.2 us)
     else:  # the 2-stage 128x128 tiles fit two programs per SM (registers and shared memory), so
         # one program's unpack can overlap the other's tensor-core work (Triton waits on each dot)
         shapes = [(128, 256, 1, 1, 8, 3), (256, 128, 1, 0, 8, 3), (128, 256, 1, 0, 8, 3), (128, 128, 1, 0, 8, 4),
@@ -390,10 +368,8 @@ def ternary_matmul(a: torch.Tensor, wq: torch.Tensor, k: int, x_scale: Optional[
     def launch(cfg):
         cfg = dict(cfg)
         if cfg.pop("kernel") == "gemv":
-            tiles = triton.cdiv(n, cfg["BN"])
-            per_sm = cfg.pop("PERSIST", 0)  # programs per SM; 0: one per row tile
             gemv = wrap(_gemv_kernel) if wrap is not None else _gemv_kernel
-            return gemv[(min(tiles, per_sm * _sm_count(a.device)) if per_sm else tiles,)](
+            return gemv[(triton.cdiv(n, cfg["BN"]),)](
                 aw, pw, c, *tail, m, n, aw.shape[1], pw.shape[1], aw.stride(0), pw.stride(0), c.stride(0),
                 res.stride(0), EVEN=pw.shape[1] % cfg["BW"] == 0 and aw.shape[1] == 4 * pw.shape[1], **flags,
                 **gemv_flags, **cfg)
@@ -409,7 +385,7 @@ def ternary_matmul(a: torch.Tensor, wq: torch.Tensor, k: int, x_scale: Optional[
         # No timing here: spread the CPU tests' M over every kernel variant instead.
         gemv = [c_ for c_ in candidates if c_["kernel"] == "gemv"]
         gemm = [c_ for c_ in candidates if c_["kernel"] == "gemm"]
-        candidates = [gemv[m.bit_length() % len(gemv)] if gemv and (m <= 4 or m % 2 == 0) else gemm[m % len(gemm)]]
+        candidates = gemv if gemv and (m <= 4 or m % 2 == 0) else [gemm[m % len(gemm)]]
     key = (tuning.bucket(m), n, k)
     if wrap is not None and not tuning.cached("ternary_mm", key, candidates):
         # Traced tensors cannot be timed: tune on real stand-ins of the same shapes first.
