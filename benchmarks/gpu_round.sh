@@ -4,7 +4,8 @@
 #   bash benchmarks/gpu_round.sh bench [--quick] # re-tune the matmul (shipped entries skipped; RETUNE=grad_input,...
 #                                                # names other kernels) + make bench
 #   bash benchmarks/gpu_round.sh profile         # QAT per-kernel split + static profile on this Triton
-#   bash benchmarks/gpu_round.sh sweep [M,N,K ..] # every matmul launch configuration, timed (sweep_matmul.py)
+#   bash benchmarks/gpu_round.sh sweep [M,N,K ..] # every matmul launch configuration, timed (sweep_matmul.py;
+#                                                # REPEAT=3: three rounds over all of them, medians)
 # Tuning results persist in .gpu_round_cache while the machine stays warm (a bench cut short resumes
 # where it stopped) and are copied to $OUT/cache/autotune/<gpu>.json, to merge into kernels/tuned/.
 set -u
@@ -31,7 +32,7 @@ case "${1:-}" in
     timeout 200 python3 benchmarks/inspect_kernels.py --join-k > "$out/inspect.md" 2>&1; echo "inspect rc=$?"
     cat "$out/profile_qat.log"; head -30 "$out/inspect.md" ;;
   sweep)
-    cd benchmarks && timeout 560 python3 sweep_matmul.py --json "$out/sweep.json" ${2:+--shapes "${@:2}"} \
+    cd benchmarks && timeout 560 python3 sweep_matmul.py --json "$out/sweep.json" --repeat "${REPEAT:-1}" ${2:+--shapes "${@:2}"} \
       > "$out/sweep.log" 2>&1; echo "sweep rc=$?"; cd ..; cat "$out/sweep.log" ;;
   *) echo "usage: $0 test|bench [--quick]|profile|sweep [M,N,K ...]" >&2; exit 2 ;;
 esac

@@ -6,7 +6,7 @@ Also an experiment for large M: a plain int8 x int8 Triton GEMM on trits unpacke
 beforehand (pointer loads, and TMA descriptors where this Triton has them), to price staging
 unpacked weights in memory against unpacking them in registers.
 
-    python3 benchmarks/sweep_matmul.py [--shapes M,N,K ...] [--json results.json]
+    python3 benchmarks/sweep_matmul.py [--shapes M,N,K ...] [--repeat R] [--json results.json]
     python3 benchmarks/sweep_matmul.py --smoke   # tiny shapes, any device: the script runs
 """
 from __future__ import annotations
@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import statistics
 import sys
 
 import torch
@@ -122,7 +123,7 @@ def _check_int8(a, w, c, tiles, m, n, k) -> bool:
     return bool(torch.equal(c, want))
 
 
-def sweep(m: int, n: int, k: int, smoke: bool, bandwidth: float) -> dict:
+def sweep(m: int, n: int, k: int, smoke: bool, bandwidth: float, repeat: int = 1) -> dict:
     dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float32
     x = torch.randn(m, k, device=DEVICE, dtype=dtype)
     wb = [torch.randn(n, k, device=DEVICE, dtype=dtype) for _ in range(copies(n * k * 2))]
@@ -134,25 +135,34 @@ def sweep(m: int, n: int, k: int, smoke: bool, bandwidth: float) -> dict:
     xq, xs = ref.quantize_activations(x.float(), 8)
     want = ref.lowbit_matmul(xq, wq, k)
     shipped = tuning._load(tuning.gpu_name()).get(f"ternary_mm:{tuning.bucket(m)},{n},{k}")
-    rows = []
+    # Candidates are timed in turn, `repeat` rounds over all of them: the spread across rounds
+    # shows what a ranking is worth (round 7: the same tile measured 9.9 and 11.5 us on two calls).
+    runs = []
     for cfg in tm._candidates(m):
         with forced(cfg):
             try:
                 exact = torch.equal(tm.ternary_matmul(xq, blocked, k, layout="kblocked"), want)
                 fns = [lambda p=p: tm.ternary_matmul(xq, p, k, xs, w_scale, None, dtype, layout="kblocked")
                        for p in packed]
-                us = time_rotating(fns, graph=DEVICE == "cuda", reps=20)
+                fns[0]()
             except Exception as err:  # noqa: BLE001  (e.g. out of shared memory: report, go on)
                 print(f"  {label(cfg)}: failed {type(err).__name__}: {str(err)[:160]}", flush=True)
                 continue
-        rows.append(dict(config=cfg, us=us, exact=exact, shipped=cfg == shipped))
+        runs.append((cfg, exact, fns, []))
+    for _ in range(repeat):
+        for cfg, _, fns, times in runs:
+            with forced(cfg):
+                times.append(time_rotating(fns, graph=DEVICE == "cuda", reps=20))
+    rows = [dict(config=cfg, us=statistics.median(times), spread=max(times) - min(times), exact=exact,
+                 shipped=cfg == shipped) for cfg, exact, _, times in runs]
     rows.sort(key=lambda r: r["us"])
     gbs = n * k / 4 / 1e3
     print(f"\nM={m} N={n} K={k}: bf16 cuBLAS {bf16:.1f} us", flush=True)
     for r in rows:
         tag = " <- shipped" if r["shipped"] else ""
         pct = 100 * gbs / r["us"] / 1e3 / bandwidth if bandwidth else float("nan")
-        print(f"  {r['us']:8.1f} us  {bf16 / r['us']:5.2f}x  {pct:3.0f}% BW  exact={r['exact']}  "
+        spread = f" ±{r['spread'] / 2:.1f}" if repeat > 1 else ""
+        print(f"  {r['us']:8.1f}{spread} us  {bf16 / r['us']:5.2f}x  {pct:3.0f}% BW  exact={r['exact']}  "
               f"{label(r['config'])}{tag}", flush=True)
     out = dict(m=m, n=n, k=k, bf16_us=bf16, rows=rows)
     if m >= 1024 or (smoke and m % 16 == 0):  # whole tiles only
@@ -167,6 +177,7 @@ def main() -> int:
     parser.add_argument("--shapes", nargs="*", help="M,N,K triples")
     parser.add_argument("--json", help="write every timing here")
     parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--repeat", type=int, default=1, help="rounds over all candidates (median reported)")
     args = parser.parse_args()
     if DEVICE != "cuda" and not args.smoke:
         print("needs a CUDA GPU (--smoke runs tiny shapes anywhere)", file=sys.stderr)
@@ -178,7 +189,7 @@ def main() -> int:
     bandwidth = copy_bandwidth(2**20 if args.smoke else 2**30)
     print(f"copy bandwidth {bandwidth:.2f} TB/s; {torch.cuda.get_device_name() if DEVICE == 'cuda' else 'cpu'}, "
           f"torch {torch.__version__}, triton {triton.__version__}", flush=True)
-    results = [sweep(m, n, k, args.smoke, bandwidth) for m, n, k in shapes]
+    results = [sweep(m, n, k, args.smoke, bandwidth, args.repeat) for m, n, k in shapes]
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(bandwidth=bandwidth, results=results), f, indent=1, default=str)
