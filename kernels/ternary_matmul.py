@@ -249,7 +249,10 @@ def _gemv_configs(m: int):
     # persistent programs striding over row tiles (10.7 us; the loop's tile bookkeeping cost
     # 8 registers, so 12 instead of 16 programs fit an SM).
     shapes = [(4, 64, 4, 3), (8, 64, 4, 3), (4, 128, 4, 2), (8, 128, 8, 2), (4, 128, 8, 3), (2, 128, 4, 3),
-              (8, 128, 4, 3), (16, 128, 8, 2), (4, 64, 2, 2), (2, 128, 2, 2)]  # 2 warps: 32 programs per SM
+              (8, 128, 4, 3), (16, 128, 8, 2),
+              # round 7: smaller programs (1-2 warps; up to 32 per SM) balance the one wave better
+              (4, 64, 2, 2), (2, 128, 2, 2), (8, 64, 2, 2), (4, 128, 2, 2), (2, 64, 1, 2),
+              (4, 32, 1, 2)]
     if m > 4:  # BM x BN x BW accumulators: keep the register tile small
         shapes = [(2, 64, 4, 3), (4, 64, 8, 3), (2, 128, 8, 2), (1, 128, 4, 3)]
     return [dict(kernel="gemv", BN=bn, BW=bw, num_warps=w, num_stages=s) for bn, bw, w, s in shapes]
