@@ -250,7 +250,7 @@ def _gemv_configs(m: int):
     # 8 registers, so 12 instead of 16 programs fit an SM).
     shapes = [(4, 64, 4, 3), (8, 64, 4, 3), (4, 128, 4, 2), (8, 128, 8, 2), (4, 128, 8, 3), (2, 128, 4, 3),
               (8, 128, 4, 3), (16, 128, 8, 2),
-              # round 7: smaller programs (1-2 warps; up to 32 per SM) balance the one wave better
+              # round 7: 1-2 warp programs (up to 32 per SM) won at 8192^2 and 14336x4096
               (4, 64, 2, 2), (2, 128, 2, 2), (8, 64, 2, 2), (4, 128, 2, 2), (2, 64, 1, 2),
               (4, 32, 1, 2)]
     if m > 4:  # BM x BN x BW accumulators: keep the register tile small
