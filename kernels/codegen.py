@@ -150,7 +150,6 @@ def ternary_mm_case(config: dict, m: int, n: int, k: int) -> tuple:
         args = dict(A="*i32", P="*i32", **pointers, M=m, N=n, XW=xw, PW=pw, stride_am=xw, stride_pn=pw,
                     stride_cm=n, stride_rm=n)
         even = pw % cfg["BW"] == 0 and xw == 4 * pw
-        cfg.setdefault("AHEAD", 1)
         return (tm._gemv_kernel, args, dict(BM=triton.next_power_of_2(m), EVEN=even, USE_ASM=True, **flags, **cfg),
                 warps, stages)
     scratch = "*i32" if cfg["SPLIT_K"] > 1 else "*bf16"

@@ -70,8 +70,7 @@ def _dp4a(a, b, c, USE_ASM: tl.constexpr):
 
 @triton.jit
 def _gemv_kernel(A, P, C, XS, WS, BIAS, RES, M, N, XW, PW, stride_am, stride_pn, stride_cm, stride_rm,
-                 BM: tl.constexpr, BN: tl.constexpr, BW: tl.constexpr, AHEAD: tl.constexpr, EVEN: tl.constexpr,
-                 USE_ASM: tl.constexpr,
+                 BM: tl.constexpr, BN: tl.constexpr, BW: tl.constexpr, EVEN: tl.constexpr, USE_ASM: tl.constexpr,
                  EPILOGUE: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr,
                  ACTIVATION: tl.constexpr, HAS_RES: tl.constexpr):
     # A: int32 words of 4 int8 activations [M, XW]; P: int32 words of 4 K-blocked bytes
@@ -101,31 +100,21 @@ def _gemv_kernel(A, P, C, XS, WS, BIAS, RES, M, N, XW, PW, stride_am, stride_pn,
     xsum = tl.zeros((BM, 1, BW // 16, 16), dtype=tl.int32)
     ones = tl.full((BM, 1, BW // 16, 16), 0x01010101, dtype=tl.int32)
     # Out-of-range words read as code 1 (zero trit) in every byte.
-    # The weights AHEAD steps on are requested before this step's arithmetic (registers), so
-    # each program has AHEAD DRAM loads in flight while it computes (ncu, round 7: the grid
-    # fills 0.65 waves at 8192^2 and DRAM is 39% busy: too few bytes in flight).
     p = tl.load(p_ptrs, mask=(word < PW) | EVEN, other=0x55555555)
-    if AHEAD == 2:
-        if EVEN:
-            p1 = tl.load(p_ptrs + min(BW, PW - BW))
-        else:
-            p1 = tl.load(p_ptrs + BW, mask=BW + word < PW, other=0x55555555)
     for w0 in range(0, PW, BW):
-        if EVEN:  # past the last step: re-read it (valid, never used)
-            p_next = tl.load(p_ptrs + tl.minimum(w0 + AHEAD * BW, PW - BW))
+        # The next step's weights are requested before this step's arithmetic (a register
+        # double buffer), so each program has a DRAM load in flight while it computes.
+        if EVEN:
+            p_next = tl.load(p_ptrs + tl.minimum(w0 + BW, PW - BW))
         else:
-            p_next = tl.load(p_ptrs + w0 + AHEAD * BW, mask=w0 + AHEAD * BW + word < PW, other=0x55555555)
+            p_next = tl.load(p_ptrs + w0 + BW, mask=w0 + BW + word < PW, other=0x55555555)
         for i in tl.static_range(4):
             xi = 4 * w0 + 16 * i
             x = tl.load(x_ptrs + xi, mask=(xi + x_word < XW) | EVEN, other=0)
             acc = _dp4a((p >> (2 * i)) & 0x03030303, x, acc, USE_ASM)
             xs = tl.load(xs_ptrs + xi, mask=(xi + xs_word < XW) | EVEN, other=0)
             xsum = _dp4a(ones, xs, xsum, USE_ASM)
-        if AHEAD == 2:
-            p = p1
-            p1 = p_next
-        else:
-            p = p_next
+        p = p_next
     out = tl.sum(tl.sum(acc, axis=3), axis=2) - tl.sum(tl.sum(xsum, axis=3), axis=2)
     offs_m = tl.arange(0, BM)
     offs_n = pid_n * BN + tl.arange(0, BN)
@@ -252,23 +241,21 @@ def _split_k_workspace(device: torch.device, numel: int, tiles: int):
 
 def _gemv_configs(m: int):
     if tuning.interpreting():
-        return [dict(kernel="gemv", BN=4, BW=32, AHEAD=a, num_warps=4) for a in (1, 2)]
+        return [dict(kernel="gemv", BN=4, BW=32, num_warps=4)]
     # (BN, BW, warps, stages). Round 4 picked BN=8 (BW 64 or 128). Round 6 (sweep_matmul.py) timed
     # longer steps (BW 256/512, more bytes in flight) and 16-row tiles: none won at 8192^2 or
     # 4096^2 (BW=512, a program's whole row span requested at once, was the slowest). Round 7
-    # refuted split-K (a last-arriver sum as in the GEMM: 14.6 vs 9.9 us at 8192^2) and
-    # persistent programs striding over row tiles (10.7 us; the loop's tile bookkeeping cost
-    # 8 registers, so 12 instead of 16 programs fit an SM).
+    # refuted split-K (a last-arriver sum as in the GEMM: 14.6 vs 9.9 us at 8192^2), persistent
+    # programs striding over row tiles (10.7 us; the loop's tile bookkeeping cost 8 registers,
+    # so 12 instead of 16 programs fit an SM) and weights two steps ahead (10.0 vs 9.4 us).
     shapes = [(4, 64, 4, 3), (8, 64, 4, 3), (4, 128, 4, 2), (8, 128, 8, 2), (4, 128, 8, 3), (2, 128, 4, 3),
               (8, 128, 4, 3), (16, 128, 8, 2),
               # round 7: 1-2 warp programs (up to 32 per SM) won at 8192^2 and 14336x4096
               (4, 64, 2, 2), (2, 128, 2, 2), (8, 64, 2, 2), (4, 128, 2, 2), (2, 64, 1, 2),
               (4, 32, 1, 2)]
-    deeper = [(4, 64, 2, 2), (4, 128, 4, 2), (8, 128, 4, 3), (4, 32, 1, 2), (2, 128, 2, 2), (8, 64, 2, 2)]
     if m > 4:  # BM x BN x BW accumulators: keep the register tile small
-        shapes, deeper = [(2, 64, 4, 3), (4, 64, 8, 3), (2, 128, 8, 2), (1, 128, 4, 3)], []
-    return [dict(kernel="gemv", BN=bn, BW=bw, AHEAD=a, num_warps=w, num_stages=s)
-            for a, tiles in ((1, shapes), (2, deeper)) for bn, bw, w, s in tiles]
+        shapes = [(2, 64, 4, 3), (4, 64, 8, 3), (2, 128, 8, 2), (1, 128, 4, 3)]
+    return [dict(kernel="gemv", BN=bn, BW=bw, num_warps=w, num_stages=s) for bn, bw, w, s in shapes]
 
 
 def _gemm_configs(m: int):
@@ -384,7 +371,6 @@ def ternary_matmul(a: torch.Tensor, wq: torch.Tensor, k: int, x_scale: Optional[
     def launch(cfg):
         cfg = dict(cfg)
         if cfg.pop("kernel") == "gemv":
-            cfg.setdefault("AHEAD", 1)  # entries tuned before round 7 have none
             gemv = wrap(_gemv_kernel) if wrap is not None else _gemv_kernel
             return gemv[(triton.cdiv(n, cfg["BN"]),)](
                 aw, pw, c, *tail, m, n, aw.shape[1], pw.shape[1], aw.stride(0), pw.stride(0), c.stride(0),
@@ -402,7 +388,7 @@ def ternary_matmul(a: torch.Tensor, wq: torch.Tensor, k: int, x_scale: Optional[
         # No timing here: spread the CPU tests' M over every kernel variant instead.
         gemv = [c_ for c_ in candidates if c_["kernel"] == "gemv"]
         gemm = [c_ for c_ in candidates if c_["kernel"] == "gemm"]
-        candidates = [gemv[m.bit_length() % len(gemv)] if gemv and (m <= 4 or m % 2 == 0) else gemm[m % len(gemm)]]
+        candidates = gemv if gemv and (m <= 4 or m % 2 == 0) else [gemm[m % len(gemm)]]
     key = (tuning.bucket(m), n, k)
     if wrap is not None and not tuning.cached("ternary_mm", key, candidates):
         # Traced tensors cannot be timed: tune on real stand-ins of the same shapes first.
