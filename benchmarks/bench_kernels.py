@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 import bitcompile.ops  # noqa: F401  (registers the bitnet ops)
+from bitcompile.kernels import tuning
 import triton
 
 ops = torch.ops.bitnet
@@ -80,6 +81,10 @@ def time_rotating(fns, graph: bool, reps: int = 50) -> float:
     times = []
     for _ in range(reps):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        if graph:  # busy the GPU while the host submits the graph: without it an idle GPU passes
+            # the start event at once and the graph's launch latency (~15 us, measured: a 1-node
+            # graph read 17 us) was counted, spread over the graph's calls (round 7 and before)
+            torch.cuda._sleep(tuning.SLEEP_CYCLES)
         start.record()
         run()
         end.record()

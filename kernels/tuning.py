@@ -129,7 +129,7 @@ def gpu_microseconds(fn: Callable[[], None], reps: int = 15) -> float:
     events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
     for start, end in events:
         flush.zero_()
-        torch.cuda._sleep(_SLEEP_CYCLES)
+        torch.cuda._sleep(SLEEP_CYCLES)
         start.record()
         fn()
         end.record()
@@ -137,7 +137,7 @@ def gpu_microseconds(fn: Callable[[], None], reps: int = 15) -> float:
     return 1e3 * sorted(start.elapsed_time(end) for start, end in events)[reps // 2]
 
 
-_SLEEP_CYCLES = 1_000_000  # ~0.5 ms at H100 clocks: more than a slow host's launch path
+SLEEP_CYCLES = 1_000_000  # ~0.5 ms at H100 clocks: more than a slow host's launch path
 
 
 def cached(kernel: str, key: Sequence, candidates: Sequence[dict]) -> bool:
