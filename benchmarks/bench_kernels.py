@@ -20,10 +20,10 @@ import time
 
 import torch
 import torch.nn.functional as F
+import triton
 
 import bitcompile.ops  # noqa: F401  (registers the bitnet ops)
 from bitcompile.kernels import tuning
-import triton
 
 ops = torch.ops.bitnet
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

@@ -116,6 +116,9 @@ def choose(kernel: str, key: Sequence, candidates: Sequence[dict], run: Callable
         return best
 
 
+SLEEP_CYCLES = 1_000_000  # ~0.5 ms at H100 clocks: more than a slow host's launch path
+
+
 def gpu_microseconds(fn: Callable[[], None], reps: int = 15) -> float:
     """Median GPU time of one ``fn()`` launch with a cold L2, without the host's launch time.
 
@@ -135,9 +138,6 @@ def gpu_microseconds(fn: Callable[[], None], reps: int = 15) -> float:
         end.record()
     torch.cuda.synchronize()
     return 1e3 * sorted(start.elapsed_time(end) for start, end in events)[reps // 2]
-
-
-SLEEP_CYCLES = 1_000_000  # ~0.5 ms at H100 clocks: more than a slow host's launch path
 
 
 def cached(kernel: str, key: Sequence, candidates: Sequence[dict]) -> bool:
