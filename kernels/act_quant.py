@@ -112,8 +112,7 @@ def norm_quant(x: torch.Tensor, bits: int = 8, kind: str = "none", weight: Optio
         flags = dict(BLOCK=block, NORM=NORM_KINDS[kind], HAS_RES=residual is not None, HAS_W=weight is not None,
                      HAS_B=bias is not None, STORE_Y=store_normed, STORE_H=store_sum)
         warps = 1 if tuning.interpreting() else num_warps(block)
-        kernel = wrap(_norm_quant_kernel) if wrap is not None else _norm_quant_kernel
-        compiled = kernel[(m,)](
+        compiled = tuning.traceable(_norm_quant_kernel, wrap)[(m,)](
             x2, r2, weight if weight is not None else x2, bias if bias is not None else x2, q, s, y, h, k,
             x2.stride(0), r2.stride(0), q.stride(0), y.stride(0), h.stride(0), eps,
             float(2 ** (bits - 1) - 1), qeps, num_warps=warps, **flags)

@@ -16,7 +16,7 @@ differs from the reference. Two kernels, chosen by tuning:
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import triton
@@ -190,10 +190,11 @@ def _check_operands(grad: torch.Tensor, wq: torch.Tensor, k: int) -> None:
 
 
 def grad_input(grad: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, k: int,
-               config: Optional[dict] = None) -> torch.Tensor:
+               config: Optional[dict] = None, wrap: Optional[Callable] = None) -> torch.Tensor:
     """``grad [..., N] @ (unpack(wq) * w_scale)`` in ``grad.dtype`` (fp32 accumulation;
     fp32 grads use IEEE fp32 dot products, not TF32). ``config``: one of ``_configs()``
-    instead of the tuned choice (tests run each kernel this way)."""
+    instead of the tuned choice (tests run each kernel this way). ``wrap``: launched through
+    ``torch.library.wrap_triton`` (``tuning.traceable``)."""
     _check_operands(grad, wq, k)
     n, kb = wq.shape
     lead = grad.shape[:-1]
@@ -215,12 +216,12 @@ def grad_input(grad: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, k: i
             if not transposed_ok:
                 raise ValueError("the transposed grad_input kernel takes 16-bit grads and a per-tensor weight scale, "
                                  f"got {grad.dtype} and {ws.numel()} scales")
-            pt = transposed_kblocked(wq, k)
+            pt = transposed_kblocked(wq, k, wrap)
             lo, hi = ONE_TABLES["bf16" if grad.dtype == torch.bfloat16 else "fp16"]
-            return _grad_input_t_kernel[grid](g, pt, ws, out, m, n, k, pt.shape[1], g.stride(0), pt.stride(0),
+            return tuning.traceable(_grad_input_t_kernel, wrap)[grid](g, pt, ws, out, m, n, k, pt.shape[1], g.stride(0), pt.stride(0),
                                               out.stride(0), Q=QUARTER, LO=lo, HI=hi, EVEN_N=n % (4 * QUARTER) == 0,
                                               USE_ASM=use_asm, **cfg)
-        return _grad_input_kernel[grid](g, wq, ws, out, m, n, k, kb, g.stride(0), wq.stride(0), out.stride(0),
+        return tuning.traceable(_grad_input_kernel, wrap)[grid](g, wq, ws, out, m, n, k, kb, g.stride(0), wq.stride(0), out.stride(0),
                                         PER_CHANNEL=per_channel, IEEE=grad.dtype == torch.float32,
                                         EVEN_N=n % cfg["BN"] == 0, USE_ASM=use_asm, **cfg)
 
@@ -229,6 +230,11 @@ def grad_input(grad: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, k: i
         candidates = [candidates[(m + n) % len(candidates)]]
     # Per-channel scales have their own entries (only the canonical kernel takes them).
     key = (tuning.bucket(m), n, k, str(grad.dtype)) + (("per_channel",) if per_channel else ())
+    if wrap is not None:
+        tuning.tune_before_tracing("grad_input", key, candidates, lambda: grad_input(
+            torch.randn(m, n, device=grad.device, dtype=grad.dtype),
+            torch.randint(0, 256, tuple(wq.shape), device=grad.device, dtype=torch.uint8),
+            torch.rand(tuple(ws.shape), device=grad.device), k, config))
     cfg = tuning.choose("grad_input", key, candidates, launch)
     compiled = launch(cfg)
     kernel = _grad_input_t_kernel if cfg.get("layout") == "transposed" else _grad_input_kernel
@@ -237,7 +243,7 @@ def grad_input(grad: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, k: i
 
 
 def grad_input_quantized(grad: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, k: int,
-                         bits: int) -> torch.Tensor:
+                         bits: int, wrap: Optional[Callable] = None) -> torch.Tensor:
     """``ops.reference.grad_input_quantized`` on the GPU: the per-row quantization of ``grad``
     (per-channel ``s_w`` folded in) is the activation-quantization kernel, and ``q @ W_int``
     is the forward matmul kernel on int8 tensor cores, fed ``W_int^T`` re-laid out from the
@@ -254,7 +260,7 @@ def grad_input_quantized(grad: torch.Tensor, wq: torch.Tensor, w_scale: torch.Te
     n = wq.shape[0]
     per_channel = w_scale.numel() > 1
     ws = w_scale.float().contiguous()
-    q, s, _, _ = norm_quant(grad, bits, "none", ws if per_channel else None, qeps=GRAD_EPS)
+    q, s, _, _ = norm_quant(grad, bits, "none", ws if per_channel else None, wrap=wrap, qeps=GRAD_EPS)
     out_scale = torch.ones_like(ws[:1]) if per_channel else ws
-    return ternary_matmul(q, transposed_kblocked(wq, k), n, s, out_scale, None, grad.dtype, layout="kblocked",
-                          keep=False)
+    return ternary_matmul(q, transposed_kblocked(wq, k, wrap), n, s, out_scale, None, grad.dtype, layout="kblocked",
+                          wrap=wrap, keep=False)

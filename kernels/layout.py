@@ -10,6 +10,8 @@ be memory the graph does not track).
 """
 from __future__ import annotations
 
+from typing import Callable, Optional
+
 import torch
 import triton
 import triton.language as tl
@@ -44,8 +46,9 @@ def _relayout_kernel(P, OUT, N, K, KB, stride_p, stride_o, BN: tl.constexpr, Q: 
     tl.store(OUT + rows.to(tl.int64) * stride_o + blk * (Q // 4) + c, out, mask=rows < N)
 
 
-def relayout(wq: torch.Tensor, k: int) -> torch.Tensor:
-    """Canonical packed ``uint8 [N, ceil(k/4)]`` -> K-blocked ``uint8 [N, kblocked_columns(k)]``."""
+def relayout(wq: torch.Tensor, k: int, wrap: Optional[Callable] = None) -> torch.Tensor:
+    """Canonical packed ``uint8 [N, ceil(k/4)]`` -> K-blocked ``uint8 [N, kblocked_columns(k)]``
+    (``wrap``: launched through ``torch.library.wrap_triton``, ``tuning.traceable``)."""
     if wq.dtype != torch.uint8 or wq.dim() != 2 or wq.shape[1] != (k + 3) // 4:
         raise ValueError(f"relayout needs canonical packed uint8 [N, ceil(k/4)] weights, got {wq.dtype} "
                          f"{tuple(wq.shape)} for k={k}")
@@ -56,8 +59,9 @@ def relayout(wq: torch.Tensor, k: int) -> torch.Tensor:
     if n and kbo:
         bn = 16 if tuning.interpreting() else 32  # sm_90: 4 loads + 1 16-byte store per thread, no shared memory
         words = out.view(torch.int32)  # rows of whole 64-byte blocks: word aligned
-        _relayout_kernel[(triton.cdiv(n, bn), kbo // QUARTER)](wq, words, n, k, wq.shape[1], wq.stride(0),
-                                                              words.stride(0), BN=bn, Q=QUARTER, num_warps=4)
+        kernel = tuning.traceable(_relayout_kernel, wrap)
+        kernel[(triton.cdiv(n, bn), kbo // QUARTER)](wq, words, n, k, wq.shape[1], wq.stride(0), words.stride(0),
+                                                     BN=bn, Q=QUARTER, num_warps=4)
     return out
 
 
@@ -80,7 +84,7 @@ def _transposed_kernel(P, OUT, N, K, KB, stride_p, stride_o, BC: tl.constexpr, Q
         tl.store(out_rows + k.to(tl.int64) * stride_o, out.to(tl.uint8), mask=k < K)
 
 
-def transposed_kblocked(wq: torch.Tensor, k: int) -> torch.Tensor:
+def transposed_kblocked(wq: torch.Tensor, k: int, wrap: Optional[Callable] = None) -> torch.Tensor:
     """Canonical packed trits ``T [N, ceil(k/4)]`` -> ``T^T`` K-blocked, ``uint8 [k,
     kblocked_columns(N)]``: the operand that lets the forward matmul kernel compute
     ``g @ T`` (the QAT input gradient). One read and one write of the packed bytes."""
@@ -93,8 +97,9 @@ def transposed_kblocked(wq: torch.Tensor, k: int) -> torch.Tensor:
     out = torch.empty((k, cols), device=wq.device, dtype=torch.uint8)
     if k and cols:
         bc = 16 if tuning.interpreting() else 32
-        _transposed_kernel[(triton.cdiv(kb, bc), cols // QUARTER)](wq, out, n, k, kb, wq.stride(0), out.stride(0),
-                                                                   BC=bc, Q=QUARTER, num_warps=4)
+        kernel = tuning.traceable(_transposed_kernel, wrap)
+        kernel[(triton.cdiv(kb, bc), cols // QUARTER)](wq, out, n, k, kb, wq.stride(0), out.stride(0), BC=bc, Q=QUARTER,
+                                                       num_warps=4)
     return out
 
 

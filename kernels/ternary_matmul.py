@@ -331,7 +331,10 @@ def ternary_matmul(a: torch.Tensor, wq: torch.Tensor, k: int, x_scale: Optional[
     n = wq.shape[0]
     if a.shape[-1] != k or wq.dim() != 2:
         raise ValueError(f"shape mismatch: a {tuple(a.shape)}, packed {tuple(wq.shape)}, k={k}")
-    blocked = (kblocked if keep else relayout)(wq, k) if layout == "canonical" else wq.contiguous()
+    if layout != "canonical":
+        blocked = wq.contiguous()
+    else:
+        blocked = kblocked(wq, k) if keep else relayout(wq, k, wrap)
     kpb = blocked.shape[1]
     if kpb != -(-k // (4 * QUARTER)) * QUARTER:
         raise ValueError(f"packed weights {tuple(wq.shape)} do not hold k={k} trits in the {layout} layout")
@@ -371,13 +374,13 @@ def ternary_matmul(a: torch.Tensor, wq: torch.Tensor, k: int, x_scale: Optional[
     def launch(cfg):
         cfg = dict(cfg)
         if cfg.pop("kernel") == "gemv":
-            gemv = wrap(_gemv_kernel) if wrap is not None else _gemv_kernel
+            gemv = tuning.traceable(_gemv_kernel, wrap)
             return gemv[(triton.cdiv(n, cfg["BN"]),)](
                 aw, pw, c, *tail, m, n, aw.shape[1], pw.shape[1], aw.stride(0), pw.stride(0), c.stride(0),
                 res.stride(0), EVEN=pw.shape[1] % cfg["BW"] == 0 and aw.shape[1] == 4 * pw.shape[1], **flags,
                 **gemv_flags, **cfg)
         tiles = triton.cdiv(m, cfg["BM"]) * triton.cdiv(n, cfg["BN"])
-        gemm = wrap(_gemm_kernel) if wrap is not None else _gemm_kernel
+        gemm = tuning.traceable(_gemm_kernel, wrap)
         return gemm[(tiles, cfg["SPLIT_K"])](
             a2, blocked, c, *tail, *split_k_buffers(cfg, tiles), m, n, k, kpb, a2.stride(0),
             blocked.stride(0), c.stride(0), res.stride(0), STORE_PARTIALS=wrap is None, Q=QUARTER,
@@ -390,12 +393,10 @@ def ternary_matmul(a: torch.Tensor, wq: torch.Tensor, k: int, x_scale: Optional[
         gemm = [c_ for c_ in candidates if c_["kernel"] == "gemm"]
         candidates = gemv if gemv and (m <= 4 or m % 2 == 0) else [gemm[m % len(gemm)]]
     key = (tuning.bucket(m), n, k)
-    if wrap is not None and not tuning.cached("ternary_mm", key, candidates):
-        # Traced tensors cannot be timed: tune on real stand-ins of the same shapes first.
-        with tuning.real_tensors():
-            ternary_matmul(torch.randint(-127, 128, (m, k), device=a.device, dtype=torch.int8),
-                           torch.randint(0, 256, tuple(blocked.shape), device=a.device, dtype=torch.uint8),
-                           k, layout="kblocked")
+    if wrap is not None:
+        tuning.tune_before_tracing("ternary_mm", key, candidates, lambda: ternary_matmul(
+            torch.randint(-127, 128, (m, k), device=a.device, dtype=torch.int8),
+            torch.randint(0, 256, tuple(blocked.shape), device=a.device, dtype=torch.uint8), k, layout="kblocked"))
     cfg = tuning.choose("ternary_mm", key, candidates, launch)
     kernel = _gemv_kernel if cfg["kernel"] == "gemv" else _gemm_kernel
     compiled = launch(cfg)

@@ -22,7 +22,7 @@ import re
 import sys
 import threading
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -145,6 +145,21 @@ def cached(kernel: str, key: Sequence, candidates: Sequence[dict]) -> bool:
     if len(candidates) == 1 or interpreting() or not torch.cuda.is_available():
         return True
     return f"{kernel}:" + ",".join(map(str, key)) in _load(gpu_name())
+
+
+def tune_before_tracing(kernel: str, key: Sequence, candidates: Sequence[dict], tune: Callable[[], object]) -> None:
+    """Traced launches (``wrap_triton``) run on fake tensors and cannot be timed: if
+    :func:`choose` would have to time, ``tune()`` first runs the launcher on real stand-in
+    tensors of the same shapes, which times and caches the choice."""
+    if not cached(kernel, key, candidates):
+        with real_tensors():
+            tune()
+
+
+def traceable(kernel, wrap: Optional[Callable]):
+    """``kernel``, or ``wrap(kernel)`` (``torch.library.wrap_triton``: a launch Inductor traces
+    and then makes from its own generated code)."""
+    return kernel if wrap is None else wrap(kernel)
 
 
 @contextlib.contextmanager

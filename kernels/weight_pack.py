@@ -11,6 +11,8 @@ The partials are summed in a fixed order: the scale is deterministic run to run.
 """
 from __future__ import annotations
 
+from typing import Callable, Optional
+
 import torch
 import triton
 import triton.language as tl
@@ -50,7 +52,8 @@ def _pack_kernel(W, ROWSUM, TOTAL, SCALE, P, N, K, KB, count, stride_w, stride_p
             tl.store(SCALE + rows, s, mask=rows < N)
         s = s[:, None, None]
     else:
-        s = tl.maximum(tl.math.div_rn(tl.load(TOTAL), count), 1e-5)
+        # `count` arrives as fp32 from Triton's launcher but as fp64 from Inductor's (triton_op).
+        s = tl.maximum(tl.math.div_rn(tl.load(TOTAL), tl.cast(count, tl.float32)), 1e-5)
         if (blk == 0) & (tl.program_id(0) == 0):
             tl.store(SCALE, s)
     i = tl.arange(0, 4)[None, :, None]
@@ -79,9 +82,11 @@ def _pack_kernel(W, ROWSUM, TOTAL, SCALE, P, N, K, KB, count, stride_w, stride_p
              mask=(rows[:, None] < N) & (c[None, :] < KB))
 
 
-def quantize_pack(w: torch.Tensor, scheme: str = "ternary", per_channel: bool = False, layout: str = "canonical"):
+def quantize_pack(w: torch.Tensor, scheme: str = "ternary", per_channel: bool = False, layout: str = "canonical",
+                  wrap: Optional[Callable] = None):
     """``W [N, K] float -> (packed uint8 [N, ceil(K/4)] (canonical) or [N, kblocked_columns(K)],
-    fp32 scale [N] | [1])``."""
+    fp32 scale [N] | [1])``. ``wrap``: launched through ``torch.library.wrap_triton``
+    (``tuning.traceable``)."""
     if scheme not in SCHEMES:
         raise ValueError(f"the weight-pack kernel supports {', '.join(SCHEMES)} (got {scheme!r})")
     if layout not in LAYOUTS:
@@ -104,15 +109,19 @@ def quantize_pack(w: torch.Tensor, scheme: str = "ternary", per_channel: bool = 
     def launch(cfg):
         n_part = triton.cdiv(n, cfg["sum_rows"])
         part = torch.empty(n_part, device=w.device, dtype=torch.float32)
-        _abs_sum_kernel[(n_part,)](w, row_sum, part, n, k, w.stride(0), BN=cfg["sum_rows"], BK=cfg["sum_cols"],
+        tuning.traceable(_abs_sum_kernel, wrap)[(n_part,)](w, row_sum, part, n, k, w.stride(0), BN=cfg["sum_rows"], BK=cfg["sum_cols"],
                                    num_warps=cfg["sum_warps"])
         # Per tensor: the partials summed once (fixed order), not re-read by every program.
         total = part if per_channel else part.sum(0, keepdim=True)
-        return _pack_kernel[(triton.cdiv(n, cfg["BN"]), triton.cdiv(k, 4 * Q))](
+        return tuning.traceable(_pack_kernel, wrap)[(triton.cdiv(n, cfg["BN"]), triton.cdiv(k, 4 * Q))](
             w, row_sum, total, scale, packed, n, k, kb, float(n * k), w.stride(0), packed.stride(0),
             BN=cfg["BN"], num_warps=cfg["num_warps"], **flags)
 
-    cfg = tuning.choose("weight_pack", (n, k, str(w.dtype), per_channel, layout), _configs(), launch)
+    key = (n, k, str(w.dtype), per_channel, layout)
+    if wrap is not None:
+        tuning.tune_before_tracing("weight_pack", key, _configs(), lambda: quantize_pack(
+            torch.randn(n, k, device=w.device, dtype=w.dtype), scheme, per_channel, layout))
+    cfg = tuning.choose("weight_pack", key, _configs(), launch)
     compiled = launch(cfg)
     tuning.dump_source(_pack_kernel, compiled, {**flags, **cfg, "w": str(w.dtype)})
     return packed, scale

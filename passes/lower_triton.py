@@ -1,19 +1,25 @@
-"""CUDA inference graphs: the fused ops become their Inductor-visible Triton twins.
+"""CUDA graphs: the bitnet ops become their Inductor-visible Triton twins
+(``bitcompile.ops.triton_ops``), so Inductor launches our kernels from its generated code
+instead of calling an opaque op through Python on every call.
 
-``linear_q`` -> ``linear_q_triton``, and ``norm_quant`` and ``quantize_activations`` ->
-``norm_quant_triton`` (``bitcompile.ops.triton_ops``), so Inductor launches our kernels
-from its generated code instead of calling an opaque op through Python on every call. Only where the
-choice of kernel can be made at compile time:
+* Both: ``norm_quant`` and ``quantize_activations`` -> ``norm_quant_triton``.
+* Inference: ``linear_q`` -> ``linear_q_triton`` when its packed weights are a hoisted
+  ternary weight (its cache then serves them in the K-blocked layout) and every user of
+  that weight is lowered.
+* Training (QAT): ``quantize_weights`` -> ``quantize_weights_triton`` (a scheme of the
+  weight-pack kernel, 2-D weights), ``lowbit_linear`` -> ``lowbit_linear_triton`` (int8
+  activations, packed ternary weights); the twins keep their originals' autograd rules,
+  so the backward graph launches the input-gradient kernels from Inductor's code too.
 
-* the graph runs on CUDA and every shape the kernels see is static (the variant and its
-  tuned launch configuration depend on the row count; with symbolic shapes the opaque
-  ops choose at run time);
-* for ``linear_q``, the packed weights are a hoisted ternary weight (its cache then
-  serves them in the K-blocked layout) and every user of that weight is lowered.
+Only where the choice of kernel can be made at compile time: the graph runs on CUDA and
+every shape the kernels see is static (the variant and its tuned launch configuration
+depend on the row count; with symbolic shapes the opaque ops choose at run time).
 
 The report shows each lowered linear (``lowered: triton``).
 """
 from __future__ import annotations
+
+import operator
 
 import torch
 import torch.fx as fx
@@ -31,13 +37,22 @@ def _static_cuda(*nodes) -> bool:
 
 
 def lower_to_triton(gm: fx.GraphModule, ctx: PassContext) -> None:
-    if ctx.training or not ctx.config.fuse:
+    if not ctx.config.fuse:
         return
     graph = gm.graph
     if not any(_static_cuda(n) for n in graph.nodes if n.op == "placeholder"):
         return
     # Registered on first use: the module imports Triton and Inductor (slow to import).
     import bitcompile.ops.triton_ops  # noqa: F401
+
+    _lower_activation_quantization(graph)
+    if ctx.training:
+        _lower_qat_linears(graph)
+    else:
+        _lower_inference_linears(graph, ctx)
+
+
+def _lower_activation_quantization(graph: fx.Graph) -> None:
     from bitcompile.kernels.act_quant import MAX_ROW
 
     for node in list(graph.nodes):
@@ -51,6 +66,40 @@ def lower_to_triton(gm: fx.GraphModule, ctx: PassContext) -> None:
                 node.target = torch.ops.bitnet.norm_quant_triton.default
                 node.args = (x, None, None, None, "none", 0.0, bits, xm.dtype, False, False)
 
+
+def _lower_qat_linears(graph: fx.Graph) -> None:
+    """Training: the per-step weight quantizers and the linears on packed ternary weights and
+    int8 activations (their STE backward then launches the input-gradient kernels from
+    Inductor's code as well)."""
+    from bitcompile.kernels.weight_pack import SCHEMES
+
+    for node in list(graph.nodes):
+        if node.target is torch.ops.bitnet.quantize_weights.default:
+            w, scheme = node.args[:2]
+            wm = meta(w)
+            if scheme in SCHEMES and wm is not None and wm.dim() == 2 and wm.is_floating_point() and _static_cuda(w):
+                node.target = torch.ops.bitnet.quantize_weights_triton.default
+        elif node.target is torch.ops.bitnet.lowbit_linear.default:
+            x, xq, wq = node.args[0], node.args[3], node.args[5]
+            if xq is None or not _packed_codes(wq) or not _static_cuda(node, x):
+                continue
+            node.target = torch.ops.bitnet.lowbit_linear_triton.default
+            candidate = node.meta.get("bitnet_candidate")
+            if candidate is not None:
+                candidate.reason += ", lowered: triton"
+
+
+def _packed_codes(wq) -> bool:
+    """``wq`` is the packed output of a ``quantize_weights`` node: 2-bit codes, as for every
+    scheme but int8 (a custom quantizer's weights come from elsewhere)."""
+    if not (isinstance(wq, fx.Node) and wq.target is operator.getitem and wq.args[1] == 0):
+        return False
+    src = wq.args[0]
+    quantizers = (torch.ops.bitnet.quantize_weights.default, torch.ops.bitnet.quantize_weights_triton.default)
+    return isinstance(src, fx.Node) and src.target in quantizers and src.args[1] != "int8"
+
+
+def _lower_inference_linears(graph: fx.Graph, ctx: PassContext) -> None:
     placeholders = {n.name: n for n in graph.nodes if n.op == "placeholder"}
     for hoisted in ctx.hoisted:
         packed = placeholders.get(hoisted.packed_name)

@@ -40,7 +40,7 @@ def _(x, residual, weight, bias, kind, eps, bits, norm_dtype, store_normed, stor
     )
 
 
-def _norm_quant_setup(ctx, inputs, output):
+def norm_quant_setup(ctx, inputs, output):
     x, residual, weight, bias, kind, eps, bits, norm_dtype, store_normed, store_sum = inputs
     ctx.norm = (kind, eps)
     ctx.has = (residual is not None, weight is not None, bias is not None)
@@ -51,7 +51,7 @@ def _norm_quant_setup(ctx, inputs, output):
     ctx.save_for_backward(x, residual, weight, bias)
 
 
-def _norm_quant_backward(ctx, _gq, _gs, gy, gh):
+def norm_quant_backward(ctx, _gq, _gs, gy, gh):
     """QAT: the gradient reaching the stored normalized output (through the linears' STE)
     and the stored sum flows back through the norm and the residual add."""
     x, residual, weight, bias = ctx.saved_tensors
@@ -70,7 +70,7 @@ def _norm_quant_backward(ctx, _gq, _gs, gy, gh):
     return gx, gr, gw, gb, None, None, None, None, None, None
 
 
-norm_quant.register_autograd(_norm_quant_backward, setup_context=_norm_quant_setup)
+norm_quant.register_autograd(norm_quant_backward, setup_context=norm_quant_setup)
 
 
 @torch.library.custom_op("bitnet::linear_q", mutates_args=())

@@ -113,7 +113,7 @@ quantize_activations.register_autograd(no_gradient, setup_context=quantizer_setu
 quantize_weights.register_autograd(no_gradient, setup_context=quantizer_setup)
 
 
-def _linear_setup(ctx, inputs, output):
+def linear_setup(ctx, inputs, output):
     x, weight, bias, xq, x_scale, wq, w_scale, ctx.grad_input_bits = inputs
     ctx.k = x.shape[-1]
     ctx.weight_dtype = weight.dtype
@@ -124,22 +124,28 @@ def _linear_setup(ctx, inputs, output):
     ctx.save_for_backward(x if xq is None else xq, x_scale, wq, w_scale)
 
 
-def _linear_backward(ctx, grad):
-    a, x_scale, wq, w_scale = ctx.saved_tensors
-    gx = gw = gb = None
-    n = wq.shape[0]
-    g2 = grad.reshape(-1, n)
-    if ctx.needs_input_grad[0]:
-        gx = grad_input(grad, wq, w_scale, ctx.k, ctx.grad_input_bits)
-    if ctx.needs_input_grad[1]:
-        a_deq = a.to(grad.dtype) if ctx.weight_only else ref.dequantized_activations(a, x_scale, grad.dtype)
-        gw = (g2.t() @ a_deq.reshape(-1, ctx.k)).to(ctx.weight_dtype)
-    if ctx.has_bias and ctx.needs_input_grad[2]:
-        gb = g2.sum(0)
-    return gx, gw, gb, None, None, None, None, None
+def linear_backward(grad_input_op):
+    """``lowbit_linear``'s STE backward, its input gradient from ``grad_input_op``
+    (``bitnet::grad_input``, or its Inductor-visible twin for ``lowbit_linear_triton``)."""
+
+    def backward(ctx, grad):
+        a, x_scale, wq, w_scale = ctx.saved_tensors
+        gx = gw = gb = None
+        n = wq.shape[0]
+        g2 = grad.reshape(-1, n)
+        if ctx.needs_input_grad[0]:
+            gx = grad_input_op(grad, wq, w_scale, ctx.k, ctx.grad_input_bits)
+        if ctx.needs_input_grad[1]:
+            a_deq = a.to(grad.dtype) if ctx.weight_only else ref.dequantized_activations(a, x_scale, grad.dtype)
+            gw = (g2.t() @ a_deq.reshape(-1, ctx.k)).to(ctx.weight_dtype)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            gb = g2.sum(0)
+        return gx, gw, gb, None, None, None, None, None
+
+    return backward
 
 
-lowbit_linear.register_autograd(_linear_backward, setup_context=_linear_setup)
+lowbit_linear.register_autograd(linear_backward(grad_input), setup_context=linear_setup)
 
 
 # nn.TransformerEncoderLayer's inference fast path is one aten op that the attention pass

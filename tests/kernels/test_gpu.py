@@ -241,6 +241,55 @@ def test_triton_twins_opcheck():
     x = torch.randn(3, 300, device="cuda")
     torch.library.opcheck(ops.norm_quant_triton.default, (x, None, None, None, "rms", 1e-6, 8, torch.float32, True, False),
                           test_utils=STATIC_OPCHECK)
+    # the QAT twins, with inputs that need gradients (their autograd registration is checked)
+    w = torch.randn(64, 300, device="cuda", requires_grad=True)
+    torch.library.opcheck(ops.quantize_weights_triton.default, (w, "ternary", False), test_utils=STATIC_OPCHECK)
+    xg = x.clone().requires_grad_()
+    torch.library.opcheck(ops.lowbit_linear_triton.default, (xg, w, None, xq, xs, wq, ws, 8), test_utils=STATIC_OPCHECK)
+    g = torch.randn(3, 64, device="cuda")
+    for bits in (None, 8):
+        torch.library.opcheck(ops.grad_input_triton.default, (g, wq, ws, 300, bits), test_utils=STATIC_OPCHECK)
+
+
+@pytest.mark.parametrize("grad_input_bits", [None, 8])
+def test_compiled_qat_launches_our_kernels_from_inductor_code(grad_input_bits, monkeypatch):
+    # QAT on CUDA with static shapes: the forward and the backward graph launch the weight
+    # pack, matmul and input-gradient kernels from Inductor's code (no opaque bitnet op
+    # called through Python); outputs and every gradient match the opaque ops' run. Not
+    # bit for bit: the per-tensor weight scale's final sum over partials is Inductor's
+    # reduction there and torch's here (one ulp, measured), which moves bf16 outputs by an
+    # ulp and may flip a weight within an ulp of s/2; 1% relative error (in norm) allows
+    # that, a wrong kernel or operand is off by O(1).
+    from torch._inductor.utils import run_and_get_code
+
+    from bitcompile.passes import lower_triton
+    from tests.passes.fusion_models import Block
+
+    torch.manual_seed(0)
+    model = Block(d=256, hidden=512).to("cuda", torch.bfloat16)
+    x, r = (torch.randn(2, 7, 256, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    options = {} if grad_input_bits is None else {"grad_input_bits": grad_input_bits}
+
+    def step():
+        model.zero_grad()
+        xs = x.clone().requires_grad_()
+        out = torch.compile(model, backend="bitnet", options=options)(xs, r)
+        out.float().pow(2).mean().backward()
+        return [out.detach(), xs.grad] + [p.grad.clone() for p in model.parameters()]
+
+    got, codes = run_and_get_code(step)
+    code = "\n".join(codes)
+    assert "_pack_kernel" in code and ("_gemv_kernel" in code or "_gemm_kernel" in code)
+    if grad_input_bits is None:  # the exact STE kernels
+        assert "_grad_input_kernel" in code or "_grad_input_t_kernel" in code
+    else:  # int8 output gradients through the forward matmul on transposed trits
+        assert "_transposed_kernel" in code and "_grad_input" not in code
+    assert "bitnet.lowbit_linear.default" not in code and "bitnet.quantize_weights.default" not in code
+    assert "bitnet.grad_input.default" not in code
+    torch._dynamo.reset()
+    monkeypatch.setattr(lower_triton, "lower_to_triton", lambda gm, ctx: None)
+    for a, b in zip(got, step()):
+        assert ((a.float() - b.float()).norm() / b.float().norm()).item() < 1e-2
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -312,6 +312,29 @@ def test_norm_quant_triton_twin(kernels, device):
 
 
 
+def test_qat_triton_twins(kernels, device):
+    # The QAT twins' bodies launch the same kernels as the opaque ops (through wrap_triton):
+    # packed weights bit-identical and the scale to summation order (as test_weight_pack_random_values);
+    # given that scale, the int8 matmul and the quantized input gradient exactly the
+    # reference's, the exact input gradient within fp32 summation order.
+    from bitcompile.ops import triton_ops
+
+    g = torch.Generator().manual_seed(0)
+    x, w, grad = torch.randn(5, 70, generator=g), torch.randn(24, 70, generator=g), torch.randn(5, 24, generator=g)
+    wq, ws = triton_ops.quantize_weights_packed(w.to(device), "ternary", False)
+    rq, rs = ref.quantize_weights(w, "ternary", False)
+    assert torch.equal(wq.cpu(), rq)
+    torch.testing.assert_close(ws.cpu(), rs, rtol=1e-6, atol=0)
+    rs = ws.cpu()
+    xq, xs = ref.quantize_activations(x)
+    out = triton_ops.lowbit_linear_packed(x.to(device), w.to(device), None, xq.to(device), xs.to(device), wq, ws)
+    assert torch.equal(out.cpu(), ref.lowbit_linear(x, None, xq, xs, rq, rs, 70))
+    got = triton_ops.grad_input_packed(grad.to(device), wq, ws, 70, 8).cpu()
+    assert torch.equal(got, ref.grad_input_quantized(grad, rq, rs, 70, 8))
+    got = triton_ops.grad_input_packed(grad.to(device), wq, ws, 70).cpu()
+    torch.testing.assert_close(got, ref.grad_input(grad, rq, rs, 70), rtol=1e-5, atol=1e-6)
+
+
 @given(n=st.integers(1, 2), cin=st.integers(1, 6), cout=st.integers(1, 20), size=st.integers(1, 9),
        kernel=st.integers(1, 3), stride=st.integers(1, 2), padding=st.integers(0, 2), dilation=st.integers(1, 2),
        groups=st.sampled_from([1, 2]), spatial=st.sampled_from([1, 2]), seed=st.integers(0, 2**16))

@@ -153,6 +153,23 @@ def test_cuda_static_graphs_lower_to_inductor_visible_triton_ops(monkeypatch):
     assert bitnet.linear_q_triton.default not in targets and targets.count(bitnet.linear_q.default) == 5
 
 
+def test_cuda_static_training_graphs_lower_qat_ops_to_triton_twins(monkeypatch):
+    # QAT on CUDA with static shapes: the weight quantizers, the linears and the activation
+    # quantizers become the Triton twins (with autograd); widened to the CPU as above.
+    from bitcompile.passes import lower_triton
+
+    monkeypatch.setattr(lower_triton, "_static_cuda", lambda *nodes: _static(*nodes))
+    model = Block()
+    x, r = torch.randn(2, 5, 16, requires_grad=True), torch.randn(2, 5, 16)
+    targets = rewritten_targets(model, x, r, training=True)
+    assert targets.count(bitnet.lowbit_linear_triton.default) == 5 and bitnet.lowbit_linear.default not in targets
+    assert targets.count(bitnet.quantize_weights_triton.default) == 5 and bitnet.quantize_weights.default not in targets
+    assert targets.count(bitnet.norm_quant_triton.default) == 3 and bitnet.quantize_activations.default not in targets
+    torch._dynamo.reset()  # int8 weights have no packed-code kernel: their linears stay opaque
+    targets = rewritten_targets(model, x, r, training=True, weight="int8")
+    assert bitnet.lowbit_linear_triton.default not in targets and targets.count(bitnet.lowbit_linear.default) == 5
+
+
 def _static(*nodes):
     from bitcompile.passes.graph import meta
 
