@@ -218,12 +218,13 @@ def grad_input(grad: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, k: i
                                  f"got {grad.dtype} and {ws.numel()} scales")
             pt = transposed_kblocked(wq, k, wrap)
             lo, hi = ONE_TABLES["bf16" if grad.dtype == torch.bfloat16 else "fp16"]
-            return tuning.traceable(_grad_input_t_kernel, wrap)[grid](g, pt, ws, out, m, n, k, pt.shape[1], g.stride(0), pt.stride(0),
-                                              out.stride(0), Q=QUARTER, LO=lo, HI=hi, EVEN_N=n % (4 * QUARTER) == 0,
-                                              USE_ASM=use_asm, **cfg)
-        return tuning.traceable(_grad_input_kernel, wrap)[grid](g, wq, ws, out, m, n, k, kb, g.stride(0), wq.stride(0), out.stride(0),
-                                        PER_CHANNEL=per_channel, IEEE=grad.dtype == torch.float32,
-                                        EVEN_N=n % cfg["BN"] == 0, USE_ASM=use_asm, **cfg)
+            kernel = tuning.traceable(_grad_input_t_kernel, wrap)
+            return kernel[grid](g, pt, ws, out, m, n, k, pt.shape[1], g.stride(0), pt.stride(0), out.stride(0),
+                                Q=QUARTER, LO=lo, HI=hi, EVEN_N=n % (4 * QUARTER) == 0, USE_ASM=use_asm, **cfg)
+        kernel = tuning.traceable(_grad_input_kernel, wrap)
+        return kernel[grid](g, wq, ws, out, m, n, k, kb, g.stride(0), wq.stride(0), out.stride(0),
+                            PER_CHANNEL=per_channel, IEEE=grad.dtype == torch.float32, EVEN_N=n % cfg["BN"] == 0,
+                            USE_ASM=use_asm, **cfg)
 
     candidates = [config] if config is not None else _configs(transposed_ok)
     if tuning.interpreting() and config is None:  # no timing here: spread the CPU tests' shapes over both kernels
