@@ -231,11 +231,10 @@ def grad_input(grad: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, k: i
         candidates = [candidates[(m + n) % len(candidates)]]
     # Per-channel scales have their own entries (only the canonical kernel takes them).
     key = (tuning.bucket(m), n, k, str(grad.dtype)) + (("per_channel",) if per_channel else ())
-    if wrap is not None:
-        tuning.tune_before_tracing("grad_input", key, candidates, lambda: grad_input(
-            torch.randn(m, n, device=grad.device, dtype=grad.dtype),
-            torch.randint(0, 256, tuple(wq.shape), device=grad.device, dtype=torch.uint8),
-            torch.rand(tuple(ws.shape), device=grad.device), k, config))
+    tuning.tune_before_tracing(wrap, "grad_input", key, candidates, lambda: grad_input(
+        torch.randn(m, n, device=grad.device, dtype=grad.dtype),
+        torch.randint(0, 256, tuple(wq.shape), device=grad.device, dtype=torch.uint8),
+        torch.rand(tuple(ws.shape), device=grad.device), k, config))
     cfg = tuning.choose("grad_input", key, candidates, launch)
     compiled = launch(cfg)
     kernel = _grad_input_t_kernel if cfg.get("layout") == "transposed" else _grad_input_kernel

@@ -393,10 +393,9 @@ def ternary_matmul(a: torch.Tensor, wq: torch.Tensor, k: int, x_scale: Optional[
         gemm = [c_ for c_ in candidates if c_["kernel"] == "gemm"]
         candidates = gemv if gemv and (m <= 4 or m % 2 == 0) else [gemm[m % len(gemm)]]
     key = (tuning.bucket(m), n, k)
-    if wrap is not None:
-        tuning.tune_before_tracing("ternary_mm", key, candidates, lambda: ternary_matmul(
-            torch.randint(-127, 128, (m, k), device=a.device, dtype=torch.int8),
-            torch.randint(0, 256, tuple(blocked.shape), device=a.device, dtype=torch.uint8), k, layout="kblocked"))
+    tuning.tune_before_tracing(wrap, "ternary_mm", key, candidates, lambda: ternary_matmul(
+        torch.randint(-127, 128, (m, k), device=a.device, dtype=torch.int8),
+        torch.randint(0, 256, tuple(blocked.shape), device=a.device, dtype=torch.uint8), k, layout="kblocked"))
     cfg = tuning.choose("ternary_mm", key, candidates, launch)
     kernel = _gemv_kernel if cfg["kernel"] == "gemv" else _gemm_kernel
     compiled = launch(cfg)

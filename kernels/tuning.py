@@ -147,11 +147,12 @@ def cached(kernel: str, key: Sequence, candidates: Sequence[dict]) -> bool:
     return f"{kernel}:" + ",".join(map(str, key)) in _load(gpu_name())
 
 
-def tune_before_tracing(kernel: str, key: Sequence, candidates: Sequence[dict], tune: Callable[[], object]) -> None:
-    """Traced launches (``wrap_triton``) run on fake tensors and cannot be timed: if
-    :func:`choose` would have to time, ``tune()`` first runs the launcher on real stand-in
-    tensors of the same shapes, which times and caches the choice."""
-    if not cached(kernel, key, candidates):
+def tune_before_tracing(wrap: Optional[Callable], kernel: str, key: Sequence, candidates: Sequence[dict],
+                        tune: Callable[[], object]) -> None:
+    """Traced launches (``wrap`` given: ``wrap_triton``) run on fake tensors and cannot be
+    timed: if :func:`choose` would have to time, ``tune()`` first runs the launcher on real
+    stand-in tensors of the same shapes, which times and caches the choice."""
+    if wrap is not None and not cached(kernel, key, candidates):
         with real_tensors():
             tune()
 

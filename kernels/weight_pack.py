@@ -109,19 +109,18 @@ def quantize_pack(w: torch.Tensor, scheme: str = "ternary", per_channel: bool = 
     def launch(cfg):
         n_part = triton.cdiv(n, cfg["sum_rows"])
         part = torch.empty(n_part, device=w.device, dtype=torch.float32)
-        tuning.traceable(_abs_sum_kernel, wrap)[(n_part,)](w, row_sum, part, n, k, w.stride(0), BN=cfg["sum_rows"], BK=cfg["sum_cols"],
-                                   num_warps=cfg["sum_warps"])
+        tuning.traceable(_abs_sum_kernel, wrap)[(n_part,)](w, row_sum, part, n, k, w.stride(0), BN=cfg["sum_rows"],
+                                                           BK=cfg["sum_cols"], num_warps=cfg["sum_warps"])
         # Per tensor: the partials summed once (fixed order), not re-read by every program.
         total = part if per_channel else part.sum(0, keepdim=True)
         return tuning.traceable(_pack_kernel, wrap)[(triton.cdiv(n, cfg["BN"]), triton.cdiv(k, 4 * Q))](
             w, row_sum, total, scale, packed, n, k, kb, float(n * k), w.stride(0), packed.stride(0),
             BN=cfg["BN"], num_warps=cfg["num_warps"], **flags)
 
-    key = (n, k, str(w.dtype), per_channel, layout)
-    if wrap is not None:
-        tuning.tune_before_tracing("weight_pack", key, _configs(), lambda: quantize_pack(
-            torch.randn(n, k, device=w.device, dtype=w.dtype), scheme, per_channel, layout))
-    cfg = tuning.choose("weight_pack", key, _configs(), launch)
+    key, configs = (n, k, str(w.dtype), per_channel, layout), _configs()
+    tuning.tune_before_tracing(wrap, "weight_pack", key, configs, lambda: quantize_pack(
+        torch.randn(n, k, device=w.device, dtype=w.dtype), scheme, per_channel, layout))
+    cfg = tuning.choose("weight_pack", key, configs, launch)
     compiled = launch(cfg)
     tuning.dump_source(_pack_kernel, compiled, {**flags, **cfg, "w": str(w.dtype)})
     return packed, scale
