@@ -123,7 +123,7 @@ def _check_int8(a, w, c, tiles, m, n, k) -> bool:
     return bool(torch.equal(c, want))
 
 
-def sweep(m: int, n: int, k: int, smoke: bool, bandwidth: float, repeat: int = 1) -> dict:
+def sweep(m: int, n: int, k: int, smoke: bool, bandwidth: float, repeat: int = 1, int8: bool = True) -> dict:
     dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float32
     x = torch.randn(m, k, device=DEVICE, dtype=dtype)
     wb = [torch.randn(n, k, device=DEVICE, dtype=dtype) for _ in range(copies(n * k * 2))]
@@ -169,7 +169,7 @@ def sweep(m: int, n: int, k: int, smoke: bool, bandwidth: float, repeat: int = 1
         print(f"  {r['us']:8.1f}{spread} us  {bf16 / r['us']:5.2f}x  {pct:3.0f}% BW  exact={r['exact']}  "
               f"{label(r['config'])}{tag}", flush=True)
     out = dict(m=m, n=n, k=k, bf16_us=bf16, launch_us=launch_us, rows=rows)
-    if m >= 1024 or (smoke and m % 16 == 0):  # whole tiles only
+    if int8 and (m >= 1024 or (smoke and m % 16 == 0)):  # whole tiles only
         out["int8_experiment"] = int8_experiment(m, n, k, smoke)
         for name, us in out["int8_experiment"]:
             print(f"  {us:8.1f} us  {bf16 / us:5.2f}x  {name}", flush=True)
@@ -182,6 +182,7 @@ def main() -> int:
     parser.add_argument("--json", help="write every timing here")
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--repeat", type=int, default=1, help="rounds over all candidates (median reported)")
+    parser.add_argument("--no-int8", action="store_true", help="skip the unpacked int8 GEMM experiment")
     args = parser.parse_args()
     if DEVICE != "cuda" and not args.smoke:
         print("needs a CUDA GPU (--smoke runs tiny shapes anywhere)", file=sys.stderr)
@@ -193,7 +194,7 @@ def main() -> int:
     bandwidth = copy_bandwidth(2**20 if args.smoke else 2**30)
     print(f"copy bandwidth {bandwidth:.2f} TB/s; {torch.cuda.get_device_name() if DEVICE == 'cuda' else 'cpu'}, "
           f"torch {torch.__version__}, triton {triton.__version__}", flush=True)
-    results = [sweep(m, n, k, args.smoke, bandwidth, args.repeat) for m, n, k in shapes]
+    results = [sweep(m, n, k, args.smoke, bandwidth, args.repeat, not args.no_int8) for m, n, k in shapes]
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(bandwidth=bandwidth, results=results), f, indent=1, default=str)

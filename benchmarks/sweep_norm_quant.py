@@ -39,7 +39,7 @@ def main() -> int:
         block = max(16, 1 << (k - 1).bit_length())
         for kind in ("none", "rms"):
             flags = dict(BLOCK=block, NORM=act_quant.NORM_KINDS[kind], HAS_RES=False, HAS_W=False, HAS_B=False,
-                         STORE_Y=False, STORE_H=False)
+                         STORE_Y=False, STORE_H=False, USE_ASM=device == "cuda")
             for warps in sorted({2, 4, 8, 16, 32, act_quant.num_warps(block)}):
                 def run():
                     act_quant._norm_quant_kernel[(m,)](x, x, x, x, q, s, x, x, k, k, k, k, k, k, 1e-6, 127.0,

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from bitcompile.kernels import tuning
-from bitcompile.kernels.common import round_half_even, rows
+from bitcompile.kernels.common import round_to_int, rows
 
 NORM_KINDS = {"none": 0, "rms": 1, "rms_fp32": 2, "layer": 3}
 MAX_ROW = 65536  # one row in registers; longer rows use the reference
@@ -27,7 +27,7 @@ EPS = 1e-5
 @triton.jit
 def _norm_quant_kernel(X, RES, W, B, Q, S, Y, H, K, stride_x, stride_r, stride_q, stride_y, stride_h, eps, qmax, QEPS: tl.constexpr,
                        BLOCK: tl.constexpr, NORM: tl.constexpr, HAS_RES: tl.constexpr, HAS_W: tl.constexpr,
-                       HAS_B: tl.constexpr, STORE_Y: tl.constexpr, STORE_H: tl.constexpr):
+                       HAS_B: tl.constexpr, STORE_Y: tl.constexpr, STORE_H: tl.constexpr, USE_ASM: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < K
@@ -62,17 +62,19 @@ def _norm_quant_kernel(X, RES, W, B, Q, S, Y, H, K, stride_x, stride_r, stride_q
         if STORE_Y:
             tl.store(Y + row * stride_y + cols, y, mask=mask)
         y = y.to(tl.float32)
-    amax = tl.max(tl.where(mask, tl.abs(y), 0.0), axis=0)
+    # Lanes past K hold exact zeros (every load above defaults to 0). The max propagates NaN,
+    # so a NaN row gets a NaN scale, as in the reference, and its integers become 0.
+    amax = tl.reduce(tl.abs(y), 0, _max_propagating_nan)
     # IEEE divisions (Triton's `/` may be approximate): the reference's integers exactly.
-    scale = tl.math.div_rn(tl.maximum(amax, QEPS), qmax)
-    # A NaN row: max() may drop NaN, so carry it into the scale explicitly (as the reference does).
-    has_nan = tl.max(tl.where(mask & (y != y), 1, 0), axis=0) > 0
-    scale = tl.where(has_nan, float("nan"), scale)
-    q = round_half_even(tl.math.div_rn(y, scale))
-    q = tl.where(q != q, 0.0, q)  # before the clamp: tl.maximum drops NaN
-    q = tl.minimum(tl.maximum(q, -qmax - 1.0), qmax)
+    scale = tl.math.div_rn(tl.maximum(amax, QEPS, propagate_nan=tl.PropagateNan.ALL), qmax)
+    q = round_to_int(tl.math.div_rn(y, scale), -qmax.to(tl.int32) - 1, qmax.to(tl.int32), USE_ASM)
     tl.store(Q + row * stride_q + cols, q.to(tl.int8), mask=mask)
     tl.store(S + row, scale)
+
+
+@triton.jit
+def _max_propagating_nan(a, b):
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
 
 
 def num_warps(block: int) -> int:
@@ -110,7 +112,8 @@ def norm_quant(x: torch.Tensor, bits: int = 8, kind: str = "none", weight: Optio
     if m:
         block = triton.next_power_of_2(max(k, 16))
         flags = dict(BLOCK=block, NORM=NORM_KINDS[kind], HAS_RES=residual is not None, HAS_W=weight is not None,
-                     HAS_B=bias is not None, STORE_Y=store_normed, STORE_H=store_sum)
+                     HAS_B=bias is not None, STORE_Y=store_normed, STORE_H=store_sum,
+                     USE_ASM=not tuning.interpreting())
         warps = 1 if tuning.interpreting() else num_warps(block)
         compiled = tuning.traceable(_norm_quant_kernel, wrap)[(m,)](
             x2, r2, weight if weight is not None else x2, bias if bias is not None else x2, q, s, y, h, k,

@@ -41,6 +41,8 @@ def _tool(name: str) -> str:
 def signature_type(value) -> str:
     """How a launch specialises an argument: pointers (torch allocations are 16-byte
     aligned) and integers divisible by 16 carry that fact; 1 becomes a constant."""
+    if isinstance(value, str) and value.startswith("tensordesc"):
+        return value
     if isinstance(value, str):  # a pointer type such as "*i8"
         return value + ":16"
     if value == 1:
@@ -86,16 +88,18 @@ def _run(tool: str, cubin: bytes, flag: str) -> str:
 
 
 def main_loop(sass: str) -> list[str]:
-    """Opcodes of the largest loop body (a backward branch and everything it jumps over)."""
+    """Opcodes of the main loop: the smallest loop body (a backward branch and everything it
+    jumps over) that does the matmul's arithmetic (tensor-core or dp4a instructions), else the
+    largest loop. Smallest: a TMA kernel's barrier-wait retries branch back from the end of the
+    kernel, so their spans hold the K loop and the epilogue."""
     ops = [(int(a, 16), op, rest) for a, op, rest in SASS_OP.findall(sass)]
-    best: list[str] = []
+    loops = []
     for address, op, rest in ops:
         target = re.search(r"0x([0-9a-f]+)", rest) if op == "BRA" else None
         if target and int(target[1], 16) < address:
-            body = [o for a, o, _ in ops if int(target[1], 16) <= a <= address]
-            if len(body) > len(best):
-                best = body
-    return best
+            loops.append([o for a, o, _ in ops if int(target[1], 16) <= a <= address])
+    computing = [body for body in loops if any(family(o) in ("mma", "dp4a") for o in body)]
+    return min(computing, key=len) if computing else max(loops, key=len, default=[])
 
 
 def family(op: str) -> str | None:
@@ -155,6 +159,9 @@ def ternary_mm_case(config: dict, m: int, n: int, k: int) -> tuple:
     scratch = "*i32" if cfg["SPLIT_K"] > 1 else "*bf16"
     args = dict(A="*i8", P="*u8", **pointers, PARTIAL=scratch, COUNT=scratch, M=m, N=n, K=k, KPB=kpb,
                 stride_am=k, stride_pn=kpb, stride_cm=n, stride_rm=n)
+    cfg.setdefault("A_TMA", False)
+    if cfg["A_TMA"]:  # a host TensorDescriptor of the activations, as the launcher builds it
+        args["A"] = f"tensordesc<i8[{cfg['BM']}, {4 * QUARTER if cfg['JOIN_K'] else QUARTER}]>"
     constexprs = dict(Q=QUARTER, EVEN_K=k % (4 * QUARTER) == 0, USE_ASM=True, STORE_PARTIALS=True, **flags, **cfg)
     return tm._gemm_kernel, args, constexprs, warps, stages
 

@@ -28,6 +28,20 @@ def round_half_even(y):
 
 
 @triton.jit
+def round_to_int(y, lo, hi, USE_ASM: tl.constexpr):
+    """int32 ``clamp(round(y), lo, hi)`` with ties to even and NaN -> 0 (torch's ``round``,
+    ``clamp``, ``nan_to_num``). On the GPU one ``cvt.rni.s32.f32`` (NaN converts to 0) and two
+    integer clamps: in the activation quantizer the float rounding, NaN select and clamps
+    were ~12 instructions per element of a kernel that is instruction-bound at 8192-wide rows."""
+    if USE_ASM:
+        q = tl.inline_asm_elementwise("cvt.rni.s32.f32 $0, $1;", "=r,f", [y], dtype=tl.int32, is_pure=True, pack=1)
+    else:
+        r = round_half_even(y)
+        q = tl.minimum(tl.maximum(tl.where(r != r, 0.0, r), -2.0**31), 2.0**31 - 1).to(tl.int32)
+    return tl.minimum(tl.maximum(q, lo), hi)
+
+
+@triton.jit
 def grouped_tile(pid, grid_major, grid_minor, GROUP: tl.constexpr):
     """``(major, minor)`` tile indices of program ``pid`` in grouped order: GROUP consecutive
     major tiles sweep every minor tile together, so their shared operand stays in L2."""

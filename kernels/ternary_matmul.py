@@ -175,7 +175,10 @@ def _gemm_kernel(A, P, C, XS, WS, BIAS, RES, PARTIAL, COUNT, M, N, K, KPB, strid
                  SPLIT_K: tl.constexpr, STORE_PARTIALS: tl.constexpr, SWAP: tl.constexpr, JOIN_K: tl.constexpr,
                  EVEN_K: tl.constexpr,
                  USE_ASM: tl.constexpr, EPILOGUE: tl.constexpr,
-                 PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, HAS_RES: tl.constexpr):
+                 PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, HAS_RES: tl.constexpr,
+                 A_TMA: tl.constexpr):
+    # A_TMA: A is a TensorDescriptor of the activations (block [BM, 4Q] joined, [BM, Q] per
+    # shift): the tensor memory accelerator fetches them, zero-filling past M and K.
     # Grouped order over (weight row tiles, token tiles): GROUP_N weight tiles share L2.
     pid_n, pid_m = grouped_tile(tl.program_id(0), tl.cdiv(N, BN), tl.cdiv(M, BM), GROUP_N)
     offs_n = pid_n * BN + tl.arange(0, BN)
@@ -186,7 +189,8 @@ def _gemm_kernel(A, P, C, XS, WS, BIAS, RES, PARTIAL, COUNT, M, N, K, KPB, strid
     # loads need no row masks (per-byte selects in the loop otherwise); K needs a mask only
     # when it is not whole 256-trit blocks (past K the trits are zero, the memory may not be).
     p_ptrs = P + (offs_n % N)[:, None].to(tl.int64) * stride_pn + offs_j[None, :]
-    a_rows = A + (offs_m % M)[:, None].to(tl.int64) * stride_am
+    if not A_TMA:
+        a_rows = A + (offs_m % M)[:, None].to(tl.int64) * stride_am
     if SWAP:
         acc = tl.zeros((BN, BM), dtype=tl.int32)
     else:
@@ -202,13 +206,19 @@ def _gemm_kernel(A, P, C, XS, WS, BIAS, RES, PARTIAL, COUNT, M, N, K, KPB, strid
         if JOIN_K:
             # The whole block in one dot: the tensor cores are waited on once per block, not
             # once per shift (Triton waits after every dot whose operand is computed in the loop).
-            k = 4 * kb + offs_k
-            a = tl.load(a_rows + k[None, :], mask=(k[None, :] < K) | EVEN_K, other=0)
+            if A_TMA:
+                a = A.load([pid_m * BM, 4 * kb])
+            else:
+                k = 4 * kb + offs_k
+                a = tl.load(a_rows + k[None, :], mask=(k[None, :] < K) | EVEN_K, other=0)
             acc = _mma(acc, unpack_kblock(p, BN, Q, USE_ASM), a, SWAP)
         else:
             for i in tl.static_range(4):
-                k = 4 * kb + i * Q + offs_j
-                a = tl.load(a_rows + k[None, :], mask=(k[None, :] < K) | EVEN_K, other=0)
+                if A_TMA:
+                    a = A.load([pid_m * BM, 4 * kb + i * Q])
+                else:
+                    k = 4 * kb + i * Q + offs_j
+                    a = tl.load(a_rows + k[None, :], mask=(k[None, :] < K) | EVEN_K, other=0)
                 acc = _mma(acc, trits_at(p, 2 * i, USE_ASM), a, SWAP)
     if SWAP:
         out = tl.trans(acc)
@@ -286,9 +296,12 @@ def _gemm_configs(m: int):
     # JOIN_K: one dot per 256-trit block instead of one per shift (both are timed). Left out:
     # what needs more than the H100's 227 KB of shared memory (round 4: 4-stage 128x256 tiles,
     # and the joined 256-row activation tile unswapped).
-    return [dict(kernel="gemm", BN=bn, BM=bm, SPLIT_K=sk, SWAP=bool(sw), JOIN_K=jk, GROUP_N=8, num_warps=w,
-                 num_stages=s) for bn, bm, sk, sw, w, s in shapes for jk in (False, True)
-            if not (jk and bm == 256 and not sw)]
+    configs = [dict(kernel="gemm", BN=bn, BM=bm, SPLIT_K=sk, SWAP=bool(sw), JOIN_K=jk, GROUP_N=8, num_warps=w,
+                    num_stages=s) for bn, bm, sk, sw, w, s in shapes for jk in (False, True)
+               if not (jk and bm == 256 and not sw)]
+    if m > 256:  # round 9: activations by TMA (a plain int8 GEMM: 875 us TMA vs 933 pointers, round 6)
+        configs += [dict(c, A_TMA=True) for c in configs]
+    return configs
 
 
 def _candidates(m: int) -> list[dict]:
@@ -381,8 +394,16 @@ def ternary_matmul(a: torch.Tensor, wq: torch.Tensor, k: int, x_scale: Optional[
                 **gemv_flags, **cfg)
         tiles = triton.cdiv(m, cfg["BM"]) * triton.cdiv(n, cfg["BN"])
         gemm = tuning.traceable(_gemm_kernel, wrap)
+        # TMA needs 16-byte aligned rows and base; otherwise the same tile loads by pointers. Traced
+        # launches load by pointers too: torch 2.11's wrap_triton outside Dynamo records no TMA
+        # descriptor metadata for a host TensorDescriptor (KeyError in triton_kernel_wrap).
+        cfg["A_TMA"] = cfg.get("A_TMA", False) and wrap is None and k % 16 == 0 and a2.data_ptr() % 16 == 0
+        a_arg = a2
+        if cfg["A_TMA"]:
+            from triton.tools.tensor_descriptor import TensorDescriptor
+            a_arg = TensorDescriptor.from_tensor(a2, [cfg["BM"], 4 * QUARTER if cfg["JOIN_K"] else QUARTER])
         return gemm[(tiles, cfg["SPLIT_K"])](
-            a2, blocked, c, *tail, *split_k_buffers(cfg, tiles), m, n, k, kpb, a2.stride(0),
+            a_arg, blocked, c, *tail, *split_k_buffers(cfg, tiles), m, n, k, kpb, a2.stride(0),
             blocked.stride(0), c.stride(0), res.stride(0), STORE_PARTIALS=wrap is None, Q=QUARTER,
             EVEN_K=k % (4 * QUARTER) == 0, USE_ASM=not tuning.interpreting(), **flags, **cfg)
 

@@ -21,11 +21,12 @@ def test_lowbit_matmul_exact(m, n, k):
 
 
 @pytest.mark.parametrize("m,n,k", [(1, 4096, 8192), (3, 1000, 1003), (16, 4096, 4096), (100, 1000, 1003),
-                                   (300, 2048, 4096)])
+                                   (300, 2048, 4096), (257, 512, 1040)])
 def test_every_matmul_config_exact(m, n, k, monkeypatch):
     """Every launch configuration tuning may pick (GEMV, GEMM with and without split-K, operand
-    swap, one dot per block), not only the one this GPU's tuning picks; whole and partial
-    256-trit blocks (the unmasked and masked load paths)."""
+    swap, one dot per block, activations by TMA), not only the one this GPU's tuning picks; whole
+    and partial 256-trit blocks (the unmasked and masked load paths; TMA's zero fill past M and
+    K at 257 x 1040)."""
     from bitcompile.kernels import ternary_matmul as tm
     from bitcompile.kernels import tuning
 
