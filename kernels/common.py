@@ -35,10 +35,11 @@ def round_to_int(y, lo, hi, USE_ASM: tl.constexpr):
     were ~12 instructions per element of a kernel that is instruction-bound at 8192-wide rows."""
     if USE_ASM:
         q = tl.inline_asm_elementwise("cvt.rni.s32.f32 $0, $1;", "=r,f", [y], dtype=tl.int32, is_pure=True, pack=1)
+        return tl.minimum(tl.maximum(q, lo), hi)
     else:
         r = round_half_even(y)
-        q = tl.minimum(tl.maximum(tl.where(r != r, 0.0, r), -2.0**31), 2.0**31 - 1).to(tl.int32)
-    return tl.minimum(tl.maximum(q, lo), hi)
+        r = tl.where(r != r, 0.0, r)
+        return tl.minimum(tl.maximum(r, lo.to(tl.float32)), hi.to(tl.float32)).to(tl.int32)
 
 
 @triton.jit

@@ -48,3 +48,8 @@ def test_sweep_matmul_smoke():
     printed = smoke("sweep_matmul.py")
     assert "exact=False" not in printed and printed.count("exact=True") >= 9
     assert printed.count("int8 GEMM exact vs torch: True") == 2
+
+
+def test_read_floor_smoke():
+    printed = smoke("read_floor.py")
+    assert "copy bandwidth" in printed and printed.count("read ") == 1  # results checked inside
