@@ -6,7 +6,8 @@ Also an experiment for large M: a plain int8 x int8 Triton GEMM on trits unpacke
 beforehand (pointer loads, and TMA descriptors where this Triton has them), to price staging
 unpacked weights in memory against unpacking them in registers.
 
-    python3 benchmarks/sweep_matmul.py [--shapes M,N,K ...] [--repeat R] [--json results.json]
+    python3 benchmarks/sweep_matmul.py [--shapes M,N,K ...] [--repeat R] [--traced] [--shipped-only]
+                                          [--json results.json]
     python3 benchmarks/sweep_matmul.py --smoke   # tiny shapes, any device: the script runs
 """
 from __future__ import annotations
@@ -123,7 +124,11 @@ def _check_int8(a, w, c, tiles, m, n, k) -> bool:
     return bool(torch.equal(c, want))
 
 
-def sweep(m: int, n: int, k: int, smoke: bool, bandwidth: float, repeat: int = 1, int8: bool = True) -> dict:
+def sweep(m: int, n: int, k: int, smoke: bool, bandwidth: float, repeat: int = 1, int8: bool = True,
+          traced: bool = False, shipped_only: bool = False) -> dict:
+    # traced: launch as under torch.compile (a pass-through wrap: TMA descriptors built on the
+    # device, split-K partials summed without stored copies).
+    wrap = (lambda f: f) if traced else None
     dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float32
     x = torch.randn(m, k, device=DEVICE, dtype=dtype)
     wb = [torch.randn(n, k, device=DEVICE, dtype=dtype) for _ in range(copies(n * k * 2))]
@@ -139,10 +144,12 @@ def sweep(m: int, n: int, k: int, smoke: bool, bandwidth: float, repeat: int = 1
     # shows what a ranking is worth (round 7: the same tile measured 9.9 and 11.5 us on two calls).
     runs = []
     for cfg in tm._candidates(m):
+        if shipped_only and cfg != shipped:
+            continue
         with forced(cfg):
             try:
-                exact = torch.equal(tm.ternary_matmul(xq, blocked, k, layout="kblocked"), want)
-                fns = [lambda p=p: tm.ternary_matmul(xq, p, k, xs, w_scale, None, dtype, layout="kblocked")
+                exact = torch.equal(tm.ternary_matmul(xq, blocked, k, layout="kblocked", wrap=wrap), want)
+                fns = [lambda p=p: tm.ternary_matmul(xq, p, k, xs, w_scale, None, dtype, layout="kblocked", wrap=wrap)
                        for p in packed]
                 fns[0]()
             except Exception as err:  # noqa: BLE001  (e.g. out of shared memory: report, go on)
@@ -183,6 +190,8 @@ def main() -> int:
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--repeat", type=int, default=1, help="rounds over all candidates (median reported)")
     parser.add_argument("--no-int8", action="store_true", help="skip the unpacked int8 GEMM experiment")
+    parser.add_argument("--traced", action="store_true", help="launch as torch.compile's generated code does")
+    parser.add_argument("--shipped-only", action="store_true", help="time only the shipped table's choice")
     args = parser.parse_args()
     if DEVICE != "cuda" and not args.smoke:
         print("needs a CUDA GPU (--smoke runs tiny shapes anywhere)", file=sys.stderr)
@@ -194,7 +203,8 @@ def main() -> int:
     bandwidth = copy_bandwidth(2**20 if args.smoke else 2**30)
     print(f"copy bandwidth {bandwidth:.2f} TB/s; {torch.cuda.get_device_name() if DEVICE == 'cuda' else 'cpu'}, "
           f"torch {torch.__version__}, triton {triton.__version__}", flush=True)
-    results = [sweep(m, n, k, args.smoke, bandwidth, args.repeat, not args.no_int8) for m, n, k in shapes]
+    results = [sweep(m, n, k, args.smoke, bandwidth, args.repeat, not args.no_int8, args.traced, args.shipped_only)
+               for m, n, k in shapes]
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(bandwidth=bandwidth, results=results), f, indent=1, default=str)

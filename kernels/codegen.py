@@ -160,7 +160,8 @@ def ternary_mm_case(config: dict, m: int, n: int, k: int) -> tuple:
     args = dict(A="*i8", P="*u8", **pointers, PARTIAL=scratch, COUNT=scratch, M=m, N=n, K=k, KPB=kpb,
                 stride_am=k, stride_pn=kpb, stride_cm=n, stride_rm=n)
     cfg.setdefault("A_TMA", False)
-    if cfg["A_TMA"]:  # a host TensorDescriptor of the activations, as the launcher builds it
+    cfg.setdefault("HOST_DESC", cfg["A_TMA"])  # as an eager launch; False: as a traced one
+    if cfg["HOST_DESC"]:  # a host TensorDescriptor of the activations, as the launcher builds it
         args["A"] = f"tensordesc<i8[{cfg['BM']}, {4 * QUARTER if cfg['JOIN_K'] else QUARTER}]>"
     constexprs = dict(Q=QUARTER, EVEN_K=k % (4 * QUARTER) == 0, USE_ASM=True, STORE_PARTIALS=True, **flags, **cfg)
     return tm._gemm_kernel, args, constexprs, warps, stages

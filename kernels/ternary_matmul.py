@@ -12,8 +12,9 @@ gives trits of consecutive K, so every activation load is a contiguous slice.
     (C^T tile = trits [BN, K] @ A^T [K, BM]: the trits are then the operand the MMA takes
     from registers). Trits are unpacked four per register op (``common.trits_at``); a
     256-trit block is one dot (``JOIN_K``) or four, one per shift; the activations stream
-    in through ``cp.async`` (Triton's pipeliner) or, for large M in eager launches, by TMA
-    (``A_TMA``: a host ``TensorDescriptor``; 8192^3 1083 -> 907 us, round 9).
+    in through ``cp.async`` (Triton's pipeliner) or, for large M, by TMA (``A_TMA``: a host
+    ``TensorDescriptor`` in eager launches, one built in the kernel in traced launches;
+    8192^3 1083 -> 907 us, round 9).
 Both share one epilogue: ``acc * s_w * s_x (+ bias)``, an optional activation, an
 optional residual add, and the cast to the output dtype, in the reference's order.
 """
@@ -177,9 +178,11 @@ def _gemm_kernel(A, P, C, XS, WS, BIAS, RES, PARTIAL, COUNT, M, N, K, KPB, strid
                  EVEN_K: tl.constexpr,
                  USE_ASM: tl.constexpr, EPILOGUE: tl.constexpr,
                  PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, HAS_RES: tl.constexpr,
-                 A_TMA: tl.constexpr):
-    # A_TMA: A is a TensorDescriptor of the activations (block [BM, 4Q] joined, [BM, Q] per
-    # shift): the tensor memory accelerator fetches them, zero-filling past M and K.
+                 A_TMA: tl.constexpr, HOST_DESC: tl.constexpr):
+    # A_TMA: the tensor memory accelerator fetches the activations (blocks [BM, 4Q] joined,
+    # [BM, Q] per shift), zero-filling past M and K. A is then a host TensorDescriptor
+    # (HOST_DESC) or the int8 pointer, described here (traced launches: Inductor cannot take a
+    # host descriptor through wrap_triton; the device copy needs Triton's scratch allocator).
     # Grouped order over (weight row tiles, token tiles): GROUP_N weight tiles share L2.
     pid_n, pid_m = grouped_tile(tl.program_id(0), tl.cdiv(N, BN), tl.cdiv(M, BM), GROUP_N)
     offs_n = pid_n * BN + tl.arange(0, BN)
@@ -192,6 +195,8 @@ def _gemm_kernel(A, P, C, XS, WS, BIAS, RES, PARTIAL, COUNT, M, N, K, KPB, strid
     p_ptrs = P + (offs_n % N)[:, None].to(tl.int64) * stride_pn + offs_j[None, :]
     if not A_TMA:
         a_rows = A + (offs_m % M)[:, None].to(tl.int64) * stride_am
+    elif not HOST_DESC:
+        A = tl.make_tensor_descriptor(A, [M, K], [stride_am, 1], [BM, 4 * Q if JOIN_K else Q])
     if SWAP:
         acc = tl.zeros((BN, BM), dtype=tl.int32)
     else:
@@ -300,8 +305,8 @@ def _gemm_configs(m: int):
     configs = [dict(kernel="gemm", BN=bn, BM=bm, SPLIT_K=sk, SWAP=bool(sw), JOIN_K=jk, GROUP_N=8, num_warps=w,
                     num_stages=s) for bn, bm, sk, sw, w, s in shapes for jk in (False, True)
                if not (jk and bm == 256 and not sw)]
-    if m > 256:  # round 9: activations by TMA (a plain int8 GEMM: 875 us TMA vs 933 pointers, round 6)
-        configs += [dict(c, A_TMA=True) for c in configs]
+    if m > 256:  # activations by TMA (round 9: 8192^3 1005 -> 907 us); every TMA winner so far swapped
+        configs += [dict(c, A_TMA=True) for c in configs if c["SWAP"]]
     return configs
 
 
@@ -385,11 +390,13 @@ def ternary_matmul(a: torch.Tensor, wq: torch.Tensor, k: int, x_scale: Optional[
                     torch.zeros(tiles, device=a.device, dtype=torch.int32))
         return _split_k_workspace(a.device, numel, tiles)
 
-    def uses_tma(cfg):
-        """TMA needs 16-byte aligned rows and base; otherwise the same tile loads by pointers.
-        Traced launches load by pointers too: torch 2.11's wrap_triton outside Dynamo records
-        no descriptor metadata for a host TensorDescriptor (KeyError in triton_kernel_wrap)."""
-        return cfg.get("A_TMA", False) and wrap is None and k % 16 == 0 and a2.data_ptr() % 16 == 0
+    def activation_loads(cfg):
+        """TMA needs 16-byte aligned rows and base, otherwise the same tile loads by pointers.
+        A traced launch checks the storage offset (Inductor's buffers and, copied if not,
+        graph inputs are aligned) and describes the activations on the device."""
+        aligned = a2.storage_offset() % 16 == 0 if wrap is not None else a2.data_ptr() % 16 == 0
+        tma = bool(cfg.get("A_TMA", False) and k % 16 == 0 and aligned)
+        return dict(A_TMA=tma, HOST_DESC=tma and wrap is None)
 
     def launch(cfg):
         cfg = dict(cfg)
@@ -401,11 +408,13 @@ def ternary_matmul(a: torch.Tensor, wq: torch.Tensor, k: int, x_scale: Optional[
                 **gemv_flags, **cfg)
         tiles = triton.cdiv(m, cfg["BM"]) * triton.cdiv(n, cfg["BN"])
         gemm = tuning.traceable(_gemm_kernel, wrap)
-        cfg["A_TMA"] = uses_tma(cfg)
+        cfg.update(activation_loads(cfg))
         a_arg = a2
-        if cfg["A_TMA"]:
+        if cfg["HOST_DESC"]:
             from triton.tools.tensor_descriptor import TensorDescriptor
             a_arg = TensorDescriptor.from_tensor(a2, [cfg["BM"], 4 * QUARTER if cfg["JOIN_K"] else QUARTER])
+        elif cfg["A_TMA"]:
+            tuning.use_scratch_allocator()
         return gemm[(tiles, cfg["SPLIT_K"])](
             a_arg, blocked, c, *tail, *split_k_buffers(cfg, tiles), m, n, k, kpb, a2.stride(0),
             blocked.stride(0), c.stride(0), res.stride(0), STORE_PARTIALS=wrap is None, Q=QUARTER,
@@ -424,6 +433,6 @@ def ternary_matmul(a: torch.Tensor, wq: torch.Tensor, k: int, x_scale: Optional[
     cfg = tuning.choose("ternary_mm", key, candidates, launch)
     kernel = _gemv_kernel if cfg["kernel"] == "gemv" else _gemm_kernel
     compiled = launch(cfg)
-    launched = {**cfg, "A_TMA": uses_tma(cfg)} if kernel is _gemm_kernel else cfg
+    launched = {**cfg, **activation_loads(cfg)} if kernel is _gemm_kernel else cfg
     tuning.dump_source(kernel, compiled, {**flags, **launched, "out": str(c.dtype)})
     return c.reshape(*lead, n)

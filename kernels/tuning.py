@@ -163,6 +163,19 @@ def traceable(kernel, wrap: Optional[Callable]):
     return kernel if wrap is None else wrap(kernel)
 
 
+def _scratch(size: int, alignment: int, stream: Optional[int]) -> torch.Tensor:
+    return torch.empty(size, device="cuda", dtype=torch.int8)
+
+
+def use_scratch_allocator() -> None:
+    """Kernels that build TMA descriptors on the device need global scratch memory from
+    Triton's allocator (a context variable: set before each such launch, on the calling
+    thread; Inductor sets its own before the launches it makes)."""
+    import triton
+
+    triton.set_allocator(_scratch)
+
+
 @contextlib.contextmanager
 def real_tensors():
     """Leave the tracing modes (fake tensors, functionalization) for a block that allocates

@@ -24,7 +24,8 @@ def test_lowbit_matmul_exact(m, n, k):
                                    (300, 2048, 4096), (257, 512, 1040)])
 def test_every_matmul_config_exact(m, n, k, monkeypatch):
     """Every launch configuration tuning may pick (GEMV, GEMM with and without split-K, operand
-    swap, one dot per block, activations by TMA), not only the one this GPU's tuning picks; whole
+    swap, one dot per block, activations by TMA from a host descriptor and, as traced launches
+    make them, from one built on the device), not only the one this GPU's tuning picks; whole
     and partial 256-trit blocks (the unmasked and masked load paths; TMA's zero fill past M and
     K at 257 x 1040)."""
     from bitcompile.kernels import ternary_matmul as tm
@@ -37,6 +38,40 @@ def test_every_matmul_config_exact(m, n, k, monkeypatch):
     for cfg in tm._candidates(m):
         monkeypatch.setattr(tuning, "choose", lambda *args, cfg=cfg: cfg)
         assert torch.equal(tm.ternary_matmul(a, wq, k), want), cfg
+        if cfg.get("A_TMA"):
+            assert torch.equal(tm.ternary_matmul(a, wq, k, wrap=lambda f: f), want), cfg
+
+
+def test_compiled_matmul_builds_tma_descriptors_on_device(monkeypatch):
+    """Under Inductor (traced launch) a TMA configuration describes the activations in the
+    kernel, with scratch memory from the allocator Inductor sets: same output as eager."""
+    from torch._inductor.utils import run_and_get_code
+
+    from bitcompile.kernels import layout, tuning
+    from bitcompile.kernels.ternary_matmul import ternary_matmul
+    from bitcompile.ops import triton_ops  # noqa: F401  (registers the twins)
+
+    m, n, k = 520, 384, 1040  # a partial row tile and a partial 256-trit block
+    g = torch.Generator(device="cuda").manual_seed(5)
+    wq, ws = ref.quantize_weights(torch.randn(n, k, device="cuda", generator=g))
+    a = torch.randint(-128, 128, (m, k), dtype=torch.int8, device="cuda", generator=g)
+    xs = torch.rand(m, 1, device="cuda", generator=g) / 127
+    blocked = layout.relayout(wq, k)
+    cfg = dict(kernel="gemm", BN=128, BM=256, GROUP_N=8, SPLIT_K=1, SWAP=True, JOIN_K=True, num_warps=8,
+               num_stages=3, A_TMA=True)
+    monkeypatch.setattr(tuning, "choose", lambda *args: cfg)
+    described = []
+    real = tuning.use_scratch_allocator
+    monkeypatch.setattr(tuning, "use_scratch_allocator", lambda: described.append(1) or real())
+
+    def linear(a, xs, blocked, ws):
+        return ops.linear_q_triton(a, xs, blocked, ws, None, k, torch.float32, "none", None)
+
+    got, (code,) = run_and_get_code(torch.compile(linear, fullgraph=True), a, xs, blocked, ws)
+    assert "_gemm_kernel" in code and "make_tensor_descriptor" in code and described
+    want = ref.lowbit_matmul(a, wq, k).float() * xs * ws
+    assert torch.equal(got, ternary_matmul(a, blocked, k, xs, ws, None, torch.float32, layout="kblocked"))  # host
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=0)  # fp32 dequantization order
 
 
 def test_tuner_timing_excludes_host_latency():

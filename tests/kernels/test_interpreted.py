@@ -229,8 +229,8 @@ def test_split_k_reductions_exact(kernels, device, traced, monkeypatch):
 @pytest.mark.parametrize("join_k", [False, True])
 def test_matmul_activations_by_tma_exact(kernels, device, join_k, monkeypatch):
     """The TMA activation loads (``A_TMA``): rows past M and trits past K (a partial 256-trit
-    block) come back as TMA's zero fill; a traced launch (pass-through ``wrap``) falls back to
-    pointer loads with the same tile."""
+    block) come back as TMA's zero fill, from a host descriptor (eager) or one built in the
+    kernel (a traced launch, pass-through ``wrap``, which sets up Triton's scratch allocator)."""
     tm, tuning = kernels.ternary_matmul, kernels.ternary_matmul.tuning
     g = torch.Generator().manual_seed(11)
     m, n, k = 40, 24, 272
@@ -238,9 +238,12 @@ def test_matmul_activations_by_tma_exact(kernels, device, join_k, monkeypatch):
     a = torch.randint(-128, 128, (m, k), dtype=torch.int8, generator=g)
     cfg = dict(kernel="gemm", BN=16, BM=16, GROUP_N=4, SPLIT_K=1, SWAP=True, JOIN_K=join_k, num_warps=4, A_TMA=True)
     monkeypatch.setattr(tuning, "choose", lambda *args: cfg)
-    for wrap in (None, lambda f: f):
+    allocations = []
+    monkeypatch.setattr(tuning, "use_scratch_allocator", lambda: allocations.append(1))
+    for wrap, device_descriptors in ((None, 0), (lambda f: f, 1)):
         got = tm.ternary_matmul(a.to(device), wq.to(device), k, wrap=wrap)
         assert torch.equal(got.cpu(), ref.lowbit_matmul(a, wq, k))
+        assert len(allocations) == device_descriptors
 
 
 @given(n=dims, k=st.integers(1, 600), seed=st.integers(0, 2**16))
