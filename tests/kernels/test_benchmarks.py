@@ -24,7 +24,7 @@ def test_bench_kernels_smoke(tmp_path):
     # one matmul row per M, the QAT row (with the int8-gradient and CUDA-graph columns), conv and decode lines
     assert [line.split("|")[1].strip() for line in table.splitlines() if "| 64×96 |" in line] == ["1", "16", "40"]
     qat = [line for line in table.splitlines() if line.startswith("| 64×64 |")]
-    assert len(qat) == 1 and len(qat[0].split("|")) == 14
+    assert len(qat) == 1 and len(qat[0].split("|")) == 15
     assert "Host overhead" in table and "Compiled decode" in table and "3×3/1" in table
     assert "nan" not in qat[0] and qat[0] in printed
 
