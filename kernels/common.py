@@ -85,15 +85,88 @@ def trits_at(p, SHIFT: tl.constexpr, USE_ASM: tl.constexpr):
         return ((p >> SHIFT) & 3).to(tl.int8) - 1
 
 
+def _kblock_ptx(quarters: tuple, word: str) -> tl.constexpr:
+    """PTX: quarters ``g`` of the "nibbles" word ``word`` -> four signed trit bytes each, in
+    $0, $1, ... Quarter g is a 2-bit field of the four nibbles of one 16-bit half (g >> 1);
+    masked out, the nibbles are ``prmt`` selectors into the table a = 0x000001FF, b = 1:
+    field bits 0-1: code 0 -> a.byte0 = -1, 1 -> a.byte1 = +1, 3 -> a.byte3 = 0; bits 2-3 (the
+    selector is 4 x code): 0 -> a.byte0 = -1, 4 -> b.byte0 = +1, 12 -> b.byte0's sign = 0."""
+    body = ["shr.b32 h, %s, 16;" % word] if max(quarters) >= 2 else []
+    for out, g in enumerate(quarters):
+        body.append(f"and.b32 s, {word if g < 2 else 'h'}, {'0xCCCC' if g & 1 else '0x3333'}; "
+                    f"prmt.b32 ${out}, 0x000001FF, 1, s;")
+    return tl.constexpr("{ .reg .b32 s, h; " + " ".join(body) + " }")
+
+
+# Per 16 trits: one shift, four ands, four byte permutes (the previous byte-field order took
+# ~19 ops). Checked on the CPU by interpreting the text (tests/kernels/test_ptx.py).
+KBLOCK_PTX = _kblock_ptx((0, 1, 2, 3), "$4")
+KBLOCK_PTX_Q0, KBLOCK_PTX_Q1, KBLOCK_PTX_Q2, KBLOCK_PTX_Q3 = (_kblock_ptx((g,), "$1") for g in range(4))
+
+
+@triton.jit
+def nibble_trit(e):
+    """Trit of a "nibbles" code (int32): 0 -> -1, 1 -> +1, 3 -> 0."""
+    return tl.where(e == 3, 0, 2 * e - 1)
+
+
+@triton.jit
+def kblock_quarters(p, BN: tl.constexpr, Q: tl.constexpr, USE_ASM: tl.constexpr):
+    """K-blocked ("nibbles") bytes ``[BN, Q]`` of one 256-trit block -> its four quarters as
+    int8 trits ``[BN, Q]`` each: quarter g, column j holds trit 64g + j. The four bytes an
+    asm call packs into a register are one little-endian word of the layout (the load's
+    16-byte vectors keep them together)."""
+    if USE_ASM:
+        return tl.inline_asm_elementwise(KBLOCK_PTX, "=r,=r,=r,=r,r", [p], dtype=(tl.int8, tl.int8, tl.int8, tl.int8),
+                                         is_pure=True, pack=4)
+    else:
+        # Byte 4w + 2h + b holds nibbles n = 2b (low) and 2b + 1 of half h.
+        x = tl.reshape(p.to(tl.int32) & 0xFF, (BN, Q // 4, 2, 2))  # [BN, w, h, b]
+        lo_half, hi_half = tl.split(tl.permute(x, (0, 1, 3, 2)))  # [BN, w, b] each
+        return (_quarter_ref(lo_half, 0, BN, Q), _quarter_ref(lo_half, 2, BN, Q),
+                _quarter_ref(hi_half, 0, BN, Q), _quarter_ref(hi_half, 2, BN, Q))
+
+
+@triton.jit
+def kblock_quarter(p, G: tl.constexpr, BN: tl.constexpr, Q: tl.constexpr, USE_ASM: tl.constexpr):
+    """Quarter G of :func:`kblock_quarters`, or, with ``Q == 0``, of int32 words ``p`` (each its
+    four trits as signed bytes). One quarter at a time keeps one tile live: the four at once,
+    each a shared-memory MMA operand, outgrew the H100's shared memory in 128 x 256 tiles."""
+    if USE_ASM:
+        pack: tl.constexpr = 1 if Q == 0 else 4
+        if Q != 0:
+            p = p.to(tl.int8, bitcast=True)  # the packed bytes may arrive as uint8
+        if G == 0:
+            return tl.inline_asm_elementwise(KBLOCK_PTX_Q0, "=r,r", [p], dtype=p.dtype, is_pure=True, pack=pack)
+        elif G == 1:
+            return tl.inline_asm_elementwise(KBLOCK_PTX_Q1, "=r,r", [p], dtype=p.dtype, is_pure=True, pack=pack)
+        elif G == 2:
+            return tl.inline_asm_elementwise(KBLOCK_PTX_Q2, "=r,r", [p], dtype=p.dtype, is_pure=True, pack=pack)
+        else:
+            return tl.inline_asm_elementwise(KBLOCK_PTX_Q3, "=r,r", [p], dtype=p.dtype, is_pure=True, pack=pack)
+    elif Q == 0:
+        field = (p >> (16 * (G // 2) + 2 * (G % 2))) & 0x3333
+        out = tl.zeros_like(p)
+        for n in tl.static_range(4):
+            out |= (nibble_trit((field >> (4 * n)) & 3) & 0xFF) << (8 * n)
+        return out
+    else:
+        return kblock_quarters(p, BN, Q, USE_ASM)[G]
+
+
+@triton.jit
+def _quarter_ref(half, SHIFT: tl.constexpr, BN: tl.constexpr, Q: tl.constexpr):
+    """Trits of one quarter (field SHIFT of each nibble) of a half's bytes ``[BN, w, b]``."""
+    t = tl.join(nibble_trit((half >> SHIFT) & 3), nibble_trit((half >> (SHIFT + 4)) & 3))  # [BN, w, b, n & 1]
+    return tl.reshape(t, (BN, Q)).to(tl.int8)
+
+
 @triton.jit
 def unpack_kblock(p, BN: tl.constexpr, Q: tl.constexpr, USE_ASM: tl.constexpr):
-    """One 256-trit block of K-blocked bytes ``[BN, Q]`` -> int8 trits ``[BN, 4 Q]`` in K order.
-    Shift i of byte j holds trit ``64 i + j``, so the four shifted tiles laid side by side are
-    the block's K order (a register relabelling, no data exchanged between threads)."""
-    w0 = trits_at(p, 0, USE_ASM)
-    w1 = trits_at(p, 2, USE_ASM)
-    w2 = trits_at(p, 4, USE_ASM)
-    w3 = trits_at(p, 6, USE_ASM)
+    """One 256-trit block of K-blocked bytes ``[BN, Q]`` -> int8 trits ``[BN, 4 Q]`` in K order:
+    the four quarters laid side by side (a register relabelling, no data exchanged between
+    threads)."""
+    w0, w1, w2, w3 = kblock_quarters(p, BN, Q, USE_ASM)
     # join(join(w0, w1), join(w2, w3))[n, j, y, x] = w_{2x+y}; order (n, x, y, j) is 64 i + j.
     w = tl.permute(tl.join(tl.join(w0, w1), tl.join(w2, w3)), (0, 3, 2, 1))
     return tl.reshape(w, (BN, 4 * Q))

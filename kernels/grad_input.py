@@ -216,7 +216,7 @@ def grad_input(grad: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, k: i
             if not transposed_ok:
                 raise ValueError("the transposed grad_input kernel takes 16-bit grads and a per-tensor weight scale, "
                                  f"got {grad.dtype} and {ws.numel()} scales")
-            pt = transposed_kblocked(wq, k, wrap)
+            pt = transposed_kblocked(wq, k, wrap, order="fields")
             lo, hi = ONE_TABLES["bf16" if grad.dtype == torch.bfloat16 else "fp16"]
             kernel = tuning.traceable(_grad_input_t_kernel, wrap)
             return kernel[grid](g, pt, ws, out, m, n, k, pt.shape[1], g.stride(0), pt.stride(0), out.stride(0),

@@ -1,4 +1,4 @@
-"""The K-blocked kernel layout of packed trits (``bitcompile.quant.packing.to_kblocked``).
+"""The K-blocked kernel layouts of packed trits (``bitcompile.quant.packing.to_kblocked``).
 
 ``relayout(wq, k)`` converts canonical bytes on the GPU (one read, one write of the packed
 bytes; 15 µs at 8192² on an H100, ~1.5% of that GEMM at 8192 tokens). ``kblocked(wq, k)`` does
@@ -18,18 +18,26 @@ import triton.language as tl
 from torch.utils.weak import WeakIdKeyDictionary
 
 from bitcompile.kernels import tuning
-from bitcompile.quant.packing import KBLOCK, kblocked_columns
+from bitcompile.quant.packing import KBLOCK, KBLOCK_ORDERS, kblocked_columns
 
 QUARTER = KBLOCK // 4  # bytes per row per block; also the trits one shift yields
 
 
 @triton.jit
+def nibble_codes(byte):
+    """Canonical codes (trit + 1) -> "nibbles" codes (-1 -> 0, +1 -> 1, 0 -> 3), every 2-bit
+    field of an int32 at once: high bit = low bit of c, low bit = c != 0."""
+    lo = byte & 0x55555555
+    return (lo << 1) | lo | ((byte >> 1) & 0x55555555)
+
+
+@triton.jit
 def _relayout_kernel(P, OUT, N, K, KB, stride_p, stride_o, BN: tl.constexpr, Q: tl.constexpr):
     # A block of 4Q trits is Q canonical bytes per row, four runs of Q/4: byte c of run i
-    # holds trits k = i*Q + 4c + s (field s), and K-blocked byte j = 4c + s keeps trit i*Q + j
-    # in field i. So output word c (bytes 4c..4c+3) is a 4x4 transpose of the 2-bit fields of
-    # byte c of the four runs: element-wise on [BN, Q/4] tiles, contiguous loads and stores,
-    # nothing exchanged between threads (a gather formulation took 600 us at 8192^2).
+    # holds trits k = i*Q + 4c + s (field s), and output word c holds trit i*Q + 4c + s (quarter
+    # i, nibble s). So output word c is a 4x4 transpose of the 2-bit fields of byte c of the
+    # four runs: element-wise on [BN, Q/4] tiles, contiguous loads and stores, nothing
+    # exchanged between threads (a gather formulation took 600 us at 8192^2).
     rows = tl.program_id(0) * BN + tl.arange(0, BN)[:, None]
     blk = tl.program_id(1)
     c = tl.arange(0, Q // 4)[None, :]
@@ -40,14 +48,14 @@ def _relayout_kernel(P, OUT, N, K, KB, stride_p, stride_o, BN: tl.constexpr, Q: 
         # Fields past K (the last byte's padding, whatever its bits) become the zero trit 01.
         valid = tl.minimum(tl.maximum(K - (blk * 4 * Q + i * Q + 4 * c), 0), 4)
         trit_bits = (1 << (2 * valid)) - 1
-        byte = (byte & trit_bits) | (0x55 & ~trit_bits)
+        byte = nibble_codes((byte & trit_bits) | (0x55 & ~trit_bits))
         for s in tl.static_range(4):
-            out |= ((byte >> (2 * s)) & 3) << (8 * s + 2 * i)
+            out |= ((byte >> (2 * s)) & 3) << (16 * (i // 2) + 4 * s + 2 * (i % 2))
     tl.store(OUT + rows.to(tl.int64) * stride_o + blk * (Q // 4) + c, out, mask=rows < N)
 
 
 def relayout(wq: torch.Tensor, k: int, wrap: Optional[Callable] = None) -> torch.Tensor:
-    """Canonical packed ``uint8 [N, ceil(k/4)]`` -> K-blocked ``uint8 [N, kblocked_columns(k)]``
+    """Canonical packed ``uint8 [N, ceil(k/4)]`` -> K-blocked ("nibbles") ``uint8 [N, kblocked_columns(k)]``
     (``wrap``: launched through ``torch.library.wrap_triton``, ``tuning.traceable``)."""
     if wq.dtype != torch.uint8 or wq.dim() != 2 or wq.shape[1] != (k + 3) // 4:
         raise ValueError(f"relayout needs canonical packed uint8 [N, ceil(k/4)] weights, got {wq.dtype} "
@@ -66,28 +74,45 @@ def relayout(wq: torch.Tensor, k: int, wrap: Optional[Callable] = None) -> torch
 
 
 @triton.jit
-def _transposed_kernel(P, OUT, N, K, KB, stride_p, stride_o, BC: tl.constexpr, Q: tl.constexpr):
+def _transposed_kernel(P, OUT, N, K, KB, stride_p, stride_o, BC: tl.constexpr, Q: tl.constexpr,
+                       NIBBLES: tl.constexpr):
     # Input: a [4Q rows, BC bytes] tile of canonical bytes, read along the bytes (coalesced).
-    # Output row k = 4c + s (shift s of byte column c), block b = program_id(1): byte j holds, in
-    # bits 2i, the trit of input row n = b*4Q + i*Q + j. Triton transposes between the load's
-    # and the stores' layouts through shared memory.
+    # Output row k = 4c + s (field s of byte column c), block b = program_id(1): the trit of
+    # input row n = b*4Q + i*Q + j (quarter i, word j // 4, n' = j % 4) goes to byte j, bits 2i
+    # ("fields"), or to bit 16 (i // 2) + 4 n' + 2 (i % 2) of word j // 4 ("nibbles"). Triton
+    # transposes between the load's and the stores' layouts through shared memory.
     c = tl.program_id(0) * BC + tl.arange(0, BC)
     i = tl.arange(0, 4)[:, None, None]
     n = tl.program_id(1) * 4 * Q + i * Q + tl.arange(0, Q)[None, :, None]
     valid = (n < N) & (c[None, None, :] < KB)
     src = tl.load(P + n.to(tl.int64) * stride_p + c[None, None, :], mask=valid, other=0x55)  # 0x55: zero trits
     src = src.to(tl.int32)
+    if NIBBLES:
+        src = nibble_codes(src)
     out_rows = OUT + tl.program_id(1) * Q + tl.arange(0, Q)[:, None]
     for s in tl.static_range(4):
-        out = tl.sum(((src >> (2 * s)) & 3) << (2 * i), axis=0)  # [Q, BC]
+        if NIBBLES:
+            # [i, j, c] = [2 h, 2 q, Q/4 w, 2 b, 2 n', c]: byte 4w + 2h + b holds, at bit 4 n' + 2 q,
+            # the trit of quarter 2h + q, j = 4w + 2b + n'.
+            e = tl.reshape((src >> (2 * s)) & 3, (2, 2, Q // 4, 2, 2, BC))
+            q = tl.arange(0, 2)[None, :, None, None, None, None]
+            nl = tl.arange(0, 2)[None, None, None, None, :, None]
+            out = tl.sum(tl.sum(e << (4 * nl + 2 * q), axis=4), axis=1)  # [h, w, b, c]
+            out = tl.reshape(tl.permute(out, (1, 0, 2, 3)), (Q, BC))
+        else:
+            out = tl.sum(((src >> (2 * s)) & 3) << (2 * i), axis=0)  # [Q, BC]
         k = 4 * c[None, :] + s
         tl.store(out_rows + k.to(tl.int64) * stride_o, out.to(tl.uint8), mask=k < K)
 
 
-def transposed_kblocked(wq: torch.Tensor, k: int, wrap: Optional[Callable] = None) -> torch.Tensor:
+def transposed_kblocked(wq: torch.Tensor, k: int, wrap: Optional[Callable] = None,
+                        order: str = "nibbles") -> torch.Tensor:
     """Canonical packed trits ``T [N, ceil(k/4)]`` -> ``T^T`` K-blocked, ``uint8 [k,
-    kblocked_columns(N)]``: the operand that lets the forward matmul kernel compute
-    ``g @ T`` (the QAT input gradient). One read and one write of the packed bytes."""
+    kblocked_columns(N)]``, in ``order`` (``bitcompile.quant.packing``): "nibbles" lets the
+    forward matmul kernel compute ``g @ T`` (the int8 QAT input gradient), "fields" is the
+    16-bit input-gradient kernel's operand. One read and one write of the packed bytes."""
+    if order not in KBLOCK_ORDERS:
+        raise ValueError(f"unknown K-blocked order {order!r}; supported: {', '.join(KBLOCK_ORDERS)}")
     if wq.dtype != torch.uint8 or wq.dim() != 2 or wq.shape[1] != (k + 3) // 4:
         raise ValueError(f"transposed_kblocked needs canonical packed uint8 [N, ceil(k/4)] weights, got {wq.dtype} "
                          f"{tuple(wq.shape)} for k={k}")
@@ -99,7 +124,7 @@ def transposed_kblocked(wq: torch.Tensor, k: int, wrap: Optional[Callable] = Non
         bc = 16 if tuning.interpreting() else 32
         kernel = tuning.traceable(_transposed_kernel, wrap)
         kernel[(triton.cdiv(kb, bc), cols // QUARTER)](wq, out, n, k, kb, wq.stride(0), out.stride(0), BC=bc, Q=QUARTER,
-                                                       num_warps=4)
+                                                       NIBBLES=order == "nibbles", num_warps=4)
     return out
 
 

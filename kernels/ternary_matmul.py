@@ -1,18 +1,19 @@
 """Packed-ternary matmul: int8 activations x 2-bit trits, exact int32 accumulation.
 
-Both kernels read the K-blocked layout (``kernels.layout``): one shift of a run of bytes
-gives trits of consecutive K, so every activation load is a contiguous slice.
-  * ``_gemv_kernel`` (M <= GEMV_MAX_M, decode): CUDA cores. 32-bit words of 4 packed
-    bytes are shifted and masked into 4 codes c = trit + 1 in one register, turned into 4
-    signed trits by one add and one xor, and met with 4 int8 activations by one ``dp4a``
-    (4 multiply-adds per instruction). Per 4 trits: shift, and, add, xor, dp4a. (Unsigned
-    codes with sum(x) subtracted made every program re-read the whole activation row: 9.27
-    -> 8.78 us at M=1 8192^2, round 10.) Both operands are loaded at the accumulator's shape, so
-    the loop never exchanges data between threads (no shared memory, no barriers).
+Both kernels read the K-blocked "nibbles" layout (``bitcompile.quant.packing``): each
+quarter of a 32-bit word is 4 trits of consecutive K, so every activation load is a
+contiguous slice, and an ``and`` plus one ``prmt`` (a byte permute reading a constant table)
+turn a quarter into 4 signed int8 trits in one register (``common.KBLOCK_PTX``; the byte-field
+order before it took ~19 ops per 16 trits instead of 9: M=128 8192^2 25.2 -> 21.4 us, round 11).
+  * ``_gemv_kernel`` (M <= GEMV_MAX_M, decode): CUDA cores. Each quarter's 4 trits meet 4
+    int8 activations in one ``dp4a`` (4 multiply-adds per instruction). (Unsigned codes with
+    sum(x) subtracted made every program re-read the whole activation row: 9.27 -> 8.78 us at
+    M=1 8192^2, round 10.) Both operands are loaded at the accumulator's shape, so the loop
+    never exchanges data between threads (no shared memory, no barriers).
   * ``_gemm_kernel`` (larger M): int8 tensor cores, optionally with the operands swapped
     (C^T tile = trits [BN, K] @ A^T [K, BM]: the trits are then the operand the MMA takes
-    from registers). Trits are unpacked four per register op (``common.trits_at``); a
-    256-trit block is one dot (``JOIN_K``) or four, one per shift; the activations stream
+    from registers). A 256-trit block is one dot (``JOIN_K``) or four, one per quarter
+    (``common.kblock_quarter``); the activations stream
     in through ``cp.async`` (Triton's pipeliner) or, for large M, by TMA (``A_TMA``: a host
     ``TensorDescriptor`` in eager launches, one built in the kernel in traced launches;
     8192^3 1083 -> 907 us, round 9).
@@ -28,7 +29,7 @@ import triton
 import triton.language as tl
 
 from bitcompile.kernels import tuning
-from bitcompile.kernels.common import ACTIVATIONS, apply_activation, grouped_tile, trits_at, unpack_kblock
+from bitcompile.kernels.common import ACTIVATIONS, apply_activation, grouped_tile, kblock_quarter, unpack_kblock
 from bitcompile.kernels.layout import QUARTER, kblocked, relayout
 
 GEMV_MAX_M = 16  # dp4a cost grows with M: from 2 rows on, tuning times it against the tensor cores
@@ -72,20 +73,12 @@ def _dp4a(a, b, c, USE_ASM: tl.constexpr):
 
 
 @triton.jit
-def _trit_bytes(p, i: tl.constexpr):
-    """Shift i of four packed bytes -> their trits as four signed bytes. Code c = trit + 1 is
-    in bits 0-1 of each byte after the mask; c + 0x7F stays within its byte (no carry) and
-    ^ 0x80 then gives c - 1 in two's complement: 0 -> 0xFF, 1 -> 0, 2 -> 1."""
-    return (((p >> (2 * i)) & 0x03030303) + 0x7F7F7F7F) ^ -0x7F7F7F80  # 0x80808080 as int32
-
-
-@triton.jit
 def _gemv_kernel(A, P, C, XS, WS, BIAS, RES, M, N, XW, PW, stride_am, stride_pn, stride_cm, stride_rm,
                  BM: tl.constexpr, BN: tl.constexpr, BW: tl.constexpr, EVEN: tl.constexpr, USE_ASM: tl.constexpr,
                  EPILOGUE: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr,
                  ACTIVATION: tl.constexpr, HAS_RES: tl.constexpr):
     # A: int32 words of 4 int8 activations [M, XW]; P: int32 words of 4 K-blocked bytes
-    # [N, PW]. Word w of a 16-word (256-trit) block, shift i, holds trits
+    # [N, PW]. Word w of a 16-word (256-trit) block, quarter i, holds trits
     # k = 256 * block + 64 i + 4 (w % 16) + 0..3, i.e. activation word 64 block + 16 i + w % 16.
     # Tiles are [BM, BN, NB, 16]: NB blocks of 16 words, so loads are visibly contiguous
     # (16-byte vectors). Both dp4a operands are loaded at that full shape (pointers broadcast
@@ -105,19 +98,19 @@ def _gemv_kernel(A, P, C, XS, WS, BIAS, RES, M, N, XW, PW, stride_am, stride_pn,
     p_ptrs = P + (n4 % N).to(tl.int64) * stride_pn + word
     x_ptrs = A + (m4 % M) * stride_am + x_word
     acc = tl.zeros((BM, BN, BW // 16, 16), dtype=tl.int32)
-    # Out-of-range words read as code 1 (zero trit) in every byte.
-    p = tl.load(p_ptrs, mask=(word < PW) | EVEN, other=0x55555555)
+    # Out-of-range words read as 0xFFFFFFFF: sixteen zero trits.
+    p = tl.load(p_ptrs, mask=(word < PW) | EVEN, other=-1)
     for w0 in range(0, PW, BW):
         # The next step's weights are requested before this step's arithmetic (a register
         # double buffer), so each program has a DRAM load in flight while it computes.
         if EVEN:
             p_next = tl.load(p_ptrs + tl.minimum(w0 + BW, PW - BW))
         else:
-            p_next = tl.load(p_ptrs + w0 + BW, mask=w0 + BW + word < PW, other=0x55555555)
+            p_next = tl.load(p_ptrs + w0 + BW, mask=w0 + BW + word < PW, other=-1)
         for i in tl.static_range(4):
             xi = 4 * w0 + 16 * i
             x = tl.load(x_ptrs + xi, mask=(xi + x_word < XW) | EVEN, other=0)
-            acc = _dp4a(_trit_bytes(p, i), x, acc, USE_ASM)
+            acc = _dp4a(kblock_quarter(p, i, 0, 0, USE_ASM), x, acc, USE_ASM)
         p = p_next
     out = tl.sum(tl.sum(acc, axis=3), axis=2)
     offs_m = tl.arange(0, BM)
@@ -227,7 +220,7 @@ def _gemm_kernel(A, P, C, XS, WS, BIAS, RES, PARTIAL, COUNT, M, N, K, KPB, strid
                 else:
                     k = 4 * kb + i * Q + offs_j
                     a = tl.load(a_rows + k[None, :], mask=(k[None, :] < K) | EVEN_K, other=0)
-                acc = _mma(acc, trits_at(p, 2 * i, USE_ASM), a, SWAP)
+                acc = _mma(acc, kblock_quarter(p, i, BN, Q, USE_ASM), a, SWAP)
     if SWAP:
         out = tl.trans(acc)
     else:
@@ -296,7 +289,9 @@ def _gemm_configs(m: int):
         shapes = [(128, 64, 1, 1, 4, 3), (128, 128, 1, 1, 8, 3), (64, 64, 2, 1, 4, 3), (128, 64, 2, 0, 4, 3),
                   (128, 128, 1, 0, 8, 3), (64, 128, 2, 0, 4, 3), (128, 128, 2, 0, 8, 3), (64, 64, 1, 1, 4, 3),
                   (128, 64, 1, 1, 8, 3), (64, 128, 1, 1, 4, 3), (64, 32, 1, 1, 4, 3), (128, 64, 2, 1, 4, 3),
-                  (64, 64, 4, 1, 4, 3)]  # round 7: 4-5 stages lost (25.5 vs 25.2 us)
+                  (64, 64, 4, 1, 4, 3),  # round 7: 4-5 stages lost (25.5 vs 25.2 us)
+                  # round 11: every weight tile unpacked once (one token tile), still 256 programs
+                  (64, 128, 2, 1, 4, 3), (32, 128, 2, 1, 4, 3), (32, 128, 1, 1, 4, 3)]
     else:  # the 2-stage 128x128 tiles fit two programs per SM (registers and shared memory), so
         # one program's unpack can overlap the other's tensor-core work (Triton waits on each dot)
         shapes = [(128, 256, 1, 1, 8, 3), (256, 128, 1, 0, 8, 3), (128, 256, 1, 0, 8, 3), (128, 128, 1, 0, 8, 4),

@@ -5,7 +5,7 @@ contiguous 2-D tiles (16-byte loads; the previous version gathered every 4th col
   1. ``_abs_sum_kernel``: fp32 sum |W| per row, and one partial sum per program.
   2. ``_pack_kernel``: computes the scale itself (IEEE division, as the CPU reference:
      row sum / K per channel, or the summed partials / (N K) per tensor), reads W once more and
-     writes 4 codes per byte, canonical or K-blocked, from the same [BN, 4, 64] tile. The
+     writes 4 codes per byte, canonical or K-blocked ("nibbles"), from the same [BN, 4, 64] tile. The
      trits need no division per weight: two exact comparisons decide them (see the kernel).
 The partials are summed in a fixed order: the scale is deterministic run to run.
 """
@@ -60,7 +60,7 @@ def _pack_kernel(W, ROWSUM, TOTAL, SCALE, P, N, K, KB, count, stride_w, stride_p
     j = tl.arange(0, QB)[None, None, :]
     if LAYOUT == 0:  # canonical: byte c holds k = 4c + i
         k = blk * 4 * QB + 4 * j + i
-    else:  # K-blocked: byte j of the block holds k = j + i * QB
+    else:  # K-blocked: quarter i of the block, k = i * QB + j (placed below)
         k = blk * 4 * QB + i * QB + j
     valid = (rows[:, None, None] < N) & (k < K)
     w = tl.load(W + rows[:, None, None].to(tl.int64) * stride_w + k, mask=valid, other=0.0).to(tl.float32)
@@ -75,8 +75,16 @@ def _pack_kernel(W, ROWSUM, TOTAL, SCALE, P, N, K, KB, count, stride_w, stride_p
         t = (w > half).to(tl.float32) - (w < -half).to(tl.float32)
     else:
         t = tl.where(w >= 0, 1.0, -1.0)
-    t = tl.where(valid, t, 0.0)  # K padding is the zero trit
-    packed = tl.sum((t.to(tl.int32) + 1) << (2 * i), axis=1)
+    t = tl.where(valid, t, 0.0).to(tl.int32)  # K padding is the zero trit
+    if LAYOUT == 0:
+        packed = tl.sum((t + 1) << (2 * i), axis=1)
+    else:  # "nibbles" (bitcompile.quant.packing): trit i * QB + 4w + n at bit 16 (i // 2) + 4n + 2 (i % 2)
+        e = tl.where(t == 0, 3, (t + 1) >> 1)
+        e = tl.reshape(e, (BN, 2, 2, QB // 4, 2, 2))  # [BN, h, q, w, b, n % 2]: i = 2h + q, j = 4w + 2b + n % 2
+        q = tl.arange(0, 2)[None, None, :, None, None, None]
+        nl = tl.arange(0, 2)[None, None, None, None, None, :]
+        packed = tl.sum(tl.sum(e << (4 * nl + 2 * q), axis=5), axis=2)  # [BN, h, w, b]: byte 4w + 2h + b
+        packed = tl.reshape(tl.permute(packed, (0, 2, 1, 3)), (BN, QB))
     c = blk * QB + tl.arange(0, QB)
     tl.store(P + rows[:, None].to(tl.int64) * stride_p + c[None, :], packed.to(tl.uint8),
              mask=(rows[:, None] < N) & (c[None, :] < KB))

@@ -47,13 +47,23 @@ def unpack_ternary(packed: torch.Tensor, k: int, dtype: torch.dtype = torch.int8
     return (codes.to(torch.int8) - 1).to(dtype)
 
 
-# --- kernel layout (issue 3): K-blocked bytes, built from the canonical format ---------
-# Within each block of KBLOCK trits of a row, byte j (0 <= j < KBLOCK/4) holds trits
-# k = j + i * KBLOCK/4 in bits 2i..2i+1 (i = 0..3), codes as canonical. One shift of a
-# byte run then yields KBLOCK/4 trits with *consecutive* K, which meet a contiguous slice
-# of the activations (no stride-4 gathers in the kernels). K is padded to a whole block
-# with zero trits. Only the CUDA kernels use it; what is saved and exchanged stays canonical.
+# --- kernel layouts (issue 3): K-blocked words, built from the canonical format ---------
+# A row's trits are cut in blocks of KBLOCK = 256 (K padded with zero trits), each 64 bytes,
+# read as 16 little-endian 32-bit words: trit 64g + 4w + n of a block (quarter g, word w,
+# n = 0..3) is in word w. One decode of a word run thus gives, per quarter, trits of
+# *consecutive* K that meet a contiguous slice of the activations (no stride-4 gathers), and
+# the four quarters side by side are the block's K order. Two orders within a word:
+#   "nibbles" (the int8 matmul's): code e (trit -1 -> 0, +1 -> 1, 0 -> 3; 0xFF is four zero
+#     trits) at bit 16 (g >> 1) + 4n + 2 (g & 1). Quarter g's four trits are one 2-bit field of
+#     the four nibbles of one 16-bit half: an `and` and one `prmt` (byte permute, the nibbles
+#     selecting from a constant table) make them four signed bytes (kernels/common.py).
+#   "fields" (the 16-bit input-gradient kernel's): canonical code (trit + 1) at bit 8n + 2g,
+#     i.e. byte j = 4w + n holds trit 64g + j in bits 2g..2g+1.
+# Only the CUDA kernels use them; what is saved and exchanged stays canonical.
 KBLOCK = 256
+KBLOCK_ORDERS = ("nibbles", "fields")
+_NIBBLE_CODES = (0, 3, 1)  # by trit + 1
+_NIBBLE_TRITS = (-1, 1, 2, 0)  # by code; 2 marks the invalid code 2
 
 
 def kblocked_columns(k: int) -> int:
@@ -61,20 +71,35 @@ def kblocked_columns(k: int) -> int:
     return -(-k // KBLOCK) * (KBLOCK // TRITS_PER_BYTE)
 
 
-def to_kblocked(packed: torch.Tensor, k: int) -> torch.Tensor:
+def _kblock_bits(order: str) -> torch.Tensor:
+    """Bit of trit (g, n) within its word, ``[4 (g), 1 (w), 4 (n)]``."""
+    if order not in KBLOCK_ORDERS:
+        raise ValueError(f"unknown K-blocked order {order!r}; supported: {', '.join(KBLOCK_ORDERS)}")
+    g, n = torch.arange(4).view(4, 1, 1), torch.arange(4).view(1, 1, 4)
+    return 16 * (g >> 1) + 4 * n + 2 * (g & 1) if order == "nibbles" else 8 * n + 2 * g
+
+
+def to_kblocked(packed: torch.Tensor, k: int, order: str = "nibbles") -> torch.Tensor:
     """Canonical ``uint8 [..., ceil(k/4)]`` -> K-blocked ``uint8 [..., kblocked_columns(k)]``."""
-    trits = unpack_ternary(packed, k, torch.int16)
-    pad = kblocked_columns(k) * TRITS_PER_BYTE - k
-    codes = torch.nn.functional.pad(trits + 1, (0, pad), value=1).to(torch.uint8)
-    codes = codes.reshape(*codes.shape[:-1], -1, TRITS_PER_BYTE, KBLOCK // TRITS_PER_BYTE)
-    out = codes[..., 0, :] | (codes[..., 1, :] << 2) | (codes[..., 2, :] << 4) | (codes[..., 3, :] << 6)
-    return out.reshape(*packed.shape[:-1], -1).contiguous()
+    bits = _kblock_bits(order)
+    trits = unpack_ternary(packed, k, torch.int64)
+    trits = torch.nn.functional.pad(trits, (0, kblocked_columns(k) * TRITS_PER_BYTE - k))
+    codes = torch.tensor(_NIBBLE_CODES)[trits + 1] if order == "nibbles" else trits + 1
+    codes = codes.reshape(*codes.shape[:-1], -1, 4, KBLOCK // 16, 4)  # [..., block, g, w, n]
+    words = (codes << bits).sum(dim=(-3, -1))  # disjoint bits: the sum is the or
+    out = torch.stack([(words >> (8 * b)) & 255 for b in range(4)], dim=-1)  # little-endian bytes
+    return out.reshape(*packed.shape[:-1], -1).to(torch.uint8)
 
 
-def from_kblocked(blocked: torch.Tensor, k: int) -> torch.Tensor:
+def from_kblocked(blocked: torch.Tensor, k: int, order: str = "nibbles") -> torch.Tensor:
     """Inverse of :func:`to_kblocked`: back to the canonical format."""
-    q = KBLOCK // TRITS_PER_BYTE
-    b = blocked.reshape(*blocked.shape[:-1], -1, 1, q)
-    codes = torch.cat([(b >> s) & 3 for s in _SHIFTS], dim=-2)  # [..., blocks, 4, q]: k = 256 blk + q i + j
-    codes = codes.reshape(*blocked.shape[:-1], -1)[..., :k]
-    return pack_ternary(codes.to(torch.int16) - 1)
+    bits = _kblock_bits(order)
+    b = blocked.to(torch.int64).reshape(*blocked.shape[:-1], -1, 1, KBLOCK // 16, 4)
+    words = sum(b[..., i] << (8 * i) for i in range(4))  # [..., block, 1, w]
+    codes = (words[..., None] >> bits) & 3  # [..., block, g, w, n]: trit 64g + 4w + n
+    invalid = 2 if order == "nibbles" else 3
+    if not torch.compiler.is_compiling() and blocked.device.type != "meta" and bool((codes == invalid).any()):
+        raise ValueError(f"K-blocked ({order}) tensor contains the invalid code {invalid}")
+    trits = torch.tensor(_NIBBLE_TRITS)[codes] if order == "nibbles" else codes - 1
+    trits = trits.reshape(*blocked.shape[:-1], -1)[..., :k]
+    return pack_ternary(trits.to(torch.int16))

@@ -3,7 +3,8 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from bitcompile.quant.packing import pack_ternary, packed_columns, unpack_ternary
+from bitcompile.quant.packing import (KBLOCK_ORDERS, from_kblocked, kblocked_columns, pack_ternary, packed_columns,
+                                     to_kblocked, unpack_ternary)
 
 
 @given(rows=st.lists(st.integers(1, 5), max_size=2).map(tuple), k=st.integers(1, 41), seed=st.integers(0, 2**31 - 1))
@@ -28,3 +29,34 @@ def test_invalid_code_and_shape_are_errors():
         unpack_ternary(torch.zeros(1, 2, dtype=torch.uint8), 3)
     with pytest.raises(ValueError, match="uint8"):
         unpack_ternary(torch.zeros(1, 1, dtype=torch.int8), 3)
+
+
+@pytest.mark.parametrize("order", KBLOCK_ORDERS)
+@given(k=st.integers(1, 600), seed=st.integers(0, 2**31 - 1))
+def test_kblocked_roundtrip(order, k, seed):
+    trits = torch.randint(-1, 2, (3, k), generator=torch.Generator().manual_seed(seed), dtype=torch.int8)
+    blocked = to_kblocked(pack_ternary(trits), k, order)
+    assert blocked.shape == (3, kblocked_columns(k)) and blocked.dtype == torch.uint8
+    assert torch.equal(unpack_ternary(from_kblocked(blocked, k, order), k), trits)
+
+
+def test_kblocked_layouts_match_their_description():
+    # Trit 64g + 4w + n of a block is in word w (little-endian); "nibbles": code (-1 -> 0, +1 -> 1,
+    # 0 -> 3) at bit 16 (g >> 1) + 4n + 2 (g & 1); "fields": trit + 1 at bit 8n + 2g.
+    trits = torch.zeros(1, 256, dtype=torch.int8)
+    trits[0, 64 * 2 + 4 * 1 + 3] = 1  # g=2, w=1, n=3
+    trits[0, 64 * 1 + 4 * 0 + 1] = -1  # g=1, w=0, n=1
+    words = to_kblocked(pack_ternary(trits), 256).view(torch.int32)[0]
+    assert words[1].item() & 0xFFFFFFFF == 0xFFFFFFFF & ~(0b10 << 28)  # code 1 at bit 28
+    assert words[0].item() & 0xFFFFFFFF == 0xFFFFFFFF & ~(0b11 << 6)  # code 0 at bit 6
+    assert (words[2:] == -1).all()  # zero trits everywhere else
+    fields = to_kblocked(pack_ternary(trits), 256, "fields").view(torch.int32)[0]
+    assert fields[1].item() & 0xFFFFFFFF == 0x55555555 + (1 << 28)  # trit + 1 = 2 at bit 8*3 + 2*2
+    assert fields[0].item() & 0xFFFFFFFF == 0x55555555 - (1 << 10)  # trit + 1 = 0 at bit 8*1 + 2*1
+
+
+def test_kblocked_invalid_code_and_order_are_errors():
+    with pytest.raises(ValueError, match="invalid code 2"):
+        from_kblocked(torch.full((1, 64), 0xAA, dtype=torch.uint8), 256)
+    with pytest.raises(ValueError, match="supported: nibbles, fields"):
+        to_kblocked(torch.zeros(1, 1, dtype=torch.uint8), 4, "bytes")

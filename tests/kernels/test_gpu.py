@@ -163,6 +163,20 @@ def test_small_m_paths_exact(m):
     assert torch.equal(got, ref.linear_epilogue(a, xs, wq, ws, None, k, torch.float32))
 
 
+@pytest.mark.parametrize("n,k", [(4096, 4096), (1000, 1003), (300, 14336)])
+def test_layouts_gpu(n, k):
+    """The relayout kernels against the reference layouts (the matmul's "nibbles" rows, and
+    the transposed operands of both input-gradient kernels)."""
+    from bitcompile.kernels import layout
+    from bitcompile.quant.packing import pack_ternary, to_kblocked, unpack_ternary
+
+    wq, _ = ref.quantize_weights(torch.randn(n, k, device="cuda", generator=torch.Generator("cuda").manual_seed(n)))
+    assert torch.equal(layout.relayout(wq, k).cpu(), to_kblocked(wq.cpu(), k))
+    wt = pack_ternary(unpack_ternary(wq.cpu(), k).t())
+    for order in ("nibbles", "fields"):
+        assert torch.equal(layout.transposed_kblocked(wq, k, order=order).cpu(), to_kblocked(wt, n, order)), order
+
+
 def test_weight_pack_kblocked_gpu():
     from bitcompile.kernels.weight_pack import quantize_pack
     from bitcompile.quant.packing import to_kblocked

@@ -152,15 +152,16 @@ def test_grad_input(kernels, device, m, n, k, per_channel, dtype, seed, variant)
     assert ((got.float() - want).abs() <= bound).all()
 
 
+@pytest.mark.parametrize("order", ["nibbles", "fields"])
 @given(n=st.integers(1, 600), k=dims, seed=st.integers(0, 2**16))
 @example(n=256, k=64, seed=0)  # whole blocks, whole row tiles
-def test_transposed_kblocked(kernels, device, n, k, seed):
+def test_transposed_kblocked(kernels, device, order, n, k, seed):
     from bitcompile.quant.packing import pack_ternary, to_kblocked, unpack_ternary
 
     g = torch.Generator().manual_seed(seed)
     wq, _ = ref.quantize_weights(torch.randn(n, k, generator=g))
-    got = kernels.layout.transposed_kblocked(wq.to(device), k).cpu()
-    assert torch.equal(got, to_kblocked(pack_ternary(unpack_ternary(wq, k).t()), n))
+    got = kernels.layout.transposed_kblocked(wq.to(device), k, order=order).cpu()
+    assert torch.equal(got, to_kblocked(pack_ternary(unpack_ternary(wq, k).t()), n, order))
 
 
 @given(m=st.integers(1, 24), n=dims, k=dims, per_channel=st.booleans(), bits=st.sampled_from([8, 4]),
