@@ -289,9 +289,9 @@ def _gemm_configs(m: int):
         shapes = [(128, 64, 1, 1, 4, 3), (128, 128, 1, 1, 8, 3), (64, 64, 2, 1, 4, 3), (128, 64, 2, 0, 4, 3),
                   (128, 128, 1, 0, 8, 3), (64, 128, 2, 0, 4, 3), (128, 128, 2, 0, 8, 3), (64, 64, 1, 1, 4, 3),
                   (128, 64, 1, 1, 8, 3), (64, 128, 1, 1, 4, 3), (64, 32, 1, 1, 4, 3), (128, 64, 2, 1, 4, 3),
-                  (64, 64, 4, 1, 4, 3),  # round 7: 4-5 stages lost (25.5 vs 25.2 us)
-                  # round 11: every weight tile unpacked once (one token tile), still 256 programs
-                  (64, 128, 2, 1, 4, 3), (32, 128, 2, 1, 4, 3), (32, 128, 1, 1, 4, 3)]
+                  (64, 64, 4, 1, 4, 3)]  # round 7: 4-5 stages lost (25.5 vs 25.2 us)
+    # Round 11: unpacking each weight tile once (128-token tiles) with 256 programs lost: split-K 2
+    # 22.5 vs 21.6 us at 8192^2; 32-row swapped tiles (below the warpgroup MMA's 64) 36-54 us.
     else:  # the 2-stage 128x128 tiles fit two programs per SM (registers and shared memory), so
         # one program's unpack can overlap the other's tensor-core work (Triton waits on each dot)
         shapes = [(128, 256, 1, 1, 8, 3), (256, 128, 1, 0, 8, 3), (128, 256, 1, 0, 8, 3), (128, 128, 1, 0, 8, 4),
