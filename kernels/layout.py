@@ -20,7 +20,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from bitcompile.kernels import tuning
 from bitcompile.quant.packing import KBLOCK, KBLOCK_ORDERS, kblocked_columns
 
-QUARTER = KBLOCK // 4  # bytes per row per block; also the trits one shift yields
+QUARTER = KBLOCK // 4  # bytes per row per block; also the trits one quarter of a word run yields
 
 
 @triton.jit

@@ -175,7 +175,7 @@ def _gemm_kernel(A, P, C, XS, WS, BIAS, RES, PARTIAL, COUNT, M, N, K, KPB, strid
                  PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, HAS_RES: tl.constexpr,
                  A_TMA: tl.constexpr, HOST_DESC: tl.constexpr):
     # A_TMA: the tensor memory accelerator fetches the activations (blocks [BM, 4Q] joined,
-    # [BM, Q] per shift), zero-filling past M and K. A is then a host TensorDescriptor
+    # [BM, Q] per quarter), zero-filling past M and K. A is then a host TensorDescriptor
     # (HOST_DESC) or the int8 pointer, described here (traced launches: Inductor cannot take a
     # host descriptor through wrap_triton; the device copy needs Triton's scratch allocator).
     # Grouped order over (weight row tiles, token tiles): GROUP_N weight tiles share L2.
@@ -206,7 +206,7 @@ def _gemm_kernel(A, P, C, XS, WS, BIAS, RES, PARTIAL, COUNT, M, N, K, KPB, strid
         p = tl.load(p_ptrs + kb)
         if JOIN_K:
             # The whole block in one dot: the tensor cores are waited on once per block, not
-            # once per shift (Triton waits after every dot whose operand is computed in the loop).
+            # once per quarter (Triton waits after every dot whose operand is computed in the loop).
             if A_TMA:
                 a = A.load([pid_m * BM, 4 * kb])
             else:
@@ -296,7 +296,7 @@ def _gemm_configs(m: int):
         # one program's unpack can overlap the other's tensor-core work (Triton waits on each dot)
         shapes = [(128, 256, 1, 1, 8, 3), (256, 128, 1, 0, 8, 3), (128, 256, 1, 0, 8, 3), (128, 128, 1, 0, 8, 4),
                   (256, 128, 1, 1, 8, 3), (128, 128, 1, 1, 8, 2), (128, 128, 1, 0, 8, 2)]
-    # JOIN_K: one dot per 256-trit block instead of one per shift (both are timed). Left out:
+    # JOIN_K: one dot per 256-trit block instead of one per quarter (both are timed). Left out:
     # what needs more than the H100's 227 KB of shared memory (round 4: 4-stage 128x256 tiles,
     # and the joined 256-row activation tile unswapped).
     configs = [dict(kernel="gemm", BN=bn, BM=bm, SPLIT_K=sk, SWAP=bool(sw), JOIN_K=jk, GROUP_N=8, num_warps=w,

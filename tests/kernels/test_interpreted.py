@@ -189,7 +189,7 @@ def test_matmul_rejects_bad_input(kernels, device):
 
 
 # GEMV (dp4a emulated) and the four interpreter GEMM variants (index m % 4: split-K, operand
-# order, one dot per shift or per block)
+# order, one dot per quarter or per block)
 @pytest.mark.parametrize("m", [1, 2, 4, 5, 8, 20, 21, 22, 23])
 # whole and partial blocks and words; 1300 and 2100: 3 and 5 GEMV steps, EVEN and not
 @pytest.mark.parametrize("k", [255, 300, 512, 516, 777, 1024, 1300, 2100])
