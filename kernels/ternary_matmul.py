@@ -289,7 +289,10 @@ def _gemm_configs(m: int):
         shapes = [(128, 64, 1, 1, 4, 3), (128, 128, 1, 1, 8, 3), (64, 64, 2, 1, 4, 3), (128, 64, 2, 0, 4, 3),
                   (128, 128, 1, 0, 8, 3), (64, 128, 2, 0, 4, 3), (128, 128, 2, 0, 8, 3), (64, 64, 1, 1, 4, 3),
                   (128, 64, 1, 1, 8, 3), (64, 128, 1, 1, 4, 3), (64, 32, 1, 1, 4, 3), (128, 64, 2, 1, 4, 3),
-                  (64, 64, 4, 1, 4, 3)]  # round 7: 4-5 stages lost (25.5 vs 25.2 us)
+                  (64, 64, 4, 1, 4, 3),  # round 7: 4-5 stages lost (25.5 vs 25.2 us)
+                  # round 11: with the cheaper decode they win (8192^2 21.4 -> 20.2 us at 4 stages)
+                  (64, 64, 1, 1, 4, 4), (64, 64, 1, 1, 4, 5), (128, 64, 1, 1, 4, 4), (64, 64, 2, 1, 4, 4),
+                  (64, 32, 1, 1, 4, 4)]
     # Round 11: unpacking each weight tile once (128-token tiles) with 256 programs lost: split-K 2
     # 22.5 vs 21.6 us at 8192^2; 32-row swapped tiles (below the warpgroup MMA's 64) 36-54 us.
     else:  # the 2-stage 128x128 tiles fit two programs per SM (registers and shared memory), so
