@@ -4,7 +4,7 @@ Both kernels read the K-blocked "nibbles" layout (``bitcompile.quant.packing``):
 quarter of a 32-bit word is 4 trits of consecutive K, so every activation load is a
 contiguous slice, and an ``and`` plus one ``prmt`` (a byte permute reading a constant table)
 turn a quarter into 4 signed int8 trits in one register (``common.KBLOCK_PTX``; the byte-field
-order before it took ~19 ops per 16 trits instead of 9: M=128 8192^2 25.2 -> 21.4 us, round 11).
+order before it took ~19 ops per 16 trits instead of 9: M=128 8192^2 25.2 -> 21.5 us, round 11).
   * ``_gemv_kernel`` (M <= GEMV_MAX_M, decode): CUDA cores. Each quarter's 4 trits meet 4
     int8 activations in one ``dp4a`` (4 multiply-adds per instruction). (Unsigned codes with
     sum(x) subtracted made every program re-read the whole activation row: 9.27 -> 8.78 us at

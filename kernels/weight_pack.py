@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from bitcompile.kernels import tuning
+from bitcompile.kernels.layout import nibble_codes
 from bitcompile.quant.packing import kblocked_columns
 
 EPS = 1e-5
@@ -79,8 +80,7 @@ def _pack_kernel(W, ROWSUM, TOTAL, SCALE, P, N, K, KB, count, stride_w, stride_p
     if LAYOUT == 0:
         packed = tl.sum((t + 1) << (2 * i), axis=1)
     else:  # "nibbles" (bitcompile.quant.packing): trit i * QB + 4w + n at bit 16 (i // 2) + 4n + 2 (i % 2)
-        e = tl.where(t == 0, 3, (t + 1) >> 1)
-        e = tl.reshape(e, (BN, 2, 2, QB // 4, 2, 2))  # [BN, h, q, w, b, n % 2]: i = 2h + q, j = 4w + 2b + n % 2
+        e = tl.reshape(nibble_codes(t + 1), (BN, 2, 2, QB // 4, 2, 2))  # [BN, h, q, w, b, n % 2]: i = 2h + q, j = 4w + 2b + n % 2
         q = tl.arange(0, 2)[None, None, :, None, None, None]
         nl = tl.arange(0, 2)[None, None, None, None, None, :]
         packed = tl.sum(tl.sum(e << (4 * nl + 2 * q), axis=5), axis=2)  # [BN, h, w, b]: byte 4w + 2h + b
