@@ -7,7 +7,7 @@ beforehand (pointer loads, and TMA descriptors where this Triton has them), to p
 unpacked weights in memory against unpacking them in registers.
 
     python3 benchmarks/sweep_matmul.py [--shapes M,N,K ...] [--repeat R] [--traced] [--shipped-only]
-                                          [--json results.json]
+                                          [--kernels gemv,gemm,wgmma] [--json results.json]
     python3 benchmarks/sweep_matmul.py --smoke   # tiny shapes, any device: the script runs
 """
 from __future__ import annotations
@@ -17,6 +17,7 @@ import contextlib
 import json
 import statistics
 import sys
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -125,7 +126,7 @@ def _check_int8(a, w, c, tiles, m, n, k) -> bool:
 
 
 def sweep(m: int, n: int, k: int, smoke: bool, bandwidth: float, repeat: int = 1, int8: bool = True,
-          traced: bool = False, shipped_only: bool = False) -> dict:
+          traced: bool = False, shipped_only: bool = False, kernels: Optional[set] = None) -> dict:
     # traced: launch as under torch.compile (a pass-through wrap: TMA descriptors built on the
     # device, split-K partials summed without stored copies).
     wrap = (lambda f: f) if traced else None
@@ -144,7 +145,7 @@ def sweep(m: int, n: int, k: int, smoke: bool, bandwidth: float, repeat: int = 1
     # shows what a ranking is worth (round 7: the same tile measured 9.9 and 11.5 us on two calls).
     runs = []
     for cfg in tm._candidates(m):
-        if shipped_only and cfg != shipped:
+        if cfg != shipped and (shipped_only or (kernels and cfg["kernel"] not in kernels)):
             continue
         with forced(cfg):
             try:
@@ -192,6 +193,8 @@ def main() -> int:
     parser.add_argument("--no-int8", action="store_true", help="skip the unpacked int8 GEMM experiment")
     parser.add_argument("--traced", action="store_true", help="launch as torch.compile's generated code does")
     parser.add_argument("--shipped-only", action="store_true", help="time only the shipped table's choice")
+    parser.add_argument("--kernels", help="comma-separated kernel families (gemv, gemm, wgmma): time only "
+                        "their candidates, and the shipped choice")
     args = parser.parse_args()
     if DEVICE != "cuda" and not args.smoke:
         print("needs a CUDA GPU (--smoke runs tiny shapes anywhere)", file=sys.stderr)
@@ -203,8 +206,9 @@ def main() -> int:
     bandwidth = copy_bandwidth(2**20 if args.smoke else 2**30)
     print(f"copy bandwidth {bandwidth:.2f} TB/s; {torch.cuda.get_device_name() if DEVICE == 'cuda' else 'cpu'}, "
           f"torch {torch.__version__}, triton {triton.__version__}", flush=True)
-    results = [sweep(m, n, k, args.smoke, bandwidth, args.repeat, not args.no_int8, args.traced, args.shipped_only)
-               for m, n, k in shapes]
+    kernels = set(args.kernels.split(",")) if args.kernels else None
+    results = [sweep(m, n, k, args.smoke, bandwidth, args.repeat, not args.no_int8, args.traced, args.shipped_only,
+                     kernels) for m, n, k in shapes]
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(bandwidth=bandwidth, results=results), f, indent=1, default=str)

@@ -57,6 +57,9 @@ def compile_sm90(kernel, args: dict, constexprs: dict, num_warps: int, num_stage
     from triton.compiler import ASTSource
     from triton.runtime.jit import JITFunction
 
+    if getattr(kernel, "is_gluon", lambda: False)():
+        from triton.experimental.gluon._runtime import GluonASTSource as ASTSource
+
     if not isinstance(kernel, JITFunction):
         raise RuntimeError("kernels imported with TRITON_INTERPRET=1 run in the interpreter and cannot be "
                            "compiled: inspect them in a process without it")
@@ -157,6 +160,8 @@ def ternary_mm_case(config: dict, m: int, n: int, k: int) -> tuple:
         return (tm._gemv_kernel, args, dict(BM=triton.next_power_of_2(m), EVEN=even, USE_ASM=True, **flags, **cfg),
                 warps, stages)
     scratch = "*i32" if cfg["SPLIT_K"] > 1 else "*bf16"
+    if kind == "wgmma":
+        return _wgmma_case(cfg, m, n, k, flags, pointers, scratch, warps)
     args = dict(A="*i8", P="*u8", **pointers, PARTIAL=scratch, COUNT=scratch, M=m, N=n, K=k, KPB=kpb,
                 stride_am=k, stride_pn=kpb, stride_cm=n, stride_rm=n)
     cfg.setdefault("A_TMA", False)
@@ -165,6 +170,23 @@ def ternary_mm_case(config: dict, m: int, n: int, k: int) -> tuple:
         args["A"] = f"tensordesc<i8[{cfg['BM']}, {4 * QUARTER if cfg['JOIN_K'] else QUARTER}]>"
     constexprs = dict(Q=QUARTER, EVEN_K=k % (4 * QUARTER) == 0, USE_ASM=True, STORE_PARTIALS=True, **flags, **cfg)
     return tm._gemm_kernel, args, constexprs, warps, stages
+
+
+def _wgmma_case(cfg: dict, m: int, n: int, k: int, flags: dict, pointers: dict, scratch: str, warps: int) -> tuple:
+    """The Gluon kernel's launch: its TMA descriptors' types as the launcher specialises them."""
+    import torch
+    from triton.runtime.jit import mangle_type
+
+    from bitcompile.kernels import wgmma_matmul as wm
+    from bitcompile.quant.packing import kblocked_columns
+
+    a = torch.empty(m, k, dtype=torch.int8)
+    p = torch.empty(n, kblocked_columns(k), dtype=torch.int8)
+    x_desc, p_desc = wm.descriptors(a, p, cfg["BN"], cfg["NB"], cfg.get("WIDE", False))
+    args = dict(x_desc=mangle_type(x_desc), p_desc=mangle_type(p_desc), TABLE="*i32", **pointers, PARTIAL=scratch,
+                COUNT=scratch, M=m, N=n, STEPS=-(-p.shape[1] // (wm.QUARTER * cfg["NB"])), stride_cm=n, stride_rm=n)
+    constexprs = dict(STAGES=cfg["STAGES"], SPLIT_K=cfg["SPLIT_K"], num_warps=warps, **flags)
+    return wm._wgmma_kernel, args, constexprs, warps, 1
 
 
 def grad_input_case(config: dict, m: int, n: int, k: int, dtype: str = "bf16") -> tuple:

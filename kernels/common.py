@@ -85,16 +85,20 @@ def trits_at(p, SHIFT: tl.constexpr, USE_ASM: tl.constexpr):
         return ((p >> SHIFT) & 3).to(tl.int8) - 1
 
 
-def _kblock_ptx(quarters: tuple, word: str) -> tl.constexpr:
+PRMT_TABLE = 0x000001FF  # the byte table the trit codes select from (see _kblock_ptx)
+
+
+def _kblock_ptx(quarters: tuple, word: str, table: str = hex(PRMT_TABLE)) -> tl.constexpr:
     """PTX: quarters ``g`` of the "nibbles" word ``word`` -> four signed trit bytes each, in
     $0, $1, ... Quarter g is a 2-bit field of the four nibbles of one 16-bit half (g >> 1);
-    masked out, the nibbles are ``prmt`` selectors into the table a = 0x000001FF, b = 1:
+    masked out, the nibbles are ``prmt`` selectors into the table a = PRMT_TABLE, b = 1:
     field bits 0-1: code 0 -> a.byte0 = -1, 1 -> a.byte1 = +1, 3 -> a.byte3 = 0; bits 2-3 (the
-    selector is 4 x code): 0 -> a.byte0 = -1, 4 -> b.byte0 = +1, 12 -> b.byte0's sign = 0."""
+    selector is 4 x code): 0 -> a.byte0 = -1, 4 -> b.byte0 = +1, 12 -> b.byte0's sign = 0.
+    ``table``: the table as an immediate or an operand register."""
     body = ["shr.b32 h, %s, 16;" % word] if max(quarters) >= 2 else []
     for out, g in enumerate(quarters):
         body.append(f"and.b32 s, {word if g < 2 else 'h'}, {'0xCCCC' if g & 1 else '0x3333'}; "
-                    f"prmt.b32 ${out}, 0x000001FF, 1, s;")
+                    f"prmt.b32 ${out}, {table}, 1, s;")
     return tl.constexpr("{ .reg .b32 s, h; " + " ".join(body) + " }")
 
 
@@ -102,6 +106,10 @@ def _kblock_ptx(quarters: tuple, word: str) -> tl.constexpr:
 # ~19 ops). Checked on the CPU by interpreting the text (tests/kernels/test_ptx.py).
 KBLOCK_PTX = _kblock_ptx((0, 1, 2, 3), "$4")
 KBLOCK_PTX_Q0, KBLOCK_PTX_Q1, KBLOCK_PTX_Q2, KBLOCK_PTX_Q3 = (_kblock_ptx((g,), "$1") for g in range(4))
+# The same with the table in operand $2. SASS ``prmt`` takes its table from a register: given
+# the immediate, ptxas copied it into a fresh register before every prmt (one extra instruction
+# per 4 trits); a table loaded from memory it keeps in one register.
+KBLOCK_PTX_T0, KBLOCK_PTX_T1, KBLOCK_PTX_T2, KBLOCK_PTX_T3 = (_kblock_ptx((g,), "$1", "$2") for g in range(4))
 
 
 @triton.jit
@@ -155,6 +163,20 @@ def kblock_quarter(p, G: tl.constexpr, BN: tl.constexpr, Q: tl.constexpr, USE_AS
 
 
 @triton.jit
+def kblock_quarter_from(p, table, G: tl.constexpr):
+    """:func:`kblock_quarter` of int8 bytes ``p`` on the GPU, with the prmt table given as an
+    int32 tensor of ``p``'s shape holding PRMT_TABLE (loaded from memory, see KBLOCK_PTX_T0)."""
+    if G == 0:
+        return tl.inline_asm_elementwise(KBLOCK_PTX_T0, "=r,r,r,r,r,r", [p, table], dtype=tl.int8, is_pure=True, pack=4)
+    elif G == 1:
+        return tl.inline_asm_elementwise(KBLOCK_PTX_T1, "=r,r,r,r,r,r", [p, table], dtype=tl.int8, is_pure=True, pack=4)
+    elif G == 2:
+        return tl.inline_asm_elementwise(KBLOCK_PTX_T2, "=r,r,r,r,r,r", [p, table], dtype=tl.int8, is_pure=True, pack=4)
+    else:
+        return tl.inline_asm_elementwise(KBLOCK_PTX_T3, "=r,r,r,r,r,r", [p, table], dtype=tl.int8, is_pure=True, pack=4)
+
+
+@triton.jit
 def _quarter_ref(half, SHIFT: tl.constexpr, BN: tl.constexpr, Q: tl.constexpr):
     """Trits of one quarter (field SHIFT of each nibble) of a half's bytes ``[BN, w, b]``."""
     t = tl.join(nibble_trit((half >> SHIFT) & 3), nibble_trit((half >> (SHIFT + 4)) & 3))  # [BN, w, b, n & 1]
@@ -188,3 +210,69 @@ def apply_activation(y, ACTIVATION: tl.constexpr):
         z = 0.7978845608028654 * (y + 0.044715 * y * y * y)
         y = 0.5 * y * (1.0 + (2.0 / (1.0 + tl.exp(-2.0 * z)) - 1.0))
     return y
+
+
+@triton.jit
+def matmul_epilogue(acc, C, XS, WS, BIAS, RES, offs_m, offs_n, M, N, stride_cm, stride_rm,
+                    EPILOGUE: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr,
+                    ACTIVATION: tl.constexpr, HAS_RES: tl.constexpr):
+    """The packed-ternary matmuls' epilogue on an int32 tile ``acc [BM tokens, BN weight rows]``:
+    ``acc * s_w * s_x (+ bias)``, activation, residual, cast, in the reference's order (or
+    the int32 tile itself without EPILOGUE)."""
+    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    c_ptrs = C + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :]
+    if EPILOGUE:
+        if PER_CHANNEL:
+            ws = tl.load(WS + offs_n, mask=offs_n < N, other=0.0)[None, :]
+        else:
+            ws = tl.load(WS)
+        xs = tl.load(XS + offs_m, mask=offs_m < M, other=0.0)[:, None]
+        y = acc.to(tl.float32) * ws
+        y = y * xs
+        if HAS_BIAS:
+            y = y + tl.load(BIAS + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+        y = apply_activation(y, ACTIVATION)
+        if HAS_RES:
+            r = tl.load(RES + offs_m[:, None].to(tl.int64) * stride_rm + offs_n[None, :], mask=mask, other=0.0)
+            y = y + r.to(tl.float32)
+        tl.store(c_ptrs, y.to(C.dtype.element_ty), mask=mask)
+    else:
+        tl.store(c_ptrs, acc, mask=mask)
+
+
+@triton.jit
+def _fence(USE_ASM: tl.constexpr):
+    """A GPU-scope memory fence in every thread (the interpreter runs programs one by one)."""
+    if USE_ASM:
+        tl.inline_asm_elementwise("fence.acq_rel.gpu;", "=r", [], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def split_k_total(out, at, PARTIAL, COUNT, tile, pid_k, TILE: tl.constexpr, SPLIT_K: tl.constexpr,
+                  STORE_PARTIALS: tl.constexpr, USE_ASM: tl.constexpr):
+    """``(total, last)`` for the int32 partial tile ``out`` (``at``: its elements' offsets
+    within a TILE-element tile): the last of the SPLIT_K programs of ``tile`` to arrive (acq_rel
+    counter, which it resets for the next call) gets the tile's total; int32 sums are exact in
+    any order. STORE_PARTIALS: each program stores its partial tile and the last adds the
+    others' (fences: release of this thread's stores before the arrival, acquire before
+    reading); round 6: 20 -> 13 us at M=16, 8192^2, where per-element atomics into a zeroed
+    tile cost more than the split saved. Traced launches (torch.compile) keep the atomics:
+    the stored partials gave NaN under mode="reduce-overhead" (cause not found)."""
+    if STORE_PARTIALS:
+        base = PARTIAL + tile.to(tl.int64) * (SPLIT_K * TILE)
+        tl.store(base + pid_k * TILE + at, out)
+        _fence(USE_ASM)
+    else:
+        base = PARTIAL + tile.to(tl.int64) * TILE
+        tl.atomic_add(base + at, out, sem="relaxed")
+    tl.debug_barrier()
+    done = tl.atomic_add(COUNT + tile, 1, sem="acq_rel")
+    if done == SPLIT_K - 1:
+        if STORE_PARTIALS:
+            _fence(USE_ASM)
+            for s in tl.static_range(SPLIT_K):
+                out += tl.where(pid_k == s, 0, tl.load(base + s * TILE + at))
+        else:  # the total, leaving zeros for the next call
+            out = tl.atomic_xchg(base + at, tl.zeros_like(out), sem="acq_rel")
+        tl.store(COUNT + tile, 0)
+    return out, done == SPLIT_K - 1

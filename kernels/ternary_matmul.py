@@ -1,6 +1,6 @@
 """Packed-ternary matmul: int8 activations x 2-bit trits, exact int32 accumulation.
 
-Both kernels read the K-blocked "nibbles" layout (``bitcompile.quant.packing``): each
+The kernels read the K-blocked "nibbles" layout (``bitcompile.quant.packing``): each
 quarter of a 32-bit word is 4 trits of consecutive K, so every activation load is a
 contiguous slice, and an ``and`` plus one ``prmt`` (a byte permute reading a constant table)
 turn a quarter into 4 signed int8 trits in one register (``common.KBLOCK_PTX``; the byte-field
@@ -17,8 +17,13 @@ order before it took ~19 ops per 16 trits instead of 9: M=128 8192^2 25.2 -> 21.
     in through ``cp.async`` (Triton's pipeliner) or, for large M, by TMA (``A_TMA``: a host
     ``TensorDescriptor`` in eager launches, one built in the kernel in traced launches;
     8192^3 1083 -> 907 us, round 9).
-Both share one epilogue: ``acc * s_w * s_x (+ bias)``, an optional activation, an
-optional residual add, and the cast to the output dtype, in the reference's order.
+  * ``wgmma_matmul`` (2 <= M <= 64, eager launches): the same tensor-core product in Gluon,
+    where the MMA wait is explicit, so a program decodes the next block while the current
+    one's MMAs run (M=16 8192^2 11.8 -> 9.9 us, round 12). Traced launches (Inductor's
+    generated code launches Triton kernels only) and rows TMA cannot describe take the Triton
+    kernels, tuned under their own key ``ternary_mm_triton``.
+All share one epilogue (``common.matmul_epilogue``): ``acc * s_w * s_x (+ bias)``, an optional activation,
+an optional residual add, and the cast to the output dtype, in the reference's order.
 """
 from __future__ import annotations
 
@@ -28,36 +33,12 @@ import torch
 import triton
 import triton.language as tl
 
-from bitcompile.kernels import tuning
-from bitcompile.kernels.common import ACTIVATIONS, apply_activation, grouped_tile, kblock_quarter, unpack_kblock
+from bitcompile.kernels import tuning, wgmma_matmul
+from bitcompile.kernels.common import (ACTIVATIONS, grouped_tile, kblock_quarter, matmul_epilogue, split_k_total,
+                                      unpack_kblock)
 from bitcompile.kernels.layout import QUARTER, kblocked, relayout
 
 GEMV_MAX_M = 16  # dp4a cost grows with M: from 2 rows on, tuning times it against the tensor cores
-
-
-@triton.jit
-def _epilogue(acc, C, XS, WS, BIAS, RES, offs_m, offs_n, M, N, stride_cm, stride_rm,
-              EPILOGUE: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr,
-              ACTIVATION: tl.constexpr, HAS_RES: tl.constexpr):
-    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-    c_ptrs = C + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :]
-    if EPILOGUE:
-        if PER_CHANNEL:
-            ws = tl.load(WS + offs_n, mask=offs_n < N, other=0.0)[None, :]
-        else:
-            ws = tl.load(WS)
-        xs = tl.load(XS + offs_m, mask=offs_m < M, other=0.0)[:, None]
-        y = acc.to(tl.float32) * ws
-        y = y * xs
-        if HAS_BIAS:
-            y = y + tl.load(BIAS + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
-        y = apply_activation(y, ACTIVATION)
-        if HAS_RES:
-            r = tl.load(RES + offs_m[:, None].to(tl.int64) * stride_rm + offs_n[None, :], mask=mask, other=0.0)
-            y = y + r.to(tl.float32)
-        tl.store(c_ptrs, y.to(C.dtype.element_ty), mask=mask)
-    else:
-        tl.store(c_ptrs, acc, mask=mask)
 
 
 @triton.jit
@@ -115,46 +96,8 @@ def _gemv_kernel(A, P, C, XS, WS, BIAS, RES, M, N, XW, PW, stride_am, stride_pn,
     out = tl.sum(tl.sum(acc, axis=3), axis=2)
     offs_m = tl.arange(0, BM)
     offs_n = pid_n * BN + tl.arange(0, BN)
-    _epilogue(out, C, XS, WS, BIAS, RES, offs_m, offs_n, M, N, stride_cm, stride_rm,
+    matmul_epilogue(out, C, XS, WS, BIAS, RES, offs_m, offs_n, M, N, stride_cm, stride_rm,
               EPILOGUE, PER_CHANNEL, HAS_BIAS, ACTIVATION, HAS_RES)
-
-
-@triton.jit
-def _fence(USE_ASM: tl.constexpr):
-    """A GPU-scope memory fence in every thread (the interpreter runs programs one by one)."""
-    if USE_ASM:
-        tl.inline_asm_elementwise("fence.acq_rel.gpu;", "=r", [], dtype=tl.int32, is_pure=False, pack=1)
-
-
-@triton.jit
-def _split_k_total(out, PARTIAL, COUNT, tile, pid_k, BM: tl.constexpr, BN: tl.constexpr, SPLIT_K: tl.constexpr,
-                   STORE_PARTIALS: tl.constexpr, USE_ASM: tl.constexpr):
-    """``(total, last)``: the last of the SPLIT_K programs of ``tile`` to arrive (acq_rel
-    counter, which it resets for the next call) gets the tile's total; int32 sums are exact in
-    any order. STORE_PARTIALS: each program stores its partial tile and the last adds the
-    others' (fences: release of this thread's stores before the arrival, acquire before
-    reading); round 6: 20 -> 13 us at M=16, 8192^2, where per-element atomics into a zeroed
-    tile cost more than the split saved. Traced launches (torch.compile) keep the atomics:
-    the stored partials gave NaN under mode="reduce-overhead" (cause not found)."""
-    at = tl.arange(0, BM)[:, None] * BN + tl.arange(0, BN)[None, :]
-    if STORE_PARTIALS:
-        base = PARTIAL + tile.to(tl.int64) * (SPLIT_K * BM * BN)
-        tl.store(base + pid_k * (BM * BN) + at, out)
-        _fence(USE_ASM)
-    else:
-        base = PARTIAL + tile.to(tl.int64) * (BM * BN)
-        tl.atomic_add(base + at, out, sem="relaxed")
-    tl.debug_barrier()
-    done = tl.atomic_add(COUNT + tile, 1, sem="acq_rel")
-    if done == SPLIT_K - 1:
-        if STORE_PARTIALS:
-            _fence(USE_ASM)
-            for s in tl.static_range(SPLIT_K):
-                out += tl.where(pid_k == s, 0, tl.load(base + s * (BM * BN) + at))
-        else:  # the total, leaving zeros for the next call
-            out = tl.atomic_xchg(base + at, tl.zeros((BM, BN), dtype=tl.int32), sem="acq_rel")
-        tl.store(COUNT + tile, 0)
-    return out, done == SPLIT_K - 1
 
 
 @triton.jit
@@ -226,12 +169,13 @@ def _gemm_kernel(A, P, C, XS, WS, BIAS, RES, PARTIAL, COUNT, M, N, K, KPB, strid
     else:
         out = acc
     if SPLIT_K > 1:
-        out, last = _split_k_total(out, PARTIAL, COUNT, pid_n * tl.cdiv(M, BM) + pid_m, pid_k, BM, BN, SPLIT_K,
-                                   STORE_PARTIALS, USE_ASM)
+        at = tl.arange(0, BM)[:, None] * BN + tl.arange(0, BN)[None, :]
+        out, last = split_k_total(out, at, PARTIAL, COUNT, pid_n * tl.cdiv(M, BM) + pid_m, pid_k, BM * BN, SPLIT_K,
+                                  STORE_PARTIALS, USE_ASM)
     else:
         last = True
     if last:
-        _epilogue(out, C, XS, WS, BIAS, RES, offs_m, offs_n, M, N, stride_cm, stride_rm,
+        matmul_epilogue(out, C, XS, WS, BIAS, RES, offs_m, offs_n, M, N, stride_cm, stride_rm,
                   EPILOGUE, PER_CHANNEL, HAS_BIAS, ACTIVATION, HAS_RES)
 
 
@@ -310,9 +254,22 @@ def _gemm_configs(m: int):
     return configs
 
 
+def _wgmma_configs(m: int):
+    # M = 1 is the GEMV's: the Gluon kernel ran 14-18 us at 8192^2 (GEMV 8.8), round 12.
+    if tuning.interpreting() or not wgmma_matmul.available() or not 2 <= m <= wgmma_matmul.MAX_M:
+        return []
+    # (BN, NB blocks per step, stages, split). Round 12: 128-row tiles and split-K 2 at 8192^2 lost (two
+    # programs per SM wait on the same stream); 4-block steps and deep rings won; split 4 wins at K = 14336.
+    shapes = [(64, 2, 3, 1), (64, 2, 4, 1), (64, 4, 3, 1), (64, 4, 4, 1), (64, 4, 5, 1), (64, 4, 6, 1), (64, 8, 3, 1),
+              (64, 2, 4, 2), (64, 4, 3, 2), (64, 2, 3, 4), (64, 2, 4, 4), (64, 1, 4, 4)]
+    configs = [dict(kernel="wgmma", BN=bn, NB=nb, STAGES=s, SPLIT_K=sk, num_warps=4) for bn, nb, s, sk in shapes]
+    configs += [dict(c, WIDE=True) for c in configs if c["NB"] % 2 == 0]
+    return [c for c in configs if wgmma_matmul.fits(m, **c)]
+
+
 def _candidates(m: int) -> list[dict]:
     """Every launch configuration tuning may pick at M rows: for 2 <= M <= GEMV_MAX_M both kernels."""
-    return (_gemv_configs(m) if m <= GEMV_MAX_M else []) + (_gemm_configs(m) if m > 1 else [])
+    return (_gemv_configs(m) if m <= GEMV_MAX_M else []) + (_gemm_configs(m) if m > 1 else []) + _wgmma_configs(m)
 
 
 def _as_words(t: torch.Tensor) -> torch.Tensor:
@@ -383,7 +340,7 @@ def ternary_matmul(a: torch.Tensor, wq: torch.Tensor, k: int, x_scale: Optional[
         """Partial tiles and arrival counters for a split-K launch (unused otherwise)."""
         if cfg["SPLIT_K"] == 1:
             return c, c
-        store_partials = wrap is None  # see _split_k_total
+        store_partials = wrap is None  # see common.split_k_total
         numel = tiles * cfg["BM"] * cfg["BN"] * (cfg["SPLIT_K"] if store_partials else 1)
         if wrap is not None or not keep:  # traced, a graph input cannot be a global buffer
             return (torch.zeros(numel, device=a.device, dtype=torch.int32),
@@ -400,7 +357,14 @@ def ternary_matmul(a: torch.Tensor, wq: torch.Tensor, k: int, x_scale: Optional[
 
     def launch(cfg):
         cfg = dict(cfg)
-        if cfg.pop("kernel") == "gemv":
+        kind = cfg.pop("kernel")
+        if kind == "wgmma":
+            if not (wrap is None and wgmma_matmul.supports(m, k, a2)):
+                raise ValueError(f"the Gluon matmul cannot take this launch (m={m}, k={k}, traced={wrap is not None})")
+            bm = wgmma_matmul.token_tile(m)
+            buffers = split_k_buffers(dict(cfg, BM=bm), triton.cdiv(n, cfg["BN"]))
+            return wgmma_matmul.launch(a2, blocked, c, tail, buffers, m, n, flags, **cfg)
+        if kind == "gemv":
             gemv = tuning.traceable(_gemv_kernel, wrap)
             return gemv[(triton.cdiv(n, cfg["BN"]),)](
                 aw, pw, c, *tail, m, n, aw.shape[1], pw.shape[1], aw.stride(0), pw.stride(0), c.stride(0),
@@ -421,17 +385,23 @@ def ternary_matmul(a: torch.Tensor, wq: torch.Tensor, k: int, x_scale: Optional[
             EVEN_K=k % (4 * QUARTER) == 0, USE_ASM=not tuning.interpreting(), **flags, **cfg)
 
     candidates = _candidates(m)
+    name = "ternary_mm"
+    if _wgmma_configs(m) and not (wrap is None and wgmma_matmul.supports(m, k, a2)):
+        # The Gluon kernel is ruled out for this call (traced launches: Inductor generates
+        # Triton launch code only; rows TMA cannot describe): the Triton kernels' own choice.
+        candidates = [c_ for c_ in candidates if c_["kernel"] != "wgmma"]
+        name = "ternary_mm_triton"
     if tuning.interpreting():
         # No timing here: spread the CPU tests' M over every kernel variant instead.
         gemv = [c_ for c_ in candidates if c_["kernel"] == "gemv"]
         gemm = [c_ for c_ in candidates if c_["kernel"] == "gemm"]
         candidates = gemv if gemv and (m <= 4 or m % 2 == 0) else [gemm[m % len(gemm)]]
     key = (tuning.bucket(m), n, k)
-    tuning.tune_before_tracing(wrap, "ternary_mm", key, candidates, lambda: ternary_matmul(
+    tuning.tune_before_tracing(wrap, name, key, candidates, lambda: ternary_matmul(
         torch.randint(-127, 128, (m, k), device=a.device, dtype=torch.int8),
         torch.randint(0, 256, tuple(blocked.shape), device=a.device, dtype=torch.uint8), k, layout="kblocked"))
-    cfg = tuning.choose("ternary_mm", key, candidates, launch)
-    kernel = _gemv_kernel if cfg["kernel"] == "gemv" else _gemm_kernel
+    cfg = tuning.choose(name, key, candidates, launch)
+    kernel = dict(gemv=_gemv_kernel, gemm=_gemm_kernel).get(cfg["kernel"], getattr(wgmma_matmul, "_wgmma_kernel", None))
     compiled = launch(cfg)
     launched = {**cfg, **activation_loads(cfg)} if kernel is _gemm_kernel else cfg
     tuning.dump_source(kernel, compiled, {**flags, **launched, "out": str(c.dtype)})

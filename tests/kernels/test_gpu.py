@@ -21,7 +21,7 @@ def test_lowbit_matmul_exact(m, n, k):
 
 
 @pytest.mark.parametrize("m,n,k", [(1, 4096, 8192), (3, 1000, 1003), (16, 4096, 4096), (100, 1000, 1003),
-                                   (300, 2048, 4096), (257, 512, 1040)])
+                                   (300, 2048, 4096), (257, 512, 1040), (5, 1000, 2112), (33, 384, 4096)])
 def test_every_matmul_config_exact(m, n, k, monkeypatch):
     """Every launch configuration tuning may pick (GEMV, GEMM with and without split-K, operand
     swap, one dot per block, activations by TMA from a host descriptor and, as traced launches
@@ -29,17 +29,41 @@ def test_every_matmul_config_exact(m, n, k, monkeypatch):
     and partial 256-trit blocks (the unmasked and masked load paths; TMA's zero fill past M and
     K at 257 x 1040)."""
     from bitcompile.kernels import ternary_matmul as tm
-    from bitcompile.kernels import tuning
+    from bitcompile.kernels import tuning, wgmma_matmul
 
     g = torch.Generator(device="cuda").manual_seed(m + k)
     wq, _ = ref.quantize_weights(torch.randn(n, k, device="cuda", generator=g))
     a = torch.randint(-128, 128, (m, k), dtype=torch.int8, device="cuda", generator=g)
     want = ref.lowbit_matmul(a, wq, k)
     for cfg in tm._candidates(m):
+        if cfg["kernel"] == "wgmma" and not wgmma_matmul.supports(m, k, a):
+            continue  # the dispatcher never picks it here (rows TMA cannot describe)
         monkeypatch.setattr(tuning, "choose", lambda *args, cfg=cfg: cfg)
         assert torch.equal(tm.ternary_matmul(a, wq, k), want), cfg
         if cfg.get("A_TMA"):
             assert torch.equal(tm.ternary_matmul(a, wq, k, wrap=lambda f: f), want), cfg
+
+
+@pytest.mark.parametrize("m", [2, 16, 40])
+def test_wgmma_matmul_epilogue(m, monkeypatch):
+    """The Gluon kernel's shared epilogue (per-channel scale, bias, activation, residual, bf16)
+    in every configuration, split-K included: a partial weight-row tile (N = 1000) and a
+    partial last step (K = 2112 is 8.25 blocks of 256 trits)."""
+    from bitcompile.kernels import ternary_matmul as tm
+    from bitcompile.kernels import tuning, wgmma_matmul
+
+    n, k = 1000, 2112
+    g = torch.Generator(device="cuda").manual_seed(m)
+    xq, xs = ref.quantize_activations(torch.randn(m, k, device="cuda", generator=g))
+    wq, ws = ref.quantize_weights(torch.randn(n, k, device="cuda", generator=g), "ternary", True)
+    b, r = torch.randn(n, device="cuda", generator=g), torch.randn(m, n, device="cuda", generator=g).bfloat16()
+    want = ref.linear_epilogue(xq, xs, wq, ws, b, k, torch.float32, "silu", r)
+    configs = [cfg for cfg in tm._candidates(m) if cfg["kernel"] == "wgmma"]
+    assert configs and wgmma_matmul.supports(m, k, xq)
+    for cfg in configs:
+        monkeypatch.setattr(tuning, "choose", lambda *args, cfg=cfg: cfg)
+        got = tm.ternary_matmul(xq, wq, k, xs, ws, b, torch.bfloat16, "silu", r)
+        torch.testing.assert_close(got.float(), want, rtol=2**-8, atol=1e-2, msg=str(cfg))  # as test_linear_q_epilogue
 
 
 def test_compiled_matmul_builds_tma_descriptors_on_device(monkeypatch):

@@ -1,0 +1,185 @@
+"""Packed-ternary matmul for a few tokens, written in Gluon so the tensor-core wait is explicit.
+
+Triton waits for the warpgroup MMA right after every dot whose operand is computed in the
+loop, so in ``ternary_matmul._gemm_kernel`` a program decodes block i + 1 only after block
+i's MMA has finished. Here block i's four MMAs (one per quarter) stay in flight
+(``warpgroup_mma_wait(4)``) while the program decodes block i + 1.
+
+The tile is out^T [BN weight rows, BM tokens]; the trits are the MMA's register operand A.
+The packed bytes are read from shared memory straight into A's register layout
+(``DotOperandLayout``, k_width 4): the thread holding A[n, 4w : 4w + 4] of quarter g holds
+packed word w of row n, whose quarter g is exactly those four trits ("nibbles" order,
+``bitcompile.quant.packing``), so the decode is elementwise (``common.kblock_quarter``) and
+no data moves between threads. Weights and activations arrive by TMA in a STAGES-deep ring.
+Programs own whole K ranges (no split-K): M <= BM tokens, one token tile.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+
+from bitcompile.kernels.common import PRMT_TABLE, kblock_quarter_from, matmul_epilogue, split_k_total
+
+try:
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+except ImportError:  # a Triton without Gluon: the Triton kernels serve every M
+    gluon = None
+
+MAX_M = 64  # one token tile: the MMA's N
+QUARTER = 64  # bytes of one 256-trit block per weight row: one quarter of trits, one MMA's K
+
+
+def available() -> bool:
+    return gluon is not None
+
+
+if gluon is not None:
+    Q = gl.constexpr(QUARTER)
+    _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared  # renamed in Triton 3.7
+
+    if hasattr(gl.shared_memory_descriptor, "reinterpret"):  # Triton >= 3.7 (3.6: private)
+        @gluon.jit
+        def _tiles(smem, shape: gl.constexpr, layout: gl.constexpr):
+            return smem.reinterpret(gl.int8, shape, layout)
+    else:
+        @gluon.jit
+        def _tiles(smem, shape: gl.constexpr, layout: gl.constexpr):
+            return smem._reinterpret(gl.int8, shape, layout)
+
+    @gluon.jit
+    def _chunk(tiles, first, j: gl.constexpr, PER: gl.constexpr):
+        """The j-th 64-byte column tile of a step's tiles (PER of them side by side per tile)."""
+        return tiles.index(first + j // PER).slice((j % PER) * Q, Q, dim=1)
+
+    @gluon.jit
+    def _fetch(x_desc, p_desc, p_smem, x_smem, ready, step, stage, pred):
+        """TMA, two copies per step: the packed blocks of this program's rows ([chunks, BN, W])
+        and their activations ([chunks, BM, W])."""
+        bar = ready.index(stage)
+        mbarrier.expect(bar, p_desc.block_type.nbytes + x_desc.block_type.nbytes, pred=pred)
+        _tma_load(p_desc, [step * p_desc.block_type.shape[0], gl.program_id(0) * p_desc.block_type.shape[1], 0],
+                                        bar, p_smem.index(stage), pred=pred)
+        _tma_load(x_desc, [step * x_desc.block_type.shape[0], 0, 0], bar, x_smem.index(stage),
+                                        pred=pred)
+
+    @gluon.jit
+    def _wgmma_kernel(x_desc, p_desc, TABLE, C, XS, WS, BIAS, RES, PARTIAL, COUNT, M, N, STEPS, stride_cm, stride_rm,
+                      STAGES: gl.constexpr, SPLIT_K: gl.constexpr, EPILOGUE: gl.constexpr, PER_CHANNEL: gl.constexpr,
+                      HAS_BIAS: gl.constexpr, ACTIVATION: gl.constexpr, HAS_RES: gl.constexpr,
+                      num_warps: gl.constexpr):
+        W: gl.constexpr = p_desc.block_type.shape[2]  # bytes per chunk: 64 or 128
+        PER: gl.constexpr = W // Q  # quarters (activations) or blocks (packed rows) per chunk
+        PC: gl.constexpr = p_desc.block_type.shape[0]  # packed chunks per step
+        XC: gl.constexpr = x_desc.block_type.shape[0]
+        NB: gl.constexpr = PC * PER  # 256-trit blocks per step
+        BN: gl.constexpr = p_desc.block_type.shape[1]
+        BM: gl.constexpr = x_desc.block_type.shape[1]
+        mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                      instr_shape=[16, BM, 32])
+        a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=4)
+        # The rings as TMA writes them ([stage, chunk, row, W bytes]) and as 2-D tiles: the 3-D
+        # tiles are whole swizzle atoms stacked, so tile t is bytes [t * rows * W, ...).
+        p_smem = gl.allocate_shared_memory(gl.int8, [STAGES, PC, BN, W], p_desc.layout)
+        x_smem = gl.allocate_shared_memory(gl.int8, [STAGES, XC, BM, W], x_desc.layout)
+        tile: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=W, element_bitwidth=8, rank=2)
+        p_tiles = _tiles(p_smem, [STAGES * PC, BN, W], tile)
+        x_tiles = _tiles(x_smem, [STAGES * XC, BM, W], tile)
+        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for j in gl.static_range(STAGES):
+            mbarrier.init(ready.index(j), count=1)
+        # Split-K: program pid_k takes a run of steps.
+        pid_k = gl.program_id(1)
+        per = gl.cdiv(STEPS, SPLIT_K)
+        first = pid_k * per
+        steps = gl.minimum(STEPS - first, per)
+        for j in gl.static_range(STAGES - 1):
+            _fetch(x_desc, p_desc, p_smem, x_smem, ready, first + j, j, j < steps)
+
+        acc = gl.zeros([BN, BM], gl.int32, mma)
+        rows = gl.arange(0, BN, layout=gl.SliceLayout(1, a_layout))
+        table = gl.load(TABLE + rows)[:, None] + gl.zeros([BN, Q], gl.int32, a_layout)
+        for i in range(steps):
+            stage = i % STAGES
+            mbarrier.wait(ready.index(stage), (i // STAGES) & 1)
+            for b in gl.static_range(NB):
+                p = _chunk(p_tiles, stage * PC, b, PER).load(a_layout)
+                for g in gl.static_range(4):
+                    x = _chunk(x_tiles, stage * XC, 4 * b + g, PER).permute((1, 0))
+                    acc = warpgroup_mma(kblock_quarter_from(p, table, g), x, acc, is_async=True)
+            # Step i - 1's MMAs are done: its ring stage is free again.
+            acc = warpgroup_mma_wait(num_outstanding=4 * NB, deps=[acc])
+            _fetch(x_desc, p_desc, p_smem, x_smem, ready, first + i + STAGES - 1, (i + STAGES - 1) % STAGES,
+                   i + STAGES - 1 < steps)
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=[acc])
+        for j in gl.static_range(STAGES):
+            mbarrier.invalidate(ready.index(j))
+
+        # C rows are tokens: store along the weight rows (dim 0 of acc), which are contiguous in C.
+        out_layout: gl.constexpr = gl.BlockedLayout([1, 1], [1, 32], [num_warps, 1], [1, 0])
+        out = gl.convert_layout(gl.permute(acc, (1, 0)), out_layout)
+        offs_m = gl.arange(0, BM, layout=gl.SliceLayout(1, out_layout))
+        offs_n = gl.program_id(0) * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, out_layout))
+        last = True
+        if SPLIT_K > 1:
+            at = offs_m[:, None] * BN + (offs_n - gl.program_id(0) * BN)[None, :]
+            out, last = split_k_total(out, at, PARTIAL, COUNT, gl.program_id(0), pid_k, BM * BN, SPLIT_K, True, True)
+        if last:
+            matmul_epilogue(out, C, XS, WS, BIAS, RES, offs_m, offs_n, M, N, stride_cm, stride_rm,
+                            EPILOGUE, PER_CHANNEL, HAS_BIAS, ACTIVATION, HAS_RES)
+
+
+def supports(m: int, k: int, a: torch.Tensor) -> bool:
+    """Whether the Gluon kernel can take this launch: one token tile, whole 64-trit chunks per
+    activation row (the TMA view below), a TMA-aligned base."""
+    return available() and a.is_cuda and m <= MAX_M and k % QUARTER == 0 and a.data_ptr() % 16 == 0
+
+
+_tables: dict = {}
+
+
+def prmt_table(device: torch.device) -> torch.Tensor:
+    """PRMT_TABLE once per weight row of a tile, in device memory (``common.KBLOCK_PTX_T0``)."""
+    if device not in _tables:
+        _tables[device] = torch.full((256,), PRMT_TABLE, dtype=torch.int32, device=device)
+    return _tables[device]
+
+
+def token_tile(m: int) -> int:
+    return max(16, triton.next_power_of_2(m))
+
+
+def fits(m: int, BN: int, NB: int, STAGES: int, **_) -> bool:
+    """Whether a configuration's rings fit the H100's shared memory (227 KB per CTA) at M rows."""
+    return STAGES * NB * QUARTER * (BN + 4 * token_tile(m)) + 1024 <= 232448
+
+
+def descriptors(a2: torch.Tensor, p: torch.Tensor, BN: int, NB: int, WIDE: bool):
+    """TMA descriptors of the activations ``a2 [m, k]`` and the int8 view of the packed weights
+    ``p [n, kpb]``, each as [chunk, row, W bytes] (see :func:`launch`)."""
+    (m, k), (n, kpb) = a2.shape, p.shape
+    w = 2 * QUARTER if WIDE and NB % 2 == 0 and k % 512 == 0 else QUARTER
+    x_box, p_box = [4 * NB * QUARTER // w, token_tile(m), w], [NB * QUARTER // w, BN, w]
+    x_desc = TensorDescriptor(a2, [k // w, m, w], [w, a2.stride(0), 1], x_box,
+                              gl.NVMMASharedLayout.get_default_for(x_box, gl.int8))
+    p_desc = TensorDescriptor(p, [kpb // w, n, w], [w, p.stride(0), 1], p_box,
+                              gl.NVMMASharedLayout.get_default_for(p_box, gl.int8))
+    return x_desc, p_desc
+
+
+def launch(a2: torch.Tensor, blocked: torch.Tensor, c: torch.Tensor, tail: tuple, split_k_buffers: tuple, m: int,
+           n: int, flags: dict, BN: int, NB: int, STAGES: int, SPLIT_K: int, WIDE: bool = False, num_warps: int = 4):
+    """Launch on int8 activations ``a2 [m, k]`` and K-blocked packed weights ``blocked [n, kpb]``
+    (``split_k_buffers``: partial tiles and arrival counters, as ``ternary_matmul`` keeps them).
+    Both are described to TMA as [chunk, row, W bytes], a chunk being 64 bytes (a quarter of
+    activations, one block of a packed row) or, WIDE and where K is whole 512-trit chunks, 128:
+    then one copy per step brings its NB blocks and one their activations, as 2-D tiles the
+    MMA reads (every TMA copy costs the CTA a barrier)."""
+    x_desc, p_desc = descriptors(a2, blocked.view(torch.int8), BN, NB, WIDE)
+    xs, ws, bias, res = tail
+    return _wgmma_kernel[(triton.cdiv(n, BN), SPLIT_K)](
+        x_desc, p_desc, prmt_table(a2.device), c, xs, ws, bias, res, *split_k_buffers, m, n,
+        triton.cdiv(blocked.shape[1] // QUARTER, NB), c.stride(0), res.stride(0), STAGES=STAGES, SPLIT_K=SPLIT_K,
+        num_warps=num_warps, **flags)
