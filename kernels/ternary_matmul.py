@@ -97,7 +97,7 @@ def _gemv_kernel(A, P, C, XS, WS, BIAS, RES, M, N, XW, PW, stride_am, stride_pn,
     offs_m = tl.arange(0, BM)
     offs_n = pid_n * BN + tl.arange(0, BN)
     matmul_epilogue(out, C, XS, WS, BIAS, RES, offs_m, offs_n, M, N, stride_cm, stride_rm,
-              EPILOGUE, PER_CHANNEL, HAS_BIAS, ACTIVATION, HAS_RES)
+                    EPILOGUE, PER_CHANNEL, HAS_BIAS, ACTIVATION, HAS_RES)
 
 
 @triton.jit
@@ -176,7 +176,7 @@ def _gemm_kernel(A, P, C, XS, WS, BIAS, RES, PARTIAL, COUNT, M, N, K, KPB, strid
         last = True
     if last:
         matmul_epilogue(out, C, XS, WS, BIAS, RES, offs_m, offs_n, M, N, stride_cm, stride_rm,
-                  EPILOGUE, PER_CHANNEL, HAS_BIAS, ACTIVATION, HAS_RES)
+                        EPILOGUE, PER_CHANNEL, HAS_BIAS, ACTIVATION, HAS_RES)
 
 
 _workspaces: dict = {}
@@ -336,6 +336,8 @@ def ternary_matmul(a: torch.Tensor, wq: torch.Tensor, k: int, x_scale: Optional[
         pw = blocked.view(torch.int32)
     gemv_flags = dict(BM=triton.next_power_of_2(m), USE_ASM=not tuning.interpreting())
 
+    gluon_ok = wrap is None and wgmma_matmul.supports(m, k, a2)
+
     def split_k_buffers(cfg, tiles):
         """Partial tiles and arrival counters for a split-K launch (unused otherwise)."""
         if cfg["SPLIT_K"] == 1:
@@ -359,7 +361,7 @@ def ternary_matmul(a: torch.Tensor, wq: torch.Tensor, k: int, x_scale: Optional[
         cfg = dict(cfg)
         kind = cfg.pop("kernel")
         if kind == "wgmma":
-            if not (wrap is None and wgmma_matmul.supports(m, k, a2)):
+            if not gluon_ok:
                 raise ValueError(f"the Gluon matmul cannot take this launch (m={m}, k={k}, traced={wrap is not None})")
             bm = wgmma_matmul.token_tile(m)
             buffers = split_k_buffers(dict(cfg, BM=bm), triton.cdiv(n, cfg["BN"]))
@@ -386,7 +388,7 @@ def ternary_matmul(a: torch.Tensor, wq: torch.Tensor, k: int, x_scale: Optional[
 
     candidates = _candidates(m)
     name = "ternary_mm"
-    if _wgmma_configs(m) and not (wrap is None and wgmma_matmul.supports(m, k, a2)):
+    if not gluon_ok and any(c_["kernel"] == "wgmma" for c_ in candidates):
         # The Gluon kernel is ruled out for this call (traced launches: Inductor generates
         # Triton launch code only; rows TMA cannot describe): the Triton kernels' own choice.
         candidates = [c_ for c_ in candidates if c_["kernel"] != "wgmma"]
@@ -401,7 +403,7 @@ def ternary_matmul(a: torch.Tensor, wq: torch.Tensor, k: int, x_scale: Optional[
         torch.randint(-127, 128, (m, k), device=a.device, dtype=torch.int8),
         torch.randint(0, 256, tuple(blocked.shape), device=a.device, dtype=torch.uint8), k, layout="kblocked"))
     cfg = tuning.choose(name, key, candidates, launch)
-    kernel = dict(gemv=_gemv_kernel, gemm=_gemm_kernel).get(cfg["kernel"], getattr(wgmma_matmul, "_wgmma_kernel", None))
+    kernel = {"gemv": _gemv_kernel, "gemm": _gemm_kernel}.get(cfg["kernel"]) or wgmma_matmul._wgmma_kernel
     compiled = launch(cfg)
     launched = {**cfg, **activation_loads(cfg)} if kernel is _gemm_kernel else cfg
     tuning.dump_source(kernel, compiled, {**flags, **launched, "out": str(c.dtype)})
