@@ -27,6 +27,7 @@ an optional residual add, and the cast to the output dtype, in the reference's o
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable, Optional
 
 import torch
@@ -272,6 +273,27 @@ def _candidates(m: int) -> list[dict]:
     return (_gemv_configs(m) if m <= GEMV_MAX_M else []) + (_gemm_configs(m) if m > 1 else []) + _wgmma_configs(m)
 
 
+@functools.lru_cache(maxsize=None)
+def _launch_candidates(m: int, gluon_ok: bool, interpreting: bool) -> tuple[str, tuple[dict, ...]]:
+    """The tuning key's name and the candidates of one launch, built once per (M, kind of
+    launch). Rebuilt on every call (with ``triton.cdiv``/``next_power_of_2``, constexpr functions
+    that cost ~1.5 us per host call), they held an eager M=16 launch at ~480 us of host time;
+    137 us without (round 13). The configurations are shared: nothing may modify them."""
+    candidates = _candidates(m)
+    name = "ternary_mm"
+    if not gluon_ok and any(c["kernel"] == "wgmma" for c in candidates):
+        # The Gluon kernel is ruled out for this call (traced launches: Inductor generates
+        # Triton launch code only; rows TMA cannot describe): the Triton kernels' own choice.
+        candidates = [c for c in candidates if c["kernel"] != "wgmma"]
+        name = "ternary_mm_triton"
+    if interpreting:
+        # No timing here: spread the CPU tests' M over every kernel variant instead.
+        gemv = [c for c in candidates if c["kernel"] == "gemv"]
+        gemm = [c for c in candidates if c["kernel"] == "gemm"]
+        candidates = gemv if gemv and (m <= 4 or m % 2 == 0) else [gemm[m % len(gemm)]]
+    return name, tuple(candidates)
+
+
 def _as_words(t: torch.Tensor) -> torch.Tensor:
     """An int8/uint8 [R, C] tensor (C % 4 == 0) viewed as int32 words [R, C / 4]."""
     try:
@@ -334,7 +356,7 @@ def ternary_matmul(a: torch.Tensor, wq: torch.Tensor, k: int, x_scale: Optional[
         # dp4a reads int32 words: whole words of activations
         aw = _as_words(torch.nn.functional.pad(a2, (0, 4 - k % 4)) if k % 4 else a2)
         pw = blocked.view(torch.int32)
-    gemv_flags = dict(BM=triton.next_power_of_2(m), USE_ASM=not tuning.interpreting())
+    gemv_flags = dict(BM=1 << (m - 1).bit_length(), USE_ASM=not tuning.interpreting())
 
     gluon_ok = wrap is None and wgmma_matmul.supports(m, k, a2)
 
@@ -364,15 +386,15 @@ def ternary_matmul(a: torch.Tensor, wq: torch.Tensor, k: int, x_scale: Optional[
             if not gluon_ok:
                 raise ValueError(f"the Gluon matmul cannot take this launch (m={m}, k={k}, traced={wrap is not None})")
             bm = wgmma_matmul.token_tile(m)
-            buffers = split_k_buffers(dict(cfg, BM=bm), triton.cdiv(n, cfg["BN"]))
+            buffers = split_k_buffers(dict(cfg, BM=bm), -(-n // cfg["BN"]))
             return wgmma_matmul.launch(a2, blocked, c, tail, buffers, m, n, flags, **cfg)
         if kind == "gemv":
             gemv = tuning.traceable(_gemv_kernel, wrap)
-            return gemv[(triton.cdiv(n, cfg["BN"]),)](
+            return gemv[(-(-n // cfg["BN"]),)](
                 aw, pw, c, *tail, m, n, aw.shape[1], pw.shape[1], aw.stride(0), pw.stride(0), c.stride(0),
                 res.stride(0), EVEN=pw.shape[1] % cfg["BW"] == 0 and aw.shape[1] == 4 * pw.shape[1], **flags,
                 **gemv_flags, **cfg)
-        tiles = triton.cdiv(m, cfg["BM"]) * triton.cdiv(n, cfg["BN"])
+        tiles = -(-m // cfg["BM"]) * -(-n // cfg["BN"])
         gemm = tuning.traceable(_gemm_kernel, wrap)
         cfg.update(activation_loads(cfg))
         a_arg = a2
@@ -386,18 +408,7 @@ def ternary_matmul(a: torch.Tensor, wq: torch.Tensor, k: int, x_scale: Optional[
             blocked.stride(0), c.stride(0), res.stride(0), STORE_PARTIALS=wrap is None, Q=QUARTER,
             EVEN_K=k % (4 * QUARTER) == 0, USE_ASM=not tuning.interpreting(), **flags, **cfg)
 
-    candidates = _candidates(m)
-    name = "ternary_mm"
-    if not gluon_ok and any(c_["kernel"] == "wgmma" for c_ in candidates):
-        # The Gluon kernel is ruled out for this call (traced launches: Inductor generates
-        # Triton launch code only; rows TMA cannot describe): the Triton kernels' own choice.
-        candidates = [c_ for c_ in candidates if c_["kernel"] != "wgmma"]
-        name = "ternary_mm_triton"
-    if tuning.interpreting():
-        # No timing here: spread the CPU tests' M over every kernel variant instead.
-        gemv = [c_ for c_ in candidates if c_["kernel"] == "gemv"]
-        gemm = [c_ for c_ in candidates if c_["kernel"] == "gemm"]
-        candidates = gemv if gemv and (m <= 4 or m % 2 == 0) else [gemm[m % len(gemm)]]
+    name, candidates = _launch_candidates(m, gluon_ok, tuning.interpreting())
     key = (tuning.bucket(m), n, k)
     tuning.tune_before_tracing(wrap, name, key, candidates, lambda: ternary_matmul(
         torch.randint(-127, 128, (m, k), device=a.device, dtype=torch.int8),

@@ -1,5 +1,7 @@
 """Every Triton kernel against the plain-torch reference at small shapes (interpreter on
 the CPU). Shapes include non-multiples of the block sizes (16/32/64) and of 4."""
+import copy
+
 import pytest
 import torch
 from hypothesis import example, given
@@ -23,6 +25,21 @@ def test_matmul_int32_exact(kernels, device, m, n, k, seed):
     got = kernels.ternary_matmul.ternary_matmul(a.to(device), wq.to(device), k)
     assert got.dtype == torch.int32
     assert torch.equal(got.cpu(), ref.lowbit_matmul(a, wq, k))
+
+
+def test_matmul_candidates_built_once_and_never_modified(kernels, device):
+    """Launches share one candidate list per (M, launch kind) (host time, round 13): a launch
+    that modified a configuration would change every later launch's choice."""
+    tm, tuning = kernels.ternary_matmul, kernels.ternary_matmul.tuning
+    key = (3, False, tuning.interpreting())  # k = 70 is not whole TMA chunks: never the Gluon kernel
+    shared = tm._launch_candidates(*key)
+    before = copy.deepcopy(shared)
+    wq, ws = ref.quantize_weights(torch.randn(5, 70))
+    xq, xs = ref.quantize_activations(torch.randn(3, 70))
+    for _ in range(2):
+        tm.ternary_matmul(xq.to(device), wq.to(device), 70, xs.to(device), ws.to(device), out_dtype=torch.float32)
+    assert tm._launch_candidates(*key) is shared
+    assert shared == before
 
 
 @pytest.mark.parametrize("m", [1, 3, 9, 33])  # GEMV (M = 1) and GEMM paths
