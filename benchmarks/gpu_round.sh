@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One GPU round in a few device calls (each bounded below the 10-minute call limit), logs under $OUT:
-#   bash benchmarks/gpu_round.sh test            # install + GPU test suite
+#   bash benchmarks/gpu_round.sh test [K_EXPR]   # install + GPU test suite (or the tests pytest -k K_EXPR selects)
 #   bash benchmarks/gpu_round.sh bench [--quick] # re-tune the matmul (shipped entries skipped; RETUNE=grad_input,...
 #                                                # names other kernels) + make bench
 #   bash benchmarks/gpu_round.sh profile         # QAT per-kernel split + static profile on this Triton
@@ -18,8 +18,10 @@ case "${1:-}" in
     # Tests compile far more than they run: 12 workers share the GPU (pytest-xdist, in the device
     # image), with their own tuning cache so contended timings never reach a later bench. The
     # timing test runs alone afterwards. (Round 12: 8 workers ran out of 420 s after 109 tests.)
+    # An optional pytest -k expression selects a part (the whole suite takes more than one call).
+    select="not host_latency${2:+ and ($2)}"
     BITCOMPILE_CACHE_DIR=$(mktemp -d) timeout 480 python3 -m pytest -q -p no:logging --tb=short --durations=15 \
-      -n 12 -m gpu -k "not host_latency" tests > "$out/test_gpu.log" 2>&1
+      -n 12 -m gpu -k "$select" tests > "$out/test_gpu.log" 2>&1
     echo "test-gpu rc=$?"; tail -40 "$out/test_gpu.log"
     timeout 60 python3 -m pytest -q -p no:logging --tb=short -m gpu -k host_latency tests > "$out/test_timing.log" 2>&1
     echo "test-timing rc=$?"; tail -5 "$out/test_timing.log" ;;
@@ -34,6 +36,6 @@ case "${1:-}" in
   sweep)
     cd benchmarks && timeout 560 python3 sweep_matmul.py --json "$out/sweep.json" --repeat "${REPEAT:-1}" ${2:+--shapes "${@:2}"} \
       > "$out/sweep.log" 2>&1; echo "sweep rc=$?"; cd ..; cat "$out/sweep.log" ;;
-  *) echo "usage: $0 test|bench [--quick]|profile|sweep [M,N,K ...]" >&2; exit 2 ;;
+  *) echo "usage: $0 test [K_EXPR]|bench [--quick]|profile|sweep [M,N,K ...]" >&2; exit 2 ;;
 esac
 cp -r "$BITCOMPILE_CACHE_DIR" "$out/cache" 2>/dev/null || true
