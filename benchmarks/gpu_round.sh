@@ -17,8 +17,8 @@ case "${1:-}" in
   test)
     # Tests compile far more than they run: 12 workers share the GPU (pytest-xdist, in the device
     # image), with their own tuning cache so contended timings never reach a later bench. The
-    # timing test runs alone afterwards. (Round 12: 8 workers ran out of 420 s after 109 tests.)
-    # An optional pytest -k expression selects a part (the whole suite takes more than one call).
+    # timing test runs alone afterwards. The whole suite takes more than one call (the Inductor
+    # QAT test alone autotunes for ~245 s in a fresh cache): a pytest -k expression selects a part.
     select="not host_latency${2:+ and ($2)}"
     BITCOMPILE_CACHE_DIR=$(mktemp -d) timeout 480 python3 -m pytest -q -p no:logging --tb=short --durations=15 \
       -n 12 -m gpu -k "$select" tests > "$out/test_gpu.log" 2>&1
