@@ -184,7 +184,7 @@ def _wgmma_case(cfg: dict, m: int, n: int, k: int, flags: dict, pointers: dict, 
     p = torch.empty(n, kblocked_columns(k), dtype=torch.int8)
     x_desc, p_desc = wm.descriptors(a, p, cfg["BN"], cfg["NB"], cfg.get("WIDE", False))
     args = dict(x_desc=mangle_type(x_desc), p_desc=mangle_type(p_desc), TABLE="*i32", **pointers, PARTIAL=scratch,
-                COUNT=scratch, M=m, N=n, STEPS=-(-p.shape[1] // (wm.QUARTER * cfg["NB"])), stride_cm=n, stride_rm=n)
+                COUNT=scratch, M=m, N=n, STEPS=wm.step_count(p.shape[1], cfg["NB"]), stride_cm=n, stride_rm=n)
     constexprs = dict(STAGES=cfg["STAGES"], SPLIT_K=cfg["SPLIT_K"], num_warps=warps, **flags)
     return wm._wgmma_kernel, args, constexprs, warps, 1
 

@@ -273,7 +273,7 @@ def _candidates(m: int) -> list[dict]:
     return (_gemv_configs(m) if m <= GEMV_MAX_M else []) + (_gemm_configs(m) if m > 1 else []) + _wgmma_configs(m)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.lru_cache(maxsize=256)  # bounded: a server sees many distinct M (prefill lengths)
 def _launch_candidates(m: int, gluon_ok: bool, interpreting: bool) -> tuple[str, tuple[dict, ...]]:
     """The tuning key's name and the candidates of one launch, built once per (M, kind of
     launch). Rebuilt on every call (with ``triton.cdiv``/``next_power_of_2``, constexpr functions

@@ -148,6 +148,11 @@ def prmt_table(device: torch.device) -> torch.Tensor:
     return _tables[device]
 
 
+def step_count(kpb: int, NB: int) -> int:
+    """Steps of NB 256-trit blocks over K-blocked rows of ``kpb`` bytes (the last may be partial)."""
+    return -(-kpb // (QUARTER * NB))
+
+
 def token_tile(m: int) -> int:
     return max(16, 1 << (m - 1).bit_length())  # not triton.next_power_of_2: ~1.5 us per host call
 
@@ -187,5 +192,5 @@ def launch(a2: torch.Tensor, blocked: torch.Tensor, c: torch.Tensor, tail: tuple
     xs, ws, bias, res = tail
     return _wgmma_kernel[(-(-n // BN), SPLIT_K)](
         x_desc, p_desc, prmt_table(a2.device), c, xs, ws, bias, res, *split_k_buffers, m, n,
-        -(-blocked.shape[1] // (QUARTER * NB)), c.stride(0), res.stride(0), STAGES=STAGES, SPLIT_K=SPLIT_K,
+        step_count(blocked.shape[1], NB), c.stride(0), res.stride(0), STAGES=STAGES, SPLIT_K=SPLIT_K,
         num_warps=num_warps, **flags)
