@@ -5,6 +5,8 @@ import torch
 import triton
 import triton.language as tl
 
+from bitcompile.quant import packing
+
 
 def rows(t: torch.Tensor, width: int) -> torch.Tensor:
     """``t [..., width]`` as ``[rows, width]`` with unit stride along the row (the kernels'
@@ -85,37 +87,50 @@ def trits_at(p, SHIFT: tl.constexpr, USE_ASM: tl.constexpr):
         return ((p >> SHIFT) & 3).to(tl.int8) - 1
 
 
-PRMT_TABLE = 0x000001FF  # the byte table the trit codes select from (see _kblock_ptx)
+# The "nibbles" order (bitcompile.quant.packing): each nibble of a word is a pair code, the
+# selector of a prmt (byte permute) into an 8-byte table; tables (a, b) for even quarters, then
+# odd ones. ZERO_WORD: sixteen zero trits, as the int32 a masked load fills in.
+PAIR_TABLES = packing.PAIR_TABLES
+ZERO_WORD = tl.constexpr(packing.ZERO_PAIRS - (1 << 32))
 
 
-def _kblock_ptx(quarters: tuple, word: str, table: str = hex(PRMT_TABLE)) -> tl.constexpr:
+def _kblock_ptx(quarters: tuple, word: str, tables: tuple = tuple(hex(t) for t in PAIR_TABLES)) -> tl.constexpr:
     """PTX: quarters ``g`` of the "nibbles" word ``word`` -> four signed trit bytes each, in
-    $0, $1, ... Quarter g is a 2-bit field of the four nibbles of one 16-bit half (g >> 1);
-    masked out, the nibbles are ``prmt`` selectors into the table a = PRMT_TABLE, b = 1:
-    field bits 0-1: code 0 -> a.byte0 = -1, 1 -> a.byte1 = +1, 3 -> a.byte3 = 0; bits 2-3 (the
-    selector is 4 x code): 0 -> a.byte0 = -1, 4 -> b.byte0 = +1, 12 -> b.byte0's sign = 0.
-    ``table``: the table as an immediate or an operand register."""
+    $0, $1, ... The four pair codes of half g >> 1 are the selectors of one ``prmt`` into the
+    table of quarter parity g & 1. prmt reads selector bits 0-15 only: the low half needs no
+    mask, the high half one shift. ``tables``: the four table words (immediates or operands)."""
     body = ["shr.b32 h, %s, 16;" % word] if max(quarters) >= 2 else []
     for out, g in enumerate(quarters):
-        body.append(f"and.b32 s, {word if g < 2 else 'h'}, {'0xCCCC' if g & 1 else '0x3333'}; "
-                    f"prmt.b32 ${out}, {table}, 1, s;")
-    return tl.constexpr("{ .reg .b32 s, h; " + " ".join(body) + " }")
+        a, b = tables[2 * (g & 1)], tables[2 * (g & 1) + 1]
+        body.append(f"prmt.b32 ${out}, {a}, {b}, {word if g < 2 else 'h'};")
+    return tl.constexpr("{ .reg .b32 h; " + " ".join(body) + " }")
 
 
-# Per 16 trits: one shift, four ands, four byte permutes (the previous byte-field order took
-# ~19 ops). Checked on the CPU by interpreting the text (tests/kernels/test_ptx.py).
+# Per 16 trits: one shift and four byte permutes (the 2-bit codes before round 14 also took
+# four ands; the byte-field order before round 11 ~19 ops). Checked on the CPU by
+# interpreting the text (tests/kernels/test_ptx.py).
 KBLOCK_PTX = _kblock_ptx((0, 1, 2, 3), "$4")
 KBLOCK_PTX_Q0, KBLOCK_PTX_Q1, KBLOCK_PTX_Q2, KBLOCK_PTX_Q3 = (_kblock_ptx((g,), "$1") for g in range(4))
-# The same with the table in operand $2. SASS ``prmt`` takes its table from a register: given
-# the immediate, ptxas copied it into a fresh register before every prmt (one extra instruction
-# per 4 trits); a table loaded from memory it keeps in one register.
-KBLOCK_PTX_T0, KBLOCK_PTX_T1, KBLOCK_PTX_T2, KBLOCK_PTX_T3 = (_kblock_ptx((g,), "$1", "$2") for g in range(4))
+# The same with the quarter's table in operands $2 (a) and $6 (b) (each an int32 of a pack of
+# four). SASS ``prmt`` takes its table from registers: given immediates, ptxas re-materialised
+# them before every prmt; a table loaded from memory stays in its registers.
+KBLOCK_PTX_T0, KBLOCK_PTX_T1, KBLOCK_PTX_T2, KBLOCK_PTX_T3 = (_kblock_ptx((g,), "$1", ("$2", "$6") * 2)
+                                                              for g in range(4))
 
 
 @triton.jit
-def nibble_trit(e):
-    """Trit of a "nibbles" code (int32): 0 -> -1, 1 -> +1, 3 -> 0."""
-    return tl.where(e == 3, 0, 2 * e - 1)
+def pair_trit(d):
+    """Trit of a pair-code digit (int32): 0 -> +1, 1 -> -1, 2 -> 0."""
+    return tl.where(d == 2, 0, 1 - 2 * d)
+
+
+@triton.jit
+def pair_digit(code, ODD: tl.constexpr):
+    """The even (code % 3) or odd (code // 3) quarter's digit of a pair code."""
+    if ODD:
+        return code // 3
+    else:
+        return code % 3
 
 
 @triton.jit
@@ -128,11 +143,11 @@ def kblock_quarters(p, BN: tl.constexpr, Q: tl.constexpr, USE_ASM: tl.constexpr)
         return tl.inline_asm_elementwise(KBLOCK_PTX, "=r,=r,=r,=r,r", [p], dtype=(tl.int8, tl.int8, tl.int8, tl.int8),
                                          is_pure=True, pack=4)
     else:
-        # Byte 4w + 2h + b holds nibbles n = 2b (low) and 2b + 1 of half h.
+        # Byte 4w + 2h + b holds the pair codes of nibbles n = 2b (low) and 2b + 1 of half h.
         x = tl.reshape(p.to(tl.int32) & 0xFF, (BN, Q // 4, 2, 2))  # [BN, w, h, b]
         lo_half, hi_half = tl.split(tl.permute(x, (0, 1, 3, 2)))  # [BN, w, b] each
-        return (_quarter_ref(lo_half, 0, BN, Q), _quarter_ref(lo_half, 2, BN, Q),
-                _quarter_ref(hi_half, 0, BN, Q), _quarter_ref(hi_half, 2, BN, Q))
+        return (_quarter_ref(lo_half, False, BN, Q), _quarter_ref(lo_half, True, BN, Q),
+                _quarter_ref(hi_half, False, BN, Q), _quarter_ref(hi_half, True, BN, Q))
 
 
 @triton.jit
@@ -153,33 +168,35 @@ def kblock_quarter(p, G: tl.constexpr, BN: tl.constexpr, Q: tl.constexpr, USE_AS
         else:
             return tl.inline_asm_elementwise(KBLOCK_PTX_Q3, "=r,r", [p], dtype=p.dtype, is_pure=True, pack=pack)
     elif Q == 0:
-        field = (p >> (16 * (G // 2) + 2 * (G % 2))) & 0x3333
         out = tl.zeros_like(p)
         for n in tl.static_range(4):
-            out |= (nibble_trit((field >> (4 * n)) & 3) & 0xFF) << (8 * n)
+            d = pair_digit((p >> (16 * (G // 2) + 4 * n)) & 15, G % 2 == 1)
+            out |= (pair_trit(d) & 0xFF) << (8 * n)
         return out
     else:
         return kblock_quarters(p, BN, Q, USE_ASM)[G]
 
 
 @triton.jit
-def kblock_quarter_from(p, table, G: tl.constexpr):
-    """:func:`kblock_quarter` of int8 bytes ``p`` on the GPU, with the prmt table given as an
-    int32 tensor of ``p``'s shape holding PRMT_TABLE (loaded from memory, see KBLOCK_PTX_T0)."""
+def kblock_quarter_from(p, ta, tb, ua, ub, G: tl.constexpr):
+    """:func:`kblock_quarter` of int8 bytes ``p`` on the GPU, with the prmt tables given as
+    int32 tensors of ``p``'s shape, loaded from memory (see KBLOCK_PTX_T0): (ta, tb) for the
+    even quarters, (ua, ub) for the odd ones."""
+    C: tl.constexpr = "=r,r" + ",r" * 8
     if G == 0:
-        return tl.inline_asm_elementwise(KBLOCK_PTX_T0, "=r,r,r,r,r,r", [p, table], dtype=tl.int8, is_pure=True, pack=4)
+        return tl.inline_asm_elementwise(KBLOCK_PTX_T0, C, [p, ta, tb], dtype=tl.int8, is_pure=True, pack=4)
     elif G == 1:
-        return tl.inline_asm_elementwise(KBLOCK_PTX_T1, "=r,r,r,r,r,r", [p, table], dtype=tl.int8, is_pure=True, pack=4)
+        return tl.inline_asm_elementwise(KBLOCK_PTX_T1, C, [p, ua, ub], dtype=tl.int8, is_pure=True, pack=4)
     elif G == 2:
-        return tl.inline_asm_elementwise(KBLOCK_PTX_T2, "=r,r,r,r,r,r", [p, table], dtype=tl.int8, is_pure=True, pack=4)
+        return tl.inline_asm_elementwise(KBLOCK_PTX_T2, C, [p, ta, tb], dtype=tl.int8, is_pure=True, pack=4)
     else:
-        return tl.inline_asm_elementwise(KBLOCK_PTX_T3, "=r,r,r,r,r,r", [p, table], dtype=tl.int8, is_pure=True, pack=4)
+        return tl.inline_asm_elementwise(KBLOCK_PTX_T3, C, [p, ua, ub], dtype=tl.int8, is_pure=True, pack=4)
 
 
 @triton.jit
-def _quarter_ref(half, SHIFT: tl.constexpr, BN: tl.constexpr, Q: tl.constexpr):
-    """Trits of one quarter (field SHIFT of each nibble) of a half's bytes ``[BN, w, b]``."""
-    t = tl.join(nibble_trit((half >> SHIFT) & 3), nibble_trit((half >> (SHIFT + 4)) & 3))  # [BN, w, b, n & 1]
+def _quarter_ref(half, ODD: tl.constexpr, BN: tl.constexpr, Q: tl.constexpr):
+    """Trits of one quarter (the even or odd digit of each pair code) of a half's bytes ``[BN, w, b]``."""
+    t = tl.join(pair_trit(pair_digit(half & 15, ODD)), pair_trit(pair_digit((half >> 4) & 15, ODD)))  # [BN, w, b, n & 1]
     return tl.reshape(t, (BN, Q)).to(tl.int8)
 
 

@@ -24,20 +24,22 @@ QUARTER = KBLOCK // 4  # bytes per row per block; also the trits one quarter of 
 
 
 @triton.jit
-def nibble_codes(byte):
-    """Canonical codes (trit + 1) -> "nibbles" codes (-1 -> 0, +1 -> 1, 0 -> 3), every 2-bit
-    field of an int32 at once: high bit = low bit of c, low bit = c != 0."""
-    lo = byte & 0x55555555
-    return (lo << 1) | lo | ((byte >> 1) & 0x55555555)
+def pair_digits(byte):
+    """Canonical codes (trit + 1) -> the "nibbles" order's pair digits (+1 -> 0, -1 -> 1, 0 -> 2;
+    ``packing.PAIR_DIGIT``), the four 2-bit fields of a byte at once: high bit = (code == 1),
+    low bit = (code == 0)."""
+    lo = byte & 0x55
+    hi = (byte >> 1) & 0x55
+    return ((lo & ~hi) << 1) | (~(lo | hi) & 0x55)
 
 
 @triton.jit
 def _relayout_kernel(P, OUT, N, K, KB, stride_p, stride_o, BN: tl.constexpr, Q: tl.constexpr):
     # A block of 4Q trits is Q canonical bytes per row, four runs of Q/4: byte c of run i
     # holds trits k = i*Q + 4c + s (field s), and output word c holds trit i*Q + 4c + s (quarter
-    # i, nibble s). So output word c is a 4x4 transpose of the 2-bit fields of byte c of the
-    # four runs: element-wise on [BN, Q/4] tiles, contiguous loads and stores, nothing
-    # exchanged between threads (a gather formulation took 600 us at 8192^2).
+    # i, nibble s): the pair code of runs 2h and 2h + 1, field s, goes to nibble s of half h.
+    # Element-wise on [BN, Q/4] tiles, contiguous loads and stores, nothing exchanged between
+    # threads (a gather formulation took 600 us at 8192^2).
     rows = tl.program_id(0) * BN + tl.arange(0, BN)[:, None]
     blk = tl.program_id(1)
     c = tl.arange(0, Q // 4)[None, :]
@@ -48,9 +50,9 @@ def _relayout_kernel(P, OUT, N, K, KB, stride_p, stride_o, BN: tl.constexpr, Q: 
         # Fields past K (the last byte's padding, whatever its bits) become the zero trit 01.
         valid = tl.minimum(tl.maximum(K - (blk * 4 * Q + i * Q + 4 * c), 0), 4)
         trit_bits = (1 << (2 * valid)) - 1
-        byte = nibble_codes((byte & trit_bits) | (0x55 & ~trit_bits))
-        for s in tl.static_range(4):
-            out |= ((byte >> (2 * s)) & 3) << (16 * (i // 2) + 4 * s + 2 * (i % 2))
+        d = pair_digits((byte & trit_bits) | (0x55 & ~trit_bits))
+        for s in tl.static_range(4):  # pair code = even digit + 3 x odd digit
+            out += (((d >> (2 * s)) & 3) * (1 + 2 * (i % 2))) << (16 * (i // 2) + 4 * s)
     tl.store(OUT + rows.to(tl.int64) * stride_o + blk * (Q // 4) + c, out, mask=rows < N)
 
 
@@ -79,8 +81,9 @@ def _transposed_kernel(P, OUT, N, K, KB, stride_p, stride_o, BC: tl.constexpr, Q
     # Input: a [4Q rows, BC bytes] tile of canonical bytes, read along the bytes (coalesced).
     # Output row k = 4c + s (field s of byte column c), block b = program_id(1): the trit of
     # input row n = b*4Q + i*Q + j (quarter i, word j // 4, n' = j % 4) goes to byte j, bits 2i
-    # ("fields"), or to bit 16 (i // 2) + 4 n' + 2 (i % 2) of word j // 4 ("nibbles"). Triton
-    # transposes between the load's and the stores' layouts through shared memory.
+    # ("fields"), or, in one pair code with quarter i ^ 1, to bits 16 (i // 2) + 4 n' of word
+    # j // 4 ("nibbles"). Triton transposes between the load's and the stores' layouts through
+    # shared memory.
     c = tl.program_id(0) * BC + tl.arange(0, BC)
     i = tl.arange(0, 4)[:, None, None]
     n = tl.program_id(1) * 4 * Q + i * Q + tl.arange(0, Q)[None, :, None]
@@ -88,16 +91,16 @@ def _transposed_kernel(P, OUT, N, K, KB, stride_p, stride_o, BC: tl.constexpr, Q
     src = tl.load(P + n.to(tl.int64) * stride_p + c[None, None, :], mask=valid, other=0x55)  # 0x55: zero trits
     src = src.to(tl.int32)
     if NIBBLES:
-        src = nibble_codes(src)
+        src = pair_digits(src)
     out_rows = OUT + tl.program_id(1) * Q + tl.arange(0, Q)[:, None]
     for s in tl.static_range(4):
         if NIBBLES:
-            # [i, j, c] = [2 h, 2 q, Q/4 w, 2 b, 2 n', c]: byte 4w + 2h + b holds, at bit 4 n' + 2 q,
-            # the trit of quarter 2h + q, j = 4w + 2b + n'.
+            # [i, j, c] = [2 h, 2 q, Q/4 w, 2 b, 2 n', c]: byte 4w + 2h + b holds, at bits 4 n', the
+            # pair code (even digit + 3 x odd digit) of quarters 2h and 2h + 1, j = 4w + 2b + n'.
             e = tl.reshape((src >> (2 * s)) & 3, (2, 2, Q // 4, 2, 2, BC))
             q = tl.arange(0, 2)[None, :, None, None, None, None]
             nl = tl.arange(0, 2)[None, None, None, None, :, None]
-            out = tl.sum(tl.sum(e << (4 * nl + 2 * q), axis=4), axis=1)  # [h, w, b, c]
+            out = tl.sum(tl.sum((e * (1 + 2 * q)) << (4 * nl), axis=4), axis=1)  # [h, w, b, c]
             out = tl.reshape(tl.permute(out, (1, 0, 2, 3)), (Q, BC))
         else:
             out = tl.sum(((src >> (2 * s)) & 3) << (2 * i), axis=0)  # [Q, BC]

@@ -2,9 +2,10 @@
 
 The kernels read the K-blocked "nibbles" layout (``bitcompile.quant.packing``): each
 quarter of a 32-bit word is 4 trits of consecutive K, so every activation load is a
-contiguous slice, and an ``and`` plus one ``prmt`` (a byte permute reading a constant table)
-turn a quarter into 4 signed int8 trits in one register (``common.KBLOCK_PTX``; the byte-field
-order before it took ~19 ops per 16 trits instead of 9: M=128 8192^2 25.2 -> 21.5 us, round 11).
+contiguous slice, and one ``prmt`` (a byte permute whose selectors are the word's 4-bit pair
+codes, reading a constant table) turns a quarter into 4 signed int8 trits in one register
+(``common.KBLOCK_PTX``: 5 ops per 16 trits; 2-bit codes took an ``and`` more per quarter,
+round 14, and the byte-field order before them ~19 ops, round 11).
   * ``_gemv_kernel`` (M <= GEMV_MAX_M, decode): CUDA cores. Each quarter's 4 trits meet 4
     int8 activations in one ``dp4a`` (4 multiply-adds per instruction). (Unsigned codes with
     sum(x) subtracted made every program re-read the whole activation row: 9.27 -> 8.78 us at
@@ -35,8 +36,8 @@ import triton
 import triton.language as tl
 
 from bitcompile.kernels import tuning, wgmma_matmul
-from bitcompile.kernels.common import (ACTIVATIONS, grouped_tile, kblock_quarter, matmul_epilogue, split_k_total,
-                                      unpack_kblock)
+from bitcompile.kernels.common import (ACTIVATIONS, ZERO_WORD, grouped_tile, kblock_quarter, matmul_epilogue,
+                                      split_k_total, unpack_kblock)
 from bitcompile.kernels.layout import QUARTER, kblocked, relayout
 
 GEMV_MAX_M = 16  # dp4a cost grows with M: from 2 rows on, tuning times it against the tensor cores
@@ -80,15 +81,15 @@ def _gemv_kernel(A, P, C, XS, WS, BIAS, RES, M, N, XW, PW, stride_am, stride_pn,
     p_ptrs = P + (n4 % N).to(tl.int64) * stride_pn + word
     x_ptrs = A + (m4 % M) * stride_am + x_word
     acc = tl.zeros((BM, BN, BW // 16, 16), dtype=tl.int32)
-    # Out-of-range words read as 0xFFFFFFFF: sixteen zero trits.
-    p = tl.load(p_ptrs, mask=(word < PW) | EVEN, other=-1)
+    # Out-of-range words read as sixteen zero trits.
+    p = tl.load(p_ptrs, mask=(word < PW) | EVEN, other=ZERO_WORD)
     for w0 in range(0, PW, BW):
         # The next step's weights are requested before this step's arithmetic (a register
         # double buffer), so each program has a DRAM load in flight while it computes.
         if EVEN:
             p_next = tl.load(p_ptrs + tl.minimum(w0 + BW, PW - BW))
         else:
-            p_next = tl.load(p_ptrs + w0 + BW, mask=w0 + BW + word < PW, other=-1)
+            p_next = tl.load(p_ptrs + w0 + BW, mask=w0 + BW + word < PW, other=ZERO_WORD)
         for i in tl.static_range(4):
             xi = 4 * w0 + 16 * i
             x = tl.load(x_ptrs + xi, mask=(xi + x_word < XW) | EVEN, other=0)

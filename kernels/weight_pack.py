@@ -18,7 +18,6 @@ import triton
 import triton.language as tl
 
 from bitcompile.kernels import tuning
-from bitcompile.kernels.layout import nibble_codes
 from bitcompile.quant.packing import kblocked_columns
 
 EPS = 1e-5
@@ -79,11 +78,12 @@ def _pack_kernel(W, ROWSUM, TOTAL, SCALE, P, N, K, KB, count, stride_w, stride_p
     t = tl.where(valid, t, 0.0).to(tl.int32)  # K padding is the zero trit
     if LAYOUT == 0:
         packed = tl.sum((t + 1) << (2 * i), axis=1)
-    else:  # "nibbles" (bitcompile.quant.packing): trit i * QB + 4w + n at bit 16 (i // 2) + 4n + 2 (i % 2)
-        e = tl.reshape(nibble_codes(t + 1), (BN, 2, 2, QB // 4, 2, 2))  # [BN, h, q, w, b, n % 2]: i = 2h + q, j = 4w + 2b + n % 2
+    else:  # "nibbles" (bitcompile.quant.packing): the trits of quarters 2h, 2h + 1 at position 4w + n
+        # are one pair code (even digit + 3 x odd digit, digit = (t + 2) % 3) at bit 16h + 4n of word w
+        d = tl.reshape((t + 2) % 3, (BN, 2, 2, QB // 4, 2, 2))  # [BN, h, q, w, b, n % 2]: i = 2h + q, j = 4w + 2b + n % 2
         q = tl.arange(0, 2)[None, None, :, None, None, None]
         nl = tl.arange(0, 2)[None, None, None, None, None, :]
-        packed = tl.sum(tl.sum(e << (4 * nl + 2 * q), axis=5), axis=2)  # [BN, h, w, b]: byte 4w + 2h + b
+        packed = tl.sum(tl.sum((d * (1 + 2 * q)) << (4 * nl), axis=5), axis=2)  # [BN, h, w, b]: byte 4w + 2h + b
         packed = tl.reshape(tl.permute(packed, (0, 2, 1, 3)), (BN, QB))
     c = blk * QB + tl.arange(0, QB)
     tl.store(P + rows[:, None].to(tl.int64) * stride_p + c[None, :], packed.to(tl.uint8),

@@ -20,7 +20,7 @@ import functools
 
 import torch
 
-from bitcompile.kernels.common import PRMT_TABLE, kblock_quarter_from, matmul_epilogue, split_k_total
+from bitcompile.kernels.common import PAIR_TABLES, kblock_quarter_from, matmul_epilogue, split_k_total
 
 try:
     from triton.experimental import gluon
@@ -32,6 +32,7 @@ except ImportError:  # a Triton without Gluon: the Triton kernels serve every M
 
 MAX_M = 64  # one token tile: the MMA's N
 QUARTER = 64  # bytes of one 256-trit block per weight row: one quarter of trits, one MMA's K
+TABLE_ROWS = 256  # copies of each prmt table word in memory: one per weight row of a tile (BN <= 256)
 
 
 def available() -> bool:
@@ -40,6 +41,7 @@ def available() -> bool:
 
 if gluon is not None:
     Q = gl.constexpr(QUARTER)
+    TR = gl.constexpr(TABLE_ROWS)
     _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared  # renamed in Triton 3.7
 
     if hasattr(gl.shared_memory_descriptor, "reinterpret"):  # Triton >= 3.7 (3.6: private)
@@ -101,7 +103,12 @@ if gluon is not None:
 
         acc = gl.zeros([BN, BM], gl.int32, mma)
         rows = gl.arange(0, BN, layout=gl.SliceLayout(1, a_layout))
-        table = gl.load(TABLE + rows)[:, None] + gl.zeros([BN, Q], gl.int32, a_layout)
+        # The decode's prmt tables, one copy per row so that each stays in an ordinary register.
+        zeros = gl.zeros([BN, Q], gl.int32, a_layout)
+        ta = gl.load(TABLE + rows)[:, None] + zeros
+        tb = gl.load(TABLE + TR + rows)[:, None] + zeros
+        ua = gl.load(TABLE + 2 * TR + rows)[:, None] + zeros
+        ub = gl.load(TABLE + 3 * TR + rows)[:, None] + zeros
         for i in range(steps):
             stage = i % STAGES
             mbarrier.wait(ready.index(stage), (i // STAGES) & 1)
@@ -109,7 +116,7 @@ if gluon is not None:
                 p = _chunk(p_tiles, stage * PC, b, PER).load(a_layout)
                 for g in gl.static_range(4):
                     x = _chunk(x_tiles, stage * XC, 4 * b + g, PER).permute((1, 0))
-                    acc = warpgroup_mma(kblock_quarter_from(p, table, g), x, acc, is_async=True)
+                    acc = warpgroup_mma(kblock_quarter_from(p, ta, tb, ua, ub, g), x, acc, is_async=True)
             # Step i - 1's MMAs are done: its ring stage is free again.
             acc = warpgroup_mma_wait(num_outstanding=4 * NB, deps=[acc])
             _fetch(x_desc, p_desc, p_smem, x_smem, ready, first + i + STAGES - 1, (i + STAGES - 1) % STAGES,
@@ -141,10 +148,11 @@ def supports(m: int, k: int, a: torch.Tensor) -> bool:
 _tables: dict = {}
 
 
-def prmt_table(device: torch.device) -> torch.Tensor:
-    """PRMT_TABLE once per weight row of a tile, in device memory (``common.KBLOCK_PTX_T0``)."""
+def prmt_tables(device: torch.device) -> torch.Tensor:
+    """The four PAIR_TABLES words, TABLE_ROWS copies each, in device memory (``common.KBLOCK_PTX_T0``)."""
     if device not in _tables:
-        _tables[device] = torch.full((256,), PRMT_TABLE, dtype=torch.int32, device=device)
+        words = [t - (1 << 32) if t >= 1 << 31 else t for t in PAIR_TABLES]
+        _tables[device] = torch.tensor(words, dtype=torch.int32, device=device).repeat_interleave(TABLE_ROWS)
     return _tables[device]
 
 
@@ -191,6 +199,6 @@ def launch(a2: torch.Tensor, blocked: torch.Tensor, c: torch.Tensor, tail: tuple
     x_desc, p_desc = descriptors(a2, blocked.view(torch.int8), BN, NB, WIDE)
     xs, ws, bias, res = tail
     return _wgmma_kernel[(-(-n // BN), SPLIT_K)](
-        x_desc, p_desc, prmt_table(a2.device), c, xs, ws, bias, res, *split_k_buffers, m, n,
+        x_desc, p_desc, prmt_tables(a2.device), c, xs, ws, bias, res, *split_k_buffers, m, n,
         step_count(blocked.shape[1], NB), c.stride(0), res.stride(0), STAGES=STAGES, SPLIT_K=SPLIT_K,
         num_warps=num_warps, **flags)

@@ -53,17 +53,34 @@ def unpack_ternary(packed: torch.Tensor, k: int, dtype: torch.dtype = torch.int8
 # n = 0..3) is in word w. One decode of a word run thus gives, per quarter, trits of
 # *consecutive* K that meet a contiguous slice of the activations (no stride-4 gathers), and
 # the four quarters side by side are the block's K order. Two orders within a word:
-#   "nibbles" (the int8 matmul's): code e (trit -1 -> 0, +1 -> 1, 0 -> 3; 0xFF is four zero
-#     trits) at bit 16 (g >> 1) + 4n + 2 (g & 1). Quarter g's four trits are one 2-bit field of
-#     the four nibbles of one 16-bit half: an `and` and one `prmt` (byte permute, the nibbles
-#     selecting from a constant table) make them four signed bytes (kernels/common.py).
+#   "nibbles" (the int8 matmul's): nibble n of 16-bit half h (bits 16h + 4n) holds the trit pair
+#     (a, b) = (trit of quarter 2h, trit of quarter 2h + 1) as one 4-bit code d(a) + 3 d(b), with
+#     d(+1) = 0, d(-1) = 1, d(0) = 2 (9 of 16 values; 8 = two zero trits, 0x88888888 a word of
+#     zeros). The nibbles of one half are the selectors of a `prmt` (byte permute) from an 8-byte
+#     table: one table (PAIR_TABLES) gives quarter 2h's four trits as signed bytes, another
+#     quarter 2h + 1's, with no masking (prmt reads bits 0-15 only; code 8 takes byte 0 with its
+#     sign replicated, hence d(+1) = 0: byte 0 of both tables is +1, sign-extended 0).
 #   "fields" (the 16-bit input-gradient kernel's): canonical code (trit + 1) at bit 8n + 2g,
 #     i.e. byte j = 4w + n holds trit 64g + j in bits 2g..2g+1.
 # Only the CUDA kernels use them; what is saved and exchanged stays canonical.
 KBLOCK = 256
 KBLOCK_ORDERS = ("nibbles", "fields")
-_NIBBLE_CODES = (0, 3, 1)  # by trit + 1
-_NIBBLE_TRITS = (-1, 1, 2, 0)  # by code; 2 marks the invalid code 2
+PAIR_DIGIT = (1, 2, 0)  # d(trit) by trit + 1
+PAIR_TRIT = (1, -1, 0)  # trit by digit
+ZERO_PAIRS = 0x88888888  # a "nibbles" word of sixteen zero trits
+
+
+def _pair_tables() -> tuple[int, int, int, int]:
+    """The prmt tables (a, b) of the "nibbles" order's even and odd quarters: byte v < 8 of
+    table (a | b << 32) is the trit of code v; code 8 reads byte 0 sign-extended."""
+    def word(trits):
+        return sum((t & 0xFF) << (8 * i) for i, t in enumerate(trits))
+    even = [PAIR_TRIT[v % 3] for v in range(8)]
+    odd = [PAIR_TRIT[v // 3] for v in range(8)]
+    return word(even[:4]), word(even[4:]), word(odd[:4]), word(odd[4:])
+
+
+PAIR_TABLES = _pair_tables()
 
 
 def kblocked_columns(k: int) -> int:
@@ -71,35 +88,50 @@ def kblocked_columns(k: int) -> int:
     return -(-k // KBLOCK) * (KBLOCK // TRITS_PER_BYTE)
 
 
-def _kblock_bits(order: str) -> torch.Tensor:
-    """Bit of trit (g, n) within its word, ``[4 (g), 1 (w), 4 (n)]``."""
+def _check_order(order: str) -> None:
     if order not in KBLOCK_ORDERS:
         raise ValueError(f"unknown K-blocked order {order!r}; supported: {', '.join(KBLOCK_ORDERS)}")
-    g, n = torch.arange(4).view(4, 1, 1), torch.arange(4).view(1, 1, 4)
-    return 16 * (g >> 1) + 4 * n + 2 * (g & 1) if order == "nibbles" else 8 * n + 2 * g
+
+
+def _words(units: torch.Tensor, bits: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """Codes ``[..., block, a, w, b]`` placed at ``bits [a, 1, b]`` of word w -> little-endian bytes."""
+    words = (units << bits).sum(dim=(-3, -1))  # disjoint bits: the sum is the or
+    out = torch.stack([(words >> (8 * i)) & 255 for i in range(4)], dim=-1)
+    return out.reshape(*shape[:-1], -1).to(torch.uint8)
 
 
 def to_kblocked(packed: torch.Tensor, k: int, order: str = "nibbles") -> torch.Tensor:
     """Canonical ``uint8 [..., ceil(k/4)]`` -> K-blocked ``uint8 [..., kblocked_columns(k)]``."""
-    bits = _kblock_bits(order)
+    _check_order(order)
     trits = unpack_ternary(packed, k, torch.int64)
     trits = torch.nn.functional.pad(trits, (0, kblocked_columns(k) * TRITS_PER_BYTE - k))
-    codes = torch.tensor(_NIBBLE_CODES)[trits + 1] if order == "nibbles" else trits + 1
-    codes = codes.reshape(*codes.shape[:-1], -1, 4, KBLOCK // 16, 4)  # [..., block, g, w, n]
-    words = (codes << bits).sum(dim=(-3, -1))  # disjoint bits: the sum is the or
-    out = torch.stack([(words >> (8 * b)) & 255 for b in range(4)], dim=-1)  # little-endian bytes
-    return out.reshape(*packed.shape[:-1], -1).to(torch.uint8)
+    trits = trits.reshape(*trits.shape[:-1], -1, 4, KBLOCK // 16, 4)  # [..., block, g, w, n]
+    n = torch.arange(4).view(1, 1, 4)
+    if order == "fields":
+        return _words(trits + 1, 8 * n + 2 * torch.arange(4).view(4, 1, 1), packed.shape)
+    d = torch.tensor(PAIR_DIGIT)[trits + 1]
+    pairs = d[..., 0::2, :, :] + 3 * d[..., 1::2, :, :]  # [..., block, h, w, n]
+    return _words(pairs, 16 * torch.arange(2).view(2, 1, 1) + 4 * n, packed.shape)
 
 
 def from_kblocked(blocked: torch.Tensor, k: int, order: str = "nibbles") -> torch.Tensor:
     """Inverse of :func:`to_kblocked`: back to the canonical format."""
-    bits = _kblock_bits(order)
+    _check_order(order)
     b = blocked.to(torch.int64).reshape(*blocked.shape[:-1], -1, 1, KBLOCK // 16, 4)
-    words = sum(b[..., i] << (8 * i) for i in range(4))  # [..., block, 1, w]
-    codes = (words[..., None] >> bits) & 3  # [..., block, g, w, n]: trit 64g + 4w + n
-    invalid = 2 if order == "nibbles" else 3
-    if not torch.compiler.is_compiling() and blocked.device.type != "meta" and bool((codes == invalid).any()):
-        raise ValueError(f"K-blocked ({order}) tensor contains the invalid code {invalid}")
-    trits = torch.tensor(_NIBBLE_TRITS)[codes] if order == "nibbles" else codes - 1
+    words = sum(b[..., i] << (8 * i) for i in range(4))[..., None]  # [..., block, 1, w, 1]
+    n = torch.arange(4).view(1, 1, 4)
+    check = not torch.compiler.is_compiling() and blocked.device.type != "meta"
+    if order == "fields":
+        codes = (words >> (8 * n + 2 * torch.arange(4).view(4, 1, 1))) & 3  # [..., block, g, w, n]
+        if check and bool((codes == 3).any()):
+            raise ValueError("K-blocked (fields) tensor contains the invalid code 3")
+        trits = codes - 1
+    else:
+        pairs = (words >> (16 * torch.arange(2).view(2, 1, 1) + 4 * n)) & 15  # [..., block, h, w, n]
+        if check and bool((pairs > 8).any()):
+            raise ValueError("K-blocked (nibbles) tensor contains an invalid pair code (> 8)")
+        table = torch.tensor(PAIR_TRIT)
+        trits = torch.stack([table[pairs % 3], table[pairs // 3]], dim=-3)  # [..., block, h, 2, w, n]
+        trits = trits.flatten(-4, -3)  # quarter g = 2h + (0 | 1)
     trits = trits.reshape(*blocked.shape[:-1], -1)[..., :k]
     return pack_ternary(trits.to(torch.int16))

@@ -3,7 +3,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from bitcompile.quant.packing import (KBLOCK_ORDERS, from_kblocked, kblocked_columns, pack_ternary, packed_columns,
+from bitcompile.quant.packing import (KBLOCK_ORDERS, ZERO_PAIRS, from_kblocked, kblocked_columns, pack_ternary, packed_columns,
                                      to_kblocked, unpack_ternary)
 
 
@@ -41,22 +41,23 @@ def test_kblocked_roundtrip(order, k, seed):
 
 
 def test_kblocked_layouts_match_their_description():
-    # Trit 64g + 4w + n of a block is in word w (little-endian); "nibbles": code (-1 -> 0, +1 -> 1,
-    # 0 -> 3) at bit 16 (g >> 1) + 4n + 2 (g & 1); "fields": trit + 1 at bit 8n + 2g.
+    # Trit 64g + 4w + n of a block is in word w (little-endian); "nibbles": quarters 2h and 2h + 1
+    # at n are one pair code d(even) + 3 d(odd) (d: +1 -> 0, -1 -> 1, 0 -> 2) at bit 16h + 4n;
+    # "fields": trit + 1 at bit 8n + 2g.
     trits = torch.zeros(1, 256, dtype=torch.int8)
     trits[0, 64 * 2 + 4 * 1 + 3] = 1  # g=2, w=1, n=3
     trits[0, 64 * 1 + 4 * 0 + 1] = -1  # g=1, w=0, n=1
     words = to_kblocked(pack_ternary(trits), 256).view(torch.int32)[0]
-    assert words[1].item() & 0xFFFFFFFF == 0xFFFFFFFF & ~(0b10 << 28)  # code 1 at bit 28
-    assert words[0].item() & 0xFFFFFFFF == 0xFFFFFFFF & ~(0b11 << 6)  # code 0 at bit 6
-    assert (words[2:] == -1).all()  # zero trits everywhere else
+    assert words[1].item() & 0xFFFFFFFF == 0x68888888  # (+1, 0): 0 + 3 * 2 at bit 28
+    assert words[0].item() & 0xFFFFFFFF == 0x88888858  # (0, -1): 2 + 3 * 1 at bit 4
+    assert (words[2:] & 0xFFFFFFFF == ZERO_PAIRS).all()  # zero trits everywhere else
     fields = to_kblocked(pack_ternary(trits), 256, "fields").view(torch.int32)[0]
     assert fields[1].item() & 0xFFFFFFFF == 0x55555555 + (1 << 28)  # trit + 1 = 2 at bit 8*3 + 2*2
     assert fields[0].item() & 0xFFFFFFFF == 0x55555555 - (1 << 10)  # trit + 1 = 0 at bit 8*1 + 2*1
 
 
 def test_kblocked_invalid_code_and_order_are_errors():
-    with pytest.raises(ValueError, match="invalid code 2"):
+    with pytest.raises(ValueError, match="invalid pair code"):
         from_kblocked(torch.full((1, 64), 0xAA, dtype=torch.uint8), 256)
     with pytest.raises(ValueError, match="supported: nibbles, fields"):
         to_kblocked(torch.zeros(1, 1, dtype=torch.uint8), 4, "bytes")
