@@ -196,7 +196,8 @@ def kblock_quarter_from(p, ta, tb, ua, ub, G: tl.constexpr):
 @triton.jit
 def _quarter_ref(half, ODD: tl.constexpr, BN: tl.constexpr, Q: tl.constexpr):
     """Trits of one quarter (the even or odd digit of each pair code) of a half's bytes ``[BN, w, b]``."""
-    t = tl.join(pair_trit(pair_digit(half & 15, ODD)), pair_trit(pair_digit((half >> 4) & 15, ODD)))  # [BN, w, b, n & 1]
+    lo, hi = pair_digit(half & 15, ODD), pair_digit((half >> 4) & 15, ODD)  # nibbles n = 2b, 2b + 1
+    t = tl.join(pair_trit(lo), pair_trit(hi))  # [BN, w, b, n & 1]
     return tl.reshape(t, (BN, Q)).to(tl.int8)
 
 

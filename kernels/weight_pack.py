@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from bitcompile.kernels import tuning
+from bitcompile.kernels.layout import pair_digits
 from bitcompile.quant.packing import kblocked_columns
 
 EPS = 1e-5
@@ -79,8 +80,9 @@ def _pack_kernel(W, ROWSUM, TOTAL, SCALE, P, N, K, KB, count, stride_w, stride_p
     if LAYOUT == 0:
         packed = tl.sum((t + 1) << (2 * i), axis=1)
     else:  # "nibbles" (bitcompile.quant.packing): the trits of quarters 2h, 2h + 1 at position 4w + n
-        # are one pair code (even digit + 3 x odd digit, digit = (t + 2) % 3) at bit 16h + 4n of word w
-        d = tl.reshape((t + 2) % 3, (BN, 2, 2, QB // 4, 2, 2))  # [BN, h, q, w, b, n % 2]: i = 2h + q, j = 4w + 2b + n % 2
+        # are one pair code (even digit + 3 x odd digit) at bit 16h + 4n of word w.
+        # [BN, h, q, w, b, n % 2]: i = 2h + q, j = 4w + 2b + n % 2
+        d = tl.reshape(pair_digits(t + 1) & 3, (BN, 2, 2, QB // 4, 2, 2))
         q = tl.arange(0, 2)[None, None, :, None, None, None]
         nl = tl.arange(0, 2)[None, None, None, None, None, :]
         packed = tl.sum(tl.sum((d * (1 + 2 * q)) << (4 * nl), axis=5), axis=2)  # [BN, h, w, b]: byte 4w + 2h + b

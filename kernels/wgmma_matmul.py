@@ -12,7 +12,8 @@ packed word w of row n, whose quarter g is exactly those four trits ("nibbles" o
 ``bitcompile.quant.packing``), so the decode is elementwise (``common.kblock_quarter_from``)
 and no data moves between threads. Weights and activations arrive by TMA in a STAGES-deep
 ring. M <= BM tokens (one token tile); optional split-K over the steps, summed as in the
-Triton GEMM (``common.split_k_total``). Round 12: M=16 8192^2 11.8 -> 9.9 us.
+Triton GEMM (``common.split_k_total``). M=16 8192^2: 11.8 -> 9.9 us (round 12), 9.2 with pair
+codes (one prmt per quarter, round 14).
 """
 from __future__ import annotations
 
