@@ -154,9 +154,10 @@ def ternary_mm_case(config: dict, m: int, n: int, k: int) -> tuple:
     kpb = kblocked_columns(k)
     if kind == "gemv":
         xw, pw = -(-k // 4), kpb // 4
-        args = dict(A="*i32", P="*i32", **pointers, M=m, N=n, XW=xw, PW=pw, stride_am=xw, stride_pn=pw,
+        args = dict(A="*i32", P="*i32", **pointers, M=m, N=n, XW=xw, PW=pw, ZERO=0, stride_am=xw, stride_pn=pw,
                     stride_cm=n, stride_rm=n)
         even = pw % cfg["BW"] == 0 and xw == 4 * pw
+        cfg.setdefault("R", 1)
         return (tm._gemv_kernel, args, dict(BM=triton.next_power_of_2(m), EVEN=even, USE_ASM=True, **flags, **cfg),
                 warps, stages)
     scratch = "*i32" if cfg["SPLIT_K"] > 1 else "*bf16"

@@ -116,6 +116,21 @@ KBLOCK_PTX_Q0, KBLOCK_PTX_Q1, KBLOCK_PTX_Q2, KBLOCK_PTX_Q3 = (_kblock_ptx((g,), 
 # them before every prmt; a table loaded from memory stays in its registers.
 KBLOCK_PTX_T0, KBLOCK_PTX_T1, KBLOCK_PTX_T2, KBLOCK_PTX_T3 = (_kblock_ptx((g,), "$1", ("$2", "$6") * 2)
                                                               for g in range(4))
+# The same for int32 words (pack 1): the table in operands $2 (a) and $3 (b).
+KBLOCK_PTX_W0, KBLOCK_PTX_W1, KBLOCK_PTX_W2, KBLOCK_PTX_W3 = (_kblock_ptx((g,), "$1", ("$2", "$3") * 2)
+                                                              for g in range(4))
+PAIR_TABLE_WORDS = tuple(t - (1 << 32) if t >= 1 << 31 else t for t in PAIR_TABLES)  # as int32 values
+_TA, _TB, _UA, _UB = (tl.constexpr(t) for t in PAIR_TABLE_WORDS)
+
+
+@triton.jit
+def pair_tables_in_registers(zero):
+    """The prmt tables (even quarters a, b; odd a, b) as int32 tensors of ``zero``'s shape, for
+    :func:`kblock_quarter_words`. ``zero`` must be 0 at run time, thread-varying, and unknown to
+    the compiler: ptxas copied a constant (or a warp-uniform load) into a fresh register before
+    every prmt, 32 of the GEMV loop's 136 instructions (round 15); a thread-varying value stays
+    in its registers."""
+    return zero + _TA, zero + _TB, zero + _UA, zero + _UB
 
 
 @triton.jit
@@ -191,6 +206,20 @@ def kblock_quarter_from(p, ta, tb, ua, ub, G: tl.constexpr):
         return tl.inline_asm_elementwise(KBLOCK_PTX_T2, C, [p, ta, tb], dtype=tl.int8, is_pure=True, pack=4)
     else:
         return tl.inline_asm_elementwise(KBLOCK_PTX_T3, C, [p, ua, ub], dtype=tl.int8, is_pure=True, pack=4)
+
+
+@triton.jit
+def kblock_quarter_words(p, ta, tb, ua, ub, G: tl.constexpr):
+    """:func:`kblock_quarter` of int32 words ``p`` on the GPU, with the tables of
+    :func:`pair_tables_in_registers` (each of ``p``'s shape)."""
+    if G == 0:
+        return tl.inline_asm_elementwise(KBLOCK_PTX_W0, "=r,r,r,r", [p, ta, tb], dtype=tl.int32, is_pure=True, pack=1)
+    elif G == 1:
+        return tl.inline_asm_elementwise(KBLOCK_PTX_W1, "=r,r,r,r", [p, ua, ub], dtype=tl.int32, is_pure=True, pack=1)
+    elif G == 2:
+        return tl.inline_asm_elementwise(KBLOCK_PTX_W2, "=r,r,r,r", [p, ta, tb], dtype=tl.int32, is_pure=True, pack=1)
+    else:
+        return tl.inline_asm_elementwise(KBLOCK_PTX_W3, "=r,r,r,r", [p, ua, ub], dtype=tl.int32, is_pure=True, pack=1)
 
 
 @triton.jit

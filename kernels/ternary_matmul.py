@@ -10,7 +10,8 @@ round 14, and the byte-field order before them ~19 ops, round 11).
     int8 activations in one ``dp4a`` (4 multiply-adds per instruction). (Unsigned codes with
     sum(x) subtracted made every program re-read the whole activation row: 9.27 -> 8.78 us at
     M=1 8192^2, round 10.) Both operands are loaded at the accumulator's shape, so the loop
-    never exchanges data between threads (no shared memory, no barriers).
+    never exchanges data between threads (no shared memory, no barriers), and R weight rows
+    per thread share each activation load (M=1 8192^2: 8.5 -> 7.9 us with R = 4, round 15).
   * ``_gemm_kernel`` (larger M): int8 tensor cores, optionally with the operands swapped
     (C^T tile = trits [BN, K] @ A^T [K, BM]: the trits are then the operand the MMA takes
     from registers). A 256-trit block is one dot (``JOIN_K``) or four, one per quarter
@@ -36,8 +37,8 @@ import triton
 import triton.language as tl
 
 from bitcompile.kernels import tuning, wgmma_matmul
-from bitcompile.kernels.common import (ACTIVATIONS, ZERO_WORD, grouped_tile, kblock_quarter, matmul_epilogue,
-                                      split_k_total, unpack_kblock)
+from bitcompile.kernels.common import (ACTIVATIONS, ZERO_WORD, grouped_tile, kblock_quarter, kblock_quarter_words,
+                                      matmul_epilogue, pair_tables_in_registers, split_k_total, unpack_kblock)
 from bitcompile.kernels.layout import QUARTER, kblocked, relayout
 
 GEMV_MAX_M = 16  # dp4a cost grows with M: from 2 rows on, tuning times it against the tensor cores
@@ -56,46 +57,93 @@ def _dp4a(a, b, c, USE_ASM: tl.constexpr):
 
 
 @triton.jit
-def _gemv_kernel(A, P, C, XS, WS, BIAS, RES, M, N, XW, PW, stride_am, stride_pn, stride_cm, stride_rm,
-                 BM: tl.constexpr, BN: tl.constexpr, BW: tl.constexpr, EVEN: tl.constexpr, USE_ASM: tl.constexpr,
-                 EPILOGUE: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr,
+def _in_thread(x, R: tl.constexpr):
+    """``x`` repeated along R in-thread axes (``tl.join`` adds register axes only), to meet
+    the R rows of :func:`_row_words`: the same registers, no loads, no data moved."""
+    if R == 1:
+        y = x
+    elif R == 2:
+        y = tl.join(x, x)
+    else:
+        y = tl.join(tl.join(x, x), tl.join(x, x))
+    return y
+
+
+@triton.jit
+def _row_word(P, row, N, stride_pn, offs, mask, MASKED: tl.constexpr):
+    ptrs = P + (row % N).to(tl.int64) * stride_pn + offs  # rows past N read a valid row, never stored
+    if MASKED:  # out-of-range words read as sixteen zero trits
+        return tl.load(ptrs, mask=mask, other=ZERO_WORD, eviction_policy="evict_first")
+    else:
+        return tl.load(ptrs, eviction_policy="evict_first")
+
+
+@triton.jit
+def _row_words(P, row, N, stride_pn, offs, mask, MASKED: tl.constexpr, R: tl.constexpr):
+    """Words ``offs`` of rows ``row + r``, r < R, one load each, joined into in-thread axes
+    (R = 4: axes [a, b], r = 2a + b). Weights are read once: first out of the caches
+    (``evict_first``: 2-4% at M=1 against the default, round 15)."""
+    w = _row_word(P, row, N, stride_pn, offs, mask, MASKED)
+    if R == 2:
+        w = tl.join(w, _row_word(P, row + 1, N, stride_pn, offs, mask, MASKED))
+    elif R == 4:
+        w = tl.join(tl.join(w, _row_word(P, row + 2, N, stride_pn, offs, mask, MASKED)),
+                    tl.join(_row_word(P, row + 1, N, stride_pn, offs, mask, MASKED),
+                            _row_word(P, row + 3, N, stride_pn, offs, mask, MASKED)))
+    return w
+
+
+@triton.jit
+def _gemv_kernel(A, P, C, XS, WS, BIAS, RES, M, N, XW, PW, ZERO, stride_am, stride_pn, stride_cm, stride_rm,
+                 BM: tl.constexpr, BN: tl.constexpr, BW: tl.constexpr, R: tl.constexpr, EVEN: tl.constexpr,
+                 USE_ASM: tl.constexpr, EPILOGUE: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr,
                  ACTIVATION: tl.constexpr, HAS_RES: tl.constexpr):
     # A: int32 words of 4 int8 activations [M, XW]; P: int32 words of 4 K-blocked bytes
     # [N, PW]. Word w of a 16-word (256-trit) block, quarter i, holds trits
     # k = 256 * block + 64 i + 4 (w % 16) + 0..3, i.e. activation word 64 block + 16 i + w % 16.
-    # Tiles are [BM, BN, NB, 16]: NB blocks of 16 words, so loads are visibly contiguous
-    # (16-byte vectors). Both dp4a operands are loaded at that full shape (pointers broadcast
-    # over the other operand's axis; L1 serves the repeats): a [BN, ..] weight tile met with
-    # a [BM, ..] activation tile made Triton move the codes through shared memory, with a
-    # barrier, four times per step (SASS; benchmarks/inspect_kernels.py).
+    # Tiles are [BM, BN / R, NB, 16] x R: NB blocks of 16 words, so loads are visibly contiguous
+    # (16-byte vectors), and R rows per thread in in-thread axes, which share each activation
+    # load (M=1 8192^2: 8.35 -> 8.0 us with R = 4, round 15: the activations, 4 L1 loads per
+    # weight load and row, were what kept the GEMV above the read-only kernel's time). Both dp4a
+    # operands are otherwise loaded at the full tile shape (pointers broadcast over the other
+    # operand's axis; L1 serves the repeats): a [BN, ..] weight tile met with a [BM, ..]
+    # activation tile made Triton move the codes through shared memory, with a barrier, four
+    # times per step (SASS; benchmarks/inspect_kernels.py).
+    # ZERO: a run-time 0 that keeps the prmt tables in registers (common.pair_tables_in_registers).
+    G: tl.constexpr = BN // R  # row groups: across threads and warps
     pid_n = tl.program_id(0)
     m4 = tl.arange(0, BM)[:, None, None, None]
-    n4 = (pid_n * BN + tl.arange(0, BN))[None, :, None, None]
+    g4 = tl.arange(0, G)[None, :, None, None]
     b4 = tl.arange(0, BW // 16)[None, None, :, None]
     q4 = tl.arange(0, 16)[None, None, None, :]
-    full = 0 * m4 + 0 * n4  # [BM, BN, 1, 1] zeros: broadcasts an index to the full tile shape
+    full = 0 * m4 + 0 * g4  # [BM, G, 1, 1] zeros: broadcasts an index to the full tile shape
     word = b4 * 16 + q4 + full  # word within the tile
     x_word = b4 * 64 + q4 + full  # its activation word for shift 0
-    # Rows past N / M read a valid row (never stored); with EVEN (whole steps, no partial
-    # words) no load needs a mask, and the last step's prefetch re-reads its own tile.
-    p_ptrs = P + (n4 % N).to(tl.int64) * stride_pn + word
+    row = pid_n * BN + g4 * R + full  # each group's first row
     x_ptrs = A + (m4 % M) * stride_am + x_word
-    acc = tl.zeros((BM, BN, BW // 16, 16), dtype=tl.int32)
-    # Out-of-range words read as sixteen zero trits.
-    p = tl.load(p_ptrs, mask=(word < PW) | EVEN, other=ZERO_WORD)
+    acc = _in_thread(tl.zeros((BM, G, BW // 16, 16), dtype=tl.int32), R)
+    if USE_ASM:
+        ta, tb, ua, ub = pair_tables_in_registers(_in_thread(ZERO * word, R))
+    # With EVEN (whole steps, no partial words) no load needs a mask, and the last step's
+    # prefetch re-reads its own tile.
+    p = _row_words(P, row, N, stride_pn, word, word < PW, not EVEN, R)
     for w0 in range(0, PW, BW):
         # The next step's weights are requested before this step's arithmetic (a register
         # double buffer), so each program has a DRAM load in flight while it computes.
         if EVEN:
-            p_next = tl.load(p_ptrs + tl.minimum(w0 + BW, PW - BW))
+            p_next = _row_words(P, row, N, stride_pn, word + tl.minimum(w0 + BW, PW - BW), None, False, R)
         else:
-            p_next = tl.load(p_ptrs + w0 + BW, mask=w0 + BW + word < PW, other=ZERO_WORD)
+            p_next = _row_words(P, row, N, stride_pn, word + w0 + BW, w0 + BW + word < PW, True, R)
         for i in tl.static_range(4):
             xi = 4 * w0 + 16 * i
-            x = tl.load(x_ptrs + xi, mask=(xi + x_word < XW) | EVEN, other=0)
-            acc = _dp4a(kblock_quarter(p, i, 0, 0, USE_ASM), x, acc, USE_ASM)
+            x = _in_thread(tl.load(x_ptrs + xi, mask=(xi + x_word < XW) | EVEN, other=0), R)
+            if USE_ASM:
+                t = kblock_quarter_words(p, ta, tb, ua, ub, i)
+            else:
+                t = kblock_quarter(p, i, 0, 0, False)
+            acc = _dp4a(t, x, acc, USE_ASM)
         p = p_next
-    out = tl.sum(tl.sum(acc, axis=3), axis=2)
+    out = tl.reshape(tl.sum(tl.sum(acc, axis=3), axis=2), (BM, BN))  # [BM, G, (a, b)]: row g R + 2a + b
     offs_m = tl.arange(0, BM)
     offs_n = pid_n * BN + tl.arange(0, BN)
     matmul_epilogue(out, C, XS, WS, BIAS, RES, offs_m, offs_n, M, N, stride_cm, stride_rm,
@@ -197,8 +245,8 @@ def _split_k_workspace(device: torch.device, numel: int, tiles: int):
 
 
 def _gemv_configs(m: int):
-    if tuning.interpreting():
-        return [dict(kernel="gemv", BN=4, BW=32, num_warps=4)]
+    if tuning.interpreting():  # rows per thread R spread over the tests' M
+        return [dict(kernel="gemv", BN=4, BW=32, R=(2, 4, 1)[m % 3], num_warps=4)]
     # (BN, BW, warps, stages). Round 4 picked BN=8 (BW 64 or 128). Round 6 (sweep_matmul.py) timed
     # longer steps (BW 256/512, more bytes in flight) and 16-row tiles: none won at 8192^2 or
     # 4096^2 (BW=512, a program's whole row span requested at once, was the slowest). Round 7
@@ -210,9 +258,15 @@ def _gemv_configs(m: int):
               # round 7: 1-2 warp programs (up to 32 per SM) won at 8192^2 and 14336x4096
               (4, 64, 2, 2), (2, 128, 2, 2), (8, 64, 2, 2), (4, 128, 2, 2), (2, 64, 1, 2),
               (4, 32, 1, 2)]
-    if m > 4:  # BM x BN x BW accumulators: keep the register tile small
-        shapes = [(2, 64, 4, 3), (4, 64, 8, 3), (2, 128, 8, 2), (1, 128, 4, 3)]
-    return [dict(kernel="gemv", BN=bn, BW=bw, num_warps=w, num_stages=s) for bn, bw, w, s in shapes]
+    configs = [dict(kernel="gemv", BN=bn, BW=bw, R=1, num_warps=w, num_stages=s) for bn, bw, w, s in shapes]
+    if m == 1:  # (BN, R, BW, warps, stages): R rows per thread share the activation loads (round 15)
+        configs += [dict(kernel="gemv", BN=bn, R=r, BW=bw, num_warps=w, num_stages=s) for bn, r, bw, w, s in
+                    [(4, 4, 128, 1, 2), (4, 4, 128, 1, 3), (4, 4, 256, 1, 2), (8, 4, 128, 2, 2), (16, 4, 128, 4, 2),
+                     (2, 2, 128, 1, 2), (2, 2, 128, 1, 3), (4, 2, 128, 2, 3), (8, 2, 128, 4, 3)]]
+    elif m > 4:  # BM x BN x BW accumulators: keep the register tile small
+        configs = [dict(kernel="gemv", BN=bn, BW=bw, R=1, num_warps=w, num_stages=s)
+                   for bn, bw, w, s in [(2, 64, 4, 3), (4, 64, 8, 3), (2, 128, 8, 2), (1, 128, 4, 3)]]
+    return configs
 
 
 def _gemm_configs(m: int):
@@ -391,8 +445,9 @@ def ternary_matmul(a: torch.Tensor, wq: torch.Tensor, k: int, x_scale: Optional[
             return wgmma_matmul.launch(a2, blocked, c, tail, buffers, m, n, flags, **cfg)
         if kind == "gemv":
             gemv = tuning.traceable(_gemv_kernel, wrap)
+            cfg.setdefault("R", 1)  # entries tuned before round 15
             return gemv[(-(-n // cfg["BN"]),)](
-                aw, pw, c, *tail, m, n, aw.shape[1], pw.shape[1], aw.stride(0), pw.stride(0), c.stride(0),
+                aw, pw, c, *tail, m, n, aw.shape[1], pw.shape[1], 0, aw.stride(0), pw.stride(0), c.stride(0),
                 res.stride(0), EVEN=pw.shape[1] % cfg["BW"] == 0 and aw.shape[1] == 4 * pw.shape[1], **flags,
                 **gemv_flags, **cfg)
         tiles = -(-m // cfg["BM"]) * -(-n // cfg["BN"])

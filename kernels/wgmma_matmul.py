@@ -21,7 +21,7 @@ import functools
 
 import torch
 
-from bitcompile.kernels.common import PAIR_TABLES, kblock_quarter_from, matmul_epilogue, split_k_total
+from bitcompile.kernels.common import PAIR_TABLE_WORDS, kblock_quarter_from, matmul_epilogue, split_k_total
 
 try:
     from triton.experimental import gluon
@@ -150,10 +150,9 @@ _tables: dict = {}
 
 
 def prmt_tables(device: torch.device) -> torch.Tensor:
-    """The four PAIR_TABLES words, TABLE_ROWS copies each, in device memory (``common.KBLOCK_PTX_T0``)."""
+    """The four prmt table words (``common.PAIR_TABLE_WORDS``), TABLE_ROWS copies each, in device memory (``common.KBLOCK_PTX_T0``)."""
     if device not in _tables:
-        words = [t - (1 << 32) if t >= 1 << 31 else t for t in PAIR_TABLES]
-        _tables[device] = torch.tensor(words, dtype=torch.int32, device=device).repeat_interleave(TABLE_ROWS)
+        _tables[device] = torch.tensor(PAIR_TABLE_WORDS, dtype=torch.int32, device=device).repeat_interleave(TABLE_ROWS)
     return _tables[device]
 
 

@@ -224,6 +224,26 @@ def test_matmul_multi_block_exact(kernels, device, m, k):
     assert torch.equal(got.cpu(), ref.lowbit_matmul(a, wq, k))
 
 
+@pytest.mark.parametrize("rows_per_thread", [1, 2, 4])
+def test_gemv_rows_per_thread_exact(kernels, device, rows_per_thread, monkeypatch):
+    """The GEMV with R rows per thread (in-thread axes joined from one load per row): rows
+    past N (23 is not a multiple of the 8-row tile), whole and partial steps (K = 1024 and
+    1300), one token and several, with the epilogue's per-channel scales."""
+    tm, tuning = kernels.ternary_matmul, kernels.ternary_matmul.tuning
+    cfg = dict(kernel="gemv", BN=8, BW=32, R=rows_per_thread, num_warps=4)
+    monkeypatch.setattr(tuning, "choose", lambda *args: cfg)
+    g = torch.Generator().manual_seed(rows_per_thread)
+    for m, k in [(1, 1024), (1, 1300), (3, 1300)]:
+        wq, ws = ref.quantize_weights(torch.randn(23, k, generator=g), "ternary", True)
+        xq, xs = ref.quantize_activations(torch.randn(m, k, generator=g))
+        xq[0, :5] = -128
+        got = tm.ternary_matmul(xq.to(device), wq.to(device), k)
+        assert torch.equal(got.cpu(), ref.lowbit_matmul(xq, wq, k)), (m, k)
+        got = tm.ternary_matmul(xq.to(device), wq.to(device), k, xs.to(device), ws.to(device), out_dtype=torch.float32)
+        want = ref.linear_epilogue(xq, xs, wq, ws, None, k, torch.float32, "none", None)
+        assert torch.equal(got.cpu(), want), (m, k)
+
+
 @pytest.mark.parametrize("traced", [False, True])
 def test_split_k_reductions_exact(kernels, device, traced, monkeypatch):
     """Both split-K reductions: stored partials summed by the last program (untraced launches,
