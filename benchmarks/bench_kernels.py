@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import statistics
+import sys
 import time
 
 import torch
@@ -37,6 +38,7 @@ TARGETS = {  # (M, N, K): minimum speed-up over bf16 cuBLAS (issue 3)
     (1, 8192, 8192): 6.0, (1, 4096, 4096): 4.0, (16, 8192, 8192): 5.0, (128, 8192, 8192): 2.5, (8192, 8192, 8192): 1.3,
 }
 BW_TARGETS = {(1, 8192, 8192): 0.80}  # minimum share of the measured copy bandwidth on the packed bytes
+FLOOR_TILES = [(chunk, block, 1) for chunk in (1024, 2048, 4096) for block in (256, 512)]  # read_floor's best (1 warp)
 
 
 def copies(nbytes: int) -> int:
@@ -130,6 +132,10 @@ def bench_matmul(m: int, n: int, k: int):
 
     row["layer"] = time_rotating([lambda p=p: layer(p) for p in packed], graph)
     row["packed_gbs"] = n * k / 4 / (row["ours"] * 1e-6) / 1e9
+    if m == 1:  # what any kernel reading the packed bytes takes in this harness (read_floor.py)
+        sys.modules.setdefault("bench_kernels", sys.modules[__name__])  # read_floor's import: this instance
+        from read_floor import floor_us
+        row["read_floor"] = floor_us(n * k // 4, FLOOR_TILES if DEVICE == "cuda" else FLOOR_TILES[:1])[0]
     return row
 
 
@@ -292,9 +298,13 @@ def main():
         "| M | N×K | bf16 F.linear | _int_mm | ours | ours, eager launch | layer | speed-up vs bf16 | %BW | target | met |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    floors = []
     for n, k in plan["shapes"]:
         for m in ([1, 8192] if args.quick else plan["ms"]):
             row = bench_matmul(m, n, k)
+            if "read_floor" in row:
+                floors.append(f"{n}×{k} {row['read_floor']:.1f} µs ({n * k / 4 / row['read_floor'] / 1e6 / bw:.0%}; "
+                              f"ours {row['ours'] / row['read_floor']:.2f}× that)")
             speed = row["bf16"] / row["ours"]
             share = row["packed_gbs"] / (bw * 1e3)
             target, bw_target = TARGETS.get((m, n, k)), BW_TARGETS.get((m, n, k))
@@ -306,7 +316,9 @@ def main():
                     f"{row['ours_eager']:.1f} | {row['layer']:.1f} | {speed:.2f}× | {100 * share:.0f}% | {wanted} | {met} |")
             print(line, flush=True)
             lines.append(line)
-    lines += ["", "QAT forward+backward of one layer, 8192 tokens, bf16 (Inductor = `torch.compile` of the usual "
+    lines += ["", "Read floor (M=1 rows): a kernel that only reads the packed bytes (`read_floor.py`, its best "
+              "of 6 one-warp tiles), timed the same way, and its share of the copy bandwidth: " + "; ".join(floors) + ".",
+              "", "QAT forward+backward of one layer, 8192 tokens, bf16 (Inductor = `torch.compile` of the usual "
               "fake-quant BitLinear formula; ours = bitnet ops on the Triton kernels, called eagerly; compiled = "
               "an `nn.Linear` under `torch.compile(backend=\"bitnet\")`; speed-up = Inductor / the faster of the two; "
               "int8 grads = compiled with `grad_input_bits=8` (input gradient from int8 output gradients, not the "

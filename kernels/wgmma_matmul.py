@@ -150,7 +150,8 @@ _tables: dict = {}
 
 
 def prmt_tables(device: torch.device) -> torch.Tensor:
-    """The four prmt table words (``common.PAIR_TABLE_WORDS``), TABLE_ROWS copies each, in device memory (``common.KBLOCK_PTX_T0``)."""
+    """The four prmt table words (``common.PAIR_TABLE_WORDS``), TABLE_ROWS copies each, in device
+    memory (``common.KBLOCK_PTX_T0``)."""
     if device not in _tables:
         _tables[device] = torch.tensor(PAIR_TABLE_WORDS, dtype=torch.int32, device=device).repeat_interleave(TABLE_ROWS)
     return _tables[device]

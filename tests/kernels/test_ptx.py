@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from bitcompile.kernels.common import (KBLOCK_PTX, KBLOCK_PTX_Q0, KBLOCK_PTX_Q1, KBLOCK_PTX_Q2, KBLOCK_PTX_Q3,
-                                      KBLOCK_PTX_T0, KBLOCK_PTX_T1, KBLOCK_PTX_T2, KBLOCK_PTX_T3, PAIR_TABLES,
+                                      KBLOCK_PTX_T0, KBLOCK_PTX_T1, KBLOCK_PTX_T2, KBLOCK_PTX_T3, KBLOCK_PTX_W0,
+                                      KBLOCK_PTX_W1, KBLOCK_PTX_W2, KBLOCK_PTX_W3, PAIR_TABLE_WORDS, PAIR_TABLES,
                                       TRITS_PTX)
 from bitcompile.kernels.grad_input import ONE_TABLES, SCALED_TRITS_PTX, TRIT_PAIR_PTX
 from bitcompile.quant.packing import pack_ternary, to_kblocked
@@ -91,8 +92,8 @@ def test_trit_pair_ptx(dtype, shift):
 
 def test_kblock_ptx():
     """A "nibbles" word of 16 random trits -> each quarter's 4 trits as signed bytes, by the
-    four-quarter asm and by each one-quarter asm (tables immediate, and in registers), against
-    ``packing.to_kblocked``."""
+    four-quarter asm and by each one-quarter asm (tables immediate, and in registers: bytes, as
+    the Gluon kernel packs them, or words, as the GEMV), against ``packing.to_kblocked``."""
     rng = np.random.default_rng(0)
     for _ in range(1000):
         trits = torch.tensor(rng.integers(-1, 2, 256), dtype=torch.int16)
@@ -101,10 +102,13 @@ def test_kblock_ptx():
         word = words[w] & MASK
         quarters = run_ptx(KBLOCK_PTX.value, {"$4": word})
         singles = zip((KBLOCK_PTX_Q0, KBLOCK_PTX_Q1, KBLOCK_PTX_Q2, KBLOCK_PTX_Q3),
-                      (KBLOCK_PTX_T0, KBLOCK_PTX_T1, KBLOCK_PTX_T2, KBLOCK_PTX_T3))
-        for g, (one, from_register) in enumerate(singles):
+                      (KBLOCK_PTX_T0, KBLOCK_PTX_T1, KBLOCK_PTX_T2, KBLOCK_PTX_T3),
+                      (KBLOCK_PTX_W0, KBLOCK_PTX_W1, KBLOCK_PTX_W2, KBLOCK_PTX_W3))
+        for g, (one, from_register, from_word_tables) in enumerate(singles):
             want = sum((int(trits[64 * g + 4 * w + n]) & 255) << 8 * n for n in range(4))
             assert quarters[f"${g}"] == want, (hex(word), g)
             assert run_ptx(one.value, {"$1": word})["$0"] == want, (hex(word), g)
             a, b = PAIR_TABLES[2 * (g & 1):2 * (g & 1) + 2]  # the quarter parity's table, as the kernel passes it
             assert run_ptx(from_register.value, {"$1": word, "$2": a, "$6": b})["$0"] == want, (hex(word), g)
+            a, b = (t & MASK for t in PAIR_TABLE_WORDS[2 * (g & 1):2 * (g & 1) + 2])  # int32 kernel values
+            assert run_ptx(from_word_tables.value, {"$1": word, "$2": a, "$3": b})["$0"] == want, (hex(word), g)
