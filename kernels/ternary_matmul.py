@@ -262,7 +262,9 @@ def _gemv_configs(m: int):
     if m == 1:  # (BN, R, BW, warps, stages): R rows per thread share the activation loads (round 15)
         configs += [dict(kernel="gemv", BN=bn, R=r, BW=bw, num_warps=w, num_stages=s) for bn, r, bw, w, s in
                     [(4, 4, 128, 1, 2), (4, 4, 128, 1, 3), (4, 4, 256, 1, 2), (8, 4, 128, 2, 2), (16, 4, 128, 4, 2),
-                     (2, 2, 128, 1, 2), (2, 2, 128, 1, 3), (4, 2, 128, 2, 3), (8, 2, 128, 4, 3)]]
+                     (2, 2, 128, 1, 2), (2, 2, 128, 1, 3), (4, 2, 128, 2, 3), (8, 2, 128, 4, 3),
+                     # 64-word steps for short rows (14336x4096: 7.6 -> 7.3 us, round 15)
+                     (8, 4, 64, 1, 2), (8, 4, 64, 1, 3), (16, 4, 64, 2, 2), (4, 4, 256, 2, 2)]]
     elif m > 4:  # BM x BN x BW accumulators: keep the register tile small
         configs = [dict(kernel="gemv", BN=bn, BW=bw, R=1, num_warps=w, num_stages=s)
                    for bn, bw, w, s in [(2, 64, 4, 3), (4, 64, 8, 3), (2, 128, 8, 2), (1, 128, 4, 3)]]
