@@ -47,12 +47,12 @@ if gluon is not None:
 
     if hasattr(gl.shared_memory_descriptor, "reinterpret"):  # Triton >= 3.7 (3.6: private)
         @gluon.jit
-        def _tiles(smem, shape: gl.constexpr, layout: gl.constexpr, dtype: gl.constexpr = gl.int8):
-            return smem.reinterpret(dtype, shape, layout)
+        def _tiles(smem, shape: gl.constexpr, layout: gl.constexpr):
+            return smem.reinterpret(gl.int8, shape, layout)
     else:
         @gluon.jit
-        def _tiles(smem, shape: gl.constexpr, layout: gl.constexpr, dtype: gl.constexpr = gl.int8):
-            return smem._reinterpret(dtype, shape, layout)
+        def _tiles(smem, shape: gl.constexpr, layout: gl.constexpr):
+            return smem._reinterpret(gl.int8, shape, layout)
 
     @gluon.jit
     def _chunk(tiles, first, j: gl.constexpr, PER: gl.constexpr):
