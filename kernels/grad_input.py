@@ -216,7 +216,11 @@ def grad_input(grad: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, k: i
             if not transposed_ok:
                 raise ValueError("the transposed grad_input kernel takes 16-bit grads and a per-tensor weight scale, "
                                  f"got {grad.dtype} and {ws.numel()} scales")
-            return _launch_transposed(g, transposed_kblocked(wq, k, wrap, order="fields"), ws, out, cfg, wrap)
+            pt = transposed_kblocked(wq, k, wrap, order="fields")
+            lo, hi = ONE_TABLES["bf16" if grad.dtype == torch.bfloat16 else "fp16"]
+            kernel = tuning.traceable(_grad_input_t_kernel, wrap)
+            return kernel[grid](g, pt, ws, out, m, n, k, pt.shape[1], g.stride(0), pt.stride(0), out.stride(0),
+                                Q=QUARTER, LO=lo, HI=hi, EVEN_N=n % (4 * QUARTER) == 0, USE_ASM=use_asm, **cfg)
         kernel = tuning.traceable(_grad_input_kernel, wrap)
         return kernel[grid](g, wq, ws, out, m, n, k, kb, g.stride(0), wq.stride(0), out.stride(0),
                             PER_CHANNEL=per_channel, IEEE=grad.dtype == torch.float32, EVEN_N=n % cfg["BN"] == 0,
@@ -238,76 +242,6 @@ def grad_input(grad: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, k: i
     return out.reshape(*lead, k)
 
 
-def transposed_chosen(m: int, n: int, k: int, dtype: torch.dtype, device: torch.device) -> bool:
-    """Whether the tuned exact input-gradient kernel for ``grad [m, n]`` is the transposed one
-    (timed on stand-in tensors first if this GPU has no entry yet): the QAT lowering then has
-    the weight quantization write ``W_int^T`` in its layout. Per-tensor scale."""
-    if dtype not in (torch.bfloat16, torch.float16):
-        return False
-    key, candidates = (tuning.bucket(m), n, k, str(dtype)), _configs()
-    if not tuning.cached("grad_input", key, candidates):
-        with tuning.real_tensors():
-            grad_input(torch.randn(m, n, device=device, dtype=dtype),
-                       torch.randint(0, 256, (n, (k + 3) // 4), device=device, dtype=torch.uint8),
-                       torch.rand(1, device=device), k)
-    return tuning.choose("grad_input", key, candidates, None).get("layout") == "transposed"
-
-
-def _launch_transposed(g: torch.Tensor, pt: torch.Tensor, ws: torch.Tensor, out: torch.Tensor, cfg: dict,
-                       wrap: Optional[Callable]):
-    """``_grad_input_t_kernel`` on 2-D grads ``g [M, N]`` and ``pt = W_int^T`` K-blocked ("fields")."""
-    (m, n), k = g.shape, out.shape[1]
-    lo, hi = ONE_TABLES["bf16" if g.dtype == torch.bfloat16 else "fp16"]
-    grid = (triton.cdiv(m, cfg["BM"]) * triton.cdiv(k, cfg["BK"]),)
-    kernel = tuning.traceable(_grad_input_t_kernel, wrap)
-    return kernel[grid](g, pt, ws, out, m, n, k, pt.shape[1], g.stride(0), pt.stride(0), out.stride(0), Q=QUARTER,
-                        LO=lo, HI=hi, EVEN_N=n % (4 * QUARTER) == 0, USE_ASM=not tuning.interpreting(), **cfg)
-
-
-def grad_input_transposed(grad: torch.Tensor, wq_t: torch.Tensor, w_scale: torch.Tensor, k: int,
-                          bits: Optional[int] = None, wrap: Optional[Callable] = None) -> torch.Tensor:
-    """:func:`grad_input` (``bits`` None) or :func:`grad_input_quantized` from ``W_int^T``
-    already in the kernel's layout (``weight_pack.quantize_pack_qat``: "fields" for the exact
-    STE, "nibbles" with ``bits``), ``uint8 [k, kblocked_columns(N)]``: no relayout pass."""
-    from bitcompile.quant.packing import kblocked_columns
-
-    n = grad.shape[-1]
-    if wq_t.dtype != torch.uint8 or tuple(wq_t.shape) != (k, kblocked_columns(n)):
-        raise ValueError(f"shape mismatch: grad {tuple(grad.shape)}, transposed packed {tuple(wq_t.shape)} "
-                         f"({wq_t.dtype}), k={k}: expected uint8 {(k, kblocked_columns(n))}")
-    if bits is not None:
-        return _quantized(grad, wq_t, w_scale, bits, wrap)
-    if w_scale.numel() != 1 or grad.dtype not in (torch.bfloat16, torch.float16):
-        raise ValueError("the transposed grad_input kernel takes 16-bit grads and a per-tensor weight scale, "
-                         f"got {grad.dtype} and {w_scale.numel()} scales")
-    lead = grad.shape[:-1]
-    g = rows(grad, n)
-    m = g.shape[0]
-    out = torch.empty((m, k), device=grad.device, dtype=grad.dtype)
-    if m == 0:
-        return out.reshape(*lead, k)
-    ws, pt = w_scale.contiguous(), wq_t.contiguous()
-    # The exact kernel's tuned entry when it is this kernel (the QAT lowering checked that), else
-    # a choice among the transposed configurations alone.
-    key, every = (tuning.bucket(m), n, k, str(grad.dtype)), _configs()
-    cfg = tuning.choose("grad_input", key, every, None) if tuning.cached("grad_input", key, every) else {}
-    if cfg.get("layout") != "transposed":
-        candidates = [c for c in every if c.get("layout") == "transposed"]
-        tuning.tune_before_tracing(wrap, "grad_input_t", key, candidates, lambda: grad_input_transposed(
-            torch.randn(m, n, device=grad.device, dtype=grad.dtype),
-            torch.randint(0, 256, tuple(pt.shape), device=grad.device, dtype=torch.uint8),
-            torch.rand(1, device=grad.device), k))
-        cfg = tuning.choose("grad_input_t", key, candidates,
-                            lambda c: _launch_transposed(g, pt, ws, out, _no_layout(c), wrap))
-    compiled = _launch_transposed(g, pt, ws, out, _no_layout(cfg), wrap)
-    tuning.dump_source(_grad_input_t_kernel, compiled, {**cfg, "grad": str(grad.dtype)})
-    return out.reshape(*lead, k)
-
-
-def _no_layout(cfg: dict) -> dict:
-    return {key: value for key, value in cfg.items() if key != "layout"}
-
-
 def grad_input_quantized(grad: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, k: int,
                          bits: int, wrap: Optional[Callable] = None) -> torch.Tensor:
     """``ops.reference.grad_input_quantized`` on the GPU: the per-row quantization of ``grad``
@@ -315,22 +249,18 @@ def grad_input_quantized(grad: torch.Tensor, wq: torch.Tensor, w_scale: torch.Te
     is the forward matmul kernel on int8 tensor cores, fed ``W_int^T`` re-laid out from the
     packed weights (``layout.transposed_kblocked``, one pass over the packed bytes); its epilogue
     applies the scales."""
-    _check_operands(grad, wq, k)
-    return _quantized(grad, transposed_kblocked(wq, k, wrap), w_scale, bits, wrap)
-
-
-def _quantized(grad: torch.Tensor, wq_t: torch.Tensor, w_scale: torch.Tensor, bits: int,
-               wrap: Optional[Callable]) -> torch.Tensor:
-    """``grad_input_quantized`` from ``W_int^T`` K-blocked ("nibbles")."""
-    from bitcompile.config import check_bits
     from bitcompile.kernels.act_quant import norm_quant
+    from bitcompile.kernels.layout import transposed_kblocked
+    from bitcompile.config import check_bits
     from bitcompile.kernels.ternary_matmul import ternary_matmul
     from bitcompile.ops.reference import GRAD_EPS
 
     check_bits("grad_input_bits", bits, "exact STE input gradient")
+    _check_operands(grad, wq, k)
+    n = wq.shape[0]
     per_channel = w_scale.numel() > 1
     ws = w_scale.float().contiguous()
     q, s, _, _ = norm_quant(grad, bits, "none", ws if per_channel else None, wrap=wrap, qeps=GRAD_EPS)
     out_scale = torch.ones_like(ws[:1]) if per_channel else ws
-    return ternary_matmul(q, wq_t, grad.shape[-1], s, out_scale, None, grad.dtype, layout="kblocked", wrap=wrap,
-                          keep=False)
+    return ternary_matmul(q, transposed_kblocked(wq, k, wrap), n, s, out_scale, None, grad.dtype, layout="kblocked",
+                          wrap=wrap, keep=False)

@@ -34,20 +34,6 @@ def pair_digits(byte):
 
 
 @triton.jit
-def nibble_row_bytes(codes, BN: tl.constexpr, QB: tl.constexpr):
-    """Codes (trit + 1) ``[BN, 4, QB]``: quarter i, position j of a K block in BN rows, j a run
-    of QB positions (QB multiple of 4) -> those rows' bytes of the run in the "nibbles" order,
-    ``[BN, QB]``: byte 4w + 2h + b holds, at bits 4 n', the pair code of quarters 2h and 2h + 1
-    at position j = 4w + 2b + n'."""
-    # [BN, h, q, w, b, n']: quarter i = 2h + q
-    d = tl.reshape(pair_digits(codes) & 3, (BN, 2, 2, QB // 4, 2, 2))
-    q = tl.arange(0, 2)[None, None, :, None, None, None]
-    nl = tl.arange(0, 2)[None, None, None, None, None, :]
-    packed = tl.sum(tl.sum((d * (1 + 2 * q)) << (4 * nl), axis=5), axis=2)  # [BN, h, w, b]
-    return tl.reshape(tl.permute(packed, (0, 2, 1, 3)), (BN, QB))
-
-
-@triton.jit
 def _relayout_kernel(P, OUT, N, K, KB, stride_p, stride_o, BN: tl.constexpr, Q: tl.constexpr):
     # A block of 4Q trits is Q canonical bytes per row, four runs of Q/4: byte c of run i
     # holds trits k = i*Q + 4c + s (field s), and output word c holds trit i*Q + 4c + s (quarter

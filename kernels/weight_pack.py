@@ -5,9 +5,8 @@ contiguous 2-D tiles (16-byte loads; the previous version gathered every 4th col
   1. ``_abs_sum_kernel``: fp32 sum |W| per row, and one partial sum per program.
   2. ``_pack_kernel``: computes the scale itself (IEEE division, as the CPU reference:
      row sum / K per channel, or the summed partials / (N K) per tensor), reads W once more and
-     writes 4 codes per byte, canonical or K-blocked ("nibbles") or, for QAT, both, from the same
-     [BN, 4, 64] tile. The trits need no division per weight: two exact comparisons decide them
-     (``_codes``).
+     writes 4 codes per byte, canonical or K-blocked ("nibbles"), from the same [BN, 4, 64] tile. The
+     trits need no division per weight: two exact comparisons decide them (see the kernel).
 The partials are summed in a fixed order: the scale is deterministic run to run.
 """
 from __future__ import annotations
@@ -19,12 +18,12 @@ import triton
 import triton.language as tl
 
 from bitcompile.kernels import tuning
-from bitcompile.kernels.layout import nibble_row_bytes, transposed_kblocked
-from bitcompile.quant.packing import KBLOCK_ORDERS, ZERO_PAIRS, kblocked_columns
+from bitcompile.kernels.layout import pair_digits
+from bitcompile.quant.packing import kblocked_columns
 
 EPS = 1e-5
 SCHEMES = {"ternary": 0, "binary": 1}
-LAYOUTS = {"canonical": 0, "kblocked": 1}  # 2 (both) is QAT's
+LAYOUTS = {"canonical": 0, "kblocked": 1}
 Q = 64  # bytes per 256-trit block
 
 
@@ -43,24 +42,29 @@ def _abs_sum_kernel(W, ROWSUM, PART, N, K, stride_w, BN: tl.constexpr, BK: tl.co
 
 
 @triton.jit
-def _scale(ROWSUM, TOTAL, SCALE, rows, N, K, count, store, PER_CHANNEL: tl.constexpr):
-    """The absmean scale (IEEE division, as the CPU reference: row sum / K per channel, or the
-    summed partials / (N K) per tensor) of ``rows``, stored where ``store``."""
+def _pack_kernel(W, ROWSUM, TOTAL, SCALE, P, N, K, KB, count, stride_w, stride_p,
+                 BN: tl.constexpr, PER_CHANNEL: tl.constexpr, SCHEME: tl.constexpr,
+                 LAYOUT: tl.constexpr, QB: tl.constexpr):
+    rows = tl.program_id(0) * BN + tl.arange(0, BN)
+    blk = tl.program_id(1)
     if PER_CHANNEL:
         s = tl.maximum(tl.math.div_rn(tl.load(ROWSUM + rows, mask=rows < N, other=1.0), K * 1.0), 1e-5)
-        if store:
+        if blk == 0:
             tl.store(SCALE + rows, s, mask=rows < N)
+        s = s[:, None, None]
     else:
         # `count` arrives as fp32 from Triton's launcher but as fp64 from Inductor's (triton_op).
         s = tl.maximum(tl.math.div_rn(tl.load(TOTAL), tl.cast(count, tl.float32)), 1e-5)
-        if store & (tl.program_id(0) == 0):
+        if (blk == 0) & (tl.program_id(0) == 0):
             tl.store(SCALE, s)
-    return s
-
-
-@triton.jit
-def _codes(w, s, valid, SCHEME: tl.constexpr):
-    """Code (trit + 1) of each weight, 1 (the zero trit) where not ``valid`` (K padding)."""
+    i = tl.arange(0, 4)[None, :, None]
+    j = tl.arange(0, QB)[None, None, :]
+    if LAYOUT == 0:  # canonical: byte c holds k = 4c + i
+        k = blk * 4 * QB + 4 * j + i
+    else:  # K-blocked: quarter i of the block, k = i * QB + j (placed below)
+        k = blk * 4 * QB + i * QB + j
+    valid = (rows[:, None, None] < N) & (k < K)
+    w = tl.load(W + rows[:, None, None].to(tl.int64) * stride_w + k, mask=valid, other=0.0).to(tl.float32)
     if SCHEME == 0:
         # The reference's clamp(round(fl(w / s)), -1, 1) without dividing: trit = sign(w) where
         # |w| > s/2, else 0. Exact for fp32 w and s: s/2 is exact, and |w| > s/2 means |w| >= s/2
@@ -69,61 +73,23 @@ def _codes(w, s, valid, SCHEME: tl.constexpr):
         # above 0.5 and rounds to 1 or more. |w| = s/2 gives 0.5, a tie to 0. NaN compares false:
         # trit 0, as the reference's nan_to_num. (Replaces an IEEE division and a rounding per weight.)
         half = s * 0.5
-        t = (w > half).to(tl.int32) - (w < -half).to(tl.int32)
+        t = (w > half).to(tl.float32) - (w < -half).to(tl.float32)
     else:
-        t = tl.where(w >= 0, 1, -1)
-    return tl.where(valid, t, 0) + 1
-
-
-@triton.jit
-def _pack_kernel(W, ROWSUM, TOTAL, SCALE, P, P2, N, K, KB, KB2, count, stride_w, stride_p, stride_p2,
-                 BN: tl.constexpr, PER_CHANNEL: tl.constexpr, SCHEME: tl.constexpr,
-                 LAYOUT: tl.constexpr, QB: tl.constexpr):
-    rows = tl.program_id(0) * BN + tl.arange(0, BN)
-    blk = tl.program_id(1)
-    s = _scale(ROWSUM, TOTAL, SCALE, rows, N, K, count, blk == 0, PER_CHANNEL)
-    if PER_CHANNEL:
-        s = s[:, None, None]
-    i = tl.arange(0, 4)[None, :, None]
-    j = tl.arange(0, QB)[None, None, :]
-    if LAYOUT == 1:  # K-blocked: quarter i of the block, k = i * QB + j
-        k = blk * 4 * QB + i * QB + j
-    else:  # canonical (and, LAYOUT 2, K-blocked too): byte c holds k = 4c + i
-        k = blk * 4 * QB + 4 * j + i
-    valid = (rows[:, None, None] < N) & (k < K)
-    w = tl.load(W + rows[:, None, None].to(tl.int64) * stride_w + k, mask=valid, other=0.0).to(tl.float32)
-    codes = _codes(w, s, valid, SCHEME)
-    if LAYOUT == 1:
-        packed = nibble_row_bytes(codes, BN, QB)
-    else:
-        packed = tl.sum(codes << (2 * i), axis=1)
+        t = tl.where(w >= 0, 1.0, -1.0)
+    t = tl.where(valid, t, 0.0).to(tl.int32)  # K padding is the zero trit
+    if LAYOUT == 0:
+        packed = tl.sum((t + 1) << (2 * i), axis=1)
+    else:  # "nibbles" (bitcompile.quant.packing): the trits of quarters 2h, 2h + 1 at position 4w + n
+        # are one pair code (even digit + 3 x odd digit) at bit 16h + 4n of word w.
+        # [BN, h, q, w, b, n % 2]: i = 2h + q, j = 4w + 2b + n % 2
+        d = tl.reshape(pair_digits(t + 1) & 3, (BN, 2, 2, QB // 4, 2, 2))
+        q = tl.arange(0, 2)[None, None, :, None, None, None]
+        nl = tl.arange(0, 2)[None, None, None, None, None, :]
+        packed = tl.sum(tl.sum((d * (1 + 2 * q)) << (4 * nl), axis=5), axis=2)  # [BN, h, w, b]: byte 4w + 2h + b
+        packed = tl.reshape(tl.permute(packed, (0, 2, 1, 3)), (BN, QB))
     c = blk * QB + tl.arange(0, QB)
     tl.store(P + rows[:, None].to(tl.int64) * stride_p + c[None, :], packed.to(tl.uint8),
              mask=(rows[:, None] < N) & (c[None, :] < KB))
-    if LAYOUT == 2:  # the same codes in K order ([BN, j, i]: k = 4j + i), cut in quarters
-        blocked = nibble_row_bytes(tl.reshape(tl.permute(codes, (0, 2, 1)), (BN, 4, QB)), BN, QB)
-        tl.store(P2 + rows[:, None].to(tl.int64) * stride_p2 + c[None, :], blocked.to(tl.uint8),
-                 mask=(rows[:, None] < N) & (c[None, :] < KB2))
-
-
-def _checked(w: torch.Tensor, scheme: str) -> torch.Tensor:
-    if scheme not in SCHEMES:
-        raise ValueError(f"the weight-pack kernel supports {', '.join(SCHEMES)} (got {scheme!r})")
-    if w.dim() != 2:
-        raise ValueError(f"weights must be 2-D [N, K], got shape {tuple(w.shape)}")
-    return w if w.stride(-1) == 1 else w.contiguous()
-
-
-def _abs_sums(w: torch.Tensor, cfg: dict, per_channel: bool, wrap: Optional[Callable]):
-    """Pass 1: fp32 sum |W| per row, and (per tensor) the partials summed once, in a fixed
-    order, rather than re-read by every program of pass 2."""
-    n, k = w.shape
-    row_sum = torch.empty(n, device=w.device, dtype=torch.float32)
-    n_part = triton.cdiv(n, cfg["sum_rows"])
-    part = torch.empty(n_part, device=w.device, dtype=torch.float32)
-    tuning.traceable(_abs_sum_kernel, wrap)[(n_part,)](w, row_sum, part, n, k, w.stride(0), BN=cfg["sum_rows"],
-                                                       BK=cfg["sum_cols"], num_warps=cfg["sum_warps"])
-    return row_sum, part if per_channel else part.sum(0, keepdim=True)
 
 
 def quantize_pack(w: torch.Tensor, scheme: str = "ternary", per_channel: bool = False, layout: str = "canonical",
@@ -131,11 +97,18 @@ def quantize_pack(w: torch.Tensor, scheme: str = "ternary", per_channel: bool = 
     """``W [N, K] float -> (packed uint8 [N, ceil(K/4)] (canonical) or [N, kblocked_columns(K)],
     fp32 scale [N] | [1])``. ``wrap``: launched through ``torch.library.wrap_triton``
     (``tuning.traceable``)."""
+    if scheme not in SCHEMES:
+        raise ValueError(f"the weight-pack kernel supports {', '.join(SCHEMES)} (got {scheme!r})")
     if layout not in LAYOUTS:
         raise ValueError(f"unknown packed layout {layout!r}; supported: {', '.join(LAYOUTS)}")
-    w = _checked(w, scheme)
+    if w.dim() != 2:
+        raise ValueError(f"weights must be 2-D [N, K], got shape {tuple(w.shape)}")
+    if w.stride(-1) != 1:
+        w = w.contiguous()
     n, k = w.shape
     kb = (k + 3) // 4 if layout == "canonical" else kblocked_columns(k)
+    interp = tuning.interpreting()
+    row_sum = torch.empty(n, device=w.device, dtype=torch.float32)
     scale = torch.empty(n if per_channel else 1, device=w.device, dtype=torch.float32)
     packed = torch.empty((n, kb), device=w.device, dtype=torch.uint8)
     if n == 0 or k == 0:
@@ -144,7 +117,15 @@ def quantize_pack(w: torch.Tensor, scheme: str = "ternary", per_channel: bool = 
     flags = dict(PER_CHANNEL=per_channel, SCHEME=SCHEMES[scheme], LAYOUT=LAYOUTS[layout], QB=Q)
 
     def launch(cfg):
-        return _launch_pack(w, cfg, per_channel, scale, packed, packed, flags, wrap)
+        n_part = triton.cdiv(n, cfg["sum_rows"])
+        part = torch.empty(n_part, device=w.device, dtype=torch.float32)
+        tuning.traceable(_abs_sum_kernel, wrap)[(n_part,)](w, row_sum, part, n, k, w.stride(0), BN=cfg["sum_rows"],
+                                                           BK=cfg["sum_cols"], num_warps=cfg["sum_warps"])
+        # Per tensor: the partials summed once (fixed order), not re-read by every program.
+        total = part if per_channel else part.sum(0, keepdim=True)
+        return tuning.traceable(_pack_kernel, wrap)[(triton.cdiv(n, cfg["BN"]), triton.cdiv(k, 4 * Q))](
+            w, row_sum, total, scale, packed, n, k, kb, float(n * k), w.stride(0), packed.stride(0),
+            BN=cfg["BN"], num_warps=cfg["num_warps"], **flags)
 
     key, configs = (n, k, str(w.dtype), per_channel, layout), _configs()
     tuning.tune_before_tracing(wrap, "weight_pack", key, configs, lambda: quantize_pack(
@@ -155,52 +136,9 @@ def quantize_pack(w: torch.Tensor, scheme: str = "ternary", per_channel: bool = 
     return packed, scale
 
 
-def _launch_pack(w, cfg, per_channel, scale, packed, packed2, flags, wrap):
-    n, k = w.shape
-    row_sum, total = _abs_sums(w, cfg, per_channel, wrap)
-    return tuning.traceable(_pack_kernel, wrap)[(triton.cdiv(n, cfg["BN"]), triton.cdiv(k, 4 * Q))](
-        w, row_sum, total, scale, packed, packed2, n, k, packed.shape[1], packed2.shape[1], float(n * k), w.stride(0),
-        packed.stride(0), packed2.stride(0), BN=cfg["BN"], num_warps=cfg["num_warps"], **flags)
-
-
-def quantize_pack_qat(w: torch.Tensor, scheme: str = "ternary", per_channel: bool = False,
-                      grad_order: str = "nibbles", wrap: Optional[Callable] = None):
-    """QAT's weight quantization, straight into the layouts its kernels read: ``W [N, K] float
-    -> (K-blocked "nibbles" uint8 [N, kblocked_columns(K)] (the forward matmul's operand), fp32
-    scale [N] | [1], W_int^T K-blocked in ``grad_order``, uint8 [K, kblocked_columns(N)] (the
-    input gradient's: "nibbles" for int8 output gradients, "fields" for the exact STE))``.
-    The pack pass writes the canonical and the K-blocked bytes from the same tile (no
-    ``layout.relayout`` pass), then ``layout.transposed_kblocked`` reads the canonical ones."""
-    if grad_order not in KBLOCK_ORDERS:
-        raise ValueError(f"unknown K-blocked order {grad_order!r}; supported: {', '.join(KBLOCK_ORDERS)}")
-    w = _checked(w, scheme)
-    n, k = w.shape
-    scale = torch.empty(n if per_channel else 1, device=w.device, dtype=torch.float32)
-    canonical = torch.empty((n, (k + 3) // 4), device=w.device, dtype=torch.uint8)
-    blocked = torch.empty((n, kblocked_columns(k)), device=w.device, dtype=torch.uint8)
-    if n == 0 or k == 0:
-        scale.fill_(EPS)
-        canonical.fill_(85)
-        blocked.fill_(ZERO_PAIRS & 255)
-    else:
-        flags = dict(PER_CHANNEL=per_channel, SCHEME=SCHEMES[scheme], LAYOUT=2, QB=Q)
-
-        def launch(cfg):
-            return _launch_pack(w, cfg, per_channel, scale, canonical, blocked, flags, wrap)
-
-        key, configs = (n, k, str(w.dtype), per_channel, "both"), _configs()
-        tuning.tune_before_tracing(wrap, "weight_pack", key, configs, lambda: quantize_pack_qat(
-            torch.randn(n, k, device=w.device, dtype=w.dtype), scheme, per_channel, grad_order))
-        cfg = tuning.choose("weight_pack", key, configs, launch)
-        compiled = launch(cfg)
-        tuning.dump_source(_pack_kernel, compiled, {**flags, **cfg, "w": str(w.dtype)})
-    return blocked, scale, transposed_kblocked(canonical, k, wrap, grad_order)
-
-
 def _configs():
     if tuning.interpreting():
         return [dict(sum_rows=4, sum_cols=32, sum_warps=4, BN=4, num_warps=4)]
     return [dict(sum_rows=sr, sum_cols=sc, sum_warps=sw, BN=bn, num_warps=w)
             for sr, sc, sw, bn, w in [(16, 512, 4, 8, 4), (4, 1024, 4, 8, 4), (8, 2048, 8, 16, 4), (32, 256, 8, 32, 8),
                                       (2, 2048, 4, 4, 4), (16, 512, 4, 64, 8)]]
-

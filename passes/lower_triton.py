@@ -10,11 +10,6 @@ instead of calling an opaque op through Python on every call.
   weight-pack kernel, 2-D weights), ``lowbit_linear`` -> ``lowbit_linear_triton`` (int8
   activations, packed ternary weights); the twins keep their originals' autograd rules,
   so the backward graph launches the input-gradient kernels from Inductor's code too.
-  Where a weight's packed codes feed only such linears, and their input gradients read
-  transposed codes (int8 output gradients, or the exact STE where the tuner picked the
-  transposed kernel), the pair becomes ``quantize_weights_qat_triton`` ->
-  ``lowbit_linear_qat_triton``: the pack kernel writes both kernel layouts, and no relayout
-  runs in the step.
 
 Only where the choice of kernel can be made at compile time: the graph runs on CUDA and
 every shape the kernels see is static (the variant and its tuned launch configuration
@@ -53,7 +48,6 @@ def lower_to_triton(gm: fx.GraphModule, ctx: PassContext) -> None:
     _lower_activation_quantization(graph)
     if ctx.training:
         _lower_qat_linears(graph)
-        _fuse_qat_layouts(graph)
     else:
         _lower_inference_linears(graph, ctx)
 
@@ -93,49 +87,6 @@ def _lower_qat_linears(graph: fx.Graph) -> None:
             candidate = node.meta.get("bitnet_candidate")
             if candidate is not None:
                 candidate.reason += ", lowered: triton"
-
-
-def _fuse_qat_layouts(graph: fx.Graph) -> None:
-    """``quantize_weights_triton`` whose packed codes feed only ``lowbit_linear_triton``
-    nodes agreeing on the input gradient's layout -> the QAT pair on kernel layouts."""
-    for quant in list(graph.nodes):
-        if quant.target is not torch.ops.bitnet.quantize_weights_triton.default:
-            continue
-        outputs = {u.args[1]: u for u in quant.users if u.target is operator.getitem}
-        packed = outputs.get(0)
-        if packed is None or len(outputs) != len(quant.users):
-            continue
-        linears = list(packed.users)
-        orders = {_grad_order(u, packed, quant) for u in linears}
-        if not linears or len(orders) != 1 or None in orders:
-            continue
-        quant.target = torch.ops.bitnet.quantize_weights_qat_triton.default
-        quant.args = (*quant.args[:3], orders.pop())
-        with graph.inserting_after(packed):
-            transposed = graph.call_function(operator.getitem, (quant, 2))
-        for linear in linears:
-            linear.target = torch.ops.bitnet.lowbit_linear_qat_triton.default
-            linear.args = (*linear.args[:7], transposed)
-
-
-def _grad_order(linear: fx.Node, packed: fx.Node, quant: fx.Node):
-    """The transposed layout ``linear``'s input gradient reads ("nibbles": int8 output
-    gradients; "fields": the exact STE's transposed kernel), None for the canonical kernel or
-    a node that is not a lowered linear reading the codes as its weights."""
-    from bitcompile.kernels.grad_input import transposed_chosen
-
-    args = linear.args
-    if linear.target is not torch.ops.bitnet.lowbit_linear_triton.default or len(args) != 7 or args[5] is not packed \
-            or packed in args[:5] + args[6:]:
-        return None
-    if linear.kwargs.get("grad_input_bits") is not None:
-        return "nibbles"
-    x, w = meta(args[0]), meta(quant.args[0])
-    per_channel = quant.args[2]
-    if per_channel or x is None or w is None or x.shape[-1] == 0:
-        return None
-    m = x.numel() // x.shape[-1]
-    return "fields" if m and transposed_chosen(m, w.shape[0], x.shape[-1], x.dtype, x.device) else None
 
 
 def _packed_codes(wq) -> bool:

@@ -114,33 +114,25 @@ quantize_weights.register_autograd(no_gradient, setup_context=quantizer_setup)
 
 
 def linear_setup(ctx, inputs, output):
-    x, weight, bias, xq, x_scale, wq, w_scale, grad_input_bits = inputs
-    ctx.n_inputs = len(inputs)
-    save_linear(ctx, x, weight, bias, xq, x_scale, wq, w_scale, grad_input_bits)
-
-
-def save_linear(ctx, x, weight, bias, xq, x_scale, w_operand, w_scale, grad_input_bits):
-    """What the STE backward needs; ``w_operand``: the packed weights in the layout its
-    ``grad_input_op`` takes (see ``linear_backward``)."""
-    ctx.grad_input_bits = grad_input_bits
+    x, weight, bias, xq, x_scale, wq, w_scale, ctx.grad_input_bits = inputs
     ctx.k = x.shape[-1]
     ctx.weight_dtype = weight.dtype
     ctx.has_bias = bias is not None
     # Save the quantized operands (int8 / 2-bit), not the float ones: the STE backward
     # uses exactly what the forward multiplied. Weight-only mode keeps x itself.
     ctx.weight_only = xq is None
-    ctx.save_for_backward(x if xq is None else xq, x_scale, w_operand, w_scale)
+    ctx.save_for_backward(x if xq is None else xq, x_scale, wq, w_scale)
 
 
 def linear_backward(grad_input_op):
     """``lowbit_linear``'s STE backward, its input gradient from ``grad_input_op``
-    (``bitnet::grad_input``, or an Inductor-visible twin: ``grad_input_triton`` for
-    ``lowbit_linear_triton``, ``grad_input_transposed_triton`` for ``lowbit_linear_qat_triton``)."""
+    (``bitnet::grad_input``, or its Inductor-visible twin for ``lowbit_linear_triton``)."""
 
     def backward(ctx, grad):
         a, x_scale, wq, w_scale = ctx.saved_tensors
         gx = gw = gb = None
-        g2 = grad.reshape(-1, grad.shape[-1])
+        n = wq.shape[0]
+        g2 = grad.reshape(-1, n)
         if ctx.needs_input_grad[0]:
             gx = grad_input_op(grad, wq, w_scale, ctx.k, ctx.grad_input_bits)
         if ctx.needs_input_grad[1]:
@@ -148,7 +140,7 @@ def linear_backward(grad_input_op):
             gw = (g2.t() @ a_deq.reshape(-1, ctx.k)).to(ctx.weight_dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             gb = g2.sum(0)
-        return (gx, gw, gb) + (None,) * (ctx.n_inputs - 3)
+        return gx, gw, gb, None, None, None, None, None
 
     return backward
 

@@ -12,11 +12,7 @@ packed weights in the K-blocked kernel layout (``bitcompile.quant.packing.to_kbl
 relaid once by the weight cache. QAT: ``quantize_weights_triton``, ``lowbit_linear_triton``
 and ``norm_quant_triton`` carry their originals' autograd rules, and the STE backward of
 ``lowbit_linear_triton`` computes the input gradient with ``grad_input_triton``, so the
-backward graph launches the kernels from Inductor's code too. Where a weight's packed codes
-feed only such linears, ``quantize_weights_qat_triton`` packs them straight into the two
-layouts the step's kernels read (the forward's K-blocked rows and the input gradient's
-transposed operand, ``kernels.weight_pack.quantize_pack_qat``), and ``lowbit_linear_qat_triton``
-takes both: no relayout pass per step.
+backward graph launches the kernels from Inductor's code too.
 
 ``passes.lower_triton`` swaps them in for CUDA graphs with static shapes (a kernel variant
 and its tuned launch configuration are chosen per row count at compile time). On the CPU
@@ -32,8 +28,8 @@ from torch.library import triton_op, wrap_triton
 
 from bitcompile.ops import reference as ref
 from bitcompile.ops.fused import norm_quant_backward, norm_quant_setup
-from bitcompile.ops.library import linear_backward, linear_setup, no_gradient, quantizer_setup, save_linear
-from bitcompile.quant.packing import from_kblocked, to_kblocked, transpose_packed
+from bitcompile.ops.library import linear_backward, linear_setup, no_gradient, quantizer_setup
+from bitcompile.quant.packing import from_kblocked
 
 
 def _require_static(t: Tensor, op: str) -> None:
@@ -100,63 +96,17 @@ def grad_input_packed(grad: Tensor, wq: Tensor, w_scale: Tensor, k: int, bits: O
     return grad_input(grad, wq, w_scale, k, wrap=wrap_triton)
 
 
-def quantize_weights_qat_packed(w: Tensor, scheme: str, per_channel: bool,
-                                grad_order: str) -> tuple[Tensor, Tensor, Tensor]:
-    """``quantize_weights`` for QAT, in the layouts of the step's kernels: K-blocked packed
-    codes (the forward matmul's), the scale, and the transposed codes K-blocked in
-    ``grad_order`` (the input gradient's: "nibbles" for int8 output gradients, "fields" for
-    the exact STE)."""
-    from bitcompile.kernels.weight_pack import quantize_pack_qat
-
-    return quantize_pack_qat(w, scheme, per_channel, grad_order, wrap=wrap_triton)
-
-
-def lowbit_linear_qat_packed(
-    x: Tensor, weight: Tensor, bias: Optional[Tensor], xq: Tensor, x_scale: Tensor, wq: Tensor, w_scale: Tensor,
-    wq_t: Tensor, grad_input_bits: Optional[int] = None,
-) -> Tensor:
-    """``lowbit_linear_triton`` on the outputs of ``quantize_weights_qat_triton``: ``wq``
-    K-blocked (no relayout), ``wq_t`` saved for the input gradient."""
-    from bitcompile.kernels.ternary_matmul import ternary_matmul
-
-    _require_static(xq, "lowbit_linear_qat_triton")
-    return ternary_matmul(xq, wq, x.shape[-1], x_scale, w_scale, bias, x.dtype, layout="kblocked", wrap=wrap_triton,
-                          keep=False)
-
-
-def grad_input_transposed_packed(grad: Tensor, wq_t: Tensor, w_scale: Tensor, k: int,
-                                 bits: Optional[int] = None) -> Tensor:
-    """``grad_input`` from the transposed codes of ``quantize_weights_qat_triton``."""
-    from bitcompile.kernels.grad_input import grad_input_transposed
-
-    _require_static(grad, "grad_input_transposed_triton")
-    return grad_input_transposed(grad, wq_t, w_scale, k, bits, wrap=wrap_triton)
-
-
-def linear_qat_setup(ctx, inputs, output):
-    x, weight, bias, xq, x_scale, _, w_scale, wq_t, grad_input_bits = inputs
-    ctx.n_inputs = len(inputs)
-    save_linear(ctx, x, weight, bias, xq, x_scale, wq_t, w_scale, grad_input_bits)
-
-
 linear_q_triton = triton_op("bitnet::linear_q_triton", mutates_args=())(linear_q_kblocked)
 norm_quant_triton = triton_op("bitnet::norm_quant_triton", mutates_args=())(norm_quant_fused)
 quantize_weights_triton = triton_op("bitnet::quantize_weights_triton", mutates_args=())(quantize_weights_packed)
 lowbit_linear_triton = triton_op("bitnet::lowbit_linear_triton", mutates_args=())(lowbit_linear_packed)
 grad_input_triton = triton_op("bitnet::grad_input_triton", mutates_args=())(grad_input_packed)
-quantize_weights_qat_triton = triton_op("bitnet::quantize_weights_qat_triton", mutates_args=())(
-    quantize_weights_qat_packed)
-lowbit_linear_qat_triton = triton_op("bitnet::lowbit_linear_qat_triton", mutates_args=())(lowbit_linear_qat_packed)
-grad_input_transposed_triton = triton_op("bitnet::grad_input_transposed_triton", mutates_args=())(
-    grad_input_transposed_packed)
 
 # QAT: the originals' autograd rules (the backward graph AOTAutograd traces from them then
 # holds the twins' kernels as well).
 norm_quant_triton.register_autograd(norm_quant_backward, setup_context=norm_quant_setup)
 quantize_weights_triton.register_autograd(no_gradient, setup_context=quantizer_setup)
 lowbit_linear_triton.register_autograd(linear_backward(grad_input_triton), setup_context=linear_setup)
-quantize_weights_qat_triton.register_autograd(no_gradient, setup_context=quantizer_setup)
-lowbit_linear_qat_triton.register_autograd(linear_backward(grad_input_transposed_triton), setup_context=linear_qat_setup)
 
 
 @linear_q_triton.register_kernel("cpu")
@@ -182,24 +132,4 @@ def _(x, weight, bias, xq, x_scale, wq, w_scale, grad_input_bits=None):
 
 @grad_input_triton.register_kernel("cpu")
 def _(grad, wq, w_scale, k, bits=None):
-    return ref.grad_input(grad, wq, w_scale, k, bits)
-
-
-@quantize_weights_qat_triton.register_kernel("cpu")
-def _(w, scheme, per_channel, grad_order):
-    wq, scale = ref.quantize_weights(w, scheme, per_channel)
-    n, k = w.shape
-    return to_kblocked(wq, k), scale, to_kblocked(transpose_packed(wq, k), n, grad_order)
-
-
-@lowbit_linear_qat_triton.register_kernel("cpu")
-def _(x, weight, bias, xq, x_scale, wq, w_scale, wq_t, grad_input_bits=None):
-    k = x.shape[-1]
-    return ref.lowbit_linear(x, bias, xq, x_scale, from_kblocked(wq, k), w_scale, k)
-
-
-@grad_input_transposed_triton.register_kernel("cpu")
-def _(grad, wq_t, w_scale, k, bits=None):
-    n = grad.shape[-1]
-    wq = transpose_packed(from_kblocked(wq_t, n, "fields" if bits is None else "nibbles"), n)
     return ref.grad_input(grad, wq, w_scale, k, bits)

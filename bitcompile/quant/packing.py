@@ -47,11 +47,6 @@ def unpack_ternary(packed: torch.Tensor, k: int, dtype: torch.dtype = torch.int8
     return (codes.to(torch.int8) - 1).to(dtype)
 
 
-def transpose_packed(packed: torch.Tensor, k: int) -> torch.Tensor:
-    """Canonical ``T [N, ceil(k/4)]`` -> canonical ``T^T [k, ceil(N/4)]``."""
-    return pack_ternary(unpack_ternary(packed, k).t())
-
-
 # --- kernel layouts (issue 3): K-blocked words, built from the canonical format ---------
 # A row's trits are cut in blocks of KBLOCK = 256 (K padded with zero trits), each 64 bytes,
 # read as 16 little-endian 32-bit words: trit 64g + 4w + n of a block (quarter g, word w,

@@ -214,26 +214,6 @@ def test_weight_pack_kblocked_gpu():
         assert torch.equal(packed.cpu(), to_kblocked(rp, 4100))
 
 
-@pytest.mark.parametrize("n,k", [(4096, 4096), (1000, 1003), (300, 14336)])
-def test_weight_pack_qat_gpu(n, k, monkeypatch):
-    """QAT's one-pass pack into both kernel layouts at realistic shapes, every launch
-    configuration, against the reference layouts of the trits its own scale gives (the
-    configurations sum |W| in different orders: the scale may move by an ulp between them)."""
-    from bitcompile.kernels import weight_pack
-    from bitcompile.quant.packing import pack_ternary, to_kblocked, transpose_packed
-
-    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16, generator=torch.Generator("cuda").manual_seed(k))
-    for cfg in weight_pack._configs():
-        monkeypatch.setattr(weight_pack.tuning, "choose", lambda *args, cfg=cfg: cfg)
-        for per_channel, order in ((False, "fields"), (True, "nibbles")):
-            fwd, scale, back = weight_pack.quantize_pack_qat(w, "ternary", per_channel, order)
-            _, rs = ref.quantize_weights(w.cpu(), "ternary", per_channel)
-            torch.testing.assert_close(scale.cpu(), rs, rtol=1e-5, atol=0)
-            rp = pack_ternary(ref.weight_integers(w.cpu(), scale.cpu(), "ternary"))
-            assert torch.equal(fwd.cpu(), to_kblocked(rp, k)), cfg
-            assert torch.equal(back.cpu(), to_kblocked(transpose_packed(rp, k), n, order)), cfg
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("per_channel", [False, True])
 @pytest.mark.parametrize("n", [2048, 2000])  # whole and partial grad_input tiles along N
@@ -343,18 +323,6 @@ def test_triton_twins_opcheck():
     g = torch.randn(3, 64, device="cuda")
     for bits in (None, 8):
         torch.library.opcheck(ops.grad_input_triton.default, (g, wq, ws, 300, bits), test_utils=STATIC_OPCHECK)
-    # the QAT pair on kernel layouts (16-bit grads: the exact STE's transposed kernel)
-    w16, x16, g16 = (t.to(torch.bfloat16) for t in (w.detach(), x, g))
-    for bits, order in ((None, "fields"), (8, "nibbles")):
-        wg = w16.clone().requires_grad_()
-        torch.library.opcheck(ops.quantize_weights_qat_triton.default, (wg, "ternary", False, order),
-                              test_utils=STATIC_OPCHECK)
-        wk, wsk, wt = ops.quantize_weights_qat_triton(w16, "ternary", False, order)
-        torch.library.opcheck(ops.lowbit_linear_qat_triton.default,
-                              (x16.clone().requires_grad_(), wg, None, xq, xs, wk, wsk, wt, bits),
-                              test_utils=STATIC_OPCHECK)
-        torch.library.opcheck(ops.grad_input_transposed_triton.default, (g16, wt, wsk, 300, bits),
-                              test_utils=STATIC_OPCHECK)
 
 
 @pytest.mark.parametrize("grad_input_bits", [None, 8])
@@ -390,9 +358,6 @@ def test_compiled_qat_launches_our_kernels_from_inductor_code(grad_input_bits, m
         assert "_grad_input_kernel" in code or "_grad_input_t_kernel" in code
     else:  # int8 output gradients through the forward matmul on transposed trits
         assert "_transposed_kernel" in code and "_grad_input" not in code
-    # Where the input gradient reads transposed codes, the weight pack also writes the forward's
-    # K-blocked codes (no relayout pass); the canonical input-gradient kernel keeps the relayout.
-    assert ("_relayout_kernel" in code) == ("_grad_input_kernel" in code)
     assert "bitnet.lowbit_linear.default" not in code and "bitnet.quantize_weights.default" not in code
     assert "bitnet.grad_input.default" not in code
     torch._dynamo.reset()

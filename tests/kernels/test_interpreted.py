@@ -336,31 +336,6 @@ def test_weight_pack_kblocked_layout(kernels, device, n, k, per_channel, seed):
     assert torch.equal(packed.cpu(), to_kblocked(rp, k))
 
 
-@given(n=st.integers(1, 300), k=st.integers(1, 600), per_channel=st.booleans(),
-       scheme=st.sampled_from(["ternary", "binary"]), order=st.sampled_from(["nibbles", "fields"]),
-       dtype=st.sampled_from([torch.float32, torch.bfloat16]), seed=st.integers(0, 2**16))
-@example(n=300, k=600, per_channel=False, scheme="ternary", order="fields", dtype=torch.float32, seed=0)
-@example(n=256, k=256, per_channel=True, scheme="ternary", order="nibbles", dtype=torch.bfloat16, seed=1)
-def test_weight_pack_qat_layouts(kernels, device, n, k, per_channel, scheme, order, dtype, seed):
-    # QAT's pack writes the forward's K-blocked codes and the transposed ones in one pass:
-    # both bit-identical to the reference layouts of the reference's codes (dyadic weights:
-    # exact scale, as test_weight_pack_exact), row and column tails included.
-    from bitcompile.quant.packing import to_kblocked, transpose_packed
-
-    g = torch.Generator().manual_seed(seed)
-    w = (torch.randint(-24, 25, (n, k), generator=g) / 8).to(dtype)
-    fwd, scale, back = kernels.weight_pack.quantize_pack_qat(w.to(device), scheme, per_channel, order)
-    rp, rs = ref.quantize_weights(w, scheme, per_channel)
-    assert torch.equal(scale.cpu(), rs)
-    assert torch.equal(fwd.cpu(), to_kblocked(rp, k))
-    assert torch.equal(back.cpu(), to_kblocked(transpose_packed(rp, k), n, order))
-
-
-def test_weight_pack_qat_rejects_unknown_order(kernels, device):
-    with pytest.raises(ValueError, match="supported: nibbles, fields"):
-        kernels.weight_pack.quantize_pack_qat(torch.randn(4, 4, device=device), grad_order="rows")
-
-
 @given(m=st.integers(1, 20), n=dims, k=dims, per_channel=st.booleans(), seed=st.integers(0, 2**16))
 def test_linear_q_triton_twin(kernels, device, m, n, k, per_channel, seed):
     # The Inductor-visible twin runs the same kernels on K-blocked weights: bit-identical
@@ -416,41 +391,6 @@ def test_qat_triton_twins(kernels, device):
     assert torch.equal(got, ref.grad_input_quantized(grad, rq, rs, 70, 8))
     got = triton_ops.grad_input_packed(grad.to(device), wq, ws, 70).cpu()
     torch.testing.assert_close(got, ref.grad_input(grad, rq, rs, 70), rtol=1e-5, atol=1e-6)
-
-
-@pytest.mark.parametrize("bits", [None, 8])
-def test_qat_layout_twins(kernels, device, bits):
-    # The QAT pair on kernel layouts (quantize_weights_qat_triton -> lowbit_linear_qat_triton,
-    # whose backward reads the transposed codes) against the reference, and the ops' CPU
-    # kernels against the same reference. 300 weight rows: two 256-row blocks, a tail.
-    from bitcompile.ops import triton_ops
-
-    g = torch.Generator().manual_seed(1)
-    n, k, order = 300, 70, "fields" if bits is None else "nibbles"
-    dtype = torch.float16 if bits is None else torch.float32  # the exact STE's transposed kernel: 16-bit grads
-    x, w = torch.randn(5, k, generator=g).to(dtype), torch.randn(n, k, generator=g)
-    grad = torch.randn(5, n, generator=g).to(dtype)
-    wq, ws, wq_t = triton_ops.quantize_weights_qat_packed(w.to(device), "ternary", False, order)
-    rq, rs = ref.quantize_weights(w, "ternary", False)
-    torch.testing.assert_close(ws.cpu(), rs, rtol=1e-6, atol=0)
-    rs = ws.cpu()  # the kernel's scale (summation order), as test_qat_triton_twins
-    xq, xs = ref.quantize_activations(x)
-    out = triton_ops.lowbit_linear_qat_packed(x.to(device), w.to(device), None, xq.to(device), xs.to(device), wq, ws,
-                                              wq_t, bits)
-    assert torch.equal(out.cpu(), ref.lowbit_linear(x, None, xq, xs, rq, rs, k))
-    got = triton_ops.grad_input_transposed_packed(grad.to(device), wq_t, ws, k, bits).cpu()
-    want = ref.grad_input(grad, rq, rs, k, bits)
-    if bits is None:  # fp32 summation order, then the fp16 rounding: an ulp at most
-        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-5)
-    else:  # same integers, same epilogue
-        assert torch.equal(got, want)
-    cpu_q = torch.ops.bitnet.quantize_weights_qat_triton(w, "ternary", False, order)
-    assert all(torch.equal(a, b.cpu()) for a, b in zip(cpu_q[::2], (wq, wq_t)))
-    assert torch.equal(torch.ops.bitnet.lowbit_linear_qat_triton(x, w, None, xq, xs, cpu_q[0], rs, cpu_q[2], bits),
-                       ref.lowbit_linear(x, None, xq, xs, rq, rs, k))
-    assert torch.equal(torch.ops.bitnet.grad_input_transposed_triton(grad, cpu_q[2], rs, k, bits), want)
-    with pytest.raises(ValueError, match="transposed packed"):
-        kernels.grad_input.grad_input_transposed(grad.to(device), wq.to(device), ws, k, bits)
 
 
 @given(n=st.integers(1, 2), cin=st.integers(1, 6), cout=st.integers(1, 20), size=st.integers(1, 9),

@@ -170,28 +170,6 @@ def test_cuda_static_training_graphs_lower_qat_ops_to_triton_twins(monkeypatch):
     assert bitnet.lowbit_linear_triton.default not in targets and targets.count(bitnet.lowbit_linear.default) == 5
 
 
-@pytest.mark.parametrize("grad_input_bits", [None, 8])
-def test_qat_weight_quantizers_write_the_kernel_layouts(monkeypatch, grad_input_bits):
-    # Where every linear reading a weight's codes takes transposed codes in its input gradient
-    # (int8 output gradients; the exact STE when the tuner picked its transposed kernel, made
-    # so here: the CPU has no timings), the quantizer writes both kernel layouts itself.
-    from bitcompile.kernels import grad_input
-    from bitcompile.passes import lower_triton
-
-    monkeypatch.setattr(lower_triton, "_static_cuda", lambda *nodes: _static(*nodes))
-    monkeypatch.setattr(grad_input, "transposed_chosen", lambda *shape: True)
-    options = {} if grad_input_bits is None else {"grad_input_bits": grad_input_bits}
-    x, r = torch.randn(2, 5, 16, requires_grad=True), torch.randn(2, 5, 16)
-    targets = rewritten_targets(Block(), x, r, training=True, **options)
-    assert targets.count(bitnet.quantize_weights_qat_triton.default) == 5
-    assert targets.count(bitnet.lowbit_linear_qat_triton.default) == 5
-    assert bitnet.quantize_weights_triton.default not in targets and bitnet.lowbit_linear_triton.default not in targets
-    torch._dynamo.reset()  # per-channel scales: the exact STE's canonical kernel, no transposed codes
-    targets = rewritten_targets(Block(), x, r, training=True, granularity="per_channel", **options)
-    fused = 0 if grad_input_bits is None else 5
-    assert targets.count(bitnet.lowbit_linear_qat_triton.default) == fused
-
-
 def _static(*nodes):
     from bitcompile.passes.graph import meta
 
