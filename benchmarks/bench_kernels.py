@@ -6,7 +6,9 @@ Every time is a median over repetitions measured with CUDA events. Weight buffer
 are rotated (enough copies to exceed the L2 several times), so every call reads
 its weights from HBM. The calls are captured in a CUDA graph and the graph is
 replayed (launch overhead excluded, as in a decode loop or a compiled graph); our
-matmul is also timed launched from Python each call ("eager launch").
+matmul is also timed launched from Python each call ("eager launch"). A QAT step is timed
+per step over runs of QAT_STEPS consecutive steps, launched from Python (or replayed, with
+``mode="reduce-overhead"``): the host queues a step while the GPU runs the one before.
 
 ``--smoke`` runs every part at tiny shapes on whatever device there is (the CPU in CI,
 with wall-clock timing): a check that the script runs, its numbers mean nothing.
