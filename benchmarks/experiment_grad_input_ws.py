@@ -33,7 +33,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 sys.path.insert(0, __file__.rsplit("/", 2)[0])
-from bitcompile.kernels.common import grouped_tile  # noqa: E402
+from bitcompile.kernels.common import grouped_tile, int32  # noqa: E402
 from bitcompile.kernels.wgmma_matmul import _tma_load  # noqa: E402
 
 CH = gl.constexpr(64)  # reduction rows (of N) per step
@@ -60,10 +60,6 @@ def _decode(p, lo, hi, dtype: gl.constexpr):
     R: gl.constexpr = p.shape[0]
     C: gl.constexpr = p.shape[1]
     return gl.reshape(w, [R, 4 * C]).to(dtype, bitcast=True)
-
-
-def signed(word: int) -> int:
-    return word - (1 << 32) if word >= 1 << 31 else word
 
 
 def descriptors(g, wq, BM, BK):
@@ -175,7 +171,7 @@ def launch_ws(g, wq, ws, out, BM=256, BK=128, STAGES=4, SB=3, DW=4, DREGS=64, GR
     g_desc, p_desc = descriptors(g, wq, BM, BK)
     grid = (-(-m // BM) * -(-k // BK),)
     return _grad_input_ws_kernel[grid](g_desc, p_desc, ws, out, m, k, -(-n // CH.value), 0, out.stride(0),
-                                       LO=signed(lo), HI=signed(hi), GROUP_K=GROUP_K, STAGES=STAGES, SB=SB, DW=DW,
+                                       LO=int32(lo), HI=int32(hi), GROUP_K=GROUP_K, STAGES=STAGES, SB=SB, DW=DW,
                                        DREGS=DREGS, num_warps=num_warps, maxnreg=maxnreg)
 
 
@@ -204,7 +200,7 @@ def static():
         g_desc, p_desc = descriptors(g, wq, cfg["BM"], cfg["BK"])
         args = dict(g_desc=mangle_type(g_desc), p_desc=mangle_type(p_desc), WS="*fp32", OUT="*bf16", M=m, K=k,
                     STEPS=n // CH.value, ZERO=0, stride_o=k)
-        ce = dict(LO=signed(0x80800080), HI=signed(0x3F3F00BF), GROUP_K=cfg.get("GROUP_K", 8), STAGES=cfg["STAGES"],
+        ce = dict(LO=int32(0x80800080), HI=int32(0x3F3F00BF), GROUP_K=cfg.get("GROUP_K", 8), STAGES=cfg["STAGES"],
                   SB=cfg["SB"], DW=cfg["DW"], DREGS=cfg["DREGS"], num_warps=8)
         try:
             print(cfg, codegen.profile(_grad_input_ws_kernel, args, ce, 8, 1), flush=True)

@@ -119,14 +119,21 @@ KBLOCK_PTX_T0, KBLOCK_PTX_T1, KBLOCK_PTX_T2, KBLOCK_PTX_T3 = (_kblock_ptx((g,), 
 # The same for int32 words (pack 1): the table in operands $2 (a) and $3 (b).
 KBLOCK_PTX_W0, KBLOCK_PTX_W1, KBLOCK_PTX_W2, KBLOCK_PTX_W3 = (_kblock_ptx((g,), "$1", ("$2", "$3") * 2)
                                                               for g in range(4))
-PAIR_TABLE_WORDS = tuple(t - (1 << 32) if t >= 1 << 31 else t for t in PAIR_TABLES)  # as int32 values
+
+
+def int32(word: int) -> int:
+    """A 32-bit pattern as the int32 value that holds its bits (for kernel constants and tensors)."""
+    return word - (1 << 32) if word >= 1 << 31 else word
+
+
+PAIR_TABLE_WORDS = tuple(int32(t) for t in PAIR_TABLES)
 _TA, _TB, _UA, _UB = (tl.constexpr(t) for t in PAIR_TABLE_WORDS)
 
 
 @triton.jit
 def pair_tables_in_registers(zero):
     """The prmt tables (even quarters a, b; odd a, b) as int32 tensors of ``zero``'s shape, for
-    :func:`kblock_quarter_words`. ``zero`` must be 0 at run time, thread-varying, and unknown to
+    :func:`kblock_quarter_from`. ``zero`` must be 0 at run time, thread-varying, and unknown to
     the compiler: ptxas copied a constant (or a warp-uniform load) into a fresh register before
     every prmt, 32 of the GEMV loop's 136 instructions (round 15); a thread-varying value stays
     in its registers."""
@@ -193,33 +200,26 @@ def kblock_quarter(p, G: tl.constexpr, BN: tl.constexpr, Q: tl.constexpr, USE_AS
 
 
 @triton.jit
-def kblock_quarter_from(p, ta, tb, ua, ub, G: tl.constexpr):
-    """:func:`kblock_quarter` of int8 bytes ``p`` on the GPU, with the prmt tables given as
-    int32 tensors of ``p``'s shape, loaded from memory (see KBLOCK_PTX_T0): (ta, tb) for the
-    even quarters, (ua, ub) for the odd ones."""
-    C: tl.constexpr = "=r,r" + ",r" * 8
-    if G == 0:
-        return tl.inline_asm_elementwise(KBLOCK_PTX_T0, C, [p, ta, tb], dtype=tl.int8, is_pure=True, pack=4)
-    elif G == 1:
-        return tl.inline_asm_elementwise(KBLOCK_PTX_T1, C, [p, ua, ub], dtype=tl.int8, is_pure=True, pack=4)
-    elif G == 2:
-        return tl.inline_asm_elementwise(KBLOCK_PTX_T2, C, [p, ta, tb], dtype=tl.int8, is_pure=True, pack=4)
+def _quarter_asm(p, a, b, BYTES_PTX: tl.constexpr, WORDS_PTX: tl.constexpr):
+    if p.dtype == tl.int8:  # four bytes per asm call (pack 4): each table operand spans 4 registers
+        return tl.inline_asm_elementwise(BYTES_PTX, "=r,r" + ",r" * 8, [p, a, b], dtype=tl.int8, is_pure=True, pack=4)
     else:
-        return tl.inline_asm_elementwise(KBLOCK_PTX_T3, C, [p, ua, ub], dtype=tl.int8, is_pure=True, pack=4)
+        return tl.inline_asm_elementwise(WORDS_PTX, "=r,r,r,r", [p, a, b], dtype=tl.int32, is_pure=True, pack=1)
 
 
 @triton.jit
-def kblock_quarter_words(p, ta, tb, ua, ub, G: tl.constexpr):
-    """:func:`kblock_quarter` of int32 words ``p`` on the GPU, with the tables of
-    :func:`pair_tables_in_registers` (each of ``p``'s shape)."""
+def kblock_quarter_from(p, ta, tb, ua, ub, G: tl.constexpr):
+    """:func:`kblock_quarter` on the GPU of int8 bytes or int32 words ``p``, with the prmt tables
+    as int32 tensors of ``p``'s shape kept in registers (loaded from memory, see KBLOCK_PTX_T0, or
+    :func:`pair_tables_in_registers`): (ta, tb) for the even quarters, (ua, ub) for the odd ones."""
     if G == 0:
-        return tl.inline_asm_elementwise(KBLOCK_PTX_W0, "=r,r,r,r", [p, ta, tb], dtype=tl.int32, is_pure=True, pack=1)
+        return _quarter_asm(p, ta, tb, KBLOCK_PTX_T0, KBLOCK_PTX_W0)
     elif G == 1:
-        return tl.inline_asm_elementwise(KBLOCK_PTX_W1, "=r,r,r,r", [p, ua, ub], dtype=tl.int32, is_pure=True, pack=1)
+        return _quarter_asm(p, ua, ub, KBLOCK_PTX_T1, KBLOCK_PTX_W1)
     elif G == 2:
-        return tl.inline_asm_elementwise(KBLOCK_PTX_W2, "=r,r,r,r", [p, ta, tb], dtype=tl.int32, is_pure=True, pack=1)
+        return _quarter_asm(p, ta, tb, KBLOCK_PTX_T2, KBLOCK_PTX_W2)
     else:
-        return tl.inline_asm_elementwise(KBLOCK_PTX_W3, "=r,r,r,r", [p, ua, ub], dtype=tl.int32, is_pure=True, pack=1)
+        return _quarter_asm(p, ua, ub, KBLOCK_PTX_T3, KBLOCK_PTX_W3)
 
 
 @triton.jit

@@ -37,7 +37,7 @@ import triton
 import triton.language as tl
 
 from bitcompile.kernels import tuning, wgmma_matmul
-from bitcompile.kernels.common import (ACTIVATIONS, ZERO_WORD, grouped_tile, kblock_quarter, kblock_quarter_words,
+from bitcompile.kernels.common import (ACTIVATIONS, ZERO_WORD, grouped_tile, kblock_quarter, kblock_quarter_from,
                                       matmul_epilogue, pair_tables_in_registers, split_k_total, unpack_kblock)
 from bitcompile.kernels.layout import QUARTER, kblocked, relayout
 
@@ -138,7 +138,7 @@ def _gemv_kernel(A, P, C, XS, WS, BIAS, RES, M, N, XW, PW, ZERO, stride_am, stri
             xi = 4 * w0 + 16 * i
             x = _in_thread(tl.load(x_ptrs + xi, mask=(xi + x_word < XW) | EVEN, other=0), R)
             if USE_ASM:
-                t = kblock_quarter_words(p, ta, tb, ua, ub, i)
+                t = kblock_quarter_from(p, ta, tb, ua, ub, i)
             else:
                 t = kblock_quarter(p, i, 0, 0, False)
             acc = _dp4a(t, x, acc, USE_ASM)
