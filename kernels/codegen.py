@@ -50,9 +50,10 @@ def signature_type(value) -> str:
     return "i32:16" if value % 16 == 0 else "i32"
 
 
-def compile_sm90(kernel, args: dict, constexprs: dict, num_warps: int, num_stages: int):
+def compile_sm90(kernel, args: dict, constexprs: dict, num_warps: int, num_stages: int, maxnreg: int | None = None):
     """Compile ``kernel`` for sm_90. ``args``: every non-constexpr argument by name, a pointer
-    as its Triton type string ("*i8") and an integer as its value."""
+    as its Triton type string ("*i8") and an integer as its value; ``maxnreg``: the launch's
+    register limit."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     from triton.runtime.jit import JITFunction
@@ -79,8 +80,8 @@ def compile_sm90(kernel, args: dict, constexprs: dict, num_warps: int, num_stage
         signature[name] = kind
     source = ASTSource(kernel, signature, constexprs={(kernel.arg_names.index(k),): v for k, v in constants.items()},
                        attrs=attrs)
-    return triton.compile(source, target=GPUTarget("cuda", 90, 32),
-                          options=dict(num_warps=num_warps, num_stages=num_stages))
+    options = dict(num_warps=num_warps, num_stages=num_stages) | ({"maxnreg": maxnreg} if maxnreg else {})
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
 
 
 def _run(tool: str, cubin: bytes, flag: str) -> str:
@@ -127,9 +128,9 @@ def family(op: str) -> str | None:
 FAMILIES = ("ldg", "ldg128", "cp_async", "smem", "bar", "dp4a", "mma", "mma_wait")
 
 
-def profile(kernel, args: dict, constexprs: dict, num_warps: int, num_stages: int) -> dict:
+def profile(kernel, args: dict, constexprs: dict, num_warps: int, num_stages: int, maxnreg: int | None = None) -> dict:
     """Resources and main-loop instruction counts of one specialisation (see module doc)."""
-    compiled = compile_sm90(kernel, args, constexprs, num_warps, num_stages)
+    compiled = compile_sm90(kernel, args, constexprs, num_warps, num_stages, maxnreg)
     usage = _run("cuobjdump", compiled.asm["cubin"], "-res-usage")
     regs, spill = re.search(r"REG:(\d+) STACK:\d+ SHARED:\d+ LOCAL:(\d+)", usage).groups()
     loop = main_loop(_run("cuobjdump", compiled.asm["cubin"], "-sass"))
@@ -193,19 +194,42 @@ def _wgmma_case(cfg: dict, m: int, n: int, k: int, flags: dict, pointers: dict, 
 def grad_input_case(config: dict, m: int, n: int, k: int, dtype: str = "bf16") -> tuple:
     """The QAT backward's ``grad_input`` launch for a tuned ``config`` (per-tensor scale)."""
     from bitcompile.kernels import grad_input as gi
+    from bitcompile.kernels.common import ONE_TABLES
     from bitcompile.kernels.layout import QUARTER
     from bitcompile.quant.packing import kblocked_columns
 
     cfg = dict(config)
+    layout = cfg.pop("layout", "canonical")
+    if layout == "ws":
+        return _grad_input_ws_case(cfg, m, n, k, dtype)
     warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages", 3)
     pointers = dict(G=f"*{dtype}", P="*u8", WS="*fp32", OUT=f"*{dtype}")
-    if cfg.pop("layout", "canonical") == "transposed":
+    if layout == "transposed":
         npb = kblocked_columns(n)
         args = dict(**pointers, M=m, N=n, K=k, NPB=npb, stride_g=n, stride_p=npb, stride_o=k)
-        lo, hi = gi.ONE_TABLES[dtype]
+        lo, hi = ONE_TABLES[dtype]
         constexprs = dict(Q=QUARTER, LO=lo, HI=hi, EVEN_N=n % (4 * QUARTER) == 0, USE_ASM=True, **cfg)
         return gi._grad_input_t_kernel, args, constexprs, warps, stages
     kb = -(-k // 4)
     args = dict(**pointers, M=m, N=n, K=k, KB=kb, stride_g=n, stride_p=kb, stride_o=k)
     flags = dict(PER_CHANNEL=False, IEEE=dtype == "fp32", EVEN_N=n % cfg["BN"] == 0, USE_ASM=True)
     return gi._grad_input_kernel, args, dict(**flags, **cfg), warps, stages
+
+
+def _grad_input_ws_case(cfg: dict, m: int, n: int, k: int, dtype: str) -> tuple:
+    """The Gluon input-gradient launch (``kernels.grad_input_ws.launch``), descriptors as it builds them."""
+    import torch
+    from triton.runtime.jit import mangle_type
+
+    from bitcompile.kernels import grad_input_ws as ws
+    from bitcompile.kernels.common import ONE_TABLES, int32
+
+    g = torch.empty(m, n, dtype=torch.bfloat16 if dtype == "bf16" else torch.float16)
+    p = torch.empty(n, -(-k // 4), dtype=torch.int8)
+    g_desc, p_desc = ws.descriptors(g, p, cfg["BM"], cfg["BK"])
+    args = dict(g_desc=mangle_type(g_desc), p_desc=mangle_type(p_desc), WS="*fp32", OUT=f"*{dtype}", M=m, K=k,
+                STEPS=-(-n // ws.STEP), ZERO=0, stride_o=k)
+    lo, hi = ONE_TABLES[dtype]
+    constexprs = dict(LO=int32(lo), HI=int32(hi), GROUP_K=cfg["GROUP_K"], STAGES=cfg["STAGES"], SB=cfg["SB"],
+                      DW=ws.DECODE_WARPS, DREGS=ws.DECODE_REGS, num_warps=ws.MMA_WARPS)
+    return ws.kernel(), args, constexprs, ws.MMA_WARPS, 1, ws.MAX_REGS

@@ -127,6 +127,9 @@ def int32(word: int) -> int:
 
 
 PAIR_TABLE_WORDS = tuple(int32(t) for t in PAIR_TABLES)
+# prmt tables of 16-bit trits by 2-bit code (grad_input.TRIT_PAIR_PTX): the low and the high
+# bytes of -1, 0, 1 in bf16 (1.0 = 0x3F80) or fp16 (0x3C00).
+ONE_TABLES = {"bf16": (0x80800080, 0x3F3F00BF), "fp16": (0x00000000, 0x3C3C00BC)}
 _TA, _TB, _UA, _UB = (tl.constexpr(t) for t in PAIR_TABLE_WORDS)
 
 

@@ -13,6 +13,9 @@ differs from the reference. Two kernels, chosen by tuning:
     pass per call, included in the tuning's timing) and computes the transposed tile
     ``trits^T @ grad^T``, then scales it: the trits (+-1.0 / 0) are the MMA's register
     operand, never stored to shared memory, as in the forward's SWAP.
+  * on sm_90, ``grad_input_ws`` (Gluon, warp-specialised: decode warps feed MMA warps; same
+    operands, same sums as the transposed kernel). Inductor's generated code launches Triton
+    kernels only, so a traced call reaches it through an opaque op (``gluon_op``).
 """
 from __future__ import annotations
 
@@ -22,8 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
-from bitcompile.kernels import tuning
-from bitcompile.kernels.common import grouped_tile, rows, unpack_trits
+from bitcompile.kernels import grad_input_ws, tuning
+from bitcompile.kernels.common import ONE_TABLES, grouped_tile, rows, unpack_trits
 from bitcompile.kernels.layout import QUARTER, transposed_kblocked
 
 
@@ -92,7 +95,6 @@ def _grad_input_kernel(G, P, WS, OUT, M, N, K, KB, stride_g, stride_p, stride_o,
 # Checked on the CPU by interpreting this text (tests/kernels/test_ptx.py).
 TRIT_PAIR_PTX = tl.constexpr("{ .reg .b32 t; shr.b32 t, $1, $2; and.b32 t, t, 0x0303; "
                              "mad.lo.u32 t, t, 0x11, 0x4040; prmt.b32 $0, $3, $4, t; }")
-ONE_TABLES = {"bf16": (0x80800080, 0x3F3F00BF), "fp16": (0x00000000, 0x3C3C00BC)}  # 1.0 = 0x3F80 / 0x3C00
 
 
 @triton.jit
@@ -162,8 +164,9 @@ def _grad_input_t_kernel(G, P, WS, OUT, M, N, K, NPB, stride_g, stride_p, stride
              mask=(offs_m[:, None] < M) & (offs_k[None, :] < K))
 
 
-def _configs(transposed_ok: bool = True):
-    """Launch candidates; ``transposed_ok``: the grads are 16-bit and the scale one number."""
+def _configs(transposed_ok: bool = True, ws_ok: bool = False):
+    """Launch candidates; ``transposed_ok``: the grads are 16-bit and the scale one number;
+    ``ws_ok``: ``grad_input_ws.supports`` the operands."""
     if tuning.interpreting():
         canonical = [dict(BM=16, BN=16, BK=32, GROUP_M=4, num_warps=4)]
         return canonical + [dict(layout="transposed", BK=16, BM=16, JOIN=jn, GROUP_K=4, num_warps=4)
@@ -179,7 +182,7 @@ def _configs(transposed_ok: bool = True):
     transposed = [dict(layout="transposed", BK=bk, BM=bm, JOIN=jn, GROUP_K=8, num_warps=w, num_stages=s)
                   for bk, bm, jn, w, s in [(128, 64, False, 4, 3), (128, 64, False, 4, 2), (128, 128, False, 8, 3),
                                            (128, 128, True, 8, 2)]]
-    return canonical + transposed * transposed_ok
+    return canonical + transposed * transposed_ok + [dict(layout="ws", **c) for c in grad_input_ws.CONFIGS] * ws_ok
 
 
 def _check_operands(grad: torch.Tensor, wq: torch.Tensor, k: int) -> None:
@@ -190,11 +193,13 @@ def _check_operands(grad: torch.Tensor, wq: torch.Tensor, k: int) -> None:
 
 
 def grad_input(grad: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, k: int,
-               config: Optional[dict] = None, wrap: Optional[Callable] = None) -> torch.Tensor:
+               config: Optional[dict] = None, wrap: Optional[Callable] = None,
+               gluon_op: Optional[Callable] = None) -> torch.Tensor:
     """``grad [..., N] @ (unpack(wq) * w_scale)`` in ``grad.dtype`` (fp32 accumulation;
     fp32 grads use IEEE fp32 dot products, not TF32). ``config``: one of ``_configs()``
     instead of the tuned choice (tests run each kernel this way). ``wrap``: launched through
-    ``torch.library.wrap_triton`` (``tuning.traceable``)."""
+    ``torch.library.wrap_triton`` (``tuning.traceable``); the Gluon kernel then through
+    ``gluon_op(g, wq, w_scale, k, tile)`` (``bitnet::grad_input_ws``), or not at all."""
     _check_operands(grad, wq, k)
     n, kb = wq.shape
     lead = grad.shape[:-1]
@@ -207,12 +212,16 @@ def grad_input(grad: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, k: i
     ws = w_scale.contiguous()
     per_channel = ws.numel() > 1
     transposed_ok = not per_channel and grad.dtype in (torch.bfloat16, torch.float16)
+    ws_ok = (wrap is None or gluon_op is not None) and grad_input_ws.supports(grad, wq, ws)
     use_asm = not tuning.interpreting()
 
     def launch(cfg):
         cfg = dict(cfg)
         grid = (triton.cdiv(m, cfg["BM"]) * triton.cdiv(k, cfg["BK"]),)
-        if cfg.pop("layout", "canonical") == "transposed":
+        layout = cfg.pop("layout", "canonical")
+        if layout == "ws":  # eager only (traced: gluon_op, below)
+            return grad_input_ws.launch(g, wq, ws, out, **cfg)
+        if layout == "transposed":
             if not transposed_ok:
                 raise ValueError("the transposed grad_input kernel takes 16-bit grads and a per-tensor weight scale, "
                                  f"got {grad.dtype} and {ws.numel()} scales")
@@ -226,7 +235,7 @@ def grad_input(grad: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, k: i
                             PER_CHANNEL=per_channel, IEEE=grad.dtype == torch.float32, EVEN_N=n % cfg["BN"] == 0,
                             USE_ASM=use_asm, **cfg)
 
-    candidates = [config] if config is not None else _configs(transposed_ok)
+    candidates = [config] if config is not None else _configs(transposed_ok, ws_ok)
     if tuning.interpreting() and config is None:  # no timing here: spread the CPU tests' shapes over both kernels
         candidates = [candidates[(m + n) % len(candidates)]]
     # Per-channel scales have their own entries (only the canonical kernel takes them).
@@ -236,9 +245,16 @@ def grad_input(grad: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, k: i
         torch.randint(0, 256, tuple(wq.shape), device=grad.device, dtype=torch.uint8),
         torch.rand(tuple(ws.shape), device=grad.device), k, config))
     cfg = tuning.choose("grad_input", key, candidates, launch)
+    layout = cfg.get("layout", "canonical")
+    if layout == "ws" and wrap is not None:
+        if not ws_ok:
+            raise ValueError(f"grad_input: the tuned kernel for {key} is the Gluon one, which these operands "
+                             "(or a traced call without gluon_op) cannot take")
+        return gluon_op(g, wq, ws, k, [cfg[name] for name in grad_input_ws.TILE]).reshape(*lead, k)
     compiled = launch(cfg)
-    kernel = _grad_input_t_kernel if cfg.get("layout") == "transposed" else _grad_input_kernel
-    tuning.dump_source(kernel, compiled, {**cfg, "per_channel": per_channel, "grad": str(grad.dtype)})
+    if layout != "ws":  # (grad_input_ws.launch writes its own)
+        kernel = _grad_input_t_kernel if layout == "transposed" else _grad_input_kernel
+        tuning.dump_source(kernel, compiled, {**cfg, "per_channel": per_channel, "grad": str(grad.dtype)})
     return out.reshape(*lead, k)
 
 

@@ -43,7 +43,7 @@ def available() -> bool:
 if gluon is not None:
     Q = gl.constexpr(QUARTER)
     TR = gl.constexpr(TABLE_ROWS)
-    _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared  # renamed in Triton 3.7
+    tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared  # renamed in Triton 3.7
 
     if hasattr(gl.shared_memory_descriptor, "reinterpret"):  # Triton >= 3.7 (3.6: private)
         @gluon.jit
@@ -66,8 +66,8 @@ if gluon is not None:
         bar = ready.index(stage)
         mbarrier.expect(bar, p_desc.block_type.nbytes + x_desc.block_type.nbytes, pred=pred)
         row = gl.program_id(0) * p_desc.block_type.shape[1]
-        _tma_load(p_desc, [step * p_desc.block_type.shape[0], row, 0], bar, p_smem.index(stage), pred=pred)
-        _tma_load(x_desc, [step * x_desc.block_type.shape[0], 0, 0], bar, x_smem.index(stage), pred=pred)
+        tma_load(p_desc, [step * p_desc.block_type.shape[0], row, 0], bar, p_smem.index(stage), pred=pred)
+        tma_load(x_desc, [step * x_desc.block_type.shape[0], 0, 0], bar, x_smem.index(stage), pred=pred)
 
     @gluon.jit
     def _wgmma_kernel(x_desc, p_desc, TABLE, C, XS, WS, BIAS, RES, PARTIAL, COUNT, M, N, STEPS, stride_cm, stride_rm,

@@ -14,6 +14,11 @@ and ``norm_quant_triton`` carry their originals' autograd rules, and the STE bac
 ``lowbit_linear_triton`` computes the input gradient with ``grad_input_triton``, so the
 backward graph launches the kernels from Inductor's code too.
 
+One kernel cannot be launched that way: the Gluon (warp-specialised) exact-STE input gradient,
+which Inductor's code cannot launch. Where the tuner picks it for a traced
+``grad_input_triton``, the graph calls the opaque op ``grad_input_ws`` instead (one extern
+call per backward, its host cost ~ a launch's).
+
 ``passes.lower_triton`` swaps them in for CUDA graphs with static shapes (a kernel variant
 and its tuned launch configuration are chosen per row count at compile time). On the CPU
 they fall back to the reference (``register_kernel("cpu")``).
@@ -93,7 +98,33 @@ def grad_input_packed(grad: Tensor, wq: Tensor, w_scale: Tensor, k: int, bits: O
     _require_static(grad, "grad_input_triton")
     if bits is not None:
         return grad_input_quantized(grad, wq, w_scale, k, bits, wrap=wrap_triton)
-    return grad_input(grad, wq, w_scale, k, wrap=wrap_triton)
+    return grad_input(grad, wq, w_scale, k, wrap=wrap_triton, gluon_op=grad_input_ws)
+
+
+@torch.library.custom_op("bitnet::grad_input_ws", mutates_args=())
+def grad_input_ws(grad: Tensor, wq: Tensor, w_scale: Tensor, k: int, tile: list[int]) -> Tensor:
+    """The exact-STE input gradient ``grad [m, n] @ (unpack(wq) * w_scale)`` by
+    ``kernels.grad_input_ws`` with launch configuration ``tile`` (its ``TILE`` fields); the
+    reference elsewhere."""
+    return ref.grad_input(grad, wq, w_scale, k)
+
+
+@grad_input_ws.register_fake
+def _(grad, wq, w_scale, k, tile):
+    return grad.new_empty((grad.shape[0], k))
+
+
+@grad_input_ws.register_kernel("cuda")
+def _(grad, wq, w_scale, k, tile):
+    from bitcompile.kernels import grad_input_ws as kernel
+
+    if not kernel.supports(grad, wq, w_scale) or grad.dim() != 2 or wq.shape[1] != (k + 3) // 4:
+        raise ValueError("bitnet::grad_input_ws takes 2-D 16-bit grads [m, n] (n a multiple of 8), packed weights "
+                         "[n, (k + 3) // 4] (a multiple of 16 bytes), one weight scale, on an sm_90 GPU; got "
+                         f"{grad.dtype} {tuple(grad.shape)}, {tuple(wq.shape)}, k={k}, {w_scale.numel()} scales")
+    out = grad.new_empty((grad.shape[0], k))
+    kernel.launch(grad, wq, w_scale, out, **dict(zip(kernel.TILE, tile)))
+    return out
 
 
 linear_q_triton = triton_op("bitnet::linear_q_triton", mutates_args=())(linear_q_kblocked)

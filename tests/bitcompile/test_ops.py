@@ -34,6 +34,16 @@ def test_opcheck_every_op(scheme, per_channel, bits):
     torch.library.opcheck(bitnet.lowbit_linear, (*args, 8))
 
 
+def test_opcheck_grad_input_ws():
+    """The Gluon input gradient's opaque op (CUDA only; the reference on the CPU): schema and
+    fake (its shape without the batch dimensions, as the traced call passes 2-D grads)."""
+    from bitcompile.ops import triton_ops  # noqa: F401  (registers it)
+
+    wq, ws = bitnet.quantize_weights(torch.randn(16, 10), "ternary", False)
+    torch.library.opcheck(bitnet.grad_input_ws, (torch.randn(5, 16, dtype=torch.bfloat16), wq, ws, 10,
+                                                 [256, 128, 4, 3, 16]))
+
+
 @given(
     data=st.data(),
     batch=batch_shapes,

@@ -235,12 +235,15 @@ def test_qat_backward(dtype, per_channel, n):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("m,n,k", [(512, 2048, 1024), (333, 2000, 1003)])  # whole and partial tiles, N blocks
+# whole and partial tiles, N blocks; (333, 2000, 1021): tails of every axis that the Gluon kernel takes
+@pytest.mark.parametrize("m,n,k", [(512, 2048, 1024), (333, 2000, 1003), (333, 2000, 1021)])
 def test_every_grad_input_config(dtype, m, n, k):
-    """Every grad_input launch configuration (canonical and transposed kernels), not only the
-    tuned one; same operands as the reference, fp32 sums in another order (bound as in the
-    CPU test: n * eps_fp32 * sum|g * w| plus the final rounding to the grad dtype)."""
-    from bitcompile.kernels import grad_input as gi
+    """Every grad_input launch configuration (canonical, transposed and, on the H100, Gluon
+    kernels), not only the tuned one; same operands as the reference, fp32 sums in another order
+    (bound as in the CPU test: n * eps_fp32 * sum|g * w| plus the final rounding to the grad
+    dtype). The Gluon kernel sums the same products in the same 16-wide chunks as the
+    transposed one: equal to it."""
+    from bitcompile.kernels import grad_input as gi, grad_input_ws
 
     g = torch.Generator(device="cuda").manual_seed(n)
     wq, ws = ops.quantize_weights(torch.randn(n, k, device="cuda", generator=g), "ternary", False)
@@ -248,16 +251,36 @@ def test_every_grad_input_config(dtype, m, n, k):
     w = ref.dequantized_weight(wq.cpu(), ws.cpu(), k, dtype).float().cuda()
     want = grad.float() @ w
     bound = (grad.float().abs() @ w.abs()) * n * 2**-23 + want.abs() * (2**-8 if dtype == torch.bfloat16 else 2**-11)
-    for cfg in gi._configs(transposed_ok=True):
-        got = gi.grad_input(grad, wq, ws, k, config=cfg)
+    ws_ok = grad_input_ws.supports(grad, wq, ws)
+    assert ws_ok == (k != 1003 and torch.cuda.get_device_capability() == (9, 0))
+    outs = {}
+    for cfg in gi._configs(transposed_ok=True, ws_ok=ws_ok):
+        got = outs.setdefault(cfg.get("layout", "canonical"), gi.grad_input(grad, wq, ws, k, config=cfg))
         assert got.dtype == dtype and ((got.float() - want).abs() <= bound).all(), cfg
+        if cfg.get("layout") == "ws":
+            assert torch.equal(gi.grad_input(grad, wq, ws, k, config=cfg), outs["transposed"]), cfg
 
 
-@pytest.mark.parametrize("grad_input_bits", [None, 8])
-def test_qat_under_cuda_graphs(grad_input_bits):
+@pytest.fixture
+def gluon_grad_input(monkeypatch):
+    """The exact-STE input gradient through the Gluon kernel only (the H100's choice at QAT sizes)."""
+    from bitcompile.kernels import grad_input as gi, grad_input_ws
+
+    if not grad_input_ws.supports(torch.empty(1, 8, device="cuda", dtype=torch.bfloat16),
+                                  torch.empty(8, 16, device="cuda", dtype=torch.uint8), torch.ones(1)):
+        pytest.skip("the Gluon input gradient needs an sm_90 GPU and a Triton with Gluon")
+    monkeypatch.setattr(gi, "_configs", lambda transposed_ok=True, ws_ok=False: [
+        dict(layout="ws", **grad_input_ws.CONFIGS[0])] if ws_ok else [])
+
+
+@pytest.mark.parametrize("grad_input_bits", [None, 8, "gluon"])
+def test_qat_under_cuda_graphs(grad_input_bits, request):
     """`mode="reduce-overhead"` for training: the steps replay CUDA graphs and give the
     gradients of the same compiled layer without graphs (round 4 found it refused: the
     matmul kept a K-blocked weight copy allocated in the graph's pool)."""
+    if grad_input_bits == "gluon":  # the exact STE through the Gluon kernel's opaque op
+        request.getfixturevalue("gluon_grad_input")
+        grad_input_bits = None
     torch.manual_seed(0)
     layer = torch.nn.Linear(512, 256, device="cuda", dtype=torch.bfloat16)
     x = torch.randn(64, 512, device="cuda", dtype=torch.bfloat16)
@@ -323,10 +346,13 @@ def test_triton_twins_opcheck():
     g = torch.randn(3, 64, device="cuda")
     for bits in (None, 8):
         torch.library.opcheck(ops.grad_input_triton.default, (g, wq, ws, 300, bits), test_utils=STATIC_OPCHECK)
+    if torch.cuda.get_device_capability() == (9, 0):  # the Gluon kernel's opaque op
+        wq, ws = ops.quantize_weights(torch.randn(64, 320, device="cuda"), "ternary", False)
+        torch.library.opcheck(ops.grad_input_ws.default, (g.bfloat16(), wq, ws, 320, [256, 128, 4, 3, 16]))
 
 
-@pytest.mark.parametrize("grad_input_bits", [None, 8])
-def test_compiled_qat_launches_our_kernels_from_inductor_code(grad_input_bits, monkeypatch):
+@pytest.mark.parametrize("grad_input_bits", [None, 8, "gluon"])
+def test_compiled_qat_launches_our_kernels_from_inductor_code(grad_input_bits, monkeypatch, request):
     # QAT on CUDA with static shapes: the forward and the backward graph launch the weight
     # pack, matmul and input-gradient kernels from Inductor's code (no opaque bitnet op
     # called through Python); outputs and every gradient match the opaque ops' run. Not
@@ -339,6 +365,10 @@ def test_compiled_qat_launches_our_kernels_from_inductor_code(grad_input_bits, m
     from bitcompile.passes import lower_triton
     from tests.passes.fusion_models import Block
 
+    gluon = grad_input_bits == "gluon"  # the exact STE's input gradient by the Gluon kernel: one opaque op
+    if gluon:
+        request.getfixturevalue("gluon_grad_input")
+        grad_input_bits = None
     torch.manual_seed(0)
     model = Block(d=256, hidden=512).to("cuda", torch.bfloat16)
     x, r = (torch.randn(2, 7, 256, device="cuda", dtype=torch.bfloat16) for _ in range(2))
@@ -354,7 +384,9 @@ def test_compiled_qat_launches_our_kernels_from_inductor_code(grad_input_bits, m
     got, codes = run_and_get_code(step)
     code = "\n".join(codes)
     assert "_pack_kernel" in code and ("_gemv_kernel" in code or "_gemm_kernel" in code)
-    if grad_input_bits is None:  # the exact STE kernels
+    if gluon:
+        assert "bitnet.grad_input_ws.default" in code and "_grad_input" not in code
+    elif grad_input_bits is None:  # the exact STE kernels
         assert "_grad_input_kernel" in code or "_grad_input_t_kernel" in code
     else:  # int8 output gradients through the forward matmul on transposed trits
         assert "_transposed_kernel" in code and "_grad_input" not in code

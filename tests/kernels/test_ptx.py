@@ -12,6 +12,7 @@ from bitcompile.kernels.common import (KBLOCK_PTX, KBLOCK_PTX_Q0, KBLOCK_PTX_Q1,
                                       KBLOCK_PTX_W1, KBLOCK_PTX_W2, KBLOCK_PTX_W3, PAIR_TABLE_WORDS, PAIR_TABLES,
                                       TRITS_PTX)
 from bitcompile.kernels.grad_input import ONE_TABLES, SCALED_TRITS_PTX, TRIT_PAIR_PTX
+from bitcompile.kernels.grad_input_ws import DECODE_PTX_TEXT
 from bitcompile.quant.packing import pack_ternary, to_kblocked
 
 MASK = 0xFFFFFFFF
@@ -88,6 +89,25 @@ def test_trit_pair_ptx(dtype, shift):
         out = run_ptx(TRIT_PAIR_PTX.value, {"$1": pair, "$2": shift, "$3": lo, "$4": hi})["$0"]
         want = torch.tensor(trits[:, shift // 2], dtype=torch_dtype).view(torch.int16).tolist()
         assert [out & 0xFFFF, out >> 16] == [w & 0xFFFF for w in want], (trits, shift)
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_ws_decode_ptx(dtype):
+    """The warp-specialised input gradient's decode: one word of canonical bytes -> register 2s
+    holds field s of bytes 0 and 1, register 2s + 1 field s of bytes 2 and 3, as 16-bit -1.0 /
+    0 / 1.0 (low half first)."""
+    torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    lo, hi = ONE_TABLES[dtype]
+    rng = np.random.default_rng(1)
+    for _ in range(1000):
+        trits = torch.tensor(rng.integers(-1, 2, (1, 16)), dtype=torch.int16)  # k = 4 byte + field
+        word = int(pack_ternary(trits)[0].view(torch.int32)[0]) & MASK
+        regs = run_ptx(DECODE_PTX_TEXT, {"$8": word, "$9": lo, "$13": hi})
+        bits = trits[0].to(torch_dtype).view(torch.int16).tolist()
+        for s in range(4):
+            for half, byte in ((0, 0), (0, 1), (1, 2), (1, 3)):
+                got = (regs[f"${2 * s + half}"] >> 16 * (byte % 2)) & 0xFFFF
+                assert got == bits[4 * byte + s] & 0xFFFF, (hex(word), s, byte)
 
 
 def test_kblock_ptx():
