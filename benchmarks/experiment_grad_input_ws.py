@@ -34,7 +34,7 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 sys.path.insert(0, __file__.rsplit("/", 2)[0])
 from bitcompile.kernels.common import grouped_tile, int32  # noqa: E402
-from bitcompile.kernels.wgmma_matmul import _tma_load  # noqa: E402
+from bitcompile.kernels.wgmma_matmul import tma_load as _tma_load  # noqa: E402
 
 CH = gl.constexpr(64)  # reduction rows (of N) per step
 
@@ -165,7 +165,7 @@ def _grad_input_ws_kernel(g_desc, p_desc, WS, OUT, M, K, STEPS, ZERO, stride_o, 
 def launch_ws(g, wq, ws, out, BM=256, BK=128, STAGES=4, SB=3, DW=4, DREGS=64, GROUP_K=16, num_warps=8,
               maxnreg=168):
     """``out [m, k] = g [m, n] @ (unpack(wq) * ws)`` (defaults: the best of the round-18 sweep)."""
-    from bitcompile.kernels.grad_input import ONE_TABLES
+    from bitcompile.kernels.common import ONE_TABLES
     (m, n), k = g.shape, out.shape[1]
     lo, hi = ONE_TABLES["bf16" if g.dtype == torch.bfloat16 else "fp16"]
     g_desc, p_desc = descriptors(g, wq, BM, BK)

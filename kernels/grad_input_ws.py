@@ -89,23 +89,45 @@ if gluon is not None:
     @gluon.jit
     def _decode(p, lo, hi, dtype: gl.constexpr):
         """Canonical bytes [R, C] (4 trits each) -> the trits as ``dtype`` [R, 4C] in *column
-        order* (``column_k``): byte C = 4W + e, field s at column 16W + 4s + e, so that each
-        register of the asm's output is two adjacent columns and is stored as it is (in K order
-        the pairs would be repacked: 32 more prmt per 16 bytes)."""
+        order*: field s = 2y + x of byte 4W + 2e + h at column 16W + 8x + 4e + 2y + h. Each
+        register of the asm is then two adjacent columns, stored as it is (K order would need
+        32 more prmt per 16 bytes to repack the pairs), and each thread of the MMA accumulator
+        holds pairs of adjacent K (``_store_k_order``)."""
         R: gl.constexpr = p.shape[0]
         C: gl.constexpr = p.shape[1]
         o0, o1, o2, o3 = gl.inline_asm_elementwise(DECODE_PTX, DECODE_CONSTRAINTS, [p, lo, hi],
                                                    dtype=(gl.int16, gl.int16, gl.int16, gl.int16), is_pure=True,
                                                    pack=4)
-        w = gl.join(gl.join(gl.reshape(o0, [R, C // 4, 4]), gl.reshape(o1, [R, C // 4, 4])),
-                    gl.join(gl.reshape(o2, [R, C // 4, 4]), gl.reshape(o3, [R, C // 4, 4])))  # [R, W, e, x, y]: s = 2y + x
-        w = gl.permute(w, (0, 1, 4, 3, 2))
+        shape: gl.constexpr = [R, C // 4, 2, 2]  # [R, W, e, h]
+        w = gl.join(gl.join(gl.reshape(o0, shape), gl.reshape(o1, shape)),
+                    gl.join(gl.reshape(o2, shape), gl.reshape(o3, shape)))  # [R, W, e, h, x, y]
+        w = gl.permute(w, (0, 1, 4, 2, 5, 3))  # [R, W, x, e, y, h]
         return gl.reshape(w, [R, 4 * C]).to(dtype, bitcast=True)
 
+    @gluon.constexpr_function
+    def _adjacent_k_first(layout):
+        """``layout`` (linear, [rows, K]) with its register basis of K + 1 first: each thread's
+        adjacent K in consecutive registers, so that they are stored together."""
+        first = [b for b in layout.reg_bases if list(b) == [0, 1]]
+        rest = [b for b in layout.reg_bases if list(b) != [0, 1]]
+        return gl.DistributedLinearLayout(first + rest, layout.lane_bases, layout.warp_bases, layout.block_bases,
+                                          layout.shape)
+
     @gluon.jit
-    def column_k(col):
-        """The output column (K offset in the tile) that decoded column ``col`` holds (``_decode``)."""
-        return (col // 16) * 16 + (col % 4) * 4 + (col % 16) // 4
+    def _store_k_order(acc, OUT, row0, col0, M, K, stride_o):
+        """Store ``acc`` [BM, BK] (columns in ``_decode``'s order) at rows row0.. and K columns
+        col0.. of OUT: a relabelling and reordering of registers (k = 16W + 8e + 4h + 2y + x),
+        no data moved between threads."""
+        BM: gl.constexpr = acc.shape[0]
+        BK: gl.constexpr = acc.shape[1]
+        acc = gl.permute(gl.reshape(acc, [BM, BK // 16, 2, 2, 2, 2]), (0, 1, 3, 5, 4, 2))  # [m, W, e, h, y, x]
+        acc = gl.reshape(acc, [BM, BK])
+        layout: gl.constexpr = _adjacent_k_first(gl.to_linear_layout(acc.type.layout, [BM, BK]))
+        out = gl.convert_layout(acc, layout).to(OUT.dtype.element_ty)
+        offs_m = row0 + gl.arange(0, BM, layout=gl.SliceLayout(1, layout))
+        offs_k = col0 + gl.arange(0, BK, layout=gl.SliceLayout(0, layout))
+        gl.store(OUT + offs_m[:, None].to(gl.int64) * stride_o + offs_k[None, :], out,
+                 mask=(offs_m[:, None] < M) & (offs_k[None, :] < K))
 
     @gluon.jit
     def _fetch(desc, coord0, coord1, bar, dst, pred):
@@ -187,13 +209,8 @@ if gluon is not None:
                                                      STEPS, BK, num_warps)),
                                    (_decode_partition, (p_desc, p_smem, b_smem, p_loaded, decoded, b_empty, pid_k,
                                                         STEPS, ZERO, LO, HI))], [DW], [DREGS])
-        mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                      instr_shape=[16, BK, 16])
         acc = acc * gl.load(WS).to(dtype).to(gl.float32)
-        offs_m = pid_m * BM + gl.arange(0, BM, layout=gl.SliceLayout(1, mma))
-        offs_k = pid_k * BK + column_k(gl.arange(0, BK, layout=gl.SliceLayout(0, mma)))
-        gl.store(OUT + offs_m[:, None].to(gl.int64) * stride_o + offs_k[None, :], acc.to(OUT.dtype.element_ty),
-                 mask=(offs_m[:, None] < M) & (offs_k[None, :] < K))
+        _store_k_order(acc, OUT, pid_m * BM, pid_k * BK, M, K, stride_o)
 
     @functools.lru_cache(maxsize=None)
     def _smem_layout(rows: int, cols: int, dtype):
