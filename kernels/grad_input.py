@@ -220,6 +220,7 @@ def grad_input(grad: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, k: i
         grid = (triton.cdiv(m, cfg["BM"]) * triton.cdiv(k, cfg["BK"]),)
         layout = cfg.pop("layout", "canonical")
         if layout == "ws":  # eager only (traced: gluon_op, below)
+            grad_input_ws.require(grad, wq, ws)
             return grad_input_ws.launch(g, wq, ws, out, **cfg)
         if layout == "transposed":
             if not transposed_ok:
@@ -240,16 +241,22 @@ def grad_input(grad: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, k: i
         candidates = [candidates[(m + n) % len(candidates)]]
     # Per-channel scales have their own entries (only the canonical kernel takes them).
     key = (tuning.bucket(m), n, k, str(grad.dtype)) + (("per_channel",) if per_channel else ())
-    tuning.tune_before_tracing(wrap, "grad_input", key, candidates, lambda: grad_input(
-        torch.randn(m, n, device=grad.device, dtype=grad.dtype),
-        torch.randint(0, 256, tuple(wq.shape), device=grad.device, dtype=torch.uint8),
-        torch.rand(tuple(ws.shape), device=grad.device), k, config))
+
+    def tune():
+        grad_input(torch.randn(m, n, device=grad.device, dtype=grad.dtype),
+                   torch.randint(0, 256, tuple(wq.shape), device=grad.device, dtype=torch.uint8),
+                   torch.rand(tuple(ws.shape), device=grad.device), k, config)
+
+    tuning.tune_before_tracing(wrap, "grad_input", key, candidates, tune)
     cfg = tuning.choose("grad_input", key, candidates, launch)
+    if cfg.get("layout") == "ws" and not ws_ok and config is None:
+        # A table entry for the Gluon kernel where it cannot run (a Triton without Gluon, a traced
+        # call without gluon_op): the best of the Triton kernels, under a key of its own.
+        key, candidates = key + ("triton",), _configs(transposed_ok)
+        tuning.tune_before_tracing(wrap, "grad_input", key, candidates, tune)
+        cfg = tuning.choose("grad_input", key, candidates, launch)
     layout = cfg.get("layout", "canonical")
     if layout == "ws" and wrap is not None:
-        if not ws_ok:
-            raise ValueError(f"grad_input: the tuned kernel for {key} is the Gluon one, which these operands "
-                             "(or a traced call without gluon_op) cannot take")
         return gluon_op(g, wq, ws, k, [cfg[name] for name in grad_input_ws.TILE]).reshape(*lead, k)
     compiled = launch(cfg)
     if layout != "ws":  # (grad_input_ws.launch writes its own)

@@ -43,12 +43,11 @@ except ImportError:  # a Triton without Gluon: the Triton kernels serve every sh
 
 STEP = 64  # reduction rows (of N) per step: one 16-bit swizzle atom of the grad tile
 MMA_WARPS, DECODE_WARPS, DECODE_REGS, MAX_REGS = 8, 4, 64, 168
-# Tuning candidates (``grad_input._configs``). Round 18 (H100): BM 256 / BK 128 / 4 stages /
-# SB 3 best; BK 256 (twice the decode per MMA step) 0.54-0.59x cuBLAS; STAGES 3 or 5, SB 4 and
-# more decode registers within 2%.
+# Tuning candidates (``grad_input._configs``). H100 (rounds 18-19): BM 256 / BK 128 / 4 stages /
+# SB 3 best; BK 256 (twice the decode per MMA step) 0.54-0.59x cuBLAS, BM 128 0.43-0.56x;
+# STAGES 3 or 5, SB 4 and more decode registers within 2%.
 TILE = ("BM", "BK", "STAGES", "SB", "GROUP_K")  # a configuration's fields, in ``bitnet::grad_input_ws``'s order
-CONFIGS = [dict(BM=256, BK=128, STAGES=4, SB=3, GROUP_K=16), dict(BM=256, BK=128, STAGES=4, SB=3, GROUP_K=8),
-           dict(BM=128, BK=128, STAGES=4, SB=3, GROUP_K=8)]
+CONFIGS = [dict(BM=256, BK=128, STAGES=4, SB=3, GROUP_K=16), dict(BM=256, BK=128, STAGES=4, SB=3, GROUP_K=8)]
 
 
 # Decode of one word $8 of canonical bytes (codes c = trit + 1 at bits 2s of byte e, trit k =
@@ -78,6 +77,14 @@ def supports(grad: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor) -> boo
     return (available() and grad.is_cuda and torch.cuda.get_device_capability(grad.device) == (9, 0)
             and grad.dtype in (torch.bfloat16, torch.float16) and w_scale.numel() == 1
             and wq.shape[0] % 8 == 0 and wq.shape[1] % 16 == 0)
+
+
+def require(grad: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor) -> None:
+    """ValueError naming what this kernel takes, unless it ``supports`` these operands."""
+    if not supports(grad, wq, w_scale):
+        raise ValueError("the Gluon grad_input kernel takes 16-bit grads with N a multiple of 8, packed rows of whole "
+                         "16 bytes, one weight scale, on an sm_90 GPU with a Triton that has Gluon; got "
+                         f"{grad.dtype} grads, packed {tuple(wq.shape)}, {w_scale.numel()} scales on {grad.device}")
 
 
 if gluon is not None:
@@ -220,7 +227,7 @@ if gluon is not None:
 
 def _tma_ready(t: torch.Tensor) -> torch.Tensor:
     """2-D ``t`` with the 16-byte aligned base and row stride TMA needs, copied if not."""
-    aligned = t.data_ptr() % 16 == 0 and t.stride(0) * t.element_size() % 16 == 0
+    aligned = t.stride(1) == 1 and t.data_ptr() % 16 == 0 and t.stride(0) * t.element_size() % 16 == 0
     return t if aligned else torch.empty(t.shape, dtype=t.dtype, device=t.device).copy_(t)
 
 

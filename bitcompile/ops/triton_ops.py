@@ -118,10 +118,10 @@ def _(grad, wq, w_scale, k, tile):
 def _(grad, wq, w_scale, k, tile):
     from bitcompile.kernels import grad_input_ws as kernel
 
-    if not kernel.supports(grad, wq, w_scale) or grad.dim() != 2 or wq.shape[1] != (k + 3) // 4:
-        raise ValueError("bitnet::grad_input_ws takes 2-D 16-bit grads [m, n] (n a multiple of 8), packed weights "
-                         "[n, (k + 3) // 4] (a multiple of 16 bytes), one weight scale, on an sm_90 GPU; got "
-                         f"{grad.dtype} {tuple(grad.shape)}, {tuple(wq.shape)}, k={k}, {w_scale.numel()} scales")
+    if grad.dim() != 2 or tuple(wq.shape) != (grad.shape[1], (k + 3) // 4):
+        raise ValueError(f"bitnet::grad_input_ws takes grads [m, n] and packed weights [n, (k + 3) // 4]; got "
+                         f"{tuple(grad.shape)}, {tuple(wq.shape)}, k={k}")
+    kernel.require(grad, wq, w_scale)
     out = grad.new_empty((grad.shape[0], k))
     kernel.launch(grad, wq, w_scale, out, **dict(zip(kernel.TILE, tile)))
     return out

@@ -169,6 +169,30 @@ def test_grad_input(kernels, device, m, n, k, per_channel, dtype, seed, variant)
     assert ((got.float() - want).abs() <= bound).all()
 
 
+def test_grad_input_gluon_entry_falls_back_where_it_cannot_run(kernels, device, monkeypatch):
+    """A tuning entry naming the Gluon kernel (the shipped H100 table's), met where that kernel
+    cannot run (here: no sm_90 GPU), is replaced by the best Triton kernel under a key of its
+    own; asked for explicitly, the Gluon kernel says what it takes."""
+    from bitcompile.kernels import grad_input_ws
+
+    gi, keys = kernels.grad_input, []
+
+    def choose(kernel, key, candidates, run):
+        keys.append(key)
+        return candidates[0] if key[-1] == "triton" else dict(layout="ws", **grad_input_ws.CONFIGS[0])
+
+    monkeypatch.setattr(gi.tuning, "choose", choose)
+    g = torch.Generator().manual_seed(0)
+    wq, ws = ref.quantize_weights(torch.randn(64, 128, generator=g))
+    grad = torch.randn(5, 64, generator=g).to(torch.float16)
+    got = gi.grad_input(grad.to(device), wq.to(device), ws.to(device), 128).cpu()
+    assert keys[-1][-1] == "triton" and keys[0][-1] != "triton"
+    want = grad.float() @ ref.dequantized_weight(wq, ws, 128, torch.float16).float()
+    torch.testing.assert_close(got.float(), want, rtol=2**-10, atol=1e-5)
+    with pytest.raises(ValueError, match="sm_90"):
+        gi.grad_input(grad.to(device), wq.to(device), ws.to(device), 128, config=dict(layout="ws", **grad_input_ws.CONFIGS[0]))
+
+
 @pytest.mark.parametrize("order", ["nibbles", "fields"])
 @given(n=st.integers(1, 600), k=dims, seed=st.integers(0, 2**16))
 @example(n=256, k=64, seed=0)  # whole blocks, whole row tiles
