@@ -79,3 +79,13 @@ def test_wgmma_matmul_waits_once_per_step(profiles):
         assert stats["mma_wait"] == 1 and stats["bar"] <= 4, stats
     else:  # seen with Triton 3.9 (no GPU here to time it): ptxas waits after every MMA
         pytest.skip(f"Triton {triton.__version__} serialises the kernel's MMAs ({stats['mma_wait']} waits per step)")
+
+
+def test_grad_input_ws_keeps_one_mma_in_flight(profiles):
+    """The warp-specialised input gradient's MMA warps: a step's 8 wgmma (BM 256 / BK 128: two
+    m64 blocks per warpgroup, four k16 each) and one wait, for the step before, per step; the
+    accumulator in the launch's 168 registers without spills."""
+    stats = row(profiles, "grad_input:8192,8192,8192,torch.bfloat16")
+    assert stats["config"]["layout"] == "ws", stats
+    assert stats["mma"] == 8 and stats["mma_wait"] == 1 and stats["spill_bytes"] == 0, stats
+    assert stats["regs"] <= 168, stats
