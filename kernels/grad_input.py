@@ -4,7 +4,7 @@ The trits are unpacked in registers per tile, never as a dequantized copy of W i
 The reference's operand is ``trit * s_w`` cast to the grad dtype; the kernels use it as is,
 or (16-bit grads) multiply the sum by the rounded scale instead, which changes nothing but
 rounding since each 16-bit product is exact in fp32: only the fp32 accumulation's rounding
-differs from the reference. Two kernels, chosen by tuning:
+differs from the reference. Three kernels, chosen by tuning:
   * ``_grad_input_kernel`` reads the canonical bytes (packed along K, the output axis):
     the scaled trits are the MMA's shared-memory operand, stored there every step, and
     the tensor cores are waited on before each store.

@@ -14,8 +14,10 @@ fp32 accumulator (BM x BK / 256 threads) needs; 16 warps cap it at 128.
 
 The product per step is the same 16-bit operands summed in fp32 in 16-wide chunks as in
 ``grad_input._grad_input_t_kernel``, then scaled by the one weight scale rounded to the grad
-dtype: bit-equal to it on the H100 (round 18, ``.notes/kernels.md``). 1.16-1.32x that kernel,
-0.73-0.79x cuBLAS at QAT shapes; the decode warps are the limit.
+dtype: bit-equal to it on the H100 (rounds 18-19, ``.notes/kernels.md``). 1.24-1.38x that
+kernel, 0.75-0.79x cuBLAS at QAT shapes. The limit is shared-memory traffic: both wgmma operands
+come from shared memory, beside the TMA writes and the decoded trits (without the decode's work
+it would run at 0.83-0.88x cuBLAS).
 
 Takes: sm_90, 16-bit grads, one weight scale, TMA-describable operands (grad rows of whole
 16 bytes, packed rows of whole 16 bytes: ``supports``). Tails of M, N and K are TMA's zero
