@@ -220,7 +220,8 @@ def grad_input(grad: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, k: i
         grid = (triton.cdiv(m, cfg["BM"]) * triton.cdiv(k, cfg["BK"]),)
         layout = cfg.pop("layout", "canonical")
         if layout == "ws":  # eager only (traced: gluon_op, below)
-            grad_input_ws.require(grad, wq, ws)
+            if not ws_ok:
+                grad_input_ws.require(grad, wq, ws)
             return grad_input_ws.launch(g, wq, ws, out, **cfg)
         if layout == "transposed":
             if not transposed_ok:

@@ -15,9 +15,9 @@ fp32 accumulator (BM x BK / 256 threads) needs; 16 warps cap it at 128.
 The product per step is the same 16-bit operands summed in fp32 in 16-wide chunks as in
 ``grad_input._grad_input_t_kernel``, then scaled by the one weight scale rounded to the grad
 dtype: bit-equal to it on the H100 (rounds 18-19, ``.notes/kernels.md``). 1.24-1.38x that
-kernel, 0.75-0.79x cuBLAS at QAT shapes. The limit is shared-memory traffic: both wgmma operands
-come from shared memory, beside the TMA writes and the decoded trits (without the decode's work
-it would run at 0.83-0.88x cuBLAS).
+kernel, 0.75-0.79x cuBLAS at QAT shapes. What bounds it is open (BENCHMARKS.md round 19): 22%
+fewer decode instructions changed nothing, and without the decode's work the MMA warps alone ran
+at 0.83-0.88x cuBLAS in one run, 0.96-1.03x in another.
 
 Takes: sm_90, 16-bit grads, one weight scale, TMA-describable operands (grad rows of whole
 16 bytes, packed rows of whole 16 bytes: ``supports``). Tails of M, N and K are TMA's zero
@@ -72,13 +72,18 @@ def kernel():
     return _grad_input_ws_kernel
 
 
+@functools.lru_cache(maxsize=None)
+def _sm90(index: int) -> bool:
+    # Cached: querying device properties costs more than the host side of a launch.
+    return torch.cuda.get_device_capability(index) == (9, 0)
+
+
 def supports(grad: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor) -> bool:
     """Whether this kernel takes ``grad [.., n] @ unpack(wq [n, kb])``: a Gluon Triton, an sm_90
     GPU (wgmma), 16-bit grads, one weight scale, and row strides TMA can describe (16-byte
     multiples; ``launch`` copies operands whose base is not 16-byte aligned)."""
-    return (available() and grad.is_cuda and torch.cuda.get_device_capability(grad.device) == (9, 0)
-            and grad.dtype in (torch.bfloat16, torch.float16) and w_scale.numel() == 1
-            and wq.shape[0] % 8 == 0 and wq.shape[1] % 16 == 0)
+    return (available() and grad.is_cuda and grad.dtype in (torch.bfloat16, torch.float16) and w_scale.numel() == 1
+            and wq.shape[0] % 8 == 0 and wq.shape[1] % 16 == 0 and _sm90(grad.device.index))
 
 
 def require(grad: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor) -> None:

@@ -53,3 +53,9 @@ def test_sweep_matmul_smoke():
 def test_read_floor_smoke():
     printed = smoke("read_floor.py")
     assert "copy bandwidth" in printed and printed.count("read ") == 1  # results checked inside
+
+
+def test_bench_grad_input_smoke():
+    printed = smoke("bench_grad_input.py")
+    assert "cuBLAS" in printed and "equal to transposed: False" not in printed
+    assert printed.count("equal to transposed: True") == 2  # canonical and transposed (no Gluon on the CPU)
