@@ -3,9 +3,12 @@
 on the same GEMM, timed as ``bench_kernels.py`` times (CUDA-graph replay, packed weights rotated
 past the L2), each output checked bit for bit against the transposed kernel's.
 
-``--limits`` also times two variants of the Gluon kernel that only keep their timing meaning:
-without the decode warps' work (they wait and signal; the MMAs read whatever the trits buffer
-holds) and without the MMAs. Which side bounds the kernel (BENCHMARKS.md round 19).
+``--limits`` also times variants of the Gluon kernel that only keep their timing meaning, to see
+which side bounds it (BENCHMARKS.md rounds 19-20): without the decode warps' work (they wait and
+signal; the MMAs read whatever the trits buffer holds), with fixed valid trits (a hashed pattern
+decoded once, out of the loop) stored every step or only into the SB buffers' first use, and
+without the MMAs. cuBLAS is also timed on ternary weights (tensor-core power, and so the clock,
+depends on the operands' bits).
 
     python3 benchmarks/bench_grad_input.py [--limits]
     python3 benchmarks/bench_grad_input.py --smoke   # tiny shapes, any device: the script runs
@@ -30,20 +33,34 @@ SHAPES = [(8192, 4096, 4096, torch.bfloat16), (8192, 4096, 4096, torch.float16),
 SMOKE = [(20, 64, 64, torch.float16)]
 
 
-def gluon_variant(name: str, drop: str):
-    """``kernels/grad_input_ws.py`` with the source line ``drop`` removed, imported as a module."""
+def gluon_variant(name: str, edits: dict[str, str]):
+    """``kernels/grad_input_ws.py`` with each source text of ``edits`` replaced, imported as a module."""
     src = Path(grad_input_ws.__file__).read_text()
-    assert drop in src, f"{name}: the kernel no longer has the line this variant drops"
+    for old, new in edits.items():
+        assert old in src, f"{name}: the kernel no longer has the text this variant replaces"
+        src = src.replace(old, new)
     path = Path(tempfile.mkdtemp()) / f"grad_input_ws_{name}.py"
-    path.write_text(src.replace(drop, ""))
+    path.write_text(src)
     spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-LIMITS = {"no decode": "            b_smem.index(i % SB).store(_decode(p_smem.index(s).load(layout), lo, hi, dtype))\n",
-          "no MMA": "            acc = warpgroup_mma(g_smem.index(s), b_smem.index(i % SB), acc, is_async=True)\n"}
+_STORE = "            b_smem.index(i % SB).store(_decode(p_smem.index(s).load(layout), lo, hi, dtype))\n"
+# Valid codes (each 2-bit field b0 + b1 of a hash: 0, 1 or 2) that vary over the tile's bytes.
+_FIXED = ("        dtype: gl.constexpr = b_smem.type.element_ty\n",
+          "        dtype: gl.constexpr = b_smem.type.element_ty\n"
+          "        h = (gl.expand_dims(gl.arange(0, CH, layout=gl.SliceLayout(1, layout)), 1) * 40503\n"
+          "             + gl.expand_dims(gl.arange(0, BK // 4, layout=gl.SliceLayout(0, layout)), 0) * 9973 + ZERO)\n"
+          "        h = h * -1640531535\n"
+          "        trits = _decode(((h & 0x55) + ((h >> 1) & 0x55)).to(gl.int8), lo, hi, dtype)\n")
+LIMITS = {"no decode": {_STORE: ""},
+          "fixed trits every step": dict([_FIXED, (_STORE, _STORE.replace("_decode(p_smem.index(s).load(layout), lo, hi, dtype)", "trits")),
+                                          ("DECODE_REGS, MAX_REGS = 8, 4, 64,", "DECODE_REGS, MAX_REGS = 8, 4, 112,")]),
+          "fixed trits once": dict([_FIXED, (_STORE, "            if i < SB:\n    "
+                                             + _STORE.replace("_decode(p_smem.index(s).load(layout), lo, hi, dtype)", "trits"))]),
+          "no MMA": {"            acc = warpgroup_mma(g_smem.index(s), b_smem.index(i % SB), acc, is_async=True)\n": ""}}
 
 
 def bench(m: int, n: int, k: int, dtype: torch.dtype, limits: bool) -> None:
@@ -53,8 +70,12 @@ def bench(m: int, n: int, k: int, dtype: torch.dtype, limits: bool) -> None:
     ws = torch.tensor([0.0173], device=DEVICE)
     weights = [torch.randn(n, k, device=DEVICE, dtype=dtype) for _ in range(copies(n * k * 2))]
     cublas = time_rotating([lambda w=w: g @ w for w in weights], graph=DEVICE == "cuda", reps=20)
+    ternary = [(torch.randint(-1, 2, (n, k), device=DEVICE) * 0.0173).to(dtype) for _ in range(len(weights))]
     del weights
-    print(f"\n{m}x{n}x{k} {dtype}: cuBLAS {cublas:.1f} us ({2 * m * n * k / cublas / 1e6:.0f} TFLOPS)", flush=True)
+    cublas_ternary = time_rotating([lambda w=w: g @ w for w in ternary], graph=DEVICE == "cuda", reps=20)
+    del ternary
+    print(f"\n{m}x{n}x{k} {dtype}: cuBLAS {cublas:.1f} us ({2 * m * n * k / cublas / 1e6:.0f} TFLOPS); "
+          f"on ternary weights {cublas_ternary:.1f} us", flush=True)
     configs = gi._configs(transposed_ok=True, ws_ok=grad_input_ws.supports(g, packed[0], ws))
     families = {}  # the first configuration of each kernel family, the Gluon tiles each
     for cfg in configs:
@@ -70,8 +91,8 @@ def bench(m: int, n: int, k: int, dtype: torch.dtype, limits: bool) -> None:
     if limits and grad_input_ws.supports(g, packed[0], ws):
         out = torch.empty(m, k, device=DEVICE, dtype=dtype)
         tile = grad_input_ws.CONFIGS[0]
-        for name, drop in LIMITS.items():
-            variant = gluon_variant(name.replace(" ", "_"), drop)
+        for name, edits in LIMITS.items():
+            variant = gluon_variant(name.replace(" ", "_"), edits)
             t = time_rotating([lambda p=p: variant.launch(g, p, ws, out, **tile) for p in packed], graph=True, reps=20)
             print(f"  Gluon kernel, {name} (timing only): {t:.1f} us ({cublas / t:.3f}x cuBLAS)", flush=True)
 
