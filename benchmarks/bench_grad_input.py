@@ -60,7 +60,8 @@ LIMITS = {"no decode": {_STORE: ""},
                                           ("DECODE_REGS, MAX_REGS = 8, 4, 64,", "DECODE_REGS, MAX_REGS = 8, 4, 112,")]),
           "fixed trits once": dict([_FIXED, (_STORE, "            if i < SB:\n    "
                                              + _STORE.replace("_decode(p_smem.index(s).load(layout), lo, hi, dtype)", "trits"))]),
-          "no MMA": {"            acc = warpgroup_mma(g_smem.index(s), b_smem.index(i % SB), acc, is_async=True)\n": ""}}
+          "no MMA": {"            acc = warpgroup_mma(b_smem.index(i % SB).permute((1, 0)), g_smem.index(s).permute((1, 0)), acc,\n"
+                     "                                is_async=True)\n": ""}}
 
 
 def bench(m: int, n: int, k: int, dtype: torch.dtype, limits: bool) -> None:

@@ -3,21 +3,26 @@
 In the Triton kernels (``grad_input``) the same warps decode the trits and issue the tensor
 cores, and ptxas orders the decode after each MMA wait, so the two take turns (0.63x cuBLAS on
 this GEMM). Here they are separate warps of one CTA:
-  * 8 MMA warps (the default partition) issue a step's shared-memory wgmma as soon as its grad
-    tile (TMA, STAGES deep) and trits (SB deep) are ready, keep one step in flight, release
-    step i - 1's buffers and fetch the grad tile STAGES - 1 steps ahead;
+  * 8 MMA warps (the default partition) compute the tile transposed, out^T [BK, BM] =
+    trits^T @ g^T: each warpgroup one m64 block of K rows at n = BM = 256, so a step's 4 wgmma
+    read the trits once and the grad tile twice (the [BM, BK] orientation, m64 blocks of tokens
+    at n128, read the trits four times: 148 against 130 KB of shared-memory traffic per step,
+    0-8% slower). They issue a step as soon as its grad tile (TMA, STAGES deep) and trits (SB deep)
+    are ready, keep one step in flight, release step i - 1's buffers and fetch the grad tile
+    STAGES - 1 steps ahead;
   * 4 decode warps TMA the canonical packed bytes (STAGES deep), turn each step's into 16-bit
     +-1 / 0 with one ``prmt`` per two trits (``common.ONE_TABLES``), store them for the MMA
     (``fence_async_shared``) and signal an mbarrier.
 12 warps: ptxas gives every warp the launch's register limit (168), which the MMA warps'
-fp32 accumulator (BM x BK / 256 threads) needs; 16 warps cap it at 128.
+fp32 accumulator (BM x BK / 256 threads) needs; 16 warps cap it at 128. The epilogue relabels
+the accumulator's rows to K order and stores it transposed through shared memory.
 
 The product per step is the same 16-bit operands summed in fp32 in 16-wide chunks as in
 ``grad_input._grad_input_t_kernel``, then scaled by the one weight scale rounded to the grad
-dtype: bit-equal to it on the H100 (rounds 18-19, ``.notes/kernels.md``). 1.24-1.38x that
-kernel, 0.75-0.79x cuBLAS at QAT shapes. What bounds it is open (BENCHMARKS.md round 19): 22%
-fewer decode instructions changed nothing, and without the decode's work the MMA warps alone ran
-at 0.83-0.88x cuBLAS in one run, 0.96-1.03x in another.
+dtype: bit-equal to it on the H100 (rounds 18-20, ``.notes/kernels.md``). Shared-memory
+bandwidth bounds it (round 20): the SS wgmma's operand reads, the TMA writes and the decode
+warps' trits stores share it; with the trits stored once instead of every step the same MMA
+loop runs at 0.95-1.0x cuBLAS.
 
 Takes: sm_90, 16-bit grads, one weight scale, TMA-describable operands (grad rows of whole
 16 bytes, packed rows of whole 16 bytes: ``supports``). Tails of M, N and K are TMA's zero
@@ -45,9 +50,10 @@ except ImportError:  # a Triton without Gluon: the Triton kernels serve every sh
 
 STEP = 64  # reduction rows (of N) per step: one 16-bit swizzle atom of the grad tile
 MMA_WARPS, DECODE_WARPS, DECODE_REGS, MAX_REGS = 8, 4, 64, 168
-# Tuning candidates (``grad_input._configs``). H100 (rounds 18-19): BM 256 / BK 128 / 4 stages /
-# SB 3 best; BK 256 (twice the decode per MMA step) 0.54-0.59x cuBLAS, BM 128 0.43-0.56x;
-# STAGES 3 or 5, SB 4 and more decode registers within 2%.
+# Tuning candidates (``grad_input._configs``). BK is 64 K rows per MMA warpgroup; BM the MMA's n.
+# H100 (rounds 18-20): BM 256 / 4 stages / SB 3 best; in the [BM, BK] orientation BK 256 (twice
+# the decode per MMA step) ran 0.54-0.59x cuBLAS, BM 128 0.43-0.56x; STAGES 3 or 5, SB 4 and
+# more decode registers within 2%.
 TILE = ("BM", "BK", "STAGES", "SB", "GROUP_K")  # a configuration's fields, in ``bitnet::grad_input_ws``'s order
 CONFIGS = [dict(BM=256, BK=128, STAGES=4, SB=3, GROUP_K=16), dict(BM=256, BK=128, STAGES=4, SB=3, GROUP_K=8)]
 
@@ -105,8 +111,8 @@ if gluon is not None:
         """Canonical bytes [R, C] (4 trits each) -> the trits as ``dtype`` [R, 4C] in *column
         order*: field s = 2y + x of byte 4W + 2e + h at column 16W + 8x + 4e + 2y + h. Each
         register of the asm is then two adjacent columns, stored as it is (K order would need
-        32 more prmt per 16 bytes to repack the pairs), and each thread of the MMA accumulator
-        holds pairs of adjacent K (``_store_k_order``)."""
+        32 more prmt per 16 bytes to repack the pairs); the epilogue maps the accumulator's
+        rows back to K (``_store_transposed``)."""
         R: gl.constexpr = p.shape[0]
         C: gl.constexpr = p.shape[1]
         o0, o1, o2, o3 = gl.inline_asm_elementwise(DECODE_PTX, DECODE_CONSTRAINTS, [p, lo, hi],
@@ -118,26 +124,17 @@ if gluon is not None:
         w = gl.permute(w, (0, 1, 4, 2, 5, 3))  # [R, W, x, e, y, h]
         return gl.reshape(w, [R, 4 * C]).to(dtype, bitcast=True)
 
-    @gluon.constexpr_function
-    def _adjacent_k_first(layout):
-        """``layout`` (linear, [rows, K]) with its register basis of K + 1 first: each thread's
-        adjacent K in consecutive registers, so that they are stored together."""
-        first = [b for b in layout.reg_bases if list(b) == [0, 1]]
-        rest = [b for b in layout.reg_bases if list(b) != [0, 1]]
-        return gl.DistributedLinearLayout(first + rest, layout.lane_bases, layout.warp_bases, layout.block_bases,
-                                          layout.shape)
-
     @gluon.jit
-    def _store_k_order(acc, OUT, row0, col0, M, K, stride_o):
-        """Store ``acc`` [BM, BK] (columns in ``_decode``'s order) at rows row0.. and K columns
-        col0.. of OUT: a relabelling and reordering of registers (k = 16W + 8e + 4h + 2y + x),
-        no data moved between threads."""
-        BM: gl.constexpr = acc.shape[0]
-        BK: gl.constexpr = acc.shape[1]
-        acc = gl.permute(gl.reshape(acc, [BM, BK // 16, 2, 2, 2, 2]), (0, 1, 3, 5, 4, 2))  # [m, W, e, h, y, x]
-        acc = gl.reshape(acc, [BM, BK])
-        layout: gl.constexpr = _adjacent_k_first(gl.to_linear_layout(acc.type.layout, [BM, BK]))
-        out = gl.convert_layout(acc, layout).to(OUT.dtype.element_ty)
+    def _store_transposed(acc, OUT, row0, col0, M, K, stride_o, num_warps: gl.constexpr):
+        """Store ``acc`` [BK, BM] (rows in ``_decode``'s column order) transposed, at rows row0..
+        and K columns col0.. of OUT: rows relabelled to K order in registers, then one layout
+        conversion (through shared memory) to 16-byte runs along K."""
+        BK: gl.constexpr = acc.shape[0]
+        BM: gl.constexpr = acc.shape[1]
+        acc = gl.permute(gl.reshape(acc, [BK // 16, 2, 2, 2, 2, BM]), (0, 2, 4, 3, 1, 5))  # [W, e, h, y, x, m]
+        out = gl.permute(gl.reshape(acc, [BK, BM]), (1, 0)).to(OUT.dtype.element_ty)
+        layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (BK // 8), BK // 8], [num_warps, 1], [1, 0])
+        out = gl.convert_layout(out, layout)
         offs_m = row0 + gl.arange(0, BM, layout=gl.SliceLayout(1, layout))
         offs_k = col0 + gl.arange(0, BK, layout=gl.SliceLayout(0, layout))
         gl.store(OUT + offs_m[:, None].to(gl.int64) * stride_o + offs_k[None, :], out,
@@ -154,14 +151,17 @@ if gluon is not None:
         STAGES: gl.constexpr = g_smem.type.shape[0]
         SB: gl.constexpr = b_smem.type.shape[0]
         BM: gl.constexpr = g_smem.type.shape[1]
+        # out^T [BK, BM] = trits^T [BK, CH] (the decoded tile read M-major) @ g^T [CH, BM]:
+        # each warpgroup one m64 block of K rows at n = BM, so the trits are read once per step.
         mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                      instr_shape=[16, BK, 16])
-        acc = gl.zeros([BM, BK], gl.float32, mma)
+                                                      instr_shape=[16, BM, 16])
+        acc = gl.zeros([BK, BM], gl.float32, mma)
         for i in range(STEPS):
             s = i % STAGES
             mbarrier.wait(g_loaded.index(s), (i // STAGES) & 1)
             mbarrier.wait(decoded.index(i % SB), (i // SB) & 1)
-            acc = warpgroup_mma(g_smem.index(s), b_smem.index(i % SB), acc, is_async=True)
+            acc = warpgroup_mma(b_smem.index(i % SB).permute((1, 0)), g_smem.index(s).permute((1, 0)), acc,
+                                is_async=True)
             acc = warpgroup_mma_wait(num_outstanding=1, deps=[acc])
             # Step i - 1's MMA is done: its trits buffer and grad stage are free (at i = 0 the
             # stage refilled below, STAGES - 1, was never used).
@@ -224,7 +224,7 @@ if gluon is not None:
                                    (_decode_partition, (p_desc, p_smem, b_smem, p_loaded, decoded, b_empty, pid_k,
                                                         STEPS, ZERO, LO, HI))], [DW], [DREGS])
         acc = acc * gl.load(WS).to(dtype).to(gl.float32)
-        _store_k_order(acc, OUT, pid_m * BM, pid_k * BK, M, K, stride_o)
+        _store_transposed(acc, OUT, pid_m * BM, pid_k * BK, M, K, stride_o, num_warps)
 
     @functools.lru_cache(maxsize=None)
     def _smem_layout(rows: int, cols: int, dtype):
