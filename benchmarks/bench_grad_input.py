@@ -48,18 +48,20 @@ def gluon_variant(name: str, edits: dict[str, str]):
 
 
 _STORE = "            b_smem.index(i % SB).store(_decode(p_smem.index(s).load(layout), lo, hi, dtype))\n"
-# Valid codes (each 2-bit field b0 + b1 of a hash: 0, 1 or 2) that vary over the tile's bytes.
+# A tile of valid codes, uniform over {0, 1, 2} like random trits, that varies over the tile's
+# bytes (the same tile every step: it toggles fewer operand bits than real data, see the doc).
+_CODES = "(" + " + ".join(f"((((h >> {8 * f}) & 0xFF) % 3) << {2 * f})" for f in range(4)) + ").to(gl.int8)"
 _FIXED = ("        dtype: gl.constexpr = b_smem.type.element_ty\n",
           "        dtype: gl.constexpr = b_smem.type.element_ty\n"
           "        h = (gl.expand_dims(gl.arange(0, CH, layout=gl.SliceLayout(1, layout)), 1) * 40503\n"
           "             + gl.expand_dims(gl.arange(0, BK // 4, layout=gl.SliceLayout(0, layout)), 0) * 9973 + ZERO)\n"
           "        h = h * -1640531535\n"
-          "        trits = _decode(((h & 0x55) + ((h >> 1) & 0x55)).to(gl.int8), lo, hi, dtype)\n")
+          f"        trits = _decode({_CODES}, lo, hi, dtype)\n")
+_FIXED_STORE = _STORE.replace("_decode(p_smem.index(s).load(layout), lo, hi, dtype)", "trits")
 LIMITS = {"no decode": {_STORE: ""},
-          "fixed trits every step": dict([_FIXED, (_STORE, _STORE.replace("_decode(p_smem.index(s).load(layout), lo, hi, dtype)", "trits")),
+          "fixed trits every step": dict([_FIXED, (_STORE, _FIXED_STORE),
                                           ("DECODE_REGS, MAX_REGS = 8, 4, 64,", "DECODE_REGS, MAX_REGS = 8, 4, 112,")]),
-          "fixed trits once": dict([_FIXED, (_STORE, "            if i < SB:\n    "
-                                             + _STORE.replace("_decode(p_smem.index(s).load(layout), lo, hi, dtype)", "trits"))]),
+          "fixed trits once": dict([_FIXED, (_STORE, "            if i < SB:\n    " + _FIXED_STORE)]),
           "no MMA": {"            acc = warpgroup_mma(b_smem.index(i % SB).permute((1, 0)), g_smem.index(s).permute((1, 0)), acc,\n"
                      "                                is_async=True)\n": ""}}
 
