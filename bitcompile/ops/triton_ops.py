@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
+from bitcompile.kernels import grad_input_ws as gluon
 from bitcompile.ops import reference as ref
 from bitcompile.ops.fused import norm_quant_backward, norm_quant_setup
 from bitcompile.ops.library import linear_backward, linear_setup, no_gradient, quantizer_setup
@@ -101,30 +102,40 @@ def grad_input_packed(grad: Tensor, wq: Tensor, w_scale: Tensor, k: int, bits: O
     return grad_input(grad, wq, w_scale, k, wrap=wrap_triton, gluon_op=grad_input_ws)
 
 
-@torch.library.custom_op("bitnet::grad_input_ws", mutates_args=())
-def grad_input_ws(grad: Tensor, wq: Tensor, w_scale: Tensor, k: int, tile: list[int]) -> Tensor:
-    """The exact-STE input gradient ``grad [m, n] @ (unpack(wq) * w_scale)`` by
-    ``kernels.grad_input_ws`` with launch configuration ``tile`` (its ``TILE`` fields); the
-    reference elsewhere."""
+# Defined with the low-level Library API, not ``custom_op``: custom_op's Python layers (its
+# autograd fallthrough, the aliasing check of the result) cost ~90 µs per call on the H100's
+# host, more than the launch itself (round 20), and this op is called inside backward graphs,
+# where it needs neither.
+_LIB = torch.library.Library("bitnet", "FRAGMENT")
+_LIB.define("grad_input_ws(Tensor grad, Tensor wq, Tensor w_scale, int k, int[] tile) -> Tensor")
+
+
+def _grad_input_ws_cpu(grad: Tensor, wq: Tensor, w_scale: Tensor, k: int, tile: list[int]) -> Tensor:
     return ref.grad_input(grad, wq, w_scale, k)
 
 
-@grad_input_ws.register_fake
+def _grad_input_ws_cuda(grad: Tensor, wq: Tensor, w_scale: Tensor, k: int, tile: list[int]) -> Tensor:
+    if grad.dim() != 2 or tuple(wq.shape) != (grad.shape[1], (k + 3) // 4):
+        raise ValueError(f"bitnet::grad_input_ws takes grads [m, n] and packed weights [n, (k + 3) // 4]; got "
+                         f"{tuple(grad.shape)}, {tuple(wq.shape)}, k={k}")
+    gluon.require(grad, wq, w_scale)
+    out = grad.new_empty((grad.shape[0], k))
+    gluon.launch(grad, wq, w_scale, out, *tile)
+    return out
+
+
+_LIB.impl("grad_input_ws", _grad_input_ws_cpu, "CPU")
+_LIB.impl("grad_input_ws", _grad_input_ws_cuda, "CUDA")
+
+
+@torch.library.register_fake("bitnet::grad_input_ws")
 def _(grad, wq, w_scale, k, tile):
     return grad.new_empty((grad.shape[0], k))
 
 
-@grad_input_ws.register_kernel("cuda")
-def _(grad, wq, w_scale, k, tile):
-    from bitcompile.kernels import grad_input_ws as kernel
-
-    if grad.dim() != 2 or tuple(wq.shape) != (grad.shape[1], (k + 3) // 4):
-        raise ValueError(f"bitnet::grad_input_ws takes grads [m, n] and packed weights [n, (k + 3) // 4]; got "
-                         f"{tuple(grad.shape)}, {tuple(wq.shape)}, k={k}")
-    kernel.require(grad, wq, w_scale)
-    out = grad.new_empty((grad.shape[0], k))
-    kernel.launch(grad, wq, w_scale, out, **dict(zip(kernel.TILE, tile)))
-    return out
+# ``grad [m, n] @ (unpack(wq) * w_scale)`` by ``kernels.grad_input_ws`` with launch configuration
+# ``tile`` (its ``TILE`` fields, in order); the reference on the CPU.
+grad_input_ws = torch.ops.bitnet.grad_input_ws.default
 
 
 linear_q_triton = triton_op("bitnet::linear_q_triton", mutates_args=())(linear_q_kblocked)
