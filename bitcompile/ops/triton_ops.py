@@ -135,7 +135,7 @@ def _(grad, wq, w_scale, k, tile):
 
 # ``grad [m, n] @ (unpack(wq) * w_scale)`` by ``kernels.grad_input_ws`` with launch configuration
 # ``tile`` (its ``TILE`` fields, in order); the reference on the CPU.
-grad_input_ws = torch.ops.bitnet.grad_input_ws.default
+grad_input_ws = torch.ops.bitnet.grad_input_ws
 
 
 linear_q_triton = triton_op("bitnet::linear_q_triton", mutates_args=())(linear_q_kblocked)
