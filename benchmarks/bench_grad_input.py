@@ -10,7 +10,11 @@ decoded once, out of the loop) stored every step or only into the SB buffers' fi
 without the MMAs. cuBLAS is also timed on ternary weights (tensor-core power, and so the clock,
 depends on the operands' bits).
 
-    python3 benchmarks/bench_grad_input.py [--limits]
+``--host`` times the host side of one call at 256^3 (the GPU never the limit): the opaque op
+``bitnet::grad_input_ws`` as compiled backward graphs call it, and ``launch`` (BENCHMARKS.md
+round 20).
+
+    python3 benchmarks/bench_grad_input.py [--limits] [--host]
     python3 benchmarks/bench_grad_input.py --smoke   # tiny shapes, any device: the script runs
 """
 from __future__ import annotations
@@ -100,9 +104,39 @@ def bench(m: int, n: int, k: int, dtype: torch.dtype, limits: bool) -> None:
             print(f"  Gluon kernel, {name} (timing only): {t:.1f} us ({cublas / t:.3f}x cuBLAS)", flush=True)
 
 
+def host_per_call(calls: int = 2000) -> None:
+    """Host time per call (perf_counter over ``calls`` back-to-back calls at 256^3, where the
+    GPU never limits): the op as compiled backward graphs call it, and the launch under it."""
+    import time
+
+    from bitcompile.ops import triton_ops
+
+    m = n = k = 256
+    g = torch.randn(m, n, device=DEVICE, dtype=torch.bfloat16)
+    wq = pack_ternary(torch.randint(-1, 2, (n, k), device=DEVICE, dtype=torch.int8))
+    ws = torch.tensor([0.0173], device=DEVICE)
+    out = torch.empty(m, k, device=DEVICE, dtype=torch.bfloat16)
+    tile = grad_input_ws.CONFIGS[0]
+    fields = [tile[f] for f in grad_input_ws.TILE]
+    cases = {"op bitnet::grad_input_ws": lambda: triton_ops.grad_input_ws(g, wq, ws, k, fields),
+             "grad_input_ws.launch": lambda: grad_input_ws.launch(g, wq, ws, out, **tile)}
+    print("\nhost time per call, 256^3:")
+    for name, fn in cases.items():
+        for _ in range(50):
+            fn()
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        host = (time.perf_counter() - start) / calls * 1e6
+        torch.cuda.synchronize()
+        print(f"  {name}: {host:.1f} us", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--limits", action="store_true", help="also the timing-only variants of the Gluon kernel")
+    parser.add_argument("--host", action="store_true", help="also the host time of one call of the Gluon kernel's op")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on any device")
     args = parser.parse_args()
     if args.smoke:
@@ -112,6 +146,8 @@ def main() -> None:
     torch.manual_seed(0)
     for m, n, k, dtype in SMOKE if args.smoke else SHAPES:
         bench(m, n, k, dtype, args.limits)
+    if args.host and not args.smoke:
+        host_per_call()
 
 
 if __name__ == "__main__":
