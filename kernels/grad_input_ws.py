@@ -19,10 +19,11 @@ the accumulator's rows to K order and stores it transposed through shared memory
 
 The product per step is the same 16-bit operands summed in fp32 in 16-wide chunks as in
 ``grad_input._grad_input_t_kernel``, then scaled by the one weight scale rounded to the grad
-dtype: bit-equal to it on the H100 (rounds 18-20, ``.notes/kernels.md``). Shared-memory
-bandwidth bounds it (round 20): the SS wgmma's operand reads, the TMA writes and the decode
-warps' trits stores share it; with the trits stored once instead of every step the same MMA
-loop runs at 0.95-1.0x cuBLAS.
+dtype: bit-equal to it on the H100 (rounds 18-20, ``.notes/kernels.md``). 1.36-1.42x that
+kernel, 0.82-0.90x cuBLAS at QAT shapes. With fixed trits stored every step instead of decoded
+(timing only) the same loops run at 0.90-0.97x cuBLAS: the decode's work (loading and decoding
+the bytes) is the remaining cost, and at the largest shapes every kernel, cuBLAS included, runs
+at the H100's 700 W cap (BENCHMARKS.md round 20).
 
 Takes: sm_90, 16-bit grads, one weight scale, TMA-describable operands (grad rows of whole
 16 bytes, packed rows of whole 16 bytes: ``supports``). Tails of M, N and K are TMA's zero

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
-from bitcompile.kernels import grad_input_ws as gluon
+from bitcompile.kernels import grad_input_ws as gluon_grad_input
 from bitcompile.ops import reference as ref
 from bitcompile.ops.fused import norm_quant_backward, norm_quant_setup
 from bitcompile.ops.library import linear_backward, linear_setup, no_gradient, quantizer_setup
@@ -118,9 +118,9 @@ def _grad_input_ws_cuda(grad: Tensor, wq: Tensor, w_scale: Tensor, k: int, tile:
     if grad.dim() != 2 or tuple(wq.shape) != (grad.shape[1], (k + 3) // 4):
         raise ValueError(f"bitnet::grad_input_ws takes grads [m, n] and packed weights [n, (k + 3) // 4]; got "
                          f"{tuple(grad.shape)}, {tuple(wq.shape)}, k={k}")
-    gluon.require(grad, wq, w_scale)
+    gluon_grad_input.require(grad, wq, w_scale)
     out = grad.new_empty((grad.shape[0], k))
-    gluon.launch(grad, wq, w_scale, out, *tile)
+    gluon_grad_input.launch(grad, wq, w_scale, out, *tile)
     return out
 
 
