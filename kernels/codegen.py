@@ -222,14 +222,11 @@ def _grad_input_ws_case(cfg: dict, m: int, n: int, k: int, dtype: str) -> tuple:
     from triton.runtime.jit import mangle_type
 
     from bitcompile.kernels import grad_input_ws as ws
-    from bitcompile.kernels.common import ONE_TABLES, int32
 
     g = torch.empty(m, n, dtype=torch.bfloat16 if dtype == "bf16" else torch.float16)
     p = torch.empty(n, -(-k // 4), dtype=torch.int8)
     g_desc, p_desc = ws.descriptors(g, p, cfg["BM"], cfg["BK"])
     args = dict(g_desc=mangle_type(g_desc), p_desc=mangle_type(p_desc), WS="*fp32", OUT=f"*{dtype}", M=m, K=k,
                 STEPS=-(-n // ws.STEP), ZERO=0, stride_o=k)
-    lo, hi = ONE_TABLES[dtype]
-    constexprs = dict(LO=int32(lo), HI=int32(hi), GROUP_K=cfg["GROUP_K"], STAGES=cfg["STAGES"], SB=cfg["SB"],
-                      DW=ws.DECODE_WARPS, DREGS=ws.DECODE_REGS, num_warps=ws.MMA_WARPS)
-    return ws.kernel(), args, constexprs, ws.MMA_WARPS, 1, ws.MAX_REGS
+    constexprs = ws.constexprs(dtype, cfg["STAGES"], cfg["SB"], cfg["GROUP_K"])
+    return ws.kernel(), args, dict(constexprs), ws.MMA_WARPS, 1, ws.MAX_REGS

@@ -247,17 +247,25 @@ def descriptors(g: torch.Tensor, p8: torch.Tensor, BM: int, BK: int):
     return g_desc, p_desc
 
 
+@functools.lru_cache(maxsize=None)
+def constexprs(dtype: str, STAGES: int, SB: int, GROUP_K: int) -> dict:
+    """The kernel's compile-time arguments for ``dtype`` grads ("bf16" / "fp16"), as ``launch``
+    passes them (``codegen`` compiles with the same)."""
+    lo, hi = ONE_TABLES[dtype]
+    return dict(LO=int32(lo), HI=int32(hi), GROUP_K=GROUP_K, STAGES=STAGES, SB=SB, DW=DECODE_WARPS, DREGS=DECODE_REGS,
+                num_warps=MMA_WARPS)
+
+
 def launch(g: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, out: torch.Tensor, BM: int, BK: int,
            STAGES: int, SB: int, GROUP_K: int):
     """``out [m, k] = g [m, n] @ (unpack(wq [n, kb]) * w_scale)`` (operands as ``supports`` takes)."""
     (m, n), k = g.shape, out.shape[1]
     g, p8 = _tma_ready(g), _tma_ready(wq).view(torch.int8)
-    lo, hi = ONE_TABLES["bf16" if g.dtype == torch.bfloat16 else "fp16"]
     g_desc, p_desc = descriptors(g, p8, BM, BK)
     grid = (-(-m // BM) * -(-k // BK),)
+    options = constexprs("bf16" if g.dtype == torch.bfloat16 else "fp16", STAGES, SB, GROUP_K)
     compiled = _grad_input_ws_kernel[grid](g_desc, p_desc, w_scale, out, m, k, -(-n // STEP), 0, out.stride(0),
-                                       LO=int32(lo), HI=int32(hi), GROUP_K=GROUP_K, STAGES=STAGES, SB=SB,
-                                       DW=DECODE_WARPS, DREGS=DECODE_REGS, num_warps=MMA_WARPS, maxnreg=MAX_REGS)
+                                           **options, maxnreg=MAX_REGS)
     tuning.dump_source(_grad_input_ws_kernel, compiled, dict(BM=BM, BK=BK, STAGES=STAGES, SB=SB, GROUP_K=GROUP_K,
                                                              grad=str(g.dtype)))
     return compiled

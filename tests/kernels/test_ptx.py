@@ -9,9 +9,9 @@ import torch
 
 from bitcompile.kernels.common import (KBLOCK_PTX, KBLOCK_PTX_Q0, KBLOCK_PTX_Q1, KBLOCK_PTX_Q2, KBLOCK_PTX_Q3,
                                       KBLOCK_PTX_T0, KBLOCK_PTX_T1, KBLOCK_PTX_T2, KBLOCK_PTX_T3, KBLOCK_PTX_W0,
-                                      KBLOCK_PTX_W1, KBLOCK_PTX_W2, KBLOCK_PTX_W3, PAIR_TABLE_WORDS, PAIR_TABLES,
-                                      TRITS_PTX)
-from bitcompile.kernels.grad_input import ONE_TABLES, SCALED_TRITS_PTX, TRIT_PAIR_PTX
+                                      KBLOCK_PTX_W1, KBLOCK_PTX_W2, KBLOCK_PTX_W3, ONE_TABLES, PAIR_TABLE_WORDS,
+                                      PAIR_TABLES, TRITS_PTX)
+from bitcompile.kernels.grad_input import SCALED_TRITS_PTX, TRIT_PAIR_PTX
 from bitcompile.kernels.grad_input_ws import DECODE_PTX_TEXT
 from bitcompile.quant.packing import pack_ternary, to_kblocked
 
