@@ -26,9 +26,12 @@ import torch.nn.functional as F
 import triton
 
 import bitcompile.ops  # noqa: F401  (registers the bitnet ops)
+from bitcompile.backend import cpp_wrapper_patches
 from bitcompile.kernels import tuning
 
 ops = torch.ops.bitnet
+# A frame past Dynamo's recompile limit runs eagerly: here that would time the wrong code.
+torch._dynamo.config.fail_on_recompile_limit_hit = True
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ROTATE_BYTES = 4 * 50 * 2**20  # weight copies rotated through: 4x the H100's L2
 FULL = dict(shapes=[(4096, 4096), (8192, 8192), (14336, 4096), (4096, 14336)], ms=[1, 16, 128, 1024, 8192],
@@ -164,8 +167,12 @@ def qat_steps(m: int, n: int, k: int) -> dict:
     (the same with ``grad_input_bits=8``: int8 output gradients for the input gradient);
     ``graphs`` / ``graphs_q8`` / ``inductor_graphs``: ``compiled`` / ``compiled_q8`` /
     ``inductor`` with ``mode="reduce-overhead"`` (CUDA graphs: the host's launch cost leaves
-    the step, so these hold on a slow or busy host).
+    the step, so these hold on a slow or busy host); ``cpp`` / ``cpp_q8`` / ``inductor_cpp``:
+    the same launched by Inductor's C++ wrapper (``cpp_wrapper``: less host time per step).
     Also ``pack``: the weight absmean + pack alone."""
+    # The compiled nn.Modules share one frame (Dynamo's module wrapper), so each variant is
+    # a cache entry of that frame: start empty, or a second shape passes the recompile limit.
+    torch._dynamo.reset()
     x = torch.randn(m, k, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
     w = torch.randn(n, k, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
     g = torch.randn(m, n, device=DEVICE, dtype=torch.bfloat16)
@@ -175,11 +182,15 @@ def qat_steps(m: int, n: int, k: int) -> dict:
     graphs = torch.compile(linear, backend="bitnet", options={"mode": "reduce-overhead"})
     graphs_q8 = torch.compile(linear, backend="bitnet", options={"mode": "reduce-overhead", "grad_input_bits": 8})
     inductor_graphs = torch.compile(eager_bitlinear, mode="reduce-overhead")
+    cpp = torch.compile(linear, backend="bitnet", options={"cpp_wrapper": True})
+    cpp_q8 = torch.compile(linear, backend="bitnet", options={"cpp_wrapper": True, "grad_input_bits": 8})
     steps = {}
     for name, fn in (("inductor", torch.compile(eager_bitlinear)), ("ours", bitnet_ops_layer),
                      ("compiled", lambda x, w: compiled(x)), ("compiled_q8", lambda x, w: compiled_q8(x)),
                      ("graphs", lambda x, w: graphs(x)), ("graphs_q8", lambda x, w: graphs_q8(x)),
-                     ("inductor_graphs", inductor_graphs)):
+                     ("inductor_graphs", inductor_graphs), ("cpp", lambda x, w: cpp(x)),
+                     ("cpp_q8", lambda x, w: cpp_q8(x)),
+                     ("inductor_cpp", torch.compile(eager_bitlinear, options=cpp_wrapper_patches()))):
         def step(fn=fn, graphed=name.endswith("graphs")):
             x.grad = w.grad = linear.weight.grad = None
             if graphed:
@@ -256,23 +267,26 @@ def bench_conv(shapes) -> list[str]:
 
 
 def compiled_decode(n: int = 8192, k: int = 8192) -> dict:
-    """M=1 through ``torch.compile``, launched from Python each call (no CUDA graph): an
-    ``nn.Linear`` under the bitnet backend with our kernels launched by Inductor's code
-    (``triton``) or through the opaque ops (``opaque``), and plain bf16 under Inductor."""
+    """M=1 through ``torch.compile``, called from Python each time: an ``nn.Linear`` under the
+    bitnet backend with our kernels launched by Inductor's code (``triton``) or through the
+    opaque ops (``opaque``), and plain bf16 under Inductor (``bf16``); ``graphs`` / ``cpp``
+    and their ``bf16_`` twins: replayed as CUDA graphs / launched by the C++ wrapper."""
     from bitcompile.passes import lower_triton
 
     layer = torch.nn.Linear(k, n, bias=False, device=DEVICE, dtype=torch.bfloat16).eval()
     x = torch.randn(1, k, device=DEVICE, dtype=torch.bfloat16)
     out = {}
     lower = lower_triton.lower_to_triton
-    for name, backend, lowering, mode in (
-        ("triton", "bitnet", lower, None), ("opaque", "bitnet", lambda gm, ctx: None, None),
-        ("bf16", "inductor", lower, None), ("graphs", "bitnet", lower, "reduce-overhead"),
-        ("bf16_graphs", "inductor", lower, "reduce-overhead"),
+    graphs = {"mode": "reduce-overhead"}
+    for name, backend, lowering, how in (
+        ("triton", "bitnet", lower, {}), ("opaque", "bitnet", lambda gm, ctx: None, {}), ("bf16", "inductor", lower, {}),
+        ("graphs", "bitnet", lower, graphs), ("bf16_graphs", "inductor", lower, graphs),
+        ("cpp", "bitnet", lower, {"options": {"cpp_wrapper": True}}),
+        ("bf16_cpp", "inductor", lower, {"options": cpp_wrapper_patches()}),  # (backend.cpp_wrapper_patches says why)
     ):
         torch._dynamo.reset()
         lower_triton.lower_to_triton = lowering
-        fn = torch.compile(layer, backend=backend, mode=mode)
+        fn = torch.compile(layer, backend=backend, **how)
         with torch.no_grad():
             out[name] = time_rotating([lambda: fn(x)], graph=False)
     lower_triton.lower_to_triton = lower
@@ -327,23 +341,30 @@ def main():
               "fake-quant BitLinear formula; ours = bitnet ops on the Triton kernels, called eagerly; compiled = "
               "an `nn.Linear` under `torch.compile(backend=\"bitnet\")`; speed-up = Inductor / the faster of the two; "
               "int8 grads = compiled with `grad_input_bits=8` (input gradient from int8 output gradients, not the "
-              "exact STE), its speed-up alongside; graphs = compiled (exact, int8 grads) and Inductor with "
-              "`mode=\"reduce-overhead\"` (CUDA graphs: no host time in the step), Inductor's time over each alongside; "
-              f"pack = weight absmean+pack alone; every time per step, from runs of {QAT_STEPS} consecutive steps, "
-              "so the host queues a step while the GPU runs the one before, as in a training loop):", "",
-              "| N×K | Inductor | ours | compiled | speed-up | target ≥1.2× | int8 grads | speed-up | graphs: compiled "
-              "| int8 grads | Inductor | ratios | pack |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "exact STE), its speed-up alongside; pack = weight absmean+pack alone; every time per step, from runs "
+              f"of {QAT_STEPS} consecutive steps, so the host queues a step while the GPU runs the one before, as in a "
+              "training loop):", "",
+              "| N×K | Inductor | ours | compiled | speed-up | target ≥1.2× | int8 grads | speed-up | pack |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    launches = []
     for m, n, k in plan["qat"]:
         q = bench_qat(m, n, k)
         speed = q["inductor"] / min(q["ours"], q["compiled"])
         line = (f"| {n}×{k} | {q['inductor']:.0f} | {q['ours']:.0f} | {q['compiled']:.0f} | {speed:.2f}× | "
                 f"{'yes' if speed >= 1.2 else f'NO ({speed / 1.2:.2f} of target)'} | {q['compiled_q8']:.0f} | "
-                f"{q['inductor'] / q['compiled_q8']:.2f}× | {q['graphs']:.0f} | {q['graphs_q8']:.0f} | "
-                f"{q['inductor_graphs']:.0f} | {q['inductor_graphs'] / q['graphs']:.2f}×, "
-                f"{q['inductor_graphs'] / q['graphs_q8']:.2f}× | {q['pack']:.0f} |")
+                f"{q['inductor'] / q['compiled_q8']:.2f}× | {q['pack']:.0f} |")
         print(line, flush=True)
         lines.append(line)
+        for label, key in (("CUDA graphs", "graphs"), ("C++ wrapper", "cpp")):
+            ours, ours_q8, ind = q[key], q[f"{key}_q8"], q[f"inductor_{key}"]
+            launches.append(f"| {n}×{k} | {label} | {ours:.0f} | {ours_q8:.0f} | {ind:.0f} | {ind / ours:.2f}×, "
+                            f"{ind / ours_q8:.2f}× |")
+    lines += ["", "The same steps with both sides launched another way (CUDA graphs = `mode=\"reduce-overhead\"`: "
+              "no host time in the step; C++ wrapper = option `cpp_wrapper`: Inductor's launching code compiled as "
+              "C++, less host time per step), exact STE and int8 grads against Inductor's time alongside:", "",
+              "| N×K | launched by | compiled | int8 grads | Inductor | speed-ups |", "|---|---|---|---|---|---|",
+              *launches]
+    print("\n".join(launches), flush=True)
     h = host_overhead(*plan["decode"])
     lines += ["", f"Host overhead (M=1, 8192², one layer, weights warm in L2): graph replay {h['graph']:.1f} µs, "
               f"eager launches {h['eager']:.1f} µs per call; host time per call {h['host_op']:.1f} µs through "
@@ -359,8 +380,9 @@ def main():
     lines += ["", f"Compiled decode (M=1, 8192², `torch.compile(nn.Linear, backend=\"bitnet\")` in eval, launched from "
               f"Python every call, no CUDA graph): {d['triton']:.1f} µs per call with the kernels launched by Inductor's "
               f"generated code (`triton_op`), {d['opaque']:.1f} µs through the opaque ops; bf16 under Inductor "
-              f"{d['bf16']:.1f} µs. With `mode=\"reduce-overhead\"` (CUDA graphs): {d['graphs']:.1f} µs vs bf16 "
-              f"{d['bf16_graphs']:.1f} µs (weights warm in L2 here)."]
+              f"{d['bf16']:.1f} µs; with the C++ wrapper (`cpp_wrapper`) {d['cpp']:.1f} µs vs bf16 {d['bf16_cpp']:.1f} µs. "
+              f"With `mode=\"reduce-overhead\"` (CUDA graphs): {d['graphs']:.1f} µs vs bf16 {d['bf16_graphs']:.1f} µs "
+              "(weights warm in L2 here)."]
     print(lines[-1], flush=True)
     with open(args.out, "w") as f:
         f.write("\n".join(lines) + "\n")

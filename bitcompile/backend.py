@@ -104,6 +104,8 @@ def _compile(gm: fx.GraphModule, example_inputs: list, ctx) -> Callable:
         _mark_added_inputs(gm, hoisted)
     mode = ctx.config.mode
     patches = list_mode_options(mode) if mode not in (None, "default") else {}
+    if ctx.config.cpp_wrapper:
+        patches = cpp_wrapper_patches(patches)
     compiled = compile_fx(gm, example_inputs, config_patches=patches)
     if not hoisted and not runtime_inputs:
         return compiled
@@ -114,3 +116,17 @@ def _compile(gm: fx.GraphModule, example_inputs: list, ctx) -> Callable:
         return compiled(*args, *extra, *packed)
 
     return run_with_packed_weights
+
+
+def cpp_wrapper_patches(patches: Optional[dict] = None) -> dict:
+    """Inductor config patches for the C++ wrapper on top of ``patches``: ``cpp_wrapper`` and
+    the Triton settings it needs (cubins stored at compile time), stated here because
+    torch 2.11 applies those only while ``compile_fx`` runs, and AOTAutograd compiles the
+    backward graph later, at the first backward ("CudaKernelParamCache not populated")."""
+    from torch._inductor import config as inductor_config
+    from torch._inductor.compile_fx import get_cpp_wrapper_config
+
+    patches = {**(patches or {}), "cpp_wrapper": True}
+    with inductor_config.patch(patches):  # the settings as they will be in the patched compile
+        return {**patches, **get_cpp_wrapper_config()}
+

@@ -12,6 +12,7 @@ from typing import Any, Optional
 WEIGHT_SCHEMES = ("ternary", "binary", "int8")
 GRANULARITIES = ("per_tensor", "per_channel")
 INDUCTOR_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 
 
 @dataclass
@@ -49,6 +50,11 @@ class BitConfig:
     strict: raise instead of falling back to the unmodified graph if a pass fails.
     mode: the Inductor mode, as ``torch.compile(mode=...)``; ``torch.compile`` does not
         accept ``mode`` and ``options`` together, so it can be given here instead.
+    cpp_wrapper: Inductor's C++ wrapper: the code that allocates buffers and launches the
+        kernels of each compiled graph is C++ instead of Python. Less host time per call
+        (for steps the host limits, without CUDA graphs; BENCHMARKS.md), a longer first
+        compile (the wrapper is compiled by the C++ compiler; later runs hit Inductor's cache).
+        Not with the modes that record CUDA graphs (``"reduce-overhead"``, ``"max-autotune"``).
     """
 
     weight: Any = "ternary"  # a scheme name, or a quantizer object (moved to weight_quantizer)
@@ -57,6 +63,7 @@ class BitConfig:
     exclude: list[str] = field(default_factory=lambda: ["lm_head"])
     strict: bool = False
     mode: Optional[str] = None
+    cpp_wrapper: bool = False
     fuse: bool = True
     quantize_depthwise: bool = False
     attention_bits: Optional[int] = None
@@ -77,6 +84,10 @@ class BitConfig:
         _check_choice("granularity", self.granularity, (None, *GRANULARITIES))
         _check_choice("mode", self.mode, INDUCTOR_MODES)
         _check_choice("quantize_depthwise", self.quantize_depthwise, (False, True))
+        _check_choice("cpp_wrapper", self.cpp_wrapper, (False, True))
+        if self.cpp_wrapper and self.mode in CUDA_GRAPH_MODES:
+            raise ValueError(f"cpp_wrapper=True and mode={self.mode!r} do not combine: Inductor does not record "
+                             "CUDA graphs of C++-wrapper code; choose one (graphs remove the host time altogether)")
         check_bits("attention_bits", self.attention_bits, "float attention matmuls")
         check_bits("activation_bits", self.activation_bits, "weight-only")
         check_bits("grad_input_bits", self.grad_input_bits, "exact STE input gradient")

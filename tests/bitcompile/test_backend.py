@@ -89,6 +89,33 @@ def test_inductor_modes_are_accepted(mode):
     torch.testing.assert_close(out, swap_to_bitlinear(model)(x), rtol=0, atol=0)
 
 
+def test_cpp_wrapper_option_reaches_inductor_and_keeps_the_results(monkeypatch):
+    # options={"cpp_wrapper": True}: Inductor compiles the graphs' launching code as C++ (less
+    # host time per step); a training step gives the Python wrapper's output and gradients.
+    import torch._inductor.compile_fx as inductor
+
+    patches, original = [], inductor.compile_fx
+    monkeypatch.setattr(inductor, "compile_fx", lambda *a, **kw: patches.append(kw.get("config_patches")) or original(*a, **kw))
+    torch.manual_seed(0)
+    model, x = MLP(), torch.randn(4, 12, requires_grad=True)
+    results = []
+    for options in ({}, {"cpp_wrapper": True}):
+        torch._dynamo.reset()
+        out = torch.compile(model, backend="bitnet", options=options)(x)
+        out.sum().backward()
+        results.append([out.detach(), x.grad, model.fc1.weight.grad])
+        x.grad = None
+        model.zero_grad()
+    # (then Inductor's own call, inside the patch); the cubins stored for the backward too
+    assert patches[0] == {} and patches[1]["cpp_wrapper"] and patches[1]["triton.store_cubin"]
+    for plain, cpp in zip(*results):
+        torch.testing.assert_close(cpp, plain, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="invalid cpp_wrapper='yes'; valid choices: False, True"):
+        bitcompile.BitConfig(cpp_wrapper="yes")
+    with pytest.raises(ValueError, match="cpp_wrapper=True and mode='reduce-overhead'"):
+        bitcompile.BitConfig(cpp_wrapper=True, mode="reduce-overhead")
+
+
 def test_inference_mode_and_bf16():
     torch.manual_seed(0)
     model = MLP().to(torch.bfloat16).eval()

@@ -21,12 +21,15 @@ def test_bench_kernels_smoke(tmp_path):
     printed = smoke("bench_kernels.py", "--out", str(out))
     table = out.read_text()
     assert "smoke run" in table
-    # one matmul row per M, the QAT row (with the int8-gradient and CUDA-graph columns), conv and decode lines
+    # one matmul row per M, the QAT row (with the int8-gradient column) and its rows for the other
+    # launch modes (CUDA graphs, C++ wrapper), conv and decode lines
     assert [line.split("|")[1].strip() for line in table.splitlines() if "| 64×96 |" in line] == ["1", "16", "40"]
     qat = [line for line in table.splitlines() if line.startswith("| 64×64 |")]
-    assert len(qat) == 1 and len(qat[0].split("|")) == 15
+    assert [len(line.split("|")) for line in qat] == [11, 8, 8]
+    assert [line.split("|")[2].strip() for line in qat[1:]] == ["CUDA graphs", "C++ wrapper"]
     assert "Host overhead" in table and "Compiled decode" in table and "3×3/1" in table
-    assert "nan" not in qat[0] and qat[0] in printed
+    assert "C++ wrapper (`cpp_wrapper`)" in table
+    assert all("nan" not in line and line in printed for line in qat)
 
 
 def test_profile_qat_smoke():

@@ -274,11 +274,12 @@ def gluon_grad_input(monkeypatch):
         dict(layout="ws", **grad_input_ws.CONFIGS[0])] if ws_ok else [])
 
 
+@pytest.mark.parametrize("launch", [{"mode": "reduce-overhead"}, {"cpp_wrapper": True}], ids=["graphs", "cpp_wrapper"])
 @pytest.mark.parametrize("grad_input_bits", [None, 8, "gluon"])
-def test_qat_under_cuda_graphs(grad_input_bits, request):
-    """`mode="reduce-overhead"` for training: the steps replay CUDA graphs and give the
-    gradients of the same compiled layer without graphs (round 4 found it refused: the
-    matmul kept a K-blocked weight copy allocated in the graph's pool)."""
+def test_qat_launch_modes_give_the_same_gradients(grad_input_bits, launch, request):
+    """Training steps replayed as CUDA graphs (`mode="reduce-overhead"`; round 4 found it
+    refused: the matmul kept a K-blocked weight copy allocated in the graph's pool) or
+    launched by Inductor's C++ wrapper give the gradients of the plain compiled layer."""
     if grad_input_bits == "gluon":  # the exact STE through the Gluon kernel's opaque op
         request.getfixturevalue("gluon_grad_input")
         grad_input_bits = None
@@ -287,16 +288,36 @@ def test_qat_under_cuda_graphs(grad_input_bits, request):
     x = torch.randn(64, 512, device="cuda", dtype=torch.bfloat16)
     g = torch.randn(64, 256, device="cuda", dtype=torch.bfloat16)
     grads = []
-    for mode in (None, "reduce-overhead"):
-        options = {"grad_input_bits": grad_input_bits, "mode": mode}
-        model = torch.compile(layer, backend="bitnet", options={k: v for k, v in options.items() if v})
+    for options in ({}, launch):
+        options = {**options, "grad_input_bits": grad_input_bits} if grad_input_bits else options
+        model = torch.compile(layer, backend="bitnet", options=options)
         for _ in range(3):  # warm-up, recording, replay
             xi = x.clone().requires_grad_(True)
             layer.weight.grad = None
             model(xi).backward(g)
         grads.append((xi.grad.clone(), layer.weight.grad.clone()))
-    for plain, graphed in zip(*grads):
-        assert torch.equal(plain, graphed)
+    for name, plain, other in zip(("dx", "dw"), *grads):
+        assert torch.equal(plain, other), (name, (plain.float() - other.float()).abs().max(), other.isfinite().all())
+
+
+def test_inference_under_cpp_wrapper():
+    """Decode (M=1, the GEMV) and prefill (the GEMM) with the fused norm + quantization and
+    epilogues, launched by Inductor's C++ wrapper: the Python wrapper's outputs exactly."""
+    from tests.passes.fusion_models import Block
+
+    torch.manual_seed(0)
+    model = Block(d=256, hidden=512).to("cuda", torch.bfloat16).eval()
+    outs = []
+    for options in ({}, {"cpp_wrapper": True}):
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend="bitnet", dynamic=False, options=options)  # both shapes lowered
+        with torch.no_grad():
+            outs.append([compiled(*(torch.randn(1, t, 256, device="cuda", dtype=torch.bfloat16,
+                                                generator=torch.Generator("cuda").manual_seed(t + i)) for i in range(2)))
+                         for t in (1, 300)])
+    for t, plain, cpp in zip((1, 300), *outs):
+        assert torch.equal(plain, cpp), (t, (plain.float() - cpp.float()).abs().max(), plain.isfinite().all(),
+                                         cpp.isfinite().all())
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
