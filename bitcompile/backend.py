@@ -129,4 +129,3 @@ def cpp_wrapper_patches(patches: Optional[dict] = None) -> dict:
     patches = {**(patches or {}), "cpp_wrapper": True}
     with inductor_config.patch(patches):  # the settings as they will be in the patched compile
         return {**patches, **get_cpp_wrapper_config()}
-
