@@ -116,6 +116,20 @@ def test_cpp_wrapper_option_reaches_inductor_and_keeps_the_results(monkeypatch):
         bitcompile.BitConfig(cpp_wrapper=True, mode="reduce-overhead")
 
 
+def test_cpp_wrapper_inference_with_fusions_and_hoisted_weights():
+    from tests.passes.fusion_models import Block
+
+    torch.manual_seed(0)
+    model = Block(d=16, hidden=24).eval()
+    x, r = torch.randn(2, 5, 16), torch.randn(2, 5, 16)
+    outs = []
+    with torch.no_grad():
+        for options in ({}, {"cpp_wrapper": True}):
+            torch._dynamo.reset()
+            outs.append(torch.compile(model, backend="bitnet", options=options)(x, r))
+    torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=0)
+
+
 def test_inference_mode_and_bf16():
     torch.manual_seed(0)
     model = MLP().to(torch.bfloat16).eval()
