@@ -117,6 +117,8 @@ def test_cpp_wrapper_option_reaches_inductor_and_keeps_the_results(monkeypatch):
 
 
 def test_cpp_wrapper_inference_with_fusions_and_hoisted_weights():
+    # The fused ops and the packed weights fed to the graph at run time under the C++ wrapper
+    # (that the option reaches Inductor is checked above).
     from tests.passes.fusion_models import Block
 
     torch.manual_seed(0)
