@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import inspect
 import operator
-import re
 from typing import Optional
 
 import torch
@@ -28,10 +27,10 @@ import torch.nn.functional as F
 
 from bitcompile.nn import bit_attention
 from bitcompile.passes import PassContext
-from bitcompile.passes.graph import dtype_name, emit_weight_quantization, meta, owner, parameter_path, record
+from bitcompile.passes.graph import (dtype_name, emit_weight_quantization, meta, owner, parameter_path, record,
+                                      strip_root)
 from bitcompile.passes.linear import _describe
 
-_ROOT = re.compile(r"^(?:L|G)\[['\"][^'\"]+['\"]\]\.?")  # Dynamo's L['self']. prefix
 MHA_SIGNATURE = inspect.signature(F.multi_head_attention_forward)
 SDPA_TARGETS = (F.scaled_dot_product_attention, torch.ops.aten.scaled_dot_product_attention.default)
 SOFTMAX_TARGETS = (F.softmax, torch.softmax, torch.ops.aten.softmax.int)
@@ -134,7 +133,7 @@ def _module_path(node: fx.Node) -> str:
     stack = node.meta.get("nn_module_stack") or {}
     if not stack:
         return node.name
-    return _ROOT.sub("", list(stack.values())[-1][0]) or node.name
+    return strip_root(list(stack.values())[-1][0]).lstrip(".") or node.name
 
 
 def _is(node, targets, methods=()) -> bool:

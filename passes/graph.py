@@ -11,7 +11,9 @@ import torch.fx as fx
 
 from bitcompile.report import Candidate
 
-_ROOT = re.compile(r"^(?:L|G)\[['\"][^'\"]+['\"]\]")
+# Dynamo's name for the compiled module: a frame local (L['self']), a global, or an argument of a
+# decorated forward (L['args'][0]: transformers >= 5.24 wraps forward in *args decorators).
+_ROOT = re.compile(r"^(?:L|G)\[['\"][^'\"]+['\"]\](?:\[\d+\])*")
 _STEP = re.compile(r"""\._(?:modules|parameters|buffers)\[['"]([^'"]+)['"]\]|\.([A-Za-z_]\w*)|\[['"]?([^'"\]]+)['"]?\]""")
 # Dynamo names lifted parameters after their source, e.g. L_self_modules_fc_parameters_weight_.
 _PLACEHOLDER = re.compile(r"_(?:modules|parameters|buffers)_")
@@ -25,9 +27,14 @@ def meta(node) -> Optional[torch.Tensor]:
     return value if isinstance(value, torch.Tensor) else None
 
 
+def strip_root(source_name: str) -> str:
+    """``L['self'].fc`` -> ``.fc``: the path below the compiled module."""
+    return _ROOT.sub("", source_name)
+
+
 def source_path(source_name: str) -> str:
     """``L['self']._modules['fc']._parameters['weight']`` -> ``fc.weight``."""
-    rest = _ROOT.sub("", source_name)
+    rest = strip_root(source_name)
     return ".".join(next(g for g in m.groups() if g is not None) for m in _STEP.finditer(rest))
 
 

@@ -1,4 +1,5 @@
 """The linear pass through the whole backend: compiled == eager reference, grads == STE."""
+import functools
 import warnings
 
 import pytest
@@ -38,6 +39,28 @@ def test_module_linears_match_eager_reference_and_report_paths():
     report = bitcompile.report.LAST
     assert [(c.module, c.rewritten) for c in report.candidates] == [("fc1", True), ("fc2", True), ("lm_head", False)]
     assert "excluded by pattern 'lm_head'" in report.candidates[2].reason
+
+
+class WrappedForwardMLP(MLP):
+    """forward behind a ``*args`` decorator (as transformers >= 5.24 does): Dynamo then names the
+    module ``L['args'][0]`` instead of ``L['self']``."""
+
+    @staticmethod
+    def _wrap(forward):
+        @functools.wraps(forward)
+        def wrapper(*args, **kwargs):
+            return forward(*args, **kwargs)
+        return wrapper
+
+    forward = _wrap(MLP.forward)
+
+
+def test_report_paths_hold_when_forward_is_wrapped():
+    torch.manual_seed(0)
+    model, x = WrappedForwardMLP(), torch.randn(2, 12)
+    torch.testing.assert_close(torch.compile(model, backend="bitnet")(x), swap_to_bitlinear(model)(x), **EXACT)
+    report = bitcompile.report.LAST
+    assert [(c.module, c.rewritten) for c in report.candidates] == [("fc1", True), ("fc2", True), ("lm_head", False)]
 
 
 def test_functional_linear_spelling_is_rewritten():
