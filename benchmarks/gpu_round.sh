@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One GPU round in a few device calls (each bounded below the 10-minute call limit), logs under $OUT:
-#   bash benchmarks/gpu_round.sh test [K_EXPR]   # install + GPU test suite (or the tests pytest -k K_EXPR selects)
+#   bash benchmarks/gpu_round.sh test [K_EXPR]   # install + GPU test suite (or the tests pytest -k K_EXPR selects);
+#                                                # WORKERS=0: one process; ISOLATE=1: caches per worker
 #   bash benchmarks/gpu_round.sh bench [--quick] # re-tune the matmul (shipped entries skipped; RETUNE=grad_input,...
 #                                                # names other kernels) + make bench
 #   bash benchmarks/gpu_round.sh profile         # QAT per-kernel split + static profile on this Triton
@@ -20,8 +21,10 @@ case "${1:-}" in
     # timing test runs alone afterwards. The whole suite takes more than one call (the Inductor
     # QAT test alone autotunes for ~245 s in a fresh cache): a pytest -k expression selects a part.
     select="not host_latency${2:+ and ($2)}"
+    workers="-n ${WORKERS:-12}"; [ "${WORKERS:-12}" = 0 ] && workers="-p no:xdist"
+    [ -n "${ISOLATE:-}" ] && export BITCOMPILE_TEST_PRIVATE_CACHES=$(mktemp -d)
     BITCOMPILE_CACHE_DIR=$(mktemp -d) timeout 480 python3 -m pytest -q -p no:logging --tb=short --durations=15 \
-      -n 12 -m gpu -k "$select" tests > "$out/test_gpu.log" 2>&1
+      $workers -m gpu -k "$select" tests > "$out/test_gpu.log" 2>&1
     echo "test-gpu rc=$?"; tail -40 "$out/test_gpu.log"
     timeout 60 python3 -m pytest -q -p no:logging --tb=short -m gpu -k host_latency tests > "$out/test_timing.log" 2>&1
     echo "test-timing rc=$?"; tail -5 "$out/test_timing.log" ;;
