@@ -106,7 +106,12 @@ def _compile(gm: fx.GraphModule, example_inputs: list, ctx) -> Callable:
     patches = list_mode_options(mode) if mode not in (None, "default") else {}
     if ctx.config.cpp_wrapper:
         patches = cpp_wrapper_patches(patches)
-    compiled = compile_fx(gm, example_inputs, config_patches=patches)
+    # AOTAutograd's on-disk cache keys on this graph, not on what our ops trace into it (their
+    # STE backward; on CUDA the Triton launches with this process's tuned configurations): a hit
+    # would replay what another process or an older bitcompile traced. Inductor's cache, keyed
+    # on the traced graph with the kernels' sources and constants, still serves repeat compiles.
+    with torch._functorch.config.patch(enable_autograd_cache=False):
+        compiled = compile_fx(gm, example_inputs, config_patches=patches)
     if not hoisted and not runtime_inputs:
         return compiled
 

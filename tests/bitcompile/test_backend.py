@@ -81,6 +81,24 @@ def test_qat_training_reduces_loss_and_eval_matches_reference():
         torch.testing.assert_close(compiled(x), swap_to_bitlinear(model)(x), rtol=0, atol=0)
 
 
+def test_a_recompile_traces_the_current_ste_backward(monkeypatch):
+    """What our ops trace into a graph (the STE backward here; on CUDA also the Triton launches
+    with this process's tuned configurations) is not in the graph Dynamo hands over, which is all
+    AOTAutograd's on-disk cache keys on: a hit would replay what another process or an older
+    bitcompile traced. After the backward changes, a recompile must use the new one."""
+    from bitcompile.ops import reference as ref
+
+    torch.manual_seed(0)
+    layer, x = torch.nn.Linear(12, 8), torch.randn(4, 12)
+    torch.compile(layer, backend="bitnet")(x).sum().backward()
+    before, layer.weight.grad = layer.weight.grad.clone(), None
+    dequantized = ref.dequantized_activations
+    monkeypatch.setattr(ref, "dequantized_activations", lambda *args: 2 * dequantized(*args))
+    torch._dynamo.reset()
+    torch.compile(layer, backend="bitnet")(x).sum().backward()
+    torch.testing.assert_close(layer.weight.grad, 2 * before, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("mode", ["reduce-overhead", "max-autotune-no-cudagraphs"])
 def test_inductor_modes_are_accepted(mode):
     torch.manual_seed(0)
