@@ -11,9 +11,10 @@ if not torch.cuda.is_available():
 # (Inductor, Triton, tuning), which tells shared on-disk caches apart from GPU contention when a
 # test fails only under concurrent workers.
 if os.environ.get("BITCOMPILE_TEST_PRIVATE_CACHES") and os.environ.get("PYTEST_XDIST_WORKER"):
+    _root = os.path.join(os.environ["BITCOMPILE_TEST_PRIVATE_CACHES"], os.environ["PYTEST_XDIST_WORKER"])
     for _var, _sub in (("TORCHINDUCTOR_CACHE_DIR", "inductor"), ("TRITON_CACHE_DIR", "triton"),
                        ("BITCOMPILE_CACHE_DIR", "tuning")):
-        os.environ[_var] = os.path.join(os.environ["BITCOMPILE_TEST_PRIVATE_CACHES"], os.environ["PYTEST_XDIST_WORKER"], _sub)
+        os.environ[_var] = os.path.join(_root, _sub)
 from hypothesis import HealthCheck, settings
 
 # ci: derandomized and bounded so `make test` stays well inside the CI budget.

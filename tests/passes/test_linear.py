@@ -41,18 +41,18 @@ def test_module_linears_match_eager_reference_and_report_paths():
     assert "excluded by pattern 'lm_head'" in report.candidates[2].reason
 
 
+def _passes_args_through(forward):
+    @functools.wraps(forward)
+    def wrapper(*args, **kwargs):
+        return forward(*args, **kwargs)
+    return wrapper
+
+
 class WrappedForwardMLP(MLP):
     """forward behind a ``*args`` decorator (as transformers >= 5.24 does): Dynamo then names the
     module ``L['args'][0]`` instead of ``L['self']``."""
 
-    @staticmethod
-    def _wrap(forward):
-        @functools.wraps(forward)
-        def wrapper(*args, **kwargs):
-            return forward(*args, **kwargs)
-        return wrapper
-
-    forward = _wrap(MLP.forward)
+    forward = _passes_args_through(MLP.forward)
 
 
 def test_report_paths_hold_when_forward_is_wrapped():
