@@ -37,6 +37,23 @@ def _fresh_dynamo():
     torch._dynamo.reset()
 
 
+def poison_cached_memory(device="cuda") -> None:
+    """Leave the caching allocator's free blocks (both pools: small <= 1 MB, large) full of NaN
+    bytes, so a kernel that reads memory nothing wrote (an unwritten ``torch.empty``) shows
+    non-finite values in one process as it would late in a long one (fresh pages read as 0)."""
+    sizes = [1 << 18] * 32 + [5 << 20] * 16  # fp32 elements: 1 MB blocks, 20 MB blocks
+    blocks = [torch.full((n,), float("nan"), device=device) for n in sizes]
+    del blocks
+
+
+@pytest.fixture(autouse=True)
+def _poisoned_gpu_memory(request):
+    """GPU tests start from NaN-filled free memory (``poison_cached_memory``)."""
+    if request.node.get_closest_marker("gpu") is not None and torch.cuda.is_available():
+        poison_cached_memory()
+    yield
+
+
 def pytest_collection_modifyitems(config, items):
     if not torch.cuda.is_available():
         skip = pytest.mark.skip(reason="needs CUDA (run `make test-gpu` on a GPU machine)")
