@@ -448,3 +448,79 @@ def test_conv_epilogue(kernels, device, per_channel):
     got = kernels.conv.ternary_conv(xq.to(device), wq.to(device), w.shape, *args, xs.to(device), ws.to(device),
                                     bias.to(device), torch.float32)
     assert torch.equal(got.cpu(), want)  # same int32 accumulator, same fp32 operation order
+
+
+def gpu_configs(build, *args):
+    """What ``build`` lists on a GPU: every launch configuration a GPU's tuner may pick (with
+    the interpreter each kernel lists one or a few small tiles, and the GPU suite runs them all
+    only when a GPU round does)."""
+    from unittest import mock
+
+    from bitcompile.kernels import tuning
+
+    with mock.patch.object(tuning, "interpreting", lambda: False):
+        return build(*args)
+
+
+@pytest.mark.parametrize("m", [1, 5, 40, 300])  # GEMV; small-M GEMM (split-K); mid and large tiles
+def test_every_gpu_matmul_config_exact(kernels, device, m, monkeypatch):
+    """Their index and mask arithmetic at a partial row tile, a partial 256-trit block and a
+    partial word (N = 40, K = 298): exact int32, and the fp32 epilogue (per-channel scale, bias,
+    SiLU, residual) as the reference. TMA loads and the Gluon kernel need the GPU (test_gpu.py)."""
+    tm = kernels.ternary_matmul
+    configs = [c for c in gpu_configs(tm._candidates, m) if c["kernel"] != "wgmma" and not c.get("A_TMA")]
+    assert len(configs) >= 10
+    n, k = 40, 298
+    g = torch.Generator().manual_seed(m)
+    xq, xs = ref.quantize_activations(torch.randn(m, k, generator=g))
+    xq[0, :5] = -128
+    wq, ws = ref.quantize_weights(torch.randn(n, k, generator=g), "ternary", True)
+    bias, res = torch.randn(n, generator=g), torch.randn(m, n, generator=g)
+    exact = ref.lowbit_matmul(xq, wq, k)
+    fused = ref.linear_epilogue(xq, xs, wq, ws, bias, k, torch.float32, "silu", res)
+    args = [t.to(device) for t in (xq, wq)], [t.to(device) for t in (xs, ws, bias)], res.to(device)
+    for cfg in configs:
+        monkeypatch.setattr(tm.tuning, "choose", lambda *args, cfg=cfg: cfg)
+        assert torch.equal(tm.ternary_matmul(*args[0], k).cpu(), exact), cfg
+        got = tm.ternary_matmul(*args[0], k, *args[1], torch.float32, "silu", args[2]).cpu()
+        torch.testing.assert_close(got, fused, rtol=1e-5, atol=1e-5, msg=str(cfg))  # as test_matmul_epilogue
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_every_gpu_grad_input_config(kernels, device, per_channel):
+    """The input-gradient kernels' GPU tiles (canonical; transposed, one weight scale) at a
+    partial token tile, N not a multiple of 4 and K a partial block, within test_grad_input's
+    fp32-reordering bound. The Gluon kernel needs the GPU."""
+    gi = kernels.grad_input
+    configs = gpu_configs(gi._configs, not per_channel, False)
+    assert len(configs) >= 6
+    m, n, k = 70, 258, 300
+    g = torch.Generator().manual_seed(int(per_channel))
+    wq, ws = ref.quantize_weights(torch.randn(n, k, generator=g), "ternary", per_channel)
+    grad = torch.randn(m, n, generator=g).to(torch.float16)
+    dequantized = ref.dequantized_weight(wq, ws, k, torch.float16).float()
+    want = grad.float() @ dequantized
+    bound = (grad.float().abs() @ dequantized.abs()) * n * 2**-23 + want.abs() * 2**-10 + 1e-30
+    for cfg in configs:
+        got = gi.grad_input(grad.to(device), wq.to(device), ws.to(device), k, config=cfg).cpu()
+        assert ((got.float() - want).abs() <= bound).all(), cfg
+
+
+@pytest.mark.parametrize("layout", ["canonical", "kblocked"])
+def test_every_gpu_weight_pack_config_exact(kernels, device, layout, monkeypatch):
+    """Weight quantize + pack with each GPU launch configuration (row tiles of both passes,
+    the per-tensor partial sums): rows past the tile, K past the block, both scale kinds."""
+    from bitcompile.quant.packing import to_kblocked
+
+    wp = kernels.weight_pack
+    g = torch.Generator().manual_seed(3)
+    w = torch.randint(-24, 25, (70, 300), generator=g) / 8  # dyadic: sums exact in any order
+    configs = gpu_configs(wp._configs)
+    assert len(configs) >= 6
+    for cfg in configs:
+        monkeypatch.setattr(wp.tuning, "choose", lambda *args, cfg=cfg: cfg)
+        for per_channel in (False, True):
+            packed, scale = wp.quantize_pack(w.to(device), "ternary", per_channel, layout=layout)
+            rp, rs = ref.quantize_weights(w, "ternary", per_channel)
+            assert torch.equal(scale.cpu(), rs), cfg
+            assert torch.equal(packed.cpu(), rp if layout == "canonical" else to_kblocked(rp, 300)), cfg
