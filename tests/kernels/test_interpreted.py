@@ -524,3 +524,20 @@ def test_every_gpu_weight_pack_config_exact(kernels, device, layout, monkeypatch
             rp, rs = ref.quantize_weights(w, "ternary", per_channel)
             assert torch.equal(scale.cpu(), rs), cfg
             assert torch.equal(packed.cpu(), rp if layout == "canonical" else to_kblocked(rp, 300)), cfg
+
+
+def test_every_gpu_conv_config_exact(kernels, device, monkeypatch):
+    """The implicit-GEMM conv with each GPU tile: strided, padded, dilated, grouped, a partial
+    tile of output pixels and channels and of K = C_in/groups * 3 * 3."""
+    cv = kernels.conv
+    configs = gpu_configs(cv._configs)
+    assert len(configs) >= 5
+    g = torch.Generator().manual_seed(4)
+    wshape = (20, 3, 3, 3)
+    wq, _ = ref.quantize_weights(torch.randn(wshape, generator=g).flatten(1))
+    xq = torch.randint(-128, 128, (2, 6, 11, 9), dtype=torch.int8, generator=g)
+    conv = dict(stride=[2, 1], padding=[1, 0], dilation=[1, 2], groups=2)
+    want = ref.lowbit_conv_accumulate(xq, wq, wshape, **conv)
+    for cfg in configs:
+        monkeypatch.setattr(cv.tuning, "choose", lambda *args, cfg=cfg: cfg)
+        assert torch.equal(cv.ternary_conv(xq.to(device), wq.to(device), wshape, **conv).cpu(), want), cfg
