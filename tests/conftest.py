@@ -37,12 +37,12 @@ def _fresh_dynamo():
     torch._dynamo.reset()
 
 
-def poison_cached_memory(device="cuda") -> None:
+def poison_cached_memory() -> None:
     """Leave the caching allocator's free blocks (both pools: small <= 1 MB, large) full of NaN
     bytes, so a kernel that reads memory nothing wrote (an unwritten ``torch.empty``) shows
     non-finite values in one process as it would late in a long one (fresh pages read as 0)."""
     sizes = [1 << 18] * 32 + [5 << 20] * 16  # fp32 elements: 1 MB blocks, 20 MB blocks
-    blocks = [torch.full((n,), float("nan"), device=device) for n in sizes]
+    blocks = [torch.full((n,), float("nan"), device="cuda") for n in sizes]
     del blocks
 
 
