@@ -433,7 +433,8 @@ def ternary_matmul(a: torch.Tensor, wq: torch.Tensor, k: int, x_scale: Optional[
         A traced launch checks the storage offset (Inductor's buffers and, copied if not,
         graph inputs are aligned) and describes the activations on the device."""
         aligned = a2.storage_offset() % 16 == 0 if wrap is not None else a2.data_ptr() % 16 == 0
-        tma = bool(cfg.get("A_TMA", False) and k % 16 == 0 and aligned)
+        described = wrap is None or tuning.device_descriptors_ok()
+        tma = bool(cfg.get("A_TMA", False) and k % 16 == 0 and aligned and described)
         return dict(A_TMA=tma, HOST_DESC=tma and wrap is None)
 
     def launch(cfg):

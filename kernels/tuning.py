@@ -176,6 +176,18 @@ def use_scratch_allocator() -> None:
     triton.set_allocator(_scratch)
 
 
+def device_descriptors_ok() -> bool:
+    """Whether a traced launch may build TMA descriptors on the device. Each program writes
+    its descriptor into the launcher's global scratch, one slice per program: Triton's
+    launcher (eager, and under Inductor's Python wrapper) sizes it by the grid, but the C++
+    wrapper of torch 2.11 allocates one slice for the whole grid, so the other programs'
+    descriptors land in unrelated memory (GPU round 23: wrong outputs that changed from call
+    to call). Under the C++ wrapper such launches load by pointers instead."""
+    from torch._inductor import config
+
+    return not config.cpp_wrapper
+
+
 @contextlib.contextmanager
 def real_tensors():
     """Leave the tracing modes (fake tensors, functionalization) for a block that allocates

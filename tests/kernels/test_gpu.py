@@ -320,6 +320,34 @@ def test_inference_under_cpp_wrapper():
                                          cpp.isfinite().all())
 
 
+def test_device_descriptors_under_cpp_wrapper(monkeypatch):
+    """A GEMM whose configuration fetches the activations by TMA, compiled with Inductor's C++
+    wrapper: traced, that launch would build its descriptors on the device, in a global scratch
+    that torch 2.11's C++ wrapper sizes for one program, not the grid (round 23: the other
+    programs' descriptors overwrote unrelated memory; wrong outputs that changed from call to
+    call). It loads by pointers there instead: the Python wrapper's outputs exactly, call after call."""
+    from torch._inductor.utils import run_and_get_cpp_code
+
+    from bitcompile.kernels import ternary_matmul as tm
+    from bitcompile.kernels import tuning
+
+    cfg = next(c for c in tm._gemm_configs(1024) if c.get("A_TMA"))
+    monkeypatch.setattr(tuning, "choose", lambda kernel, key, candidates, run: cfg if kernel.startswith("ternary_mm") else candidates[0])
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(1024, 1024, device="cuda", dtype=torch.bfloat16).eval()
+    x = torch.randn(4, 300, 1024, device="cuda", dtype=torch.bfloat16)  # 1200 rows: a grid of many programs
+    outs = []
+    for options in ({}, {"cpp_wrapper": True}):
+        torch._dynamo.reset()
+        model = torch.compile(layer, backend="bitnet", options=options)
+        with torch.no_grad():
+            first, code = run_and_get_cpp_code(model, x) if options else (model(x), "")
+            outs.append([first.clone()] + [model(x).clone() for _ in range(3)])
+    assert "'A_TMA': True" not in code  # the launch the C++ wrapper makes loads by pointers
+    for plain, cpp in zip(*outs):
+        assert torch.equal(plain, cpp), ((plain.float() - cpp.float()).abs().max(), cpp.isfinite().all())
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("per_channel", [False, True])
 @pytest.mark.parametrize("m,n,k", [(1024, 2048, 4096), (333, 2000, 1003)])
