@@ -1,4 +1,4 @@
-"""Where launch configurations come from: shipped table, user cache, BITCOMPILE_RETUNE."""
+"""Where launch configurations come from (shipped table, user cache, BITCOMPILE_RETUNE), and how a traced launch makes one."""
 import json
 
 from bitcompile.kernels import tuning
@@ -22,3 +22,32 @@ def test_lookup_order_and_retune(tmp_path, monkeypatch):
     monkeypatch.setattr(tuning, "_memory", {})
     monkeypatch.setenv("BITCOMPILE_RETUNE", "all")
     assert tuning._load("gpu") == {"weight_pack:8,8": {"BN": 8}}
+
+
+def test_traced_tma_launch_follows_the_wrapper(monkeypatch):
+    """A tuned GEMM configuration with activations by TMA, launched traced (as Inductor will
+    make it): under the Python wrapper the kernel builds its descriptor on the device; under
+    the C++ wrapper it loads by pointers (torch 2.11's C++ launch code gives the descriptors
+    one program's scratch for the whole grid: BENCHMARKS.md round 23). Recorded, not run."""
+    import torch
+    from torch._inductor import config
+
+    from bitcompile.kernels import ternary_matmul as tm
+
+    monkeypatch.setattr(tuning, "interpreting", lambda: False)  # the GPU's candidates and flags
+    cfg = next(c for c in tm._gemm_configs(1024) if c.get("A_TMA"))
+    monkeypatch.setattr(tuning, "choose", lambda kernel, key, candidates, run: cfg)
+    monkeypatch.setattr(tuning, "tune_before_tracing", lambda *args: None)
+    launches = []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launches.append(kwargs)
+
+    k = 512
+    wq = torch.randint(0, 256, (64, k // (4 * tm.QUARTER) * tm.QUARTER), dtype=torch.uint8)  # K-blocked bytes
+    a = torch.randint(-127, 128, (300, k), dtype=torch.int8)
+    for cpp_wrapper in (False, True):
+        with config.patch(cpp_wrapper=cpp_wrapper):
+            tm.ternary_matmul(a, wq, k, layout="kblocked", wrap=lambda kernel: Recorder())
+    assert [(kw["A_TMA"], kw["HOST_DESC"]) for kw in launches] == [(True, False), (False, False)]
