@@ -431,7 +431,8 @@ def ternary_matmul(a: torch.Tensor, wq: torch.Tensor, k: int, x_scale: Optional[
     def activation_loads(cfg):
         """TMA needs 16-byte aligned rows and base, otherwise the same tile loads by pointers.
         A traced launch checks the storage offset (Inductor's buffers and, copied if not,
-        graph inputs are aligned) and describes the activations on the device."""
+        graph inputs are aligned) and describes the activations on the device, where the
+        launcher allows it (not under the C++ wrapper: ``tuning.device_descriptors_ok``)."""
         aligned = a2.storage_offset() % 16 == 0 if wrap is not None else a2.data_ptr() % 16 == 0
         described = wrap is None or tuning.device_descriptors_ok()
         tma = bool(cfg.get("A_TMA", False) and k % 16 == 0 and aligned and described)

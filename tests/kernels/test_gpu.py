@@ -332,7 +332,8 @@ def test_device_descriptors_under_cpp_wrapper(monkeypatch):
     from bitcompile.kernels import tuning
 
     cfg = next(c for c in tm._gemm_configs(1024) if c.get("A_TMA"))
-    monkeypatch.setattr(tuning, "choose", lambda kernel, key, candidates, run: cfg if kernel.startswith("ternary_mm") else candidates[0])
+    monkeypatch.setattr(tuning, "choose",
+                        lambda kernel, key, candidates, run: cfg if kernel.startswith("ternary_mm") else candidates[0])
     torch.manual_seed(0)
     layer = torch.nn.Linear(1024, 1024, device="cuda", dtype=torch.bfloat16).eval()
     x = torch.randn(4, 300, 1024, device="cuda", dtype=torch.bfloat16)  # 1200 rows: a grid of many programs

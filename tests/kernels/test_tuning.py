@@ -1,4 +1,5 @@
-"""Where launch configurations come from (shipped table, user cache, BITCOMPILE_RETUNE), and how a traced launch makes one."""
+"""Where launch configurations come from (shipped table, user cache, BITCOMPILE_RETUNE), and how
+a traced launch makes one."""
 import json
 
 from bitcompile.kernels import tuning
