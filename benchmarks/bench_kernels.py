@@ -36,7 +36,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ROTATE_BYTES = 4 * 50 * 2**20  # weight copies rotated through: 4x the H100's L2
 FULL = dict(shapes=[(4096, 4096), (8192, 8192), (14336, 4096), (4096, 14336)], ms=[1, 16, 128, 1024, 8192],
             qat=[(8192, 4096, 4096), (8192, 8192, 8192)], decode=(8192, 8192), copy_bytes=2**30,
-            conv=[(32, 64, 64, 56, 3, 1), (32, 128, 256, 28, 3, 2), (32, 512, 512, 7, 3, 1)])
+            conv=[(32, 64, 64, 56, 3, 1), (32, 128, 256, 28, 3, 2), (32, 512, 512, 7, 3, 1), (32, 256, 64, 56, 1, 1)])
 SMOKE = dict(shapes=[(64, 96)], ms=[1, 16, 40], qat=[(32, 64, 64)], decode=(64, 96), copy_bytes=2**20,
              conv=[(2, 8, 8, 6, 3, 1)])
 TARGETS = {  # (M, N, K): minimum speed-up over bf16 cuBLAS (issue 3)
@@ -252,17 +252,22 @@ def host_overhead(n: int = 8192, k: int = 8192) -> dict:
 
 
 def bench_conv(shapes) -> list[str]:
-    """Packed-ternary implicit-GEMM conv (with its epilogue) vs bf16 cuDNN, weights warm."""
+    """Packed-ternary implicit-GEMM conv (with its epilogue; and with the per-sample activation
+    quantization before it) vs bf16 cuDNN, both layouts, weights warm."""
     rows = []
     for n, cin, cout, hw, k, stride in shapes:
-        x = torch.randn(n, cin, hw, hw, device=DEVICE, dtype=torch.bfloat16)
-        w = torch.randn(cout, cin, k, k, device=DEVICE, dtype=torch.bfloat16)
-        xq, xs = ops.quantize_activations_per_sample(x, 8)
-        wq, ws = ops.quantize_weights(w.flatten(1), "ternary", False)
-        args = ([stride] * 2, [k // 2] * 2, [1, 1], 1)
-        cudnn = time_rotating([lambda: F.conv2d(x, w, None, *args)], graph=True)
-        ours = time_rotating([lambda: ops.lowbit_conv(x, w, None, xq, xs, wq, ws, *args)], graph=True)
-        rows.append(f"| {n}×{cin}×{hw}² -> {cout}, {k}×{k}/{stride} | {cudnn:.1f} | {ours:.1f} | {cudnn / ours:.2f}× |")
+        for name, layout in (("NCHW", torch.contiguous_format), ("NHWC", torch.channels_last)):
+            x = torch.randn(n, cin, hw, hw, device=DEVICE, dtype=torch.bfloat16).contiguous(memory_format=layout)
+            w = torch.randn(cout, cin, k, k, device=DEVICE, dtype=torch.bfloat16).contiguous(memory_format=layout)
+            xq, xs = ops.quantize_activations_per_sample(x, 8)
+            wq, ws = ops.quantize_weights(w.flatten(1), "ternary", False)
+            args = ([stride] * 2, [k // 2] * 2, [1, 1], 1)
+            cudnn = time_rotating([lambda: F.conv2d(x, w, None, *args)], graph=True)
+            ours = time_rotating([lambda: ops.lowbit_conv(x, w, None, xq, xs, wq, ws, *args)], graph=True)
+            layer = time_rotating([lambda: ops.lowbit_conv(x, w, None, *ops.quantize_activations_per_sample(x, 8),
+                                                           wq, ws, *args)], graph=True)
+            rows.append(f"| {n}×{cin}×{hw}² -> {cout}, {k}×{k}/{stride} | {name} | {cudnn:.1f} | {ours:.1f} | "
+                        f"{layer:.1f} | {cudnn / ours:.2f}×, {cudnn / layer:.2f}× |")
     return rows
 
 
@@ -370,9 +375,11 @@ def main():
               f"eager launches {h['eager']:.1f} µs per call; host time per call {h['host_op']:.1f} µs through "
               f"`torch.ops.bitnet.linear_q`, {h['host_launcher']:.1f} µs calling the launcher directly."]
     print(lines[-1], flush=True)
-    lines += ["", "Convolution (conv2d, bf16 out; ours = packed-ternary implicit GEMM from int8 activations, "
-              "quantization not included; CUDA-graph replay, weights warm):", "",
-              "| input -> C_out, kernel/stride | bf16 cuDNN | ours | speed-up |", "|---|---|---|---|"]
+    lines += ["", "Convolution (conv2d, bf16 out, input and weights in the row's layout; ours = packed-ternary "
+              "implicit GEMM from int8 activations, then with the per-sample activation quantization before it "
+              "(layer); CUDA-graph replay, weights warm):", "",
+              "| input -> C_out, kernel/stride | layout | bf16 cuDNN | ours | layer | speed-ups |",
+              "|---|---|---|---|---|---|"]
     conv_rows = bench_conv(plan["conv"])
     print("\n".join(conv_rows), flush=True)
     lines += conv_rows

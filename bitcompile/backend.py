@@ -7,12 +7,17 @@ passes and give it to Inductor (``compile_fx``), on the CPU as on CUDA.
 """
 from __future__ import annotations
 
+import functools
+import hashlib
 import warnings
+from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.fx as fx
+from torch._inductor.custom_graph_pass import CustomGraphPass
 
+from bitcompile import kernels, passes
 from bitcompile.config import BitConfig
 
 
@@ -103,13 +108,14 @@ def _compile(gm: fx.GraphModule, example_inputs: list, ctx) -> Callable:
     if "dynamo_compile_id" in gm.meta:
         _mark_added_inputs(gm, hoisted)
     mode = ctx.config.mode
-    patches = list_mode_options(mode) if mode not in (None, "default") else {}
+    patches = {**(list_mode_options(mode) if mode not in (None, "default") else {}), **source_key_patch()}
     if ctx.config.cpp_wrapper:
         patches = cpp_wrapper_patches(patches)
     # AOTAutograd's on-disk cache keys on this graph, not on what our ops trace into it (their
     # STE backward; on CUDA the Triton launches with this process's tuned configurations): a hit
     # would replay what another process or an older bitcompile traced. Inductor's cache, keyed
-    # on the traced graph with the kernels' sources and constants, still serves repeat compiles.
+    # on the traced graph with the kernels' sources and constants (and on bitcompile's source,
+    # source_key_patch), still serves repeat compiles.
     with torch._functorch.config.patch(enable_autograd_cache=False):
         compiled = compile_fx(gm, example_inputs, config_patches=patches)
     if not hoisted and not runtime_inputs:
@@ -121,6 +127,45 @@ def _compile(gm: fx.GraphModule, example_inputs: list, ctx) -> Callable:
         return compiled(*args, *extra, *packed)
 
     return run_with_packed_weights
+
+
+@functools.lru_cache(maxsize=None)
+def source_hash() -> str:
+    """sha256 of bitcompile's installed sources and shipped tuning tables."""
+    root = Path(__file__).parent
+    files = [root, Path(kernels.__file__).parent, Path(passes.__file__).parent]
+    digest = hashlib.sha256()
+    for path in sorted(f for d in files for f in d.rglob("*") if f.suffix in (".py", ".json")):
+        digest.update(path.name.encode() + path.read_bytes())
+    return digest.hexdigest()
+
+
+class _SourceKey(CustomGraphPass):
+    """A no-op post-grad pass (running the user's, if any) whose ``uuid`` Inductor hashes into
+    its on-disk FX graph cache key. That key covers the traced graph, not our ops' fake kernels
+    or eager code: after an upgrade that changed an op's output layout, a stale entry failed its
+    stride check (``quantize_activations_per_sample`` going channels-last)."""
+
+    def __init__(self, user: Optional[CustomGraphPass]):
+        self.user = user
+
+    def __call__(self, graph: fx.Graph) -> None:
+        if self.user is not None:
+            self.user(graph)
+
+    def uuid(self) -> Any:
+        return source_hash(), None if self.user is None else self.user.uuid()
+
+
+def source_key_patch() -> dict:
+    """Inductor config patch keying its FX graph cache on bitcompile's source (``_SourceKey``);
+    none when the user's own post-grad pass has no ``uuid`` (Inductor bypasses its cache then)."""
+    from torch._inductor import config as inductor_config
+
+    user = inductor_config.post_grad_custom_post_pass
+    if user is not None and not (isinstance(user, CustomGraphPass) and user.uuid() is not None):
+        return {}
+    return {"post_grad_custom_post_pass": _SourceKey(user)}
 
 
 def cpp_wrapper_patches(patches: Optional[dict] = None) -> dict:

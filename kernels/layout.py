@@ -131,18 +131,27 @@ def transposed_kblocked(wq: torch.Tensor, k: int, wrap: Optional[Callable] = Non
     return out
 
 
-_cache = WeakIdKeyDictionary()
+_cache = WeakIdKeyDictionary()  # packed tensor -> {key: (version, derived tensor)}
+
+
+def once(wq: torch.Tensor, key: tuple, make: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """``make()``, a tensor derived from ``wq``, computed once per packed tensor and ``key`` (re-done
+    if ``wq`` is modified or its storage replaced; kept while ``wq`` lives). Not kept for inference
+    tensors (no version counter) or while a CUDA graph is recorded (memory the graph does not
+    track)."""
+    if wq.is_inference():
+        return make()
+    version = (wq._version, wq.data_ptr())
+    entries = _cache.setdefault(wq, {})
+    hit = entries.get(key)
+    if hit is not None and hit[0] == version:
+        return hit[1]
+    out = make()
+    if not (wq.is_cuda and torch.cuda.is_current_stream_capturing()):
+        entries[key] = (version, out)
+    return out
 
 
 def kblocked(wq: torch.Tensor, k: int) -> torch.Tensor:
-    """``relayout(wq, k)``, computed once per packed tensor (re-done if it is modified or
-    its storage replaced)."""
-    if wq.is_inference():  # no version counter: cannot tell whether it changed
-        return relayout(wq, k)
-    version = (wq._version, wq.data_ptr(), k)
-    hit = _cache.get(wq)
-    if hit is not None and hit[0] == version:
-        return hit[1]
-    out = relayout(wq, k)
-    _cache[wq] = (version, out)
-    return out
+    """``relayout(wq, k)``, once per packed tensor (:func:`once`)."""
+    return once(wq, ("kblocked", k), lambda: relayout(wq, k))

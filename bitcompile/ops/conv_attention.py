@@ -17,13 +17,14 @@ from bitcompile.ops.library import no_gradient, quantizer_setup
 
 @torch.library.custom_op("bitnet::quantize_activations_per_sample", mutates_args=())
 def quantize_activations_per_sample(x: Tensor, bits: int) -> tuple[Tensor, Tensor]:
-    """``x [N, ...] -> (int8 [N, ...], float32 [N, 1, ...])``: one absmax scale per sample."""
+    """``x [N, C, ...] -> (int8 [N, C, ...], float32 [N, 1, ...])``: one absmax scale per sample;
+    the integers channels-last (channel stride 1), the conv kernel's layout."""
     return ref.quantize_activations_per_sample(x, bits)
 
 
 @quantize_activations_per_sample.register_fake
 def _(x, bits):
-    return x.new_empty(x.shape, dtype=torch.int8), x.new_empty((x.shape[0], *([1] * (x.dim() - 1))), dtype=torch.float32)
+    return ref.channels_last_empty(x, torch.int8), x.new_empty((x.shape[0], *([1] * (x.dim() - 1))), dtype=torch.float32)
 
 
 quantize_activations_per_sample.register_autograd(no_gradient, setup_context=quantizer_setup)
@@ -52,7 +53,8 @@ def lowbit_conv(
 @lowbit_conv.register_fake
 def _(x, weight, bias, xq, x_scale, wq, w_scale, stride, padding, dilation, groups):
     conv = ref._conv_fn(x.dim() - 2)
-    return conv(x, weight.to(x.dtype), None, stride, padding, dilation, groups)
+    y = conv(x, weight.to(x.dtype), None, stride, padding, dilation, groups)
+    return y.contiguous(memory_format=ref.conv_memory_format(x))
 
 
 @torch.library.custom_op("bitnet::dequantize_weight", mutates_args=())

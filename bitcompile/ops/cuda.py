@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from bitcompile.ops import reference as ref
-from bitcompile.ops.conv_attention import lowbit_conv
+from bitcompile.ops.conv_attention import lowbit_conv, quantize_activations_per_sample
 from bitcompile.ops.fused import linear_q, norm_quant
 from bitcompile.ops.library import grad_input, lowbit_linear, lowbit_matmul, quantize_activations, quantize_weights
 
@@ -55,13 +55,23 @@ def _(x, weight, bias, xq, x_scale, wq, w_scale, grad_input_bits=None):
     return ternary_matmul(xq, wq, x.shape[-1], x_scale, w_scale, bias, x.dtype, keep=False)  # per-step weights
 
 
+@quantize_activations_per_sample.register_kernel("cuda")
+def _(x, bits):
+    from bitcompile.kernels.sample_quant import quantize_per_sample
+
+    if x.numel() == 0 or not x.is_floating_point():  # the reference's errors and empty results
+        return ref.quantize_activations_per_sample(x, bits)
+    return quantize_per_sample(x, bits)
+
+
 @lowbit_conv.register_kernel("cuda")
 def _(x, weight, bias, xq, x_scale, wq, w_scale, stride, padding, dilation, groups):
     from bitcompile.kernels.conv import ternary_conv
 
     if xq is None or not _packed_ternary(wq):  # weight-only / int8 weights: the reference
         return ref.lowbit_conv(x, weight.shape, bias, xq, x_scale, wq, w_scale, stride, padding, dilation, groups)
-    return ternary_conv(xq, wq, weight.shape, stride, padding, dilation, groups, x_scale, w_scale, bias, x.dtype)
+    return ternary_conv(xq, wq, weight.shape, stride, padding, dilation, groups, x_scale, w_scale, bias, x.dtype,
+                        ref.conv_memory_format(x))
 
 
 @grad_input.register_kernel("cuda")

@@ -29,16 +29,22 @@ def qmax(bits: int) -> int:
 def quantize_activations(x: torch.Tensor, bits: int = 8, eps: float = EPS) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token absmax: ``x [..., K] -> (q int8 [..., K], scale float32 [..., 1])``; ``max|x|``
     is clamped at ``eps``."""
-    xf = x.float()
-    amax = xf.abs().amax(dim=-1, keepdim=True).clamp(min=eps)
+    q, scale = _absmax_quantize(x.float(), (-1,), bits, eps)
+    # Contiguous like the fake kernel, also for a transposed x (else compiled graphs fail
+    # their stride assertion on this op).
+    return q.contiguous(), scale.contiguous()
+
+
+def _absmax_quantize(xf: torch.Tensor, dims: tuple, bits: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8 ``q`` and float32 ``scale`` with one absmax over ``dims`` (element-wise otherwise,
+    so ``q`` keeps ``xf``'s memory layout)."""
+    amax = xf.abs().amax(dim=dims, keepdim=True).clamp(min=eps)
     # Divide by a tensor, not a Python number: on CUDA `t / 127` computes t * fl(1/127),
     # one ulp off the IEEE quotient the CPU (and the Triton kernel) compute for ~1/4 of rows.
     scale = amax / amax.new_full((), float(qmax(bits)))
     q = (xf / scale).round().clamp(-qmax(bits) - 1, qmax(bits))
     # NaN rows: keep the integers defined (0); the NaN scale carries the NaN to the output.
-    # Contiguous like the fake kernel, also for a transposed x (else compiled graphs fail
-    # their stride assertion on this op).
-    return torch.nan_to_num(q, nan=0.0).to(torch.int8).contiguous(), scale.contiguous()
+    return torch.nan_to_num(q, nan=0.0).to(torch.int8), scale
 
 
 def weight_scale(w: torch.Tensor, scheme: str, per_channel: bool) -> torch.Tensor:
@@ -151,9 +157,26 @@ def dequantized_activations(xq, x_scale, dtype: torch.dtype) -> torch.Tensor:
 def quantize_activations_per_sample(x: torch.Tensor, bits: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
     """Absmax over everything but the batch dim: ``x [N, C, *S] -> (int8 [N, C, *S], float32
     [N, 1, *1])``. A convolution sums over channels *and* kernel positions, so only a scale
-    constant over both factors out of the integer accumulator; zero padding stays exactly 0."""
-    q, scale = quantize_activations(x.reshape(x.shape[0], -1), bits)
-    return q.reshape(x.shape), scale.reshape(x.shape[0], *([1] * (x.dim() - 1)))
+    constant over both factors out of the integer accumulator; zero padding stays exactly 0.
+    ``q`` is channels-last (channel stride 1: NHWC, NLC) whatever ``x``'s layout, as the conv
+    kernel reads it."""
+    q, scale = _absmax_quantize(x.float(), tuple(range(1, x.dim())), bits, EPS)
+    return channels_last_empty(x, torch.int8).copy_(q), scale.contiguous()
+
+
+def channels_last_empty(like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """An empty tensor of ``like``'s shape whose dim 1 (channels) has stride 1, the other dims
+    in order after it: NHWC for 4-D, NLC for 3-D."""
+    return like.new_empty((like.shape[0], *like.shape[2:], like.shape[1]), dtype=dtype).movedim(-1, 1)
+
+
+def conv_memory_format(x: torch.Tensor) -> torch.memory_format:
+    """The layout of the conv ops' outputs: channels-last for a channels-last 4-D ``x``, as
+    ``nn.Conv2d`` keeps it; contiguous else. The fake kernel uses the same rule, so compiled
+    graphs' stride checks hold."""
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
 
 
 def _conv_fn(spatial_dims: int):
@@ -192,7 +215,7 @@ def lowbit_conv(x, weight_shape, bias, xq, x_scale, wq, w_scale, stride, padding
         y = y * x_scale
     if bias is not None:
         y = y + per_channel(bias.float(), acc.dim())
-    return y.to(x.dtype)
+    return y.to(x.dtype).contiguous(memory_format=conv_memory_format(x))
 
 
 def quantize_per_head(x: torch.Tensor, bits: int = 8) -> tuple[torch.Tensor, torch.Tensor]:

@@ -35,6 +35,7 @@ def kernels(_triton_interpreter):
         grad_input = importlib.import_module("bitcompile.kernels.grad_input")
         layout = importlib.import_module("bitcompile.kernels.layout")
         conv = importlib.import_module("bitcompile.kernels.conv")
+        sample_quant = importlib.import_module("bitcompile.kernels.sample_quant")
 
     return Modules
 

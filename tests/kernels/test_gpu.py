@@ -477,16 +477,33 @@ CONVS = [  # (N, C_in, C_out, HW, kernel, stride, padding, dilation, groups): Re
 ]
 
 
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("n,cin,cout,hw,kern,stride,pad,dil,groups", CONVS)
-def test_conv_implicit_gemm_exact(n, cin, cout, hw, kern, stride, pad, dil, groups):
+def test_conv_implicit_gemm_exact(n, cin, cout, hw, kern, stride, pad, dil, groups, layout):
     from bitcompile.kernels.conv import ternary_conv
 
     wshape = (cout, cin // groups, kern, kern)
     wq, _ = ref.quantize_weights(torch.randn(wshape).flatten(1))
     xq = torch.randint(-128, 128, (n, cin, hw, hw), dtype=torch.int8)
     conv = dict(stride=[stride] * 2, padding=[pad] * 2, dilation=[dil] * 2, groups=groups)
-    got = ternary_conv(xq.cuda(), wq.cuda(), wshape, **conv)
+    got = ternary_conv(xq.cuda().contiguous(memory_format=layout), wq.cuda(), wshape, **conv, memory_format=layout)
+    assert got.is_contiguous(memory_format=layout)
     assert torch.equal(got.cpu(), ref.lowbit_conv_accumulate(xq, wq, wshape, **conv))
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_per_sample_quantization_on_cuda(dtype, layout):
+    # The two-launch kernel (sliced absmax, channels-last integers) at ResNet sizes, one sample
+    # with a NaN and samples of very different magnitudes, against the CPU reference exactly.
+    x = torch.randn(8, 64, 56, 56, device="cuda") * torch.logspace(-3, 3, 8, device="cuda")[:, None, None, None]
+    x = x.to(dtype).contiguous(memory_format=layout)
+    x[3, 5, 7, 9] = float("nan")
+    q, s = ops.quantize_activations_per_sample(x, 8)
+    want_q, want_s = ref.quantize_activations_per_sample(x.cpu(), 8)
+    assert q.stride() == want_q.stride() and torch.equal(q.cpu(), want_q)
+    torch.testing.assert_close(s.cpu(), want_s, rtol=0, atol=0, equal_nan=True)
+    assert s.isnan().sum() == 1
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -506,9 +523,10 @@ def test_lowbit_conv_op_on_cuda(dtype):
     torch.testing.assert_close(got, want, rtol=eps, atol=eps * want.abs().max().item())
 
 
-def test_resnet_compiled_on_cuda_matches_cpu_reference():
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+def test_resnet_compiled_on_cuda_matches_cpu_reference(layout):
     # Conv (implicit GEMM) + BN folded into its epilogue, compiled on CUDA, against the
-    # eager reference twin on the CPU (plain-torch ops).
+    # eager reference twin on the CPU (plain-torch ops); channels-last models stay so.
     import copy
 
     from bitcompile.nn import reference_model
@@ -521,7 +539,8 @@ def test_resnet_compiled_on_cuda_matches_cpu_reference():
     x = make(4, 16)["x"]
     with torch.no_grad():
         want = reference_model(copy.deepcopy(model))(x)
-        got = torch.compile(model.cuda(), backend="bitnet")(x.cuda())
+        model = model.cuda().to(memory_format=layout)
+        got = torch.compile(model, backend="bitnet")(x.cuda().contiguous(memory_format=layout))
     # CPU and GPU float ops may differ by an ulp before a quantizer, which can move one int8
     # code by 1 (1/127 of that sample's scale): 1e-2 relative bounds a few such flips.
     assert rel_err(got.cpu(), want) < 1e-2

@@ -419,9 +419,10 @@ def test_qat_triton_twins(kernels, device):
 
 @given(n=st.integers(1, 2), cin=st.integers(1, 6), cout=st.integers(1, 20), size=st.integers(1, 9),
        kernel=st.integers(1, 3), stride=st.integers(1, 2), padding=st.integers(0, 2), dilation=st.integers(1, 2),
-       groups=st.sampled_from([1, 2]), spatial=st.sampled_from([1, 2]), seed=st.integers(0, 2**16))
+       groups=st.sampled_from([1, 2]), spatial=st.sampled_from([1, 2]), channels_last=st.booleans(),
+       seed=st.integers(0, 2**16))
 def test_conv_implicit_gemm_exact(kernels, device, n, cin, cout, size, kernel, stride, padding, dilation, groups,
-                                  spatial, seed):
+                                  spatial, channels_last, seed):
     from hypothesis import assume
 
     assume(size + 2 * padding >= dilation * (kernel - 1) + 1)
@@ -430,10 +431,36 @@ def test_conv_implicit_gemm_exact(kernels, device, n, cin, cout, size, kernel, s
     wshape = (cout, cin // groups, *([kernel] * spatial))
     wq, ws = ref.quantize_weights(torch.randn(wshape, generator=g).flatten(1))
     xq = torch.randint(-128, 128, (n, cin, *([size] * spatial)), dtype=torch.int8, generator=g)
+    layout = torch.channels_last if channels_last and spatial == 2 else torch.contiguous_format
     conv = dict(stride=[stride] * spatial, padding=[padding] * spatial, dilation=[dilation] * spatial, groups=groups)
     want = ref.lowbit_conv_accumulate(xq, wq, wshape, **conv)
-    got = kernels.conv.ternary_conv(xq.to(device), wq.to(device), wshape, **conv)
-    assert got.dtype == torch.int32 and torch.equal(got.cpu(), want)
+    got = kernels.conv.ternary_conv(xq.to(device).contiguous(memory_format=layout), wq.to(device), wshape, **conv,
+                                    memory_format=layout)
+    assert got.dtype == torch.int32 and got.is_contiguous(memory_format=layout) and torch.equal(got.cpu(), want)
+
+
+@given(n=st.integers(1, 3), c=st.integers(1, 40), size=st.integers(1, 40), spatial=st.sampled_from([1, 2]),
+       layout=st.sampled_from(["contiguous", "channels_last", "strided"]), bits=st.sampled_from([8, 4]),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16]), nan=st.booleans(), seed=st.integers(0, 2**16))
+def test_per_sample_quantization_equals_reference(kernels, device, n, c, size, spatial, layout, bits, dtype, nan, seed):
+    """Both launches (sliced absmax with an atomic max on the float bits, then quantize into the
+    channels-last integers) against the reference: integers and scales exactly, NaN samples
+    included, from contiguous, channels-last and strided inputs."""
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(n, c, *([size] * spatial), generator=g) * 10 ** torch.randn(n, *([1] * spatial), generator=g)
+         .unsqueeze(1)).to(dtype)
+    if nan:
+        x.view(n, -1)[-1, x[0].numel() // 2] = float("nan")
+    if layout == "channels_last":
+        x = x.movedim(1, -1).contiguous().movedim(-1, 1)
+    elif layout == "strided":
+        x = torch.cat([x, x], dim=-1)[..., ::2]
+    want_q, want_s = ref.quantize_activations_per_sample(x, bits)
+    q, s = kernels.sample_quant.quantize_per_sample(x.to(device), bits)
+    assert q.stride() == want_q.stride() == ref.channels_last_empty(x, torch.int8).stride()  # as the fake kernel's
+    assert torch.equal(q.cpu(), want_q)
+    torch.testing.assert_close(s.cpu(), want_s, rtol=0, atol=0, equal_nan=True)
+    assert s.isnan().any() == nan
 
 
 @pytest.mark.parametrize("per_channel", [False, True])
@@ -448,6 +475,10 @@ def test_conv_epilogue(kernels, device, per_channel):
     got = kernels.conv.ternary_conv(xq.to(device), wq.to(device), w.shape, *args, xs.to(device), ws.to(device),
                                     bias.to(device), torch.float32)
     assert torch.equal(got.cpu(), want)  # same int32 accumulator, same fp32 operation order
+    last = kernels.conv.ternary_conv(xq.to(device).contiguous(memory_format=torch.channels_last), wq.to(device),
+                                     w.shape, *args, xs.to(device), ws.to(device), bias.to(device), torch.float32,
+                                     torch.channels_last)
+    assert last.is_contiguous(memory_format=torch.channels_last) and torch.equal(last.cpu(), want)
 
 
 def gpu_configs(build, *args):
@@ -526,16 +557,18 @@ def test_every_gpu_weight_pack_config_exact(kernels, device, layout, monkeypatch
             assert torch.equal(packed.cpu(), rp if layout == "canonical" else to_kblocked(rp, 300)), cfg
 
 
-def test_every_gpu_conv_config_exact(kernels, device, monkeypatch):
+@pytest.mark.parametrize("cin_g", [3, 70])
+def test_every_gpu_conv_config_exact(kernels, device, monkeypatch, cin_g):
     """The implicit-GEMM conv with each GPU tile: strided, padded, dilated, grouped, a partial
-    tile of output pixels and channels and of K = C_in/groups * 3 * 3."""
+    tile of output pixels and channels, a tap's channels in one partial byte (3) or over
+    several channel blocks ending in a partial one (70)."""
     cv = kernels.conv
     configs = gpu_configs(cv._configs)
     assert len(configs) >= 5
     g = torch.Generator().manual_seed(4)
-    wshape = (20, 3, 3, 3)
+    wshape = (20, cin_g, 3, 3)
     wq, _ = ref.quantize_weights(torch.randn(wshape, generator=g).flatten(1))
-    xq = torch.randint(-128, 128, (2, 6, 11, 9), dtype=torch.int8, generator=g)
+    xq = torch.randint(-128, 128, (2, 2 * cin_g, 11, 9), dtype=torch.int8, generator=g)
     conv = dict(stride=[2, 1], padding=[1, 0], dilation=[1, 2], groups=2)
     want = ref.lowbit_conv_accumulate(xq, wq, wshape, **conv)
     for cfg in configs:

@@ -100,6 +100,16 @@ def test_opcheck_conv_ops():
     torch.library.opcheck(torch.ops.bitnet.quantize_activations_per_sample, (x, 8))
     torch.library.opcheck(torch.ops.bitnet.lowbit_conv, (x.requires_grad_(), w, b, xq, xs, wq, ws, [1], [1], [1], 1))
     torch.library.opcheck(torch.ops.bitnet.lowbit_conv, (x, w, None, None, None, wq, ws, [2], [0], [1], 1))  # weight-only
+    # channels-last stays channels-last, in the fake kernels as in the real ones
+    x4 = torch.randn(2, 3, 5, 6).contiguous(memory_format=torch.channels_last)
+    w4 = torch.randn(4, 3, 3, 3, requires_grad=True)
+    xq, xs = torch.ops.bitnet.quantize_activations_per_sample(x4, 8)
+    wq, ws = torch.ops.bitnet.quantize_weights(w4.flatten(1), "ternary", False)
+    assert xq.is_contiguous(memory_format=torch.channels_last)
+    torch.library.opcheck(torch.ops.bitnet.quantize_activations_per_sample, (x4, 8))
+    args = (x4.requires_grad_(), w4, b, xq, xs, wq, ws, [1, 1], [1, 1], [1, 1], 1)
+    torch.library.opcheck(torch.ops.bitnet.lowbit_conv, args)
+    assert torch.ops.bitnet.lowbit_conv(*args).is_contiguous(memory_format=torch.channels_last)
 
 
 class Spellings(nn.Module):
@@ -213,6 +223,27 @@ def test_qat_grads_match_reference_and_dynamic_shapes_do_not_recompile():
             x = torch.randn(n, 3, length)
             torch.testing.assert_close(compiled(x), twin(x), rtol=1e-5, atol=1e-6)
     assert counters["stats"]["unique_graphs"] == 1
+
+
+def test_channels_last_model_compiles_trains_and_keeps_its_layout():
+    """A channels-last CNN (the usual layout for conv training on GPUs): the compiled graph's
+    stride checks hold (they failed on the conv op before), outputs stay channels-last, values
+    and gradients equal the contiguous model's."""
+    torch.manual_seed(6)
+    model = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 6, 3, stride=2))
+    twin = reference_model(model)
+    twin_params = list(twin.model.parameters())
+    model = model.to(memory_format=torch.channels_last)
+    compiled = torch.compile(model, backend="bitnet")
+    x = torch.randn(3, 4, 9, 9)
+    y = compiled(x.contiguous(memory_format=torch.channels_last))
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    want = twin(x)
+    torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
+    y.square().mean().backward()
+    want.square().mean().backward()
+    for p, q in zip(model.parameters(), twin_params):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize(
