@@ -22,8 +22,8 @@ from bitcompile.kernels import tuning
 from bitcompile.kernels.common import round_to_int
 from bitcompile.ops.reference import channels_last_empty
 
-EPS = 1e-5
-NAN_BITS = 0x7FC00000  # above +inf's bits: the atomic max keeps it
+EPS = tl.constexpr(1e-5)  # the reference's clamp of max|x|
+NAN_BITS = tl.constexpr(0x7FC00000)  # above +inf's bits: the atomic max keeps it
 
 
 @triton.jit

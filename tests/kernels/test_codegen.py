@@ -89,3 +89,35 @@ def test_grad_input_ws_keeps_one_mma_in_flight(profiles):
     assert stats["config"]["layout"] == "ws", stats
     assert stats["mma"] == 4 and stats["mma_wait"] == 1 and stats["spill_bytes"] == 0, stats
     assert stats["regs"] <= 168, stats
+
+
+# Compiled in a fresh process (this one imports the kernels for the interpreter).
+CONV_AND_SAMPLE_QUANT = """
+import json
+from bitcompile.kernels import codegen, conv, sample_quant
+args = dict(X="*i8", P="*u8", C="*bf16", XS="*fp32", WS="*fp32", BIAS="*bf16", ROWS=100352, CIN=64, H=56, W=56,
+            OH=56, OW=56, CIN_G=64, COUT_G=64, PB=144, TAPB=16, CSTEPS=1, s_on=200704, s_oc=1, s_oh=3584, s_ow=64,
+            stride_h=1, stride_w=1, pad_h=1, pad_w=1, dil_h=1, dil_w=1)
+for cfg in conv._configs():
+    c = dict(cfg)
+    warps = c.pop("num_warps")
+    flags = dict(KH=3, KW=3, EPILOGUE=True, PER_CHANNEL=False, HAS_BIAS=False, USE_ASM=True, **c)
+    print(json.dumps(dict(config=cfg, **codegen.profile(conv._conv_kernel, args, flags, warps, 1))))
+codegen.compile_sm90(sample_quant._absmax_kernel, dict(X="*bf16", AMAX="*i32", E=200704, PER=8192), dict(BLOCK=2048), 4, 3)
+codegen.compile_sm90(sample_quant._quantize_kernel, dict(X="*bf16", AMAX="*i32", Q="*i8", S="*fp32", C=64, P=3136,
+                     s_xn=200704, s_xc=1, s_xp=64, qmax=127.0), dict(BC=64, BP=64, USE_ASM=True), 4, 3)
+"""
+
+
+def test_conv_tiles_and_per_sample_quantization_compile_for_the_h100():
+    """Every conv tile the tuner may pick fits the H100 without spills and fetches its
+    channels-last activation tiles by ``cp.async`` (16-byte runs); the per-sample quantization
+    kernels compile (the interpreter accepts module globals a compile rejects)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", CONV_AND_SAMPLE_QUANT], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [json.loads(line) for line in out.stdout.splitlines()]
+    assert len(rows) >= 5
+    for r in rows:
+        assert not r["spill_bytes"] and r["smem_bytes"] <= H100_SMEM_PER_BLOCK, r
+    assert all(r["cp_async"] > 0 for r in rows if r["loop_instructions"]), rows
