@@ -6,7 +6,8 @@ it once per packed tensor and keeps the result while ``wq`` lives and is unchang
 inference, which feeds the same cached packed weights on every call (``ops.weight_cache``).
 QAT re-packs every step, so its ops re-lay out per call and keep nothing
 (``ternary_matmul(..., keep=False)``: a kept copy made while a CUDA graph is recorded would
-be memory the graph does not track).
+be memory the graph does not track). ``once`` is that per-tensor cache, also for the conv's
+re-ordered weights (``conv.conv_taps``).
 """
 from __future__ import annotations
 

@@ -449,12 +449,12 @@ def test_per_sample_quantization_equals_reference(kernels, device, n, c, size, s
     g = torch.Generator().manual_seed(seed)
     x = (torch.randn(n, c, *([size] * spatial), generator=g) * 10 ** torch.randn(n, *([1] * spatial), generator=g)
          .unsqueeze(1)).to(dtype)
-    if nan:
-        x.view(n, -1)[-1, x[0].numel() // 2] = float("nan")
     if layout == "channels_last":
         x = x.movedim(1, -1).contiguous().movedim(-1, 1)
     elif layout == "strided":
         x = torch.cat([x, x], dim=-1)[..., ::2]
+    if nan:  # in the last sample, after the layout change (a strided view must not skip it)
+        x[(-1, c // 2) + (size // 2,) * spatial] = float("nan")
     want_q, want_s = ref.quantize_activations_per_sample(x, bits)
     q, s = kernels.sample_quant.quantize_per_sample(x.to(device), bits)
     assert q.stride() == want_q.stride() == ref.channels_last_empty(x, torch.int8).stride()  # as the fake kernel's
