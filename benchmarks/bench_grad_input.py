@@ -38,7 +38,7 @@ SMOKE = [(20, 64, 64, torch.float16)]
 
 
 def gluon_variant(name: str, edits: dict[str, str]):
-    """``kernels/grad_input_ws.py`` with each source text of ``edits`` replaced, imported as a module."""
+    """``bitcompile/kernels/grad_input_ws.py`` with each source text of ``edits`` replaced, imported as a module."""
     src = Path(grad_input_ws.__file__).read_text()
     for old, new in edits.items():
         assert old in src, f"{name}: the kernel no longer has the text this variant replaces"

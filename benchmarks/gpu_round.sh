@@ -8,7 +8,7 @@
 #   bash benchmarks/gpu_round.sh sweep [M,N,K ..] # every matmul launch configuration, timed (sweep_matmul.py;
 #                                                # REPEAT=3: three rounds over all of them, medians)
 # Tuning results persist in .gpu_round_cache while the machine stays warm (a bench cut short resumes
-# where it stopped) and are copied to $OUT/cache/autotune/<gpu>.json, to merge into kernels/tuned/.
+# where it stopped) and are copied to $OUT/cache/autotune/<gpu>.json, to merge into bitcompile/kernels/tuned/.
 set -u
 out=${OUT:-gpu_round}
 mkdir -p "$out" && out=$(cd "$out" && pwd)

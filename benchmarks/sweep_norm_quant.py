@@ -1,4 +1,4 @@
-"""Activation-quantization kernel (``kernels/act_quant.py``) across warps per row, against the
+"""Activation-quantization kernel (``bitcompile/kernels/act_quant.py``) across warps per row, against the
 bytes it must move (read x, write int8 q): is it at the copy bandwidth, and does the launcher's
 warp count (``act_quant.num_warps``) pick the best one?
 

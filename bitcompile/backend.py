@@ -17,7 +17,6 @@ import torch
 import torch.fx as fx
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
-from bitcompile import kernels, passes
 from bitcompile.config import BitConfig
 
 
@@ -133,10 +132,9 @@ def _compile(gm: fx.GraphModule, example_inputs: list, ctx) -> Callable:
 def source_hash() -> str:
     """sha256 of bitcompile's installed sources and shipped tuning tables."""
     root = Path(__file__).parent
-    files = [root, Path(kernels.__file__).parent, Path(passes.__file__).parent]
     digest = hashlib.sha256()
-    for path in sorted(f for d in files for f in d.rglob("*") if f.suffix in (".py", ".json")):
-        digest.update(path.name.encode() + path.read_bytes())
+    for path in sorted(f for f in root.rglob("*") if f.suffix in (".py", ".json")):
+        digest.update(str(path.relative_to(root)).encode() + path.read_bytes())
     return digest.hexdigest()
 
 

@@ -1,9 +1,9 @@
 """Fused ``bitnet`` ops emitted by the fusion passes.
 
 ``norm_quant``: (residual add +) normalization + per-token activation quantization in one
-op (``passes/norm_quant.py``; inference and QAT, with the norm's backward as its autograd
+op (``bitcompile/passes/norm_quant.py``; inference and QAT, with the norm's backward as its autograd
 rule). ``linear_q``: an inference linear from already-quantized activations with the
-activation / residual epilogue (``passes/epilogue.py``).
+activation / residual epilogue (``bitcompile/passes/epilogue.py``).
 """
 from __future__ import annotations
 

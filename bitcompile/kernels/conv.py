@@ -11,7 +11,7 @@ tap's channels padded to a whole byte, unpacked in registers into the int8 tenso
 stores in the output's own strides (NCHW or channels-last), in the output dtype or as the exact
 int32 accumulator without scales.
 
-The per-sample quantizer (``kernels/sample_quant.py``) writes its integers channels-last
+The per-sample quantizer (``bitcompile/kernels/sample_quant.py``) writes its integers channels-last
 whatever the model's layout, so the conv reads them as they are; other int8 inputs cost one
 transposing copy first.
 """
