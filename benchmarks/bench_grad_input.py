@@ -30,7 +30,7 @@ import bench_kernels
 from bench_kernels import DEVICE, copies, time_rotating
 from bitcompile.kernels import grad_input as gi
 from bitcompile.kernels import grad_input_ws
-from bitcompile.quant.packing import pack_ternary
+from bitcompile.numerics.packing import pack_ternary
 
 SHAPES = [(8192, 4096, 4096, torch.bfloat16), (8192, 4096, 4096, torch.float16), (8192, 8192, 8192, torch.bfloat16),
           (8192, 4096, 14336, torch.bfloat16), (8192, 14336, 4096, torch.bfloat16)]
@@ -109,7 +109,7 @@ def host_per_call(calls: int = 2000) -> None:
     GPU never limits): the op as compiled backward graphs call it, and the launch under it."""
     import time
 
-    from bitcompile.ops import triton_ops
+    from bitcompile.ops.linear import grad_input_ws
 
     m = n = k = 256
     g = torch.randn(m, n, device=DEVICE, dtype=torch.bfloat16)
@@ -118,7 +118,7 @@ def host_per_call(calls: int = 2000) -> None:
     out = torch.empty(m, k, device=DEVICE, dtype=torch.bfloat16)
     tile = grad_input_ws.CONFIGS[0]
     fields = [tile[f] for f in grad_input_ws.TILE]
-    cases = {"op bitnet::grad_input_ws": lambda: triton_ops.grad_input_ws(g, wq, ws, k, fields),
+    cases = {"op bitnet::grad_input_ws": lambda: grad_input_ws(g, wq, ws, k, fields),
              "grad_input_ws.launch": lambda: grad_input_ws.launch(g, wq, ws, out, **tile)}
     print("\nhost time per call, 256^3:")
     for name, fn in cases.items():

@@ -11,7 +11,7 @@ import torch
 import bitcompile.ops  # noqa: F401
 from bitcompile.kernels.layout import relayout
 from bitcompile.kernels.ternary_matmul import ternary_matmul
-from bitcompile.ops import reference as ref
+from bitcompile.numerics import reference as ref
 
 n = k = 8192
 wq, ws = ref.quantize_weights(torch.randn(n, k, device="cuda"))

@@ -30,7 +30,7 @@ from bitcompile.kernels import ternary_matmul as tm
 from bitcompile.kernels import tuning
 from bitcompile.kernels.common import grouped_tile
 from bitcompile.kernels.layout import relayout
-from bitcompile.ops import reference as ref
+from bitcompile.numerics import reference as ref
 
 DEFAULT_SHAPES = [(1, 8192, 8192), (1, 4096, 4096), (16, 8192, 8192), (128, 8192, 8192), (8192, 8192, 8192)]
 

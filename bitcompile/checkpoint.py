@@ -23,8 +23,8 @@ from torch import nn
 
 from bitcompile.config import BitConfig
 from bitcompile.ops import WEIGHT_CACHE
-from bitcompile.ops import reference as ref
-from bitcompile.quant.packing import pack_ternary, unpack_ternary
+from bitcompile.numerics import reference as ref
+from bitcompile.numerics.packing import pack_ternary, unpack_ternary
 
 FORMAT = "bitcompile-packed/1"
 PathLike = Union[str, os.PathLike]

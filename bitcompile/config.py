@@ -9,8 +9,8 @@ import fnmatch
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-WEIGHT_SCHEMES = ("ternary", "binary", "int8")
-GRANULARITIES = ("per_tensor", "per_channel")
+from bitcompile.numerics.spec import GRANULARITIES, WEIGHT_SCHEMES, check_bits
+
 INDUCTOR_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 
@@ -72,13 +72,9 @@ class BitConfig:
 
     def __post_init__(self):
         if not isinstance(self.weight, str):
-            from bitcompile.quant.quantizers import check_quantizer
-
             check_quantizer(self.weight)  # names the missing methods
             self.weight_quantizer, self.weight = self.weight, "ternary"
         elif self.weight_quantizer is not None:
-            from bitcompile.quant.quantizers import check_quantizer
-
             check_quantizer(self.weight_quantizer)
         _check_choice("weight", self.weight, WEIGHT_SCHEMES)
         _check_choice("granularity", self.granularity, (None, *GRANULARITIES))
@@ -103,10 +99,7 @@ class BitConfig:
 
     def excluded(self, module_path: str) -> Optional[str]:
         """The pattern that excludes ``module_path``, or None."""
-        for pattern in self.exclude:
-            if fnmatch.fnmatchcase(module_path, pattern) or fnmatch.fnmatchcase(module_path, "*." + pattern):
-                return pattern
-        return None
+        return excluding_pattern(module_path, self.exclude)
 
     @classmethod
     def from_options(cls, options: Optional[dict[str, Any]] = None, mode: Optional[str] = None) -> "BitConfig":
@@ -121,13 +114,25 @@ class BitConfig:
         return cls(**options)
 
 
-def check_bits(name: str, value: Any, none_means: str) -> None:
-    """``value`` is None or an int in 2..8 (the widths the int8 kernels take)."""
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 2 <= value <= 8):
-        raise ValueError(f"{name} must be an int in 2..8 or None ({none_means}), got {value!r}")
-
-
 def _check_choice(name: str, value: Any, choices: tuple) -> None:
     if value not in choices:
         shown = ", ".join(repr(c) for c in choices)
         raise ValueError(f"invalid {name}={value!r}; valid choices: {shown}")
+
+
+def excluding_pattern(module_path: str, patterns) -> Optional[str]:
+    """The first glob of ``patterns`` matching ``module_path`` or a dotted suffix of it
+    (``"lm_head"`` matches ``"model.lm_head"``), or None."""
+    for pattern in patterns:
+        if fnmatch.fnmatchcase(module_path, pattern) or fnmatch.fnmatchcase(module_path, "*." + pattern):
+            return pattern
+    return None
+
+
+def check_quantizer(obj) -> None:
+    """Raise a TypeError naming what is missing if ``obj`` is not a weight quantizer (an object
+    with ``quantize``, ``dequantize`` and ``parameters``)."""
+    missing = [m for m in ("quantize", "dequantize", "parameters") if not callable(getattr(obj, m, None))]
+    if missing:
+        raise TypeError(f"{type(obj).__name__} is not a quantizer: it lacks {', '.join(missing)} "
+                        "(needs quantize, dequantize, parameters)")

@@ -9,14 +9,14 @@ protocol is ``bitcompile.quant.Quantizer``.)
 """
 from __future__ import annotations
 
-import fnmatch
 from typing import Iterable, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
 import bitcompile.ops  # noqa: F401  (registers torch.ops.bitnet)
-from bitcompile.ops import reference as ref
+from bitcompile.config import excluding_pattern
+from bitcompile.numerics import reference as ref
 from bitcompile.quant.primitives import ste_carrier
 from bitcompile.quant.tensor import QuantizedTensor, TernaryTensor
 
@@ -25,11 +25,6 @@ def memory_footprint(model: nn.Module) -> int:
     """Bytes of the model's parameters and buffers (as transformers' ``get_memory_footprint``)."""
     tensors = {id(t): t for t in (*model.parameters(), *model.buffers())}
     return sum(t.numel() * t.element_size() for t in tensors.values())
-
-
-def _excluded(path: str, exclude: Sequence[str]) -> bool:
-    name = path.rpartition(".")[2]
-    return any(name == p or fnmatch.fnmatchcase(path, p) or fnmatch.fnmatchcase(path, "*." + p) for p in exclude)
 
 
 class Quantizer:
@@ -51,7 +46,7 @@ class Quantizer:
         for path, module in list(model.named_modules()):
             for name, child in list(module.named_children()):
                 child_path = f"{path}.{name}" if path else name
-                if type(child) is nn.Linear and not _excluded(child_path, exclude):
+                if type(child) is nn.Linear and not excluding_pattern(child_path, exclude):
                     setattr(module, name, self._convert(child, layer_cls))
                     self.replaced.append(child_path)
         self.memory_after = memory_footprint(model)

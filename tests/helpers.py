@@ -4,6 +4,7 @@ import copy
 import torch
 from torch import nn
 
+from bitcompile.config import excluding_pattern
 from bitcompile.nn import BitLinear
 
 
@@ -24,6 +25,6 @@ def swap_to_bitlinear(model, exclude=("lm_head",), **options):
     for name, module in list(twin.named_modules()):
         for child_name, child in list(module.named_children()):
             path = f"{name}.{child_name}" if name else child_name
-            if type(child) is nn.Linear and not any(path == p or path.endswith("." + p) for p in exclude):
+            if type(child) is nn.Linear and not excluding_pattern(path, exclude):
                 setattr(module, child_name, BitLinear.from_linear(child, **options))
     return twin

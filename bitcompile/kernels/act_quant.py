@@ -18,10 +18,10 @@ import triton.language as tl
 
 from bitcompile.kernels import tuning
 from bitcompile.kernels.common import round_to_int, rows
+from bitcompile.numerics.spec import EPS, NORM_KINDS as _NORMS
 
-NORM_KINDS = {"none": 0, "rms": 1, "rms_fp32": 2, "layer": 3}
+NORM_KINDS = {name: code for code, name in enumerate(_NORMS)}  # the kernel's NORM codes
 MAX_ROW = 65536  # one row in registers; longer rows use the reference
-EPS = 1e-5
 
 
 @triton.jit
@@ -92,7 +92,7 @@ def norm_quant(x: torch.Tensor, bits: int = 8, kind: str = "none", weight: Optio
 
     ``normed`` (dtype ``norm_dtype``, default x.dtype) is written only with ``store_normed``;
     ``h = x + residual`` only with ``store_sum``. ``wrap=torch.library.wrap_triton``
-    launches through it (traceable; ``ops.triton_ops``). ``max|y|`` is clamped at ``qeps``;
+    launches through it (traceable; the ops' Inductor-visible twins). ``max|y|`` is clamped at ``qeps``;
     with ``kind="none"``, ``weight`` is a per-column fp32 multiplier."""
     if kind not in NORM_KINDS:
         raise ValueError(f"unknown norm {kind!r}; supported: {', '.join(NORM_KINDS)}")

@@ -145,7 +145,7 @@ def ternary_mm_case(config: dict, m: int, n: int, k: int) -> tuple:
     per-tensor scale, no bias/activation/residual)."""
     from bitcompile.kernels import ternary_matmul as tm
     from bitcompile.kernels.layout import QUARTER
-    from bitcompile.quant.packing import kblocked_columns
+    from bitcompile.numerics.packing import kblocked_columns
 
     cfg = dict(config)
     kind = cfg.pop("kernel")
@@ -180,7 +180,7 @@ def _wgmma_case(cfg: dict, m: int, n: int, k: int, flags: dict, pointers: dict, 
     from triton.runtime.jit import mangle_type
 
     from bitcompile.kernels import wgmma_matmul as wm
-    from bitcompile.quant.packing import kblocked_columns
+    from bitcompile.numerics.packing import kblocked_columns
 
     a = torch.empty(m, k, dtype=torch.int8)
     p = torch.empty(n, kblocked_columns(k), dtype=torch.int8)
@@ -196,7 +196,7 @@ def grad_input_case(config: dict, m: int, n: int, k: int, dtype: str = "bf16") -
     from bitcompile.kernels import grad_input as gi
     from bitcompile.kernels.common import ONE_TABLES
     from bitcompile.kernels.layout import QUARTER
-    from bitcompile.quant.packing import kblocked_columns
+    from bitcompile.numerics.packing import kblocked_columns
 
     cfg = dict(config)
     layout = cfg.pop("layout", "canonical")

@@ -5,7 +5,7 @@ import torch
 import triton
 import triton.language as tl
 
-from bitcompile.quant import packing
+from bitcompile.numerics import packing, spec
 
 
 def rows(t: torch.Tensor, width: int) -> torch.Tensor:
@@ -15,7 +15,7 @@ def rows(t: torch.Tensor, width: int) -> torch.Tensor:
     return t2 if t2.stride(-1) == 1 else t2.contiguous()
 
 # Epilogue activations (constexpr ACTIVATION); names as the passes and ops spell them.
-ACTIVATIONS = {"none": 0, "relu": 1, "gelu": 2, "silu": 3, "relu2": 4, "gelu_tanh": 5}
+ACTIVATIONS = {name: code for code, name in enumerate(spec.ACTIVATIONS)}  # the epilogue's ACTIVATION codes
 
 
 @triton.jit
@@ -87,7 +87,7 @@ def trits_at(p, SHIFT: tl.constexpr, USE_ASM: tl.constexpr):
         return ((p >> SHIFT) & 3).to(tl.int8) - 1
 
 
-# The "nibbles" order (bitcompile.quant.packing): each nibble of a word is a pair code, the
+# The "nibbles" order (bitcompile.numerics.packing): each nibble of a word is a pair code, the
 # selector of a prmt (byte permute) into an 8-byte table; tables (a, b) for even quarters, then
 # odd ones. ZERO_WORD: sixteen zero trits, as the int32 a masked load fills in.
 PAIR_TABLES = packing.PAIR_TABLES

@@ -26,7 +26,7 @@ import triton.language as tl
 from bitcompile.kernels import tuning
 from bitcompile.kernels.common import unpack_trits
 from bitcompile.kernels.layout import once
-from bitcompile.quant.packing import pack_ternary, unpack_ternary
+from bitcompile.numerics.packing import pack_ternary, unpack_ternary
 
 
 @triton.jit

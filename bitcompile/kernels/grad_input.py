@@ -28,6 +28,7 @@ import triton.language as tl
 from bitcompile.kernels import grad_input_ws, tuning
 from bitcompile.kernels.common import ONE_TABLES, grouped_tile, rows, unpack_trits
 from bitcompile.kernels.layout import QUARTER, transposed_kblocked
+from bitcompile.numerics.spec import GRAD_EPS, check_bits
 
 
 # Four trits (bytes of $2: -1, 0, 1) and the 16-bit scale bits of each ($3..$6) -> four 16-bit
@@ -268,16 +269,14 @@ def grad_input(grad: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, k: i
 
 def grad_input_quantized(grad: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, k: int,
                          bits: int, wrap: Optional[Callable] = None) -> torch.Tensor:
-    """``ops.reference.grad_input_quantized`` on the GPU: the per-row quantization of ``grad``
+    """``reference.grad_input_quantized`` on the GPU: the per-row quantization of ``grad``
     (per-channel ``s_w`` folded in) is the activation-quantization kernel, and ``q @ W_int``
     is the forward matmul kernel on int8 tensor cores, fed ``W_int^T`` re-laid out from the
     packed weights (``layout.transposed_kblocked``, one pass over the packed bytes); its epilogue
     applies the scales."""
     from bitcompile.kernels.act_quant import norm_quant
     from bitcompile.kernels.layout import transposed_kblocked
-    from bitcompile.config import check_bits
     from bitcompile.kernels.ternary_matmul import ternary_matmul
-    from bitcompile.ops.reference import GRAD_EPS
 
     check_bits("grad_input_bits", bits, "exact STE input gradient")
     _check_operands(grad, wq, k)

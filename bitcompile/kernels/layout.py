@@ -1,4 +1,4 @@
-"""The K-blocked kernel layouts of packed trits (``bitcompile.quant.packing.to_kblocked``).
+"""The K-blocked kernel layouts of packed trits (``bitcompile.numerics.packing.to_kblocked``).
 
 ``relayout(wq, k)`` converts canonical bytes on the GPU (one read, one write of the packed
 bytes; 15 µs at 8192² on an H100, ~1.5% of that GEMM at 8192 tokens). ``kblocked(wq, k)`` does
@@ -19,7 +19,7 @@ import triton.language as tl
 from torch.utils.weak import WeakIdKeyDictionary
 
 from bitcompile.kernels import tuning
-from bitcompile.quant.packing import KBLOCK, KBLOCK_ORDERS, kblocked_columns
+from bitcompile.numerics.packing import KBLOCK, KBLOCK_ORDERS, kblocked_columns
 
 QUARTER = KBLOCK // 4  # bytes per row per block; also the trits one quarter of a word run yields
 
@@ -112,7 +112,7 @@ def _transposed_kernel(P, OUT, N, K, KB, stride_p, stride_o, BC: tl.constexpr, Q
 def transposed_kblocked(wq: torch.Tensor, k: int, wrap: Optional[Callable] = None,
                         order: str = "nibbles") -> torch.Tensor:
     """Canonical packed trits ``T [N, ceil(k/4)]`` -> ``T^T`` K-blocked, ``uint8 [k,
-    kblocked_columns(N)]``, in ``order`` (``bitcompile.quant.packing``): "nibbles" lets the
+    kblocked_columns(N)]``, in ``order`` (``bitcompile.numerics.packing``): "nibbles" lets the
     forward matmul kernel compute ``g @ T`` (the int8 QAT input gradient), "fields" is the
     16-bit input-gradient kernel's operand. One read and one write of the packed bytes."""
     if order not in KBLOCK_ORDERS:

@@ -1,7 +1,7 @@
 """Per-sample activation quantization for the convolutions, written channels-last.
 
 A conv sums over channels and kernel taps, so its activations get one absmax scale per sample
-(``ops.reference.quantize_activations_per_sample``). A sample is far too long for one program
+(``reference.quantize_activations_per_sample``). A sample is far too long for one program
 (the norm kernels hold a row in registers), so two launches:
 
 1. ``_absmax_kernel``: SPLITS programs per sample each reduce a slice of it, then combine with
@@ -20,9 +20,10 @@ import triton.language as tl
 
 from bitcompile.kernels import tuning
 from bitcompile.kernels.common import round_to_int
-from bitcompile.ops import reference as ref
+from bitcompile.numerics import reference as ref
+from bitcompile.numerics.spec import EPS as _EPS
 
-EPS = tl.constexpr(ref.EPS)  # the reference's clamp of max|x|
+EPS = tl.constexpr(_EPS)  # the reference's clamp of max|x|
 NAN_BITS = tl.constexpr(0x7FC00000)  # above +inf's bits: the atomic max keeps it
 
 
@@ -62,7 +63,7 @@ def _quantize_kernel(X, AMAX, Q, S, C, P, s_xn, s_xc, s_xp, qmax, BC: tl.constex
 
 def quantize_per_sample(x: torch.Tensor, bits: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
     """``x [N, C, *S]`` (any float dtype and layout) -> ``(int8 [N, C, *S]`` channels-last, ``float32
-    [N, 1, ...])``, equal to ``ops.reference.quantize_activations_per_sample``."""
+    [N, 1, ...])``, equal to ``reference.quantize_activations_per_sample``."""
     if not 2 <= bits <= 8:
         raise ValueError(f"activation bits must be in 2..8, got {bits}")
     if x.dim() < 3:

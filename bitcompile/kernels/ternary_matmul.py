@@ -1,6 +1,6 @@
 """Packed-ternary matmul: int8 activations x 2-bit trits, exact int32 accumulation.
 
-The kernels read the K-blocked "nibbles" layout (``bitcompile.quant.packing``): each
+The kernels read the K-blocked "nibbles" layout (``bitcompile.numerics.packing``): each
 quarter of a 32-bit word is 4 trits of consecutive K, so every activation load is a
 contiguous slice, and one ``prmt`` (a byte permute whose selectors are the word's 4-bit pair
 codes, reading a constant table) turns a quarter into 4 signed int8 trits in one register
@@ -373,7 +373,7 @@ def ternary_matmul(a: torch.Tensor, wq: torch.Tensor, k: int, x_scale: Optional[
     ``w_scale [N] | [1]``: the dequantized ``out_dtype`` output with bias, ``activation``
     and ``residual [..., N]`` fused.
 
-    ``wrap=torch.library.wrap_triton`` launches through it (``ops.triton_ops``: traceable,
+    ``wrap=torch.library.wrap_triton`` launches through it (the ops' Inductor-visible twins: traceable,
     so Inductor compiles and launches the kernel from its own generated code); the
     launch configuration is then taken from the tuning cache, tuned first on stand-in
     tensors if missing."""

@@ -19,9 +19,10 @@ import triton.language as tl
 
 from bitcompile.kernels import tuning
 from bitcompile.kernels.layout import pair_digits
-from bitcompile.quant.packing import kblocked_columns
+from bitcompile.numerics.packing import kblocked_columns
+from bitcompile.numerics.spec import EPS
 
-EPS = 1e-5
+SCALE_MIN = tl.constexpr(EPS)  # the reference's clamp of the scale
 SCHEMES = {"ternary": 0, "binary": 1}
 LAYOUTS = {"canonical": 0, "kblocked": 1}
 Q = 64  # bytes per 256-trit block
@@ -48,13 +49,13 @@ def _pack_kernel(W, ROWSUM, TOTAL, SCALE, P, N, K, KB, count, stride_w, stride_p
     rows = tl.program_id(0) * BN + tl.arange(0, BN)
     blk = tl.program_id(1)
     if PER_CHANNEL:
-        s = tl.maximum(tl.math.div_rn(tl.load(ROWSUM + rows, mask=rows < N, other=1.0), K * 1.0), 1e-5)
+        s = tl.maximum(tl.math.div_rn(tl.load(ROWSUM + rows, mask=rows < N, other=1.0), K * 1.0), SCALE_MIN)
         if blk == 0:
             tl.store(SCALE + rows, s, mask=rows < N)
         s = s[:, None, None]
     else:
         # `count` arrives as fp32 from Triton's launcher but as fp64 from Inductor's (triton_op).
-        s = tl.maximum(tl.math.div_rn(tl.load(TOTAL), tl.cast(count, tl.float32)), 1e-5)
+        s = tl.maximum(tl.math.div_rn(tl.load(TOTAL), tl.cast(count, tl.float32)), SCALE_MIN)
         if (blk == 0) & (tl.program_id(0) == 0):
             tl.store(SCALE, s)
     i = tl.arange(0, 4)[None, :, None]
@@ -79,7 +80,7 @@ def _pack_kernel(W, ROWSUM, TOTAL, SCALE, P, N, K, KB, count, stride_w, stride_p
     t = tl.where(valid, t, 0.0).to(tl.int32)  # K padding is the zero trit
     if LAYOUT == 0:
         packed = tl.sum((t + 1) << (2 * i), axis=1)
-    else:  # "nibbles" (bitcompile.quant.packing): the trits of quarters 2h, 2h + 1 at position 4w + n
+    else:  # "nibbles" (bitcompile.numerics.packing): the trits of quarters 2h, 2h + 1 at position 4w + n
         # are one pair code (even digit + 3 x odd digit) at bit 16h + 4n of word w.
         # [BN, h, q, w, b, n % 2]: i = 2h + q, j = 4w + 2b + n % 2
         d = tl.reshape(pair_digits(t + 1) & 3, (BN, 2, 2, QB // 4, 2, 2))

@@ -16,7 +16,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from bitcompile.config import BitConfig
-from bitcompile.nn import bit_attention
+from bitcompile.ops import attention as bit_attention
 from bitcompile.nn.bit_conv import BitConv1d, BitConv2d
 from bitcompile.nn.bit_linear import BitLinear
 

@@ -10,7 +10,7 @@ slice), fusing K and V when ``key is value``. The attention maps are returned, k
 in ``last_attention`` and can be saved as a PNG heatmap
 (:func:`save_attention_heatmap`, drawn with matplotlib).
 
-The computation is ``bitcompile.nn.bit_attention.multi_head_attention``, the same
+The computation is ``bitcompile.ops.attention.multi_head_attention``, the same
 function the backend's attention pass inserts into compiled graphs.
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from bitcompile.config import BitConfig
-from bitcompile.nn.bit_attention import multi_head_attention
+from bitcompile.ops.attention import multi_head_attention
 from bitcompile.ops import WEIGHT_CACHE
 
 

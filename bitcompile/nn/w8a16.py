@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 import bitcompile.ops  # noqa: F401  (registers torch.ops.bitnet)
-from bitcompile.ops import reference as ref
+from bitcompile.numerics import reference as ref
 
 
 class W8A16Linear(nn.Module):

@@ -72,7 +72,7 @@ def _kblocked(packed: torch.Tensor, k: int) -> torch.Tensor:
         from bitcompile.kernels.layout import kblocked
 
         return kblocked(packed, k)
-    from bitcompile.quant.packing import to_kblocked
+    from bitcompile.numerics.packing import to_kblocked
 
     return to_kblocked(packed, k)
 

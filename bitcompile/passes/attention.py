@@ -8,7 +8,7 @@ them. Two torch ops hide their projections inside one node, so this pass claims 
 - ``torch._transformer_encoder_layer_fwd`` (``nn.TransformerEncoderLayer``'s inference
   fast path),
 
-replacing each with :mod:`bitcompile.nn.bit_attention`'s quantized equivalent; weight
+replacing each with :mod:`bitcompile.ops.attention`'s quantized equivalent; weight
 quantization stays a graph node so inference graphs hoist it into the packed cache.
 
 With ``attention_bits`` set, ``F.scaled_dot_product_attention`` and the manual
@@ -25,7 +25,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from bitcompile.nn import bit_attention
+from bitcompile.ops import attention as bit_attention
 from bitcompile.passes import PassContext
 from bitcompile.passes.graph import (dtype_name, emit_weight_quantization, meta, owner, parameter_path, record,
                                       strip_root)

@@ -1,6 +1,6 @@
-"""CUDA graphs: the bitnet ops become their Inductor-visible Triton twins
-(``bitcompile.ops.triton_ops``), so Inductor launches our kernels from its generated code
-instead of calling an opaque op through Python on every call.
+"""CUDA graphs: the bitnet ops become their Inductor-visible Triton twins (the ops'
+``twin_*()``), so Inductor launches our kernels from its generated code instead of calling an
+opaque op through Python on every call.
 
 * Both: ``norm_quant`` and ``quantize_activations`` -> ``norm_quant_triton``.
 * Inference: ``linear_q`` -> ``linear_q_triton`` when its packed weights are a hoisted
@@ -24,6 +24,7 @@ import operator
 import torch
 import torch.fx as fx
 
+from bitcompile.ops import epilogue, linear, norm_quant, quantize
 from bitcompile.passes import PassContext
 from bitcompile.passes.graph import meta
 
@@ -42,9 +43,6 @@ def lower_to_triton(gm: fx.GraphModule, ctx: PassContext) -> None:
     graph = gm.graph
     if not any(_static_cuda(n) for n in graph.nodes if n.op == "placeholder"):
         return
-    # Registered on first use: the module imports Triton and Inductor (slow to import).
-    import bitcompile.ops.triton_ops  # noqa: F401
-
     _lower_activation_quantization(graph)
     if ctx.training:
         _lower_qat_linears(graph)
@@ -53,17 +51,15 @@ def lower_to_triton(gm: fx.GraphModule, ctx: PassContext) -> None:
 
 
 def _lower_activation_quantization(graph: fx.Graph) -> None:
-    from bitcompile.kernels.act_quant import MAX_ROW
-
     for node in list(graph.nodes):
         if node.target is torch.ops.bitnet.norm_quant.default and _static_cuda(node.args[0], node.args[1]):
-            if meta(node.args[0]).shape[-1] <= MAX_ROW:
-                node.target = torch.ops.bitnet.norm_quant_triton.default
+            if norm_quant.kernel_supports(meta(node.args[0])):
+                node.target = norm_quant.twin_norm_quant()
         elif node.target is torch.ops.bitnet.quantize_activations.default and _static_cuda(node.args[0]):
             x, bits = node.args
             xm = meta(x)
-            if xm.is_floating_point() and xm.shape[-1] <= MAX_ROW:  # plain quantization: the "none" norm
-                node.target = torch.ops.bitnet.norm_quant_triton.default
+            if norm_quant.kernel_supports(xm):  # plain quantization: the "none" norm
+                node.target = norm_quant.twin_norm_quant()
                 node.args = (x, None, None, None, "none", 0.0, bits, xm.dtype, False, False)
 
 
@@ -71,39 +67,35 @@ def _lower_qat_linears(graph: fx.Graph) -> None:
     """Training: the per-step weight quantizers and the linears on packed ternary weights and
     int8 activations (their STE backward then launches the input-gradient kernels from
     Inductor's code as well)."""
-    from bitcompile.kernels.weight_pack import SCHEMES
-
     for node in list(graph.nodes):
         if node.target is torch.ops.bitnet.quantize_weights.default:
             w, scheme = node.args[:2]
             wm = meta(w)
-            if scheme in SCHEMES and wm is not None and wm.dim() == 2 and wm.is_floating_point() and _static_cuda(w):
-                node.target = torch.ops.bitnet.quantize_weights_triton.default
+            if wm is not None and quantize.weights_kernel_supports(wm, scheme) and _static_cuda(w):
+                node.target = quantize.twin_quantize_weights()
         elif node.target is torch.ops.bitnet.lowbit_linear.default:
             x, xq, wq = node.args[0], node.args[3], node.args[5]
             if xq is None or not _packed_codes(wq) or not _static_cuda(node, x):
                 continue
-            node.target = torch.ops.bitnet.lowbit_linear_triton.default
-            candidate = node.meta.get("bitnet_candidate")
-            if candidate is not None:
-                candidate.reason += ", lowered: triton"
+            node.target = linear.twin_lowbit_linear()
+            _note_lowered(node)
 
 
 def _packed_codes(wq) -> bool:
-    """``wq`` is the packed output of a ``quantize_weights`` node: 2-bit codes, as for every
-    scheme but int8 (a custom quantizer's weights come from elsewhere)."""
+    """``wq`` is the packed output of a ``quantize_weights`` node of a scheme the matmul kernels
+    read (a custom quantizer's weights come from elsewhere)."""
     if not (isinstance(wq, fx.Node) and wq.target is operator.getitem and wq.args[1] == 0):
         return False
     src = wq.args[0]
-    quantizers = (torch.ops.bitnet.quantize_weights.default, torch.ops.bitnet.quantize_weights_triton.default)
-    return isinstance(src, fx.Node) and src.target in quantizers and src.args[1] != "int8"
+    quantizers = (torch.ops.bitnet.quantize_weights.default, quantize.twin_quantize_weights())
+    return isinstance(src, fx.Node) and src.target in quantizers and linear.kernel_supports_scheme(src.args[1])
 
 
 def _lower_inference_linears(graph: fx.Graph, ctx: PassContext) -> None:
     placeholders = {n.name: n for n in graph.nodes if n.op == "placeholder"}
     for hoisted in ctx.hoisted:
         packed = placeholders.get(hoisted.packed_name)
-        if packed is None or hoisted.scheme != "ternary":
+        if packed is None or hoisted.scheme != "ternary":  # the K-blocked layout holds trits only
             continue
         users = list(packed.users)
         lowerable = [
@@ -114,7 +106,11 @@ def _lower_inference_linears(graph: fx.Graph, ctx: PassContext) -> None:
             continue
         hoisted.layout = "kblocked"
         for user in lowerable:
-            user.target = torch.ops.bitnet.linear_q_triton.default
-            candidate = user.meta.get("bitnet_candidate")
-            if candidate is not None:
-                candidate.reason += ", lowered: triton"
+            user.target = epilogue.twin_linear_q()
+            _note_lowered(user)
+
+
+def _note_lowered(node: fx.Node) -> None:
+    candidate = node.meta.get("bitnet_candidate")
+    if candidate is not None:
+        candidate.reason += ", lowered: triton"

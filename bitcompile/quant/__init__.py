@@ -16,7 +16,7 @@ from bitcompile.quant.gradients import (
     straight_through,
     threshold_for_sparsity,
 )
-from bitcompile.quant.packing import pack_ternary, unpack_ternary
+from bitcompile.numerics.packing import pack_ternary, unpack_ternary
 from bitcompile.quant.primitives import (
     QuantizationReport,
     adaptive_threshold_quantize,

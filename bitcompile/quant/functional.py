@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import bitcompile.ops  # noqa: F401  (registers torch.ops.bitnet)
-from bitcompile.ops import reference as ref
+from bitcompile.numerics import reference as ref
 from bitcompile.quant.gradients import ste_quantize, straight_through
 from bitcompile.quant.tensor import TernaryTensor
 

@@ -5,7 +5,7 @@ are wanted it also carries the quantizer's surrogate gradient (see
 ``bitcompile.quant.tensor``), so ``dequantize(q)`` is differentiable: the
 straight-through estimator (identity) for the input unless a function says
 otherwise. ``ternary_quantize`` is the BitNet b1.58 absmean quantizer the backend
-uses (``bitcompile.ops.reference``), so eager and compiled code agree.
+uses (``bitcompile.numerics.reference``), so eager and compiled code agree.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from typing import Optional, Union
 
 import torch
 
-from bitcompile.ops import reference as ref
+from bitcompile.numerics import reference as ref
 from bitcompile.quant.tensor import QuantizedTensor, ScaleLike, TernaryTensor
 
 

@@ -20,6 +20,7 @@ from typing import Optional, Protocol, Sequence, Union, runtime_checkable
 import torch
 from torch import nn
 
+from bitcompile.config import BitConfig, check_quantizer
 from bitcompile.quant.primitives import learned_quantize, ste_carrier, ternary_quantize
 from bitcompile.quant.tensor import QuantizedTensor, TernaryTensor
 
@@ -52,13 +53,6 @@ def fake_quantize(quantizer, w: torch.Tensor, layer: Optional[Layer] = None) -> 
     else:
         out = quantizer.dequantize(quantizer.quantize(w))
     return out.to(w.dtype)
-
-
-def check_quantizer(obj) -> None:
-    """Raise a TypeError naming what is missing if ``obj`` is not a quantizer."""
-    missing = [m for m in ("quantize", "dequantize", "parameters") if not callable(getattr(obj, m, None))]
-    if missing:
-        raise TypeError(f"{type(obj).__name__} is not a quantizer: it lacks {', '.join(missing)} (needs quantize, dequantize, parameters)")
 
 
 class BaseQuantizer(nn.Module):
@@ -207,8 +201,6 @@ class PerLayerQuantizer(BaseQuantizer):
     def for_model(cls, model: nn.Module, factory, exclude: Sequence[str] = ("lm_head",)) -> "PerLayerQuantizer":
         """``factory(weight) -> quantizer`` for every ``nn.Linear`` of ``model`` not matched by
         ``exclude`` (the backend's rule: a glob on the module path or a dotted suffix of it)."""
-        from bitcompile.config import BitConfig
-
         cfg = BitConfig(exclude=list(exclude))
         found = {path: factory(m.weight) for path, m in model.named_modules() if isinstance(m, nn.Linear) and not cfg.excluded(path)}
         return cls(found)

@@ -13,14 +13,10 @@ from typing import Optional
 import torch
 from torch import nn
 
+from bitcompile.numerics.spec import check_bits
 from bitcompile.quant.primitives import sparsity_mask, ste_carrier
 from bitcompile.quant.quantizers import BaseQuantizer
 from bitcompile.quant.tensor import QuantizedTensor, TernaryTensor
-
-
-def _check_bits(bits: int, low: int = 2, high: int = 8) -> None:
-    if isinstance(bits, bool) or not isinstance(bits, int) or not low <= bits <= high:
-        raise ValueError(f"bits must be an int in {low}..{high}, got {bits!r}")
 
 
 class LogQuantizer(BaseQuantizer):
@@ -30,7 +26,7 @@ class LogQuantizer(BaseQuantizer):
 
     def __init__(self, bits: int = 4):
         super().__init__()
-        _check_bits(bits)
+        check_bits("bits", bits)
         self.bits = bits
         self.levels = 2 ** (bits - 1) - 1
 
@@ -69,7 +65,7 @@ class LSQQuantizer(BaseQuantizer):
 
     def __init__(self, bits: int = 4, step: float = 0.1, channels: Optional[int] = None):
         super().__init__()
-        _check_bits(bits)
+        check_bits("bits", bits)
         self.bits = bits
         self.qn, self.qp = 2 ** (bits - 1), 2 ** (bits - 1) - 1
         self.step = nn.Parameter(torch.full((channels, 1) if channels else (), float(step)))
@@ -149,8 +145,8 @@ class BlockwiseMixedPrecisionQuantizer(BaseQuantizer):
 
     def __init__(self, block_size: int = 64, low_bits: int = 2, high_bits: int = 8, high_precision_fraction: float = 0.25):
         super().__init__()
-        _check_bits(low_bits)
-        _check_bits(high_bits)
+        check_bits("low_bits", low_bits)
+        check_bits("high_bits", high_bits)
         if block_size < 1 or not 0.0 <= high_precision_fraction <= 1.0:
             raise ValueError("block_size must be >= 1 and high_precision_fraction in [0, 1]")
         self.block_size, self.low_bits, self.high_bits, self.fraction = block_size, low_bits, high_bits, high_precision_fraction

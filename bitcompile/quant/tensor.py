@@ -8,7 +8,7 @@ the carrier in :meth:`dequantize` makes ``dequantize(quantize(x))`` differentiab
 with the quantizer's own rule while the forward value stays exactly ``codes * scale``.
 
 ``TernaryTensor`` is the ternary case (codes in {-1, 0, +1}): it packs to the
-canonical 2-bit format (``bitcompile.quant.packing``) and back. Both classes
+canonical 2-bit format (``bitcompile.numerics.packing``) and back. Both classes
 interoperate with torch through ``__torch_function__``: a torch function given one
 receives its dequantized value, so ``x @ t`` or ``torch.relu(t)`` just work.
 """
@@ -18,7 +18,7 @@ from typing import Optional, Union
 
 import torch
 
-from bitcompile.quant.packing import pack_ternary, unpack_ternary
+from bitcompile.numerics.packing import pack_ternary, unpack_ternary
 
 ScaleLike = Union[float, torch.Tensor]
 

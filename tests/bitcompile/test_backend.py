@@ -87,7 +87,7 @@ def test_a_recompile_traces_the_current_ste_backward(monkeypatch):
     with this process's tuned configurations) is not in the graph Dynamo hands over, which is all
     AOTAutograd's on-disk cache keys on: a hit would replay what another process or an older
     bitcompile traced. After the backward changes, a recompile must use the new one."""
-    from bitcompile.ops import reference as ref
+    from bitcompile.numerics import reference as ref
 
     torch.manual_seed(0)
     layer, x = torch.nn.Linear(12, 8), torch.randn(4, 12)

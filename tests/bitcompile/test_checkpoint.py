@@ -4,8 +4,8 @@ from safetensors.torch import load_file
 
 import bitcompile
 from bitcompile.ops import WEIGHT_CACHE
-from bitcompile.ops import reference as ref
-from bitcompile.quant.packing import pack_ternary, unpack_ternary
+from bitcompile.numerics import reference as ref
+from bitcompile.numerics.packing import pack_ternary, unpack_ternary
 from tests.helpers import MLP
 
 

@@ -5,7 +5,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import bitcompile.ops  # noqa: F401
-from bitcompile.ops import reference as ref
+from bitcompile.numerics import reference as ref
 from tests.strategies import FLOAT_DTYPES, batch_shapes, ks, ns, tensors
 
 bitnet = torch.ops.bitnet
@@ -37,8 +37,6 @@ def test_opcheck_every_op(scheme, per_channel, bits):
 def test_opcheck_grad_input_ws():
     """The Gluon input gradient's opaque op (CUDA only; the reference on the CPU): schema and
     fake (its shape without the batch dimensions, as the traced call passes 2-D grads)."""
-    from bitcompile.ops import triton_ops  # noqa: F401  (registers it)
-
     wq, ws = bitnet.quantize_weights(torch.randn(16, 10), "ternary", False)
     torch.library.opcheck(bitnet.grad_input_ws, (torch.randn(5, 16, dtype=torch.bfloat16), wq, ws, 10,
                                                  [256, 128, 4, 3, 16]))

@@ -3,7 +3,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from bitcompile.quant.packing import (KBLOCK_ORDERS, ZERO_PAIRS, from_kblocked, kblocked_columns, pack_ternary,
+from bitcompile.numerics.packing import (KBLOCK_ORDERS, ZERO_PAIRS, from_kblocked, kblocked_columns, pack_ternary,
                                      packed_columns, to_kblocked, unpack_ternary)
 
 

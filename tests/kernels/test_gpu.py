@@ -3,7 +3,7 @@ Run on a GPU machine: ``make test-gpu``."""
 import pytest
 import torch
 
-from bitcompile.ops import reference as ref
+from bitcompile.numerics import reference as ref
 
 pytestmark = pytest.mark.gpu
 ops = torch.ops.bitnet
@@ -73,7 +73,7 @@ def test_compiled_matmul_builds_tma_descriptors_on_device(monkeypatch):
 
     from bitcompile.kernels import layout, tuning
     from bitcompile.kernels.ternary_matmul import ternary_matmul
-    from bitcompile.ops import triton_ops  # noqa: F401  (registers the twins)
+    from bitcompile.ops.epilogue import twin_linear_q
 
     m, n, k = 520, 384, 1040  # a partial row tile and a partial 256-trit block
     g = torch.Generator(device="cuda").manual_seed(5)
@@ -87,6 +87,8 @@ def test_compiled_matmul_builds_tma_descriptors_on_device(monkeypatch):
     described = []
     real = tuning.use_scratch_allocator
     monkeypatch.setattr(tuning, "use_scratch_allocator", lambda: described.append(1) or real())
+
+    twin_linear_q()
 
     def linear(a, xs, blocked, ws):
         return ops.linear_q_triton(a, xs, blocked, ws, None, k, torch.float32, "none", None)
@@ -192,7 +194,7 @@ def test_layouts_gpu(n, k):
     """The relayout kernels against the reference layouts (the matmul's "nibbles" rows, and
     the transposed operands of both input-gradient kernels)."""
     from bitcompile.kernels import layout
-    from bitcompile.quant.packing import pack_ternary, to_kblocked, unpack_ternary
+    from bitcompile.numerics.packing import pack_ternary, to_kblocked, unpack_ternary
 
     wq, _ = ref.quantize_weights(torch.randn(n, k, device="cuda", generator=torch.Generator("cuda").manual_seed(n)))
     assert torch.equal(layout.relayout(wq, k).cpu(), to_kblocked(wq.cpu(), k))
@@ -203,7 +205,7 @@ def test_layouts_gpu(n, k):
 
 def test_weight_pack_kblocked_gpu():
     from bitcompile.kernels.weight_pack import quantize_pack
-    from bitcompile.quant.packing import to_kblocked
+    from bitcompile.numerics.packing import to_kblocked
 
     # Half-integers: every partial sum (< 2^24 halves) is exact, so the scale is too.
     w = (torch.randint(-3, 4, (512, 4100), device="cuda") / 2).to(torch.bfloat16)
@@ -379,8 +381,12 @@ def test_triton_twins_opcheck():
     # Their fake implementation traces the kernels through wrap_triton (not possible in
     # the CPU interpreter, so this check runs here). Static shapes only: the lowering pass
     # emits them only for graphs with static shapes (the kernel variant depends on M).
-    from bitcompile.ops import triton_ops  # noqa: F401
     from bitcompile.kernels.layout import relayout
+    from bitcompile.ops import epilogue, linear, norm_quant, quantize
+
+    for register in (epilogue.twin_linear_q, norm_quant.twin_norm_quant, quantize.twin_quantize_weights,
+                     linear.twin_lowbit_linear, linear.twin_grad_input):
+        register()
 
     wq, ws = ops.quantize_weights(torch.randn(64, 300, device="cuda"), "ternary", False)
     xq, xs = ops.quantize_activations(torch.randn(3, 300, device="cuda"), 8)

@@ -7,7 +7,7 @@ import torch
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from bitcompile.ops import reference as ref
+from bitcompile.numerics import reference as ref
 
 dims = st.integers(1, 70)
 
@@ -197,7 +197,7 @@ def test_grad_input_gluon_entry_falls_back_where_it_cannot_run(kernels, device, 
 @given(n=st.integers(1, 600), k=dims, seed=st.integers(0, 2**16))
 @example(n=256, k=64, seed=0)  # whole blocks, whole row tiles
 def test_transposed_kblocked(kernels, device, order, n, k, seed):
-    from bitcompile.quant.packing import pack_ternary, to_kblocked, unpack_ternary
+    from bitcompile.numerics.packing import pack_ternary, to_kblocked, unpack_ternary
 
     g = torch.Generator().manual_seed(seed)
     wq, _ = ref.quantize_weights(torch.randn(n, k, generator=g))
@@ -310,7 +310,7 @@ def test_matmul_activations_by_tma_exact(kernels, device, join_k, monkeypatch):
 
 @given(n=dims, k=st.integers(1, 600), seed=st.integers(0, 2**16))
 def test_relayout_matches_reference(kernels, device, n, k, seed):
-    from bitcompile.quant.packing import from_kblocked, to_kblocked
+    from bitcompile.numerics.packing import from_kblocked, to_kblocked
 
     g = torch.Generator().manual_seed(seed)
     wq, _ = ref.quantize_weights(torch.randn(n, k, generator=g))
@@ -331,7 +331,7 @@ def test_kblocked_cache_follows_changes(kernels, device):
     wq.copy_(ref.quantize_weights(torch.randn(8, 300))[0].to(device))  # in-place change bumps the version
     again = kernels.layout.kblocked(wq, 300)
     assert again is not first
-    from bitcompile.quant.packing import to_kblocked
+    from bitcompile.numerics.packing import to_kblocked
     assert torch.equal(again.cpu(), to_kblocked(wq.cpu(), 300))
 
 
@@ -350,7 +350,7 @@ def test_matmul_keep_false_keeps_no_relaid_copy(kernels, device):
 
 @given(n=dims, k=st.integers(1, 600), per_channel=st.booleans(), seed=st.integers(0, 2**16))
 def test_weight_pack_kblocked_layout(kernels, device, n, k, per_channel, seed):
-    from bitcompile.quant.packing import to_kblocked
+    from bitcompile.numerics.packing import to_kblocked
 
     g = torch.Generator().manual_seed(seed)
     w = torch.randint(-24, 25, (n, k), generator=g) / 8
@@ -364,8 +364,8 @@ def test_weight_pack_kblocked_layout(kernels, device, n, k, per_channel, seed):
 def test_linear_q_triton_twin(kernels, device, m, n, k, per_channel, seed):
     # The Inductor-visible twin runs the same kernels on K-blocked weights: bit-identical
     # to the reference without an activation (same int32 accumulator, same fp32 order).
-    from bitcompile.ops import triton_ops
-    from bitcompile.quant.packing import to_kblocked
+    from bitcompile.numerics.packing import to_kblocked
+    from bitcompile.ops import epilogue
 
     g = torch.Generator().manual_seed(seed)
     wq, ws = ref.quantize_weights(torch.randn(n, k, generator=g), "ternary", per_channel)
@@ -374,21 +374,22 @@ def test_linear_q_triton_twin(kernels, device, m, n, k, per_channel, seed):
     want = ref.linear_epilogue(xq, xs, wq, ws, bias, k, torch.float32, "none", res)
     blocked = to_kblocked(wq, k)
     dev = [t.to(device) for t in (xq, xs, blocked, ws, bias)]
-    got = triton_ops.linear_q_kblocked(*dev, k, torch.float32, "none", res.to(device))
+    got = epilogue.traced(epilogue.linear_q.Args(*dev, k, torch.float32, "none", res.to(device)))
     assert torch.equal(got.cpu(), want)
     # On the CPU the op itself is the reference on the relaid codes.
+    epilogue.twin_linear_q()
     cpu = torch.ops.bitnet.linear_q_triton(xq, xs, blocked, ws, bias, k, torch.float32, "none", res)
     assert torch.equal(cpu, want)
 
 
 def test_norm_quant_triton_twin(kernels, device):
-    from bitcompile.ops import triton_ops
+    from bitcompile.ops import norm_quant
 
     g = torch.Generator().manual_seed(0)
     x, r, w = torch.randn(5, 40, generator=g), torch.randn(5, 40, generator=g), torch.rand(40, generator=g) + 0.5
     want = ref.norm_quant(x, r, w, None, "rms", 1e-6, 8, torch.float32)
-    q, s, y, h = triton_ops.norm_quant_fused(x.to(device), r.to(device), w.to(device), None, "rms", 1e-6, 8,
-                                             torch.float32, False, True)
+    args = (x.to(device), r.to(device), w.to(device), None, "rms", 1e-6, 8, torch.float32, False, True)
+    q, s, y, h = norm_quant.traced(norm_quant.norm_quant.Args(*args))
     assert torch.equal(q.cpu(), want[0]) and torch.equal(h.cpu(), want[3]) and y.numel() == 0
     torch.testing.assert_close(s.cpu(), want[1], rtol=1e-6, atol=0)
 
@@ -399,21 +400,22 @@ def test_qat_triton_twins(kernels, device):
     # packed weights bit-identical and the scale to summation order (as test_weight_pack_random_values);
     # given that scale, the int8 matmul and the quantized input gradient exactly the
     # reference's, the exact input gradient within fp32 summation order.
-    from bitcompile.ops import triton_ops
+    from bitcompile.ops import linear, quantize
 
     g = torch.Generator().manual_seed(0)
     x, w, grad = torch.randn(5, 70, generator=g), torch.randn(24, 70, generator=g), torch.randn(5, 24, generator=g)
-    wq, ws = triton_ops.quantize_weights_packed(w.to(device), "ternary", False)
+    wq, ws = quantize.weights_traced(quantize.quantize_weights.Args(w.to(device), "ternary", False))
     rq, rs = ref.quantize_weights(w, "ternary", False)
     assert torch.equal(wq.cpu(), rq)
     torch.testing.assert_close(ws.cpu(), rs, rtol=1e-6, atol=0)
     rs = ws.cpu()
     xq, xs = ref.quantize_activations(x)
-    out = triton_ops.lowbit_linear_packed(x.to(device), w.to(device), None, xq.to(device), xs.to(device), wq, ws)
+    out = linear.linear_traced(linear.lowbit_linear.Args(x.to(device), w.to(device), None, xq.to(device), xs.to(device),
+                                                         wq, ws))
     assert torch.equal(out.cpu(), ref.lowbit_linear(x, None, xq, xs, rq, rs, 70))
-    got = triton_ops.grad_input_packed(grad.to(device), wq, ws, 70, 8).cpu()
+    got = linear.grad_input_traced(linear.grad_input.Args(grad.to(device), wq, ws, 70, 8)).cpu()
     assert torch.equal(got, ref.grad_input_quantized(grad, rq, rs, 70, 8))
-    got = triton_ops.grad_input_packed(grad.to(device), wq, ws, 70).cpu()
+    got = linear.grad_input_traced(linear.grad_input.Args(grad.to(device), wq, ws, 70)).cpu()
     torch.testing.assert_close(got, ref.grad_input(grad, rq, rs, 70), rtol=1e-5, atol=1e-6)
 
 
@@ -541,7 +543,7 @@ def test_every_gpu_grad_input_config(kernels, device, per_channel):
 def test_every_gpu_weight_pack_config_exact(kernels, device, layout, monkeypatch):
     """Weight quantize + pack with each GPU launch configuration (row tiles of both passes,
     the per-tensor partial sums): rows past the tile, K past the block, both scale kinds."""
-    from bitcompile.quant.packing import to_kblocked
+    from bitcompile.numerics.packing import to_kblocked
 
     wp = kernels.weight_pack
     g = torch.Generator().manual_seed(3)

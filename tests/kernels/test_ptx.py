@@ -13,7 +13,7 @@ from bitcompile.kernels.common import (KBLOCK_PTX, KBLOCK_PTX_Q0, KBLOCK_PTX_Q1,
                                       PAIR_TABLES, TRITS_PTX)
 from bitcompile.kernels.grad_input import SCALED_TRITS_PTX, TRIT_PAIR_PTX
 from bitcompile.kernels.grad_input_ws import DECODE_PTX_TEXT
-from bitcompile.quant.packing import pack_ternary, to_kblocked
+from bitcompile.numerics.packing import pack_ternary, to_kblocked
 
 MASK = 0xFFFFFFFF
 

@@ -3,7 +3,7 @@ from torch import nn
 
 from bitcompile.nn import BitLinear
 from bitcompile.ops import WEIGHT_CACHE
-from bitcompile.ops import reference as ref
+from bitcompile.numerics import reference as ref
 
 
 def test_bitlinear_is_a_drop_in_linear_with_the_design_semantics():

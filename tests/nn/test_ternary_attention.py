@@ -7,7 +7,7 @@ from torch import nn
 
 from bitcompile.nn import TernaryMultiheadAttention
 from bitcompile.nn.ternary_attention import save_attention_heatmap
-from bitcompile.ops import reference as ref
+from bitcompile.numerics import reference as ref
 
 
 def reference_mha(layer: TernaryMultiheadAttention) -> nn.MultiheadAttention:

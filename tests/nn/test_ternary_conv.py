@@ -5,7 +5,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from bitcompile.nn import TernaryConv2d
-from bitcompile.ops import reference as ref
+from bitcompile.numerics import reference as ref
 
 
 def reference_forward(layer, x):

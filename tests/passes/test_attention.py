@@ -10,9 +10,9 @@ from hypothesis import strategies as st
 from torch import nn
 
 import bitcompile
-from bitcompile.nn import bit_attention
+from bitcompile.ops import attention as bit_attention
 from bitcompile.nn.reference_model import reference_model
-from bitcompile.ops import reference as ref
+from bitcompile.numerics import reference as ref
 
 EXACT = dict(rtol=0, atol=0)
 

@@ -7,7 +7,7 @@ from torch import nn
 import bitcompile
 import bitcompile.passes
 from bitcompile.nn.reference_model import reference_model
-from bitcompile.ops import reference as ref
+from bitcompile.numerics import reference as ref
 from bitcompile.passes.batchnorm import fold_batchnorm
 
 # Folding reorders float32 arithmetic (scale * gamma / std applied to the int accumulator in

@@ -11,7 +11,7 @@ import bitcompile
 import bitcompile.ops  # noqa: F401
 from bitcompile.nn.bit_conv import BitConv1d, BitConv2d
 from bitcompile.nn.reference_model import reference_model
-from bitcompile.ops import reference as ref
+from bitcompile.numerics import reference as ref
 
 EXACT = dict(rtol=0, atol=0)
 
@@ -21,7 +21,7 @@ def im2col_accumulate(xq, ints, stride, padding, dilation):
     n, cout = xq.shape[0], ints.shape[0]
     cols = F.unfold(xq.double(), ints.shape[2:], dilation=dilation, padding=padding, stride=stride)  # [N, K, L]
     k = cols.shape[1]
-    packed = bitcompile.quant.packing.pack_ternary(ints.reshape(cout, k))
+    packed = bitcompile.numerics.packing.pack_ternary(ints.reshape(cout, k))
     acc = ref.lowbit_matmul(cols.transpose(1, 2).to(torch.int8), packed, k)  # [N, L, Cout]
     hout = (xq.shape[2] + 2 * padding[0] - dilation[0] * (ints.shape[2] - 1) - 1) // stride[0] + 1
     return acc.transpose(1, 2).reshape(n, cout, hout, -1)

@@ -68,8 +68,8 @@ def test_functional_linear_spelling_is_rewritten():
     model, x = Functional(), torch.randn(5, 2, 6)
     report = bitcompile.explain(model, x)
     assert [c.rewritten for c in report.candidates] == [True, True]
-    w1q, s1 = bitcompile.ops.reference.quantize_weights(model.w1.detach())
-    w2q, s2 = bitcompile.ops.reference.quantize_weights(model.w2.detach())
+    w1q, s1 = bitcompile.numerics.reference.quantize_weights(model.w1.detach())
+    w2q, s2 = bitcompile.numerics.reference.quantize_weights(model.w2.detach())
     ops = torch.ops.bitnet
     h = ops.lowbit_linear(x, model.w1, model.b1, *ops.quantize_activations(x, 8), w1q, s1).relu()
     expect = ops.lowbit_linear(h, model.w2, None, *ops.quantize_activations(h, 8), w2q, s2)
@@ -234,7 +234,7 @@ def test_hand_written_matmul_spellings_are_linears():
     report = bitcompile.explain(model, x)
     assert [c.rewritten for c in report.candidates] == [True] * 4
     ops = torch.ops.bitnet
-    wq, s = bitcompile.ops.reference.quantize_weights(model.w.detach())
+    wq, s = bitcompile.numerics.reference.quantize_weights(model.w.detach())
     y = ops.lowbit_linear(x, model.w, None, *ops.quantize_activations(x, 8), wq, s)
     expect = 4 * y + model.b
     torch.testing.assert_close(torch.compile(model, backend="bitnet")(x), expect, rtol=1e-6, atol=1e-6)

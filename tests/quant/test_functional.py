@@ -6,7 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import bitcompile.quant as Q
-from bitcompile.ops import reference as ref
+from bitcompile.numerics import reference as ref
 from tests.strategies import tensors
 
 

@@ -5,7 +5,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import bitcompile.quant as Q
-from bitcompile.ops import reference as ref
+from bitcompile.numerics import reference as ref
 from tests.strategies import tensors
 
 shapes = st.tuples(st.integers(1, 9), st.integers(1, 13))

@@ -1,8 +1,10 @@
-"""The ``bitnet`` ops for convolutions and attention matmuls (graph coverage).
+"""Quantized convolutions (conv1d / conv2d).
 
-``lowbit_conv`` mirrors ``lowbit_linear``: forward on the quantized operands (per-sample
-int8 activations, 2-bit weights packed from ``W.flatten(1)``), STE backward through both.
-``quantized_attention_matmul`` is int8 x int8 of two activations with per-head scales.
+``lowbit_conv`` mirrors ``lowbit_linear``: forward on the quantized operands (per-sample int8
+activations, 2-bit weights packed from ``W.flatten(1)``), STE backward through both. Only a
+per-sample activation scale factors out of a convolution's sum over channels *and* kernel
+positions, so the conv has its own activation quantizer. On CUDA both run Triton kernels
+(``kernels/sample_quant.py``, the implicit-GEMM ``kernels/conv.py``) where they apply.
 """
 from __future__ import annotations
 
@@ -11,8 +13,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from bitcompile.ops import reference as ref
-from bitcompile.ops.library import no_gradient, quantizer_setup
+from bitcompile.numerics import reference as ref
+from bitcompile.ops.common import no_gradient, packed_ternary, quantizer_setup
 
 
 @torch.library.custom_op("bitnet::quantize_activations_per_sample", mutates_args=())
@@ -98,46 +100,20 @@ def _conv_backward(ctx, grad):
 lowbit_conv.register_autograd(_conv_backward, setup_context=_conv_setup)
 
 
-@torch.library.custom_op("bitnet::quantized_attention_matmul", mutates_args=())
-def quantized_attention_matmul(a: Tensor, b: Tensor, bits: int) -> Tensor:
-    """``Q(a) @ Q(b)``, both int8 (``bits``) with one absmax scale per (batch, head) matrix,
-    accumulated exactly; output in ``a.dtype``. Shapes as ``torch.matmul`` of >= 3-D tensors."""
-    return ref.quantized_attention_matmul(a, b, bits)
+@quantize_activations_per_sample.register_kernel("cuda")
+def _(x, bits):
+    from bitcompile.kernels.sample_quant import quantize_per_sample
+
+    if x.numel() == 0 or not x.is_floating_point():  # the reference's errors and empty results
+        return ref.quantize_activations_per_sample(x, bits)
+    return quantize_per_sample(x, bits)
 
 
-@quantized_attention_matmul.register_fake
-def _(a, b, bits):
-    return torch.matmul(a, b.to(a.dtype))
+@lowbit_conv.register_kernel("cuda")
+def _(x, weight, bias, xq, x_scale, wq, w_scale, stride, padding, dilation, groups):
+    from bitcompile.kernels.conv import ternary_conv
 
-
-def _attn_setup(ctx, inputs, output):
-    a, b, bits = inputs
-    ctx.bits = bits
-    ctx.dtypes = (a.dtype, b.dtype)
-    ctx.save_for_backward(a, b)
-
-
-def _attn_backward(ctx, grad):
-    # STE: the gradient of Q(a) @ Q(b) with both quantizers taken as identity, using the
-    # quantized operands the forward multiplied.
-    a, b = ctx.saved_tensors
-    qa, sa = ref.quantize_per_head(a, ctx.bits)
-    qb, sb = ref.quantize_per_head(b, ctx.bits)
-    a_deq, b_deq, g = qa.float() * sa, qb.float() * sb, grad.float()
-    ga = gb = None
-    if ctx.needs_input_grad[0]:
-        ga = _unbroadcast(g @ b_deq.transpose(-2, -1), a.shape).to(ctx.dtypes[0])
-    if ctx.needs_input_grad[1]:
-        gb = _unbroadcast(a_deq.transpose(-2, -1) @ g, b.shape).to(ctx.dtypes[1])
-    return ga, gb, None
-
-
-def _unbroadcast(g: Tensor, shape) -> Tensor:
-    while g.dim() > len(shape):
-        g = g.sum(0)
-    dims = [i for i, (gs, s) in enumerate(zip(g.shape, shape)) if s == 1 and gs != 1]
-    return g.sum(dims, keepdim=True) if dims else g
-
-
-quantized_attention_matmul.register_autograd(_attn_backward, setup_context=_attn_setup)
-
+    if xq is None or not packed_ternary(wq):  # weight-only / int8 weights: the reference
+        return ref.lowbit_conv(x, weight.shape, bias, xq, x_scale, wq, w_scale, stride, padding, dilation, groups)
+    return ternary_conv(xq, wq, weight.shape, stride, padding, dilation, groups, x_scale, w_scale, bias, x.dtype,
+                        ref.conv_memory_format(x))

@@ -1,12 +1,14 @@
-"""Quantized attention, as plain functions of the ``bitnet`` ops.
+"""Quantized attention: the int x int attention matmul op, and attention as plain functions of
+the ``bitnet`` ops.
 
-The attention pass inserts calls to these functions into compiled graphs (AOTAutograd
-traces through them), and the eager reference layers call the same functions, so both
-paths share one definition.
+``quantized_attention_matmul`` multiplies two activations, both quantized to int8 with one
+absmax scale per (batch, head) matrix, accumulating exactly; its STE backward uses the
+quantized operands. The functions below (``multi_head_attention``, ``encoder_layer``,
+``quantized_sdpa``) are what the attention pass inserts into compiled graphs (AOTAutograd
+traces through them) and what the eager reference layers call, so both share one definition.
 
-A projection is ``(w, b, wq, w_scale)``; ``wq is None`` keeps it in floating point
-(an excluded module). ``attention_bits`` quantizes QK^T and attention @ V to int x int with
-per-(batch, head) scales; softmax stays in floating point.
+A projection is ``(w, b, wq, w_scale)``; ``wq is None`` keeps it in floating point (an excluded
+module). ``attention_bits`` quantizes QK^T and attention @ V; softmax stays in floating point.
 """
 from __future__ import annotations
 
@@ -16,6 +18,52 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from bitcompile.numerics import reference as ref
+
+
+@torch.library.custom_op("bitnet::quantized_attention_matmul", mutates_args=())
+def quantized_attention_matmul(a: Tensor, b: Tensor, bits: int) -> Tensor:
+    """``Q(a) @ Q(b)``, both int8 (``bits``) with one absmax scale per (batch, head) matrix,
+    accumulated exactly; output in ``a.dtype``. Shapes as ``torch.matmul`` of >= 3-D tensors."""
+    return ref.quantized_attention_matmul(a, b, bits)
+
+
+@quantized_attention_matmul.register_fake
+def _(a, b, bits):
+    return torch.matmul(a, b.to(a.dtype))
+
+
+def _attn_setup(ctx, inputs, output):
+    a, b, bits = inputs
+    ctx.bits = bits
+    ctx.dtypes = (a.dtype, b.dtype)
+    ctx.save_for_backward(a, b)
+
+
+def _attn_backward(ctx, grad):
+    # STE: the gradient of Q(a) @ Q(b) with both quantizers taken as identity, using the
+    # quantized operands the forward multiplied.
+    a, b = ctx.saved_tensors
+    qa, sa = ref.quantize_per_head(a, ctx.bits)
+    qb, sb = ref.quantize_per_head(b, ctx.bits)
+    a_deq, b_deq, g = qa.float() * sa, qb.float() * sb, grad.float()
+    ga = gb = None
+    if ctx.needs_input_grad[0]:
+        ga = _unbroadcast(g @ b_deq.transpose(-2, -1), a.shape).to(ctx.dtypes[0])
+    if ctx.needs_input_grad[1]:
+        gb = _unbroadcast(a_deq.transpose(-2, -1) @ g, b.shape).to(ctx.dtypes[1])
+    return ga, gb, None
+
+
+def _unbroadcast(g: Tensor, shape) -> Tensor:
+    while g.dim() > len(shape):
+        g = g.sum(0)
+    dims = [i for i, (gs, s) in enumerate(zip(g.shape, shape)) if s == 1 and gs != 1]
+    return g.sum(dims, keepdim=True) if dims else g
+
+
+quantized_attention_matmul.register_autograd(_attn_backward, setup_context=_attn_setup)
 
 
 def project(x: Tensor, w: Tensor, b: Optional[Tensor], wq: Optional[Tensor], w_scale: Optional[Tensor], activation_bits, rows=None) -> Tensor:
@@ -142,3 +190,12 @@ def encoder_layer(
         return x + feed_forward(ln2(x))
     x = ln1(src + self_attention(src))
     return ln2(x + feed_forward(x))
+
+
+# nn.TransformerEncoderLayer's inference fast path is one aten op that the attention pass
+# decomposes. Some torch builds (2.11 with CUDA) have no Meta kernel for it, so Dynamo cannot
+# trace it with dynamic shapes and graph-breaks, running the layer unquantized in eager. Its
+# output has src's shape.
+if not torch._C._dispatch_has_kernel_for_dispatch_key("aten::_transformer_encoder_layer_fwd", "Meta"):
+    _ATEN_META = torch.library.Library("aten", "IMPL")
+    _ATEN_META.impl("_transformer_encoder_layer_fwd", lambda src, *args, **kwargs: torch.empty_like(src), "Meta")

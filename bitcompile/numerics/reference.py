@@ -1,30 +1,17 @@
 """Plain-torch reference implementations: the oracle every kernel is tested against.
 
-Semantics are DESIGN.md's (BitNet b1.58):
-  weights      s_w = mean|W| (clamped at EPS), trits = clip(round(W / s_w), -1, 1)
-  activations  s_x = max|x| / qmax per token (clamped), q = clip(round(x / s_x), -qmax-1, qmax)
-  output       (q @ trits^T) * s_x * s_w (+ bias), accumulated exactly in int32
-Scales are always float32. NaN in an input propagates to the output through its scale.
+The semantics are ``spec``'s (BitNet b1.58). Scales are always float32. NaN in an input
+propagates to the output through its scale.
 """
 from __future__ import annotations
 
 import torch
 
-from bitcompile.config import check_bits
-from bitcompile.quant.packing import pack_ternary, unpack_ternary
+from bitcompile.numerics.packing import pack_ternary, unpack_ternary
+from bitcompile.numerics.spec import ACTIVATIONS, EPS, GRAD_EPS, NORM_KINDS, WEIGHT_SCHEMES, check_bits, qmax
 
-EPS = 1e-5
-# Gradients are often far below 1e-5: their per-row scale is clamped only where amax / qmax would
-# leave float32's normal range (rows whose largest |g| is below this are quantized to zero).
-GRAD_EPS = 2.0**-100
-WEIGHT_SCHEMES = ("ternary", "binary", "int8")
 # float32 matmul of integers is exact while every partial sum stays below 2**24.
 _EXACT_F32_LIMIT = 2**24
-
-
-def qmax(bits: int) -> int:
-    return 2 ** (bits - 1) - 1
-
 
 def quantize_activations(x: torch.Tensor, bits: int = 8, eps: float = EPS) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token absmax: ``x [..., K] -> (q int8 [..., K], scale float32 [..., 1])``; ``max|x|``
@@ -151,7 +138,7 @@ def dequantized_activations(xq, x_scale, dtype: torch.dtype) -> torch.Tensor:
     return torch.mul(xq, x_scale, out=torch.empty(xq.shape, dtype=dtype, device=xq.device))
 
 
-# --- convolution and attention matmuls (issue 4) ------------------------------
+# --- convolution and attention matmuls ------------------------------------------
 
 
 def quantize_activations_per_sample(x: torch.Tensor, bits: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
@@ -240,9 +227,7 @@ def quantized_attention_matmul(a: torch.Tensor, b: torch.Tensor, bits: int = 8) 
     return (int_bmm(qa, qb).float() * sa * sb).to(a.dtype)
 
 
-# --- fused forms (kernels issue): references for the norm+quant and epilogue ops ----
-
-NORM_KINDS = ("none", "rms", "rms_fp32", "layer")
+# --- fused forms: the norm + quantization and linear-epilogue ops -----------------
 
 
 def normalize(h: torch.Tensor, kind: str, weight, bias, eps: float, out_dtype: torch.dtype) -> torch.Tensor:
@@ -312,7 +297,7 @@ def activation(y: torch.Tensor, name: str) -> torch.Tensor:
         return torch.nn.functional.silu(y)
     if name == "relu2":
         return torch.relu(y).square()
-    raise ValueError(f"unknown activation {name!r}; supported: none, relu, gelu, gelu_tanh, silu, relu2")
+    raise ValueError(f"unknown activation {name!r}; supported: {', '.join(ACTIVATIONS)}")
 
 
 def linear_epilogue(xq, x_scale, wq, w_scale, bias, k: int, dtype: torch.dtype, act: str = "none", residual=None):

@@ -1,0 +1,73 @@
+"""``linear_q``: an inference linear from already-quantized activations with a fused epilogue.
+
+Emitted by ``passes/epilogue.py``: ``act(acc * s_w * s_x + bias) (+ residual)`` computed in
+float32 and cast once to the output dtype, so the activation and the residual add cost no
+extra pass over the output. No gradients: training graphs keep ``lowbit_linear``.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from bitcompile.numerics import reference as ref
+from bitcompile.numerics.packing import from_kblocked
+from bitcompile.ops.common import bitnet_op, packed_ternary, require_static, twin
+
+
+@bitnet_op("bitnet::linear_q")
+def linear_q(
+    xq: Tensor, x_scale: Tensor, wq: Tensor, w_scale: Tensor, bias: Optional[Tensor], k: int, dtype: torch.dtype,
+    activation: str, residual: Optional[Tensor],
+) -> Tensor:
+    """Inference linear from int8 activations with the fused epilogue
+    ``act(acc * s_w * s_x + bias) (+ residual)`` cast to ``dtype``."""
+    return ref.linear_epilogue(xq, x_scale, wq, w_scale, bias, k, dtype, activation, residual)
+
+
+@linear_q.register_fake
+def _(*args):
+    a = linear_q.Args(*args)
+    return a.xq.new_empty((*a.xq.shape[:-1], a.wq.shape[0]), dtype=a.dtype)
+
+
+def kernel_supports(wq: Tensor) -> bool:
+    """The matmul kernel reads 2-bit packed weights (int8 weights run the reference)."""
+    return packed_ternary(wq)
+
+
+def _kernel(a, layout: str = "canonical", wrap=None):
+    from bitcompile.kernels.ternary_matmul import ternary_matmul
+
+    return ternary_matmul(a.xq, a.wq, a.k, a.x_scale, a.w_scale, a.bias, a.dtype, a.activation, a.residual,
+                          layout=layout, wrap=wrap)
+
+
+@linear_q.register_kernel("cuda")
+def _(*args):
+    a = linear_q.Args(*args)
+    if not kernel_supports(a.wq):
+        return linear_q.prototype(*a)
+    return _kernel(a)
+
+
+def traced(a):
+    from torch.library import wrap_triton
+
+    require_static(a.xq, "linear_q_triton")
+    return _kernel(a, layout="kblocked", wrap=wrap_triton)
+
+
+def _reference_kblocked(a):
+    return linear_q.prototype(*a._replace(wq=from_kblocked(a.wq, a.k)))
+
+
+@functools.cache
+def twin_linear_q():
+    """``bitnet::linear_q_triton``: the matmul kernel launched from Inductor's code in CUDA graphs
+    with static shapes; its packed weights arrive in the kernels' K-blocked layout
+    (``numerics.packing.to_kblocked``), relaid once by the weight cache."""
+    twin("bitnet::linear_q_triton", linear_q, traced, cpu=_reference_kblocked)
+    return torch.ops.bitnet.linear_q_triton.default

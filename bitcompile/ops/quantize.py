@@ -1,0 +1,93 @@
+"""The quantizers: per-token activation quantization and weight quantization + packing.
+
+Both return integers and float32 scales and pass no gradient back: the STE lives on the
+linear and conv ops that consume them. On CUDA each runs a Triton kernel where
+``*_kernel_supports`` says the kernel covers the input, and the reference elsewhere.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import Tensor
+
+from bitcompile.numerics import reference as ref
+from bitcompile.ops.common import bitnet_op, no_gradient, quantizer_setup, twin
+
+
+@bitnet_op("bitnet::quantize_activations")
+def quantize_activations(x: Tensor, bits: int) -> tuple[Tensor, Tensor]:
+    """Per-token absmax quantization: ``x [..., K] -> (int8 [..., K], float32 [..., 1])``."""
+    return ref.quantize_activations(x, bits)
+
+
+@quantize_activations.register_fake
+def _(x, bits):
+    return x.new_empty(x.shape, dtype=torch.int8), x.new_empty((*x.shape[:-1], 1), dtype=torch.float32)
+
+
+def activations_kernel_supports(x: Tensor) -> bool:
+    """The activation-quantization kernel takes floating rows of up to ``MAX_ROW`` elements."""
+    from bitcompile.kernels.act_quant import MAX_ROW
+
+    return x.dtype.is_floating_point and x.shape[-1] <= MAX_ROW
+
+
+@quantize_activations.register_kernel("cuda")
+def _(x, bits):
+    from bitcompile.kernels.act_quant import norm_quant as kernel
+
+    if not activations_kernel_supports(x):
+        return ref.quantize_activations(x, bits)
+    q, s, _, _ = kernel(x, bits)
+    return q, s
+
+
+@bitnet_op("bitnet::quantize_weights")
+def quantize_weights(w: Tensor, scheme: str, per_channel: bool) -> tuple[Tensor, Tensor]:
+    """``W [N, K] -> (packed uint8 [N, ceil(K/4)] | int8 [N, K], float32 scale [N] | [1])``."""
+    return ref.quantize_weights(w, scheme, per_channel)
+
+
+@quantize_weights.register_fake
+def _(w, scheme, per_channel):
+    n, k = w.shape
+    wq = w.new_empty((n, k), dtype=torch.int8) if scheme == "int8" else w.new_empty((n, (k + 3) // 4), dtype=torch.uint8)
+    return wq, w.new_empty((n if per_channel else 1,), dtype=torch.float32)
+
+
+def weights_kernel_supports(w: Tensor, scheme: str) -> bool:
+    """The weight-pack kernel quantizes 2-D floating weights to the 2-bit schemes."""
+    from bitcompile.kernels.weight_pack import SCHEMES
+
+    return scheme in SCHEMES and w.dim() == 2 and w.dtype.is_floating_point
+
+
+@quantize_weights.register_kernel("cuda")
+def _(w, scheme, per_channel):
+    from bitcompile.kernels.weight_pack import quantize_pack
+
+    if not weights_kernel_supports(w, scheme):
+        return ref.quantize_weights(w, scheme, per_channel)
+    return quantize_pack(w, scheme, per_channel)
+
+
+quantize_activations.register_autograd(no_gradient, setup_context=quantizer_setup)
+quantize_weights.register_autograd(no_gradient, setup_context=quantizer_setup)
+
+
+def weights_traced(a) -> tuple[Tensor, Tensor]:
+    from torch.library import wrap_triton
+
+    from bitcompile.kernels.weight_pack import quantize_pack
+
+    return quantize_pack(a.w, a.scheme, a.per_channel, wrap=wrap_triton)
+
+
+@functools.cache
+def twin_quantize_weights():
+    """``bitnet::quantize_weights_triton``: QAT graphs' per-step weight quantization through the
+    weight-pack kernels, launched from Inductor's code (only where ``weights_kernel_supports``)."""
+    op = twin("bitnet::quantize_weights_triton", quantize_weights, weights_traced)
+    op.register_autograd(no_gradient, setup_context=quantizer_setup)
+    return torch.ops.bitnet.quantize_weights_triton.default
