@@ -7,10 +7,7 @@ passes and give it to Inductor (``compile_fx``), on the CPU as on CUDA.
 """
 from __future__ import annotations
 
-import functools
-import hashlib
 import warnings
-from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import torch
@@ -18,6 +15,7 @@ import torch.fx as fx
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
 from bitcompile.config import BitConfig
+from bitcompile.passes.manager import source_hash
 
 
 class BitcompileFallbackWarning(UserWarning):
@@ -126,16 +124,6 @@ def _compile(gm: fx.GraphModule, example_inputs: list, ctx) -> Callable:
         return compiled(*args, *extra, *packed)
 
     return run_with_packed_weights
-
-
-@functools.lru_cache(maxsize=None)
-def source_hash() -> str:
-    """sha256 of bitcompile's installed sources and shipped tuning tables."""
-    root = Path(__file__).parent
-    digest = hashlib.sha256()
-    for path in sorted(f for f in root.rglob("*") if f.suffix in (".py", ".json")):
-        digest.update(str(path.relative_to(root)).encode() + path.read_bytes())
-    return digest.hexdigest()
 
 
 class _SourceKey(CustomGraphPass):

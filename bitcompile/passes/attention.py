@@ -18,28 +18,24 @@ With ``attention_bits`` set, ``F.scaled_dot_product_attention`` and the manual
 from __future__ import annotations
 
 import inspect
-import operator
 from typing import Optional
 
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
 
 from bitcompile.ops import attention as bit_attention
-from bitcompile.passes import PassContext
-from bitcompile.passes.graph import (dtype_name, emit_weight_quantization, meta, owner, parameter_path, record,
-                                      strip_root)
-from bitcompile.passes.linear import _describe
+from bitcompile.passes import targets as T
+from bitcompile.passes.context import PassContext
+from bitcompile.passes.graph import (describe_weights, dtype_name, emit_weight_quantization, meta, owner,
+                                     parameter_path, record, strip_root)
 
-MHA_SIGNATURE = inspect.signature(F.multi_head_attention_forward)
-SDPA_TARGETS = (F.scaled_dot_product_attention, torch.ops.aten.scaled_dot_product_attention.default)
-SOFTMAX_TARGETS = (F.softmax, torch.softmax, torch.ops.aten.softmax.int)
-MATMUL_TARGETS = (operator.matmul, torch.matmul, torch.bmm, torch.ops.aten.matmul.default, torch.ops.aten.bmm.default)
+MHA_SIGNATURE = inspect.signature(T.MHA)
+MATMULS = (T.MATMUL, T.BMM)
 # Ops allowed between the scores matmul and softmax, and between softmax and attn @ V.
-SCORE_OPS = (operator.mul, operator.truediv, operator.add, operator.sub, torch.mul, torch.div, torch.add, torch.where)
-SCORE_METHODS = ("mul", "div", "add", "masked_fill", "to", "float", "type", "contiguous", "__mul__", "__truediv__", "__add__")
-PROB_OPS = (F.dropout, torch.dropout)
-PROB_METHODS = ("to", "float", "type", "contiguous", "type_as")
+SCORE_OPS = (T.MUL, T.DIV, T.ADD, T.SUB, torch.where)
+SCORE_METHODS = ("masked_fill", T.CAST, "contiguous")
+PROB_OPS = (T.DROPOUT, torch.dropout)
+PROB_METHODS = (T.CAST, "contiguous", "type_as")
 
 
 def _dtype(node) -> str:
@@ -56,7 +52,7 @@ def _quantized_projection(graph, gm, ctx, w, b, x_node, label: str):
         reason = "weight is not a parameter"
     elif ctx.config.excluded(module):
         reason = f"excluded by pattern {ctx.config.excluded(module)!r}"
-    record(ctx, "linear", module, f"W{list(wm.shape) if wm is not None else '?'}", _dtype(x_node), reason, _describe(ctx.config) + f" ({label})")
+    record(ctx, "linear", module, f"W{list(wm.shape) if wm is not None else '?'}", _dtype(x_node), reason, describe_weights(ctx.config) + f" ({label})")
     if reason:
         return (w, b, None, None)
     return (w, b, *emit_weight_quantization(graph, w, ctx.config))
@@ -148,7 +144,7 @@ def _scores_matmul(softmax_in: fx.Node, depth: int = 6) -> Optional[fx.Node]:
     for _ in range(depth):
         nxt = []
         for n in frontier:
-            if _is(n, MATMUL_TARGETS, ("matmul", "bmm", "__matmul__")):
+            if _is(n, MATMULS):
                 return n
             if _is(n, SCORE_OPS, SCORE_METHODS):
                 nxt += [a for a in n.args if isinstance(a, fx.Node)]
@@ -163,7 +159,7 @@ def _values_matmul(softmax: fx.Node, depth: int = 4) -> Optional[fx.Node]:
         if len(n.users) != 1:
             return None
         (user,) = n.users
-        if _is(user, MATMUL_TARGETS, ("matmul", "bmm", "__matmul__")):
+        if _is(user, MATMULS):
             return user if user.args[0] is n else None
         if not _is(user, PROB_OPS, PROB_METHODS) or user.args[0] is not n:
             return None
@@ -182,14 +178,14 @@ def _replace_matmul(graph, node, bits) -> None:
 def _rewrite_attention_matmuls(gm, ctx) -> None:
     graph, bits = gm.graph, ctx.config.attention_bits
     for node in list(graph.nodes):
-        if _is(node, SDPA_TARGETS):
+        if _is(node, (T.SDPA,)):
             with graph.inserting_before(node):
                 new = graph.call_function(bit_attention.quantized_sdpa, node.args, {**node.kwargs, "attention_bits": bits})
             record(ctx, "attention_matmul", _module_path(node), f"q{list(meta(node.args[0]).shape) if meta(node.args[0]) is not None else '?'}", _dtype(node), "", f"scaled_dot_product_attention -> {_attn_desc(ctx.config)}")
             new.meta.update(node.meta)
             node.replace_all_uses_with(new)
             graph.erase_node(node)
-        elif _is(node, SOFTMAX_TARGETS, ("softmax",)):
+        elif _is(node, (T.SOFTMAX,)):
             scores = _scores_matmul(node.args[0] if node.args else node.kwargs["input"])
             values = _values_matmul(node)
             shape = meta(scores) if scores is not None else None
@@ -208,9 +204,9 @@ def rewrite_attention(gm: fx.GraphModule, ctx: PassContext) -> None:
     for node in list(gm.graph.nodes):
         if node.op != "call_function":
             continue
-        if node.target is F.multi_head_attention_forward:
+        if node.target is T.MHA:
             _rewrite_mha(node, gm, ctx)
-        elif node.target is torch._transformer_encoder_layer_fwd:
+        elif node.target is T.ENCODER_LAYER_FAST_PATH:
             _rewrite_encoder_layer(node, gm, ctx)
     if ctx.config.attention_bits is not None:
         _rewrite_attention_matmuls(gm, ctx)

@@ -18,28 +18,21 @@ from typing import Optional
 
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
 
-from bitcompile.passes import PassContext
+from bitcompile.passes import targets as T
+from bitcompile.passes.context import PassContext
 from bitcompile.passes.graph import meta, owner, parameter_path
 from bitcompile.report import Candidate
 
-BN_TARGETS = (F.batch_norm, torch.batch_norm, torch.ops.aten.batch_norm.default)
 QUANTIZED_LAYERS = (torch.ops.bitnet.lowbit_conv.default, torch.ops.bitnet.lowbit_linear.default)
 
 
 def bn_args(node: fx.Node):
     """``(x, running_mean, running_var, weight, bias, training, eps)`` of a batch norm, else None."""
-    if node.op != "call_function" or node.target not in BN_TARGETS:
+    if node.op != "call_function" or node.target is not T.BATCH_NORM:
         return None
-    if node.target is F.batch_norm:
-        names = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
-        defaults = (None, None, None, None, None, False, 0.1, 1e-5)
-    else:  # torch.batch_norm / aten: (input, weight, bias, mean, var, training, momentum, eps, cudnn)
-        a = node.args
-        return a[0], a[3], a[4], a[1], a[2], a[5], a[7]
-    v = {n: node.args[i] if i < len(node.args) else node.kwargs.get(n, d) for i, (n, d) in enumerate(zip(names, defaults))}
-    return v["input"], v["running_mean"], v["running_var"], v["weight"], v["bias"], v["training"], v["eps"]
+    x, mean, var, weight, bias, training, _momentum, eps = node.args
+    return x, mean, var, weight, bias, training, eps
 
 
 def fold_batchnorm(w_scale, bias, mean, var, gamma, beta, eps: float):

@@ -2,7 +2,7 @@
 
 Any object with ``quantize``/``dequantize``/``parameters`` (the seed 001 protocol,
 ``bitcompile.quant.Quantizer``) can quantize the weights. The rewrite emits the
-same computation as the eager :func:`quantized_linear_with`:
+same computation as the eager ``bitcompile.quant.quantized_linear_with``:
 
     w_fq = dequantize(quantize(W))          the quantizer's own forward and gradient rule
     x_fq = fake-quantized activations       per-token absmax, STE (if activation_bits)
@@ -24,18 +24,10 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from bitcompile.passes import PassContext
+from bitcompile.passes.context import PassContext
 from bitcompile.passes.graph import meta, owner
 from bitcompile.quant.functional import fake_quantize_activations
 from bitcompile.quant.quantizers import fake_quantize
-
-
-def quantized_linear_with(quantizer, x, weight, bias=None, activation_bits: Optional[int] = 8, layer: Optional[str] = None):
-    """Eager twin of the rewrite: what a compiled linear computes with ``quantizer``."""
-    w = fake_quantize(quantizer, weight, layer)
-    if activation_bits is not None:
-        x = fake_quantize_activations(x, activation_bits)
-    return F.linear(x, w, bias)
 
 
 def state_slots(quantizer) -> list[tuple[dict, str]]:

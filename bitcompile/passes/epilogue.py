@@ -9,19 +9,12 @@ Training graphs keep ``lowbit_linear``: its autograd rule is the STE.
 """
 from __future__ import annotations
 
-import operator
-
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
 
-from bitcompile.passes import PassContext
+from bitcompile.passes import targets as T
+from bitcompile.passes.context import PassContext
 from bitcompile.passes.graph import meta
-
-_RELU = {("call_function", torch.relu), ("call_function", F.relu), ("call_method", "relu"), ("call_function", torch.nn.functional.relu)}
-_GELU = {("call_function", F.gelu), ("call_function", torch._C._nn.gelu), ("call_method", "gelu")}
-_SILU = {("call_function", F.silu), ("call_function", torch._C._nn.silu), ("call_method", "silu")}
-_ADD = {("call_function", operator.add), ("call_function", torch.add), ("call_method", "add")}
 
 
 def _only_user(node: fx.Node):
@@ -31,34 +24,29 @@ def _only_user(node: fx.Node):
 
 def _activation(node: fx.Node, src: fx.Node):
     """``(name, last node)`` if ``node`` applies an epilogue activation to ``src``."""
-    key = (node.op, node.target)
-    if node.args[:1] != (src,):
+    if node.op != "call_function" or node.args != (src,):
         return None
-    extra = {k: v for k, v in node.kwargs.items() if k != "inplace" or v}
-    if key in _RELU and len(node.args) == 1 and not extra:
+    if node.target is T.RELU and not node.kwargs:
         square = _only_user(node)
         if square is not None and _is_square(square, node):
             return "relu2", square
         return "relu", node
-    if key in _GELU and len(node.args) == 1 and set(extra) <= {"approximate"}:
-        return ("gelu_tanh" if extra.get("approximate") == "tanh" else "gelu"), node
-    if key in _SILU and len(node.args) == 1 and not extra:
+    if node.target is T.GELU and set(node.kwargs) <= {"approximate"}:
+        return ("gelu_tanh" if node.kwargs.get("approximate") == "tanh" else "gelu"), node
+    if node.target is T.SILU and not node.kwargs:
         return "silu", node
     return None
 
 
 def _is_square(node: fx.Node, src: fx.Node) -> bool:
-    if node.args[:1] != (src,) or node.kwargs:
+    if node.op != "call_function" or node.args[:1] != (src,) or node.kwargs:
         return False
-    if (node.op, node.target) in {("call_method", "square"), ("call_function", torch.square)}:
-        return len(node.args) == 1
-    pow_ops = {("call_function", operator.pow), ("call_function", torch.pow), ("call_method", "pow")}
-    return (node.op, node.target) in pow_ops and len(node.args) == 2 and node.args[1] == 2
+    return node.args == (src,) if node.target is T.SQUARE else node.target is T.POW and node.args == (src, 2)
 
 
 def _residual(node: fx.Node, src: fx.Node):
     """The other operand if ``node`` is ``src + r`` or ``r + src`` with r of src's shape and dtype."""
-    if (node.op, node.target) not in _ADD or len(node.args) != 2 or node.kwargs:
+    if node.op != "call_function" or node.target is not T.ADD or len(node.args) != 2 or node.kwargs:
         return None
     other = node.args[1] if node.args[0] is src else node.args[0] if node.args[1] is src else None
     om, sm = meta(other), meta(node)
@@ -68,8 +56,6 @@ def _residual(node: fx.Node, src: fx.Node):
 
 
 def fuse_epilogues(gm: fx.GraphModule, ctx: PassContext) -> None:
-    if ctx.training or not ctx.config.fuse:
-        return
     graph = gm.graph
     for node in list(graph.nodes):
         if node.target is not torch.ops.bitnet.lowbit_linear.default:

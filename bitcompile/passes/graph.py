@@ -11,6 +11,10 @@ import torch.fx as fx
 
 from bitcompile.report import Candidate
 
+# What the weight rewrites take; anything else stays in float, with the reason in the report.
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+DEVICES = ("cpu", "cuda")
+
 # Dynamo's name for the compiled module: a frame local (L['self']), a global, or an argument of a
 # decorated forward (L['args'][0]: transformers >= 5.24 wraps forward in *args decorators).
 _ROOT = re.compile(r"^(?:L|G)\[['\"][^'\"]+['\"]\](?:\[\d+\])*")
@@ -99,6 +103,12 @@ def emit_weight_quantization(graph: fx.Graph, w2d: fx.Node, cfg) -> tuple[fx.Nod
     """``(packed, scale)`` nodes of ``quantize_weights(w2d)`` (inserted at the graph's cursor)."""
     qw = graph.call_function(torch.ops.bitnet.quantize_weights.default, (w2d, cfg.weight, cfg.per_channel))
     return graph.call_function(operator.getitem, (qw, 0)), graph.call_function(operator.getitem, (qw, 1))
+
+
+def describe_weights(cfg) -> str:
+    """The report's note for a rewritten weight layer: scheme, granularity, activation bits."""
+    acts = f"A{cfg.activation_bits}" if cfg.activation_bits else "A-float"
+    return f"{cfg.weight} W ({'per-channel' if cfg.per_channel else 'per-tensor'}), {acts}"
 
 
 def _grad_input_bits(ctx):

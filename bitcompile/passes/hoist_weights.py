@@ -14,7 +14,7 @@ import operator
 import torch
 import torch.fx as fx
 
-from bitcompile.passes import HoistedWeight, PassContext
+from bitcompile.passes.context import HoistedWeight, PassContext
 
 
 def _parameter_view(w: fx.Node):
@@ -28,8 +28,6 @@ def _parameter_view(w: fx.Node):
 
 
 def hoist_packed_weights(gm: fx.GraphModule, ctx: PassContext) -> None:
-    if ctx.training:
-        return
     graph = gm.graph
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     last = placeholders[-1] if placeholders else None

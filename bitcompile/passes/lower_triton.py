@@ -25,7 +25,7 @@ import torch
 import torch.fx as fx
 
 from bitcompile.ops import epilogue, linear, norm_quant, quantize
-from bitcompile.passes import PassContext
+from bitcompile.passes.context import PassContext
 from bitcompile.passes.graph import meta
 
 
@@ -38,8 +38,6 @@ def _static_cuda(*nodes) -> bool:
 
 
 def lower_to_triton(gm: fx.GraphModule, ctx: PassContext) -> None:
-    if not ctx.config.fuse:
-        return
     graph = gm.graph
     if not any(_static_cuda(n) for n in graph.nodes if n.op == "placeholder"):
         return

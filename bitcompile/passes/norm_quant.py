@@ -25,15 +25,11 @@ from typing import Optional
 
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
 
-from bitcompile.passes import PassContext
+from bitcompile.passes import targets as T
+from bitcompile.passes.context import PassContext
 from bitcompile.passes.graph import meta, owner, parameter_path
 from bitcompile.report import Candidate
-
-_MUL = {("call_function", operator.mul), ("call_function", torch.mul), ("call_method", "mul")}
-_ADD = {("call_function", operator.add), ("call_function", torch.add), ("call_method", "add")}
-_CASTS = {("call_method", "to"), ("call_method", "type")}
 
 
 @dataclass
@@ -47,12 +43,12 @@ class Norm:
     label: str
 
 
-def _key(node) -> tuple:
-    return (node.op, node.target) if isinstance(node, fx.Node) else ()
+def _call(node, target) -> bool:
+    return isinstance(node, fx.Node) and node.op == "call_function" and node.target is target
 
 
-def _arg(node: fx.Node, i: int, name: str, default=None):
-    return node.args[i] if len(node.args) > i else node.kwargs.get(name, default)
+def _cast(node) -> bool:
+    return isinstance(node, fx.Node) and node.op == "call_method" and node.target == T.CAST
 
 
 def _last_dim_only(h: fx.Node, shape) -> bool:
@@ -61,17 +57,14 @@ def _last_dim_only(h: fx.Node, shape) -> bool:
 
 
 def match_norm(y: fx.Node) -> Optional[Norm]:
-    if not isinstance(y, fx.Node):
-        return None
-    if _key(y) in {("call_function", torch.rms_norm), ("call_function", F.rms_norm)}:
-        h, shape, w, eps = _arg(y, 0, "input"), _arg(y, 1, "normalized_shape"), _arg(y, 2, "weight"), _arg(y, 3, "eps")
+    if _call(y, T.RMS_NORM):
+        h, shape, w, eps = y.args
         if not _last_dim_only(h, shape) or not isinstance(eps, (float, type(None))):
             return None
         eps = torch.finfo(meta(h).dtype).eps if eps is None else eps
         return Norm(h, w, None, "rms", eps, {y}, "rms_norm")
-    if _key(y) in {("call_function", F.layer_norm), ("call_function", torch.layer_norm)}:
-        h, shape = _arg(y, 0, "input"), _arg(y, 1, "normalized_shape")
-        w, b, eps = _arg(y, 2, "weight"), _arg(y, 3, "bias"), _arg(y, 4, "eps", 1e-5)
+    if _call(y, T.LAYER_NORM):
+        h, shape, w, b, eps = y.args
         if not _last_dim_only(h, shape) or not isinstance(eps, float):
             return None
         return Norm(h, w, b, "layer", eps, {y}, "layer_norm")
@@ -81,21 +74,21 @@ def match_norm(y: fx.Node) -> Optional[Norm]:
 def _manual_rms(y: fx.Node) -> Optional[Norm]:
     """``w * (h32 * rsqrt(mean(h32^2, -1, keepdim) + eps)).to(h.dtype)``, casts and ``w`` optional."""
     weight, scaled = None, y
-    if _key(y) in _MUL and len(y.args) == 2:
+    if _call(y, T.MUL) and len(y.args) == 2:
         for w, other in (y.args, y.args[::-1]):
             wm, om = meta(w), meta(other)
-            inner = other.args[0] if _key(other) in _CASTS else other
+            inner = other.args[0] if _cast(other) else other
             if wm is not None and om is not None and wm.dim() == 1 and wm.shape[0] == om.shape[-1] and _normalized(inner):
                 weight, scaled = w, other
                 break
     cast_back = None
-    if _key(scaled) in _CASTS:
+    if _cast(scaled):
         cast_back, scaled = scaled, scaled.args[0]
     found = _normalized(scaled)
     if found is None:
         return None
-    h32, internal = found
-    h = h32.args[0] if _key(h32) in _CASTS else h32
+    h32, eps, internal = found
+    h = h32.args[0] if _cast(h32) else h32
     hm, h32m = meta(h), meta(h32)
     if hm is None or h32m is None or h32m.dtype != torch.float32:
         return None
@@ -103,39 +96,34 @@ def _manual_rms(y: fx.Node) -> Optional[Norm]:
         return None  # a cast to some other dtype: not the reference's semantics
     kind = "rms" if cast_back is not None else "rms_fp32"
     internal |= {y, scaled} | ({h32} if h32 is not h else set()) | ({cast_back} if cast_back is not None else set())
-    return Norm(h, weight, None, kind, found_eps(scaled), internal, "RMSNorm (manual)")
+    return Norm(h, weight, None, kind, eps, internal, "RMSNorm (manual)")
 
 
-def _normalized(node) -> Optional[tuple[fx.Node, set]]:
-    """``(h32, nodes)`` if ``node`` is ``h32 * rsqrt(h32.pow(2).mean(-1, keepdim=True) + eps)``."""
-    if _key(node) not in _MUL or len(node.args) != 2:
+def _normalized(node) -> Optional[tuple[fx.Node, float, set]]:
+    """``(h32, eps, nodes)`` if ``node`` is ``h32 * rsqrt(h32.pow(2).mean(-1, keepdim=True) + eps)``."""
+    if not _call(node, T.MUL) or len(node.args) != 2:
         return None
     for h32, r in (node.args, node.args[::-1]):
-        if _key(r) not in {("call_function", torch.rsqrt), ("call_method", "rsqrt")}:
+        if not _call(r, T.RSQRT):
             continue
         add = r.args[0]
-        if _key(add) not in _ADD or not isinstance(add.args[1], float):
+        if not _call(add, T.ADD) or not isinstance(add.args[1], float):
             continue
         mean = add.args[0]
-        if _key(mean) not in {("call_method", "mean"), ("call_function", torch.mean)} or not mean.kwargs.get("keepdim"):
+        if not _call(mean, T.MEAN) or not mean.kwargs.get("keepdim"):
             continue
-        if _arg(mean, 1, "dim") not in (-1, [-1], (-1,), meta(h32).dim() - 1):
+        dim = mean.args[1] if len(mean.args) > 1 else mean.kwargs.get("dim")
+        if dim not in (-1, [-1], (-1,), meta(h32).dim() - 1):
             continue
         sq = mean.args[0]
-        squares = {("call_method", "pow"), ("call_function", torch.pow), ("call_function", operator.pow)}
-        if _key(sq) in squares and sq.args == (h32, 2):
-            return h32, {node, r, add, mean, sq}
+        if _call(sq, T.POW) and sq.args == (h32, 2):
+            return h32, float(add.args[1]), {node, r, add, mean, sq}
     return None
-
-
-def found_eps(scaled: fx.Node) -> float:
-    r = scaled.args[1] if _key(scaled.args[1]) in {("call_function", torch.rsqrt), ("call_method", "rsqrt")} else scaled.args[0]
-    return float(r.args[0].args[1])
 
 
 def _residual(h: fx.Node):
     """``(x, r)`` if ``h = x + r`` with operands of h's shape and dtype, else ``(h, None)``."""
-    if _key(h) in _ADD and len(h.args) == 2 and not h.kwargs:
+    if _call(h, T.ADD) and len(h.args) == 2 and not h.kwargs:
         a, b = h.args
         ms = [meta(n) for n in (a, b, h)]
         if all(m is not None for m in ms) and ms[0].shape == ms[1].shape == ms[2].shape and ms[0].dtype == ms[1].dtype == ms[2].dtype:
@@ -144,8 +132,6 @@ def _residual(h: fx.Node):
 
 
 def fuse_norm_quant(gm: fx.GraphModule, ctx: PassContext) -> None:
-    if not ctx.config.fuse:
-        return
     graph = gm.graph
     quantize = torch.ops.bitnet.quantize_activations.default
     done = set()

@@ -3,7 +3,8 @@
 Built on the same definitions as the backend (``bitcompile.ops``): the default
 ternary quantizer here is the backend's BitNet b1.58 absmean quantizer.
 """
-from bitcompile.quant.functional import fake_quantize_activations, quantized_conv2d, quantized_linear, quantized_matmul
+from bitcompile.quant.functional import (fake_quantize_activations, quantized_conv2d, quantized_linear,
+                                         quantized_linear_with, quantized_matmul)
 from bitcompile.quant.gradients import (
     QuantizedBatchNorm2d,
     clipped_ste_quantize,
@@ -53,7 +54,7 @@ __all__ = [
     "TernaryTensor", "QuantizedTensor", "pack_ternary", "unpack_ternary",
     "ternary_quantize", "threshold_quantize", "adaptive_threshold_quantize", "stochastic_quantize",
     "learned_quantize", "xnor_quantize", "dequantize", "affine_dequantize",
-    "quantized_linear", "quantized_conv2d", "quantized_matmul", "fake_quantize_activations",
+    "quantized_linear", "quantized_linear_with", "quantized_conv2d", "quantized_matmul", "fake_quantize_activations",
     "straight_through", "ste_quantize", "clipped_ste_quantize", "soft_quantize", "gumbel_softmax_quantize",
     "progressive_quantize", "differentiable_sparse_quantize", "threshold_for_sparsity",
     "quantized_batch_norm", "QuantizedBatchNorm2d", "QuantizationReport", "validate_quantization",

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 import bitcompile.ops  # noqa: F401  (registers torch.ops.bitnet)
 from bitcompile.numerics import reference as ref
 from bitcompile.quant.gradients import ste_quantize, straight_through
+from bitcompile.quant.quantizers import fake_quantize
 from bitcompile.quant.tensor import TernaryTensor
 
 IntPair = Union[int, tuple[int, int]]
@@ -113,3 +114,13 @@ def quantized_matmul(
         q, s = torch.ops.bitnet.quantize_activations(a, activation_bits)
         a_in = straight_through(a_in, ref.dequantized_activations(q, s, a.dtype)) if use_ste else ref.dequantized_activations(q, s, a.dtype)
     return a_in @ b_in
+
+
+def quantized_linear_with(quantizer, x, weight, bias=None, activation_bits: Optional[int] = 8,
+                          layer: Optional[str] = None) -> torch.Tensor:
+    """What a compiled linear computes with a custom weight quantizer (``options={"weight":
+    quantizer}``): ``linear(fake-quantized x, quantizer's fake-quantized weight, bias)``."""
+    w = fake_quantize(quantizer, weight, layer)
+    if activation_bits is not None:
+        x = fake_quantize_activations(x, activation_bits)
+    return F.linear(x, w, bias)

@@ -23,7 +23,7 @@ REL_TOL = 1e-4
 # (batch, seq) per call; images use "seq" as the side (ViT keeps 16: fixed position table).
 SHAPES = {"vit": [(2, 16), (3, 16), (5, 16)], "resnet": [(2, 16), (3, 12), (4, 20)]}
 DEFAULT_SHAPES = [(2, 8), (3, 12), (4, 10)]
-QUANTIZED_OPS = ("linear", "conv1d", "conv2d", "conv1d_proj")
+QUANTIZED_OPS = ("linear", "conv1d", "conv2d")
 
 
 def eligible_layers(model: nn.Module, cfg: BitConfig) -> set[str]:

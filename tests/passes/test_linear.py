@@ -199,12 +199,12 @@ def test_nan_zero_and_empty_inputs():
 
 
 def test_failing_pass_falls_back_with_one_warning_or_raises_when_strict(monkeypatch):
-    from bitcompile.passes import linear
+    from bitcompile.passes import manager
 
     def broken(gm, ctx):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(linear, "rewrite_linears", broken)
+    monkeypatch.setattr(manager, "PASSES", (*manager.PASSES, manager.Pass("broken", broken)))
     model, x = MLP(), torch.randn(2, 12)
     with pytest.warns(BitcompileFallbackWarning, match="boom"):
         out = torch.compile(model, backend="bitnet")(x)

@@ -9,7 +9,7 @@ from torch import nn
 import bitcompile.quant as Q
 from bitcompile import report as reports
 from bitcompile.config import BitConfig
-from bitcompile.passes.custom_quantizer import quantized_linear_with
+from bitcompile.quant import quantized_linear_with
 from tests.helpers import MLP
 
 

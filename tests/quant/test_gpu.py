@@ -10,7 +10,7 @@ from torch import nn
 
 import bitcompile.quant as Q
 from bitcompile.nn import TernaryConv2d, TernaryMultiheadAttention, W8A16Linear
-from bitcompile.passes.custom_quantizer import quantized_linear_with
+from bitcompile.quant import quantized_linear_with
 from tests.helpers import MLP
 
 pytestmark = pytest.mark.gpu
