@@ -1,4 +1,5 @@
 """Seed 000's layer language: compiled modules against hand-written torch, and its errors."""
+import traceback
 from pathlib import Path
 
 import pytest
@@ -94,3 +95,46 @@ def test_cli_writes_the_module(tmp_path, capsys):
     bad.write_text("layer X {\n forward(x) {\n return nope\n }\n}\n")
     assert cli(["compile", str(bad)]) == 1
     assert "bad.bit:3: unknown name 'nope'" in capsys.readouterr().err
+
+
+DENSE = """
+layer TernaryDense {
+    params {
+        in_features: int
+        out_features: int
+    }
+    param weight: Tensor {
+        shape: [out_features, in_features]
+        init: "kaiming_normal"
+    }
+    forward(x: Tensor) -> Tensor {
+        let w = ste_quantize(weight)
+        return linear(x, w)
+    }
+    method sparsity() -> float {
+        return mean((ternary_quantize(weight).trits == 0).float()).item()
+    }
+}
+"""
+
+
+def test_gradients_flow_through_quant_primitives_and_forward_compiles():
+    torch.manual_seed(0)
+    layer = load(DENSE, "dense.bit")["TernaryDense"](5, 3)
+    x = torch.randn(4, 5)
+    expected = layer(x)
+    expected.sum().backward()
+    assert layer.weight.grad.abs().sum() > 0
+    assert 0.0 <= layer.sparsity() <= 1.0
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(x), expected)
+    conv = load(EXAMPLE.read_text(), "ternary_conv.bit")["TernaryConvBlock"](3, 4)
+    x = torch.randn(2, 3, 6, 6)
+    torch.testing.assert_close(torch.compile(conv, backend="aot_eager", fullgraph=True)(x), conv(x))
+
+
+def test_runtime_errors_point_at_the_layer_source():
+    cls = load("layer L {\n forward(x) {\n let y = x + 1\n return matmul(y, y)\n }\n}\n", "shapes.bit")["L"]
+    with pytest.raises(RuntimeError) as err:
+        cls()(torch.ones(2, 3))
+    assert ("shapes.bit", 4) in [(frame.filename, frame.lineno) for frame in traceback.extract_tb(err.tb)]
