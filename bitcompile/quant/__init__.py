@@ -1,8 +1,11 @@
-"""Quantization primitives (seed 001), quantizers and ternary tensors.
+"""Quantization primitives, weight quantizers and ternary tensors, for eager experiments and as
+the backend's custom weight quantizers.
 
-Built on the same definitions as the backend (``bitcompile.ops``): the default
-ternary quantizer here is the backend's BitNet b1.58 absmean quantizer.
+Built on the same definitions as the backend (``bitcompile.ops``): the default ternary
+quantizer here is the backend's BitNet b1.58 absmean quantizer.
 """
+import warnings
+
 from bitcompile.quant.functional import (fake_quantize_activations, quantized_conv2d, quantized_linear,
                                          quantized_linear_with, quantized_matmul)
 from bitcompile.quant.gradients import (
@@ -36,8 +39,8 @@ from bitcompile.quant.quantizers import (
     MixedPrecisionQuantizer,
     PercentileQuantizer,
     PerLayerQuantizer,
-    Quantizer,
     TernaryQuantizer,
+    WeightQuantizer,
     check_quantizer,
     fake_quantize,
 )
@@ -58,7 +61,15 @@ __all__ = [
     "straight_through", "ste_quantize", "clipped_ste_quantize", "soft_quantize", "gumbel_softmax_quantize",
     "progressive_quantize", "differentiable_sparse_quantize", "threshold_for_sparsity",
     "quantized_batch_norm", "QuantizedBatchNorm2d", "QuantizationReport", "validate_quantization",
-    "Quantizer", "BaseQuantizer", "TernaryQuantizer", "PercentileQuantizer", "LayerAdaptiveQuantizer",
+    "WeightQuantizer", "BaseQuantizer", "TernaryQuantizer", "PercentileQuantizer", "LayerAdaptiveQuantizer",
     "MixedPrecisionQuantizer", "PerLayerQuantizer", "fake_quantize", "check_quantizer",
     "LogQuantizer", "LSQQuantizer", "SoftQuantizer", "BlockwiseMixedPrecisionQuantizer", "OutlierAwareQuantizer",
 ]  # fmt: skip
+
+
+def __getattr__(name):
+    if name == "Quantizer":  # the protocol's former name; bitcompile.Quantizer swaps a model's linears
+        warnings.warn("bitcompile.quant.Quantizer is now bitcompile.quant.WeightQuantizer", DeprecationWarning,
+                      stacklevel=2)
+        return WeightQuantizer
+    raise AttributeError(f"module 'bitcompile.quant' has no attribute {name!r}")

@@ -28,8 +28,11 @@ Layer = Union[int, str]
 
 
 @runtime_checkable
-class Quantizer(Protocol):
-    """The seed 001 quantizer interface."""
+class WeightQuantizer(Protocol):
+    """What a weight quantizer object provides: ``quantize`` (float -> quantized tensor),
+    ``dequantize`` (back to float) and ``parameters`` (its learnable tensors). The backend takes
+    one as ``options={"weight": quantizer}``. (``bitcompile.Quantizer`` is something else: it
+    swaps a model's linear layers.)"""
 
     def quantize(self, x: torch.Tensor) -> QuantizedTensor: ...
 

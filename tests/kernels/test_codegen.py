@@ -1,5 +1,5 @@
 """What the matmul kernels compile to for the H100 (sm_90), checked without a GPU: the
-structural facts their speed rests on. ``benchmarks/inspect_kernels.py`` compiles every
+structural facts their speed rests on. ``tools/inspect_kernels.py`` compiles every
 shipped configuration with the installed Triton's NVIDIA backend in a separate process (this
 one runs the kernels in the interpreter); skipped where that backend is missing."""
 import json
@@ -10,17 +10,18 @@ from pathlib import Path
 
 import pytest
 
-from bitcompile.kernels import codegen
-
-pytestmark = pytest.mark.skipif(not codegen.available(), reason="Triton without its NVIDIA backend (ptxas)")
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "tools"))
+import sass  # noqa: E402  (tools/ is not a package: the inspection tool is not installed)
+
+pytestmark = pytest.mark.skipif(not sass.available(), reason="Triton without its NVIDIA backend (ptxas)")
 H100_SMEM_PER_BLOCK = 227 * 1024
 
 
 @pytest.fixture(scope="module")
 def profiles():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "inspect_kernels.py"), "--join-k", "--json"],
+    out = subprocess.run([sys.executable, str(ROOT / "tools" / "inspect_kernels.py"), "--join-k", "--json"],
                          env=env, capture_output=True, text=True, check=True).stdout
     rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     assert rows, "inspect_kernels printed no profiles"
@@ -93,8 +94,10 @@ def test_grad_input_ws_keeps_one_mma_in_flight(profiles):
 
 # Compiled in a fresh process (this one imports the kernels for the interpreter).
 CONV_AND_SAMPLE_QUANT = """
-import json
-from bitcompile.kernels import codegen, conv, sample_quant
+import json, sys
+sys.path.insert(0, {tools!r})
+import sass
+from bitcompile.kernels import conv, sample_quant
 args = dict(X="*i8", P="*u8", C="*bf16", XS="*fp32", WS="*fp32", BIAS="*bf16", ROWS=100352, CIN=64, H=56, W=56,
             OH=56, OW=56, CIN_G=64, COUT_G=64, PB=144, TAPB=16, CSTEPS=1, s_on=200704, s_oc=1, s_oh=3584, s_ow=64,
             stride_h=1, stride_w=1, pad_h=1, pad_w=1, dil_h=1, dil_w=1)
@@ -102,9 +105,9 @@ for cfg in conv._configs():
     c = dict(cfg)
     warps = c.pop("num_warps")
     flags = dict(KH=3, KW=3, EPILOGUE=True, PER_CHANNEL=False, HAS_BIAS=False, USE_ASM=True, **c)
-    print(json.dumps(dict(config=cfg, **codegen.profile(conv._conv_kernel, args, flags, warps, 1))))
-codegen.compile_sm90(sample_quant._absmax_kernel, dict(X="*bf16", AMAX="*i32", E=200704, PER=8192), dict(BLOCK=2048), 4, 3)
-codegen.compile_sm90(sample_quant._quantize_kernel, dict(X="*bf16", AMAX="*i32", Q="*i8", S="*fp32", C=64, P=3136,
+    print(json.dumps(dict(config=cfg, **sass.profile(conv._conv_kernel, args, flags, warps, 1))))
+sass.compile_sm90(sample_quant._absmax_kernel, dict(X="*bf16", AMAX="*i32", E=200704, PER=8192), dict(BLOCK=2048), 4, 3)
+sass.compile_sm90(sample_quant._quantize_kernel, dict(X="*bf16", AMAX="*i32", Q="*i8", S="*fp32", C=64, P=3136,
                      s_xn=200704, s_xc=1, s_xp=64, qmax=127.0), dict(BC=64, BP=64, USE_ASM=True), 4, 3)
 """
 
@@ -114,7 +117,8 @@ def test_conv_tiles_and_per_sample_quantization_compile_for_the_h100():
     channels-last activation tiles by ``cp.async`` (16-byte runs); the per-sample quantization
     kernels compile (the interpreter accepts module globals a compile rejects)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-c", CONV_AND_SAMPLE_QUANT], env=env, capture_output=True, text=True)
+    code = CONV_AND_SAMPLE_QUANT.replace("{tools!r}", repr(str(ROOT / "tools")))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-3000:]
     rows = [json.loads(line) for line in out.stdout.splitlines()]
     assert len(rows) >= 5

@@ -1,4 +1,4 @@
-"""W8A16Linear against the seed 003 formula in plain torch."""
+"""W8A16Linear against its formula in plain torch."""
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
@@ -8,22 +8,23 @@ from bitcompile.nn import W8A16Linear
 from tests.strategies import tensors
 
 
-def seed_reference(x, w, b):
-    """Seed 003 in float64: scales = max|W| / 127, int8 = round(W / scales), y = (x @ int8^T) * scales + b."""
-    w64 = w.double()
-    scales = (w64.abs().amax(dim=-1) / 127).clamp(min=1e-5)
-    int8 = (w64 / scales[:, None]).round().clamp(-127, 127)
-    y = x.double() @ int8.t() * scales
+def formula_reference(x, w, b):
+    """scales = max|W| / 127, int8 = round(W / scales) (float32 scales, as stored: a float64
+    quotient could round a code at .5 the other way), y = (x @ int8^T) * scales + b in float64."""
+    w32 = w.float()
+    scales = (w32.abs().amax(dim=-1) / 127).clamp(min=1e-5)
+    int8 = (w32 / scales[:, None]).round().clamp(-127, 127).double()
+    y = x.double() @ int8.t() * scales.double()
     return (y + b.double() if b is not None else y), int8.to(torch.int8), scales
 
 
 @given(st.data(), st.integers(1, 20), st.integers(1, 12), st.booleans(), st.sampled_from([torch.float32, torch.bfloat16]))
-def test_w8a16_matches_seed_formula(data, k, n, bias, dtype):
+def test_w8a16_matches_its_formula(data, k, n, bias, dtype):
     linear = nn.Linear(k, n, bias=bias).to(dtype)
     layer = W8A16Linear.from_linear(linear)
     assert layer.int8_weights.dtype == torch.int8 and layer.scales.shape == (n,)
     x = data.draw(tensors((3, k), dtype=dtype, scale=1.0))
-    y_ref, int8, scales = seed_reference(x.float(), linear.weight.float(), None if linear.bias is None else linear.bias.float())
+    y_ref, int8, scales = formula_reference(x.float(), linear.weight.float(), None if linear.bias is None else linear.bias.float())
     assert torch.equal(layer.int8_weights, int8)  # integers exactly
     y = layer(x)
     assert y.dtype == dtype

@@ -28,7 +28,7 @@ ALL = [
 def test_every_quantizer_implements_the_protocol(make):
     w = torch.randn(6, 10)
     q = make(w)
-    assert isinstance(q, Q.Quantizer)
+    assert isinstance(q, Q.WeightQuantizer)
     Q.check_quantizer(q)
     qt = q.quantize(w)
     assert isinstance(qt, Q.QuantizedTensor) and qt.codes.dtype == torch.int8 and qt.shape == w.shape
@@ -161,3 +161,15 @@ def test_outlier_aware_keeps_outliers_exactly(data, shape, fraction):
     inl = ~qt.outlier_mask
     assert torch.equal(y[inl], (qt.codes[inl].float() * qt.scale))
     assert qt.scale.item() == pytest.approx(float(x.abs()[inl].mean().clamp(min=1e-8)), rel=1e-5)
+
+
+def test_former_names_still_work_with_a_deprecation_warning():
+    with pytest.warns(DeprecationWarning, match="WeightQuantizer"):
+        assert Q.Quantizer is Q.WeightQuantizer
+    import importlib
+    import sys
+
+    sys.modules.pop("bitcompile.quant.packing", None)
+    with pytest.warns(DeprecationWarning, match="numerics.packing"):
+        packing = importlib.import_module("bitcompile.quant.packing")
+    assert packing.pack_ternary is Q.pack_ternary

@@ -10,7 +10,7 @@ SASS of its main loop: how many instructions per step, which loads (vector width
 
 This is how layout conversions hidden in a kernel are found before a GPU is at hand (the
 GEMV's per-step shared-memory transposes were found this way); timings still need one.
-``benchmarks/inspect_kernels.py`` prints the profile of every shipped configuration.
+``tools/inspect_kernels.py`` prints the profile of every shipped configuration.
 """
 from __future__ import annotations
 

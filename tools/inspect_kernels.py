@@ -1,9 +1,9 @@
 """Static profile of the packed-ternary matmul and the QAT ``grad_input`` kernel as they
 compile for the H100 (sm_90), no GPU needed: for every configuration in the shipped tuning
 table, registers, spills, shared memory and the main loop's instruction mix
-(``bitcompile.kernels.codegen``).
+(``tools/sass.py``).
 
-    python benchmarks/inspect_kernels.py [--shape 8192x8192] [--join-k] [--json]
+    python tools/inspect_kernels.py [--shape 8192x8192] [--join-k] [--json]
 
 Columns per loop step: instructions per thread, global loads (scalar / 16-byte),
 ``cp.async`` copies, shared-memory ops and barriers (layout conversions show up here),
@@ -17,7 +17,8 @@ import sys
 
 import triton
 
-from bitcompile.kernels import codegen, tuning
+import sass
+from bitcompile.kernels import tuning
 
 COLUMNS = ("regs", "spill_bytes", "smem_bytes", "loop_instructions", "ldg", "ldg128", "cp_async", "smem", "bar", "dp4a",
            "mma", "mma_wait")
@@ -30,7 +31,7 @@ def main() -> int:
     parser.add_argument("--gpu", default="NVIDIA_H100_80GB_HBM3", help="shipped table to read")
     parser.add_argument("--json", action="store_true", help="one JSON object per line instead of the table")
     args = parser.parse_args()
-    if not codegen.available():
+    if not sass.available():
         print("this Triton has no NVIDIA backend (ptxas/cuobjdump): nothing to inspect", file=sys.stderr)
         return 1
     table = json.loads((tuning.SHIPPED_DIR / f"{args.gpu}.json").read_text())
@@ -51,10 +52,10 @@ def main() -> int:
             variants.append(dict(config, JOIN_K=True))
         for cfg in variants:
             if kernel == "ternary_mm":
-                case = codegen.ternary_mm_case(cfg, m, n, k)
+                case = sass.ternary_mm_case(cfg, m, n, k)
             else:
-                case = codegen.grad_input_case(cfg, m, n, k, dtypes[rest.split(",")[3]])
-            stats = codegen.profile(*case)
+                case = sass.grad_input_case(cfg, m, n, k, dtypes[rest.split(",")[3]])
+            stats = sass.profile(*case)
             if args.json:
                 print(json.dumps(dict(key=key, config=cfg, **stats)), flush=True)
                 continue
