@@ -7,6 +7,8 @@ from torch import nn
 from bitcompile.config import excluding_pattern
 from bitcompile.nn import BitLinear
 
+EXACT = dict(rtol=0, atol=0)  # bitwise equal
+
 
 class MLP(nn.Module):
     def __init__(self, d_in=12, d_hidden=16, d_out=5, bias=True):

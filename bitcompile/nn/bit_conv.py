@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bitcompile.config import BitConfig
+from bitcompile.numerics import reference as ref
 
 
 class _BitConvMixin:
@@ -32,6 +33,7 @@ class _BitConvMixin:
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != self.weight.dim():
             raise ValueError(f"{type(self).__name__} needs batched input ({self.weight.dim()}-D), got {x.dim()}-D")
+        x = ref.autocast_input(x)
         padding = self._padding_ints()
         if self.padding_mode != "zeros":
             x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from bitcompile.config import BitConfig
+from bitcompile.numerics import reference as ref
 from bitcompile.ops import WEIGHT_CACHE
 
 
@@ -55,6 +56,7 @@ class BitLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.norm is not None:
             x = self.norm(x)
+        x = ref.autocast_input(x)
         xq = x_scale = None
         if self.config.activation_bits is not None:
             xq, x_scale = torch.ops.bitnet.quantize_activations(x, self.config.activation_bits)

@@ -1,9 +1,14 @@
 """Plain-torch reference implementations: the oracle every kernel is tested against.
 
 The semantics are ``spec``'s (BitNet b1.58). Scales are always float32. NaN in an input
-propagates to the output through its scale.
+propagates to the output through its scale. The matmuls here run with autocast off: an
+integer accumulator is exact, and the STE gradients are in the gradient's dtype, whatever
+autocast region the op is called in (a quantized linear's activations follow autocast
+through ``autocast_input``, before they are quantized).
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 
@@ -72,6 +77,29 @@ def unpack_weights(wq: torch.Tensor, k: int, dtype: torch.dtype = torch.int8) ->
     return wq.to(dtype) if wq.dtype == torch.int8 else unpack_ternary(wq, k, dtype)
 
 
+def autocast_input(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in the autocast dtype of its device when autocast is on (as ``nn.Linear`` and
+    ``nn.Conv*d`` cast their inputs), else ``x``: a quantized layer's output dtype then follows
+    autocast's rule for the layer it replaces."""
+    device = x.device.type
+    if x.is_floating_point() and torch.is_autocast_enabled(device):
+        return x.to(torch.get_autocast_dtype(device))
+    return x
+
+
+def _autocast_off(fn):
+    """Run ``fn`` with autocast disabled on its first tensor argument's device."""
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        device = next(a.device.type for a in args if isinstance(a, torch.Tensor))
+        with torch.autocast(device, enabled=False):
+            return fn(*args, **kwargs)
+
+    return run
+
+
+@_autocast_off
 def lowbit_matmul(a: torch.Tensor, wq: torch.Tensor, k: int) -> torch.Tensor:
     """``a [..., K] @ W_int^T``. int8 ``a`` gives the exact int32 accumulator; a float
     ``a`` (weight-only) gives float32."""
@@ -104,6 +132,7 @@ def dequantized_weight(wq, w_scale, k: int, dtype: torch.dtype) -> torch.Tensor:
     return (unpack_weights(wq, k, torch.float32) * s).to(dtype)
 
 
+@_autocast_off
 def grad_input(grad, wq, w_scale, k: int, bits=None) -> torch.Tensor:
     """The STE input gradient ``grad @ (W_int * s_w)`` in grad's dtype, or with ``bits``, from
     ``grad`` quantized per row."""
@@ -174,6 +203,7 @@ def _conv_fn(spatial_dims: int):
     return F.conv1d if spatial_dims == 1 else F.conv2d
 
 
+@_autocast_off
 def lowbit_conv_accumulate(a, wq, weight_shape, stride, padding, dilation, groups) -> torch.Tensor:
     """Convolution of ``a`` with the integer weights (``wq`` packs ``W.flatten(1)``). int8 ``a``
     gives the exact int32 accumulator (float64 sums of integers below 2**53 are exact in any
@@ -214,6 +244,7 @@ def quantize_per_head(x: torch.Tensor, bits: int = 8) -> tuple[torch.Tensor, tor
     return torch.nan_to_num(q, nan=0.0).to(torch.int8), scale
 
 
+@_autocast_off
 def int_bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Exact int32 ``a @ b`` of int8 batched matrices (float64 sums of integers are exact)."""
     return (a.double() @ b.double()).to(torch.int32)

@@ -76,7 +76,7 @@ def project(x: Tensor, w: Tensor, b: Optional[Tensor], wq: Optional[Tensor], w_s
     if wq is None:
         return F.linear(x, w, b)
     xq = x_scale = None
-    x = x.contiguous()  # the quantizer's fake kernel assumes a contiguous result
+    x = ref.autocast_input(x).contiguous()  # the quantizer's fake kernel assumes a contiguous result
     if activation_bits is not None:
         xq, x_scale = torch.ops.bitnet.quantize_activations(x, activation_bits)
     return torch.ops.bitnet.lowbit_linear(x, w, b, xq, x_scale, wq, w_scale)

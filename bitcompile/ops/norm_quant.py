@@ -28,9 +28,10 @@ def norm_quant(
     per-token quantization of ``y``. Returns ``(q, scale, y, h)``, ``y`` and ``h`` empty unless
     stored."""
     q, s, y, h = ref.norm_quant(x, residual, weight, bias, kind, eps, bits, norm_dtype)
-    # Outputs may not alias inputs or each other: fresh tensors where stored.
-    y = y.clone() if store_normed else x.new_empty((0,), dtype=norm_dtype)
-    return q, s, y, h.clone() if store_sum else x.new_empty((0,))
+    # Outputs may not alias inputs or each other: fresh tensors where stored, contiguous whatever
+    # x's layout (as the fake and the kernel write them).
+    y = y.clone(memory_format=torch.contiguous_format) if store_normed else x.new_empty((0,), dtype=norm_dtype)
+    return q, s, y, h.clone(memory_format=torch.contiguous_format) if store_sum else x.new_empty((0,))
 
 
 def _unstored_empty(a, q, s, y, h):

@@ -15,7 +15,7 @@ import torch.fx as fx
 from bitcompile.passes import targets as T
 from bitcompile.passes.context import PassContext
 from bitcompile.passes.graph import (DEVICES, FLOAT_DTYPES, describe_weights, dims, dtype_name,
-                                     emit_activation_quantization, emit_weight_quantization, meta, owner,
+                                     emit_activation_quantization, emit_autocast_input, emit_weight_quantization, meta, owner,
                                      parameter_path, parameter_skip_reason, record)
 
 
@@ -77,6 +77,7 @@ def rewrite_convs(gm: fx.GraphModule, ctx: PassContext) -> None:
         if reason:
             continue
         with graph.inserting_before(node):
+            x = emit_autocast_input(graph, x, node)
             xq, x_scale = emit_activation_quantization(graph, x, cfg, per_sample=True)
             wq, w_scale = emit_weight_quantization(graph, graph.call_function(torch.flatten, (w, 1)), cfg)
             out = graph.call_function(

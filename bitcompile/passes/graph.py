@@ -15,6 +15,9 @@ from bitcompile.report import Candidate
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 DEVICES = ("cpu", "cuda")
 
+# Meta key of a subgraph placeholder fed by a parameter of the enclosing graph: its module path.
+PARAMETER_OF = "bitnet_parameter_path"
+
 # Dynamo's name for the compiled module: a frame local (L['self']), a global, or an argument of a
 # decorated forward (L['args'][0]: transformers >= 5.24 wraps forward in *args decorators).
 _ROOT = re.compile(r"^(?:L|G)\[['\"][^'\"]+['\"]\](?:\[\d+\])*")
@@ -49,6 +52,8 @@ def parameter_path(node: fx.Node, gm: fx.GraphModule) -> Optional[str]:
         return node.target if isinstance(value, torch.nn.Parameter) else None
     if node.op != "placeholder":
         return None
+    if PARAMETER_OF in node.meta:  # an input of a checkpointed region that is an outer parameter
+        return node.meta[PARAMETER_OF]
     grapharg = node.meta.get("grapharg")
     if grapharg is None:
         return None
@@ -126,6 +131,17 @@ def emit_lowbit_linear(graph: fx.Graph, args: tuple, ctx) -> fx.Node:
     bits = _grad_input_bits(ctx)
     kwargs = {} if bits is None else {"grad_input_bits": bits}
     return graph.call_function(torch.ops.bitnet.lowbit_linear.default, args, kwargs)
+
+
+def emit_autocast_input(graph: fx.Graph, x: fx.Node, layer: fx.Node) -> fx.Node:
+    """``x`` cast to ``layer``'s output dtype where they differ: the layer ran under autocast,
+    which casts a linear's or conv's inputs (``reference.autocast_input``, as the eager layers)."""
+    xm, out = meta(x), meta(layer)
+    if xm is None or out is None or xm.dtype == out.dtype or not out.is_floating_point():
+        return x
+    cast = graph.call_method("to", (x, out.dtype))
+    cast.meta["val"] = xm.to(out.dtype)
+    return cast
 
 
 def emit_activation_quantization(graph: fx.Graph, x: fx.Node, cfg, per_sample: bool = False):

@@ -31,6 +31,7 @@ def hoist_packed_weights(gm: fx.GraphModule, ctx: PassContext) -> None:
     graph = gm.graph
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     last = placeholders[-1] if placeholders else None
+    hoisted = {}  # one pair of inputs per distinct weight: a module called twice, tied or shared layers
     for node in list(graph.nodes):
         if node.target is not torch.ops.bitnet.quantize_weights.default:
             continue
@@ -38,14 +39,21 @@ def hoist_packed_weights(gm: fx.GraphModule, ctx: PassContext) -> None:
         w, view = _parameter_view(w)
         if w is None or w.op != "placeholder":
             continue  # a get_attr weight or a computed one: leave quantization in the graph
-        with graph.inserting_after(last):
-            packed = graph.placeholder(f"{w.name}_packed")
-        with graph.inserting_after(packed):
-            scale = graph.placeholder(f"{w.name}_scale")
-        ctx.hoisted.append(HoistedWeight(placeholders.index(w), scheme, per_channel, packed.name, scale.name, view=view))
-        last = scale
+        key = (w, view, scheme, per_channel)
+        if key not in hoisted:
+            with graph.inserting_after(last):
+                packed = graph.placeholder(f"{w.name}{_SUFFIX[view]}_packed")
+            with graph.inserting_after(packed):
+                last = scale = graph.placeholder(f"{w.name}{_SUFFIX[view]}_scale")
+            ctx.hoisted.append(HoistedWeight(placeholders.index(w), scheme, per_channel, packed.name, scale.name,
+                                             view=view))
+            hoisted[key] = packed, scale
+        packed, scale = hoisted[key]
         for user in list(node.users):
             assert user.target is operator.getitem
             user.replace_all_uses_with(packed if user.args[1] == 0 else scale)
             graph.erase_node(user)
         graph.erase_node(node)
+
+
+_SUFFIX = {"": "", "flatten": "_flat", "t": "_t"}

@@ -13,7 +13,7 @@ import torch.fx as fx
 
 from bitcompile.passes import targets as T
 from bitcompile.passes.context import PassContext
-from bitcompile.passes.graph import (DEVICES, FLOAT_DTYPES, describe_weights, dims, dtype_name, emit_activation_quantization,
+from bitcompile.passes.graph import (DEVICES, FLOAT_DTYPES, describe_weights, dims, dtype_name, emit_activation_quantization, emit_autocast_input,
                                      emit_lowbit_linear, emit_weight_quantization, grad_note, meta, owner,
                                      parameter_path, parameter_skip_reason, record)
 
@@ -73,6 +73,7 @@ def rewrite_linears(gm: fx.GraphModule, ctx: PassContext) -> None:
             custom_quantizer.rewrite_linear(gm, ctx, node, x, w, b, path)
             continue
         with graph.inserting_before(node):
+            x = emit_autocast_input(graph, x, node)
             xq, x_scale = emit_activation_quantization(graph, x, cfg)
             wq, w_scale = emit_weight_quantization(graph, w, cfg)
             out = emit_lowbit_linear(graph, (x, w, b, xq, x_scale, wq, w_scale), ctx)

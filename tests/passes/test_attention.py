@@ -13,8 +13,8 @@ import bitcompile
 from bitcompile.ops import attention as bit_attention
 from bitcompile.nn.reference_model import reference_model
 from bitcompile.numerics import reference as ref
+from tests.helpers import EXACT
 
-EXACT = dict(rtol=0, atol=0)
 
 
 @given(st.integers(1, 3), st.integers(1, 4), st.integers(1, 9), st.integers(1, 16), st.integers(1, 9), st.integers(2, 8))

@@ -12,8 +12,8 @@ import bitcompile.ops  # noqa: F401
 from bitcompile.nn.bit_conv import BitConv1d, BitConv2d
 from bitcompile.nn.reference_model import reference_model
 from bitcompile.numerics import reference as ref
+from tests.helpers import EXACT
 
-EXACT = dict(rtol=0, atol=0)
 
 
 def im2col_accumulate(xq, ints, stride, padding, dilation):

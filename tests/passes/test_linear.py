@@ -12,7 +12,7 @@ from torch import nn
 import bitcompile
 from bitcompile.backend import BitcompileFallbackWarning
 from bitcompile.report import collecting
-from tests.helpers import MLP, swap_to_bitlinear
+from tests.helpers import EXACT, MLP, swap_to_bitlinear
 
 EXACT = dict(rtol=0, atol=0)  # same ops on the same inputs: bitwise equal
 
