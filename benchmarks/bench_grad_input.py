@@ -4,15 +4,14 @@ on the same GEMM, timed as ``bench_kernels.py`` times (CUDA-graph replay, packed
 past the L2), each output checked bit for bit against the transposed kernel's.
 
 ``--limits`` also times variants of the Gluon kernel that only keep their timing meaning, to see
-which side bounds it (BENCHMARKS.md rounds 19-20): without the decode warps' work (they wait and
+which side bounds it (docs/kernels.md): without the decode warps' work (they wait and
 signal; the MMAs read whatever the trits buffer holds), with fixed valid trits (a hashed pattern
 decoded once, out of the loop) stored every step or only into the SB buffers' first use, and
 without the MMAs. cuBLAS is also timed on ternary weights (tensor-core power, and so the clock,
 depends on the operands' bits).
 
 ``--host`` times the host side of one call at 256^3 (the GPU never the limit): the opaque op
-``bitnet::grad_input_ws`` as compiled backward graphs call it, and ``launch`` (BENCHMARKS.md
-round 20).
+``bitnet::grad_input_ws`` as compiled backward graphs call it, and ``launch``.
 
     python3 benchmarks/bench_grad_input.py [--limits] [--host]
     python3 benchmarks/bench_grad_input.py --smoke   # tiny shapes, any device: the script runs

@@ -39,7 +39,7 @@ FULL = dict(shapes=[(4096, 4096), (8192, 8192), (14336, 4096), (4096, 14336)], m
             conv=[(32, 64, 64, 56, 3, 1), (32, 128, 256, 28, 3, 2), (32, 512, 512, 7, 3, 1), (32, 256, 64, 56, 1, 1)])
 SMOKE = dict(shapes=[(64, 96)], ms=[1, 16, 40], qat=[(32, 64, 64)], decode=(64, 96), copy_bytes=2**20,
              conv=[(2, 8, 8, 6, 3, 1)])
-TARGETS = {  # (M, N, K): minimum speed-up over bf16 cuBLAS (issue 3)
+TARGETS = {  # (M, N, K): minimum speed-up over bf16 cuBLAS (the project's performance targets)
     (1, 8192, 8192): 6.0, (1, 4096, 4096): 4.0, (16, 8192, 8192): 5.0, (128, 8192, 8192): 2.5, (8192, 8192, 8192): 1.3,
 }
 BW_TARGETS = {(1, 8192, 8192): 0.80}  # minimum share of the measured copy bandwidth on the packed bytes
@@ -90,7 +90,7 @@ def time_rotating(fns, graph: bool, reps: int = 50) -> float:
     for _ in range(reps):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         if graph:  # busy the GPU while the host submits the graph, so the graph's launch latency
-            # is not timed (a 1-node graph read 17 us without this; round-7 rows moved by <= 4%)
+            # is not timed (a 1-node graph reads 17 us without this; other rows move by <= 4%)
             torch.cuda._sleep(tuning.SLEEP_CYCLES)
         start.record()
         run()

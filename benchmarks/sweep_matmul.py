@@ -142,7 +142,8 @@ def sweep(m: int, n: int, k: int, smoke: bool, bandwidth: float, repeat: int = 1
     want = ref.lowbit_matmul(xq, wq, k)
     shipped = tuning._load(tuning.gpu_name()).get(f"ternary_mm:{tuning.bucket(m)},{n},{k}")
     # Candidates are timed in turn, `repeat` rounds over all of them: the spread across rounds
-    # shows what a ranking is worth (round 7: the same tile measured 9.9 and 11.5 us on two calls).
+    # shows what a ranking is worth within one machine (across machines the same tile can read 9.9
+    # and 11.5 us).
     runs = []
     for cfg in tm._candidates(m):
         if cfg != shipped and (shipped_only or (kernels and cfg["kernel"] not in kernels)):

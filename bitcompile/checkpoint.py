@@ -1,4 +1,4 @@
-"""Packed checkpoints: the canonical 2-bit format (DESIGN.md) with scales, in safetensors.
+"""Packed checkpoints: the canonical 2-bit format (``numerics.packing``) with scales, in safetensors.
 
 ``save_packed`` writes a *deployment* checkpoint: every quantized linear's weight is
 stored as its packed integers and scale, everything else as is. The latent

@@ -20,8 +20,8 @@ class BitConfig:
     """Options of the ``bitnet`` backend.
 
     weight: ``"ternary"`` (BitNet b1.58 absmean, default), ``"binary"`` (sign, scale
-        mean|W|) or ``"int8"`` (absmax / 127). Or a quantizer object (seed 001 protocol:
-        ``quantize``, ``dequantize``, ``parameters``; see ``bitcompile.quant``): linears then
+        mean|W|) or ``"int8"`` (absmax / 127). Or a quantizer object (the weight-quantizer protocol
+        ``bitcompile.quant.WeightQuantizer``: ``quantize``, ``dequantize``, ``parameters``): linears then
         run on its fake-quantized weights with its gradient rule, and its parameters are
         trained through the compiled graph. It is moved to ``weight_quantizer`` and
         ``weight`` becomes ``"ternary"``, the scheme of the other layer kinds (conv, attention).

@@ -1,11 +1,11 @@
-"""Model quantizers: seed 003's Linear swapper and seed 004's ``BitNetQuantizer``.
+"""Model quantizers: the model-level linear swapper ``Quantizer`` and ``BitNetQuantizer``.
 
 ``Quantizer(model, W8A16Linear, ["lm_head"])`` replaces, in place, every
 ``nn.Linear`` of ``model`` whose module path is not excluded by a layer of the given
 class, built as ``cls(in_features, out_features, bias, dtype=...)`` and filled by
 ``layer.quantize(weight)`` (and ``layer.bias``), and records the memory footprint
-before and after. (This is ``bitcompile.Quantizer``; seed 001's quantizer
-protocol is ``bitcompile.quant.Quantizer``.)
+before and after. (This is ``bitcompile.Quantizer``; the weight-quantizer protocol is
+``bitcompile.quant.WeightQuantizer``.)
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ def memory_footprint(model: nn.Module) -> int:
 
 
 class Quantizer:
-    """Swap ``model``'s ``nn.Linear`` layers for ``layer_cls`` in place (seed 003).
+    """Swap ``model``'s ``nn.Linear`` layers for ``layer_cls`` in place.
 
     ``exclude`` holds child names or module-path globs (``"lm_head"`` matches
     ``model.lm_head``). After construction: ``replaced`` (the module paths),
@@ -69,7 +69,7 @@ class Quantizer:
 
 
 class BitNetQuantizer:
-    """Seed 004: quantize weights and activations to ``precision`` bits.
+    """Quantize weights and activations to ``precision`` bits.
 
     ``precision``: ``1.58`` (or ``"ternary"``, BitNet b1.58 absmean, one scale per
     tensor), ``1`` (binary, scale mean|W|), or an int 2..8 (symmetric absmax, one

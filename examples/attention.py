@@ -1,4 +1,4 @@
-"""Seed 000, example 2: a tiny vision transformer built on ``TernaryMultiheadAttention``
+"""A tiny vision transformer built on ``TernaryMultiheadAttention``
 (fused ternary QKV projection, int8 activations), with attention visualization.
 
     python examples/attention.py --train --model vit [--dataset digits|cifar10 --data-dir DIR]

@@ -1,4 +1,4 @@
-"""Seed 000, example 1: a CNN of ``TernaryConv2d`` layers (learnable per-channel
+"""A CNN of ``TernaryConv2d`` layers (learnable per-channel
 thresholds and scales, running statistics, quantization report).
 
     python examples/custom_conv.py --train [--dataset digits|cifar10 --data-dir DIR] [--epochs 15]

@@ -1,4 +1,4 @@
-"""Seed 000, example 3: custom quantization schemes as the ``bitnet`` backend's weight
+"""Custom quantization schemes as the ``bitnet`` backend's weight
 quantizer. The model is plain PyTorch; the scheme is a backend option, and its
 learnable parameters (LSQ step sizes, soft-quantizer scale, ...) are trained
 through the compiled graph together with the model.

@@ -1,4 +1,4 @@
-"""Image data for the seed 000 examples: scikit-learn's digits (ships with the package)
+"""Image data for the image examples: scikit-learn's digits (ships with the package)
 or, with ``--data-dir``, a CIFAR-10 directory in its python format
 (``data_batch_1`` .. ``data_batch_5``, ``test_batch``)."""
 from __future__ import annotations

@@ -8,8 +8,8 @@ SASS of its main loop: how many instructions per step, which loads (vector width
 ``cp.async``), whether data moves through shared memory (``STS``/``LDS``/``BAR``), how many
 ``dp4a`` / tensor-core instructions, and how often the loop waits for the tensor cores.
 
-This is how layout conversions hidden in a kernel are found before a GPU is at hand (the
-GEMV's per-step shared-memory transposes were found this way); timings still need one.
+This is how layout conversions hidden in a kernel are found before a GPU is at hand (e.g. a
+GEMV tile that moves its operands through shared memory every step); timings still need one.
 ``tools/inspect_kernels.py`` prints the profile of every shipped configuration.
 """
 from __future__ import annotations

@@ -78,9 +78,9 @@ def _max_propagating_nan(a, b):
 
 
 def num_warps(block: int) -> int:
-    """Warps per row program: one per 1024 elements for 4096- and 8192-wide rows (H100,
-    ``benchmarks/sweep_norm_quant.py``: 8 warps 115 vs 134 us at 8192x8192, 4 warps 55 vs
-    59 us at 8192x4096, bf16); other widths, not swept, one per 512."""
+    """Warps per row program: one per 1024 elements for 4096- and 8192-wide rows (the fastest on
+    the H100 in ``benchmarks/sweep_norm_quant.py``; docs/kernels.md); other widths, not swept,
+    one per 512."""
     return min(16, max(1, block // (1024 if block in (4096, 8192) else 512)))
 
 

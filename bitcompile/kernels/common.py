@@ -33,8 +33,8 @@ def round_half_even(y):
 def round_to_int(y, lo, hi, USE_ASM: tl.constexpr):
     """int32 ``clamp(round(y), lo, hi)`` with ties to even and NaN -> 0 (torch's ``round``,
     ``clamp``, ``nan_to_num``). On the GPU one ``cvt.rni.s32.f32`` (NaN converts to 0) and two
-    integer clamps: in the activation quantizer the float rounding, NaN select and clamps
-    were ~12 instructions per element of a kernel that is instruction-bound at 8192-wide rows."""
+    integer clamps: the float rounding, NaN select and clamps cost ~12 instructions per element,
+    and the activation quantizer is instruction-bound at 8192-wide rows."""
     if USE_ASM:
         q = tl.inline_asm_elementwise("cvt.rni.s32.f32 $0, $1;", "=r,f", [y], dtype=tl.int32, is_pure=True, pack=1)
         return tl.minimum(tl.maximum(q, lo), hi)
@@ -77,8 +77,8 @@ TRITS_PTX = tl.constexpr("{ .reg .b32 t; shr.b32 t, $1, $2; and.b32 t, t, 0x0303
 @triton.jit
 def trits_at(p, SHIFT: tl.constexpr, USE_ASM: tl.constexpr):
     """int8 trits ``((p >> SHIFT) & 3) - 1`` of packed bytes ``p``. On the GPU four bytes at
-    a time in one register (``TRITS_PTX``): Triton's own int8 arithmetic unpacked each byte
-    separately and repacked with byte permutes, ~5 instructions per trit (SASS)."""
+    a time in one register (``TRITS_PTX``): Triton's own int8 arithmetic unpacks each byte
+    separately and repacks them with byte permutes, ~5 instructions per trit (SASS)."""
     if USE_ASM:
         shift = tl.full(p.shape, SHIFT, tl.int32)  # a constant: ptxas folds it into the shift
         return tl.inline_asm_elementwise(TRITS_PTX, "=r,r,r,r,r,r", [p, shift], dtype=tl.int8, is_pure=True,
@@ -106,13 +106,12 @@ def _kblock_ptx(quarters: tuple, word: str, tables: tuple = tuple(hex(t) for t i
     return tl.constexpr("{ .reg .b32 h; " + " ".join(body) + " }")
 
 
-# Per 16 trits: one shift and four byte permutes (the 2-bit codes before round 14 also took
-# four ands; the byte-field order before round 11 ~19 ops). Checked on the CPU by
-# interpreting the text (tests/kernels/test_ptx.py).
+# Per 16 trits: one shift and four byte permutes (docs/kernels.md compares the decodes). Checked
+# on the CPU by interpreting the text (tests/kernels/test_ptx.py).
 KBLOCK_PTX = _kblock_ptx((0, 1, 2, 3), "$4")
 KBLOCK_PTX_Q0, KBLOCK_PTX_Q1, KBLOCK_PTX_Q2, KBLOCK_PTX_Q3 = (_kblock_ptx((g,), "$1") for g in range(4))
 # The same with the quarter's table in operands $2 (a) and $6 (b) (each an int32 of a pack of
-# four). SASS ``prmt`` takes its table from registers: given immediates, ptxas re-materialised
+# four). SASS ``prmt`` takes its table from registers: given immediates, ptxas re-materialises
 # them before every prmt; a table loaded from memory stays in its registers.
 KBLOCK_PTX_T0, KBLOCK_PTX_T1, KBLOCK_PTX_T2, KBLOCK_PTX_T3 = (_kblock_ptx((g,), "$1", ("$2", "$6") * 2)
                                                               for g in range(4))
@@ -137,9 +136,9 @@ _TA, _TB, _UA, _UB = (tl.constexpr(t) for t in PAIR_TABLE_WORDS)
 def pair_tables_in_registers(zero):
     """The prmt tables (even quarters a, b; odd a, b) as int32 tensors of ``zero``'s shape, for
     :func:`kblock_quarter_from`. ``zero`` must be 0 at run time, thread-varying, and unknown to
-    the compiler: ptxas copied a constant (or a warp-uniform load) into a fresh register before
-    every prmt, 32 of the GEMV loop's 136 instructions (round 15); a thread-varying value stays
-    in its registers."""
+    the compiler: ptxas copies a constant (or a warp-uniform load) into a fresh register before
+    every prmt (32 of a 136-instruction GEMV loop); a thread-varying value stays in its
+    registers."""
     return zero + _TA, zero + _TB, zero + _UA, zero + _UB
 
 
@@ -179,7 +178,7 @@ def kblock_quarters(p, BN: tl.constexpr, Q: tl.constexpr, USE_ASM: tl.constexpr)
 def kblock_quarter(p, G: tl.constexpr, BN: tl.constexpr, Q: tl.constexpr, USE_ASM: tl.constexpr):
     """Quarter G of :func:`kblock_quarters`, or, with ``Q == 0``, of int32 words ``p`` (each its
     four trits as signed bytes). One quarter at a time keeps one tile live: the four at once,
-    each a shared-memory MMA operand, outgrew the H100's shared memory in 128 x 256 tiles."""
+    each a shared-memory MMA operand, outgrow the H100's shared memory in 128 x 256 tiles."""
     if USE_ASM:
         pack: tl.constexpr = 1 if Q == 0 else 4
         if Q != 0:
@@ -305,9 +304,9 @@ def split_k_total(out, at, PARTIAL, COUNT, tile, pid_k, TILE: tl.constexpr, SPLI
     counter, which it resets for the next call) gets the tile's total; int32 sums are exact in
     any order. STORE_PARTIALS: each program stores its partial tile and the last adds the
     others' (fences: release of this thread's stores before the arrival, acquire before
-    reading); round 6: 20 -> 13 us at M=16, 8192^2, where per-element atomics into a zeroed
-    tile cost more than the split saved. Traced launches (torch.compile) keep the atomics:
-    the stored partials gave NaN under mode="reduce-overhead" (cause not found)."""
+    reading): per-element atomics into a zeroed tile cost more than the split saves (M=16,
+    8192^2: 20 us with atomics, 13 with stored partials). Traced launches (torch.compile) use
+    the atomics: stored partials produce NaN under mode="reduce-overhead" (cause unknown)."""
     if STORE_PARTIALS:
         base = PARTIAL + tile.to(tl.int64) * (SPLIT_K * TILE)
         tl.store(base + pid_k * TILE + at, out)

@@ -106,7 +106,7 @@ def _trit_pairs(p16, SHIFT: tl.constexpr, LO: tl.constexpr, HI: tl.constexpr, dt
     The pair axis stays within a thread, as in the 16-bit MMA register operand (two
     consecutive K per register), so the byte loads feed the MMA without a layout conversion
     (unpacking four trits per 32-bit register, or tables computed from the scale at run time,
-    made Triton convert the trits' layout through shared memory every step)."""
+    make Triton convert the trits' layout through shared memory every step)."""
     if USE_ASM:
         pair = tl.inline_asm_elementwise(
             TRIT_PAIR_PTX, "=r,r,r,r,r",
@@ -176,10 +176,9 @@ def _configs(transposed_ok: bool = True, ws_ok: bool = False):
                  for bm, bn, bk, w, s in [(128, 64, 128, 8, 3), (128, 64, 256, 8, 3), (128, 32, 128, 4, 4),
                                           (64, 64, 128, 4, 4), (256, 64, 128, 8, 3), (128, 128, 128, 8, 3)]]
     # (BK, BM, JOIN, warps, stages). With one warpgroup (4 warps) ptxas keeps the MMAs of a dot in
-    # flight; with two it serialises them (C7515 on Triton 3.9's sm_90 code). Round 5 (H100):
-    # (128, 64, 4, 3) won at both QAT shapes; tiles that fit two or three programs per SM
-    # (2 stages: 2180 vs 2044 us at 8192^3; BM=32: 3132) did not overlap one's unpacking with
-    # another's MMAs well enough.
+    # flight; with two it serialises them (C7515 on Triton 3.9's sm_90 code). On the H100
+    # (docs/kernels.md) (128, 64, 4, 3) wins at both QAT shapes: two programs per SM overlap one's
+    # unpacking with the other's MMAs; 2-stage or BM=32 tiles (more programs per SM) are slower.
     transposed = [dict(layout="transposed", BK=bk, BM=bm, JOIN=jn, GROUP_K=8, num_warps=w, num_stages=s)
                   for bk, bm, jn, w, s in [(128, 64, False, 4, 3), (128, 64, False, 4, 2), (128, 128, False, 8, 3),
                                            (128, 128, True, 8, 2)]]

@@ -19,11 +19,11 @@ the accumulator's rows to K order and stores it transposed through shared memory
 
 The product per step is the same 16-bit operands summed in fp32 in 16-wide chunks as in
 ``grad_input._grad_input_t_kernel``, then scaled by the one weight scale rounded to the grad
-dtype: bit-equal to it on the H100 (rounds 18-20, ``.notes/kernels.md``). 1.36-1.42x that
-kernel, 0.82-0.90x cuBLAS at QAT shapes. With fixed trits stored every step instead of decoded
-(timing only) the same loops run at 0.90-0.97x cuBLAS: the decode's work (loading and decoding
-the bytes) is the remaining cost, and at the largest shapes every kernel, cuBLAS included, runs
-at the H100's 700 W cap (BENCHMARKS.md round 20).
+dtype: bit-equal to it on the H100. 1.36-1.42x that kernel, 0.82-0.90x cuBLAS at QAT shapes.
+With fixed trits stored every step instead of decoded (timing only) the same loops run at
+0.90-0.97x cuBLAS: the decode's work (loading and decoding the bytes) is the remaining cost, and
+at the largest shapes every kernel, cuBLAS included, runs at the H100's 700 W cap
+(``benchmarks/bench_grad_input.py --limits``; docs/kernels.md).
 
 Takes: sm_90, 16-bit grads, one weight scale, TMA-describable operands (grad rows of whole
 16 bytes, packed rows of whole 16 bytes: ``supports``). Tails of M, N and K are TMA's zero
@@ -52,9 +52,8 @@ except ImportError:  # a Triton without Gluon: the Triton kernels serve every sh
 STEP = 64  # reduction rows (of N) per step: one 16-bit swizzle atom of the grad tile
 MMA_WARPS, DECODE_WARPS, DECODE_REGS, MAX_REGS = 8, 4, 64, 168
 # Tuning candidates (``grad_input._configs``). BK is 64 K rows per MMA warpgroup; BM the MMA's n.
-# H100 (rounds 18-20): BM 256 / 4 stages / SB 3 best; in the [BM, BK] orientation BK 256 (twice
-# the decode per MMA step) ran 0.54-0.59x cuBLAS, BM 128 0.43-0.56x; STAGES 3 or 5, SB 4 and
-# more decode registers within 2%.
+# On the H100 BM 256 / 4 stages / SB 3 is best; STAGES 3 or 5, SB 4 and more decode registers
+# are within 2%, smaller BM well behind (docs/kernels.md).
 TILE = ("BM", "BK", "STAGES", "SB", "GROUP_K")  # a configuration's fields, in ``bitnet::grad_input_ws``'s order
 CONFIGS = [dict(BM=256, BK=128, STAGES=4, SB=3, GROUP_K=16), dict(BM=256, BK=128, STAGES=4, SB=3, GROUP_K=8)]
 
@@ -250,7 +249,7 @@ def descriptors(g: torch.Tensor, p8: torch.Tensor, BM: int, BK: int):
 @functools.lru_cache(maxsize=None)
 def constexprs(dtype: str, STAGES: int, SB: int, GROUP_K: int) -> dict:
     """The kernel's compile-time arguments for ``dtype`` grads ("bf16" / "fp16"), as ``launch``
-    passes them (``codegen`` compiles with the same)."""
+    passes them (``tools/sass.py`` compiles with the same)."""
     lo, hi = ONE_TABLES[dtype]
     return dict(LO=int32(lo), HI=int32(hi), GROUP_K=GROUP_K, STAGES=STAGES, SB=SB, DW=DECODE_WARPS, DREGS=DECODE_REGS,
                 num_warps=MMA_WARPS)

@@ -4,28 +4,27 @@ The kernels read the K-blocked "nibbles" layout (``bitcompile.numerics.packing``
 quarter of a 32-bit word is 4 trits of consecutive K, so every activation load is a
 contiguous slice, and one ``prmt`` (a byte permute whose selectors are the word's 4-bit pair
 codes, reading a constant table) turns a quarter into 4 signed int8 trits in one register
-(``common.KBLOCK_PTX``: 5 ops per 16 trits; 2-bit codes took an ``and`` more per quarter,
-round 14, and the byte-field order before them ~19 ops, round 11).
-  * ``_gemv_kernel`` (M <= GEMV_MAX_M, decode): CUDA cores. Each quarter's 4 trits meet 4
-    int8 activations in one ``dp4a`` (4 multiply-adds per instruction). (Unsigned codes with
-    sum(x) subtracted made every program re-read the whole activation row: 9.27 -> 8.78 us at
-    M=1 8192^2, round 10.) Both operands are loaded at the accumulator's shape, so the loop
-    never exchanges data between threads (no shared memory, no barriers), and R weight rows
-    per thread share each activation load (M=1 8192^2: 8.5 -> 7.9 us with R = 4, round 15).
+(``common.KBLOCK_PTX``: 5 ops per 16 trits).
+  * ``_gemv_kernel`` (M <= GEMV_MAX_M, decode): CUDA cores. Each quarter's 4 signed trits meet
+    4 int8 activations in one ``dp4a`` (4 multiply-adds per instruction); signed trits need no
+    sum(x) correction, which every program would otherwise compute over the whole activation
+    row. Both operands are loaded at the accumulator's shape, so the loop never exchanges data
+    between threads (no shared memory, no barriers), and R weight rows per thread share each
+    activation load.
   * ``_gemm_kernel`` (larger M): int8 tensor cores, optionally with the operands swapped
     (C^T tile = trits [BN, K] @ A^T [K, BM]: the trits are then the operand the MMA takes
     from registers). A 256-trit block is one dot (``JOIN_K``) or four, one per quarter
     (``common.kblock_quarter``); the activations stream
     in through ``cp.async`` (Triton's pipeliner) or, for large M, by TMA (``A_TMA``: a host
-    ``TensorDescriptor`` in eager launches, one built in the kernel in traced launches;
-    8192^3 1083 -> 907 us, round 9).
+    ``TensorDescriptor`` in eager launches, one built in the kernel in traced launches).
   * ``wgmma_matmul`` (2 <= M <= 64, eager launches): the same tensor-core product in Gluon,
     where the MMA wait is explicit, so a program decodes the next block while the current
-    one's MMAs run (M=16 8192^2 11.8 -> 9.9 us, round 12). Traced launches (Inductor's
+    one's MMAs run. Traced launches (Inductor's
     generated code launches Triton kernels only) and rows TMA cannot describe take the Triton
     kernels, tuned under their own key ``ternary_mm_triton``.
 All share one epilogue (``common.matmul_epilogue``): ``acc * s_w * s_x (+ bias)``, an optional activation,
 an optional residual add, and the cast to the output dtype, in the reference's order.
+How each kernel works and what its design choices measure on the H100: ``docs/kernels.md``.
 """
 from __future__ import annotations
 
@@ -82,7 +81,7 @@ def _row_word(P, row, N, stride_pn, offs, mask, MASKED: tl.constexpr):
 def _row_words(P, row, N, stride_pn, offs, mask, MASKED: tl.constexpr, R: tl.constexpr):
     """Words ``offs`` of rows ``row + r``, r < R, one load each, joined into in-thread axes
     (R = 4: axes [a, b], r = 2a + b). Each weight is read once, so it is loaded ``evict_first``
-    (2-4% faster at M=1 than the default policy, round 15)."""
+    (2-4% faster at M=1 than the default policy on the H100)."""
     w = _row_word(P, row, N, stride_pn, offs, mask, MASKED)
     if R == 2:
         w = tl.join(w, _row_word(P, row + 1, N, stride_pn, offs, mask, MASKED))
@@ -103,12 +102,12 @@ def _gemv_kernel(A, P, C, XS, WS, BIAS, RES, M, N, XW, PW, ZERO, stride_am, stri
     # k = 256 * block + 64 i + 4 (w % 16) + 0..3, i.e. activation word 64 block + 16 i + w % 16.
     # Tiles are [BM, BN / R, NB, 16] x R: NB blocks of 16 words, so loads are visibly contiguous
     # (16-byte vectors), and R rows per thread in in-thread axes, which share each activation
-    # load (M=1 8192^2: 8.35 -> 8.0 us with R = 4, round 15: the activations, 4 L1 loads per
-    # weight load and row, were what kept the GEMV above the read-only kernel's time). Both dp4a
+    # load (one row per thread costs 4 L1 activation loads per weight load, which keeps the GEMV
+    # well above the read-only kernel's time). Both dp4a
     # operands are otherwise loaded at the full tile shape (pointers broadcast over the other
     # operand's axis; L1 serves the repeats): a [BN, ..] weight tile met with a [BM, ..]
-    # activation tile made Triton move the codes through shared memory, with a barrier, four
-    # times per step (SASS; benchmarks/inspect_kernels.py).
+    # activation tile makes Triton move the codes through shared memory, with a barrier, four
+    # times per step (SASS; tools/inspect_kernels.py).
     # ZERO: a run-time 0 that keeps the prmt tables in registers (common.pair_tables_in_registers).
     G: tl.constexpr = BN // R  # row groups: across threads and warps
     pid_n = tl.program_id(0)
@@ -247,23 +246,18 @@ def _split_k_workspace(device: torch.device, numel: int, tiles: int):
 def _gemv_configs(m: int):
     if tuning.interpreting():  # rows per thread R spread over the tests' M
         return [dict(kernel="gemv", BN=4, BW=32, R=(2, 4, 1)[m % 3], num_warps=4)]
-    # (BN, BW, warps, stages). Round 4 picked BN=8 (BW 64 or 128). Round 6 (sweep_matmul.py) timed
-    # longer steps (BW 256/512, more bytes in flight) and 16-row tiles: none won at 8192^2 or
-    # 4096^2 (BW=512, a program's whole row span requested at once, was the slowest). Round 7
-    # refuted split-K (a last-arriver sum as in the GEMM: 14.6 vs 9.9 us at 8192^2), persistent
-    # programs striding over row tiles (10.7 us; the loop's tile bookkeeping cost 8 registers,
-    # so 12 instead of 16 programs fit an SM) and weights two steps ahead (10.0 vs 9.4 us).
+    # (BN, BW, warps, stages), timed on the H100 with benchmarks/sweep_matmul.py (docs/kernels.md):
+    # each wins at some shape; 1-2 warp programs (up to 32 per SM) win at 8192^2 and 14336x4096.
     shapes = [(4, 64, 4, 3), (8, 64, 4, 3), (4, 128, 4, 2), (8, 128, 8, 2), (4, 128, 8, 3), (2, 128, 4, 3),
               (8, 128, 4, 3), (16, 128, 8, 2),
-              # round 7: 1-2 warp programs (up to 32 per SM) won at 8192^2 and 14336x4096
               (4, 64, 2, 2), (2, 128, 2, 2), (8, 64, 2, 2), (4, 128, 2, 2), (2, 64, 1, 2),
               (4, 32, 1, 2)]
     configs = [dict(kernel="gemv", BN=bn, BW=bw, R=1, num_warps=w, num_stages=s) for bn, bw, w, s in shapes]
-    if m == 1:  # (BN, R, BW, warps, stages): R rows per thread share the activation loads (round 15)
+    if m == 1:  # (BN, R, BW, warps, stages): R rows per thread share the activation loads
         configs += [dict(kernel="gemv", BN=bn, R=r, BW=bw, num_warps=w, num_stages=s) for bn, r, bw, w, s in
                     [(4, 4, 128, 1, 2), (4, 4, 128, 1, 3), (4, 4, 256, 1, 2), (8, 4, 128, 2, 2), (16, 4, 128, 4, 2),
                      (2, 2, 128, 1, 2), (2, 2, 128, 1, 3), (4, 2, 128, 2, 3), (8, 2, 128, 4, 3),
-                     # 64-word steps for short rows (14336x4096: 7.6 -> 7.3 us, round 15)
+                     # 64-word steps: rows of K = 4096 are only two 128-word steps
                      (8, 4, 64, 1, 2), (8, 4, 64, 1, 3), (16, 4, 64, 2, 2), (4, 4, 256, 2, 2)]]
     elif m > 4:  # BM x BN x BW accumulators: keep the register tile small
         configs = [dict(kernel="gemv", BN=bn, BW=bw, R=1, num_warps=w, num_stages=s)
@@ -275,49 +269,46 @@ def _gemm_configs(m: int):
     if tuning.interpreting():
         return [dict(kernel="gemm", BN=16, BM=16, GROUP_N=4, SPLIT_K=sk, SWAP=sw, JOIN_K=jk, num_warps=4)
                 for sk, sw, jk in ((2, True, True), (1, False, False), (1, False, True), (2, True, False))]
-    if m <= 32:  # (BN, BM, split, swap, warps, stages)
-        # Round 6 (sweep_matmul.py): with the atomic-free split-K reduction, BN=64 split 4 went
-        # from 20 to 13 us at 8192^2; deeper splits and BN=128 are timed again.
+    # Timed on the H100 with benchmarks/sweep_matmul.py; the measurements behind each list are in
+    # docs/kernels.md.
+    if m <= 32:  # (BN, BM, split, swap, warps, stages): split-K gives the few weight tiles enough programs
         shapes = [(64, 16, 4, 1, 4, 3), (64, 16, 2, 1, 4, 3), (32, 16, 4, 1, 4, 3), (32, 16, 1, 1, 4, 3),
                   (32, 16, 4, 0, 4, 3), (64, 16, 4, 0, 4, 3), (16, 16, 4, 0, 4, 3), (64, 32, 4, 1, 4, 3),
                   (32, 16, 1, 0, 4, 3), (64, 16, 8, 1, 4, 3), (128, 16, 4, 1, 4, 3), (128, 16, 8, 1, 4, 3),
                   (32, 16, 8, 1, 4, 3),
-                  # round 7: deeper pipelines; ties at 8192^2 (13.1 us), 2-4% ahead at 4096^2 and M=4
+                  # deeper pipelines: ahead at 4096^2 and M=4, a tie at 8192^2
                   (64, 16, 4, 1, 4, 5), (64, 16, 2, 1, 4, 5), (64, 16, 8, 1, 4, 4), (32, 16, 4, 1, 4, 5)]
     elif m <= 256:
-        # Round 6: one 4-warp program per SM (128 tiles at 8192^2) issues an instruction every
-        # 3.5 cycles (ncu); smaller tiles, 8 warps or split-K give each SM more warps. BN=256
-        # tiles lost; split-K lost while it reduced with per-element atomics (64 vs 25 us).
+        # One 4-warp program per SM (128 tiles at 8192^2) issues an instruction only every ~3.5
+        # cycles (ncu): smaller tiles, 8 warps or split-K give each SM more warps.
         shapes = [(128, 64, 1, 1, 4, 3), (128, 128, 1, 1, 8, 3), (64, 64, 2, 1, 4, 3), (128, 64, 2, 0, 4, 3),
                   (128, 128, 1, 0, 8, 3), (64, 128, 2, 0, 4, 3), (128, 128, 2, 0, 8, 3), (64, 64, 1, 1, 4, 3),
                   (128, 64, 1, 1, 8, 3), (64, 128, 1, 1, 4, 3), (64, 32, 1, 1, 4, 3), (128, 64, 2, 1, 4, 3),
-                  (64, 64, 4, 1, 4, 3),  # round 7: 4-5 stages lost (25.5 vs 25.2 us)
-                  # round 11: with the cheaper decode they win (8192^2 21.4 -> 20.2 us at 4 stages)
+                  (64, 64, 4, 1, 4, 3),
+                  # 4-5 stages: the best M=128 tiles at 8192^2 with the prmt decode
                   (64, 64, 1, 1, 4, 4), (64, 64, 1, 1, 4, 5), (128, 64, 1, 1, 4, 4), (64, 64, 2, 1, 4, 4),
                   (64, 32, 1, 1, 4, 4)]
-    # Round 11: unpacking each weight tile once (128-token tiles) with 256 programs lost: split-K 2
-    # 22.5 vs 21.6 us at 8192^2; 32-row swapped tiles (below the warpgroup MMA's 64) 36-54 us.
     else:  # the 2-stage 128x128 tiles fit two programs per SM (registers and shared memory), so
         # one program's unpack can overlap the other's tensor-core work (Triton waits on each dot)
         shapes = [(128, 256, 1, 1, 8, 3), (256, 128, 1, 0, 8, 3), (128, 256, 1, 0, 8, 3), (128, 128, 1, 0, 8, 4),
                   (256, 128, 1, 1, 8, 3), (128, 128, 1, 1, 8, 2), (128, 128, 1, 0, 8, 2)]
     # JOIN_K: one dot per 256-trit block instead of one per quarter (both are timed). Left out:
-    # what needs more than the H100's 227 KB of shared memory (round 4: 4-stage 128x256 tiles,
-    # and the joined 256-row activation tile unswapped).
+    # what needs more than the H100's 227 KB of shared memory (4-stage 128x256 tiles, and the
+    # joined 256-row activation tile unswapped).
     configs = [dict(kernel="gemm", BN=bn, BM=bm, SPLIT_K=sk, SWAP=bool(sw), JOIN_K=jk, GROUP_N=8, num_warps=w,
                     num_stages=s) for bn, bm, sk, sw, w, s in shapes for jk in (False, True)
                if not (jk and bm == 256 and not sw)]
-    if m > 256:  # activations by TMA (round 9: 8192^3 1005 -> 907 us); every TMA winner so far swapped
+    if m > 256:  # activations by TMA, for the swapped tiles: no unswapped TMA tile wins on the H100
         configs += [dict(c, A_TMA=True) for c in configs if c["SWAP"]]
     return configs
 
 
 def _wgmma_configs(m: int):
-    # M = 1 is the GEMV's: the Gluon kernel ran 14-18 us at 8192^2 (GEMV 8.8), round 12.
+    # M = 1 is the GEMV's: a 16-row token tile for one token is about half the GEMV's speed.
     if tuning.interpreting() or not wgmma_matmul.available() or not 2 <= m <= wgmma_matmul.MAX_M:
         return []
-    # (BN, NB blocks per step, stages, split). Round 12: 128-row tiles and split-K 2 at 8192^2 lost (two
-    # programs per SM wait on the same stream); 4-block steps and deep rings won; split 4 wins at K = 14336.
+    # (BN, NB blocks per step, stages, split), timed on the H100 (sweep_matmul.py --kernels wgmma; see
+    # docs/kernels.md): 4-block steps and 3-4 stage rings win at 8192^2, split 4 at K = 14336.
     shapes = [(64, 2, 3, 1), (64, 2, 4, 1), (64, 4, 3, 1), (64, 4, 4, 1), (64, 4, 5, 1), (64, 4, 6, 1), (64, 8, 3, 1),
               (64, 2, 4, 2), (64, 4, 3, 2), (64, 2, 3, 4), (64, 2, 4, 4), (64, 1, 4, 4)]
     configs = [dict(kernel="wgmma", BN=bn, NB=nb, STAGES=s, SPLIT_K=sk, num_warps=4) for bn, nb, s, sk in shapes]
@@ -333,9 +324,9 @@ def _candidates(m: int) -> list[dict]:
 @functools.lru_cache(maxsize=256)  # bounded: a server sees many distinct M (prefill lengths)
 def _launch_candidates(m: int, gluon_ok: bool, interpreting: bool) -> tuple[str, tuple[dict, ...]]:
     """The tuning key's name and the candidates of one launch, built once per (M, kind of
-    launch). Rebuilt on every call (with ``triton.cdiv``/``next_power_of_2``, constexpr functions
-    that cost ~1.5 us per host call), they held an eager M=16 launch at ~480 us of host time;
-    137 us without (round 13). The configurations are shared: nothing may modify them."""
+    launch). Rebuilding them on every call (with ``triton.cdiv``/``next_power_of_2``, constexpr
+    functions that cost ~1.5 us per host call) would take an eager M=16 launch from ~140 to ~480 us
+    of host time. The configurations are shared: nothing may modify them."""
     candidates = _candidates(m)
     name = "ternary_mm"
     if not gluon_ok and any(c["kernel"] == "wgmma" for c in candidates):
@@ -449,7 +440,7 @@ def ternary_matmul(a: torch.Tensor, wq: torch.Tensor, k: int, x_scale: Optional[
             return wgmma_matmul.launch(a2, blocked, c, tail, buffers, m, n, flags, **cfg)
         if kind == "gemv":
             gemv = tuning.traceable(_gemv_kernel, wrap)
-            cfg.setdefault("R", 1)  # entries tuned before round 15
+            cfg.setdefault("R", 1)  # table entries without R use one row per thread
             return gemv[(-(-n // cfg["BN"]),)](
                 aw, pw, c, *tail, m, n, aw.shape[1], pw.shape[1], 0, aw.stride(0), pw.stride(0), c.stride(0),
                 res.stride(0), EVEN=pw.shape[1] % cfg["BW"] == 0 and aw.shape[1] == 4 * pw.shape[1], **flags,

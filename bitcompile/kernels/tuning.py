@@ -124,9 +124,9 @@ def gpu_microseconds(fn: Callable[[], None], reps: int = 15) -> float:
 
     ``triton.testing.do_bench`` records its start event and then calls ``fn``: a launch whose
     host side outlasts the L2 flush before it (a 5-20 us kernel behind ~100 us of Python) is
-    timed from the event, host latency included, and ranks configurations by noise (round 6:
-    an 11.6 us GEMV tile chosen over a 9.8 us one on a slow host). Here a sleep kernel after the
-    flush holds the GPU until the launch is queued."""
+    timed from the event, host latency included, and ranks configurations by noise (on a slow
+    host it picks an 11.6 us GEMV tile over a 9.8 us one). Here a sleep kernel after the flush
+    holds the GPU until the launch is queued."""
     fn()  # compile and warm up
     flush = torch.empty(256 << 20, dtype=torch.int8, device="cuda")  # > the L2 of current GPUs
     events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
@@ -181,8 +181,8 @@ def device_descriptors_ok() -> bool:
     its descriptor into the launcher's global scratch, one slice per program: Triton's
     launcher (eager, and under Inductor's Python wrapper) sizes it by the grid, but the C++
     wrapper of torch 2.11 allocates one slice for the whole grid, so the other programs'
-    descriptors land in unrelated memory (GPU round 23: wrong outputs that changed from call
-    to call). Under the C++ wrapper such launches load by pointers instead."""
+    descriptors land in unrelated memory (wrong outputs that change from call to call).
+    Under the C++ wrapper such launches load by pointers instead."""
     from torch._inductor import config
 
     return not config.cpp_wrapper

@@ -1,7 +1,7 @@
 """Weight quantization + packing: absmean scale -> trits (or signs) -> 2-bit bytes.
 
 Two passes over W, the minimum for a scale that depends on all of W, both reading
-contiguous 2-D tiles (16-byte loads; the previous version gathered every 4th column):
+contiguous 2-D tiles (16-byte loads, no gathers of every 4th column):
   1. ``_abs_sum_kernel``: fp32 sum |W| per row, and one partial sum per program.
   2. ``_pack_kernel``: computes the scale itself (IEEE division, as the CPU reference:
      row sum / K per channel, or the summed partials / (N K) per tensor), reads W once more and
@@ -72,7 +72,7 @@ def _pack_kernel(W, ROWSUM, TOTAL, SCALE, P, N, K, KB, count, stride_w, stride_p
         # + ulp(s/2), so |w / s| >= 1/2 + 2^-24 / m (m in [1, 2): the mantissa of s/2), beyond
         # 1/2 + 2^-25, the midpoint that rounds (ties to even) down to 0.5; fl(|w / s|) is then
         # above 0.5 and rounds to 1 or more. |w| = s/2 gives 0.5, a tie to 0. NaN compares false:
-        # trit 0, as the reference's nan_to_num. (Replaces an IEEE division and a rounding per weight.)
+        # trit 0, as the reference's nan_to_num. (No IEEE division and rounding per weight.)
         half = s * 0.5
         t = (w > half).to(tl.float32) - (w < -half).to(tl.float32)
     else:

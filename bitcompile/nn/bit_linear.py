@@ -2,7 +2,7 @@
 
 A drop-in for ``nn.Linear`` (same constructor, same ``weight``/``bias`` state dict)
 that quantizes exactly as the backend does, through the same ``bitnet`` ops.
-With ``norm=True`` it is seed 002's layer: RMSNorm, then 8-bit activations.
+With ``norm=True`` it is the BitNet layer with RMSNorm: RMSNorm, then 8-bit activations.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""``TernaryConv2d`` (seed 000): ternary convolution with learnable per-channel
+"""``TernaryConv2d``: ternary convolution with learnable per-channel
 thresholds and scales, running statistics and a quantization report.
 
 For output channel ``c`` with weights ``W_c`` and ``m_c = mean|W_c|``:

@@ -1,4 +1,4 @@
-"""``TernaryMultiheadAttention`` (seed 000): ternary multi-head attention.
+"""``TernaryMultiheadAttention``: ternary multi-head attention.
 
 A drop-in for ``nn.MultiheadAttention`` (same constructor arguments and state dict:
 ``in_proj_weight``, ``in_proj_bias``, ``out_proj``) whose projections are ternary

@@ -1,4 +1,4 @@
-"""``W8A16Linear``: int8 weights with per-output-channel scales, float activations (seed 003).
+"""``W8A16Linear``: int8 weights with per-output-channel scales, float activations.
 
     scales = max|W| over in_features / 127      int8_weights = round(W / scales)
     y      = (x @ int8_weights^T) * scales + bias
@@ -51,4 +51,4 @@ class W8A16Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, W8A16"
 
 
-W8A16LinearLayer = W8A16Linear  # the seed's name
+W8A16LinearLayer = W8A16Linear  # an alias under the longer name

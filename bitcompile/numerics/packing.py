@@ -1,4 +1,4 @@
-"""The canonical packed-ternary format (DESIGN.md).
+"""The canonical packed-ternary format, and the K-blocked layouts the kernels read.
 
 Ternary weights ``[..., K]`` are stored as ``uint8 [..., ceil(K/4)]``: four trits
 per byte along K, trit ``j`` of a byte in bits ``2j..2j+1`` (least significant
@@ -47,7 +47,7 @@ def unpack_ternary(packed: torch.Tensor, k: int, dtype: torch.dtype = torch.int8
     return (codes.to(torch.int8) - 1).to(dtype)
 
 
-# --- kernel layouts (issue 3): K-blocked words, built from the canonical format ---------
+# --- kernel layouts: K-blocked words, built from the canonical format ------------------
 # A row's trits are cut in blocks of KBLOCK = 256 (K padded with zero trits), each 64 bytes,
 # read as 16 little-endian 32-bit words: trit 64g + 4w + n of a block (quarter g, word w,
 # n = 0..3) is in word w. One decode of a word run thus gives, per quarter, trits of

@@ -1,7 +1,7 @@
 """Linears with a user-supplied weight quantizer (``options={"weight": quantizer}``).
 
-Any object with ``quantize``/``dequantize``/``parameters`` (the seed 001 protocol,
-``bitcompile.quant.Quantizer``) can quantize the weights. The rewrite emits the
+Any object with ``quantize``/``dequantize``/``parameters`` (the weight-quantizer protocol,
+``bitcompile.quant.WeightQuantizer``) can quantize the weights. The rewrite emits the
 same computation as the eager ``bitcompile.quant.quantized_linear_with``:
 
     w_fq = dequantize(quantize(W))          the quantizer's own forward and gradient rule

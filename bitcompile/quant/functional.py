@@ -1,7 +1,7 @@
-"""Seed 001's quantization-aware operations on the ``bitnet`` ops.
+"""Quantization-aware operations on the ``bitnet`` ops.
 
-Weights follow torch's layout (``[out_features, in_features]`` as ``F.linear``;
-the seed writes the transposed ``[in, out]``). Weights are quantized with the
+Weights follow torch's layout (``[out_features, in_features]`` as ``F.linear``,
+not the transposed ``[in, out]``). Weights are quantized with the
 backend's BitNet absmean ternary quantizer, activations with its per-token
 absmax int8 quantizer, and gradients are the straight-through estimator, so
 ``quantized_linear(x, w, b, True, True)`` is exactly what the compiled path runs.

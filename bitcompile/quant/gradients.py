@@ -1,4 +1,4 @@
-"""Seed 001's gradient handling and advanced techniques.
+"""Gradient estimators and advanced quantization techniques.
 
 STE, clipped STE, soft (tanh) and Gumbel-softmax quantization, progressive
 quantization, differentiable sparse quantization and quantization-aware batch
@@ -58,7 +58,7 @@ def soft_quantize(x: torch.Tensor, temperature: float = 1.0, hard: bool = False)
 
 def _level_logits(x: torch.Tensor) -> torch.Tensor:
     # Score of each level: minus the squared distance to it, so the nearest level of
-    # {-1, 0, 1} is the most likely (the seed leaves the scores unspecified).
+    # {-1, 0, 1} is the most likely.
     levels = torch.tensor(LEVELS, dtype=x.dtype, device=x.device)
     return -((x.unsqueeze(-1) - levels) ** 2)
 
@@ -104,7 +104,7 @@ def threshold_for_sparsity(x: torch.Tensor, target_sparsity: float) -> torch.Ten
 def differentiable_sparse_quantize(x: torch.Tensor, target_sparsity: float, temperature: float = 1.0) -> torch.Tensor:
     """Soft ternary ``p(+1) - p(-1)`` from logits ``((x - t), (t - |x|), (-x - t)) / T``
     with ``t`` the threshold giving ``target_sparsity`` zeros. The zero logit is
-    ``t - |x|`` (the seed's ``-|x - t|`` would not favour 0 at ``x = 0``)."""
+    ``t - |x|`` (``-|x - t|`` would not favour 0 at ``x = 0``)."""
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     t = threshold_for_sparsity(x, target_sparsity).to(x.dtype)

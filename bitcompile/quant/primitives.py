@@ -1,4 +1,4 @@
-"""Seed 001's quantization methods and dequantization, on the backend's definitions.
+"""Quantization methods and dequantization, on the backend's definitions.
 
 Every quantizer returns a :class:`TernaryTensor` (trits + scale). When gradients
 are wanted it also carries the quantizer's surrogate gradient (see
@@ -143,7 +143,7 @@ def learned_quantize(
 def xnor_quantize(x: torch.Tensor, binary: bool = False) -> tuple[TernaryTensor, torch.Tensor]:
     """XNOR-Net: ``alpha = mean|x|``; trits ``sign(x)`` (``binary``: {-1, +1}, 0 maps
     to +1) or ternary ``clip(round(x / alpha), -1, 1)``. Returns ``(trits, alpha)``,
-    the trits with unit scale as in the seed (``(a @ q) * alpha``). STE gradient."""
+    the trits with unit scale, so a product is ``(a @ q) * alpha``. STE gradient."""
     _check_float(x)
     xd = x.detach()
     alpha = ref.weight_scale(xd.reshape(1, -1), "ternary", False).reshape(())
@@ -176,7 +176,8 @@ def affine_dequantize(x: QuantizedTensor, scale: ScaleLike, zero_point: ScaleLik
 
 @dataclass
 class QuantizationReport:
-    """Seed 001's validation: error of the dequantized tensor and the trit distribution."""
+    """What :func:`validate_quantization` reports: error of the dequantized tensor and the trit
+    distribution."""
 
     mse: float
     mae: float
@@ -193,7 +194,7 @@ class QuantizationReport:
 
 def validate_quantization(original: torch.Tensor, quantized: QuantizedTensor, verbose: bool = False) -> QuantizationReport:
     """MSE and MAE between ``original`` and ``dequantize(quantized)``, and the
-    fractions of -1 / 0 / +1 codes (``verbose`` also prints them, as the seed does)."""
+    fractions of -1 / 0 / +1 codes (``verbose`` also prints them)."""
     with torch.no_grad():
         err = original.float() - quantized.dequantize()
         n = max(quantized.numel(), 1)

@@ -1,4 +1,4 @@
-"""Seed 001's quantizer protocol and its example quantizers.
+"""The weight-quantizer protocol (``WeightQuantizer``) and example quantizers.
 
 A quantizer is any object with ``quantize(x)``, ``dequantize(q)`` and
 ``parameters()``. ``dequantize(quantize(w))`` is its *fake-quantized* weight: the
@@ -96,7 +96,7 @@ class PercentileQuantizer(BaseQuantizer):
     """Threshold at the ``percentile``-th value of ``|x|`` (learnable: the threshold is
     an interpolated order statistic, differentiable in the percentile, and reaches the
     loss through :func:`learned_quantize`'s surrogate). Scale ``alpha`` = mean ``|x|``
-    of the surviving elements (TWN); ``dequantize(x, scale=1.0)`` as the seed."""
+    of the surviving elements (TWN); ``dequantize(x, scale=1.0)`` also multiplies by ``scale``."""
 
     def __init__(self, percentile: Union[float, torch.Tensor] = 0.7, temperature: float = 0.05):
         super().__init__()
@@ -133,8 +133,8 @@ def _layer_index(layers: Optional[Sequence[str]], layer: Optional[Layer], count:
 class LayerAdaptiveQuantizer(BaseQuantizer):
     """Per-layer learnable ternary quantizer: ``trits = learned_quantize(x / s_l,
     t_pos_l, t_neg_l)``, value ``trits * s_l``. Thresholds are in units of the
-    layer's scale ``s_l`` (the seed multiplies instead, which makes its thresholds
-    depend on the weights' magnitude)."""
+    layer's scale ``s_l``, so they do not depend on the weights' magnitude (thresholds
+    multiplied by ``s_l`` would)."""
 
     def __init__(self, num_layers: Optional[int] = None, *, layers: Optional[Sequence[str]] = None, threshold: float = 0.5, scale: Union[float, Sequence[float]] = 1.0):
         super().__init__()

@@ -1,4 +1,4 @@
-"""Seed 000's custom quantization schemes, as quantizer objects (seed 001 protocol).
+"""Custom quantization schemes, as weight-quantizer objects (``bitcompile.quant.WeightQuantizer``).
 
 Logarithmic (powers of two), LSQ (learned step size with its gradient scaling),
 soft differentiable (learnable-scale tanh), block-wise mixed precision and

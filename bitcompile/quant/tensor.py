@@ -92,7 +92,7 @@ class QuantizedTensor:
         values, counts = torch.unique(self.codes, return_counts=True)
         return {int(v): int(c) for v, c in zip(values.tolist(), counts.tolist())}
 
-    def __eq__(self, other):  # compares codes, as the seed's ``sum(q == -1)`` does
+    def __eq__(self, other):  # compares codes, so ``(q == -1).sum()`` counts the -1 codes
         other = other.codes if isinstance(other, QuantizedTensor) else other
         return self.codes == other
 

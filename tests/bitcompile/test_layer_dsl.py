@@ -1,4 +1,4 @@
-"""Seed 000's layer language: compiled modules against hand-written torch, and its errors."""
+"""The layer language: compiled modules against hand-written torch, and its errors."""
 import traceback
 from pathlib import Path
 

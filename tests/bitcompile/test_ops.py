@@ -60,7 +60,7 @@ def test_ste_gradients_match_design_formulas(data, batch, n, k, scheme, per_chan
     xq, xs, wq, ws = _operands(x.detach(), w.detach(), scheme, per_channel, bits)
     y = bitnet.lowbit_linear(x, w, b, xq, xs, wq, ws)
     y.backward(g)
-    # DESIGN.md: dL/dx = g @ (W_int * s_w), dL/dW = g^T @ (q * s_x), dL/db = sum g.
+    # The STE gradients: dL/dx = g @ (W_int * s_w), dL/dW = g^T @ (q * s_x), dL/db = sum g.
     w_deq = ref.unpack_weights(wq, k).float() * (ws[:, None] if per_channel or scheme == "int8" else ws)
     x_deq = xq.float() * xs if bits else x.detach()
     torch.testing.assert_close(x.grad, g @ w_deq)

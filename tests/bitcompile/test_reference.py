@@ -1,4 +1,4 @@
-"""The quantizers against DESIGN.md's formulas, written out independently here."""
+"""The quantizers against the formulas of ``bitcompile.numerics.spec``, written out independently here."""
 import torch
 from hypothesis import given
 from hypothesis import strategies as st

@@ -279,8 +279,8 @@ def gluon_grad_input(monkeypatch):
 @pytest.mark.parametrize("launch", [{"mode": "reduce-overhead"}, {"cpp_wrapper": True}], ids=["graphs", "cpp_wrapper"])
 @pytest.mark.parametrize("grad_input_bits", [None, 8, "gluon"])
 def test_qat_launch_modes_give_the_same_gradients(grad_input_bits, launch, request):
-    """Training steps replayed as CUDA graphs (`mode="reduce-overhead"`; round 4 found it
-    refused: the matmul kept a K-blocked weight copy allocated in the graph's pool) or
+    """Training steps replayed as CUDA graphs (`mode="reduce-overhead"`; recording fails if the
+    matmul keeps a K-blocked weight copy allocated in the graph's pool) or
     launched by Inductor's C++ wrapper give the gradients of the plain compiled layer."""
     if grad_input_bits == "gluon":  # the exact STE through the Gluon kernel's opaque op
         request.getfixturevalue("gluon_grad_input")
@@ -325,9 +325,9 @@ def test_inference_under_cpp_wrapper():
 def test_device_descriptors_under_cpp_wrapper(monkeypatch):
     """A GEMM whose configuration fetches the activations by TMA, compiled with Inductor's C++
     wrapper: traced, that launch would build its descriptors on the device, in a global scratch
-    that torch 2.11's C++ wrapper sizes for one program, not the grid (round 23: the other
-    programs' descriptors overwrote unrelated memory; wrong outputs that changed from call to
-    call). It loads by pointers there instead: the Python wrapper's outputs exactly, call after call."""
+    that torch 2.11's C++ wrapper sizes for one program, not the grid (the other programs'
+    descriptors overwrite unrelated memory; wrong outputs that change from call to call). It
+    loads by pointers there instead: the Python wrapper's outputs exactly, call after call."""
     from torch._inductor.utils import run_and_get_cpp_code
 
     from bitcompile.kernels import ternary_matmul as tm

@@ -28,7 +28,7 @@ def test_matmul_int32_exact(kernels, device, m, n, k, seed):
 
 
 def test_matmul_candidates_built_once_and_never_modified(kernels, device):
-    """Launches share one candidate list per (M, launch kind) (host time, round 13): a launch
+    """Launches share one candidate list per (M, launch kind) (host time): a launch
     that modified a configuration would change every later launch's choice."""
     tm, tuning = kernels.ternary_matmul, kernels.ternary_matmul.tuning
     key = (3, False, tuning.interpreting())  # k = 70 is not whole TMA chunks: never the Gluon kernel

@@ -29,7 +29,7 @@ def test_traced_tma_launch_follows_the_wrapper(monkeypatch):
     """A tuned GEMM configuration with activations by TMA, launched traced (as Inductor will
     make it): under the Python wrapper the kernel builds its descriptor on the device; under
     the C++ wrapper it loads by pointers (torch 2.11's C++ launch code gives the descriptors
-    one program's scratch for the whole grid: BENCHMARKS.md round 23). Recorded, not run."""
+    one program's scratch for the whole grid; ``tuning.device_descriptors_ok``). Recorded, not run."""
     import torch
     from torch._inductor import config
 

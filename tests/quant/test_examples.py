@@ -1,4 +1,4 @@
-"""The seed 000 example scripts run end to end (tiny settings)."""
+"""The image example scripts run end to end (tiny settings)."""
 import runpy
 import sys
 from pathlib import Path

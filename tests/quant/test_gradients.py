@@ -1,4 +1,4 @@
-"""Gradient estimators and advanced techniques (seed 001)."""
+"""Gradient estimators and advanced techniques (``bitcompile.quant.gradients``)."""
 import math
 
 import torch

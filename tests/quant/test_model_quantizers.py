@@ -1,4 +1,4 @@
-"""Seed 003's Quantizer (Linear swapper) and seed 004's BitNetQuantizer."""
+"""The model-level linear swapper (``bitcompile.Quantizer``) and ``BitNetQuantizer``."""
 import pytest
 import torch
 from hypothesis import given

@@ -1,4 +1,4 @@
-"""Properties of the seed 001 quantization methods, dequantization and TernaryTensor."""
+"""Properties of the quantization methods, dequantization and TernaryTensor."""
 import pytest
 import torch
 from hypothesis import given

@@ -1,4 +1,4 @@
-"""The quantizer protocol, seed 001's example quantizers and seed 000's schemes (eager)."""
+"""The weight-quantizer protocol, the example quantizers and the custom schemes (eager)."""
 import math
 
 import pytest

@@ -309,7 +309,7 @@ def property_sentinel(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("layer_language") / "pwned"
 
 
-# A valid layer but for an attacking default, which the old compiler ran at load time.
+# A valid layer but for an attacking default, which loading must never run.
 PINNED = "\n".join(["layer Random {", "params {", "n: int = 2", DEFAULT_ATTACKS[0], "}",
                     "forward(x: Tensor) {", "return x", "}", "}"])  # fmt: skip
 
