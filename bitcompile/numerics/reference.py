@@ -72,6 +72,47 @@ def quantize_weights(w: torch.Tensor, scheme: str = "ternary", per_channel: bool
     return (ints if scheme == "int8" else pack_ternary(ints)), scale
 
 
+def latent_weights(ints: torch.Tensor, scale: torch.Tensor, scheme: str, per_channel: bool,
+                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A weight ``W`` that ``quantize_weights(W, scheme, per_channel)`` maps back to ``ints`` and
+    ``scale`` (the inverse a trainable model needs after loading packed weights).
+
+    ``W = ints * c`` with ``c ~ scale / f``, ``f`` the mean of ``|ints|`` (the non-zero fraction
+    for ternary, 1 for binary) or ``max|ints| / 127`` for int8, so the re-derived scale is
+    ``scale`` and the rounded codes are ``ints``. ``c`` is then searched among the nearby float32
+    values for the one whose re-derived scale is nearest ``scale`` (the scale is monotone in
+    ``c``): the codes come back exactly, the scale bitwise or within a float32 ulp or two where
+    no ``c`` hits it (the sum of equal magnitudes skips some values); with a coarser ``dtype``
+    (bfloat16) within that dtype's rounding."""
+    rows = ints.float().reshape(ints.shape[0], -1)
+    target = scale.float().reshape(-1, 1) if per_channel else scale.float().reshape(1, 1)
+    if scheme == "int8":
+        magnitude = rows.abs().amax(-1, keepdim=True) if per_channel else rows.abs().amax().reshape(1, 1)
+        magnitude = magnitude / 127
+    else:
+        magnitude = rows.abs().mean(-1, keepdim=True) if per_channel else rows.abs().mean().reshape(1, 1)
+    c = target / magnitude.clamp(min=torch.finfo(torch.float32).tiny)
+
+    def rederived(c):
+        return weight_scale((rows * c).to(dtype), scheme, per_channel).reshape(-1, 1)
+
+    # Bisect over the float32 bit patterns around c (monotone in value for positive floats) for
+    # the smallest c whose re-derived scale reaches the target.
+    lo, hi = c.view(torch.int32) - _SEARCH_ULPS, c.view(torch.int32) + _SEARCH_ULPS
+    for _ in range(_SEARCH_ULPS.bit_length() + 1):
+        mid = (lo + hi) // 2
+        below = rederived(mid.view(torch.float32)) < target
+        lo, hi = torch.where(below, mid + 1, lo), torch.where(below, hi, mid)
+    # lo reaches the target or is the first value above it (where none hits it exactly, the
+    # re-derived scale jumps over it): keep whichever of lo and its predecessor lands closer.
+    above, below = lo.view(torch.float32), (lo - 1).view(torch.float32)
+    closer = (rederived(above) - target).abs() <= (rederived(below) - target).abs()
+    return (rows * torch.where(closer, above, below)).to(dtype).reshape(ints.shape)
+
+
+_SEARCH_ULPS = 64  # float32 steps searched on each side of the first estimate
+
+
 def unpack_weights(wq: torch.Tensor, k: int, dtype: torch.dtype = torch.int8) -> torch.Tensor:
     """Integer weights ``[N, K]`` from either stored form."""
     return wq.to(dtype) if wq.dtype == torch.int8 else unpack_ternary(wq, k, dtype)
