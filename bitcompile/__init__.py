@@ -1,17 +1,21 @@
 """bitcompile: low-bit (ternary, binary, int8) networks as a torch.compile backend.
 
     compiled = torch.compile(model, backend="bitnet")
+    model = bitcompile.compile(model, **options)   # in place: generate, Trainer, pipelines too
 
 Importing this package is cheap: it registers the ``bitnet`` ops and nothing is
 compiled until a compiled model first runs.
 """
 from bitcompile.checkpoint import from_transformers_bitnet, load_packed, save_packed, to_transformers_bitnet
+from bitcompile.compile_model import compile, report_of
 from bitcompile.config import BitConfig
 from bitcompile.explain import explain
 
 __version__ = "0.1.0"
 __all__ = [
     "BitConfig",
+    "compile",
+    "report_of",
     "explain",
     "save_packed",
     "load_packed",

@@ -7,6 +7,7 @@ passes and give it to Inductor (``compile_fx``), on the CPU as on CUDA.
 """
 from __future__ import annotations
 
+import sys
 import warnings
 from typing import Any, Callable, Optional, Sequence
 
@@ -26,17 +27,22 @@ _warned: set[str] = set()
 
 
 def bitnet_backend(
-    gm: fx.GraphModule, example_inputs: Sequence[Any], *, mode: Optional[str] = None, options: Optional[dict] = None
+    gm: fx.GraphModule, example_inputs: Sequence[Any], *, mode: Optional[str] = None, options: Optional[dict] = None,
+    report=None,
 ) -> Callable:
+    """Compile one graph. ``report``: the compile's report, which this graph joins (``bitcompile.compile``
+    passes the model's); by default the report of the ``torch.compile`` call that reached us."""
     import bitcompile.ops  # noqa: F401  (registers the bitnet ops)
     from bitcompile import report as reports
     from bitcompile.passes import PassContext, run_passes
 
     config = BitConfig.from_options(options, mode)
+    if report is None:
+        report = reports.compile_report(sys._getframe(1))
     ctx = PassContext(
         config=config,
         training=torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in example_inputs),
-        graph_index=reports.next_graph_index(),
+        graph_index=reports.next_graph_index(report),
     )
     try:
         work = run_passes(_copy(gm), ctx)
@@ -52,7 +58,7 @@ def bitnet_backend(
         ctx.hoisted.clear()
         ctx.runtime_inputs.clear()
         work = gm
-    reports.publish(ctx.report)
+    reports.publish(ctx.report, into=report, training=ctx.training)
     return _compile(work, list(example_inputs), ctx)
 
 
@@ -165,3 +171,9 @@ def cpp_wrapper_patches(patches: Optional[dict] = None) -> dict:
     patches = {**(patches or {}), "cpp_wrapper": True}
     with inductor_config.patch(patches):  # the settings as they will be in the patched compile
         return {**patches, **get_cpp_wrapper_config()}
+
+
+# A compiled wrapper's generate() runs the uncompiled model: make it refuse for this backend.
+from bitcompile.compile_model import install_generate_guard  # noqa: E402
+
+install_generate_guard()
