@@ -6,7 +6,7 @@
 Importing this package is cheap: it registers the ``bitnet`` ops and nothing is
 compiled until a compiled model first runs.
 """
-from bitcompile.checkpoint import from_transformers_bitnet, load_packed, save_packed, to_transformers_bitnet
+from bitcompile.checkpoint import deploy, from_transformers_bitnet, load_packed, save_packed, to_transformers_bitnet
 from bitcompile.compile_model import compile, report_of
 from bitcompile.config import BitConfig
 from bitcompile.explain import explain
@@ -19,6 +19,7 @@ __all__ = [
     "explain",
     "save_packed",
     "load_packed",
+    "deploy",
     "from_transformers_bitnet",
     "to_transformers_bitnet",
     "__version__",

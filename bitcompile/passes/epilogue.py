@@ -1,7 +1,7 @@
 """Inference graphs: a quantized linear absorbs the activation and residual add after it.
 
-``lowbit_linear`` (which carries the STE for training) becomes ``linear_q`` on the
-already-quantized operands, whose epilogue computes
+``lowbit_linear`` (which carries the STE for training), and a deployed layer's ``linear_q``,
+become ``linear_q`` on the already-quantized operands, whose epilogue computes
 ``act(acc * s_x * s_w + bias) (+ residual)`` in float32 before the single cast to the
 output dtype, so on CUDA the activation and the residual add cost no extra pass
 over the output. Absorbed only when the linear's output has no other user.
@@ -58,12 +58,9 @@ def _residual(node: fx.Node, src: fx.Node):
 def fuse_epilogues(gm: fx.GraphModule, ctx: PassContext) -> None:
     graph = gm.graph
     for node in list(graph.nodes):
-        if node.target is not torch.ops.bitnet.lowbit_linear.default:
+        operands = _linear_operands(node)
+        if operands is None:
             continue
-        x, _weight, bias, xq, x_scale, wq, w_scale = node.args
-        xm = meta(x)
-        if xq is None or xm is None:
-            continue  # weight-only linears keep the float path
         last, act, residual, chain = node, "none", None, [node]
         user = _only_user(last)
         found = _activation(user, last) if user is not None else None
@@ -74,10 +71,10 @@ def fuse_epilogues(gm: fx.GraphModule, ctx: PassContext) -> None:
         if user is not None and (other := _residual(user, last)) is not None:
             residual, last = other, user
             chain.append(user)
+        if node.target is torch.ops.bitnet.linear_q.default and last is node:
+            continue  # a deployed layer's linear_q with nothing to absorb
         with graph.inserting_before(last):
-            fused = graph.call_function(
-                torch.ops.bitnet.linear_q.default, (xq, x_scale, wq, w_scale, bias, xm.shape[-1], xm.dtype, act, residual)
-            )
+            fused = graph.call_function(torch.ops.bitnet.linear_q.default, (*operands, act, residual))
         fused.meta.update(last.meta)
         last.replace_all_uses_with(fused)
         candidate = node.meta.get("bitnet_candidate")
@@ -87,3 +84,17 @@ def fuse_epilogues(gm: fx.GraphModule, ctx: PassContext) -> None:
             candidate.reason += f", epilogue: {' + '.join(parts)}"
         for absorbed in reversed(chain):
             graph.erase_node(absorbed)
+
+
+def _linear_operands(node: fx.Node):
+    """``linear_q``'s first seven arguments for a quantized linear whose epilogue is still empty:
+    a ``lowbit_linear`` on int8 activations, or a deployed layer's plain ``linear_q``."""
+    if node.target is torch.ops.bitnet.lowbit_linear.default:
+        x, _weight, bias, xq, x_scale, wq, w_scale = node.args[:7]
+        xm = meta(x)
+        if xq is None or xm is None:
+            return None  # weight-only linears keep the float path
+        return xq, x_scale, wq, w_scale, bias, xm.shape[-1], xm.dtype
+    if node.target is torch.ops.bitnet.linear_q.default and node.args[7:] == ("none", None):
+        return node.args[:7]
+    return None

@@ -65,6 +65,20 @@ def parameter_path(node: fx.Node, gm: fx.GraphModule) -> Optional[str]:
     return source_path(name) or _PLACEHOLDER.sub(".", node.name.strip("_"))
 
 
+def buffer_path(node, gm: fx.GraphModule) -> Optional[str]:
+    """Module path of the buffer ``node`` stands for (a deployed layer's packed weights), or None."""
+    if not isinstance(node, fx.Node):
+        return None
+    if node.op == "get_attr":
+        return node.target if any(name == node.target for name, _ in gm.named_buffers()) else None
+    grapharg = node.meta.get("grapharg") if node.op == "placeholder" else None
+    if grapharg is None or isinstance(getattr(grapharg, "example", None), torch.nn.Parameter):
+        return None
+    name = grapharg.source.name
+    name = name() if callable(name) else name
+    return source_path(name) if "_buffers" in name else None
+
+
 def _get_attr(gm: fx.GraphModule, target: str):
     obj = gm
     for part in target.split("."):

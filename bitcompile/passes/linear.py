@@ -13,7 +13,7 @@ import torch.fx as fx
 
 from bitcompile.passes import targets as T
 from bitcompile.passes.context import PassContext
-from bitcompile.passes.graph import (DEVICES, FLOAT_DTYPES, describe_weights, dims, dtype_name, emit_activation_quantization, emit_autocast_input,
+from bitcompile.passes.graph import (DEVICES, FLOAT_DTYPES, buffer_path, describe_weights, dims, dtype_name, emit_activation_quantization, emit_autocast_input,
                                      emit_lowbit_linear, emit_weight_quantization, grad_note, meta, owner,
                                      parameter_path, parameter_skip_reason, record)
 
@@ -53,6 +53,7 @@ def skip_reason(x, w, b, path, ctx: PassContext) -> str:
 def rewrite_linears(gm: fx.GraphModule, ctx: PassContext) -> None:
     graph = gm.graph
     cfg = ctx.config
+    _record_deployed(gm, ctx)
     for node in list(graph.nodes):
         if node.op != "call_function" or node.target is not T.LINEAR:
             continue
@@ -82,3 +83,17 @@ def rewrite_linears(gm: fx.GraphModule, ctx: PassContext) -> None:
         node.replace_all_uses_with(out)
         graph.erase_node(node)
 
+
+def _record_deployed(gm: fx.GraphModule, ctx: PassContext) -> None:
+    """Deployed layers (``bitcompile.nn.PackedLinear``) already run ``linear_q`` on packed
+    buffers: report them, and let the fusions that follow add to their entry."""
+    for node in gm.graph.find_nodes(op="call_function", target=torch.ops.bitnet.linear_q.default):
+        path = buffer_path(node.args[2], gm)
+        if path is None:
+            continue
+        xqm, wqm, k, dtype = meta(node.args[0]), meta(node.args[2]), node.args[5], node.args[6]
+        scheme = "int8" if wqm is not None and wqm.dtype == torch.int8 else "2-bit"
+        shape = f"x{dims(xqm)} @ W[{wqm.shape[0] if wqm is not None else '?'}, {k}]^T"
+        node.meta["bitnet_candidate"] = record(
+            ctx, "linear", owner(path) or "(root)", shape, str(dtype).removeprefix("torch."), "",
+            f"deployed: {scheme} packed weights", weight_bits=8 if scheme == "int8" else 2)

@@ -13,7 +13,8 @@ Only rewrites that compute exactly the same values are made, and only on tensor-
   ``W [in, out]`` (transformers' ``Conv1D``, as ``linear(x, torch.t(W), b)``) -> ``F.linear(x, W, b)``;
 * convolutions (``nn.Conv1d/2d`` with zero padding, the aten overloads, a non-transposed
   ``aten.convolution``) -> ``torch.conv1d/conv2d(x, w, b, stride, padding, dilation, groups)``;
-* batch norms -> ``F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)``.
+* batch norms -> ``F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)``;
+* ``torch.ops.bitnet.<op>`` called by the model itself -> its ``.default`` overload, the passes'.
 """
 from __future__ import annotations
 
@@ -82,6 +83,8 @@ def _method_call(node: fx.Node) -> None:
 
 def _function_call(gm: fx.GraphModule, node: fx.Node) -> None:
     target = node.target
+    if isinstance(target, torch._ops.OpOverloadPacket) and target._qualified_op_name.startswith("bitnet::"):
+        node.target = target = target.default  # a bitnet op the model calls itself (a deployed layer's)
     if target is getattr and node.args[1] in ("T", "mT") and _matrix(node.args[0]):
         _retarget(node, T.TRANSPOSE_2D, (node.args[0],), {})
     elif target in _FUNCTION_TO_CANONICAL and _plain(node):
