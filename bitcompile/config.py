@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -32,7 +33,8 @@ class BitConfig:
         binary, per-channel for int8).
     exclude: module-path glob patterns left in full precision. A pattern matches the
         whole path or any dotted suffix of it, so ``"lm_head"`` matches
-        ``"model.lm_head"`` (transformers' convention).
+        ``"model.lm_head"`` (transformers' convention). ``[]`` excludes nothing; ``None`` (or
+        anything but a list of strings) is a ValueError, since it could mean "none" or "default".
     quantize_depthwise: also quantize depthwise convolutions (groups == in_channels, one
         kh*kw filter per channel: too few weights for a ternary scale to fit well); by
         default they stay in floating point and the report says so.
@@ -55,6 +57,9 @@ class BitConfig:
         (for steps the host limits, without CUDA graphs; BENCHMARKS.md), a longer first
         compile (the wrapper is compiled by the C++ compiler; later runs hit Inductor's cache).
         Not with the modes that record CUDA graphs (``"reduce-overhead"``, ``"max-autotune"``).
+
+    The bool options (``strict``, ``cpp_wrapper``, ``fuse``, ``quantize_depthwise``) take only
+    ``True`` or ``False``: anything else (``"no"``, ``0``, ``None``) is a ValueError.
     """
 
     weight: Any = "ternary"  # a scheme name, or a quantizer object (moved to weight_quantizer)
@@ -79,17 +84,22 @@ class BitConfig:
         _check_choice("weight", self.weight, WEIGHT_SCHEMES)
         _check_choice("granularity", self.granularity, (None, *GRANULARITIES))
         _check_choice("mode", self.mode, INDUCTOR_MODES)
-        _check_choice("quantize_depthwise", self.quantize_depthwise, (False, True))
-        _check_choice("cpp_wrapper", self.cpp_wrapper, (False, True))
+        for f in dataclasses.fields(self):
+            if f.type in ("bool", bool) and not isinstance(getattr(self, f.name), bool):
+                # Not by truthiness: fuse="no" would fuse.
+                raise ValueError(f"invalid {f.name}={getattr(self, f.name)!r}; valid choices: False, True")
         if self.cpp_wrapper and self.mode in CUDA_GRAPH_MODES:
             raise ValueError(f"cpp_wrapper=True and mode={self.mode!r} do not combine: Inductor does not record "
                              "CUDA graphs of C++-wrapper code; choose one (graphs remove the host time altogether)")
         check_bits("attention_bits", self.attention_bits, "float attention matmuls")
         check_bits("activation_bits", self.activation_bits, "weight-only")
         check_bits("grad_input_bits", self.grad_input_bits, "exact STE input gradient")
-        if isinstance(self.exclude, str) or not all(isinstance(p, str) for p in self.exclude):
-            raise ValueError(f"exclude must be a list of module-path glob patterns, got {self.exclude!r}")
-        self.exclude = list(self.exclude)
+        iterable = isinstance(self.exclude, Iterable) and not isinstance(self.exclude, (str, bytes))
+        patterns = list(self.exclude) if iterable else None
+        if patterns is None or not all(isinstance(p, str) for p in patterns):
+            raise ValueError(f"exclude must be a list of module-path glob patterns ([] excludes nothing), "
+                             f"got {self.exclude!r}")
+        self.exclude = patterns
 
     @property
     def per_channel(self) -> bool:

@@ -33,11 +33,14 @@ class _BitConvMixin:
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != self.weight.dim():
             raise ValueError(f"{type(self).__name__} needs batched input ({self.weight.dim()}-D), got {x.dim()}-D")
+        if 0 in self.weight.shape:  # nothing to quantize: the float conv's result, as compiled
+            return super().forward(x)
         x = ref.autocast_input(x)
-        padding = self._padding_ints()
-        if self.padding_mode != "zeros":
+        if self.padding_mode != "zeros":  # padded here (also asymmetric "same"), then a conv without padding
             x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
-            padding = [0] * len(padding)
+            padding = [0] * len(self.kernel_size)
+        else:
+            padding = self._padding_ints()
         cfg = self.config
         xq = x_scale = None
         if cfg.activation_bits is not None:

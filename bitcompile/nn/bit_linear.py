@@ -56,6 +56,8 @@ class BitLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.norm is not None:
             x = self.norm(x)
+        if 0 in self.weight.shape:  # nothing to quantize: nn.Linear's empty (or bias) result, as compiled
+            return super().forward(x)
         x = ref.autocast_input(x)
         xq = x_scale = None
         if self.config.activation_bits is not None:

@@ -3,7 +3,10 @@
 A deep copy of the model with every layer the backend would rewrite swapped for
 bitcompile's eager reference layer (same ``bitnet`` ops, same quantizers), honouring the
 same options (``exclude``, ``quantize_depthwise``, ``attention_bits``, ...). A compiled
-model must match its twin; tests use this as the oracle for whole models.
+model must match its twin; tests use this as the oracle for whole models. Layers the
+backend leaves in float (weight not a parameter, excluded, tied to an embedding, dtype or
+device it does not take, empty weight, ...) stay the original modules, for the same
+reasons (``numerics.spec.weight_skip_reason`` decides for both).
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from bitcompile.config import BitConfig
+from bitcompile.numerics.spec import weight_skip_reason
 from bitcompile.ops import attention as bit_attention
 from bitcompile.nn.bit_conv import BitConv1d, BitConv2d
 from bitcompile.nn.bit_linear import BitLinear
@@ -38,6 +42,23 @@ class BitConv1DProjection(nn.Module):
         wq, w_scale = torch.ops.bitnet.quantize_weights(w, cfg.weight, cfg.per_channel)
         out = bit_attention.project(x2, w, self.bias, wq, w_scale, cfg.activation_bits)
         return out.view(*x.shape[:-1], self.nf)
+
+
+class _TwinConvMixin:
+    """The backend leaves a conv on unbatched input in float: so does the twin."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != self.weight.dim():
+            return self._conv_forward(x, self.weight, self.bias)
+        return super().forward(x)
+
+
+class _TwinConv1d(_TwinConvMixin, BitConv1d):
+    pass
+
+
+class _TwinConv2d(_TwinConvMixin, BitConv2d):
+    pass
 
 
 class BitMultiheadAttention(nn.MultiheadAttention):
@@ -104,11 +125,12 @@ class _QuantizedSDPA(TorchFunctionMode):
 
 
 class ReferenceModel(nn.Module):
-    """Wraps the swapped copy; with ``attention_bits`` runs it with quantized SDPA."""
+    """Wraps the swapped copy; with ``attention_bits`` runs it with quantized SDPA.
+    ``skipped`` maps the path of each linear or conv left in float to the reason."""
 
-    def __init__(self, model: nn.Module, cfg: BitConfig):
+    def __init__(self, model: nn.Module, cfg: BitConfig, skipped: dict[str, str]):
         super().__init__()
-        self.model, self.config = model, cfg
+        self.model, self.config, self.skipped = model, cfg, skipped
 
     def forward(self, *args, **kwargs):
         bits = self.config.attention_bits
@@ -124,38 +146,68 @@ def _gpt2_conv1d_type():
     return Conv1D
 
 
-def _swap(module: nn.Module, path: str, cfg: BitConfig, embedding_weights: set):
-    """The reference layer for ``module`` (or None to keep it)."""
-    # A linear tied to an embedding table (tied lm_head) stays in float, as in the linear pass.
-    excluded = cfg.excluded(path) is not None or id(getattr(module, "weight", None)) in embedding_weights
+def _skip_reason(module: nn.Module, kind: str, path: str, cfg: BitConfig, embedding_weights: set) -> str:
+    """Why the backend leaves this linear / conv / GPT-2 ``Conv1D`` in float ('' if it rewrites it):
+    the checks of the linear and conv passes, on the module instead of the traced graph."""
+    weight = module.weight
+    if not isinstance(weight, nn.Parameter):
+        return "weight is not a parameter (computed or passed in)"
+    pattern = cfg.excluded(path)
+    if pattern is not None:
+        return f"excluded by pattern {pattern!r}"
+    if kind != "conv" and id(weight) in embedding_weights:
+        return "weight is tied to an embedding table (e.g. a tied lm_head); embeddings stay in float"
+    # The weight as the op takes it: Conv1D multiplies by W [in, out], i.e. F.linear with W.t().
+    reason = weight_skip_reason(weight.t() if kind == "conv1d" else weight,
+                                unit="channels" if kind == "conv" else "features")
+    if reason or kind != "conv":
+        return reason
+    if module.groups > 1 and module.groups == module.in_channels and not cfg.quantize_depthwise:
+        return "depthwise conv (groups == in_channels) kept in float; set quantize_depthwise=True to quantize it"
+    odd = any(d * (k - 1) % 2 for k, d in zip(module.kernel_size, module.dilation))
+    if module.padding == "same" and module.padding_mode == "zeros" and odd:
+        return "padding='same' needs asymmetric padding here (even kernel extent); not supported"
+    return ""
+
+
+def _swap(module: nn.Module, path: str, cfg: BitConfig, embedding_weights: set, skipped: dict):
+    """The reference layer for ``module`` (or None to keep it); records in ``skipped`` why a
+    linear or conv stays as it is."""
     opts = _layer_options(cfg)
     conv1d_type = _gpt2_conv1d_type()
-    if type(module) is nn.Linear and not excluded:
-        return BitLinear.from_linear(module, **opts)
-    if type(module) in (nn.Conv1d, nn.Conv2d) and not excluded:
-        depthwise = module.groups > 1 and module.groups == module.in_channels
-        if depthwise and not cfg.quantize_depthwise:
+    kind = ("linear" if type(module) is nn.Linear else "conv" if type(module) in (nn.Conv1d, nn.Conv2d)
+            else "conv1d" if conv1d_type is not None and type(module) is conv1d_type else None)
+    if kind is not None:
+        reason = _skip_reason(module, kind, path, cfg, embedding_weights)
+        if reason:
+            skipped[path] = reason
             return None
-        return (BitConv1d if type(module) is nn.Conv1d else BitConv2d).from_conv(module, **opts)
-    if conv1d_type is not None and type(module) is conv1d_type and not excluded:
+    if kind == "linear":
+        return BitLinear.from_linear(module, **opts)
+    if kind == "conv":
+        return (_TwinConv1d if type(module) is nn.Conv1d else _TwinConv2d).from_conv(module, **opts)
+    if kind == "conv1d":
         return BitConv1DProjection(module, cfg)
     if type(module) is nn.MultiheadAttention:
-        return BitMultiheadAttention.from_mha(module, cfg, excluded, cfg.excluded(f"{path}.out_proj") is not None)
+        return BitMultiheadAttention.from_mha(module, cfg, cfg.excluded(path) is not None,
+                                              cfg.excluded(f"{path}.out_proj") is not None)
     if type(module) is nn.TransformerEncoderLayer:
         module.__class__ = _SlowPathEncoderLayer  # a copy already; its children are swapped below
     return None
 
 
 def reference_model(model: nn.Module, **options) -> ReferenceModel:
-    """The eager-reference twin of ``model`` under the backend options ``options``."""
+    """The eager-reference twin of ``model`` under the backend options ``options``. Its
+    ``skipped`` maps each linear / conv it keeps in float to the reason, as the backend's report."""
     cfg = BitConfig.from_options(options)
     twin = copy.deepcopy(model)
     embedding_weights = {id(m.weight) for m in twin.modules() if isinstance(m, nn.Embedding)}
+    skipped: dict[str, str] = {}
     for path, module in list(twin.named_modules()):
         for name, child in list(module.named_children()):
             child_path = f"{path}.{name}" if path else name
-            new = _swap(child, child_path, cfg, embedding_weights)
+            new = _swap(child, child_path, cfg, embedding_weights, skipped)
             if new is not None:
                 setattr(module, name, new)
-    root = _swap(twin, "", cfg, embedding_weights)  # the model may itself be one layer
-    return ReferenceModel(root if root is not None else twin, cfg)
+    root = _swap(twin, "", cfg, embedding_weights, skipped)  # the model may itself be one layer
+    return ReferenceModel(root if root is not None else twin, cfg, skipped)

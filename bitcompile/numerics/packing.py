@@ -7,6 +7,8 @@ zero trits. This is what is saved and exchanged; kernels may re-layout it.
 """
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 TRITS_PER_BYTE = 4
@@ -18,15 +20,45 @@ def packed_columns(k: int) -> int:
     return (k + TRITS_PER_BYTE - 1) // TRITS_PER_BYTE
 
 
+def _checks_values(t: torch.Tensor) -> bool:
+    # Reading values needs a real tensor: not while the compiler traces, not on the meta device.
+    return not torch.compiler.is_compiling() and t.device.type != "meta"
+
+
+def _trit_error(trits: torch.Tensor, bad: torch.Tensor) -> ValueError:
+    values = trits[bad]
+    shown = ", ".join(repr(v) for v in values[:5].tolist())
+    more = f" (and {values.numel() - 5} more)" if values.numel() > 5 else ""
+    return ValueError(f"pack_ternary needs trits exactly in {{-1, 0, 1}}; got {values.numel()} other value(s): "
+                      f"{shown}{more}")
+
+
 def pack_ternary(trits: torch.Tensor) -> torch.Tensor:
-    """Pack trits in {-1, 0, 1} (any integer or float dtype) along the last dim."""
+    """Pack trits in {-1, 0, 1} (any integer, bool or float dtype) along the last dim.
+
+    Raises ``ValueError`` naming the values that are not exactly -1, 0 or 1 (out of range,
+    fractional, NaN, inf) rather than packing a wrong trit. While the compiler traces, or on the
+    meta device, values are not read: out-of-range values are clamped to -1 / +1 there."""
+    if not isinstance(trits, torch.Tensor) or trits.is_complex():
+        got = trits.dtype if isinstance(trits, torch.Tensor) else type(trits).__name__
+        raise TypeError(f"pack_ternary needs a real tensor of trits, got {got}")
+    if trits.dim() == 0:
+        raise ValueError("pack_ternary needs trits along a last dimension, got a 0-d tensor")
     k = trits.shape[-1]
     pad = packed_columns(k) * TRITS_PER_BYTE - k
-    codes = (trits.to(torch.int16) + 1).to(torch.uint8)
+    # Clamped first so that no value can reach a neighbour's bits; a valid trit survives the int16
+    # round trip unchanged, anything else (5, 0.9999, NaN, inf) comes back different.
+    low = -1 if trits.dtype.is_signed else 0  # clamp(-1) of an unsigned tensor would wrap
+    ints = trits.to(torch.int16) if trits.dtype == torch.bool else trits.clamp(low, 1).to(torch.int16)
+    if trits.dtype != torch.bool and _checks_values(trits):
+        bad = ints != trits
+        if bool(bad.any()):
+            raise _trit_error(trits, bad)
+    codes = (ints + 1).to(torch.uint8)
     if pad:
         # Padding is the zero trit, whose code is 1.
         codes = torch.nn.functional.pad(codes, (0, pad), value=1)
-    codes = codes.reshape(*codes.shape[:-1], -1, TRITS_PER_BYTE)
+    codes = codes.reshape(*codes.shape[:-1], packed_columns(k), TRITS_PER_BYTE)
     packed = codes[..., 0] | (codes[..., 1] << 2) | (codes[..., 2] << 4) | (codes[..., 3] << 6)
     return packed.contiguous()
 
@@ -38,12 +70,15 @@ def unpack_ternary(packed: torch.Tensor, k: int, dtype: torch.dtype = torch.int8
     """
     if packed.dtype != torch.uint8:
         raise ValueError(f"packed ternary weights must be uint8, got {packed.dtype}")
-    if packed.shape[-1] != packed_columns(k):
-        raise ValueError(f"k={k} needs {packed_columns(k)} packed columns, got {packed.shape[-1]}")
+    if isinstance(k, bool) or not isinstance(k, (numbers.Integral, torch.SymInt)) or k < 0:
+        raise ValueError(f"k (trits per row) must be an int >= 0, got {k!r}")
+    if packed.dim() == 0 or packed.shape[-1] != packed_columns(k):
+        cols = packed.shape[-1] if packed.dim() else "a 0-d tensor"
+        raise ValueError(f"k={k} needs {packed_columns(k)} packed columns, got {cols}")
     codes = torch.stack([(packed >> s) & 3 for s in _SHIFTS], dim=-1)
-    if not torch.compiler.is_compiling() and packed.device.type != "meta" and bool((codes == 3).any()):
+    if _checks_values(packed) and bool((codes == 3).any()):
         raise ValueError("packed ternary tensor contains the invalid code 3")
-    codes = codes.reshape(*packed.shape[:-1], -1)[..., :k]
+    codes = codes.flatten(-2)[..., :k]
     return (codes.to(torch.int8) - 1).to(dtype)
 
 

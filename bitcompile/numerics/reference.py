@@ -27,10 +27,20 @@ def quantize_activations(x: torch.Tensor, bits: int = 8, eps: float = EPS) -> tu
     return q.contiguous(), scale.contiguous()
 
 
+def _abs_reduce(a: torch.Tensor, op: str, dims=None, keepdim: bool = False) -> torch.Tensor:
+    """``a.amax`` / ``a.mean`` over ``dims`` (all dims if None) of ``a >= 0``, 0 where the reduced
+    set is empty (amax raises there, mean gives NaN): an empty row scales like an all-zero one."""
+    if dims is None:
+        return getattr(a, op)() if a.numel() else a.sum()
+    if any(a.shape[d] == 0 for d in dims):
+        return a.sum(dim=dims, keepdim=keepdim)
+    return getattr(a, op)(dim=dims, keepdim=keepdim)
+
+
 def _absmax_quantize(xf: torch.Tensor, dims: tuple, bits: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """int8 ``q`` and float32 ``scale`` with one absmax over ``dims`` (element-wise otherwise,
     so ``q`` keeps ``xf``'s memory layout)."""
-    amax = xf.abs().amax(dim=dims, keepdim=True).clamp(min=eps)
+    amax = _abs_reduce(xf.abs(), "amax", dims, keepdim=True).clamp(min=eps)
     # Divide by a tensor, not a Python number: on CUDA `t / 127` computes t * fl(1/127),
     # one ulp off the IEEE quotient the CPU (and the Triton kernel) compute for ~1/4 of rows.
     scale = amax / amax.new_full((), float(qmax(bits)))
@@ -42,16 +52,17 @@ def _absmax_quantize(xf: torch.Tensor, dims: tuple, bits: int, eps: float) -> tu
 def weight_scale(w: torch.Tensor, scheme: str, per_channel: bool) -> torch.Tensor:
     """float32 scale: ``[N]`` per output channel or ``[1]`` per tensor."""
     a = w.float().abs()
+    dims = (-1,) if per_channel else None
     if scheme == "int8":
-        s = (a.amax(dim=-1) if per_channel else a.amax().reshape(1)) / 127
+        s = _abs_reduce(a, "amax", dims).reshape(-1) / 127
     else:  # ternary (absmean, BitNet b1.58) and binary (alpha = mean|W|, XNOR-Net)
-        s = a.mean(dim=-1) if per_channel else a.mean().reshape(1)
+        s = _abs_reduce(a, "mean", dims).reshape(-1)
     return s.clamp(min=EPS)
 
 
 def weight_integers(w: torch.Tensor, scale: torch.Tensor, scheme: str) -> torch.Tensor:
     """The integer weights as int8 ``[N, K]`` (trits, signs or int8)."""
-    s = scale.reshape(-1, 1) if scale.numel() > 1 else scale
+    s = scale.reshape(-1, 1) if scale.numel() != 1 else scale  # per channel, also with no channels
     wf = w.float()
     if scheme == "ternary":
         v = (wf / s).round().clamp(-1, 1)
@@ -280,7 +291,7 @@ def quantize_per_head(x: torch.Tensor, bits: int = 8) -> tuple[torch.Tensor, tor
     """Absmax over the last two dims: ``x [*H, M, K] -> (int8, float32 [*H, 1, 1])``: one
     scale per (batch, head) matrix, which factors out of a matmul on either side."""
     xf = x.float()
-    scale = xf.abs().amax(dim=(-2, -1), keepdim=True).clamp(min=EPS) / qmax(bits)
+    scale = _abs_reduce(xf.abs(), "amax", (-2, -1), keepdim=True).clamp(min=EPS) / qmax(bits)
     q = (xf / scale).round().clamp(-qmax(bits) - 1, qmax(bits))
     return torch.nan_to_num(q, nan=0.0).to(torch.int8), scale
 

@@ -12,11 +12,12 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
+from bitcompile.numerics.spec import weight_skip_reason
 from bitcompile.passes import targets as T
 from bitcompile.passes.context import PassContext
-from bitcompile.passes.graph import (DEVICES, FLOAT_DTYPES, describe_weights, dims, dtype_name,
-                                     emit_activation_quantization, emit_autocast_input, emit_weight_quantization, meta, owner,
-                                     parameter_path, parameter_skip_reason, record)
+from bitcompile.passes.graph import (describe_weights, dims, dtype_name, emit_activation_quantization,
+                                     emit_autocast_input, emit_weight_quantization, meta, owner, parameter_path,
+                                     parameter_skip_reason, record)
 
 
 def _ints(value, dims: int) -> list[int]:
@@ -42,10 +43,9 @@ def conv_skip_reason(x, w, b, path, groups, ctx: PassContext) -> str:
         return reason
     if xm is None or wm is None:
         return "no tensor metadata"
-    if xm.dtype not in FLOAT_DTYPES or wm.dtype not in FLOAT_DTYPES:
-        return f"unsupported dtype x={xm.dtype}, W={wm.dtype} (supported: float32, float16, bfloat16)"
-    if xm.device.type not in DEVICES:
-        return f"unsupported device {xm.device.type} (supported: cpu, cuda)"
+    reason = weight_skip_reason(wm, xm, unit="channels")  # the rules reference_model shares
+    if reason:
+        return reason
     if xm.dim() != wm.dim():
         return f"unbatched input ({xm.dim()}-D for a {wm.dim() - 2}-D conv); only batched input is supported"
     if not isinstance(groups, int):

@@ -11,10 +11,6 @@ import torch.fx as fx
 
 from bitcompile.report import Candidate
 
-# What the weight rewrites take; anything else stays in float, with the reason in the report.
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-DEVICES = ("cpu", "cuda")
-
 # Meta key of a subgraph placeholder fed by a parameter of the enclosing graph: its module path.
 PARAMETER_OF = "bitnet_parameter_path"
 

@@ -11,9 +11,11 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
+from bitcompile.numerics.spec import weight_skip_reason
 from bitcompile.passes import targets as T
 from bitcompile.passes.context import PassContext
-from bitcompile.passes.graph import (DEVICES, FLOAT_DTYPES, buffer_path, describe_weights, dims, dtype_name, emit_activation_quantization, emit_autocast_input,
+from bitcompile.passes.graph import (buffer_path, describe_weights, dims, dtype_name, emit_activation_quantization,
+                                     emit_autocast_input,
                                      emit_lowbit_linear, emit_weight_quantization, grad_note, meta, owner,
                                      parameter_path, parameter_skip_reason, record)
 
@@ -28,9 +30,10 @@ def weight_parameter(w, gm: fx.GraphModule):
     return w, parameter_path(w, gm) if isinstance(w, fx.Node) else None
 
 
-def skip_reason(x, w, b, path, ctx: PassContext) -> str:
-    """Why this linear cannot be rewritten ('' if it can)."""
-    xm, wm = meta(x), meta(w)
+def skip_reason(x, w, b, path, ctx: PassContext, linear_weight=None) -> str:
+    """Why this linear cannot be rewritten ('' if it can). ``w`` is the weight's parameter node;
+    ``linear_weight`` the weight as ``F.linear`` takes it, where that differs (a ``Conv1D``'s ``W.t()``)."""
+    xm, wm = meta(x), meta(w if linear_weight is None else linear_weight)
     reason = parameter_skip_reason(path, ctx)
     if reason:
         return reason
@@ -39,11 +42,10 @@ def skip_reason(x, w, b, path, ctx: PassContext) -> str:
         return "weight is tied to an embedding table (e.g. a tied lm_head); embeddings stay in float"
     if xm is None or wm is None:
         return "no tensor metadata"
-    if xm.dtype not in FLOAT_DTYPES or wm.dtype not in FLOAT_DTYPES:
-        return f"unsupported dtype x={xm.dtype}, W={wm.dtype} (supported: float32, float16, bfloat16)"
-    if xm.device.type not in DEVICES or wm.device.type not in DEVICES:
-        return f"unsupported device {xm.device.type} (supported: cpu, cuda)"
-    if wm.dim() != 2 or wm.shape[1] == 0:
+    reason = weight_skip_reason(wm, xm)  # dtype, device, empty weight: the rules reference_model shares
+    if reason:
+        return reason
+    if wm.dim() != 2:
         return f"unsupported weight shape {tuple(wm.shape)}"
     if b is not None and meta(b) is None:
         return "bias is not a tensor"
@@ -60,7 +62,7 @@ def rewrite_linears(gm: fx.GraphModule, ctx: PassContext) -> None:
         x, w, b = node.args
         param, path = weight_parameter(w, gm)
         xm, wm = meta(x), meta(w)
-        reason = skip_reason(x, param, b, path, ctx)
+        reason = skip_reason(x, param, b, path, ctx, linear_weight=w)
         spelled = " (transformers Conv1D: W[in, out] transposed)" if param is not w else ""
         record(ctx, "linear", (owner(path) or "(root)") if path else f"({node.name})", f"x{dims(xm)} @ W{dims(wm)}^T",
                dtype_name(xm), reason, describe_weights(cfg) + grad_note(ctx) + spelled,

@@ -49,7 +49,11 @@ def quantized_linear(
     """``input @ weight^T + bias`` with ternary weights and/or int8 activations.
 
     ``weight`` is ``[out, in]`` float (quantized here when ``quantize_weights``) or a
-    pre-quantized :class:`TernaryTensor` (used as is). Gradients: STE."""
+    pre-quantized :class:`TernaryTensor` (used as is). Gradients: STE. A weight with no rows or
+    no columns has nothing to quantize: the result is ``F.linear``'s (empty, or ``bias``)."""
+    if 0 in weight.shape:
+        w = weight.dequantize(dtype=input.dtype) if isinstance(weight, TernaryTensor) else weight
+        return F.linear(input, w, bias)
     xq = x_scale = None
     if quantize_activations:
         xq, x_scale = torch.ops.bitnet.quantize_activations(input, activation_bits)
@@ -104,6 +108,8 @@ def quantized_matmul(
         raise ValueError(f"quantized_matmul needs a [..., k] and b [k, n]; got {tuple(a.shape)}, {tuple(b.shape)}")
     a_in = a if (use_ste or not quantize_a) else a.detach()
     b_in = b if (use_ste or not quantize_b) else b.detach()
+    if b.numel() == 0:  # k == 0 or n == 0: nothing to quantize, the product is empty or zeros
+        return a_in @ b_in
     if quantize_b:
         xq = x_scale = None
         if quantize_a:

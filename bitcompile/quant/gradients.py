@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bitcompile.quant.primitives import sparsity_mask, ternary_quantize
+from bitcompile.quant.primitives import check_positive, check_range, sparsity_mask, ternary_quantize
 from bitcompile.quant.tensor import QuantizedTensor
 
 LEVELS = (-1.0, 0.0, 1.0)
@@ -39,7 +39,9 @@ def ste_quantize(x: torch.Tensor, quantize_fn: Callable = ternary_quantize) -> t
 
 
 def clipped_ste_quantize(x: torch.Tensor, threshold: float = 1.0, quantize_fn: Callable = ternary_quantize) -> torch.Tensor:
-    """Forward as :func:`ste_quantize`; gradient passes where ``|x| <= threshold``, 0 elsewhere."""
+    """Forward as :func:`ste_quantize`; gradient passes where ``|x| <= threshold`` (finite, >= 0),
+    0 elsewhere."""
+    check_range("threshold", threshold, 0.0)
     mask = (x.detach().abs() <= threshold).to(x.dtype)
     passed = x * mask
     return _hard_value(x, quantize_fn).to(x.dtype) + (passed - passed.detach())
@@ -48,8 +50,7 @@ def clipped_ste_quantize(x: torch.Tensor, threshold: float = 1.0, quantize_fn: C
 def soft_quantize(x: torch.Tensor, temperature: float = 1.0, hard: bool = False) -> torch.Tensor:
     """``tanh(x / temperature)`` (converges to ``sign(x)`` as temperature -> 0).
     ``hard``: ``sign(x)`` in the forward, the tanh gradient in the backward."""
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+    check_positive("temperature", temperature)
     soft = torch.tanh(x / temperature)
     if not hard:
         return soft
@@ -73,8 +74,7 @@ def gumbel_softmax_quantize(
     """Gumbel-softmax over the levels {-1, 0, 1}: ``probs = softmax((logits + g) / T)``
     with Gumbel noise ``g``; output ``probs[+1] - probs[-1]``. ``hard``: the sampled
     level (exactly -1, 0 or 1) in the forward, the soft gradient in the backward."""
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+    check_positive("temperature", temperature)
     u = torch.rand((*x.shape, 3), generator=generator, device=x.device, dtype=torch.float32)
     gumbel = -torch.log(-torch.log(u.clamp(1e-10, 1.0 - 1e-7))).to(x.dtype)
     probs = torch.softmax((_level_logits(x) + gumbel) / temperature, dim=-1)
@@ -96,7 +96,7 @@ def progressive_quantize(x: torch.Tensor, epoch: int, warmup_epochs: int = 10, q
 
 def threshold_for_sparsity(x: torch.Tensor, target_sparsity: float) -> torch.Tensor:
     """The largest ``|x|`` that :func:`sparsity_mask` zeroes (0 if none)."""
-    keep = sparsity_mask(x, target_sparsity)
+    keep = sparsity_mask(x, target_sparsity, "target_sparsity")
     dropped = x.detach().abs()[~keep]
     return dropped.max() if dropped.numel() else x.new_zeros(())
 
@@ -105,9 +105,8 @@ def differentiable_sparse_quantize(x: torch.Tensor, target_sparsity: float, temp
     """Soft ternary ``p(+1) - p(-1)`` from logits ``((x - t), (t - |x|), (-x - t)) / T``
     with ``t`` the threshold giving ``target_sparsity`` zeros. The zero logit is
     ``t - |x|`` (``-|x - t|`` would not favour 0 at ``x = 0``)."""
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    t = threshold_for_sparsity(x, target_sparsity).to(x.dtype)
+    check_positive("temperature", temperature)
+    t = threshold_for_sparsity(x, target_sparsity).to(x.dtype)  # checks target_sparsity is in [0, 1]
     logits = torch.stack([(-x - t), (t - x.abs()), (x - t)], dim=-1) / temperature
     return _expected_level(torch.softmax(logits, dim=-1))
 

@@ -9,6 +9,7 @@ uses (``bitcompile.numerics.reference``), so eager and compiled code agree.
 """
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 from typing import Optional, Union
 
@@ -35,6 +36,48 @@ def _check_float(x, name="x"):
         raise TypeError(f"{name} must be a floating-point tensor, got {type(x).__name__}{'' if not isinstance(x, torch.Tensor) else ' of ' + str(x.dtype)}")
 
 
+def _readable(t: torch.Tensor) -> bool:
+    # Values can be read eagerly, not from the compiler's fake tensors or on the meta device.
+    return not torch.compiler.is_compiling() and t.device.type != "meta"
+
+
+def check_range(name: str, value, low: float, high: float = float("inf"), *, low_open: bool = False,
+                high_open: bool = False) -> None:
+    """``value`` (a real number, or a tensor whose elements all are) is finite and within ``low`` ..
+    ``high`` (``*_open``: that end excluded); else a ValueError naming ``name`` and the range. A
+    tensor's values are read only eagerly, never while the compiler traces."""
+    if isinstance(value, torch.Tensor):
+        if value.is_complex() or value.dtype == torch.bool:
+            raise ValueError(f"{name} must be real, got a tensor of {value.dtype}")
+        if not _readable(value):
+            return
+        v = value.detach()
+        ok = bool(torch.isfinite(v).all() and ((v > low) if low_open else (v >= low)).all()
+                  and ((v < high) if high_open else (v <= high)).all())
+    elif isinstance(value, numbers.Real) and not isinstance(value, bool):
+        v = float(value)
+        ok = v == v and abs(v) != float("inf") and (v > low if low_open else v >= low) and (
+            v < high if high_open else v <= high)
+    else:
+        ok = False
+    if not ok:
+        hi = "" if high == float("inf") else f" and {'<' if high_open else '<='} {high:g}"
+        raise ValueError(f"{name} must be a finite number {'>' if low_open else '>='} {low:g}{hi}, got {value!r}")
+
+
+def check_positive(name: str, value) -> None:
+    """``value`` is a finite number > 0 (see :func:`check_range`)."""
+    check_range(name, value, 0.0, low_open=True)
+
+
+def positive(p: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """``|p|``, at least ``eps``: how a learnable scale or step size is used in a forward pass, so
+    that an optimizer step that takes it to or through zero leaves values and gradients finite.
+    The gradient is that of ``|p|`` (unchanged while ``p > eps``), also where the clamp acts."""
+    a = p.abs()
+    return a + (a.clamp(min=eps) - a).detach()
+
+
 def ternary_quantize(x: torch.Tensor, per_channel: bool = False) -> TernaryTensor:
     """BitNet b1.58 absmean: ``s = mean|x|`` (per tensor, or per row of a 2-D ``x``
     with ``per_channel``), trits ``clip(round(x / s), -1, 1)``. STE gradient."""
@@ -50,19 +93,22 @@ def ternary_quantize(x: torch.Tensor, per_channel: bool = False) -> TernaryTenso
 
 def threshold_quantize(x: torch.Tensor, threshold: float = 0.5, scale: float = 1.0) -> TernaryTensor:
     """``+1`` where ``x > threshold * scale``, ``-1`` where ``x < -threshold * scale``,
-    else 0. The result has unit scale (``dequantize`` gives the trits). STE gradient."""
+    else 0. The result has unit scale (``dequantize`` gives the trits). STE gradient.
+    ``threshold`` and ``scale`` are finite and >= 0."""
     _check_float(x)
+    check_range("threshold", threshold, 0.0)
+    check_range("scale", scale, 0.0)
     t = threshold * scale
     trits = (x.detach() > t).to(torch.int8) - (x.detach() < -t).to(torch.int8)
     return TernaryTensor(trits, 1.0, grad_carrier=ste_carrier(x))
 
 
-def sparsity_mask(x: torch.Tensor, sparsity: float) -> torch.Tensor:
+def sparsity_mask(x: torch.Tensor, sparsity: float, name: str = "sparsity") -> torch.Tensor:
     """Boolean mask keeping all but the ``round(sparsity * numel)`` smallest ``|x|``.
 
-    Ranking (not a ``<=`` threshold) makes the zero count exact even with ties."""
-    if not 0.0 <= sparsity <= 1.0:
-        raise ValueError(f"sparsity/percentile must be in [0, 1], got {sparsity}")
+    Ranking (not a ``<=`` threshold) makes the zero count exact even with ties. ``sparsity`` must
+    be in [0, 1] (a ValueError names it as ``name``)."""
+    check_range(name, sparsity, 0.0, 1.0)
     flat = x.detach().abs().flatten()
     n_zero = int(round(sparsity * flat.numel()))
     keep = torch.ones_like(flat, dtype=torch.bool)
@@ -77,8 +123,8 @@ def adaptive_threshold_quantize(x: torch.Tensor, percentile: float = 0.7, target
     Exact to the element: the ``round(p * numel)`` smallest ``|x|`` become 0 (plus
     any exact zeros of ``x``). Unit scale; STE gradient."""
     _check_float(x)
-    p = percentile if target_sparsity is None else target_sparsity
-    keep = sparsity_mask(x, p)
+    p, name = (percentile, "percentile") if target_sparsity is None else (target_sparsity, "target_sparsity")
+    keep = sparsity_mask(x, p, name)
     trits = (torch.sign(x.detach()) * keep).to(torch.int8)
     return TernaryTensor(trits, 1.0, grad_carrier=ste_carrier(x))
 
@@ -86,8 +132,8 @@ def adaptive_threshold_quantize(x: torch.Tensor, percentile: float = 0.7, target
 def stochastic_probabilities(x: torch.Tensor, temperature: float = 1.0, threshold: float = 0.5):
     """``(p_neg, p_zero, p_pos)`` with ``p_pos = sigmoid((x - t) / T)`` and
     ``p_neg = sigmoid((-x - t) / T)``; ``p_zero > 0`` whenever ``t > 0``."""
-    if temperature <= 0 or threshold <= 0:
-        raise ValueError(f"temperature and threshold must be > 0, got {temperature}, {threshold}")
+    check_positive("temperature", temperature)
+    check_positive("threshold", threshold)
     xf = x.detach().float()
     p_pos = torch.sigmoid((xf - threshold) / temperature)
     p_neg = torch.sigmoid((-xf - threshold) / temperature)
@@ -127,8 +173,9 @@ def learned_quantize(
     in them); ``x`` gets the STE; the thresholds, which the hard forward does not
     depend on smoothly, get the gradient of the surrogate
     ``pos_scale * sigmoid((x - t_pos) / T) - neg_scale * sigmoid((t_neg - x) / T)``
-    (``T = temperature``)."""
+    (``T = temperature``, a finite number or tensor > 0)."""
     _check_float(x)
+    check_positive("temperature", temperature)
     xd = x.detach()
     trits = (xd > pos_threshold.detach()).to(torch.int8) - (xd < neg_threshold.detach()).to(torch.int8)
     carrier = ste_carrier(x)

@@ -15,13 +15,16 @@ backend passes each linear's module path.
 from __future__ import annotations
 
 import inspect
+import numbers
 from typing import Optional, Protocol, Sequence, Union, runtime_checkable
 
 import torch
 from torch import nn
 
 from bitcompile.config import BitConfig, check_quantizer
-from bitcompile.quant.primitives import learned_quantize, ste_carrier, ternary_quantize
+from bitcompile.numerics.spec import check_int
+from bitcompile.quant.primitives import (check_positive, check_range, learned_quantize, positive, ste_carrier,
+                                         ternary_quantize)
 from bitcompile.quant.tensor import QuantizedTensor, TernaryTensor
 
 Layer = Union[int, str]
@@ -83,6 +86,8 @@ class TernaryQuantizer(BaseQuantizer):
 def _differentiable_quantile(values: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     # Linear interpolation between order statistics: differentiable in q as well.
     s = values.flatten().sort().values
+    if s.numel() == 0:  # no values: threshold 0 (q keeps a zero gradient)
+        return q * 0.0
     pos = q.clamp(0, 1) * (s.numel() - 1)
     lo = pos.detach().floor().long().clamp(max=s.numel() - 2) if s.numel() > 1 else pos.detach().long() * 0
     hi = (lo + 1).clamp(max=s.numel() - 1)
@@ -96,10 +101,15 @@ class PercentileQuantizer(BaseQuantizer):
     """Threshold at the ``percentile``-th value of ``|x|`` (learnable: the threshold is
     an interpolated order statistic, differentiable in the percentile, and reaches the
     loss through :func:`learned_quantize`'s surrogate). Scale ``alpha`` = mean ``|x|``
-    of the surviving elements (TWN); ``dequantize(x, scale=1.0)`` also multiplies by ``scale``."""
+    of the surviving elements (TWN); ``dequantize(x, scale=1.0)`` also multiplies by ``scale``.
+
+    ``percentile`` starts in [0, 1]; where training moves it outside, it acts clamped to [0, 1].
+    ``temperature`` (> 0) is the surrogate's width relative to ``alpha``."""
 
     def __init__(self, percentile: Union[float, torch.Tensor] = 0.7, temperature: float = 0.05):
         super().__init__()
+        check_range("percentile", percentile, 0.0, 1.0)
+        check_positive("temperature", temperature)
         p = percentile if isinstance(percentile, torch.Tensor) else torch.tensor(float(percentile))
         self.percentile = nn.Parameter(p.detach().clone().float().reshape(()))
         self.temperature = temperature
@@ -134,12 +144,17 @@ class LayerAdaptiveQuantizer(BaseQuantizer):
     """Per-layer learnable ternary quantizer: ``trits = learned_quantize(x / s_l,
     t_pos_l, t_neg_l)``, value ``trits * s_l``. Thresholds are in units of the
     layer's scale ``s_l``, so they do not depend on the weights' magnitude (thresholds
-    multiplied by ``s_l`` would)."""
+    multiplied by ``s_l`` would). ``threshold`` starts >= 0 and ``scale`` > 0; the forward
+    uses ``|s_l|`` (at least 1e-8), so a scale trained to or through zero stays finite."""
 
     def __init__(self, num_layers: Optional[int] = None, *, layers: Optional[Sequence[str]] = None, threshold: float = 0.5, scale: Union[float, Sequence[float]] = 1.0):
         super().__init__()
         if num_layers is None and layers is None:
             raise ValueError("give num_layers or layers (module paths)")
+        if layers is None:
+            check_int("num_layers", num_layers, 1)
+        check_range("threshold", threshold, 0.0)
+        check_positive("scale", scale if isinstance(scale, (numbers.Real, torch.Tensor)) else torch.tensor(scale))
         self.layers = list(layers) if layers is not None else None
         n = len(self.layers) if self.layers is not None else num_layers
         self.pos_threshold = nn.Parameter(torch.full((n,), float(threshold)))
@@ -149,7 +164,7 @@ class LayerAdaptiveQuantizer(BaseQuantizer):
 
     def quantize(self, x: torch.Tensor, layer_idx: Optional[Layer] = None) -> TernaryTensor:
         i = _layer_index(self.layers, layer_idx, self.scales.numel())
-        s = self.scales[i]
+        s = positive(self.scales[i])
         t = learned_quantize(x / s, self.pos_threshold[i], self.neg_threshold[i])
         # Rebuild with the layer scale as the tensor's own scale (exact gradient to s).
         return TernaryTensor(t.codes, s, grad_carrier=None if t.grad_carrier is None else t.grad_carrier * s.detach())

@@ -13,8 +13,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from bitcompile.numerics.spec import check_bits
-from bitcompile.quant.primitives import sparsity_mask, ste_carrier
+from bitcompile.numerics.spec import check_bits, check_int
+from bitcompile.quant.primitives import check_positive, check_range, positive, sparsity_mask, ste_carrier
 from bitcompile.quant.quantizers import BaseQuantizer
 from bitcompile.quant.tensor import QuantizedTensor, TernaryTensor
 
@@ -32,7 +32,8 @@ class LogQuantizer(BaseQuantizer):
 
     def quantize(self, x: torch.Tensor) -> QuantizedTensor:
         xd = x.detach().float()
-        m = xd.abs().amax().clamp(min=1e-8)
+        # A zero appended: max|x| of an empty tensor is 0 (then clamped), not an error.
+        m = torch.cat([xd.abs().flatten(), xd.new_zeros(1)]).amax().clamp(min=1e-8)
         k = torch.round(-torch.log2((xd.abs() / m).clamp(min=1e-30)))
         mag = torch.where(k < self.levels, self.levels - k, torch.zeros_like(k))
         codes = (torch.sign(xd) * mag).to(torch.int8)
@@ -60,19 +61,27 @@ class LSQQuantizer(BaseQuantizer):
     ``s`` is a parameter (one, or one per output channel) whose gradient is scaled by
     ``g = 1 / sqrt(numel * Q_p)``; ``x`` gets the STE inside the clipping range, 0 outside.
 
-    ``step`` defaults to LSQ's initialization ``2 mean|x| / sqrt(Q_p)`` when built
-    with :meth:`from_tensor`."""
+    ``step`` (finite, > 0) defaults to LSQ's initialization ``2 mean|x| / sqrt(Q_p)`` when built
+    with :meth:`from_tensor`. The forward uses ``|step|`` (at least 1e-8), so a step an optimizer
+    takes to or through zero keeps values and gradients finite."""
 
     def __init__(self, bits: int = 4, step: float = 0.1, channels: Optional[int] = None):
         super().__init__()
         check_bits("bits", bits)
+        check_positive("step", step)
+        if channels is not None:  # None: one step for the whole tensor
+            check_int("channels", channels, 0)
         self.bits = bits
         self.qn, self.qp = 2 ** (bits - 1), 2 ** (bits - 1) - 1
-        self.step = nn.Parameter(torch.full((channels, 1) if channels else (), float(step)))
+        self.step = nn.Parameter(torch.full((channels, 1) if channels is not None else (), float(step)))
 
     @classmethod
     def from_tensor(cls, w: torch.Tensor, bits: int = 4, per_channel: bool = False) -> "LSQQuantizer":
+        if per_channel and w.dim() < 2:
+            raise ValueError(f"per_channel needs a weight of at least 2 dims [out, ...], got shape {tuple(w.shape)}")
         q = cls(bits, channels=w.shape[0] if per_channel else None)
+        if w.numel() == 0:  # nothing to initialize from: keep the default step
+            return q
         a = w.detach().abs().float()
         init = (a.mean(dim=tuple(range(1, a.dim())), keepdim=True).reshape(-1, 1) if per_channel else a.mean()) * 2 / math.sqrt(q.qp)
         with torch.no_grad():
@@ -80,13 +89,14 @@ class LSQQuantizer(BaseQuantizer):
         return q
 
     def quantize(self, x: torch.Tensor) -> QuantizedTensor:
-        g = 1.0 / math.sqrt(x.numel() * self.qp)
-        s = _grad_scale(self.step, g)
+        g = 1.0 / math.sqrt(max(x.numel(), 1) * self.qp)
+        step = positive(self.step)
+        s = _grad_scale(step, g)
         v = torch.clamp(x.float() / s, -self.qn, self.qp)
         codes = v.detach().round().to(torch.int8)
         fq = _round_ste(v) * s
         carrier = fq - fq.detach() if torch.is_grad_enabled() and fq.requires_grad else None
-        return QuantizedTensor(codes, self.step.detach(), grad_carrier=carrier)
+        return QuantizedTensor(codes, step.detach(), grad_carrier=carrier)
 
     def dequantize(self, x: QuantizedTensor) -> torch.Tensor:
         return x.dequantize()
@@ -96,26 +106,28 @@ class SoftQuantizer(BaseQuantizer):
     """Soft differentiable ternary quantization with a learnable scale ``s``:
     ``s * tanh(x / (s * T))``. ``hard=True`` (default) uses the ternary levels
     ``s * round(tanh(...))`` in the forward and the tanh gradient in the backward;
-    ``hard=False`` keeps the soft value (``fake_quantize`` then is not on the grid)."""
+    ``hard=False`` keeps the soft value (``fake_quantize`` then is not on the grid).
+    ``temperature`` and the initial ``scale`` are finite and > 0; the forward uses ``|s|`` (at
+    least 1e-8), so a scale trained to or through zero keeps values and gradients finite."""
 
     def __init__(self, temperature: float = 0.5, scale: float = 1.0, hard: bool = True):
         super().__init__()
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
+        check_positive("temperature", temperature)
+        check_positive("scale", scale)
         self.temperature = temperature
         self.hard = hard
         self.scale = nn.Parameter(torch.tensor(float(scale)))
 
     def _soft(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.tanh(x.float() / (self.scale * self.temperature))
+        return torch.tanh(x.float() / (positive(self.scale) * self.temperature))
 
     def quantize(self, x: torch.Tensor) -> TernaryTensor:
         soft = self._soft(x)
         codes = soft.detach().round().to(torch.int8)
         carrier = None
         if torch.is_grad_enabled() and soft.requires_grad:
-            carrier = self.scale.detach() * (soft - soft.detach())
-        return TernaryTensor(codes, self.scale, grad_carrier=carrier)
+            carrier = positive(self.scale).detach() * (soft - soft.detach())
+        return TernaryTensor(codes, positive(self.scale), grad_carrier=carrier)
 
     def dequantize(self, x: QuantizedTensor) -> torch.Tensor:
         return x.dequantize()
@@ -123,7 +135,7 @@ class SoftQuantizer(BaseQuantizer):
     def fake_quantize(self, x: torch.Tensor) -> torch.Tensor:
         if self.hard:
             return self.dequantize(self.quantize(x))
-        return self.scale * self._soft(x)
+        return positive(self.scale) * self._soft(x)
 
 
 def _absmax_codes(block: torch.Tensor, bits: int):
@@ -147,8 +159,8 @@ class BlockwiseMixedPrecisionQuantizer(BaseQuantizer):
         super().__init__()
         check_bits("low_bits", low_bits)
         check_bits("high_bits", high_bits)
-        if block_size < 1 or not 0.0 <= high_precision_fraction <= 1.0:
-            raise ValueError("block_size must be >= 1 and high_precision_fraction in [0, 1]")
+        check_int("block_size", block_size, 1)
+        check_range("high_precision_fraction", high_precision_fraction, 0.0, 1.0)
         self.block_size, self.low_bits, self.high_bits, self.fraction = block_size, low_bits, high_bits, high_precision_fraction
         self.last_bits: Optional[torch.Tensor] = None
 
@@ -156,7 +168,8 @@ class BlockwiseMixedPrecisionQuantizer(BaseQuantizer):
         xd = x.detach().float()
         k = xd.shape[-1]
         pad = (-k) % self.block_size
-        blocks = torch.nn.functional.pad(xd, (0, pad)).reshape(*xd.shape[:-1], -1, self.block_size)
+        n_blocks = (k + pad) // self.block_size  # explicit: -1 cannot be inferred for an empty tensor
+        blocks = torch.nn.functional.pad(xd, (0, pad)).reshape(*xd.shape[:-1], n_blocks, self.block_size)
         a = blocks.abs()
         ratio = a.amax(-1) / a.mean(-1).clamp(min=1e-12)
         n_high = int(round(self.fraction * ratio.numel()))
@@ -168,7 +181,7 @@ class BlockwiseMixedPrecisionQuantizer(BaseQuantizer):
         hi_codes, hi_s = _absmax_codes(blocks, self.high_bits)
         codes = torch.where(high, hi_codes, lo_codes)
         scale = torch.where(high, hi_s, lo_s).expand_as(blocks)
-        unblock = lambda t: t.reshape(*xd.shape[:-1], -1)[..., :k]  # noqa: E731
+        unblock = lambda t: t.flatten(-2)[..., :k]  # noqa: E731
         if type(xd) is torch.Tensor:  # a real tensor, not one being traced by the compiler
             self.last_bits = torch.where(high.squeeze(-1), self.high_bits, self.low_bits)
         return QuantizedTensor(unblock(codes).to(torch.int8), unblock(scale), grad_carrier=ste_carrier(x))
@@ -199,8 +212,7 @@ class OutlierAwareQuantizer(BaseQuantizer):
 
     def __init__(self, outlier_fraction: float = 0.01):
         super().__init__()
-        if not 0.0 <= outlier_fraction < 1.0:
-            raise ValueError(f"outlier_fraction must be in [0, 1), got {outlier_fraction}")
+        check_range("outlier_fraction", outlier_fraction, 0.0, 1.0, high_open=True)
         self.outlier_fraction = outlier_fraction
 
     def quantize(self, x: torch.Tensor) -> OutlierTensor:
