@@ -194,18 +194,20 @@ def _check_operands(grad: torch.Tensor, wq: torch.Tensor, k: int) -> None:
 
 def grad_input(grad: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, k: int,
                config: Optional[dict] = None, wrap: Optional[Callable] = None,
-               gluon_op: Optional[Callable] = None) -> torch.Tensor:
-    """``grad [..., N] @ (unpack(wq) * w_scale)`` in ``grad.dtype`` (fp32 accumulation;
-    fp32 grads use IEEE fp32 dot products, not TF32). ``config``: one of ``_configs()``
-    instead of the tuned choice (tests run each kernel this way). ``wrap``: launched through
-    ``torch.library.wrap_triton`` (``tuning.traceable``); the Gluon kernel then through
-    ``gluon_op(g, wq, w_scale, k, tile)`` (``bitnet::grad_input_ws``), or not at all."""
+               gluon_op: Optional[Callable] = None, out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """``grad [..., N] @ (unpack(wq) * w_scale)`` in ``out_dtype`` (default ``grad.dtype``; fp32
+    accumulation; fp32 grads use IEEE fp32 dot products, not TF32, on CUDA cores: callers that
+    want tensor cores pass 16-bit grads with ``out_dtype=torch.float32``). ``config``: one of
+    ``_configs()`` instead of the tuned choice (tests run each kernel this way). ``wrap``:
+    launched through ``torch.library.wrap_triton`` (``tuning.traceable``); the Gluon kernel then
+    through ``gluon_op(g, wq, w_scale, k, tile, out_dtype)`` (``bitnet::grad_input_ws``)."""
     _check_operands(grad, wq, k)
     n, kb = wq.shape
     lead = grad.shape[:-1]
     g = rows(grad, n)
     m = g.shape[0]
-    out = torch.empty((m, k), device=grad.device, dtype=grad.dtype)
+    out_dtype = out_dtype or grad.dtype
+    out = torch.empty((m, k), device=grad.device, dtype=out_dtype)
     if m == 0:
         return out.reshape(*lead, k)
     wq = wq.contiguous()
@@ -246,7 +248,7 @@ def grad_input(grad: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, k: i
     def tune():
         grad_input(torch.randn(m, n, device=grad.device, dtype=grad.dtype),
                    torch.randint(0, 256, tuple(wq.shape), device=grad.device, dtype=torch.uint8),
-                   torch.rand(tuple(ws.shape), device=grad.device), k, config)
+                   torch.rand(tuple(ws.shape), device=grad.device), k, config, out_dtype=out_dtype)
 
     tuning.tune_before_tracing(wrap, "grad_input", key, candidates, tune)
     cfg = tuning.choose("grad_input", key, candidates, launch)
@@ -258,7 +260,7 @@ def grad_input(grad: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, k: i
         cfg = tuning.choose("grad_input", key, candidates, launch)
     layout = cfg.get("layout", "canonical")
     if layout == "ws" and wrap is not None:
-        return gluon_op(g, wq, ws, k, [cfg[name] for name in grad_input_ws.TILE]).reshape(*lead, k)
+        return gluon_op(g, wq, ws, k, [cfg[name] for name in grad_input_ws.TILE], out_dtype).reshape(*lead, k)
     compiled = launch(cfg)
     if layout != "ws":  # (grad_input_ws.launch writes its own)
         kernel = _grad_input_t_kernel if layout == "transposed" else _grad_input_kernel

@@ -121,7 +121,15 @@ def _grad_kernel(a, wrap=None):
 
     if a.bits is not None:
         return grad_input_quantized(a.grad, a.wq, a.w_scale, a.k, a.bits, wrap=wrap)
-    return exact(a.grad, a.wq, a.w_scale, a.k, wrap=wrap, gluon_op=grad_input_ws if wrap is not None else None)
+    grad = a.grad
+    if grad.dtype == torch.float32:
+        # fp32 output gradients (fp32 training without autocast) reach the tensor-core kernels
+        # rounded once to bfloat16 (fp32's range; 2^-9 relative per element, the scale likewise),
+        # accumulated in fp32 and returned in fp32: the exact fp32 product runs on CUDA cores,
+        # orders of magnitude slower, for a straight-through estimate.
+        grad = grad.to(torch.bfloat16)
+    return exact(grad, a.wq, a.w_scale, a.k, wrap=wrap, gluon_op=grad_input_ws if wrap is not None else None,
+                 out_dtype=a.grad.dtype)
 
 
 @grad_input.register_kernel("cuda")
@@ -215,21 +223,24 @@ def twin_lowbit_linear():
 # the result) cost ~90 µs per call on the H100's host, more than the launch itself, and this op
 # runs inside backward graphs, where it needs neither.
 _LIB = torch.library.Library("bitnet", "FRAGMENT")
-_LIB.define("grad_input_ws(Tensor grad, Tensor wq, Tensor w_scale, int k, int[] tile) -> Tensor")
+_LIB.define("grad_input_ws(Tensor grad, Tensor wq, Tensor w_scale, int k, int[] tile, ScalarType? out_dtype=None) "
+            "-> Tensor")
 
 
-def _grad_input_ws_cpu(grad: Tensor, wq: Tensor, w_scale: Tensor, k: int, tile: list[int]) -> Tensor:
-    return ref.grad_input(grad, wq, w_scale, k)
+def _grad_input_ws_cpu(grad: Tensor, wq: Tensor, w_scale: Tensor, k: int, tile: list[int],
+                       out_dtype: Optional[torch.dtype] = None) -> Tensor:
+    return ref.grad_input(grad, wq, w_scale, k).to(out_dtype or grad.dtype)
 
 
-def _grad_input_ws_cuda(grad: Tensor, wq: Tensor, w_scale: Tensor, k: int, tile: list[int]) -> Tensor:
+def _grad_input_ws_cuda(grad: Tensor, wq: Tensor, w_scale: Tensor, k: int, tile: list[int],
+                        out_dtype: Optional[torch.dtype] = None) -> Tensor:
     from bitcompile.kernels import grad_input_ws as gluon
 
     if grad.dim() != 2 or tuple(wq.shape) != (grad.shape[1], (k + 3) // 4):
         raise ValueError(f"bitnet::grad_input_ws takes grads [m, n] and packed weights [n, (k + 3) // 4]; got "
                          f"{tuple(grad.shape)}, {tuple(wq.shape)}, k={k}")
     gluon.require(grad, wq, w_scale)
-    out = grad.new_empty((grad.shape[0], k))
+    out = grad.new_empty((grad.shape[0], k), dtype=out_dtype or grad.dtype)
     gluon.launch(grad, wq, w_scale, out, *tile)
     return out
 
@@ -239,8 +250,8 @@ _LIB.impl("grad_input_ws", _grad_input_ws_cuda, "CUDA")
 
 
 @torch.library.register_fake("bitnet::grad_input_ws")
-def _(grad, wq, w_scale, k, tile):
-    return grad.new_empty((grad.shape[0], k))
+def _(grad, wq, w_scale, k, tile, out_dtype=None):
+    return grad.new_empty((grad.shape[0], k), dtype=out_dtype or grad.dtype)
 
 
 grad_input_ws = torch.ops.bitnet.grad_input_ws
