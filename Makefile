@@ -24,7 +24,7 @@ test: $(VENV)/.installed
 # GPU machine (e.g. the device tool's image: system python3 with torch + triton, no venv).
 # The package is installed editable first (no dependencies fetched: nothing can be).
 GPU_PY ?= python3
-BENCH_OUT ?= BENCHMARKS.md
+BENCH_OUT ?= benchmarks/results/kernels.md
 gpu-install:
 	$(GPU_PY) -m pip install -q --no-deps --no-build-isolation -e .
 
@@ -32,7 +32,8 @@ gpu-install:
 test-gpu: gpu-install
 	$(GPU_PY) -m pytest -q -m gpu tests
 
-# Kernel benchmark: prints the table and writes $(BENCH_OUT).
+# Kernel benchmark: prints the table and writes it to $(BENCH_OUT), a generated file (BENCHMARKS.md,
+# written by hand, is left alone).
 bench: gpu-install
 	$(GPU_PY) benchmarks/bench_kernels.py --out $(BENCH_OUT)
 

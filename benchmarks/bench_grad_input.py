@@ -1,6 +1,6 @@
 """The exact-STE input gradient ``g [M, N] @ (trits * s_w)`` at QAT shapes: every kernel family
 (the canonical and transposed Triton kernels, the warp-specialised Gluon one) against bf16 cuBLAS
-on the same GEMM, timed as ``bench_kernels.py`` times (CUDA-graph replay, packed weights rotated
+on the same GEMM, timed by ``timing.time_rotating`` (CUDA-graph replay, packed weights rotated
 past the L2), each output checked bit for bit against the transposed kernel's.
 
 ``--limits`` also times variants of the Gluon kernel that only keep their timing meaning, to see
@@ -25,11 +25,10 @@ from pathlib import Path
 
 import torch
 
-import bench_kernels
-from bench_kernels import DEVICE, copies, time_rotating
 from bitcompile.kernels import grad_input as gi
 from bitcompile.kernels import grad_input_ws
 from bitcompile.numerics.packing import pack_ternary
+from timing import CUDA, DEVICE, copies, host_us, parse_args, time_rotating
 
 SHAPES = [(8192, 4096, 4096, torch.bfloat16), (8192, 4096, 4096, torch.float16), (8192, 8192, 8192, torch.bfloat16),
           (8192, 4096, 14336, torch.bfloat16), (8192, 14336, 4096, torch.bfloat16)]
@@ -61,12 +60,14 @@ _FIXED = ("        dtype: gl.constexpr = b_smem.type.element_ty\n",
           "        h = h * -1640531535\n"
           f"        trits = _decode({_CODES}, lo, hi, dtype)\n")
 _FIXED_STORE = _STORE.replace("_decode(p_smem.index(s).load(layout), lo, hi, dtype)", "trits")
+_MMA = ("            acc = warpgroup_mma(b_smem.index(i % SB).permute((1, 0)), g_smem.index(s).permute((1, 0)), "
+        "acc,\n                                is_async=True)\n")
 LIMITS = {"no decode": {_STORE: ""},
           "fixed trits every step": dict([_FIXED, (_STORE, _FIXED_STORE),
-                                          ("DECODE_REGS, MAX_REGS = 8, 4, 64,", "DECODE_REGS, MAX_REGS = 8, 4, 112,")]),
+                                          ("DECODE_REGS, MAX_REGS = 8, 4, 64,",
+                                           "DECODE_REGS, MAX_REGS = 8, 4, 112,")]),
           "fixed trits once": dict([_FIXED, (_STORE, "            if i < SB:\n    " + _FIXED_STORE)]),
-          "no MMA": {"            acc = warpgroup_mma(b_smem.index(i % SB).permute((1, 0)), g_smem.index(s).permute((1, 0)), acc,\n"
-                     "                                is_async=True)\n": ""}}
+          "no MMA": {_MMA: ""}}
 
 
 def bench(m: int, n: int, k: int, dtype: torch.dtype, limits: bool) -> None:
@@ -75,10 +76,10 @@ def bench(m: int, n: int, k: int, dtype: torch.dtype, limits: bool) -> None:
               for _ in range(copies(n * k // 4))]
     ws = torch.tensor([0.0173], device=DEVICE)
     weights = [torch.randn(n, k, device=DEVICE, dtype=dtype) for _ in range(copies(n * k * 2))]
-    cublas = time_rotating([lambda w=w: g @ w for w in weights], graph=DEVICE == "cuda", reps=20)
+    cublas = time_rotating([lambda w=w: g @ w for w in weights], graph=CUDA, reps=20)
     ternary = [(torch.randint(-1, 2, (n, k), device=DEVICE) * 0.0173).to(dtype) for _ in range(len(weights))]
     del weights
-    cublas_ternary = time_rotating([lambda w=w: g @ w for w in ternary], graph=DEVICE == "cuda", reps=20)
+    cublas_ternary = time_rotating([lambda w=w: g @ w for w in ternary], graph=CUDA, reps=20)
     del ternary
     print(f"\n{m}x{n}x{k} {dtype}: cuBLAS {cublas:.1f} us ({2 * m * n * k / cublas / 1e6:.0f} TFLOPS); "
           f"on ternary weights {cublas_ternary:.1f} us", flush=True)
@@ -90,7 +91,7 @@ def bench(m: int, n: int, k: int, dtype: torch.dtype, limits: bool) -> None:
     reference = gi.grad_input(g, packed[0], ws, k, config=families["transposed"])
     for name, cfg in families.items():
         got = gi.grad_input(g, packed[0], ws, k, config=cfg)
-        t = time_rotating([lambda p=p: gi.grad_input(g, p, ws, k, config=cfg) for p in packed], graph=DEVICE == "cuda",
+        t = time_rotating([lambda p=p: gi.grad_input(g, p, ws, k, config=cfg) for p in packed], graph=CUDA,
                           reps=20)
         print(f"  {name}: {t:.1f} us ({cublas / t:.3f}x cuBLAS), equal to transposed: {torch.equal(got, reference)}",
               flush=True)
@@ -106,9 +107,7 @@ def bench(m: int, n: int, k: int, dtype: torch.dtype, limits: bool) -> None:
 def host_per_call(calls: int = 2000) -> None:
     """Host time per call (perf_counter over ``calls`` back-to-back calls at 256^3, where the
     GPU never limits): the op as compiled backward graphs call it, and the launch under it."""
-    import time
-
-    from bitcompile.ops.linear import grad_input_ws
+    from bitcompile.ops.linear import grad_input_ws as op
 
     m = n = k = 256
     g = torch.randn(m, n, device=DEVICE, dtype=torch.bfloat16)
@@ -117,31 +116,18 @@ def host_per_call(calls: int = 2000) -> None:
     out = torch.empty(m, k, device=DEVICE, dtype=torch.bfloat16)
     tile = grad_input_ws.CONFIGS[0]
     fields = [tile[f] for f in grad_input_ws.TILE]
-    cases = {"op bitnet::grad_input_ws": lambda: grad_input_ws(g, wq, ws, k, fields),
+    cases = {"op bitnet::grad_input_ws": lambda: op(g, wq, ws, k, fields),
              "grad_input_ws.launch": lambda: grad_input_ws.launch(g, wq, ws, out, **tile)}
     print("\nhost time per call, 256^3:")
     for name, fn in cases.items():
-        for _ in range(50):
-            fn()
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        host = (time.perf_counter() - start) / calls * 1e6
-        torch.cuda.synchronize()
-        print(f"  {name}: {host:.1f} us", flush=True)
+        print(f"  {name}: {host_us(fn, calls, warmup=50):.1f} us", flush=True)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--limits", action="store_true", help="also the timing-only variants of the Gluon kernel")
     parser.add_argument("--host", action="store_true", help="also the host time of one call of the Gluon kernel's op")
-    parser.add_argument("--smoke", action="store_true", help="tiny shapes on any device")
-    args = parser.parse_args()
-    if args.smoke:
-        bench_kernels.ROTATE_BYTES = 0  # two copies of each operand
-    elif DEVICE != "cuda":
-        parser.error("the benchmark needs a CUDA GPU (--smoke runs it at tiny shapes on the CPU)")
+    args = parse_args(parser)
     torch.manual_seed(0)
     for m, n, k, dtype in SMOKE if args.smoke else SHAPES:
         bench(m, n, k, dtype, args.limits)

@@ -3,7 +3,7 @@
 #   bash benchmarks/gpu_round.sh test [K_EXPR]   # install + GPU test suite (or the tests pytest -k K_EXPR selects);
 #                                                # WORKERS=0: one process; ISOLATE=1: caches per worker
 #   bash benchmarks/gpu_round.sh bench [--quick] # re-tune the matmul (shipped entries skipped; RETUNE=grad_input,...
-#                                                # names other kernels) + make bench
+#                                                # names other kernels) + bench_kernels.py, table in $OUT/kernels.md
 #   bash benchmarks/gpu_round.sh profile         # QAT per-kernel split + static profile on this Triton
 #   bash benchmarks/gpu_round.sh sweep [M,N,K ..] # every matmul launch configuration, timed (sweep_matmul.py;
 #                                                # REPEAT=3: three rounds over all of them, medians)
@@ -29,12 +29,12 @@ case "${1:-}" in
     timeout 60 python3 -m pytest -q -p no:logging --tb=short -m gpu -k host_latency tests > "$out/test_timing.log" 2>&1
     echo "test-timing rc=$?"; tail -5 "$out/test_timing.log" ;;
   bench)
-    BITCOMPILE_RETUNE=${RETUNE:-ternary_mm} timeout 560 python3 benchmarks/bench_kernels.py --out "$out/BENCHMARKS.md" "${@:2}" \
-      > "$out/bench.log" 2>&1
+    BITCOMPILE_RETUNE=${RETUNE:-ternary_mm} timeout 560 python3 benchmarks/bench_kernels.py \
+      --out "$out/kernels.md" "${@:2}" > "$out/bench.log" 2>&1
     echo "bench rc=$?"; grep -v "^  \[" "$out/bench.log" | tail -60 ;;
   profile)
     timeout 300 python3 benchmarks/profile_qat.py > "$out/profile_qat.log" 2>&1; echo "profile_qat rc=$?"
-    timeout 200 python3 benchmarks/inspect_kernels.py --join-k > "$out/inspect.md" 2>&1; echo "inspect rc=$?"
+    timeout 200 python3 tools/inspect_kernels.py --join-k > "$out/inspect.md" 2>&1; echo "inspect rc=$?"
     cat "$out/profile_qat.log"; head -30 "$out/inspect.md" ;;
   sweep)
     cd benchmarks && timeout 560 python3 sweep_matmul.py --json "$out/sweep.json" --repeat "${REPEAT:-1}" ${2:+--shapes "${@:2}"} \

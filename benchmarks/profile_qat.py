@@ -10,16 +10,11 @@ shapes where the wall time is well above the kernel total.
 script runs.
 """
 import argparse
-import sys
-import time
 
-import torch
 from torch.profiler import ProfilerActivity, profile
 
-sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from bench_kernels import DEVICE, qat_steps, sync  # noqa: E402
-
-CUDA = DEVICE == "cuda"
+from qat_steps import qat_steps
+from timing import CUDA, parse_args, sync, wall_us
 
 
 def kernel_table(fn, label: str, steps: int = 5) -> None:
@@ -40,13 +35,10 @@ def kernel_table(fn, label: str, steps: int = 5) -> None:
 
 
 def main():
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("shape", nargs="*", type=int, help="N K (default 8192 8192)")
     ap.add_argument("--host", action="store_true", help="also profile the host side of each step")
-    ap.add_argument("--smoke", action="store_true", help="tiny shapes, any device: checks the script runs")
-    args = ap.parse_args()
-    if not CUDA and not args.smoke:
-        ap.error("the profile needs a CUDA GPU (--smoke runs it at tiny shapes on the CPU)")
+    args = parse_args(ap)
     m, (n, k) = (32, (64, 64)) if args.smoke else (8192, args.shape or (8192, 8192))
     labels = {"ours": "bitnet ops", "compiled": "nn.Linear, backend=bitnet",
               "compiled_q8": "nn.Linear, backend=bitnet, grad_input_bits=8", "inductor": "Inductor fake-quant"}
@@ -54,13 +46,8 @@ def main():
     for name, label in labels.items():
         step = steps[name]
         kernel_table(step, f"{label}, M={m}, N={n}, K={k}")
-        sync()
-        start = time.perf_counter()
-        for _ in range(5):
-            step()
-        sync()
         # Against the kernel total above: a wall time well above it means the host is the limit.
-        print(f"{(time.perf_counter() - start) / 5 * 1e6:9.1f} us  wall time per step")
+        print(f"{wall_us(step, 5):9.1f} us  wall time per step")
         if args.host:
             host_table(step)
 

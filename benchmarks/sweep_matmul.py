@@ -1,6 +1,6 @@
-"""Every launch configuration of the packed-ternary matmul at the shapes with targets, timed
-as ``bench_kernels.py`` times (CUDA-graph replay, packed weights rotated past the L2), next to
-bf16 cuBLAS: which candidates win, by how much, and whether the shipped table holds the winner.
+"""Every launch configuration of the packed-ternary matmul at the shapes with targets, timed as
+``bench_kernels.py`` times (``timing.time_rotating``: CUDA-graph replay, packed weights rotated past the L2),
+next to bf16 cuBLAS: which candidates win, by how much, and whether the shipped table holds the winner.
 
 Also an experiment for large M: a plain int8 x int8 Triton GEMM on trits unpacked to int8
 beforehand (pointer loads, and TMA descriptors where this Triton has them), to price staging
@@ -16,7 +16,6 @@ import argparse
 import contextlib
 import json
 import statistics
-import sys
 from typing import Optional
 
 import torch
@@ -24,13 +23,12 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-import bench_kernels
-from bench_kernels import DEVICE, copies, copy_bandwidth, time_rotating
 from bitcompile.kernels import ternary_matmul as tm
 from bitcompile.kernels import tuning
 from bitcompile.kernels.common import grouped_tile
 from bitcompile.kernels.layout import relayout
 from bitcompile.numerics import reference as ref
+from timing import CUDA, DEVICE, copies, copy_bandwidth, device_name, parse_args, tb_per_s, time_rotating
 
 DEFAULT_SHAPES = [(1, 8192, 8192), (1, 4096, 4096), (16, 8192, 8192), (128, 8192, 8192), (8192, 8192, 8192)]
 
@@ -88,7 +86,7 @@ INT8_TILES = [(128, 256, 128, 8, 3), (256, 128, 128, 8, 3), (128, 128, 128, 4, 4
 def int8_experiment(m: int, n: int, k: int, smoke: bool) -> list[tuple[str, float]]:
     a = torch.randint(-127, 128, (m, k), dtype=torch.int8, device=DEVICE)
     ws = [torch.randint(-1, 2, (n, k), dtype=torch.int8, device=DEVICE) for _ in range(copies(n * k))]
-    c = torch.empty(m, n, device=DEVICE, dtype=torch.bfloat16 if DEVICE == "cuda" else torch.float32)
+    c = torch.empty(m, n, device=DEVICE, dtype=torch.bfloat16 if CUDA else torch.float32)
     tiles = [(16, 16, 32, 4, 1)] if smoke else INT8_TILES
     rows = []
     for bm, bn, bk, warps, stages in tiles:
@@ -99,8 +97,8 @@ def int8_experiment(m: int, n: int, k: int, smoke: bool) -> list[tuple[str, floa
         fns = [lambda w=w: _int8_mm_kernel[grid](a, w, c, m, n, k, a.stride(0), w.stride(0), c.stride(0), BM=bm,
                                                  BN=bn, BK=bk, GROUP_N=8, num_warps=warps, num_stages=stages)
                for w in ws]
-        rows.append((f"int8 pointers {name}", time_rotating(fns, graph=DEVICE == "cuda", reps=20)))
-        if DEVICE != "cuda":
+        rows.append((f"int8 pointers {name}", time_rotating(fns, graph=CUDA, reps=20)))
+        if not CUDA:
             continue
         try:
             from triton.tools.tensor_descriptor import TensorDescriptor
@@ -130,10 +128,10 @@ def sweep(m: int, n: int, k: int, smoke: bool, bandwidth: float, repeat: int = 1
     # traced: launch as under torch.compile (a pass-through wrap: TMA descriptors built on the
     # device, split-K partials summed without stored copies).
     wrap = (lambda f: f) if traced else None
-    dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float32
+    dtype = torch.bfloat16 if CUDA else torch.float32
     x = torch.randn(m, k, device=DEVICE, dtype=dtype)
     wb = [torch.randn(n, k, device=DEVICE, dtype=dtype) for _ in range(copies(n * k * 2))]
-    bf16 = time_rotating([lambda w=w: F.linear(x, w) for w in wb], graph=DEVICE == "cuda")
+    bf16 = time_rotating([lambda w=w: F.linear(x, w) for w in wb], graph=CUDA)
     wq, w_scale = ref.quantize_weights(wb[0].float())
     del wb
     blocked = relayout(wq, k)
@@ -161,19 +159,18 @@ def sweep(m: int, n: int, k: int, smoke: bool, bandwidth: float, repeat: int = 1
     for _ in range(repeat):
         for cfg, _, fns, times in runs:
             with forced(cfg):
-                times.append(time_rotating(fns, graph=DEVICE == "cuda", reps=20))
+                times.append(time_rotating(fns, graph=CUDA, reps=20))
     rows = [dict(config=cfg, us=statistics.median(times), spread=max(times) - min(times), exact=exact,
                  shipped=cfg == shipped) for cfg, exact, _, times in runs]
     rows.sort(key=lambda r: r["us"])
-    gbs = n * k / 4 / 1e3
     # The floor of one call measured the same way (as many launches per graph as the rows
     # have): a 1-element kernel.
     one = torch.zeros(1, device=DEVICE)
-    launch_us = time_rotating([one.zero_] * len(packed), graph=DEVICE == "cuda", reps=20)
+    launch_us = time_rotating([one.zero_] * len(packed), graph=CUDA, reps=20)
     print(f"\nM={m} N={n} K={k}: bf16 cuBLAS {bf16:.1f} us; a 1-element kernel {launch_us:.1f} us", flush=True)
     for r in rows:
         tag = " <- shipped" if r["shipped"] else ""
-        pct = 100 * gbs / r["us"] / 1e3 / bandwidth if bandwidth else float("nan")
+        pct = 100 * tb_per_s(n * k / 4, r["us"]) / bandwidth if bandwidth else float("nan")
         spread = f" ±{r['spread'] / 2:.1f}" if repeat > 1 else ""
         print(f"  {r['us']:8.1f}{spread} us  {bf16 / r['us']:5.2f}x  {pct:3.0f}% BW  exact={r['exact']}  "
               f"{label(r['config'])}{tag}", flush=True)
@@ -185,36 +182,29 @@ def sweep(m: int, n: int, k: int, smoke: bool, bandwidth: float, repeat: int = 1
     return out
 
 
-def main() -> int:
+def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", nargs="*", help="M,N,K triples")
     parser.add_argument("--json", help="write every timing here")
-    parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--repeat", type=int, default=1, help="rounds over all candidates (median reported)")
     parser.add_argument("--no-int8", action="store_true", help="skip the unpacked int8 GEMM experiment")
     parser.add_argument("--traced", action="store_true", help="launch as torch.compile's generated code does")
     parser.add_argument("--shipped-only", action="store_true", help="time only the shipped table's choice")
     parser.add_argument("--kernels", help="comma-separated kernel families (gemv, gemm, wgmma): time only "
                         "their candidates, and the shipped choice")
-    args = parser.parse_args()
-    if DEVICE != "cuda" and not args.smoke:
-        print("needs a CUDA GPU (--smoke runs tiny shapes anywhere)", file=sys.stderr)
-        return 1
-    if args.smoke:
-        bench_kernels.ROTATE_BYTES = 0  # two weight copies, not hundreds of megabytes of them
+    args = parse_args(parser)
     shapes = ([tuple(int(v) for v in s.split(",")) for s in args.shapes] if args.shapes else
               [(1, 64, 96), (16, 64, 96), (64, 32, 64)] if args.smoke else DEFAULT_SHAPES)
     bandwidth = copy_bandwidth(2**20 if args.smoke else 2**30)
-    print(f"copy bandwidth {bandwidth:.2f} TB/s; {torch.cuda.get_device_name() if DEVICE == 'cuda' else 'cpu'}, "
-          f"torch {torch.__version__}, triton {triton.__version__}", flush=True)
+    print(f"copy bandwidth {bandwidth:.2f} TB/s; {device_name()}, torch {torch.__version__}, "
+          f"triton {triton.__version__}", flush=True)
     kernels = set(args.kernels.split(",")) if args.kernels else None
     results = [sweep(m, n, k, args.smoke, bandwidth, args.repeat, not args.no_int8, args.traced, args.shipped_only,
                      kernels) for m, n, k in shapes]
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(bandwidth=bandwidth, results=results), f, indent=1, default=str)
-    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

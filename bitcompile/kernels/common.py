@@ -69,7 +69,7 @@ def unpack_trits(p, BKB: tl.constexpr, BN: tl.constexpr, USE_ASM: tl.constexpr):
 # Four trits per 32-bit register: $0 = ((bytes of $1 >> $2) & 3) - 1. The subtraction would
 # borrow across bytes; setting each byte's top bit first (or 0x80) and clearing it after
 # (xor 0x80) keeps every byte's result its own. Checked on the CPU by interpreting this text
-# (tests/kernels/test_ptx.py).
+# (tests/kernels/test_common.py).
 TRITS_PTX = tl.constexpr("{ .reg .b32 t; shr.b32 t, $1, $2; and.b32 t, t, 0x03030303; or.b32 t, t, 0x80808080; "
                          "sub.u32 t, t, 0x01010101; xor.b32 $0, t, 0x80808080; }")
 
@@ -107,7 +107,7 @@ def _kblock_ptx(quarters: tuple, word: str, tables: tuple = tuple(hex(t) for t i
 
 
 # Per 16 trits: one shift and four byte permutes (docs/kernels.md compares the decodes). Checked
-# on the CPU by interpreting the text (tests/kernels/test_ptx.py).
+# on the CPU by interpreting the text (tests/kernels/test_ternary_matmul.py).
 KBLOCK_PTX = _kblock_ptx((0, 1, 2, 3), "$4")
 KBLOCK_PTX_Q0, KBLOCK_PTX_Q1, KBLOCK_PTX_Q2, KBLOCK_PTX_Q3 = (_kblock_ptx((g,), "$1") for g in range(4))
 # The same with the quarter's table in operands $2 (a) and $6 (b) (each an int32 of a pack of

@@ -33,7 +33,7 @@ from bitcompile.numerics.spec import GRAD_EPS, check_bits
 
 # Four trits (bytes of $2: -1, 0, 1) and the 16-bit scale bits of each ($3..$6) -> four 16-bit
 # values (+-scale or 0) in $0 (elements 0, 1) and $1 (2, 3). Checked on the CPU by interpreting
-# this text (tests/kernels/test_ptx.py).
+# this text (tests/kernels/test_grad_input.py).
 SCALED_TRITS_PTX = tl.constexpr(
     "{ .reg .b32 s, w, m; "
     "prmt.b32 s, $2, 0, 0x9180; prmt.b32 w, $3, $4, 0x5410; "
@@ -93,7 +93,7 @@ def _grad_input_kernel(G, P, WS, OUT, M, N, K, KB, stride_g, stride_p, stride_o,
 # Two trits (2-bit codes c = trit + 1 at bit $2 of bytes 0 and 1 of $1) -> two 16-bit values
 # (-1, 0 or 1) in one register, by one byte permute: $3 = [L, 0, L, L] and $4 = [H^0x80, 0,
 # H, H] are the low and high bytes of 1.0 by code, so the selector for lane e is (c_e, 4 + c_e).
-# Checked on the CPU by interpreting this text (tests/kernels/test_ptx.py).
+# Checked on the CPU by interpreting this text (tests/kernels/test_grad_input.py).
 TRIT_PAIR_PTX = tl.constexpr("{ .reg .b32 t; shr.b32 t, $1, $2; and.b32 t, t, 0x0303; "
                              "mad.lo.u32 t, t, 0x11, 0x4040; prmt.b32 $0, $3, $4, t; }")
 

@@ -63,7 +63,7 @@ CONFIGS = [dict(BM=256, BK=128, STAGES=4, SB=3, GROUP_K=16), dict(BM=256, BK=128
 # then one prmt per two bytes into the tables $9 (low bytes of the 16-bit value by code) and
 # $13 (high bytes): $2s = field s of bytes 0, 1 and $2s+1 = field s of bytes 2, 3, each a
 # pair of 16-bit values. 23 instructions per 16 trits. Checked on the CPU by interpreting this
-# text (tests/kernels/test_ptx.py).
+# text (tests/kernels/test_grad_input.py).
 DECODE_PTX_TEXT = "{ .reg .b32 c, u; " + "".join(
     (f"shr.b32 c, $8, {2 * s}; and.b32 c, c, 0x03030303; " if s else "and.b32 c, $8, 0x03030303; ")
     + f"mad.lo.u32 u, c, 0x11, 0x40404040; prmt.b32 ${2 * s}, $9, $13, u; "

@@ -1,8 +1,12 @@
-"""Where launch configurations come from (shipped table, user cache, BITCOMPILE_RETUNE), and how
-a traced launch makes one."""
+"""Where launch configurations come from (shipped table, user cache, BITCOMPILE_RETUNE), how a traced
+launch makes one, how the tuner times, and whether the shipped ones still fit the H100."""
 import json
 
+import pytest
+import torch
+
 from bitcompile.kernels import tuning
+from tests.kernels.codegen import H100_SMEM_PER_BLOCK, needs_ptxas
 
 
 def test_lookup_order_and_retune(tmp_path, monkeypatch):
@@ -52,3 +56,29 @@ def test_traced_tma_launch_follows_the_wrapper(monkeypatch):
         with config.patch(cpp_wrapper=cpp_wrapper):
             tm.ternary_matmul(a, wq, k, layout="kblocked", wrap=lambda kernel: Recorder())
     assert [(kw["A_TMA"], kw["HOST_DESC"]) for kw in launches] == [(True, False), (False, False)]
+
+
+@needs_ptxas
+def test_shipped_configs_fit_the_h100(profiles):
+    """The shipped launch configurations (used without being timed again) still compile
+    without spills into the H100's shared memory after kernel changes."""
+    bad = [r for r in profiles if r["spill_bytes"] or r["smem_bytes"] > H100_SMEM_PER_BLOCK]
+    assert not bad, bad
+    assert {r["key"].split(":")[0] for r in profiles} == {"ternary_mm", "grad_input"}
+
+
+@pytest.mark.gpu
+def test_tuner_timing_excludes_host_latency():
+    """The tuner ranks configurations by GPU time: 200 us of host work before a ~5 us launch
+    must not be counted (Triton's do_bench counts it when it outlasts its L2 flush)."""
+    import time
+
+    from bitcompile.kernels import tuning
+
+    x = torch.zeros(1 << 20, device="cuda")
+
+    def slow_launch():
+        time.sleep(2e-4)
+        x.add_(1)
+
+    assert tuning.gpu_microseconds(slow_launch) < 100
