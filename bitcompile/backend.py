@@ -94,7 +94,6 @@ def _compile(gm: fx.GraphModule, example_inputs: list, ctx) -> Callable:
     from torch._inductor import list_mode_options
     from torch._inductor.compile_fx import compile_fx
 
-    from bitcompile.ops import WEIGHT_CACHE
 
     hoisted = list(ctx.hoisted)
     # Extra graph inputs, in placeholder order: runtime inputs (e.g. a custom quantizer's
@@ -106,7 +105,7 @@ def _compile(gm: fx.GraphModule, example_inputs: list, ctx) -> Callable:
     # guard on them (a view or split of a projection's output) breaks guard building.
     fake_mode = torch._guards.detect_fake_mode()
     for h in hoisted:
-        packed = WEIGHT_CACHE.get(example_inputs[h.arg_index], h.scheme, h.per_channel, h.layout, h.view)
+        packed = h.fetch(example_inputs)
         example_inputs.extend(fake_mode.from_tensor(t, static_shapes=True) if fake_mode is not None else t for t in packed)
     if "dynamo_compile_id" in gm.meta:
         _mark_added_inputs(gm, hoisted)
@@ -126,7 +125,7 @@ def _compile(gm: fx.GraphModule, example_inputs: list, ctx) -> Callable:
 
     def run_with_packed_weights(*args):
         extra = [t for fetch in runtime_inputs for t in fetch()]
-        packed = [t for h in hoisted for t in WEIGHT_CACHE.get(args[h.arg_index], h.scheme, h.per_channel, h.layout, h.view)]
+        packed = [t for h in hoisted for t in h.fetch(args)]
         return compiled(*args, *extra, *packed)
 
     return run_with_packed_weights

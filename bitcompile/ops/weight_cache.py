@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
@@ -50,6 +51,28 @@ class WeightCache:
         if layout == "kblocked":
             k = weight.shape[0] if view == "t" else math.prod(weight.shape[1:])
             return _kblocked(packed[0], k), packed[1]
+        return packed
+
+    def get_group(self, weights: Sequence[torch.Tensor], scheme: str, per_channel: bool,
+                  layout: str = "canonical") -> tuple[torch.Tensor, torch.Tensor]:
+        """``(packed, scale)`` of ``weights`` stacked along the output rows (sibling linears fused into
+        one matmul): the members' packed codes concatenated, and one float32 scale per row (each
+        member's scale over its rows), kept until a member changes."""
+        first = weights[0]
+        key = ("group", scheme, per_channel, tuple(id(w) for w in weights))
+        versions = tuple(_version_key(w) for w in weights)
+        entry = None if any(w.is_inference() for w in weights) else self._entries.get(first, {}).get(key)
+        if entry is not None and entry[0] == versions:
+            self.stats.hits += 1
+            packed = entry[1]
+        else:
+            parts = [self.get(w, scheme, per_channel) for w in weights]
+            scales = [s.expand(w.shape[0]) if s.numel() == 1 else s for w, (_, s) in zip(weights, parts)]
+            packed = torch.cat([p for p, _ in parts]), torch.cat(scales).contiguous()
+            if not any(w.is_inference() for w in weights):
+                self._entries.setdefault(first, {})[key] = (versions, packed)
+        if layout == "kblocked":
+            return _kblocked(packed[0], first.shape[1]), packed[1]
         return packed
 
     def put(self, weight: torch.Tensor, scheme: str, per_channel: bool, packed: tuple[torch.Tensor, torch.Tensor],

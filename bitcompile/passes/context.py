@@ -19,6 +19,16 @@ class HoistedWeight:
     scale_name: str = ""
     layout: str = "canonical"  # or "kblocked" (passes.lower_triton)
     view: str = ""  # quantize W itself, or W.flatten(1) ("flatten"), or W.t() ("t")
+    members: tuple[int, ...] = ()  # sibling linears fused into one matmul: their weights' positions
+
+    def fetch(self, inputs) -> tuple:
+        """``(packed, scale)`` for this call's graph inputs, from the weight cache."""
+        from bitcompile.ops import WEIGHT_CACHE
+
+        if self.members:
+            return WEIGHT_CACHE.get_group([inputs[i] for i in self.members], self.scheme, self.per_channel,
+                                          self.layout)
+        return WEIGHT_CACHE.get(inputs[self.arg_index], self.scheme, self.per_channel, self.layout, self.view)
 
 
 @dataclass

@@ -25,7 +25,7 @@ import torch
 import torch.fx as fx
 
 from bitcompile.passes import (attention, batchnorm, conv, epilogue, hoist_weights, linear, lower_triton, normalize,
-                               norm_quant)
+                               norm_quant, siblings)
 from bitcompile.passes.context import PassContext
 from bitcompile.passes.graph import PARAMETER_OF, parameter_path
 
@@ -55,9 +55,10 @@ PASSES = (
     Pass("conv", conv.rewrite_convs),
     Pass("linear", linear.rewrite_linears),
     Pass("batchnorm", batchnorm.rewrite_batchnorms),  # folds into the lowbit ops the passes above emit
+    Pass("hoist_weights", hoist_weights.hoist_packed_weights, inference),  # packed weights from the cache
+    Pass("siblings", siblings.fuse_sibling_linears, lambda ctx: fusing(ctx) and inference(ctx)),
     Pass("epilogue", epilogue.fuse_epilogues, lambda ctx: fusing(ctx) and inference(ctx)),
     Pass("norm_quant", norm_quant.fuse_norm_quant, fusing),  # (add +) norm + activation quant
-    Pass("hoist_weights", hoist_weights.hoist_packed_weights, inference),
     Pass("lower_triton", lower_triton.lower_to_triton, fusing),  # CUDA, static shapes
 )
 

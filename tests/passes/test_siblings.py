@@ -1,0 +1,75 @@
+"""Sibling linears (q/k/v, gate/up) fused into one packed matmul: bitwise the unfused graph."""
+import pytest
+import torch
+from torch import nn
+
+import bitcompile
+from bitcompile.passes import manager
+from tests.helpers import EXACT
+
+
+class Attention(nn.Module):
+    """q/k/v projections of one input (GQA-shaped k/v), with or without biases, and a gated MLP."""
+
+    def __init__(self, bias: bool):
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(32, 32, bias=bias), nn.Linear(32, 8, bias=bias), nn.Linear(32, 8, bias=bias)
+        self.gate, self.up, self.down = nn.Linear(32, 48), nn.Linear(32, 48), nn.Linear(48, 32)
+        self.norm = nn.RMSNorm(32)
+
+    def forward(self, x):
+        h = self.norm(x)
+        q, k, v = self.q(h), self.k(h), self.v(h)
+        h = x + q + torch.cat([k, v], -1).repeat(1, 1, 2)
+        return self.down(torch.nn.functional.silu(self.gate(h)) * self.up(h))
+
+
+def compiled(model, x, siblings=True, monkeypatch=None):
+    torch._dynamo.reset()
+    if not siblings:
+        monkeypatch.setattr(manager, "PASSES", tuple(p for p in manager.PASSES if p.name != "siblings"))
+    with torch.no_grad():
+        out = torch.compile(model, backend="bitnet", options={"exclude": []})(x)
+    if not siblings:
+        monkeypatch.undo()
+    return out, bitcompile.report.LAST
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_siblings_are_one_matmul_and_bitwise_the_unfused_graph(bias, monkeypatch):
+    torch.manual_seed(0)
+    model, x = Attention(bias).eval(), torch.randn(2, 5, 32)
+    fused, report = compiled(model, x)
+    unfused, _ = compiled(model, x, siblings=False, monkeypatch=monkeypatch)
+    torch.testing.assert_close(fused, unfused, **EXACT)
+    notes = {c.module: c.reason for c in report.rewritten}
+    assert "sibling-fused: q + k + v (one matmul, 48 rows)" in notes["q"] and "q + k + v" in notes["v"]
+    assert "sibling-fused: gate + up (one matmul, 96 rows)" in notes["up"]
+    assert "sibling" not in notes["down"]
+
+
+def test_fused_siblings_follow_weight_updates():
+    torch.manual_seed(0)
+    model, x = Attention(False).eval(), torch.randn(2, 5, 32)
+    run = torch.compile(model, backend="bitnet", options={"exclude": []})
+    with torch.no_grad():
+        before = run(x)
+        model.k.weight.mul_(-1.0)  # an in-place update bumps the version the cache checks
+        after = run(x)
+        want = bitcompile.nn.reference_model(model, exclude=[]).eval()(x)
+    assert not torch.equal(before, after)
+    torch.testing.assert_close(after, want, rtol=1e-3, atol=1e-3)  # the norm fusion's float order (README)
+
+
+def test_siblings_with_and_without_bias_stay_apart():
+    class Mixed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(16, 16, bias=True), nn.Linear(16, 16, bias=False)
+
+        def forward(self, x):
+            return self.a(x) + self.b(x)
+
+    torch.manual_seed(0)
+    _, report = compiled(Mixed().eval(), torch.randn(3, 16))
+    assert all("sibling" not in c.reason for c in report.rewritten)
