@@ -29,7 +29,7 @@ case "${1:-}" in
     timeout 60 python3 -m pytest -q -p no:logging --tb=short -m gpu -k host_latency tests > "$out/test_timing.log" 2>&1
     echo "test-timing rc=$?"; tail -5 "$out/test_timing.log" ;;
   bench)
-    BITCOMPILE_RETUNE=${RETUNE:-ternary_mm} timeout 560 python3 benchmarks/bench_kernels.py \
+    BITCOMPILE_AUTOTUNE=1 BITCOMPILE_RETUNE=${RETUNE:-ternary_mm} timeout 560 python3 benchmarks/bench_kernels.py \
       --out "$out/kernels.md" "${@:2}" > "$out/bench.log" 2>&1
     echo "bench rc=$?"; grep -v "^  \[" "$out/bench.log" | tail -60 ;;
   profile)

@@ -3,11 +3,14 @@
 Lookup order: this process's memory -> the user's cache
 (``$BITCOMPILE_CACHE_DIR`` or ``$XDG_CACHE_HOME/bitcompile`` or ``~/.cache/bitcompile``,
 file ``autotune/<gpu>.json``) -> the table shipped in the package
-(``bitcompile/kernels/tuned/<gpu>.json``, one for the H100) -> time every candidate
-(:func:`gpu_microseconds`: cold L2, the host's launch time excluded) and save the winner
-(progress goes to stderr). Without CUDA (the interpreter) the first candidate is used.
-``BITCOMPILE_RETUNE=ternary_mm,grad_input`` (or ``all``) skips the shipped entries of those
-kernels, e.g. after a kernel change, so they are timed again and land in the user cache.
+(``bitcompile/kernels/tuned/<gpu>.json``, one for the H100) -> for a shape in neither, the
+configuration of the nearest tabled shape of the same kernel (log-distance over M, N, K) that
+is a valid candidate here, else the kernel's default candidate: a first run never waits on
+timing. ``BITCOMPILE_AUTOTUNE=1`` times every candidate of such a shape instead
+(:func:`gpu_microseconds`: cold L2, the host's launch time excluded) and saves the winner in
+the user cache, with progress on stderr. Without CUDA (the interpreter) the first candidate is
+used. ``BITCOMPILE_RETUNE=ternary_mm,grad_input`` (or ``all``) skips the shipped entries of those
+kernels, e.g. after a kernel change (set ``BITCOMPILE_AUTOTUNE=1`` with it to time them again).
 
 ``BITCOMPILE_DEBUG_DIR=<dir>`` writes the source of every specialised kernel that is
 launched (Python source with its constexpr values, plus TTIR/PTX when compiled).
@@ -17,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import math
 import os
 import re
 import sys
@@ -98,6 +102,11 @@ def choose(kernel: str, key: Sequence, candidates: Sequence[dict], run: Callable
         table = _load(gpu)
         if full_key in table:
             return table[full_key]
+        if not autotuning():
+            chosen = _memory.setdefault(f"{gpu}:heuristic", {})
+            if full_key not in chosen:
+                chosen[full_key] = nearest(table, kernel, key, candidates)
+            return chosen[full_key]
         print(f"bitcompile: autotuning {full_key} on {gpu} ({len(candidates)} configs)", file=sys.stderr, flush=True)
         best, best_us = None, float("inf")
         for i, config in enumerate(candidates):
@@ -140,9 +149,41 @@ def gpu_microseconds(fn: Callable[[], None], reps: int = 15) -> float:
     return 1e3 * sorted(start.elapsed_time(end) for start, end in events)[reps // 2]
 
 
+def autotuning() -> bool:
+    """Shapes missing from the tables are timed (``BITCOMPILE_AUTOTUNE=1``), not estimated."""
+    return os.environ.get("BITCOMPILE_AUTOTUNE", "0") == "1"
+
+
+def nearest(table: dict[str, dict], kernel: str, key: Sequence, candidates: Sequence[dict]) -> dict:
+    """The tabled configuration of ``kernel`` for the shape nearest ``key`` (same non-numeric
+    key parts, such as the grad dtype; distance: summed |log2| ratios of the numeric parts) that
+    is one of ``candidates``; ``candidates[0]`` where none is."""
+    numbers, labels = _split_key(key)
+    best, best_distance = candidates[0], float("inf")
+    for full_key, config in table.items():
+        name, _, rest = full_key.partition(":")
+        if name != kernel or config not in candidates:
+            continue
+        other_numbers, other_labels = _split_key(rest.split(","))
+        if other_labels != labels or len(other_numbers) != len(numbers):
+            continue
+        distance = sum(abs(math.log2(max(a, 1) / max(b, 1))) for a, b in zip(numbers, other_numbers))
+        if distance < best_distance:
+            best, best_distance = config, distance
+    return best
+
+
+def _split_key(key: Sequence) -> tuple[list[int], list[str]]:
+    numbers, labels = [], []
+    for part in key:
+        text = str(part)
+        (numbers if text.isdigit() else labels).append(int(text) if text.isdigit() else text)
+    return numbers, labels
+
+
 def cached(kernel: str, key: Sequence, candidates: Sequence[dict]) -> bool:
     """Whether :func:`choose` would answer without timing."""
-    if len(candidates) == 1 or interpreting() or not torch.cuda.is_available():
+    if len(candidates) == 1 or interpreting() or not torch.cuda.is_available() or not autotuning():
         return True
     return f"{kernel}:" + ",".join(map(str, key)) in _load(gpu_name())
 

@@ -29,6 +29,36 @@ def test_lookup_order_and_retune(tmp_path, monkeypatch):
     assert tuning._load("gpu") == {"weight_pack:8,8": {"BN": 8}}
 
 
+def test_untabled_shapes_take_the_nearest_tabled_configuration_unless_tuning_is_asked(tmp_path, monkeypatch):
+    table = {"ternary_mm:1,4096,4096": {"BN": 4}, "ternary_mm:1,14336,4096": {"BN": 8},
+             "ternary_mm:128,4096,4096": {"BM": 64}, "grad_input:1024,2048,4096,torch.bfloat16": {"BM": 128},
+             "grad_input:1024,2048,4096,torch.float16": {"BM": 64}}
+    candidates = [{"BN": 2}, {"BN": 4}, {"BN": 8}]
+    # K/V projections (1024x4096) are nearest the 4096x4096 entry; 28672x4096 nearest 14336x4096
+    assert tuning.nearest(table, "ternary_mm", (1, 1024, 4096), candidates) == {"BN": 4}
+    assert tuning.nearest(table, "ternary_mm", (1, 28672, 4096), candidates) == {"BN": 8}
+    # labels must agree (the grad dtype); a tabled config that is no candidate here is never used
+    assert tuning.nearest(table, "grad_input", (1024, 2048, 4096, "torch.float16"), [{"BM": 32}, {"BM": 64}]) == {
+        "BM": 64}
+    assert tuning.nearest(table, "ternary_mm", (128, 1024, 4096), [{"BN": 2}, {"BN": 16}]) == {"BN": 2}  # no match
+
+    monkeypatch.setattr(tuning, "interpreting", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(tuning, "gpu_name", lambda: "gpu")
+    monkeypatch.setattr(tuning, "_load", lambda gpu: dict(table))
+    monkeypatch.setattr(tuning, "_memory", {})
+    timed = []
+    monkeypatch.setattr(tuning, "gpu_microseconds", lambda fn: timed.append(1) or 1.0)
+    monkeypatch.setattr(tuning, "_save", lambda *args: None)
+    monkeypatch.delenv("BITCOMPILE_AUTOTUNE", raising=False)
+    assert tuning.choose("ternary_mm", (1, 1024, 4096), candidates, lambda cfg: None) == {"BN": 4}
+    assert not timed and tuning.cached("ternary_mm", (1, 1024, 4096), candidates)
+    monkeypatch.setenv("BITCOMPILE_AUTOTUNE", "1")
+    assert not tuning.cached("ternary_mm", (1, 2048, 4096), candidates)
+    tuning.choose("ternary_mm", (1, 2048, 4096), candidates, lambda cfg: None)
+    assert len(timed) == len(candidates)  # every candidate timed when asked
+
+
 def test_traced_tma_launch_follows_the_wrapper(monkeypatch):
     """A tuned GEMM configuration with activations by TMA, launched traced (as Inductor will
     make it): under the Python wrapper the kernel builds its descriptor on the device; under
