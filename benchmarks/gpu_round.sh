@@ -4,6 +4,7 @@
 #                                                # WORKERS=0: one process; ISOLATE=1: caches per worker
 #   bash benchmarks/gpu_round.sh bench [--quick] # re-tune the matmul (shipped entries skipped; RETUNE=grad_input,...
 #                                                # names other kernels) + bench_kernels.py, table in $OUT/kernels.md
+#   bash benchmarks/gpu_round.sh models [PARTS]  # whole-model benchmark (bench_models.py --part PARTS)
 #   bash benchmarks/gpu_round.sh profile         # QAT per-kernel split + static profile on this Triton
 #   bash benchmarks/gpu_round.sh sweep [M,N,K ..] # every matmul launch configuration, timed (sweep_matmul.py;
 #                                                # REPEAT=3: three rounds over all of them, medians)
@@ -32,6 +33,10 @@ case "${1:-}" in
     BITCOMPILE_AUTOTUNE=1 BITCOMPILE_RETUNE=${RETUNE:-ternary_mm} timeout 560 python3 benchmarks/bench_kernels.py \
       --out "$out/kernels.md" "${@:2}" > "$out/bench.log" 2>&1
     echo "bench rc=$?"; grep -v "^  \[" "$out/bench.log" | tail -60 ;;
+  models)
+    (cd benchmarks && timeout "${LIMIT:-560}" python3 bench_models.py --part "${2:-decode,prefill,layers,qat}" \
+      --out "$out/models.md" --jsonl "$out/models.jsonl" "${@:3}" > "$out/models.log" 2>&1)
+    echo "models rc=$?"; grep -v "^  \[" "$out/models.log" | grep "^{" | tail -60 ;;
   profile)
     timeout 300 python3 benchmarks/profile_qat.py > "$out/profile_qat.log" 2>&1; echo "profile_qat rc=$?"
     timeout 200 python3 tools/inspect_kernels.py --join-k > "$out/inspect.md" 2>&1; echo "inspect rc=$?"
@@ -39,6 +44,6 @@ case "${1:-}" in
   sweep)
     cd benchmarks && timeout 560 python3 sweep_matmul.py --json "$out/sweep.json" --repeat "${REPEAT:-1}" ${2:+--shapes "${@:2}"} \
       > "$out/sweep.log" 2>&1; echo "sweep rc=$?"; cd ..; cat "$out/sweep.log" ;;
-  *) echo "usage: $0 test [K_EXPR]|bench [--quick]|profile|sweep [M,N,K ...]" >&2; exit 2 ;;
+  *) echo "usage: $0 test [K_EXPR]|bench [--quick]|models [PARTS]|profile|sweep [M,N,K ...]" >&2; exit 2 ;;
 esac
 cp -r "$BITCOMPILE_CACHE_DIR" "$out/cache" 2>/dev/null || true

@@ -1,0 +1,345 @@
+"""Whole-model speed: transformers Llama-shaped models, bitnet against bf16 Inductor in one process.
+
+    python benchmarks/bench_models.py [--part decode,prefill,layers,qat] [--out FILE] [--smoke]
+
+Every row compiles both sides the same way in this process and reports their ratio.
+
+- decode: a Llama-3-8B-shaped LlamaForCausalLM (hidden 4096, MLP 14336, 32 heads, 8 KV heads, vocab
+  128256; ``--layers``, 16 by default; random init, bf16), greedy ``generate`` with a static cache,
+  the forward compiled with CUDA graphs (``mode="reduce-overhead"``) on both sides: bf16 Inductor,
+  and the model after ``bitcompile.deploy`` (packed weights only) compiled with ``backend="bitnet"``.
+  Tokens/s from the difference of two generate lengths (prefill and setup cancel), at batch 1 and 8;
+  the first generate's wall time (compile + graph capture); peak GPU memory; the 32 decode steps'
+  logits against the eager reference twin's on the same tokens.
+- prefill: the same models' forward over a 2048-token prompt (CUDA graphs).
+- layers: a stack of independent compiled ``nn.Linear`` layers (each its own input), per layer.
+- qat: a full training step (forward, backward, fused AdamW) of Llama-shaped models with 8192 tokens,
+  under three recipes (bf16 parameters; fp32 parameters with bf16 autocast; fp32), for Inductor, the
+  usual fake-quant BitLinear formula under Inductor, bitnet (exact STE) and bitnet with
+  ``grad_input_bits=8``; the first step's wall time and peak memory.
+
+Results: one JSON object per row on stdout (also appended to ``--jsonl``), and a markdown table in
+``--out``. ``--smoke`` runs tiny shapes on any device (the CPU in CI): it checks the script, not speed.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import gc
+import json
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import timing
+
+import bitcompile
+from bitcompile.nn import reference_model
+
+LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
+                 vocab_size=128256)
+SMOKE = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, vocab_size=256)
+QAT_SIZES = {384: dict(hidden_size=384, intermediate_size=1024, num_attention_heads=6, num_key_value_heads=2,
+                       num_hidden_layers=6),
+             2048: dict(hidden_size=2048, intermediate_size=5632, num_attention_heads=16, num_key_value_heads=4,
+                        num_hidden_layers=8),
+             4096: dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=8,
+                        num_hidden_layers=4)}
+RECIPES = ("bf16", "fp32+autocast", "fp32")
+
+
+def llama(layers: int, shapes: dict, dtype=torch.bfloat16):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(num_hidden_layers=layers, max_position_embeddings=4096, attn_implementation="sdpa",
+                         tie_word_embeddings=False, **shapes)
+    with torch.device(timing.DEVICE):
+        model = LlamaForCausalLM(config).to(dtype)
+    model.generation_config.eos_token_id = None  # random weights: never stop early
+    model.generation_config.pad_token_id = 0
+    return model.eval()
+
+
+def emit(rows: list, args, **row) -> None:
+    rows.append(row)
+    line = json.dumps(row, default=str)
+    print(line, flush=True)
+    if args.jsonl:
+        with open(args.jsonl, "a") as f:
+            f.write(line + "\n")
+
+
+def peak_gib() -> float:
+    return torch.cuda.max_memory_allocated() / 2**30 if timing.CUDA else 0.0
+
+
+def reset_peak() -> None:
+    gc.collect()
+    if timing.CUDA:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def seconds(fn) -> tuple[float, object]:
+    timing.sync()
+    start = time.perf_counter()
+    out = fn()
+    timing.sync()
+    return time.perf_counter() - start, out
+
+
+def quantized_bytes(model: nn.Module) -> int:
+    """Bytes of the weights of the layers the backend quantizes (linears but lm_head)."""
+    total = 0
+    for name, module in model.named_modules():
+        if name.endswith("lm_head"):
+            continue
+        if isinstance(module, nn.Linear):
+            total += module.weight.numel() * module.weight.element_size()
+        elif isinstance(module, bitcompile.nn.PackedLinear):
+            total += sum(b.numel() * b.element_size() for b in (module.weight_packed, module.weight_scale))
+    return total
+
+
+def generate(model, prompts: torch.Tensor, new_tokens: int):
+    return model.generate(prompts, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                          cache_implementation="static", disable_compile=True, return_dict_in_generate=True,
+                          output_logits=True)
+
+
+def decode_side(model, label: str, args, rows: list, prompt_len: int, short: int, long: int) -> dict:
+    """First-call wall time, tokens/s at batch 1 and 8, peak memory, and batch 1's logits."""
+    out = {}
+    for batch in (1, 8):
+        prompts = torch.randint(1, model.config.vocab_size, (batch, prompt_len), device=timing.DEVICE,
+                                generator=torch.Generator(timing.DEVICE).manual_seed(batch))
+        reset_peak()
+        first, result = seconds(lambda: generate(model, prompts, short))
+        t_short = min(seconds(lambda: generate(model, prompts, short))[0] for _ in range(args.repeat))
+        t_long, result = min((seconds(lambda: generate(model, prompts, long)) for _ in range(args.repeat)),
+                             key=lambda r: r[0])
+        tokens_per_s = batch * (long - short) / (t_long - t_short)
+        emit(rows, args, part="decode", side=label, batch=batch, tokens_per_s=round(tokens_per_s, 1),
+             first_generate_s=round(first, 1), peak_gib=round(peak_gib(), 2))
+        out[batch] = dict(tokens_per_s=tokens_per_s, first=first, peak=peak_gib(), result=result)
+    return out
+
+
+def bench_decode_and_prefill(args, rows: list) -> None:
+    shapes = SMOKE if args.smoke else LLAMA3_8B
+    layers = 2 if args.smoke else args.layers
+    prompt_len, short, long = (8, 2, 6) if args.smoke else (16, 16, 80)
+    torch.manual_seed(0)
+    model = llama(layers, shapes)
+    float_bytes = quantized_bytes(model)
+    parts = set(args.part)
+
+    # bf16 Inductor: the forward compiled in place (generate then runs the compiled code).
+    model.forward = torch.compile(model.forward, mode="reduce-overhead")
+    bf16 = decode_side(model, "bf16 Inductor", args, rows, prompt_len, short, long) if "decode" in parts else {}
+    if "prefill" in parts:
+        prefill(model, "bf16 Inductor", args, rows)
+    del model.forward
+    torch._dynamo.reset()
+
+    # The reference twin's logits over the tokens bitnet decodes (eager, same latent weights).
+    twin = reference_model(model).eval() if "decode" in parts else None
+    deployed = bitcompile.deploy(copy.deepcopy(model))
+    del model
+    reset_peak()
+    bitcompile.compile(deployed, mode="reduce-overhead")
+    if "decode" in parts:
+        bitnet = decode_side(deployed, "bitnet (deployed)", args, rows, prompt_len, short, long)
+        for batch in (1, 8):
+            emit(rows, args, part="decode", side="ratio", batch=batch,
+                 speedup=round(bitnet[batch]["tokens_per_s"] / bf16[batch]["tokens_per_s"], 2),
+                 first_call_ratio=round(bitnet[batch]["first"] / bf16[batch]["first"], 2),
+                 peak_gib_bf16=round(bf16[batch]["peak"], 2), peak_gib_bitnet=round(bitnet[batch]["peak"], 2))
+        emit(rows, args, part="memory", quantized_layers_bf16_gib=round(float_bytes / 2**30, 3),
+             quantized_layers_bitnet_gib=round(quantized_bytes(deployed) / 2**30, 3),
+             fraction=round(quantized_bytes(deployed) / float_bytes, 4))
+        check_logits(twin, bitnet[1]["result"], prompt_len, args, rows)
+    del twin
+    if "prefill" in parts:
+        prefill(deployed, "bitnet (deployed)", args, rows)
+    del deployed
+    torch._dynamo.reset()
+    reset_peak()
+
+
+def check_logits(twin, result, prompt_len: int, args, rows: list) -> None:
+    """Each decode step's logits against the twin's over the same tokens (one eager forward)."""
+    sequence = result.sequences
+    with torch.no_grad():
+        want = twin(sequence[:, :-1]).logits[:, prompt_len - 1:].float()
+    got = torch.stack(result.logits, dim=1).float()
+    want, got = want[:, :32], got[:, :32]  # the first 32 decode steps
+    scale = want.abs().amax()
+    step_error = ((got - want).abs().amax(dim=(0, 2)) / scale).tolist()
+    agree = (got.argmax(-1) == want.argmax(-1)).float().mean().item()
+    emit(rows, args, part="decode logits", steps=len(step_error), max_rel_error=round(max(step_error), 5),
+         mean_rel_error=round(sum(step_error) / len(step_error), 5), argmax_agreement=round(agree, 4))
+
+
+def prefill(model, label: str, args, rows: list) -> None:
+    tokens = 64 if args.smoke else 2048
+    x = torch.randint(1, model.config.vocab_size, (1, tokens), device=timing.DEVICE)
+    run = (lambda: model(x, use_cache=False).logits)
+    with torch.no_grad():
+        first, _ = seconds(run)
+        times = sorted(seconds(run)[0] for _ in range(max(args.repeat, 5)))
+    emit(rows, args, part="prefill", side=label, tokens=tokens, ms=round(1e3 * times[len(times) // 2], 2),
+         first_call_s=round(first, 1))
+
+
+def bench_layers(args, rows: list) -> None:
+    """A stack of independent linears, each its own input, compiled with CUDA graphs."""
+    cases = [(1, 8192, 8), (16, 4096, 32), (16, 8192, 8), (128, 4096, 32), (128, 8192, 8), (8192, 8192, 4)]
+    if args.smoke:
+        cases = [(1, 64, 2), (16, 64, 2)]
+
+    class Stack(nn.Module):
+        def __init__(self, d, n):
+            super().__init__()
+            self.layers = nn.ModuleList(nn.Linear(d, d, bias=False) for _ in range(n))
+
+        def forward(self, xs):
+            return [layer(x) for layer, x in zip(self.layers, xs)]
+
+    for m, d, n in cases:
+        model = Stack(d, n).to(timing.DEVICE, torch.bfloat16).eval()
+        xs = [torch.randn(m, d, device=timing.DEVICE, dtype=torch.bfloat16) for _ in range(n)]
+        per_layer = {}
+        for label, compiled in (("bf16 Inductor", torch.compile(model, mode="reduce-overhead")),
+                                ("bitnet", torch.compile(model, backend="bitnet",
+                                                         options={"mode": "reduce-overhead", "exclude": []}))):
+            with torch.no_grad():
+                for _ in range(3):
+                    compiled(xs)
+                per_layer[label] = timing.wall_us(lambda: compiled(xs), calls=20) / n
+            torch._dynamo.reset()
+        emit(rows, args, part="layers", m=m, n=d, k=d, layers=n, bf16_us=round(per_layer["bf16 Inductor"], 2),
+             bitnet_us=round(per_layer["bitnet"], 2), speedup=round(per_layer["bf16 Inductor"] / per_layer["bitnet"], 2))
+        del model, xs
+        reset_peak()
+
+
+class FakeQuantLinear(nn.Linear):
+    """The usual eager BitLinear formula (absmean ternary weights, absmax int8 activations, STE by
+    detach), as people write it, compiled by Inductor."""
+
+    def forward(self, x):
+        s = x.abs().amax(-1, keepdim=True).clamp(min=1e-5) / 127
+        xq = x + ((x / s).round().clamp(-128, 127) * s - x).detach()
+        w = self.weight
+        sw = w.abs().mean().clamp(min=1e-5)
+        wq = w + ((w / sw).round().clamp(-1, 1) * sw - w).detach()
+        return F.linear(xq, wq, self.bias)
+
+
+def fake_quant(model: nn.Module) -> nn.Module:
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if type(child) is nn.Linear and child_name != "lm_head":
+                fq = FakeQuantLinear(child.in_features, child.out_features, child.bias is not None, device="meta")
+                fq.weight, fq.bias = child.weight, child.bias
+                setattr(module, child_name, fq)
+    return model
+
+
+def bench_qat(args, rows: list) -> None:
+    sizes = [64] if args.smoke else args.qat_sizes
+    tokens = 256 if args.smoke else 8192
+    seq = 128 if args.smoke else 2048
+    variants = ("Inductor", "fake-quant", "bitnet", "bitnet q8")
+    for size in sizes:
+        shapes = dict(SMOKE, num_hidden_layers=2) if args.smoke else QAT_SIZES[size]
+        for recipe in args.recipes:
+            result = {}
+            for variant in variants:
+                if variant in ("fake-quant", "bitnet q8") and not args.smoke and recipe not in args.full_recipes:
+                    continue
+                torch.manual_seed(0)
+                param_dtype = torch.bfloat16 if recipe == "bf16" else torch.float32
+                dims = {k: v for k, v in shapes.items() if k != "num_hidden_layers"}
+                model = llama(shapes["num_hidden_layers"], dims, param_dtype).train()
+                if variant == "fake-quant":
+                    fake_quant(model)
+                if variant.startswith("bitnet"):
+                    options = {"grad_input_bits": 8} if variant == "bitnet q8" else {}
+                    bitcompile.compile(model, **options)
+                else:
+                    model.compile()
+                opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=timing.CUDA)
+                ids = torch.randint(1, model.config.vocab_size, (tokens // seq, seq), device=timing.DEVICE)
+                autocast = (torch.autocast(timing.DEVICE, dtype=torch.bfloat16) if recipe == "fp32+autocast"
+                            else contextlib.nullcontext())
+
+                def step():
+                    with autocast:
+                        loss = model(ids, labels=ids).loss
+                    loss.backward()
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+
+                reset_peak()
+                first, _ = seconds(step)
+                for _ in range(2):
+                    step()
+                times = sorted(seconds(step)[0] for _ in range(args.repeat + 2))
+                ms = 1e3 * times[len(times) // 2]
+                result[variant] = ms
+                emit(rows, args, part="qat", hidden=size, recipe=recipe, variant=variant, step_ms=round(ms, 2),
+                     first_step_s=round(first, 1), peak_gib=round(peak_gib(), 2),
+                     vs_inductor=round(result["Inductor"] / ms, 3) if "Inductor" in result else None)
+                del model, opt
+                torch._dynamo.reset()
+                reset_peak()
+
+
+def markdown(rows: list) -> str:
+    lines = [f"# Model benchmark ({timing.device_name()}, torch {torch.__version__})", "",
+             "Generated by `python benchmarks/bench_models.py`; notes belong in BENCHMARKS.md.", ""]
+    for part in ("decode", "decode logits", "memory", "prefill", "layers", "qat"):
+        part_rows = [r for r in rows if r["part"] == part]
+        if not part_rows:
+            continue
+        keys = [k for k in part_rows[0] if k != "part"]
+        for r in part_rows[1:]:
+            keys += [k for k in r if k not in keys and k != "part"]
+        lines += [f"## {part}", "", "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+        lines += ["| " + " | ".join(str(r.get(k, "")) for k in keys) + " |" for r in part_rows]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--part", default="decode,prefill,layers,qat", type=lambda s: s.split(","))
+    parser.add_argument("--layers", type=int, default=16, help="decoder layers of the Llama-3-8B-shaped model")
+    parser.add_argument("--qat-sizes", type=lambda s: [int(v) for v in s.split(",")], default=[384, 2048, 4096])
+    parser.add_argument("--recipes", type=lambda s: s.split(","), default=list(RECIPES))
+    parser.add_argument("--full-recipes", type=lambda s: s.split(","), default=["bf16"],
+                        help="recipes that also run fake-quant and grad_input_bits=8")
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--out", default="benchmarks/results/models.md")
+    parser.add_argument("--jsonl", default=None, help="also append each row here as it is measured")
+    args = timing.parse_args(parser)
+    rows: list = []
+    torch.backends.cuda.matmul.allow_tf32 = False  # fp32 recipes: fp32 GEMMs on both sides
+    if {"decode", "prefill"} & set(args.part):
+        bench_decode_and_prefill(args, rows)
+    if "layers" in args.part:
+        bench_layers(args, rows)
+    if "qat" in args.part:
+        bench_qat(args, rows)
+    with open(args.out, "w") as f:
+        f.write(markdown(rows))
+    print(markdown(rows))
+
+
+if __name__ == "__main__":
+    main()
