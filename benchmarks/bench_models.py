@@ -187,7 +187,10 @@ def check_logits(twin, result, prompt_len: int, args, rows: list) -> None:
 def prefill(model, label: str, args, rows: list) -> None:
     tokens = 64 if args.smoke else 2048
     x = torch.randint(1, model.config.vocab_size, (1, tokens), device=timing.DEVICE)
-    run = (lambda: model(x, use_cache=False).logits)
+
+    def run():
+        return model(x, use_cache=False).logits
+
     with torch.no_grad():
         first, _ = seconds(run)
         times = sorted(seconds(run)[0] for _ in range(max(args.repeat, 5)))
@@ -210,21 +213,26 @@ def bench_layers(args, rows: list) -> None:
             return [layer(x) for layer, x in zip(self.layers, xs)]
 
     for m, d, n in cases:
-        model = Stack(d, n).to(timing.DEVICE, torch.bfloat16).eval()
-        xs = [torch.randn(m, d, device=timing.DEVICE, dtype=torch.bfloat16) for _ in range(n)]
-        per_layer = {}
-        for label, compiled in (("bf16 Inductor", torch.compile(model, mode="reduce-overhead")),
-                                ("bitnet", torch.compile(model, backend="bitnet",
-                                                         options={"mode": "reduce-overhead", "exclude": []}))):
-            with torch.no_grad():
-                for _ in range(3):
-                    compiled(xs)
-                per_layer[label] = timing.wall_us(lambda: compiled(xs), calls=20) / n
-            torch._dynamo.reset()
+        per_layer = stack_us(Stack, m, d, n)
         emit(rows, args, part="layers", m=m, n=d, k=d, layers=n, bf16_us=round(per_layer["bf16 Inductor"], 2),
              bitnet_us=round(per_layer["bitnet"], 2), speedup=round(per_layer["bf16 Inductor"] / per_layer["bitnet"], 2))
-        del model, xs
         reset_peak()
+
+
+def stack_us(stack: type, m: int, d: int, n: int) -> dict:
+    """Per-layer time of ``stack(d, n)`` on ``m`` rows, each side compiled with CUDA graphs."""
+    model = stack(d, n).to(timing.DEVICE, torch.bfloat16).eval()
+    xs = [torch.randn(m, d, device=timing.DEVICE, dtype=torch.bfloat16) for _ in range(n)]
+    per_layer = {}
+    for label, compiled in (("bf16 Inductor", torch.compile(model, mode="reduce-overhead")),
+                            ("bitnet", torch.compile(model, backend="bitnet",
+                                                     options={"mode": "reduce-overhead", "exclude": []}))):
+        with torch.no_grad():
+            for _ in range(3):
+                compiled(xs)
+            per_layer[label] = timing.wall_us(lambda: compiled(xs), calls=20) / n
+        torch._dynamo.reset()
+    return per_layer
 
 
 class FakeQuantLinear(nn.Linear):
@@ -262,42 +270,44 @@ def bench_qat(args, rows: list) -> None:
             for variant in variants:
                 if variant in ("fake-quant", "bitnet q8") and not args.smoke and recipe not in args.full_recipes:
                     continue
-                torch.manual_seed(0)
-                param_dtype = torch.bfloat16 if recipe == "bf16" else torch.float32
-                dims = {k: v for k, v in shapes.items() if k != "num_hidden_layers"}
-                model = llama(shapes["num_hidden_layers"], dims, param_dtype).train()
-                if variant == "fake-quant":
-                    fake_quant(model)
-                if variant.startswith("bitnet"):
-                    options = {"grad_input_bits": 8} if variant == "bitnet q8" else {}
-                    bitcompile.compile(model, **options)
-                else:
-                    model.compile()
-                opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=timing.CUDA)
-                ids = torch.randint(1, model.config.vocab_size, (tokens // seq, seq), device=timing.DEVICE)
-                autocast = (torch.autocast(timing.DEVICE, dtype=torch.bfloat16) if recipe == "fp32+autocast"
-                            else contextlib.nullcontext())
-
-                def step():
-                    with autocast:
-                        loss = model(ids, labels=ids).loss
-                    loss.backward()
-                    opt.step()
-                    opt.zero_grad(set_to_none=True)
-
-                reset_peak()
-                first, _ = seconds(step)
-                for _ in range(2):
-                    step()
-                times = sorted(seconds(step)[0] for _ in range(args.repeat + 2))
-                ms = 1e3 * times[len(times) // 2]
+                ms, first, peak = qat_step(shapes, recipe, variant, tokens, seq, args.repeat)
                 result[variant] = ms
                 emit(rows, args, part="qat", hidden=size, recipe=recipe, variant=variant, step_ms=round(ms, 2),
-                     first_step_s=round(first, 1), peak_gib=round(peak_gib(), 2),
+                     first_step_s=round(first, 1), peak_gib=round(peak, 2),
                      vs_inductor=round(result["Inductor"] / ms, 3) if "Inductor" in result else None)
-                del model, opt
                 torch._dynamo.reset()
                 reset_peak()
+
+
+def qat_step(shapes: dict, recipe: str, variant: str, tokens: int, seq: int, repeat: int) -> tuple:
+    """``(median step ms, first step s, peak GiB)`` of one model, recipe and variant."""
+    torch.manual_seed(0)
+    param_dtype = torch.bfloat16 if recipe == "bf16" else torch.float32
+    dims = {k: v for k, v in shapes.items() if k != "num_hidden_layers"}
+    model = llama(shapes["num_hidden_layers"], dims, param_dtype).train()
+    if variant == "fake-quant":
+        fake_quant(model)
+    if variant.startswith("bitnet"):
+        bitcompile.compile(model, **({"grad_input_bits": 8} if variant == "bitnet q8" else {}))
+    else:
+        model.compile()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=timing.CUDA)
+    ids = torch.randint(1, model.config.vocab_size, (tokens // seq, seq), device=timing.DEVICE)
+    autocast = torch.autocast(timing.DEVICE, dtype=torch.bfloat16) if recipe == "fp32+autocast" else None
+
+    def step():
+        with autocast or contextlib.nullcontext():
+            loss = model(ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    reset_peak()
+    first, _ = seconds(step)
+    for _ in range(2):
+        step()
+    times = sorted(seconds(step)[0] for _ in range(repeat + 2))
+    return 1e3 * times[len(times) // 2], first, peak_gib()
 
 
 def markdown(rows: list) -> str:

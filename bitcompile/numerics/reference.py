@@ -111,7 +111,7 @@ def latent_weights(ints: torch.Tensor, scale: torch.Tensor, scheme: str, per_cha
     # the smallest c whose re-derived scale reaches the target.
     lo, hi = c.view(torch.int32) - _SEARCH_ULPS, c.view(torch.int32) + _SEARCH_ULPS
     for _ in range(_SEARCH_ULPS.bit_length() + 1):
-        mid = (lo + hi) // 2
+        mid = lo + (hi - lo) // 2  # (lo + hi) overflows int32 for floats >= 2
         below = rederived(mid.view(torch.float32)) < target
         lo, hi = torch.where(below, mid + 1, lo), torch.where(below, hi, mid)
     # lo reaches the target or is the first value above it (where none hits it exactly, the

@@ -117,12 +117,13 @@ def grad_kernel_supports(wq: Tensor, bits: Optional[int]) -> bool:
 
 
 def _grad_kernel(a, wrap=None):
+    from bitcompile.kernels import tuning
     from bitcompile.kernels.grad_input import grad_input as exact, grad_input_quantized
 
     if a.bits is not None:
         return grad_input_quantized(a.grad, a.wq, a.w_scale, a.k, a.bits, wrap=wrap)
     grad = a.grad
-    if grad.dtype == torch.float32:
+    if grad.dtype == torch.float32 and not tuning.interpreting():  # (Triton's interpreter has no bfloat16)
         # fp32 output gradients (fp32 training without autocast) reach the tensor-core kernels
         # rounded once to bfloat16 (fp32's range; 2^-9 relative per element, the scale likewise),
         # accumulated in fp32 and returned in fp32: the exact fp32 product runs on CUDA cores,
