@@ -169,8 +169,9 @@ def main():
     prompt = "def "
     prompt_ids = torch.tensor([tokenizer.encode(prompt)], device=device)
     with torch.no_grad():
-        out = reloaded.generate(prompt_ids, max_new_tokens=24 if args.tiny else 120, do_sample=True, top_k=10,
-                                temperature=0.8, pad_token_id=0)
+        # Up to the trained context length (the config's max_position_embeddings).
+        out = reloaded.generate(prompt_ids, max_new_tokens=max(1, args.seq_len - prompt_ids.shape[1]), do_sample=True,
+                                top_k=10, temperature=0.8, pad_token_id=0)
     sample = prompt + tokenizer.decode(out[0, prompt_ids.shape[1]:].tolist())
 
     weights = os.path.getsize(os.path.join(export_dir, "model.safetensors"))
