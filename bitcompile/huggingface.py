@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import os
 import re
 from dataclasses import dataclass
@@ -36,7 +35,7 @@ from bitcompile.config import BitConfig
 from bitcompile.nn.packed_linear import PackedLinear
 from bitcompile.numerics import reference as ref
 from bitcompile.numerics.packing import pack_ternary, packed_columns, unpack_ternary
-from bitcompile.numerics.spec import EPS, check_int
+from bitcompile.numerics.spec import check_int
 
 QUANT_METHOD = "bitnet"
 WEIGHTS_FILE = "model.safetensors"
@@ -573,70 +572,14 @@ def _install_layer(model: nn.Module, layer: _Layer, state: dict, deploy: bool) -
 # --- latent weights that hit the scale -----------------------------------------------------------
 
 
-def _rederived(w: torch.Tensor) -> torch.Tensor:
-    return ref.weight_scale(w, "ternary", False)
-
-
 def _exact_latent_weights(trits: torch.Tensor, scales: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
     """Latent weights ``[N, K]`` whose per-tensor absmean quantization gives ``trits`` and one of
-    ``scales`` (candidates, preferred first) bitwise where the float32 weights can reach one.
-
-    ``reference.latent_weights`` scales all trits by one value ``c``, which reaches the target
-    scale within a float32 ulp or two (the float32 sum of equal magnitudes skips values). Where it
-    misses, the weights start a few ulps below the target and one non-zero weight is raised by a
-    bisected amount: the sum then moves by single ulps, except where the addition that takes in that
-    weight's partial sum rounds ties to even and skips every other value, so a few positions are tried."""
-    w = _latent(trits, scales[0], dtype)
-    if dtype != torch.float32 or not bool(trits.any()) or _hits(w, scales):
-        return w
-    nonzero = trits.reshape(-1).nonzero().reshape(-1)
-    positions = nonzero[torch.linspace(0, nonzero.numel() - 1, min(8, nonzero.numel())).round().long()].unique()
-    for target in scales:
-        base = _latent(trits, target * (1 - 2.0**-20), dtype).reshape(-1)
-        if not bool((_rederived(base) < target).all()):  # ~8 ulps below, so that raising one weight can reach it
-            continue
-        for position in positions.tolist():
-            tuned = _raise_one(base, position, target)
-            if tuned is not None:
-                return tuned.reshape(trits.shape)
-    return w
-
-
-def _latent(trits: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``reference.latent_weights`` computed for ``scale / 2**e`` and multiplied back by ``2**e``
-    (exact both ways, and so is the re-derived scale), ``e`` putting the weights' magnitude in
-    [0.5, 1): its bisection adds float32 bit patterns as int32, which overflow from magnitude 2 on."""
-    magnitude = float(scale) * trits.numel() / max(int(trits.count_nonzero()), 1)
-    e = max(0, math.frexp(magnitude)[1])
-    if e and float(scale) * 2.0**-e < 2 * EPS:  # the scale's EPS floor would not scale: leave it
-        e = 0
-    return ref.latent_weights(trits, scale * 2.0**-e, "ternary", False, dtype) * 2.0**e
-
-
-def _hits(w: torch.Tensor, scales: list[torch.Tensor]) -> bool:
-    got = _rederived(w)
-    return any(torch.equal(got, s) for s in scales)
-
-
-def _raise_one(base: torch.Tensor, position: int, target: torch.Tensor) -> "torch.Tensor | None":
-    """``base`` with ``|base[position]|`` raised to the smallest value whose re-derived scale
-    reaches ``target``, or None where that scale jumps over it."""
-    sign, magnitude = base[position].sign(), base[position].abs().reshape(1)
-    # The sum must rise by ~8-16 of its ulps (float32 ulps, 2**-23 relative); allow 64.
-    top = magnitude + 64 * float(target) * base.numel() * 2.0**-23 + magnitude * 2.0**-20
-
-    def raised(bits: int) -> torch.Tensor:
-        w = base.clone()
-        w[position] = sign * torch.tensor([bits], dtype=torch.int32).view(torch.float32)[0]
-        return w
-
-    # Bisect over the float32 bit patterns (monotone in value for positive floats).
-    lo, hi = int(magnitude.view(torch.int32)), int(top.view(torch.int32))
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if bool((_rederived(raised(mid)) < target).all()):
-            lo = mid + 1
-        else:
-            hi = mid
-    w = raised(lo)
-    return w if torch.equal(_rederived(w), target) else None
+    ``scales`` (the float32 values whose reciprocal is the file's ``weight_scale``, preferred
+    first): ``reference.latent_weights`` for each until one comes back bitwise, else the first."""
+    first = None
+    for scale in scales:
+        w = ref.latent_weights(trits, scale, "ternary", False, dtype)
+        if torch.equal(ref.weight_scale(w, "ternary", False), scale.reshape(1)):
+            return w
+        first = w if first is None else first
+    return first

@@ -92,9 +92,10 @@ def latent_weights(ints: torch.Tensor, scale: torch.Tensor, scheme: str, per_cha
     for ternary, 1 for binary) or ``max|ints| / 127`` for int8, so the re-derived scale is
     ``scale`` and the rounded codes are ``ints``. ``c`` is then searched among the nearby float32
     values for the one whose re-derived scale is nearest ``scale`` (the scale is monotone in
-    ``c``): the codes come back exactly, the scale bitwise or within a float32 ulp or two where
-    no ``c`` hits it (the sum of equal magnitudes skips some values); with a coarser ``dtype``
-    (bfloat16) within that dtype's rounding."""
+    ``c``), and where no ``c`` hits it (the float32 sum of equal magnitudes skips some values) a
+    per-tensor scale is reached by raising one weight (``_raise_one_weight``). The codes come back
+    exactly; the scale bitwise for float32 per-tensor weights, within a float32 ulp or two per
+    channel, within the dtype's rounding for a coarser ``dtype`` (bfloat16)."""
     rows = ints.float().reshape(ints.shape[0], -1)
     target = scale.float().reshape(-1, 1) if per_channel else scale.float().reshape(1, 1)
     if scheme == "int8":
@@ -118,10 +119,44 @@ def latent_weights(ints: torch.Tensor, scale: torch.Tensor, scheme: str, per_cha
     # re-derived scale jumps over it): keep whichever of lo and its predecessor lands closer.
     above, below = lo.view(torch.float32), (lo - 1).view(torch.float32)
     closer = (rederived(above) - target).abs() <= (rederived(below) - target).abs()
-    return (rows * torch.where(closer, above, below)).to(dtype).reshape(ints.shape)
+    w = (rows * torch.where(closer, above, below)).to(dtype)
+    if not per_channel and dtype == torch.float32 and not torch.equal(rederived_w := weight_scale(
+            w, scheme, False).reshape(1, 1), target):
+        w = _raise_one_weight(rows * below.reshape(1, 1), target, scheme, rederived_w)
+    return w.reshape(ints.shape)
 
 
 _SEARCH_ULPS = 64  # float32 steps searched on each side of the first estimate
+
+
+def _raise_one_weight(w: torch.Tensor, target: torch.Tensor, scheme: str, fallback_scale) -> torch.Tensor:
+    """A per-tensor scale that no common magnitude reaches: from weights whose scale lies just
+    below it, raise one non-zero weight by the bisected amount that brings the float32 sum to it
+    (the sum then moves by single ulps, except where the addition that takes in that weight's
+    partial sum rounds a tie to even, so a few positions are tried). ``w`` unchanged where none
+    works (the scale then within an ulp or two)."""
+    flat = w.reshape(-1)
+    nonzero = flat.nonzero().reshape(-1)
+    if nonzero.numel() == 0:
+        return w
+    magnitude = float(flat[nonzero[0]].abs())
+    top_bits = int(torch.tensor([magnitude + 64 * float(target) * flat.numel() * 2.0**-23 + magnitude * 2.0**-20]
+                                ).view(torch.int32))
+    for position in nonzero[torch.linspace(0, nonzero.numel() - 1, min(8, nonzero.numel())).round().long()].tolist():
+        sign = float(flat[position].sign())
+        lo, hi = int(flat[position].abs().reshape(1).view(torch.int32)), top_bits
+        while lo < hi:
+            mid = lo + (hi - lo) // 2
+            flat[position] = sign * torch.tensor([mid], dtype=torch.int32).view(torch.float32)[0]
+            if bool(weight_scale(flat, scheme, False) < target):
+                lo = mid + 1
+            else:
+                hi = mid
+        flat[position] = sign * torch.tensor([lo], dtype=torch.int32).view(torch.float32)[0]
+        if torch.equal(weight_scale(flat, scheme, False), target.reshape(1)):
+            return flat.reshape(w.shape)
+        flat[position] = sign * magnitude
+    return w
 
 
 def unpack_weights(wq: torch.Tensor, k: int, dtype: torch.dtype = torch.int8) -> torch.Tensor:
