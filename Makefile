@@ -17,8 +17,12 @@ $(VENV)/.installed: pyproject.toml
 demo: $(VENV)/.installed
 	$(PY) examples/quickstart.py
 
-# CPU suite: Triton kernels run in the interpreter; the CI Hypothesis profile is bounded.
+# CPU suite: lint, import layers, then the tests (Triton kernels in the interpreter; the CI
+# Hypothesis profile is derandomized and bounded).
 test: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports
 	HYPOTHESIS_PROFILE=ci $(PY) -m pytest -q -m "not gpu" tests
 
 # GPU machine (e.g. the device tool's image: system python3 with torch + triton, no venv).

@@ -16,6 +16,7 @@ depends on the operands' bits).
     python3 benchmarks/bench_grad_input.py [--limits] [--host]
     python3 benchmarks/bench_grad_input.py --smoke   # tiny shapes, any device: the script runs
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,10 +29,16 @@ import torch
 from bitcompile.kernels import grad_input as gi
 from bitcompile.kernels import grad_input_ws
 from bitcompile.numerics.packing import pack_ternary
+
 from timing import CUDA, DEVICE, copies, host_us, parse_args, time_rotating
 
-SHAPES = [(8192, 4096, 4096, torch.bfloat16), (8192, 4096, 4096, torch.float16), (8192, 8192, 8192, torch.bfloat16),
-          (8192, 4096, 14336, torch.bfloat16), (8192, 14336, 4096, torch.bfloat16)]
+SHAPES = [
+    (8192, 4096, 4096, torch.bfloat16),
+    (8192, 4096, 4096, torch.float16),
+    (8192, 8192, 8192, torch.bfloat16),
+    (8192, 4096, 14336, torch.bfloat16),
+    (8192, 14336, 4096, torch.bfloat16),
+]
 SMOKE = [(20, 64, 64, torch.float16)]
 
 
@@ -53,27 +60,34 @@ _STORE = "            b_smem.index(i % SB).store(_decode(p_smem.index(s).load(la
 # A tile of valid codes, uniform over {0, 1, 2} like random trits, that varies over the tile's
 # bytes (the same tile every step: it toggles fewer operand bits than real data, see the doc).
 _CODES = "(" + " + ".join(f"((((h >> {8 * f}) & 0xFF) % 3) << {2 * f})" for f in range(4)) + ").to(gl.int8)"
-_FIXED = ("        dtype: gl.constexpr = b_smem.type.element_ty\n",
-          "        dtype: gl.constexpr = b_smem.type.element_ty\n"
-          "        h = (gl.expand_dims(gl.arange(0, CH, layout=gl.SliceLayout(1, layout)), 1) * 40503\n"
-          "             + gl.expand_dims(gl.arange(0, BK // 4, layout=gl.SliceLayout(0, layout)), 0) * 9973 + ZERO)\n"
-          "        h = h * -1640531535\n"
-          f"        trits = _decode({_CODES}, lo, hi, dtype)\n")
+_FIXED = (
+    "        dtype: gl.constexpr = b_smem.type.element_ty\n",
+    "        dtype: gl.constexpr = b_smem.type.element_ty\n"
+    "        h = (gl.expand_dims(gl.arange(0, CH, layout=gl.SliceLayout(1, layout)), 1) * 40503\n"
+    "             + gl.expand_dims(gl.arange(0, BK // 4, layout=gl.SliceLayout(0, layout)), 0) * 9973 + ZERO)\n"
+    "        h = h * -1640531535\n"
+    f"        trits = _decode({_CODES}, lo, hi, dtype)\n",
+)
 _FIXED_STORE = _STORE.replace("_decode(p_smem.index(s).load(layout), lo, hi, dtype)", "trits")
-_MMA = ("            acc = warpgroup_mma(b_smem.index(i % SB).permute((1, 0)), g_smem.index(s).permute((1, 0)), "
-        "acc,\n                                is_async=True)\n")
-LIMITS = {"no decode": {_STORE: ""},
-          "fixed trits every step": dict([_FIXED, (_STORE, _FIXED_STORE),
-                                          ("DECODE_REGS, MAX_REGS = 8, 4, 64,",
-                                           "DECODE_REGS, MAX_REGS = 8, 4, 112,")]),
-          "fixed trits once": dict([_FIXED, (_STORE, "            if i < SB:\n    " + _FIXED_STORE)]),
-          "no MMA": {_MMA: ""}}
+_MMA = (
+    "            acc = warpgroup_mma(b_smem.index(i % SB).permute((1, 0)), g_smem.index(s).permute((1, 0)), "
+    "acc,\n                                is_async=True)\n"
+)
+LIMITS = {
+    "no decode": {_STORE: ""},
+    "fixed trits every step": dict(
+        [_FIXED, (_STORE, _FIXED_STORE), ("DECODE_REGS, MAX_REGS = 8, 4, 64,", "DECODE_REGS, MAX_REGS = 8, 4, 112,")]
+    ),
+    "fixed trits once": dict([_FIXED, (_STORE, "            if i < SB:\n    " + _FIXED_STORE)]),
+    "no MMA": {_MMA: ""},
+}
 
 
 def bench(m: int, n: int, k: int, dtype: torch.dtype, limits: bool) -> None:
     g = torch.randn(m, n, device=DEVICE, dtype=dtype)
-    packed = [pack_ternary(torch.randint(-1, 2, (n, k), device=DEVICE, dtype=torch.int8))
-              for _ in range(copies(n * k // 4))]
+    packed = [
+        pack_ternary(torch.randint(-1, 2, (n, k), device=DEVICE, dtype=torch.int8)) for _ in range(copies(n * k // 4))
+    ]
     ws = torch.tensor([0.0173], device=DEVICE)
     weights = [torch.randn(n, k, device=DEVICE, dtype=dtype) for _ in range(copies(n * k * 2))]
     cublas = time_rotating([lambda w=w: g @ w for w in weights], graph=CUDA, reps=20)
@@ -81,8 +95,11 @@ def bench(m: int, n: int, k: int, dtype: torch.dtype, limits: bool) -> None:
     del weights
     cublas_ternary = time_rotating([lambda w=w: g @ w for w in ternary], graph=CUDA, reps=20)
     del ternary
-    print(f"\n{m}x{n}x{k} {dtype}: cuBLAS {cublas:.1f} us ({2 * m * n * k / cublas / 1e6:.0f} TFLOPS); "
-          f"on ternary weights {cublas_ternary:.1f} us", flush=True)
+    print(
+        f"\n{m}x{n}x{k} {dtype}: cuBLAS {cublas:.1f} us ({2 * m * n * k / cublas / 1e6:.0f} TFLOPS); "
+        f"on ternary weights {cublas_ternary:.1f} us",
+        flush=True,
+    )
     configs = gi._configs(transposed_ok=True, ws_ok=grad_input_ws.supports(g, packed[0], ws))
     families = {}  # the first configuration of each kernel family, the Gluon tiles each
     for cfg in configs:
@@ -91,10 +108,11 @@ def bench(m: int, n: int, k: int, dtype: torch.dtype, limits: bool) -> None:
     reference = gi.grad_input(g, packed[0], ws, k, config=families["transposed"])
     for name, cfg in families.items():
         got = gi.grad_input(g, packed[0], ws, k, config=cfg)
-        t = time_rotating([lambda p=p: gi.grad_input(g, p, ws, k, config=cfg) for p in packed], graph=CUDA,
-                          reps=20)
-        print(f"  {name}: {t:.1f} us ({cublas / t:.3f}x cuBLAS), equal to transposed: {torch.equal(got, reference)}",
-              flush=True)
+        t = time_rotating([lambda p=p: gi.grad_input(g, p, ws, k, config=cfg) for p in packed], graph=CUDA, reps=20)
+        print(
+            f"  {name}: {t:.1f} us ({cublas / t:.3f}x cuBLAS), equal to transposed: {torch.equal(got, reference)}",
+            flush=True,
+        )
     if limits and grad_input_ws.supports(g, packed[0], ws):
         out = torch.empty(m, k, device=DEVICE, dtype=dtype)
         tile = grad_input_ws.CONFIGS[0]
@@ -116,8 +134,10 @@ def host_per_call(calls: int = 2000) -> None:
     out = torch.empty(m, k, device=DEVICE, dtype=torch.bfloat16)
     tile = grad_input_ws.CONFIGS[0]
     fields = [tile[f] for f in grad_input_ws.TILE]
-    cases = {"op bitnet::grad_input_ws": lambda: op(g, wq, ws, k, fields),
-             "grad_input_ws.launch": lambda: grad_input_ws.launch(g, wq, ws, out, **tile)}
+    cases = {
+        "op bitnet::grad_input_ws": lambda: op(g, wq, ws, k, fields),
+        "grad_input_ws.launch": lambda: grad_input_ws.launch(g, wq, ws, out, **tile),
+    }
     print("\nhost time per call, 256^3:")
     for name, fn in cases.items():
         print(f"  {name}: {host_us(fn, calls, warmup=50):.1f} us", flush=True)

@@ -12,6 +12,7 @@ step is timed per step over runs of QAT_STEPS consecutive steps, launched from P
 ``--smoke`` runs every part at tiny shapes on whatever device there is (the CPU in CI,
 with wall-clock timing): a check that the script runs, its numbers mean nothing.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,19 +27,40 @@ import triton
 
 import bitcompile.ops  # noqa: F401  (registers the bitnet ops)
 from bitcompile.backend import cpp_wrapper_patches
+
 from qat_steps import qat_steps
-from timing import (DEVICE, copies, copy_bandwidth, device_name, host_us, parse_args, read_floor_us, sync,
-                    tb_per_s, time_rotating)
+from timing import (
+    DEVICE,
+    copies,
+    copy_bandwidth,
+    device_name,
+    host_us,
+    parse_args,
+    read_floor_us,
+    sync,
+    tb_per_s,
+    time_rotating,
+)
 
 ops = torch.ops.bitnet
 OUT = Path(__file__).resolve().parent / "results" / "kernels.md"  # generated; BENCHMARKS.md is written by hand
-FULL = dict(shapes=[(4096, 4096), (8192, 8192), (14336, 4096), (4096, 14336)], ms=[1, 16, 128, 1024, 8192],
-            qat=[(8192, 4096, 4096), (8192, 8192, 8192)], decode=(8192, 8192), copy_bytes=2**30,
-            conv=[(32, 64, 64, 56, 3, 1), (32, 128, 256, 28, 3, 2), (32, 512, 512, 7, 3, 1), (32, 256, 64, 56, 1, 1)])
-SMOKE = dict(shapes=[(64, 96)], ms=[1, 16, 40], qat=[(32, 64, 64)], decode=(64, 96), copy_bytes=2**20,
-             conv=[(2, 8, 8, 6, 3, 1)])
+FULL = dict(
+    shapes=[(4096, 4096), (8192, 8192), (14336, 4096), (4096, 14336)],
+    ms=[1, 16, 128, 1024, 8192],
+    qat=[(8192, 4096, 4096), (8192, 8192, 8192)],
+    decode=(8192, 8192),
+    copy_bytes=2**30,
+    conv=[(32, 64, 64, 56, 3, 1), (32, 128, 256, 28, 3, 2), (32, 512, 512, 7, 3, 1), (32, 256, 64, 56, 1, 1)],
+)
+SMOKE = dict(
+    shapes=[(64, 96)], ms=[1, 16, 40], qat=[(32, 64, 64)], decode=(64, 96), copy_bytes=2**20, conv=[(2, 8, 8, 6, 3, 1)]
+)
 TARGETS = {  # (M, N, K): minimum speed-up over bf16 cuBLAS (the project's performance targets)
-    (1, 8192, 8192): 6.0, (1, 4096, 4096): 4.0, (16, 8192, 8192): 5.0, (128, 8192, 8192): 2.5, (8192, 8192, 8192): 1.3,
+    (1, 8192, 8192): 6.0,
+    (1, 4096, 4096): 4.0,
+    (16, 8192, 8192): 5.0,
+    (128, 8192, 8192): 2.5,
+    (8192, 8192, 8192): 1.3,
 }
 BW_TARGETS = {(1, 8192, 8192): 0.80}  # minimum share of the measured copy bandwidth on the packed bytes
 FLOOR_TILES = [(chunk, block, 1) for chunk in (1024, 2048, 4096) for block in (256, 512)]  # read_floor's best (1 warp)
@@ -101,6 +123,7 @@ def host_overhead(n: int = 8192, k: int = 8192) -> dict:
     wq, ws = ops.quantize_weights(torch.randn(n, k, device=DEVICE, dtype=torch.bfloat16), "ternary", False)
     call = lambda: ops.linear_q(xq, xs, wq, ws, None, k, torch.bfloat16, "none", None)  # noqa: E731
     from bitcompile.kernels.ternary_matmul import ternary_matmul
+
     direct = lambda: ternary_matmul(xq, wq, k, xs, ws, None, torch.bfloat16)  # noqa: E731
     out = {"graph": time_rotating([call], graph=True), "eager": time_rotating([call], graph=False)}
     for name, fn in (("host_op", call), ("host_launcher", direct)):
@@ -134,10 +157,14 @@ def bench_conv(shapes) -> list[str]:
             args = ([stride] * 2, [k // 2] * 2, [1, 1], 1)
             cudnn = time_rotating([lambda: F.conv2d(x, w, None, *args)], graph=True)
             ours = time_rotating([lambda: ops.lowbit_conv(x, w, None, xq, xs, wq, ws, *args)], graph=True)
-            layer = time_rotating([lambda: ops.lowbit_conv(x, w, None, *ops.quantize_activations_per_sample(x, 8),
-                                                           wq, ws, *args)], graph=True)
-            rows.append(f"| {n}×{cin}×{hw}² -> {cout}, {k}×{k}/{stride} | {name} | {cudnn:.1f} | {ours:.1f} | "
-                        f"{layer:.1f} | {cudnn / ours:.2f}×, {cudnn / layer:.2f}× |")
+            layer = time_rotating(
+                [lambda: ops.lowbit_conv(x, w, None, *ops.quantize_activations_per_sample(x, 8), wq, ws, *args)],
+                graph=True,
+            )
+            rows.append(
+                f"| {n}×{cin}×{hw}² -> {cout}, {k}×{k}/{stride} | {name} | {cudnn:.1f} | {ours:.1f} | "
+                f"{layer:.1f} | {cudnn / ours:.2f}×, {cudnn / layer:.2f}× |"
+            )
     return rows
 
 
@@ -154,9 +181,11 @@ def compiled_decode(n: int = 8192, k: int = 8192) -> dict:
     lower = lower_triton.lower_to_triton
     graphs = {"mode": "reduce-overhead"}
     for name, backend, lowering, how in (
-        ("triton", "bitnet", lower, {}), ("opaque", "bitnet", lambda gm, ctx: None, {}),
+        ("triton", "bitnet", lower, {}),
+        ("opaque", "bitnet", lambda gm, ctx: None, {}),
         ("bf16", "inductor", lower, {}),
-        ("graphs", "bitnet", lower, graphs), ("bf16_graphs", "inductor", lower, graphs),
+        ("graphs", "bitnet", lower, graphs),
+        ("bf16_graphs", "inductor", lower, graphs),
         ("cpp", "bitnet", lower, {"options": {"cpp_wrapper": True}}),
         ("bf16_cpp", "inductor", lower, {"options": cpp_wrapper_patches()}),  # (backend.cpp_wrapper_patches says why)
     ):
@@ -175,96 +204,125 @@ def matmul_rows(plan: dict, quick: bool, bw: float) -> list[str]:
         "> 4× L2; every row by CUDA-graph replay, so launch overhead is excluded; `ours, eager launch` is the "
         "same call launched from Python each time). `ours` = packed-ternary matmul with dequant epilogue, bf16 "
         "out; `layer` = fused RMSNorm+quant kernel + matmul. `%BW` = packed weight bytes / time vs measured copy "
-        "bandwidth.", "",
+        "bandwidth.",
+        "",
         "| M | N×K | bf16 F.linear | _int_mm | ours | ours, eager launch | layer | speed-up vs bf16 | %BW | target "
         "| met |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     floors = []
     for n, k in plan["shapes"]:
-        for m in ([1, 8192] if quick else plan["ms"]):
+        for m in [1, 8192] if quick else plan["ms"]:
             row = bench_matmul(m, n, k)
             if "read_floor" in row:
                 share = tb_per_s(n * k / 4, row["read_floor"]) / bw
-                floors.append(f"{n}×{k} {row['read_floor']:.1f} µs ({share:.0%}; "
-                              f"ours {row['ours'] / row['read_floor']:.2f}× that)")
+                floors.append(
+                    f"{n}×{k} {row['read_floor']:.1f} µs ({share:.0%}; "
+                    f"ours {row['ours'] / row['read_floor']:.2f}× that)"
+                )
             speed = row["bf16"] / row["ours"]
             share = row["packed_gbs"] / (bw * 1e3)
             target, bw_target = TARGETS.get((m, n, k)), BW_TARGETS.get((m, n, k))
-            misses = ([] if target is None or speed >= target else [f"{speed / target:.2f} of the speed-up"]) + \
-                ([] if bw_target is None or share >= bw_target else [f"{share / bw_target:.2f} of the bandwidth"])
+            misses = ([] if target is None or speed >= target else [f"{speed / target:.2f} of the speed-up"]) + (
+                [] if bw_target is None or share >= bw_target else [f"{share / bw_target:.2f} of the bandwidth"]
+            )
             met = "" if target is None else ("yes" if not misses else f"NO ({', '.join(misses)})")
-            wanted = (("" if target is None else f"≥{target}×")
-                      + ("" if bw_target is None else f", ≥{bw_target:.0%} BW"))
-            line = (f"| {m} | {n}×{k} | {row['bf16']:.1f} | {row.get('int_mm', float('nan')):.1f} | "
-                    f"{row['ours']:.1f} | {row['ours_eager']:.1f} | {row['layer']:.1f} | {speed:.2f}× | "
-                    f"{100 * share:.0f}% | {wanted} | {met} |")
+            wanted = ("" if target is None else f"≥{target}×") + ("" if bw_target is None else f", ≥{bw_target:.0%} BW")
+            line = (
+                f"| {m} | {n}×{k} | {row['bf16']:.1f} | {row.get('int_mm', float('nan')):.1f} | "
+                f"{row['ours']:.1f} | {row['ours_eager']:.1f} | {row['layer']:.1f} | {speed:.2f}× | "
+                f"{100 * share:.0f}% | {wanted} | {met} |"
+            )
             print(line, flush=True)
             lines.append(line)
-    return lines + ["", "Read floor (M=1 rows): a kernel that only reads the packed bytes (`read_floor.py`, its "
-                    "best of 6 one-warp tiles), timed the same way, and its share of the copy bandwidth: "
-                    + "; ".join(floors) + "."]
+    return lines + [
+        "",
+        "Read floor (M=1 rows): a kernel that only reads the packed bytes (`read_floor.py`, its "
+        "best of 6 one-warp tiles), timed the same way, and its share of the copy bandwidth: "
+        + "; ".join(floors)
+        + ".",
+    ]
 
 
 def qat_rows(plan: dict) -> list[str]:
-    lines = ["QAT forward+backward of one layer, 8192 tokens, bf16 (Inductor = `torch.compile` of the usual "
-             "fake-quant BitLinear formula; ours = bitnet ops on the Triton kernels, called eagerly; compiled = "
-             "an `nn.Linear` under `torch.compile(backend=\"bitnet\")`; speed-up = Inductor / the faster of the "
-             "two; int8 grads = compiled with `grad_input_bits=8` (input gradient from int8 output gradients, not "
-             "the exact STE), its speed-up alongside; pack = weight absmean+pack alone; every time per step, from "
-             f"runs of {QAT_STEPS} consecutive steps, so the host queues a step while the GPU runs the one before, "
-             "as in a training loop):", "",
-             "| N×K | Inductor | ours | compiled | speed-up | target ≥1.2× | int8 grads | speed-up | pack |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "QAT forward+backward of one layer, 8192 tokens, bf16 (Inductor = `torch.compile` of the usual "
+        "fake-quant BitLinear formula; ours = bitnet ops on the Triton kernels, called eagerly; compiled = "
+        'an `nn.Linear` under `torch.compile(backend="bitnet")`; speed-up = Inductor / the faster of the '
+        "two; int8 grads = compiled with `grad_input_bits=8` (input gradient from int8 output gradients, not "
+        "the exact STE), its speed-up alongside; pack = weight absmean+pack alone; every time per step, from "
+        f"runs of {QAT_STEPS} consecutive steps, so the host queues a step while the GPU runs the one before, "
+        "as in a training loop):",
+        "",
+        "| N×K | Inductor | ours | compiled | speed-up | target ≥1.2× | int8 grads | speed-up | pack |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     launches = []
     for m, n, k in plan["qat"]:
         q = bench_qat(m, n, k)
         speed = q["inductor"] / min(q["ours"], q["compiled"])
-        line = (f"| {n}×{k} | {q['inductor']:.0f} | {q['ours']:.0f} | {q['compiled']:.0f} | {speed:.2f}× | "
-                f"{'yes' if speed >= 1.2 else f'NO ({speed / 1.2:.2f} of target)'} | {q['compiled_q8']:.0f} | "
-                f"{q['inductor'] / q['compiled_q8']:.2f}× | {q['pack']:.0f} |")
+        line = (
+            f"| {n}×{k} | {q['inductor']:.0f} | {q['ours']:.0f} | {q['compiled']:.0f} | {speed:.2f}× | "
+            f"{'yes' if speed >= 1.2 else f'NO ({speed / 1.2:.2f} of target)'} | {q['compiled_q8']:.0f} | "
+            f"{q['inductor'] / q['compiled_q8']:.2f}× | {q['pack']:.0f} |"
+        )
         print(line, flush=True)
         lines.append(line)
         for label, key in (("CUDA graphs", "graphs"), ("C++ wrapper", "cpp")):
             ours, ours_q8, ind = q[key], q[f"{key}_q8"], q[f"inductor_{key}"]
-            launches.append(f"| {n}×{k} | {label} | {ours:.0f} | {ours_q8:.0f} | {ind:.0f} | {ind / ours:.2f}×, "
-                            f"{ind / ours_q8:.2f}× |")
+            launches.append(
+                f"| {n}×{k} | {label} | {ours:.0f} | {ours_q8:.0f} | {ind:.0f} | {ind / ours:.2f}×, "
+                f"{ind / ours_q8:.2f}× |"
+            )
     print("\n".join(launches), flush=True)
-    return lines + ["", "The same steps with both sides launched another way (CUDA graphs = "
-                    "`mode=\"reduce-overhead\"`: no host time in the step; C++ wrapper = option `cpp_wrapper`: "
-                    "Inductor's launching code compiled as C++, less host time per step), exact STE and int8 grads "
-                    "against Inductor's time alongside:", "",
-                    "| N×K | launched by | compiled | int8 grads | Inductor | speed-ups |",
-                    "|---|---|---|---|---|---|", *launches]
+    return lines + [
+        "",
+        "The same steps with both sides launched another way (CUDA graphs = "
+        '`mode="reduce-overhead"`: no host time in the step; C++ wrapper = option `cpp_wrapper`: '
+        "Inductor's launching code compiled as C++, less host time per step), exact STE and int8 grads "
+        "against Inductor's time alongside:",
+        "",
+        "| N×K | launched by | compiled | int8 grads | Inductor | speed-ups |",
+        "|---|---|---|---|---|---|",
+        *launches,
+    ]
 
 
 def conv_rows(plan: dict) -> list[str]:
     rows = bench_conv(plan["conv"])
     print("\n".join(rows), flush=True)
-    return ["Convolution (conv2d, bf16 out, input and weights in the row's layout; ours = packed-ternary "
-            "implicit GEMM from int8 activations, then with the per-sample activation quantization before it "
-            "(layer); CUDA-graph replay, weights warm):", "",
-            "| input -> C_out, kernel/stride | layout | bf16 cuDNN | ours | layer | speed-ups |",
-            "|---|---|---|---|---|---|", *rows]
+    return [
+        "Convolution (conv2d, bf16 out, input and weights in the row's layout; ours = packed-ternary "
+        "implicit GEMM from int8 activations, then with the per-sample activation quantization before it "
+        "(layer); CUDA-graph replay, weights warm):",
+        "",
+        "| input -> C_out, kernel/stride | layout | bf16 cuDNN | ours | layer | speed-ups |",
+        "|---|---|---|---|---|---|",
+        *rows,
+    ]
 
 
 def host_line(plan: dict) -> str:
     h = host_overhead(*plan["decode"])
-    line = (f"Host overhead (M=1, 8192², one layer, weights warm in L2): graph replay {h['graph']:.1f} µs, "
-            f"eager launches {h['eager']:.1f} µs per call; host time per call {h['host_op']:.1f} µs through "
-            f"`torch.ops.bitnet.linear_q`, {h['host_launcher']:.1f} µs calling the launcher directly.")
+    line = (
+        f"Host overhead (M=1, 8192², one layer, weights warm in L2): graph replay {h['graph']:.1f} µs, "
+        f"eager launches {h['eager']:.1f} µs per call; host time per call {h['host_op']:.1f} µs through "
+        f"`torch.ops.bitnet.linear_q`, {h['host_launcher']:.1f} µs calling the launcher directly."
+    )
     print(line, flush=True)
     return line
 
 
 def decode_line(plan: dict) -> str:
     d = compiled_decode(*plan["decode"])
-    line = (f"Compiled decode (M=1, 8192², `torch.compile(nn.Linear, backend=\"bitnet\")` in eval, launched "
-            f"from Python every call, no CUDA graph): {d['triton']:.1f} µs per call with the kernels launched by "
-            f"Inductor's generated code (`triton_op`), {d['opaque']:.1f} µs through the opaque ops; bf16 under "
-            f"Inductor {d['bf16']:.1f} µs; with the C++ wrapper (`cpp_wrapper`) {d['cpp']:.1f} µs vs bf16 "
-            f"{d['bf16_cpp']:.1f} µs. With `mode=\"reduce-overhead\"` (CUDA graphs): {d['graphs']:.1f} µs vs bf16 "
-            f"{d['bf16_graphs']:.1f} µs (weights warm in L2 here).")
+    line = (
+        f'Compiled decode (M=1, 8192², `torch.compile(nn.Linear, backend="bitnet")` in eval, launched '
+        f"from Python every call, no CUDA graph): {d['triton']:.1f} µs per call with the kernels launched by "
+        f"Inductor's generated code (`triton_op`), {d['opaque']:.1f} µs through the opaque ops; bf16 under "
+        f"Inductor {d['bf16']:.1f} µs; with the C++ wrapper (`cpp_wrapper`) {d['cpp']:.1f} µs vs bf16 "
+        f'{d["bf16_cpp"]:.1f} µs. With `mode="reduce-overhead"` (CUDA graphs): {d["graphs"]:.1f} µs vs bf16 '
+        f"{d['bf16_graphs']:.1f} µs (weights warm in L2 here)."
+    )
     print(line, flush=True)
     return line
 
@@ -277,11 +335,15 @@ def main():
     plan = SMOKE if args.smoke else FULL
     bw = copy_bandwidth(plan["copy_bytes"])
     command = " ".join([os.path.basename(sys.executable), *sys.argv])
-    lines = ["# Kernel benchmarks", "",
-             f"Generated by `{command}` (`make bench` runs it); rewritten on every run, so notes belong in "
-             "BENCHMARKS.md.", "",
-             f"{datetime.date.today()} · {device_name()} · torch {torch.__version__} · triton {triton.__version__}"
-             + (" · smoke run: tiny shapes, times mean nothing" if args.smoke else ""), ""]
+    lines = [
+        "# Kernel benchmarks",
+        "",
+        f"Generated by `{command}` (`make bench` runs it); rewritten on every run, so notes belong in BENCHMARKS.md.",
+        "",
+        f"{datetime.date.today()} · {device_name()} · torch {torch.__version__} · triton {triton.__version__}"
+        + (" · smoke run: tiny shapes, times mean nothing" if args.smoke else ""),
+        "",
+    ]
     lines += matmul_rows(plan, args.quick, bw) + [""] + qat_rows(plan) + ["", host_line(plan), ""]
     lines += conv_rows(plan) + ["", decode_line(plan)]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

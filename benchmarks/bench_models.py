@@ -21,6 +21,7 @@ Every row compiles both sides the same way in this process and reports their rat
 Results: one JSON object per row on stdout (also appended to ``--jsonl``), and a markdown table in
 ``--out``. ``--smoke`` runs tiny shapes on any device (the CPU in CI): it checks the script, not speed.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,28 +35,39 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import timing
-
 import bitcompile
 from bitcompile.nn import reference_model
 
-LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
-                 vocab_size=128256)
+import timing
+
+LLAMA3_8B = dict(
+    hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8, vocab_size=128256
+)
 SMOKE = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, vocab_size=256)
-QAT_SIZES = {384: dict(hidden_size=384, intermediate_size=1024, num_attention_heads=6, num_key_value_heads=2,
-                       num_hidden_layers=6),
-             2048: dict(hidden_size=2048, intermediate_size=5632, num_attention_heads=16, num_key_value_heads=4,
-                        num_hidden_layers=8),
-             4096: dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=8,
-                        num_hidden_layers=4)}
+QAT_SIZES = {
+    384: dict(
+        hidden_size=384, intermediate_size=1024, num_attention_heads=6, num_key_value_heads=2, num_hidden_layers=6
+    ),
+    2048: dict(
+        hidden_size=2048, intermediate_size=5632, num_attention_heads=16, num_key_value_heads=4, num_hidden_layers=8
+    ),
+    4096: dict(
+        hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=8, num_hidden_layers=4
+    ),
+}
 RECIPES = ("bf16", "fp32+autocast", "fp32")
 
 
 def llama(layers: int, shapes: dict, dtype=torch.bfloat16):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(num_hidden_layers=layers, max_position_embeddings=4096, attn_implementation="sdpa",
-                         tie_word_embeddings=False, **shapes)
+    config = LlamaConfig(
+        num_hidden_layers=layers,
+        max_position_embeddings=4096,
+        attn_implementation="sdpa",
+        tie_word_embeddings=False,
+        **shapes,
+    )
     with torch.device(timing.DEVICE):
         model = LlamaForCausalLM(config).to(dtype)
     model.generation_config.eos_token_id = None  # random weights: never stop early
@@ -105,25 +117,46 @@ def quantized_bytes(model: nn.Module) -> int:
 
 
 def generate(model, prompts: torch.Tensor, new_tokens: int):
-    return model.generate(prompts, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                          cache_implementation="static", disable_compile=True, return_dict_in_generate=True,
-                          output_logits=True)
+    return model.generate(
+        prompts,
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        cache_implementation="static",
+        disable_compile=True,
+        return_dict_in_generate=True,
+        output_logits=True,
+    )
 
 
 def decode_side(model, label: str, args, rows: list, prompt_len: int, short: int, long: int) -> dict:
     """First-call wall time, tokens/s at batch 1 and 8, peak memory, and batch 1's logits."""
     out = {}
     for batch in (1, 8):
-        prompts = torch.randint(1, model.config.vocab_size, (batch, prompt_len), device=timing.DEVICE,
-                                generator=torch.Generator(timing.DEVICE).manual_seed(batch))
+        prompts = torch.randint(
+            1,
+            model.config.vocab_size,
+            (batch, prompt_len),
+            device=timing.DEVICE,
+            generator=torch.Generator(timing.DEVICE).manual_seed(batch),
+        )
         reset_peak()
         first, result = seconds(lambda: generate(model, prompts, short))
         t_short = min(seconds(lambda: generate(model, prompts, short))[0] for _ in range(args.repeat))
-        t_long, result = min((seconds(lambda: generate(model, prompts, long)) for _ in range(args.repeat)),
-                             key=lambda r: r[0])
+        t_long, result = min(
+            (seconds(lambda: generate(model, prompts, long)) for _ in range(args.repeat)), key=lambda r: r[0]
+        )
         tokens_per_s = batch * (long - short) / (t_long - t_short)
-        emit(rows, args, part="decode", side=label, batch=batch, tokens_per_s=round(tokens_per_s, 1),
-             first_generate_s=round(first, 1), peak_gib=round(peak_gib(), 2))
+        emit(
+            rows,
+            args,
+            part="decode",
+            side=label,
+            batch=batch,
+            tokens_per_s=round(tokens_per_s, 1),
+            first_generate_s=round(first, 1),
+            peak_gib=round(peak_gib(), 2),
+        )
         out[batch] = dict(tokens_per_s=tokens_per_s, first=first, peak=peak_gib(), result=result)
     return out
 
@@ -154,13 +187,25 @@ def bench_decode_and_prefill(args, rows: list) -> None:
     if "decode" in parts:
         bitnet = decode_side(deployed, "bitnet (deployed)", args, rows, prompt_len, short, long)
         for batch in (1, 8):
-            emit(rows, args, part="decode", side="ratio", batch=batch,
-                 speedup=round(bitnet[batch]["tokens_per_s"] / bf16[batch]["tokens_per_s"], 2),
-                 first_call_ratio=round(bitnet[batch]["first"] / bf16[batch]["first"], 2),
-                 peak_gib_bf16=round(bf16[batch]["peak"], 2), peak_gib_bitnet=round(bitnet[batch]["peak"], 2))
-        emit(rows, args, part="memory", quantized_layers_bf16_gib=round(float_bytes / 2**30, 3),
-             quantized_layers_bitnet_gib=round(quantized_bytes(deployed) / 2**30, 3),
-             fraction=round(quantized_bytes(deployed) / float_bytes, 4))
+            emit(
+                rows,
+                args,
+                part="decode",
+                side="ratio",
+                batch=batch,
+                speedup=round(bitnet[batch]["tokens_per_s"] / bf16[batch]["tokens_per_s"], 2),
+                first_call_ratio=round(bitnet[batch]["first"] / bf16[batch]["first"], 2),
+                peak_gib_bf16=round(bf16[batch]["peak"], 2),
+                peak_gib_bitnet=round(bitnet[batch]["peak"], 2),
+            )
+        emit(
+            rows,
+            args,
+            part="memory",
+            quantized_layers_bf16_gib=round(float_bytes / 2**30, 3),
+            quantized_layers_bitnet_gib=round(quantized_bytes(deployed) / 2**30, 3),
+            fraction=round(quantized_bytes(deployed) / float_bytes, 4),
+        )
         check_logits(twin, bitnet[1]["result"], prompt_len, args, rows)
     del twin
     if "prefill" in parts:
@@ -174,14 +219,21 @@ def check_logits(twin, result, prompt_len: int, args, rows: list) -> None:
     """Each decode step's logits against the twin's over the same tokens (one eager forward)."""
     sequence = result.sequences
     with torch.no_grad():
-        want = twin(sequence[:, :-1]).logits[:, prompt_len - 1:].float()
+        want = twin(sequence[:, :-1]).logits[:, prompt_len - 1 :].float()
     got = torch.stack(result.logits, dim=1).float()
     want, got = want[:, :32], got[:, :32]  # the first 32 decode steps
     scale = want.abs().amax()
     step_error = ((got - want).abs().amax(dim=(0, 2)) / scale).tolist()
     agree = (got.argmax(-1) == want.argmax(-1)).float().mean().item()
-    emit(rows, args, part="decode logits", steps=len(step_error), max_rel_error=round(max(step_error), 5),
-         mean_rel_error=round(sum(step_error) / len(step_error), 5), argmax_agreement=round(agree, 4))
+    emit(
+        rows,
+        args,
+        part="decode logits",
+        steps=len(step_error),
+        max_rel_error=round(max(step_error), 5),
+        mean_rel_error=round(sum(step_error) / len(step_error), 5),
+        argmax_agreement=round(agree, 4),
+    )
 
 
 def prefill(model, label: str, args, rows: list) -> None:
@@ -194,8 +246,15 @@ def prefill(model, label: str, args, rows: list) -> None:
     with torch.no_grad():
         first, _ = seconds(run)
         times = sorted(seconds(run)[0] for _ in range(max(args.repeat, 5)))
-    emit(rows, args, part="prefill", side=label, tokens=tokens, ms=round(1e3 * times[len(times) // 2], 2),
-         first_call_s=round(first, 1))
+    emit(
+        rows,
+        args,
+        part="prefill",
+        side=label,
+        tokens=tokens,
+        ms=round(1e3 * times[len(times) // 2], 2),
+        first_call_s=round(first, 1),
+    )
 
 
 def bench_layers(args, rows: list) -> None:
@@ -214,8 +273,18 @@ def bench_layers(args, rows: list) -> None:
 
     for m, d, n in cases:
         per_layer = stack_us(Stack, m, d, n)
-        emit(rows, args, part="layers", m=m, n=d, k=d, layers=n, bf16_us=round(per_layer["bf16 Inductor"], 2),
-             bitnet_us=round(per_layer["bitnet"], 2), speedup=round(per_layer["bf16 Inductor"] / per_layer["bitnet"], 2))
+        emit(
+            rows,
+            args,
+            part="layers",
+            m=m,
+            n=d,
+            k=d,
+            layers=n,
+            bf16_us=round(per_layer["bf16 Inductor"], 2),
+            bitnet_us=round(per_layer["bitnet"], 2),
+            speedup=round(per_layer["bf16 Inductor"] / per_layer["bitnet"], 2),
+        )
         reset_peak()
 
 
@@ -224,9 +293,10 @@ def stack_us(stack: type, m: int, d: int, n: int) -> dict:
     model = stack(d, n).to(timing.DEVICE, torch.bfloat16).eval()
     xs = [torch.randn(m, d, device=timing.DEVICE, dtype=torch.bfloat16) for _ in range(n)]
     per_layer = {}
-    for label, compiled in (("bf16 Inductor", torch.compile(model, mode="reduce-overhead")),
-                            ("bitnet", torch.compile(model, backend="bitnet",
-                                                     options={"mode": "reduce-overhead", "exclude": []}))):
+    for label, compiled in (
+        ("bf16 Inductor", torch.compile(model, mode="reduce-overhead")),
+        ("bitnet", torch.compile(model, backend="bitnet", options={"mode": "reduce-overhead", "exclude": []})),
+    ):
         with torch.no_grad():
             for _ in range(3):
                 compiled(xs)
@@ -272,9 +342,18 @@ def bench_qat(args, rows: list) -> None:
                     continue
                 ms, first, peak = qat_step(shapes, recipe, variant, tokens, seq, args.repeat)
                 result[variant] = ms
-                emit(rows, args, part="qat", hidden=size, recipe=recipe, variant=variant, step_ms=round(ms, 2),
-                     first_step_s=round(first, 1), peak_gib=round(peak, 2),
-                     vs_inductor=round(result["Inductor"] / ms, 3) if "Inductor" in result else None)
+                emit(
+                    rows,
+                    args,
+                    part="qat",
+                    hidden=size,
+                    recipe=recipe,
+                    variant=variant,
+                    step_ms=round(ms, 2),
+                    first_step_s=round(first, 1),
+                    peak_gib=round(peak, 2),
+                    vs_inductor=round(result["Inductor"] / ms, 3) if "Inductor" in result else None,
+                )
                 torch._dynamo.reset()
                 reset_peak()
 
@@ -311,8 +390,12 @@ def qat_step(shapes: dict, recipe: str, variant: str, tokens: int, seq: int, rep
 
 
 def markdown(rows: list) -> str:
-    lines = [f"# Model benchmark ({timing.device_name()}, torch {torch.__version__})", "",
-             "Generated by `python benchmarks/bench_models.py`; notes belong in BENCHMARKS.md.", ""]
+    lines = [
+        f"# Model benchmark ({timing.device_name()}, torch {torch.__version__})",
+        "",
+        "Generated by `python benchmarks/bench_models.py`; notes belong in BENCHMARKS.md.",
+        "",
+    ]
     for part in ("decode", "decode logits", "memory", "prefill", "layers", "qat"):
         part_rows = [r for r in rows if r["part"] == part]
         if not part_rows:
@@ -332,8 +415,12 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=16, help="decoder layers of the Llama-3-8B-shaped model")
     parser.add_argument("--qat-sizes", type=lambda s: [int(v) for v in s.split(",")], default=[384, 2048, 4096])
     parser.add_argument("--recipes", type=lambda s: s.split(","), default=list(RECIPES))
-    parser.add_argument("--full-recipes", type=lambda s: s.split(","), default=["bf16"],
-                        help="recipes that also run fake-quant and grad_input_bits=8")
+    parser.add_argument(
+        "--full-recipes",
+        type=lambda s: s.split(","),
+        default=["bf16"],
+        help="recipes that also run fake-quant and grad_input_bits=8",
+    )
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--out", default="benchmarks/results/models.md")
     parser.add_argument("--jsonl", default=None, help="also append each row here as it is measured")

@@ -4,6 +4,7 @@ Compute (``ncu``) to profile; each kernel is compiled before the profiled launch
     ncu --clock-control none -k regex:'_gemv_kernel|_gemm_kernel' --set full \\
         python3 benchmarks/profile_kernels.py [M ...]
 """
+
 import sys
 
 import torch

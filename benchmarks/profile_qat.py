@@ -9,6 +9,7 @@ shapes where the wall time is well above the kernel total.
 ``--smoke``: 32 tokens, 64x64, on the CPU if there is no GPU (profiles CPU ops): checks the
 script runs.
 """
+
 import argparse
 
 from torch.profiler import ProfilerActivity, profile
@@ -26,8 +27,10 @@ def kernel_table(fn, label: str, steps: int = 5) -> None:
             fn()
         sync()
     print(f"\n== {label}: per step, {steps} steps averaged")
-    rows = [(e.key, (e.device_time_total if CUDA else e.self_cpu_time_total) / steps, e.count // steps)
-            for e in prof.key_averages()]
+    rows = [
+        (e.key, (e.device_time_total if CUDA else e.self_cpu_time_total) / steps, e.count // steps)
+        for e in prof.key_averages()
+    ]
     rows = [r for r in rows if r[1] > 0]
     for name, us, count in sorted(rows, key=lambda r: -r[1])[:12]:
         print(f"{us:9.1f} us  x{count}  {name[:110]}")
@@ -40,8 +43,12 @@ def main():
     ap.add_argument("--host", action="store_true", help="also profile the host side of each step")
     args = parse_args(ap)
     m, (n, k) = (32, (64, 64)) if args.smoke else (8192, args.shape or (8192, 8192))
-    labels = {"ours": "bitnet ops", "compiled": "nn.Linear, backend=bitnet",
-              "compiled_q8": "nn.Linear, backend=bitnet, grad_input_bits=8", "inductor": "Inductor fake-quant"}
+    labels = {
+        "ours": "bitnet ops",
+        "compiled": "nn.Linear, backend=bitnet",
+        "compiled_q8": "nn.Linear, backend=bitnet, grad_input_bits=8",
+        "inductor": "Inductor fake-quant",
+    }
     steps = qat_steps(m, n, k)
     for name, label in labels.items():
         step = steps[name]

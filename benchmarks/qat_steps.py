@@ -1,5 +1,6 @@
 """One QAT layer's training step in every variant the benchmarks compare (timed by ``bench_kernels.py``,
 profiled by ``profile_qat.py``)."""
+
 from __future__ import annotations
 
 import torch
@@ -7,6 +8,7 @@ import torch.nn.functional as F
 
 import bitcompile.ops  # noqa: F401  (registers the bitnet ops)
 from bitcompile.backend import cpp_wrapper_patches
+
 from timing import DEVICE
 
 ops = torch.ops.bitnet
@@ -53,17 +55,25 @@ def qat_steps(m: int, n: int, k: int) -> dict:
     cpp = torch.compile(linear, backend="bitnet", options={"cpp_wrapper": True})
     cpp_q8 = torch.compile(linear, backend="bitnet", options={"cpp_wrapper": True, "grad_input_bits": 8})
     steps = {}
-    for name, fn in (("inductor", torch.compile(eager_bitlinear)), ("ours", bitnet_ops_layer),
-                     ("compiled", lambda x, w: compiled(x)), ("compiled_q8", lambda x, w: compiled_q8(x)),
-                     ("graphs", lambda x, w: graphs(x)), ("graphs_q8", lambda x, w: graphs_q8(x)),
-                     ("inductor_graphs", inductor_graphs), ("cpp", lambda x, w: cpp(x)),
-                     ("cpp_q8", lambda x, w: cpp_q8(x)),
-                     ("inductor_cpp", torch.compile(eager_bitlinear, options=cpp_wrapper_patches()))):
+    for name, fn in (
+        ("inductor", torch.compile(eager_bitlinear)),
+        ("ours", bitnet_ops_layer),
+        ("compiled", lambda x, w: compiled(x)),
+        ("compiled_q8", lambda x, w: compiled_q8(x)),
+        ("graphs", lambda x, w: graphs(x)),
+        ("graphs_q8", lambda x, w: graphs_q8(x)),
+        ("inductor_graphs", inductor_graphs),
+        ("cpp", lambda x, w: cpp(x)),
+        ("cpp_q8", lambda x, w: cpp_q8(x)),
+        ("inductor_cpp", torch.compile(eager_bitlinear, options=cpp_wrapper_patches())),
+    ):
+
         def step(fn=fn, graphed=name.endswith("graphs")):
             x.grad = w.grad = linear.weight.grad = None
             if graphed:
                 torch.compiler.cudagraph_mark_step_begin()
             fn(x, w).backward(g)
+
         steps[name] = step
     steps["pack"] = lambda: ops.quantize_weights(w.detach(), "ternary", False)
     return steps

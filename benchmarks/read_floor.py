@@ -8,6 +8,7 @@ the targets quote hides both.
     python3 benchmarks/read_floor.py [MiB ...]    # default: the packed sizes of the M=1 rows
     python3 benchmarks/read_floor.py --smoke      # tiny sizes, any device: the script runs
 """
+
 from __future__ import annotations
 
 import argparse
@@ -17,8 +18,13 @@ import triton
 
 from timing import CUDA, DEVICE, copy_bandwidth, device_name, parse_args, read_floor_us, tb_per_s, time_rotating
 
-TILES = [(chunk, block, warps) for chunk in (1024, 2048, 4096, 8192) for block in (256, 512, 1024)
-         for warps in (1, 2, 4) if block <= chunk and block >= 128 * warps]
+TILES = [
+    (chunk, block, warps)
+    for chunk in (1024, 2048, 4096, 8192)
+    for block in (256, 512, 1024)
+    for warps in (1, 2, 4)
+    if block <= chunk and block >= 128 * warps
+]
 DEFAULT_MIB = [8192 * 8192 / 4 / 2**20, 4096 * 4096 / 4 / 2**20, 14336 * 4096 / 4 / 2**20]
 
 
@@ -35,8 +41,10 @@ def main() -> None:
         nbytes = int(mib * 2**20)
         us, tile = read_floor_us(nbytes, [(1024, 256, 1)] if args.smoke else TILES)
         tbs = tb_per_s(nbytes, us)
-        print(f"read {mib:6.2f} MiB: {us:6.2f} us = {tbs:5.2f} TB/s ({100 * tbs / bandwidth:3.0f}% of copy)  "
-              f"best (chunk, block, warps) {tile}")
+        print(
+            f"read {mib:6.2f} MiB: {us:6.2f} us = {tbs:5.2f} TB/s ({100 * tbs / bandwidth:3.0f}% of copy)  "
+            f"best (chunk, block, warps) {tile}"
+        )
 
 
 if __name__ == "__main__":

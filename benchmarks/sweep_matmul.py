@@ -10,6 +10,7 @@ unpacked weights in memory against unpacking them in registers.
                                           [--kernels gemv,gemm,wgmma] [--json results.json]
     python3 benchmarks/sweep_matmul.py --smoke   # tiny shapes, any device: the script runs
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,6 +29,7 @@ from bitcompile.kernels import tuning
 from bitcompile.kernels.common import grouped_tile
 from bitcompile.kernels.layout import relayout
 from bitcompile.numerics import reference as ref
+
 from timing import CUDA, DEVICE, copies, copy_bandwidth, device_name, parse_args, tb_per_s, time_rotating
 
 DEFAULT_SHAPES = [(1, 8192, 8192), (1, 4096, 4096), (16, 8192, 8192), (128, 8192, 8192), (8192, 8192, 8192)]
@@ -49,8 +51,21 @@ def label(cfg: dict) -> str:
 
 
 @triton.jit
-def _int8_mm_kernel(A, B, C, M, N, K, stride_am, stride_bn, stride_cm, BM: tl.constexpr, BN: tl.constexpr,
-                    BK: tl.constexpr, GROUP_N: tl.constexpr):
+def _int8_mm_kernel(
+    A,
+    B,
+    C,
+    M,
+    N,
+    K,
+    stride_am,
+    stride_bn,
+    stride_cm,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+    GROUP_N: tl.constexpr,
+):
     # C = A @ B^T for int8 A [M, K], B [N, K] (whole tiles only), bf16 out (the dequant
     # multiply is left out: one FMA per output, noise at these sizes).
     pid_n, pid_m = grouped_tile(tl.program_id(0), tl.cdiv(N, BN), tl.cdiv(M, BM), GROUP_N)
@@ -68,8 +83,9 @@ def _int8_mm_kernel(A, B, C, M, N, K, stride_am, stride_bn, stride_cm, BM: tl.co
 
 
 @triton.jit
-def _int8_mm_tma_kernel(a_desc, b_desc, C, M, N, K, stride_cm, BM: tl.constexpr, BN: tl.constexpr,
-                        BK: tl.constexpr, GROUP_N: tl.constexpr):
+def _int8_mm_tma_kernel(
+    a_desc, b_desc, C, M, N, K, stride_cm, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_N: tl.constexpr
+):
     pid_n, pid_m = grouped_tile(tl.program_id(0), tl.cdiv(N, BN), tl.cdiv(M, BM), GROUP_N)
     acc = tl.zeros((BM, BN), dtype=tl.int32)
     for k in range(0, K, BK):
@@ -79,8 +95,14 @@ def _int8_mm_tma_kernel(a_desc, b_desc, C, M, N, K, stride_cm, BM: tl.constexpr,
     tl.store(C + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :], acc.to(C.dtype.element_ty))
 
 
-INT8_TILES = [(128, 256, 128, 8, 3), (256, 128, 128, 8, 3), (128, 128, 128, 4, 4), (128, 256, 64, 8, 4),
-              (128, 128, 128, 8, 4), (128, 128, 64, 4, 5)]
+INT8_TILES = [
+    (128, 256, 128, 8, 3),
+    (256, 128, 128, 8, 3),
+    (128, 128, 128, 4, 4),
+    (128, 256, 64, 8, 4),
+    (128, 128, 128, 8, 4),
+    (128, 128, 64, 4, 5),
+]
 
 
 def int8_experiment(m: int, n: int, k: int, smoke: bool) -> list[tuple[str, float]]:
@@ -94,19 +116,40 @@ def int8_experiment(m: int, n: int, k: int, smoke: bool) -> list[tuple[str, floa
             continue
         grid = (m // bm * (n // bn),)
         name = f"BM={bm},BN={bn},BK={bk},warps={warps},stages={stages}"
-        fns = [lambda w=w: _int8_mm_kernel[grid](a, w, c, m, n, k, a.stride(0), w.stride(0), c.stride(0), BM=bm,
-                                                 BN=bn, BK=bk, GROUP_N=8, num_warps=warps, num_stages=stages)
-               for w in ws]
+        fns = [
+            lambda w=w: _int8_mm_kernel[grid](
+                a,
+                w,
+                c,
+                m,
+                n,
+                k,
+                a.stride(0),
+                w.stride(0),
+                c.stride(0),
+                BM=bm,
+                BN=bn,
+                BK=bk,
+                GROUP_N=8,
+                num_warps=warps,
+                num_stages=stages,
+            )
+            for w in ws
+        ]
         rows.append((f"int8 pointers {name}", time_rotating(fns, graph=CUDA, reps=20)))
         if not CUDA:
             continue
         try:
             from triton.tools.tensor_descriptor import TensorDescriptor
+
             ad = TensorDescriptor.from_tensor(a, [bm, bk])
             bds = [TensorDescriptor.from_tensor(w, [bn, bk]) for w in ws]
-            fns = [lambda bd=bd: _int8_mm_tma_kernel[grid](ad, bd, c, m, n, k, c.stride(0), BM=bm, BN=bn, BK=bk,
-                                                           GROUP_N=8, num_warps=warps, num_stages=stages)
-                   for bd in bds]
+            fns = [
+                lambda bd=bd: _int8_mm_tma_kernel[grid](
+                    ad, bd, c, m, n, k, c.stride(0), BM=bm, BN=bn, BK=bk, GROUP_N=8, num_warps=warps, num_stages=stages
+                )
+                for bd in bds
+            ]
             rows.append((f"int8 TMA {name}", time_rotating(fns, graph=True, reps=20)))
         except Exception as err:  # noqa: BLE001  (an experiment: report and go on)
             rows.append((f"int8 TMA {name}: failed {type(err).__name__}: {str(err)[:200]}", float("nan")))
@@ -117,14 +160,39 @@ def int8_experiment(m: int, n: int, k: int, smoke: bool) -> list[tuple[str, floa
 
 def _check_int8(a, w, c, tiles, m, n, k) -> bool:
     bm, bn, bk, warps, stages = next((t for t in tiles if not (m % t[0] or n % t[1] or k % t[2])), tiles[0])
-    _int8_mm_kernel[(m // bm * (n // bn),)](a, w, c, m, n, k, a.stride(0), w.stride(0), c.stride(0), BM=bm, BN=bn,
-                                            BK=bk, GROUP_N=8, num_warps=warps, num_stages=stages)
+    _int8_mm_kernel[(m // bm * (n // bn),)](
+        a,
+        w,
+        c,
+        m,
+        n,
+        k,
+        a.stride(0),
+        w.stride(0),
+        c.stride(0),
+        BM=bm,
+        BN=bn,
+        BK=bk,
+        GROUP_N=8,
+        num_warps=warps,
+        num_stages=stages,
+    )
     want = (a.float() @ w.float().t()).to(c.dtype)  # |sums| < 2^24: exact in fp32
     return bool(torch.equal(c, want))
 
 
-def sweep(m: int, n: int, k: int, smoke: bool, bandwidth: float, repeat: int = 1, int8: bool = True,
-          traced: bool = False, shipped_only: bool = False, kernels: Optional[set] = None) -> dict:
+def sweep(
+    m: int,
+    n: int,
+    k: int,
+    smoke: bool,
+    bandwidth: float,
+    repeat: int = 1,
+    int8: bool = True,
+    traced: bool = False,
+    shipped_only: bool = False,
+    kernels: Optional[set] = None,
+) -> dict:
     # traced: launch as under torch.compile (a pass-through wrap: TMA descriptors built on the
     # device, split-K partials summed without stored copies).
     wrap = (lambda f: f) if traced else None
@@ -149,8 +217,10 @@ def sweep(m: int, n: int, k: int, smoke: bool, bandwidth: float, repeat: int = 1
         with forced(cfg):
             try:
                 exact = torch.equal(tm.ternary_matmul(xq, blocked, k, layout="kblocked", wrap=wrap), want)
-                fns = [lambda p=p: tm.ternary_matmul(xq, p, k, xs, w_scale, None, dtype, layout="kblocked", wrap=wrap)
-                       for p in packed]
+                fns = [
+                    lambda p=p: tm.ternary_matmul(xq, p, k, xs, w_scale, None, dtype, layout="kblocked", wrap=wrap)
+                    for p in packed
+                ]
                 fns[0]()
             except Exception as err:  # noqa: BLE001  (e.g. out of shared memory: report, go on)
                 print(f"  {label(cfg)}: failed {type(err).__name__}: {str(err)[:160]}", flush=True)
@@ -160,8 +230,12 @@ def sweep(m: int, n: int, k: int, smoke: bool, bandwidth: float, repeat: int = 1
         for cfg, _, fns, times in runs:
             with forced(cfg):
                 times.append(time_rotating(fns, graph=CUDA, reps=20))
-    rows = [dict(config=cfg, us=statistics.median(times), spread=max(times) - min(times), exact=exact,
-                 shipped=cfg == shipped) for cfg, exact, _, times in runs]
+    rows = [
+        dict(
+            config=cfg, us=statistics.median(times), spread=max(times) - min(times), exact=exact, shipped=cfg == shipped
+        )
+        for cfg, exact, _, times in runs
+    ]
     rows.sort(key=lambda r: r["us"])
     # The floor of one call measured the same way (as many launches per graph as the rows
     # have): a 1-element kernel.
@@ -172,8 +246,11 @@ def sweep(m: int, n: int, k: int, smoke: bool, bandwidth: float, repeat: int = 1
         tag = " <- shipped" if r["shipped"] else ""
         pct = 100 * tb_per_s(n * k / 4, r["us"]) / bandwidth if bandwidth else float("nan")
         spread = f" ±{r['spread'] / 2:.1f}" if repeat > 1 else ""
-        print(f"  {r['us']:8.1f}{spread} us  {bf16 / r['us']:5.2f}x  {pct:3.0f}% BW  exact={r['exact']}  "
-              f"{label(r['config'])}{tag}", flush=True)
+        print(
+            f"  {r['us']:8.1f}{spread} us  {bf16 / r['us']:5.2f}x  {pct:3.0f}% BW  exact={r['exact']}  "
+            f"{label(r['config'])}{tag}",
+            flush=True,
+        )
     out = dict(m=m, n=n, k=k, bf16_us=bf16, launch_us=launch_us, rows=rows)
     if int8 and (m >= 1024 or (smoke and m % 16 == 0)):  # whole tiles only
         out["int8_experiment"] = int8_experiment(m, n, k, smoke)
@@ -190,17 +267,28 @@ def main() -> None:
     parser.add_argument("--no-int8", action="store_true", help="skip the unpacked int8 GEMM experiment")
     parser.add_argument("--traced", action="store_true", help="launch as torch.compile's generated code does")
     parser.add_argument("--shipped-only", action="store_true", help="time only the shipped table's choice")
-    parser.add_argument("--kernels", help="comma-separated kernel families (gemv, gemm, wgmma): time only "
-                        "their candidates, and the shipped choice")
+    parser.add_argument(
+        "--kernels",
+        help="comma-separated kernel families (gemv, gemm, wgmma): time only their candidates, and the shipped choice",
+    )
     args = parse_args(parser)
-    shapes = ([tuple(int(v) for v in s.split(",")) for s in args.shapes] if args.shapes else
-              [(1, 64, 96), (16, 64, 96), (64, 32, 64)] if args.smoke else DEFAULT_SHAPES)
+    shapes = (
+        [tuple(int(v) for v in s.split(",")) for s in args.shapes]
+        if args.shapes
+        else [(1, 64, 96), (16, 64, 96), (64, 32, 64)]
+        if args.smoke
+        else DEFAULT_SHAPES
+    )
     bandwidth = copy_bandwidth(2**20 if args.smoke else 2**30)
-    print(f"copy bandwidth {bandwidth:.2f} TB/s; {device_name()}, torch {torch.__version__}, "
-          f"triton {triton.__version__}", flush=True)
+    print(
+        f"copy bandwidth {bandwidth:.2f} TB/s; {device_name()}, torch {torch.__version__}, triton {triton.__version__}",
+        flush=True,
+    )
     kernels = set(args.kernels.split(",")) if args.kernels else None
-    results = [sweep(m, n, k, args.smoke, bandwidth, args.repeat, not args.no_int8, args.traced, args.shipped_only,
-                     kernels) for m, n, k in shapes]
+    results = [
+        sweep(m, n, k, args.smoke, bandwidth, args.repeat, not args.no_int8, args.traced, args.shipped_only, kernels)
+        for m, n, k in shapes
+    ]
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(bandwidth=bandwidth, results=results), f, indent=1, default=str)

@@ -15,6 +15,7 @@ On CUDA a time is the median, in microseconds, of repeated CUDA-event intervals:
 ``--smoke`` (``parse_args``): tiny shapes on any device, the CPU in CI with the kernels interpreted; times
 are wall clock there and mean nothing: the run checks that the script works.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -168,19 +169,20 @@ def read_floor_us(nbytes: int, tiles: Sequence[tuple[int, int, int]]) -> tuple[f
     ``tiles``; returns the best time and its tile. Every tile's result is checked (the stored xor of each
     chunk), so no timed kernel can have skipped its loads."""
     words = nbytes // 4
-    bufs = [torch.randint(-2**31, 2**31 - 1, (words,), device=DEVICE, dtype=torch.int32)
-            for _ in range(copies(nbytes))]
+    bufs = [
+        torch.randint(-(2**31), 2**31 - 1, (words,), device=DEVICE, dtype=torch.int32) for _ in range(copies(nbytes))
+    ]
     best = (float("inf"), None)
     for chunk, block, warps in tiles:
         grid = (triton.cdiv(words, chunk),)
         out = torch.empty(grid[0], device=DEVICE, dtype=torch.int32)
-        fns = [lambda b=b: _read_kernel[grid](b, out, words, CHUNK=chunk, BLOCK=block, num_warps=warps)
-               for b in bufs]
+        fns = [lambda b=b: _read_kernel[grid](b, out, words, CHUNK=chunk, BLOCK=block, num_warps=warps) for b in bufs]
         us = time_rotating(fns, graph=CUDA, reps=20)
         fns[0]()
         chunks = bufs[0].cpu().split(chunk)
-        want = [functools.reduce(operator.xor, c.tolist()) for c in chunks[:3]] + \
-            [functools.reduce(operator.xor, chunks[-1].tolist())]
+        want = [functools.reduce(operator.xor, c.tolist()) for c in chunks[:3]] + [
+            functools.reduce(operator.xor, chunks[-1].tolist())
+        ]
         got = out.cpu().tolist()
         if got[:3] + got[-1:] != want:
             raise RuntimeError(f"read kernel wrong for tile {(chunk, block, warps)}")

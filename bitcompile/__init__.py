@@ -6,12 +6,17 @@
 Importing this package is cheap: it registers the ``bitnet`` ops and nothing is
 compiled until a compiled model first runs.
 """
+
 from bitcompile.checkpoint import deploy, load_packed, save_packed
 from bitcompile.compile_model import compile, report_of
 from bitcompile.config import BitConfig
 from bitcompile.explain import explain
-from bitcompile.huggingface import (export_transformers, from_transformers_bitnet, load_transformers,
-                                    to_transformers_bitnet)
+from bitcompile.huggingface import (
+    export_transformers,
+    from_transformers_bitnet,
+    load_transformers,
+    to_transformers_bitnet,
+)
 
 __version__ = "0.1.0"
 __all__ = [

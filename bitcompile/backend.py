@@ -5,6 +5,7 @@ Registered through the ``torch_dynamo_backends`` entry point, so
 Dynamo hands us one FX graph per compiled region; we rewrite a copy with the
 passes and give it to Inductor (``compile_fx``), on the CPU as on CUDA.
 """
+
 from __future__ import annotations
 
 import sys
@@ -27,7 +28,11 @@ _warned: set[str] = set()
 
 
 def bitnet_backend(
-    gm: fx.GraphModule, example_inputs: Sequence[Any], *, mode: Optional[str] = None, options: Optional[dict] = None,
+    gm: fx.GraphModule,
+    example_inputs: Sequence[Any],
+    *,
+    mode: Optional[str] = None,
+    options: Optional[dict] = None,
     report=None,
 ) -> Callable:
     """Compile one graph. ``report``: the compile's report, which this graph joins (``bitcompile.compile``
@@ -41,7 +46,8 @@ def bitnet_backend(
         report = reports.compile_report(sys._getframe(1))
     ctx = PassContext(
         config=config,
-        training=torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in example_inputs),
+        training=torch.is_grad_enabled()
+        and any(isinstance(t, torch.Tensor) and t.requires_grad for t in example_inputs),
         graph_index=reports.next_graph_index(report),
     )
     try:
@@ -49,7 +55,9 @@ def bitnet_backend(
     except Exception as err:
         if config.strict:
             raise
-        message = f"bitnet pass failed ({type(err).__name__}: {err}); compiling graph {ctx.graph_index} without rewrites"
+        message = (
+            f"bitnet pass failed ({type(err).__name__}: {err}); compiling graph {ctx.graph_index} without rewrites"
+        )
         if message not in _warned:
             _warned.add(message)
             warnings.warn(message, BitcompileFallbackWarning, stacklevel=2)
@@ -94,7 +102,6 @@ def _compile(gm: fx.GraphModule, example_inputs: list, ctx) -> Callable:
     from torch._inductor import list_mode_options
     from torch._inductor.compile_fx import compile_fx
 
-
     hoisted = list(ctx.hoisted)
     # Extra graph inputs, in placeholder order: runtime inputs (e.g. a custom quantizer's
     # parameters, fetched fresh each call), then the hoisted packed weights.
@@ -106,7 +113,9 @@ def _compile(gm: fx.GraphModule, example_inputs: list, ctx) -> Callable:
     fake_mode = torch._guards.detect_fake_mode()
     for h in hoisted:
         packed = h.fetch(example_inputs)
-        example_inputs.extend(fake_mode.from_tensor(t, static_shapes=True) if fake_mode is not None else t for t in packed)
+        example_inputs.extend(
+            fake_mode.from_tensor(t, static_shapes=True) if fake_mode is not None else t for t in packed
+        )
     if "dynamo_compile_id" in gm.meta:
         _mark_added_inputs(gm, hoisted)
     mode = ctx.config.mode

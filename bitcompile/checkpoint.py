@@ -11,6 +11,7 @@ latter for a model in memory.
 
 transformers' BitNet format (its layout, export and import) is ``bitcompile.huggingface``.
 """
+
 from __future__ import annotations
 
 import json
@@ -44,8 +45,13 @@ def quantized_layers(model: nn.Module, config: BitConfig) -> Iterator[tuple[str,
     for name, module in model.named_modules():
         if isinstance(module, PackedLinear):
             yield name, module
-        elif (type(module) is nn.Linear and isinstance(module.weight, nn.Parameter) and not config.excluded(name)
-              and not weight_skip_reason(module.weight) and id(module.weight) not in embedding_weights):
+        elif (
+            type(module) is nn.Linear
+            and isinstance(module.weight, nn.Parameter)
+            and not config.excluded(name)
+            and not weight_skip_reason(module.weight)
+            and id(module.weight) not in embedding_weights
+        ):
             yield name, module
 
 
@@ -68,9 +74,13 @@ def save_packed(model: nn.Module, path: PathLike, **options) -> dict[str, str]:
             layer_config = config
             del tensors[f"{prefix}weight"]
         tensors[f"{prefix}weight_packed"], tensors[f"{prefix}weight_scale"] = wq.contiguous(), scale.contiguous()
-        layers[name] = {"scheme": layer_config.weight, "per_channel": layer_config.per_channel,
-                        "k": module.in_features, "n": module.out_features,
-                        "activation_bits": layer_config.activation_bits}
+        layers[name] = {
+            "scheme": layer_config.weight,
+            "per_channel": layer_config.per_channel,
+            "k": module.in_features,
+            "n": module.out_features,
+            "activation_bits": layer_config.activation_bits,
+        }
     save_file(tensors, os.fspath(path), metadata={"format": FORMAT, "layers": json.dumps(layers)})
     return {name: info["scheme"] for name, info in layers.items()}
 
@@ -107,17 +117,24 @@ def load_packed(model: nn.Module, path: PathLike, *, deploy: bool = False) -> di
     for layer in packed:
         prefix = f"{layer.name}." if layer.name else ""
         if deploy and not isinstance(layer.module, PackedLinear):
-            replacement = PackedLinear(layer.module.in_features, layer.module.out_features,
-                                       layer.module.bias is not None, weight=layer.scheme,
-                                       per_channel=layer.per_channel, activation_bits=layer.activation_bits,
-                                       device=layer.module.weight.device, dtype=layer.module.weight.dtype)
+            replacement = PackedLinear(
+                layer.module.in_features,
+                layer.module.out_features,
+                layer.module.bias is not None,
+                weight=layer.scheme,
+                per_channel=layer.per_channel,
+                activation_bits=layer.activation_bits,
+                device=layer.module.weight.device,
+                dtype=layer.module.weight.dtype,
+            )
             _set_submodule(model, layer.name, replacement)
         if isinstance(_get_submodule(model, layer.name), PackedLinear):
             state[f"{prefix}weight_packed"], state[f"{prefix}weight_scale"] = layer.packed, layer.scale
         else:
             weight = layer.module.weight
-            state[f"{prefix}weight"] = ref.latent_weights(layer.codes, layer.scale, layer.scheme,
-                                                          layer.per_channel, weight.dtype)
+            state[f"{prefix}weight"] = ref.latent_weights(
+                layer.codes, layer.scale, layer.scheme, layer.per_channel, weight.dtype
+            )
     model.load_state_dict(state, strict=True)
     return {layer.name: layer.scheme for layer in packed}
 
@@ -151,8 +168,9 @@ def _read(where: str) -> tuple[dict, dict]:
     except (SafetensorError, OSError, ValueError) as err:
         raise ValueError(f"{where} is not a readable safetensors file ({err})") from None
     if metadata.get("format") != FORMAT:
-        raise ValueError(f"{where} is not a bitcompile packed checkpoint (format {metadata.get('format')!r}, "
-                         f"expected {FORMAT!r})")
+        raise ValueError(
+            f"{where} is not a bitcompile packed checkpoint (format {metadata.get('format')!r}, expected {FORMAT!r})"
+        )
     try:
         layers = json.loads(metadata.get("layers", ""))
     except json.JSONDecodeError as err:
@@ -177,8 +195,10 @@ def _check_layer(model: nn.Module, where: str, name: str, info, tensors: dict) -
     if not isinstance(per_channel, bool):
         bad(f"per_channel must be true or false, got {per_channel!r}")
     if isinstance(module, PackedLinear) and (module.config.weight, module.config.per_channel) != (scheme, per_channel):
-        bad(f"{scheme} {'per-channel' if per_channel else 'per-tensor'} codes, the model's layer is packed as "
-            f"{module.config.weight} {'per-channel' if module.config.per_channel else 'per-tensor'}")
+        bad(
+            f"{scheme} {'per-channel' if per_channel else 'per-tensor'} codes, the model's layer is packed as "
+            f"{module.config.weight} {'per-channel' if module.config.per_channel else 'per-tensor'}"
+        )
     n = module.out_features
     if k != module.in_features or info.get("n", n) != n:
         bad(f"{info.get('n', '?')}x{k} does not match the model's {n}x{module.in_features}")
@@ -226,8 +246,9 @@ def _check_rest(model: nn.Module, where: str, tensors: dict, packed: list, deplo
         mine = expected[key]
         if tuple(value.shape) != tuple(mine.shape):
             raise ValueError(f"{where}: {key!r} has shape {list(value.shape)}, the model's {list(mine.shape)}")
-        if value.is_floating_point() != mine.is_floating_point() or (not mine.is_floating_point()
-                                                                     and value.dtype != mine.dtype):
+        if value.is_floating_point() != mine.is_floating_point() or (
+            not mine.is_floating_point() and value.dtype != mine.dtype
+        ):
             raise ValueError(f"{where}: {key!r} is {value.dtype}, the model's is {mine.dtype}")
     return dict(tensors)
 

@@ -1,7 +1,8 @@
 """The ``bitcompile`` command line.
 
-    bitcompile compile LAYERS.bit [--output layers.py]   compile the layer language to Python
+bitcompile compile LAYERS.bit [--output layers.py]   compile the layer language to Python
 """
+
 from __future__ import annotations
 
 import argparse

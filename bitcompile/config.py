@@ -2,6 +2,7 @@
 
 The fields are also the keys of ``torch.compile(model, backend="bitnet", options={...})``.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -89,16 +90,19 @@ class BitConfig:
                 # Not by truthiness: fuse="no" would fuse.
                 raise ValueError(f"invalid {f.name}={getattr(self, f.name)!r}; valid choices: False, True")
         if self.cpp_wrapper and self.mode in CUDA_GRAPH_MODES:
-            raise ValueError(f"cpp_wrapper=True and mode={self.mode!r} do not combine: Inductor does not record "
-                             "CUDA graphs of C++-wrapper code; choose one (graphs remove the host time altogether)")
+            raise ValueError(
+                f"cpp_wrapper=True and mode={self.mode!r} do not combine: Inductor does not record "
+                "CUDA graphs of C++-wrapper code; choose one (graphs remove the host time altogether)"
+            )
         check_bits("attention_bits", self.attention_bits, "float attention matmuls")
         check_bits("activation_bits", self.activation_bits, "weight-only")
         check_bits("grad_input_bits", self.grad_input_bits, "exact STE input gradient")
         iterable = isinstance(self.exclude, Iterable) and not isinstance(self.exclude, (str, bytes))
         patterns = list(self.exclude) if iterable else None
         if patterns is None or not all(isinstance(p, str) for p in patterns):
-            raise ValueError(f"exclude must be a list of module-path glob patterns ([] excludes nothing), "
-                             f"got {self.exclude!r}")
+            raise ValueError(
+                f"exclude must be a list of module-path glob patterns ([] excludes nothing), got {self.exclude!r}"
+            )
         self.exclude = patterns
 
     @property
@@ -118,7 +122,9 @@ class BitConfig:
         valid = [f.name for f in dataclasses.fields(cls)]
         unknown = sorted(set(options) - set(valid))
         if unknown:
-            raise ValueError(f"unknown bitnet option(s) {', '.join(map(repr, unknown))}; valid options: {', '.join(valid)}")
+            raise ValueError(
+                f"unknown bitnet option(s) {', '.join(map(repr, unknown))}; valid options: {', '.join(valid)}"
+            )
         if mode is not None:
             options.setdefault("mode", mode)
         return cls(**options)
@@ -144,5 +150,7 @@ def check_quantizer(obj) -> None:
     with ``quantize``, ``dequantize`` and ``parameters``)."""
     missing = [m for m in ("quantize", "dequantize", "parameters") if not callable(getattr(obj, m, None))]
     if missing:
-        raise TypeError(f"{type(obj).__name__} is not a quantizer: it lacks {', '.join(missing)} "
-                        "(needs quantize, dequantize, parameters)")
+        raise TypeError(
+            f"{type(obj).__name__} is not a quantizer: it lacks {', '.join(missing)} "
+            "(needs quantize, dequantize, parameters)"
+        )

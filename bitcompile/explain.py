@@ -1,4 +1,5 @@
 """``bitcompile.explain``: compile a model and report what the backend did."""
+
 from __future__ import annotations
 
 import weakref

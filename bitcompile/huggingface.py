@@ -18,6 +18,7 @@ and multiplies by ``s_x * s_w``, transformers ``round(x * (127/amax))`` and divi
 within rounding error of a .5 boundary can take the neighbouring code (about one activation in a
 million on random data). See docs/huggingface.md for the tolerance this gives on the logits.
 """
+
 from __future__ import annotations
 
 import copy
@@ -40,9 +41,11 @@ from bitcompile.numerics.spec import check_int
 QUANT_METHOD = "bitnet"
 WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-FORMAT_HOLDS = ("transformers' BitNet format holds ternary weights with one scale per tensor and 8-bit per-token "
-                "activations (weight='ternary', granularity='per_tensor', activation_bits=8, attention_bits=None, "
-                "no custom weight quantizer)")
+FORMAT_HOLDS = (
+    "transformers' BitNet format holds ternary weights with one scale per tensor and 8-bit per-token "
+    "activations (weight='ternary', granularity='per_tensor', activation_bits=8, attention_bits=None, "
+    "no custom weight quantizer)"
+)
 
 
 # --- one layer's tensors -------------------------------------------------------------------------
@@ -52,8 +55,10 @@ def _single_scale(name: str, scale) -> torch.Tensor:
     """``scale`` as a float32 ``[1]`` tensor; a ValueError unless it is one finite value > 0."""
     t = torch.as_tensor(scale)
     if t.numel() != 1:
-        raise ValueError(f"{name} must be a single value (transformers' BitNet layout has one scale per tensor: "
-                         f"a per-channel scale does not convert), got {t.numel()} values")
+        raise ValueError(
+            f"{name} must be a single value (transformers' BitNet layout has one scale per tensor: "
+            f"a per-channel scale does not convert), got {t.numel()} values"
+        )
     if t.is_complex() or t.dtype == torch.bool:
         raise ValueError(f"{name} must be a real number, got {t.dtype}")
     t = t.detach().float().reshape(1)
@@ -86,18 +91,23 @@ def _rows_to_trits(packed: torch.Tensor, out_features: int) -> torch.Tensor:
 def _check_rows(packed, out_features: int) -> None:
     if not isinstance(packed, torch.Tensor) or packed.dtype != torch.uint8 or packed.dim() != 2:
         what = f"{packed.dtype} {list(packed.shape)}" if isinstance(packed, torch.Tensor) else type(packed).__name__
-        raise ValueError(f"packed (transformers' weight) must be a 2-D uint8 tensor [ceil(out_features / 4), "
-                         f"in_features], got {what}")
+        raise ValueError(
+            f"packed (transformers' weight) must be a 2-D uint8 tensor [ceil(out_features / 4), "
+            f"in_features], got {what}"
+        )
     check_int("out_features", out_features, 0)
     rows = packed.shape[0]
     if not 4 * (rows - 1) < out_features <= 4 * rows:
         valid = f"{4 * (rows - 1) + 1}..{4 * rows}" if rows else "0"
-        raise ValueError(f"out_features={out_features} does not fit a weight of {rows} packed rows "
-                         f"(four rows per byte): valid out_features {valid}")
+        raise ValueError(
+            f"out_features={out_features} does not fit a weight of {rows} packed rows "
+            f"(four rows per byte): valid out_features {valid}"
+        )
 
 
-def from_transformers_bitnet(packed: torch.Tensor, weight_scale: torch.Tensor,
-                             out_features: int) -> tuple[torch.Tensor, torch.Tensor]:
+def from_transformers_bitnet(
+    packed: torch.Tensor, weight_scale: torch.Tensor, out_features: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """transformers' BitNet ``(weight uint8 [ceil(N/4), K], weight_scale)`` -> canonical
     ``(uint8 [N, ceil(K/4)], float32 s_w [1])``, ``s_w`` the float32 value whose reciprocal is
     ``weight_scale`` where one exists (so :func:`to_transformers_bitnet` gives it back), else
@@ -112,8 +122,9 @@ def from_transformers_bitnet(packed: torch.Tensor, weight_scale: torch.Tensor,
     return pack_ternary(trits), _reciprocal_scales(scale)[0].to(packed.device)
 
 
-def to_transformers_bitnet(packed: torch.Tensor, scale: torch.Tensor,
-                           in_features: int) -> tuple[torch.Tensor, torch.Tensor]:
+def to_transformers_bitnet(
+    packed: torch.Tensor, scale: torch.Tensor, in_features: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Canonical ``(packed, s_w [1])`` -> transformers' BitNet ``(weight, weight_scale)``.
 
     Raises ``ValueError`` naming the problem if ``packed`` is not 2-D uint8 with
@@ -124,8 +135,10 @@ def to_transformers_bitnet(packed: torch.Tensor, scale: torch.Tensor,
         raise ValueError(f"packed must be a 2-D uint8 tensor [out_features, ceil(in_features / 4)], got {what}")
     check_int("in_features", in_features, 0)
     if packed.shape[1] != packed_columns(in_features):
-        raise ValueError(f"in_features={in_features} needs {packed_columns(in_features)} packed columns, "
-                         f"packed has {packed.shape[1]}")
+        raise ValueError(
+            f"in_features={in_features} needs {packed_columns(in_features)} packed columns, "
+            f"packed has {packed.shape[1]}"
+        )
     s = _single_scale("scale", scale)
     trits = unpack_ternary(packed, in_features)  # checks for the invalid code 3
     n = trits.shape[0]
@@ -165,8 +178,10 @@ def export_transformers(model: nn.Module, directory: PathLike, **options) -> dic
     directory = os.fspath(directory)
     os.makedirs(directory, exist_ok=True)
     if os.path.exists(os.path.join(directory, INDEX_FILE)):
-        raise ValueError(f"{directory} holds a sharded checkpoint ({INDEX_FILE}), which from_pretrained would load "
-                         f"instead of the exported {WEIGHTS_FILE}: export to an empty directory")
+        raise ValueError(
+            f"{directory} holds a sharded checkpoint ({INDEX_FILE}), which from_pretrained would load "
+            f"instead of the exported {WEIGHTS_FILE}: export to an empty directory"
+        )
     save_file(tensors, os.path.join(directory, WEIGHTS_FILE), metadata={"format": "pt"})
     _bitnet_config(model, skip).save_pretrained(directory)
     generation = getattr(model, "generation_config", None)
@@ -178,20 +193,28 @@ def export_transformers(model: nn.Module, directory: PathLike, **options) -> dic
 def _export_config(model: nn.Module, options: dict) -> BitConfig:
     """The backend options, checked against the format and the model."""
     if not callable(getattr(model, "save_pretrained", None)) or getattr(model, "config", None) is None:
-        raise TypeError(f"export_transformers takes a transformers model (PreTrainedModel), "
-                        f"got {type(model).__name__}")
+        raise TypeError(f"export_transformers takes a transformers model (PreTrainedModel), got {type(model).__name__}")
     existing = getattr(model.config, "quantization_config", None)
     if existing is not None:
         method = existing.get("quant_method") if isinstance(existing, dict) else existing.quant_method
-        raise ValueError(f"the model is already quantized by transformers (quant_method {str(method)!r}); "
-                         "bitcompile.load_transformers(model) turns a BitNet one into a float model to export")
+        raise ValueError(
+            f"the model is already quantized by transformers (quant_method {str(method)!r}); "
+            "bitcompile.load_transformers(model) turns a BitNet one into a float model to export"
+        )
     config = BitConfig.from_options(options)
-    if (config.weight, config.per_channel, config.activation_bits, config.attention_bits,
-            config.weight_quantizer) != ("ternary", False, 8, None, None):
-        raise ValueError(f"{FORMAT_HOLDS}; got weight={config.weight!r}, "
-                         f"granularity={'per_channel' if config.per_channel else 'per_tensor'!r}, "
-                         f"activation_bits={config.activation_bits!r}, attention_bits={config.attention_bits!r}"
-                         + (", a custom weight quantizer" if config.weight_quantizer is not None else ""))
+    if (config.weight, config.per_channel, config.activation_bits, config.attention_bits, config.weight_quantizer) != (
+        "ternary",
+        False,
+        8,
+        None,
+        None,
+    ):
+        raise ValueError(
+            f"{FORMAT_HOLDS}; got weight={config.weight!r}, "
+            f"granularity={'per_channel' if config.per_channel else 'per_tensor'!r}, "
+            f"activation_bits={config.activation_bits!r}, attention_bits={config.attention_bits!r}"
+            + (", a custom weight quantizer" if config.weight_quantizer is not None else "")
+        )
     return config
 
 
@@ -200,19 +223,25 @@ def _export_layers(model: nn.Module, config: BitConfig) -> dict[str, nn.Module]:
     cannot hold."""
     unsupported = _other_quantized_layers(model, config)
     if unsupported:
-        raise ValueError(f"transformers' BitNet format converts nn.Linear layers only, and the backend would also "
-                         f"quantize {unsupported[:8]}: pass exclude=[...] naming them to export them in float")
+        raise ValueError(
+            f"transformers' BitNet format converts nn.Linear layers only, and the backend would also "
+            f"quantize {unsupported[:8]}: pass exclude=[...] naming them to export them in float"
+        )
     layers = dict(quantized_layers(model, config))
     for name, module in layers.items():
         if isinstance(module, PackedLinear):
             cfg = module.config
             if (cfg.weight, cfg.per_channel, cfg.activation_bits) != ("ternary", False, 8):
-                raise ValueError(f"{FORMAT_HOLDS}; the deployed layer {name!r} holds {cfg.weight} "
-                                 f"{'per-channel' if cfg.per_channel else 'per-tensor'} weights with "
-                                 f"activation_bits={cfg.activation_bits!r}")
+                raise ValueError(
+                    f"{FORMAT_HOLDS}; the deployed layer {name!r} holds {cfg.weight} "
+                    f"{'per-channel' if cfg.per_channel else 'per-tensor'} weights with "
+                    f"activation_bits={cfg.activation_bits!r}"
+                )
         if module.out_features % 4:
-            raise ValueError(f"layer {name!r} has out_features={module.out_features}: transformers' BitLinear packs "
-                             f"four output rows per byte and needs a multiple of 4; exclude it to export it in float")
+            raise ValueError(
+                f"layer {name!r} has out_features={module.out_features}: transformers' BitLinear packs "
+                f"four output rows per byte and needs a multiple of 4; exclude it to export it in float"
+            )
     return layers
 
 
@@ -255,8 +284,10 @@ def _check_transformers_converts(model: nn.Module, layers: dict, skip: list[str]
         converts = should_convert_module(name, patterns)
         if converts != (name in layers):
             what = "would stay float in transformers" if name in layers else "would be converted by transformers"
-            raise ValueError(f"layer {name!r} {what} (modules_to_not_convert and the model's _keep_in_fp32_modules "
-                             f"match module paths by prefix and suffix); exclude or rename it to export this model")
+            raise ValueError(
+                f"layer {name!r} {what} (modules_to_not_convert and the model's _keep_in_fp32_modules "
+                f"match module paths by prefix and suffix); exclude or rename it to export this model"
+            )
 
 
 def _export_tensors(model: nn.Module, layers: dict) -> dict[str, torch.Tensor]:
@@ -271,7 +302,8 @@ def _export_tensors(model: nn.Module, layers: dict) -> dict[str, torch.Tensor]:
         else:
             packed, scale = ref.quantize_weights(module.weight.detach(), "ternary", False)
         tensors[f"{prefix}weight"], tensors[f"{prefix}weight_scale"] = to_transformers_bitnet(
-            packed, scale, module.in_features)
+            packed, scale, module.in_features
+        )
     tied = dict(getattr(model, "all_tied_weights_keys", None) or {})  # {tied key: the key it follows}
     first, out = {}, {}  # storage -> the first key written from it
     for key, value in tensors.items():
@@ -292,8 +324,9 @@ def _bitnet_config(model: nn.Module, skip: list[str]):
     from transformers import BitNetQuantConfig
 
     config = copy.deepcopy(model.config)
-    config.quantization_config = BitNetQuantConfig(modules_to_not_convert=list(skip), linear_class="bitlinear",
-                                                   quantization_mode="offline")
+    config.quantization_config = BitNetQuantConfig(
+        modules_to_not_convert=list(skip), linear_class="bitlinear", quantization_mode="offline"
+    )
     config.architectures = [type(model).__name__]
     floats = [p.dtype for p in model.parameters() if p.is_floating_point()]
     if floats:
@@ -365,8 +398,16 @@ def _from_model(source: nn.Module) -> _Source:
     where = f"the given {type(source).__name__}"
     tensors = {k: v.detach() for k, v in source.state_dict().items()}
     device = next((t.device for t in tensors.values()), torch.device("cpu"))
-    return _Source(config, tensors, {}, where, f"{where}'s config", type(source), device,
-                   copy.deepcopy(getattr(source, "generation_config", None)))
+    return _Source(
+        config,
+        tensors,
+        {},
+        where,
+        f"{where}'s config",
+        type(source),
+        device,
+        copy.deepcopy(getattr(source, "generation_config", None)),
+    )
 
 
 def _from_directory(directory: str) -> _Source:
@@ -406,8 +447,9 @@ def _read_weights(directory: str) -> tuple[dict, dict, str]:
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
             raise ValueError(f"{index} is not a readable safetensors index ({err!r})") from None
     else:
-        raise ValueError(f"{directory} has no {WEIGHTS_FILE} or {INDEX_FILE} (load_transformers reads safetensors "
-                         f"checkpoints)")
+        raise ValueError(
+            f"{directory} has no {WEIGHTS_FILE} or {INDEX_FILE} (load_transformers reads safetensors checkpoints)"
+        )
     tensors, files = {}, {}
     for path in paths:
         try:
@@ -424,8 +466,10 @@ def _bitnet_settings(config, where: str) -> dict:
     converts to a float architecture."""
     qc = getattr(config, "quantization_config", None)
     if qc is None:
-        raise ValueError(f"{where}: no quantization_config: not a transformers BitNet checkpoint (a float model "
-                         f"loads with from_pretrained and compiles with bitcompile.compile as it is)")
+        raise ValueError(
+            f"{where}: no quantization_config: not a transformers BitNet checkpoint (a float model "
+            f"loads with from_pretrained and compiles with bitcompile.compile as it is)"
+        )
     settings = dict(qc) if isinstance(qc, dict) else qc.to_dict()
     method = settings.get("quant_method")
     method = str(getattr(method, "value", method))  # transformers' QuantizationMethod enum, or its value
@@ -437,8 +481,10 @@ def _bitnet_settings(config, where: str) -> dict:
         if settings[key] not in valid:
             raise ValueError(f"{where}: quantization_config.{key} {settings[key]!r} is not one of {list(valid)}")
     if settings.get("use_rms_norm"):
-        raise ValueError(f"{where}: quantization_config.use_rms_norm adds an RMSNorm inside each BitNet layer, "
-                         f"which the float architecture does not have")
+        raise ValueError(
+            f"{where}: quantization_config.use_rms_norm adds an RMSNorm inside each BitNet layer, "
+            f"which the float architecture does not have"
+        )
     return settings
 
 
@@ -467,10 +513,14 @@ def _bitnet_layers(model: nn.Module, settings: dict) -> list[str]:
 
     if settings["linear_class"] == "autobitlinear" and settings["quantization_mode"] == "online":
         return []
-    patterns = HfQuantizer.get_modules_to_not_convert(model, settings.get("modules_to_not_convert"),
-                                                      getattr(model, "_keep_in_fp32_modules", None))
-    return [name for name, module in model.named_modules()
-            if isinstance(module, nn.Linear) and should_convert_module(name, patterns)]
+    patterns = HfQuantizer.get_modules_to_not_convert(
+        model, settings.get("modules_to_not_convert"), getattr(model, "_keep_in_fp32_modules", None)
+    )
+    return [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and should_convert_module(name, patterns)
+    ]
 
 
 @dataclass
@@ -504,8 +554,11 @@ def _import_layer(model: nn.Module, name: str, src: _Source, settings: dict) -> 
     autobit = settings["linear_class"] == "autobitlinear"
     if weight.dtype == torch.uint8:
         if n % 4 or list(weight.shape) != packed_shape:
-            bad(weight_key, f"is uint8 {list(weight.shape)}, expected uint8 {packed_shape} for a {n}x{k} layer "
-                            f"(four output rows per byte, out_features a multiple of 4)")
+            bad(
+                weight_key,
+                f"is uint8 {list(weight.shape)}, expected uint8 {packed_shape} for a {n}x{k} layer "
+                f"(four output rows per byte, out_features a multiple of 4)",
+            )
         try:
             trits = _rows_to_trits(weight, n)
         except ValueError as err:
@@ -515,8 +568,11 @@ def _import_layer(model: nn.Module, name: str, src: _Source, settings: dict) -> 
             bad(weight_key, "holds values other than -1, 0, 1 (an offline autobitlinear weight is ternary)")
         trits = weight.to(torch.int8)
     else:
-        bad(weight_key, f"is {weight.dtype} {list(weight.shape)}, expected uint8 {packed_shape}"
-                        + (f" or ternary floats {[n, k]}" if autobit else ""))
+        bad(
+            weight_key,
+            f"is {weight.dtype} {list(weight.shape)}, expected uint8 {packed_shape}"
+            + (f" or ternary floats {[n, k]}" if autobit else ""),
+        )
     # BitLinear divides by weight_scale (= 1/s_w); offline AutoBitLinear multiplies by it (= s_w).
     scales = [scale] if autobit else _reciprocal_scales(scale)
     return _Layer(name, module, trits.cpu(), scales, [weight_key, scale_key])
@@ -533,16 +589,22 @@ def _check_rest(model: nn.Module, src: _Source, layers: list) -> tuple[dict[str,
     for layer in layers:
         expected.pop(f"{layer.name}.weight")
     present = {id(value): key for key, value in expected.items() if key in src.tensors}
-    tied = {key: present[id(value)] for key, value in expected.items()
-            if key not in src.tensors and id(value) in present}
+    tied = {
+        key: present[id(value)] for key, value in expected.items() if key not in src.tensors and id(value) in present
+    }
     own = {key for key, value in expected.items() if key not in src.tensors and id(value) in buffers}
     missing = [key for key in expected if key not in src.tensors and key not in tied and key not in own]
     ignored = getattr(model, "_keys_to_ignore_on_load_unexpected", None) or []
-    unexpected = [key for key in src.tensors if key not in expected and key not in consumed
-                  and not any(re.search(pattern, key) for pattern in ignored)]
+    unexpected = [
+        key
+        for key in src.tensors
+        if key not in expected and key not in consumed and not any(re.search(pattern, key) for pattern in ignored)
+    ]
     if missing:
-        raise ValueError(f"{src.weights_file}: missing entries {missing[:8]}"
-                         + (f" (and {len(missing) - 8} more)" if len(missing) > 8 else ""))
+        raise ValueError(
+            f"{src.weights_file}: missing entries {missing[:8]}"
+            + (f" (and {len(missing) - 8} more)" if len(missing) > 8 else "")
+        )
     if unexpected:
         raise ValueError(f"{src.where(unexpected[0])}: entries the model does not have: {unexpected[:8]}")
     for key, mine in expected.items():
@@ -550,8 +612,7 @@ def _check_rest(model: nn.Module, src: _Source, layers: list) -> tuple[dict[str,
         if value is None:
             continue
         if tuple(value.shape) != tuple(mine.shape):
-            raise ValueError(f"{src.where(key)}: {key!r} has shape {list(value.shape)}, "
-                             f"the model's {list(mine.shape)}")
+            raise ValueError(f"{src.where(key)}: {key!r} has shape {list(value.shape)}, the model's {list(mine.shape)}")
         if value.is_floating_point() != mine.is_floating_point():
             raise ValueError(f"{src.where(key)}: {key!r} is {value.dtype}, the model's is {mine.dtype}")
     return tied, own
@@ -561,9 +622,17 @@ def _install_layer(model: nn.Module, layer: _Layer, state: dict, deploy: bool) -
     """Put one BitNet layer's weights into ``state`` (as a ``PackedLinear`` with ``deploy``)."""
     module, prefix = layer.module, f"{layer.name}."
     if deploy:
-        _set_submodule(model, layer.name, PackedLinear(module.in_features, module.out_features,
-                                                       module.bias is not None, device=module.weight.device,
-                                                       dtype=module.weight.dtype))
+        _set_submodule(
+            model,
+            layer.name,
+            PackedLinear(
+                module.in_features,
+                module.out_features,
+                module.bias is not None,
+                device=module.weight.device,
+                dtype=module.weight.dtype,
+            ),
+        )
         state[prefix + "weight_packed"], state[prefix + "weight_scale"] = pack_ternary(layer.trits), layer.scales[0]
     else:
         state[prefix + "weight"] = _exact_latent_weights(layer.trits, layer.scales, module.weight.dtype)

@@ -68,6 +68,7 @@ constructed. :func:`compile_source` (``bitcompile compile``) writes the same tre
 literal. Compiling ``ast`` nodes rather than interpreting the tree keeps ``forward`` a plain Python
 function that ``torch.compile`` traces, and tracebacks name the ``.bit`` file and line.
 """
+
 from __future__ import annotations
 
 import ast
@@ -590,8 +591,11 @@ class _Parser:
         try:
             return _literal_value(node)
         except ValueError as err:
-            self.error(line, f"defaults and init names must be literals (numbers, strings, true/false/null, lists "
-                             f"and tuples of literals), got {_show(text)}: {err}")
+            self.error(
+                line,
+                f"defaults and init names must be literals (numbers, strings, true/false/null, lists "
+                f"and tuples of literals), got {_show(text)}: {err}",
+            )
 
 
 def _literal_value(node: ast.expr) -> Any:

@@ -7,9 +7,10 @@ class, built as ``cls(in_features, out_features, bias, dtype=...)`` and filled b
 before and after. (This is ``bitcompile.Quantizer``; the weight-quantizer protocol is
 ``bitcompile.quant.WeightQuantizer``.)
 """
+
 from __future__ import annotations
 
-from typing import Iterable, Optional, Sequence, Union
+from typing import Iterable, Optional, Union
 
 import torch
 from torch import nn

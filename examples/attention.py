@@ -8,14 +8,15 @@
 is installed; without it a test digit is used. Cross-attention (a learned class query
 attending to the patch tokens) pools the tokens; its map is what is saved.
 """
+
 import argparse
 
 import torch
+from image_data import accuracy, load_images, train_epochs
 from torch import nn
 
 from bitcompile.nn import BitLinear, TernaryMultiheadAttention
 from bitcompile.nn.ternary_attention import save_attention_heatmap
-from image_data import accuracy, load_images, train_epochs
 
 
 class TinyViT(nn.Module):
@@ -59,7 +60,9 @@ def load_image(path: str, like: torch.Tensor) -> torch.Tensor:
             from PIL import Image
         except ImportError:
             raise SystemExit("reading image files needs Pillow; pass a .npy array instead")
-        img = torch.tensor(list(Image.open(path).convert("L" if like.shape[0] == 1 else "RGB").getdata()), dtype=torch.float32)
+        img = torch.tensor(
+            list(Image.open(path).convert("L" if like.shape[0] == 1 else "RGB").getdata()), dtype=torch.float32
+        )
         img = img.reshape(Image.open(path).size[1], Image.open(path).size[0], -1).permute(2, 0, 1)
     img = img.unsqueeze(0) if img.dim() == 2 else img
     img = img / img.max().clamp(min=1e-8)
@@ -74,7 +77,9 @@ def main():
     p.add_argument("--data-dir", default=None)
     p.add_argument("--epochs", type=int, default=15)
     p.add_argument("--limit", type=int, default=None)
-    p.add_argument("--visualize-attention", action="store_true", help="save the pooling attention map of one image as a PNG")
+    p.add_argument(
+        "--visualize-attention", action="store_true", help="save the pooling attention map of one image as a PNG"
+    )
     p.add_argument("--image", default=None, help=".npy array (or an image file with Pillow); default: a test digit")
     p.add_argument("--out", default="attention.png")
     args = p.parse_args()

@@ -3,13 +3,14 @@ thresholds and scales, running statistics, quantization report).
 
     python examples/custom_conv.py --train [--dataset digits|cifar10 --data-dir DIR] [--epochs 15]
 """
+
 import argparse
 
 import torch
+from image_data import accuracy, load_images, train_epochs
 from torch import nn
 
 from bitcompile.nn import TernaryConv2d
-from image_data import accuracy, load_images, train_epochs
 
 
 class TernaryCNN(nn.Module):
@@ -44,7 +45,8 @@ def main():
     for name in ("conv1", "conv2"):
         r = getattr(model, name).quantization_report()
         print(
-            f"{name}: -1/0/+1 = {r['fraction_negative']:.1%} / {r['fraction_zero']:.1%} / {r['fraction_positive']:.1%}, "
+            f"{name}: -1/0/+1 = {r['fraction_negative']:.1%} / {r['fraction_zero']:.1%} / "
+            f"{r['fraction_positive']:.1%}, "
             f"weight MSE {r['mse']:.2e}, running input absmax {r['running_input_absmax']:.3f}, "
             f"mean threshold {sum(r['threshold']) / len(r['threshold']):.3f}"
         )

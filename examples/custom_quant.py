@@ -6,14 +6,15 @@ through the compiled graph together with the model.
     python examples/custom_quant.py --train --quantization-scheme lsq --bits 4
     schemes: lsq, log, soft, blockwise, outlier, ternary (the backend default)
 """
+
 import argparse
 import time
 
 import torch
+from image_data import accuracy, load_images, train_epochs
 from torch import nn
 
 import bitcompile.quant as Q
-from image_data import accuracy, load_images, train_epochs
 
 
 class MLP(nn.Module):
@@ -47,7 +48,9 @@ def make_quantizer(scheme: str, bits: int, model: MLP):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--train", action="store_true")
-    p.add_argument("--quantization-scheme", default="lsq", choices=["lsq", "log", "soft", "blockwise", "outlier", "ternary"])
+    p.add_argument(
+        "--quantization-scheme", default="lsq", choices=["lsq", "log", "soft", "blockwise", "outlier", "ternary"]
+    )
     p.add_argument("--bits", type=int, default=4, help="bits for lsq / log; high-precision bits for blockwise")
     p.add_argument("--dataset", default="digits", choices=["digits", "cifar10"])
     p.add_argument("--data-dir", default=None)

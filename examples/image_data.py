@@ -1,6 +1,7 @@
 """Image data for the image examples: scikit-learn's digits (ships with the package)
 or, with ``--data-dir``, a CIFAR-10 directory in its python format
 (``data_batch_1`` .. ``data_batch_5``, ``test_batch``)."""
+
 from __future__ import annotations
 
 import pickle
@@ -43,7 +44,9 @@ def load_images(dataset: str = "digits", data_dir: Optional[str] = None, limit: 
 def accuracy(model, x, y, batch: int = 512) -> float:
     model.eval()
     with torch.no_grad():
-        correct = sum(int((model(x[i : i + batch]).argmax(-1) == y[i : i + batch]).sum()) for i in range(0, len(x), batch))
+        correct = sum(
+            int((model(x[i : i + batch]).argmax(-1) == y[i : i + batch]).sum()) for i in range(0, len(x), batch)
+        )
     return correct / len(x)
 
 

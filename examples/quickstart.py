@@ -6,6 +6,7 @@ int8 activations. A full-precision twin trained the same way is the baseline.
 
     python examples/quickstart.py [--epochs 40]
 """
+
 import argparse
 import copy
 import time
@@ -56,7 +57,10 @@ def train(model, compiled, xtr, ytr, epochs, label):
             total += loss.item() * len(idx)
         sched.step()
         if epoch % 10 == 9 or epoch == epochs - 1:
-            print(f"  [{label}] epoch {epoch + 1:3d}/{epochs}  loss {total / len(xtr):.4f}  ({time.perf_counter() - start:.1f}s)")
+            print(
+                f"  [{label}] epoch {epoch + 1:3d}/{epochs}  loss {total / len(xtr):.4f}  "
+                f"({time.perf_counter() - start:.1f}s)"
+            )
 
 
 @torch.no_grad()

@@ -12,15 +12,23 @@ if not torch.cuda.is_available():
 # test fails only under concurrent workers.
 if os.environ.get("BITCOMPILE_TEST_PRIVATE_CACHES") and os.environ.get("PYTEST_XDIST_WORKER"):
     _root = os.path.join(os.environ["BITCOMPILE_TEST_PRIVATE_CACHES"], os.environ["PYTEST_XDIST_WORKER"])
-    for _var, _sub in (("TORCHINDUCTOR_CACHE_DIR", "inductor"), ("TRITON_CACHE_DIR", "triton"),
-                       ("BITCOMPILE_CACHE_DIR", "tuning")):
+    for _var, _sub in (
+        ("TORCHINDUCTOR_CACHE_DIR", "inductor"),
+        ("TRITON_CACHE_DIR", "triton"),
+        ("BITCOMPILE_CACHE_DIR", "tuning"),
+    ):
         os.environ[_var] = os.path.join(_root, _sub)
 from hypothesis import HealthCheck, settings
 
 # ci: derandomized and bounded so `make test` stays well inside the CI budget.
 # dev: more examples, random seeds, for local bug hunting.
 settings.register_profile(
-    "ci", derandomize=True, max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow], print_blob=True
+    "ci",
+    derandomize=True,
+    max_examples=25,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+    print_blob=True,
 )
 settings.register_profile("dev", max_examples=300, deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))

@@ -1,4 +1,5 @@
 """Small models and the eager-reference twin used by the compile tests."""
+
 import copy
 
 import torch

@@ -1,4 +1,5 @@
 """Hypothesis strategies shared by the test modules."""
+
 import torch
 from hypothesis import strategies as st
 

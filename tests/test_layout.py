@@ -5,6 +5,7 @@ the root first on ``sys.path``: a top-level folder with an ``__init__.py``, or a
 ``.py`` file, would then be found before an installed distribution of the same name
 (Hugging Face's ``kernels``, which transformers imports, broke the suite that way).
 """
+
 import importlib.metadata
 import json
 import subprocess
@@ -37,9 +38,7 @@ def test_only_own_names_are_importable_from_the_root():
 def test_installed_distributions_win_over_repository_folders(tmp_path):
     """Stand-in distributions named after every top-level folder of the checkout resolve to
     the stand-ins, not to the folder, from a Python started in the repository root."""
-    folders = sorted(
-        e.name for e in ROOT.iterdir() if e.is_dir() and e.name.isidentifier() and e.name not in OWN_NAMES
-    )
+    folders = sorted(e.name for e in ROOT.iterdir() if e.is_dir() and e.name.isidentifier() and e.name not in OWN_NAMES)
     assert {"examples", "benchmarks"} <= set(folders)
     names = sorted(set(folders) | {"kernels", "passes"})
     for name in names:

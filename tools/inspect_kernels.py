@@ -9,6 +9,7 @@ Columns per loop step: instructions per thread, global loads (scalar / 16-byte),
 ``cp.async`` copies, shared-memory ops and barriers (layout conversions show up here),
 ``dp4a`` and tensor-core instructions, and tensor-core waits.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -17,11 +18,24 @@ import sys
 
 import triton
 
-import sass
 from bitcompile.kernels import tuning
 
-COLUMNS = ("regs", "spill_bytes", "smem_bytes", "loop_instructions", "ldg", "ldg128", "cp_async", "smem", "bar", "dp4a",
-           "mma", "mma_wait")
+import sass
+
+COLUMNS = (
+    "regs",
+    "spill_bytes",
+    "smem_bytes",
+    "loop_instructions",
+    "ldg",
+    "ldg128",
+    "cp_async",
+    "smem",
+    "bar",
+    "dp4a",
+    "mma",
+    "mma_wait",
+)
 
 
 def main() -> int:
@@ -60,8 +74,7 @@ def main() -> int:
                 print(json.dumps(dict(key=key, config=cfg, **stats)), flush=True)
                 continue
             shown = ",".join(f"{k_}={v}" for k_, v in cfg.items() if k_ not in ("GROUP_N", "GROUP_M"))
-            print(f"| {key} | {shown} | " + " | ".join(str(stats[c]) for c in COLUMNS) + " |",
-                  flush=True)
+            print(f"| {key} | {shown} | " + " | ".join(str(stats[c]) for c in COLUMNS) + " |", flush=True)
     return 0
 
 

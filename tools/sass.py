@@ -12,6 +12,7 @@ This is how layout conversions hidden in a kernel are found before a GPU is at h
 GEMV tile that moves its operands through shared memory every step); timings still need one.
 ``tools/inspect_kernels.py`` prints the profile of every shipped configuration.
 """
+
 from __future__ import annotations
 
 import collections
@@ -62,8 +63,10 @@ def compile_sm90(kernel, args: dict, constexprs: dict, num_warps: int, num_stage
         from triton.experimental.gluon._runtime import GluonASTSource as ASTSource
 
     if not isinstance(kernel, JITFunction):
-        raise RuntimeError("kernels imported with TRITON_INTERPRET=1 run in the interpreter and cannot be "
-                           "compiled: inspect them in a process without it")
+        raise RuntimeError(
+            "kernels imported with TRITON_INTERPRET=1 run in the interpreter and cannot be "
+            "compiled: inspect them in a process without it"
+        )
     signature, attrs, constants = {}, {}, dict(constexprs)
     for index, name in enumerate(kernel.arg_names):
         if name in constexprs:
@@ -78,8 +81,9 @@ def compile_sm90(kernel, args: dict, constexprs: dict, num_warps: int, num_stage
             kind = kind[:-3]
             attrs[(index,)] = [["tt.divisibility", 16]]
         signature[name] = kind
-    source = ASTSource(kernel, signature, constexprs={(kernel.arg_names.index(k),): v for k, v in constants.items()},
-                       attrs=attrs)
+    source = ASTSource(
+        kernel, signature, constexprs={(kernel.arg_names.index(k),): v for k, v in constants.items()}, attrs=attrs
+    )
     options = dict(num_warps=num_warps, num_stages=num_stages) | ({"maxnreg": maxnreg} if maxnreg else {})
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
 
@@ -135,8 +139,13 @@ def profile(kernel, args: dict, constexprs: dict, num_warps: int, num_stages: in
     regs, spill = re.search(r"REG:(\d+) STACK:\d+ SHARED:\d+ LOCAL:(\d+)", usage).groups()
     loop = main_loop(_run("cuobjdump", compiled.asm["cubin"], "-sass"))
     counts = collections.Counter(family(op) for op in loop)
-    return dict(regs=int(regs), spill_bytes=int(spill), smem_bytes=compiled.metadata.shared,
-                loop_instructions=len(loop), **{f: counts[f] for f in FAMILIES})
+    return dict(
+        regs=int(regs),
+        spill_bytes=int(spill),
+        smem_bytes=compiled.metadata.shared,
+        loop_instructions=len(loop),
+        **{f: counts[f] for f in FAMILIES},
+    )
 
 
 def ternary_mm_case(config: dict, m: int, n: int, k: int) -> tuple:
@@ -155,17 +164,47 @@ def ternary_mm_case(config: dict, m: int, n: int, k: int) -> tuple:
     kpb = kblocked_columns(k)
     if kind == "gemv":
         xw, pw = -(-k // 4), kpb // 4
-        args = dict(A="*i32", P="*i32", **pointers, M=m, N=n, XW=xw, PW=pw, ZERO=0, stride_am=xw, stride_pn=pw,
-                    stride_cm=n, stride_rm=n)
+        args = dict(
+            A="*i32",
+            P="*i32",
+            **pointers,
+            M=m,
+            N=n,
+            XW=xw,
+            PW=pw,
+            ZERO=0,
+            stride_am=xw,
+            stride_pn=pw,
+            stride_cm=n,
+            stride_rm=n,
+        )
         even = pw % cfg["BW"] == 0 and xw == 4 * pw
         cfg.setdefault("R", 1)
-        return (tm._gemv_kernel, args, dict(BM=triton.next_power_of_2(m), EVEN=even, USE_ASM=True, **flags, **cfg),
-                warps, stages)
+        return (
+            tm._gemv_kernel,
+            args,
+            dict(BM=triton.next_power_of_2(m), EVEN=even, USE_ASM=True, **flags, **cfg),
+            warps,
+            stages,
+        )
     scratch = "*i32" if cfg["SPLIT_K"] > 1 else "*bf16"
     if kind == "wgmma":
         return _wgmma_case(cfg, m, n, k, flags, pointers, scratch, warps)
-    args = dict(A="*i8", P="*u8", **pointers, PARTIAL=scratch, COUNT=scratch, M=m, N=n, K=k, KPB=kpb,
-                stride_am=k, stride_pn=kpb, stride_cm=n, stride_rm=n)
+    args = dict(
+        A="*i8",
+        P="*u8",
+        **pointers,
+        PARTIAL=scratch,
+        COUNT=scratch,
+        M=m,
+        N=n,
+        K=k,
+        KPB=kpb,
+        stride_am=k,
+        stride_pn=kpb,
+        stride_cm=n,
+        stride_rm=n,
+    )
     cfg.setdefault("A_TMA", False)
     cfg.setdefault("HOST_DESC", cfg["A_TMA"])  # as an eager launch; False: as a traced one
     if cfg["HOST_DESC"]:  # a host TensorDescriptor of the activations, as the launcher builds it
@@ -185,8 +224,19 @@ def _wgmma_case(cfg: dict, m: int, n: int, k: int, flags: dict, pointers: dict, 
     a = torch.empty(m, k, dtype=torch.int8)
     p = torch.empty(n, kblocked_columns(k), dtype=torch.int8)
     x_desc, p_desc = wm.descriptors(a, p, cfg["BN"], cfg["NB"], cfg.get("WIDE", False))
-    args = dict(x_desc=mangle_type(x_desc), p_desc=mangle_type(p_desc), TABLE="*i32", **pointers, PARTIAL=scratch,
-                COUNT=scratch, M=m, N=n, STEPS=wm.step_count(p.shape[1], cfg["NB"]), stride_cm=n, stride_rm=n)
+    args = dict(
+        x_desc=mangle_type(x_desc),
+        p_desc=mangle_type(p_desc),
+        TABLE="*i32",
+        **pointers,
+        PARTIAL=scratch,
+        COUNT=scratch,
+        M=m,
+        N=n,
+        STEPS=wm.step_count(p.shape[1], cfg["NB"]),
+        stride_cm=n,
+        stride_rm=n,
+    )
     constexprs = dict(STAGES=cfg["STAGES"], SPLIT_K=cfg["SPLIT_K"], num_warps=warps, **flags)
     return wm._wgmma_kernel, args, constexprs, warps, 1
 
@@ -226,7 +276,16 @@ def _grad_input_ws_case(cfg: dict, m: int, n: int, k: int, dtype: str) -> tuple:
     g = torch.empty(m, n, dtype=torch.bfloat16 if dtype == "bf16" else torch.float16)
     p = torch.empty(n, -(-k // 4), dtype=torch.int8)
     g_desc, p_desc = ws.descriptors(g, p, cfg["BM"], cfg["BK"])
-    args = dict(g_desc=mangle_type(g_desc), p_desc=mangle_type(p_desc), WS="*fp32", OUT=f"*{dtype}", M=m, K=k,
-                STEPS=-(-n // ws.STEP), ZERO=0, stride_o=k)
+    args = dict(
+        g_desc=mangle_type(g_desc),
+        p_desc=mangle_type(p_desc),
+        WS="*fp32",
+        OUT=f"*{dtype}",
+        M=m,
+        K=k,
+        STEPS=-(-n // ws.STEP),
+        ZERO=0,
+        stride_o=k,
+    )
     constexprs = ws.constexprs(dtype, cfg["STAGES"], cfg["SB"], cfg["GROUP_K"])
     return ws.kernel(), args, dict(constexprs), ws.MMA_WARPS, 1, ws.MAX_REGS

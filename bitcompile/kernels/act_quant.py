@@ -8,6 +8,7 @@ NORM: 0 none, 1 RMSNorm with the cast to the input dtype before the weight multi
 (transformers' Llama/Mistral/Qwen spelling and torch's composite rms_norm), 2 RMSNorm
 all in fp32, 3 LayerNorm (fp32, one cast at the end, as F.layer_norm).
 """
+
 from __future__ import annotations
 
 from typing import Callable, Optional
@@ -18,16 +19,41 @@ import triton.language as tl
 
 from bitcompile.kernels import tuning
 from bitcompile.kernels.common import round_to_int, rows
-from bitcompile.numerics.spec import EPS, NORM_KINDS as _NORMS
+from bitcompile.numerics.spec import EPS
+from bitcompile.numerics.spec import NORM_KINDS as _NORMS
 
 NORM_KINDS = {name: code for code, name in enumerate(_NORMS)}  # the kernel's NORM codes
 MAX_ROW = 65536  # one row in registers; longer rows use the reference
 
 
 @triton.jit
-def _norm_quant_kernel(X, RES, W, B, Q, S, Y, H, K, stride_x, stride_r, stride_q, stride_y, stride_h, eps, qmax, QEPS: tl.constexpr,
-                       BLOCK: tl.constexpr, NORM: tl.constexpr, HAS_RES: tl.constexpr, HAS_W: tl.constexpr,
-                       HAS_B: tl.constexpr, STORE_Y: tl.constexpr, STORE_H: tl.constexpr, USE_ASM: tl.constexpr):
+def _norm_quant_kernel(
+    X,
+    RES,
+    W,
+    B,
+    Q,
+    S,
+    Y,
+    H,
+    K,
+    stride_x,
+    stride_r,
+    stride_q,
+    stride_y,
+    stride_h,
+    eps,
+    qmax,
+    QEPS: tl.constexpr,
+    BLOCK: tl.constexpr,
+    NORM: tl.constexpr,
+    HAS_RES: tl.constexpr,
+    HAS_W: tl.constexpr,
+    HAS_B: tl.constexpr,
+    STORE_Y: tl.constexpr,
+    STORE_H: tl.constexpr,
+    USE_ASM: tl.constexpr,
+):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < K
@@ -37,7 +63,9 @@ def _norm_quant_kernel(X, RES, W, B, Q, S, Y, H, K, stride_x, stride_r, stride_q
     x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0)
     if HAS_RES:
         # The add happens in the input dtype, as `x + residual` does in the graph.
-        x = (x.to(tl.float32) + tl.load(RES + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)).to(X.dtype.element_ty)
+        x = (x.to(tl.float32) + tl.load(RES + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)).to(
+            X.dtype.element_ty
+        )
         if STORE_H:
             tl.store(H + row * stride_h + cols, x, mask=mask)
     h = x.to(tl.float32)
@@ -84,10 +112,20 @@ def num_warps(block: int) -> int:
     return min(16, max(1, block // (1024 if block in (4096, 8192) else 512)))
 
 
-def norm_quant(x: torch.Tensor, bits: int = 8, kind: str = "none", weight: Optional[torch.Tensor] = None,
-               bias: Optional[torch.Tensor] = None, eps: float = 1e-6, residual: Optional[torch.Tensor] = None,
-               norm_dtype: Optional[torch.dtype] = None, store_normed: bool = False, store_sum: bool = False,
-               wrap: Optional[Callable] = None, qeps: float = EPS):
+def norm_quant(
+    x: torch.Tensor,
+    bits: int = 8,
+    kind: str = "none",
+    weight: Optional[torch.Tensor] = None,
+    bias: Optional[torch.Tensor] = None,
+    eps: float = 1e-6,
+    residual: Optional[torch.Tensor] = None,
+    norm_dtype: Optional[torch.dtype] = None,
+    store_normed: bool = False,
+    store_sum: bool = False,
+    wrap: Optional[Callable] = None,
+    qeps: float = EPS,
+):
     """Returns ``(q int8 [..., K], scale fp32 [..., 1], normed | None, h | None)``.
 
     ``normed`` (dtype ``norm_dtype``, default x.dtype) is written only with ``store_normed``;
@@ -111,14 +149,42 @@ def norm_quant(x: torch.Tensor, bits: int = 8, kind: str = "none", weight: Optio
     r2 = residual.reshape(-1, k).contiguous() if residual is not None else x2
     if m:
         block = triton.next_power_of_2(max(k, 16))
-        flags = dict(BLOCK=block, NORM=NORM_KINDS[kind], HAS_RES=residual is not None, HAS_W=weight is not None,
-                     HAS_B=bias is not None, STORE_Y=store_normed, STORE_H=store_sum,
-                     USE_ASM=not tuning.interpreting())
+        flags = dict(
+            BLOCK=block,
+            NORM=NORM_KINDS[kind],
+            HAS_RES=residual is not None,
+            HAS_W=weight is not None,
+            HAS_B=bias is not None,
+            STORE_Y=store_normed,
+            STORE_H=store_sum,
+            USE_ASM=not tuning.interpreting(),
+        )
         warps = 1 if tuning.interpreting() else num_warps(block)
         compiled = tuning.traceable(_norm_quant_kernel, wrap)[(m,)](
-            x2, r2, weight if weight is not None else x2, bias if bias is not None else x2, q, s, y, h, k,
-            x2.stride(0), r2.stride(0), q.stride(0), y.stride(0), h.stride(0), eps,
-            float(2 ** (bits - 1) - 1), qeps, num_warps=warps, **flags)
+            x2,
+            r2,
+            weight if weight is not None else x2,
+            bias if bias is not None else x2,
+            q,
+            s,
+            y,
+            h,
+            k,
+            x2.stride(0),
+            r2.stride(0),
+            q.stride(0),
+            y.stride(0),
+            h.stride(0),
+            eps,
+            float(2 ** (bits - 1) - 1),
+            qeps,
+            num_warps=warps,
+            **flags,
+        )
         tuning.dump_source(_norm_quant_kernel, compiled, {**flags, "x": str(x.dtype), "normed": str(y.dtype)})
-    return (q.reshape(*lead, k), s.reshape(*lead, 1), y.reshape(*lead, k) if store_normed else None,
-            h.reshape(*lead, k) if store_sum else None)
+    return (
+        q.reshape(*lead, k),
+        s.reshape(*lead, 1),
+        y.reshape(*lead, k) if store_normed else None,
+        h.reshape(*lead, k) if store_sum else None,
+    )

@@ -1,4 +1,5 @@
 """Small Triton helpers shared by the kernel families."""
+
 from __future__ import annotations
 
 import torch
@@ -13,6 +14,7 @@ def rows(t: torch.Tensor, width: int) -> torch.Tensor:
     pointer arithmetic assumes it; a view when it already has it)."""
     t2 = t.reshape(-1, width)
     return t2 if t2.stride(-1) == 1 else t2.contiguous()
+
 
 # Epilogue activations (constexpr ACTIVATION); names as the passes and ops spell them.
 ACTIVATIONS = {name: code for code, name in enumerate(spec.ACTIVATIONS)}  # the epilogue's ACTIVATION codes
@@ -70,8 +72,10 @@ def unpack_trits(p, BKB: tl.constexpr, BN: tl.constexpr, USE_ASM: tl.constexpr):
 # borrow across bytes; setting each byte's top bit first (or 0x80) and clearing it after
 # (xor 0x80) keeps every byte's result its own. Checked on the CPU by interpreting this text
 # (tests/kernels/test_common.py).
-TRITS_PTX = tl.constexpr("{ .reg .b32 t; shr.b32 t, $1, $2; and.b32 t, t, 0x03030303; or.b32 t, t, 0x80808080; "
-                         "sub.u32 t, t, 0x01010101; xor.b32 $0, t, 0x80808080; }")
+TRITS_PTX = tl.constexpr(
+    "{ .reg .b32 t; shr.b32 t, $1, $2; and.b32 t, t, 0x03030303; or.b32 t, t, 0x80808080; "
+    "sub.u32 t, t, 0x01010101; xor.b32 $0, t, 0x80808080; }"
+)
 
 
 @triton.jit
@@ -81,8 +85,7 @@ def trits_at(p, SHIFT: tl.constexpr, USE_ASM: tl.constexpr):
     separately and repacks them with byte permutes, ~5 instructions per trit (SASS)."""
     if USE_ASM:
         shift = tl.full(p.shape, SHIFT, tl.int32)  # a constant: ptxas folds it into the shift
-        return tl.inline_asm_elementwise(TRITS_PTX, "=r,r,r,r,r,r", [p, shift], dtype=tl.int8, is_pure=True,
-                                         pack=4)
+        return tl.inline_asm_elementwise(TRITS_PTX, "=r,r,r,r,r,r", [p, shift], dtype=tl.int8, is_pure=True, pack=4)
     else:
         return ((p >> SHIFT) & 3).to(tl.int8) - 1
 
@@ -113,11 +116,13 @@ KBLOCK_PTX_Q0, KBLOCK_PTX_Q1, KBLOCK_PTX_Q2, KBLOCK_PTX_Q3 = (_kblock_ptx((g,), 
 # The same with the quarter's table in operands $2 (a) and $6 (b) (each an int32 of a pack of
 # four). SASS ``prmt`` takes its table from registers: given immediates, ptxas re-materialises
 # them before every prmt; a table loaded from memory stays in its registers.
-KBLOCK_PTX_T0, KBLOCK_PTX_T1, KBLOCK_PTX_T2, KBLOCK_PTX_T3 = (_kblock_ptx((g,), "$1", ("$2", "$6") * 2)
-                                                              for g in range(4))
+KBLOCK_PTX_T0, KBLOCK_PTX_T1, KBLOCK_PTX_T2, KBLOCK_PTX_T3 = (
+    _kblock_ptx((g,), "$1", ("$2", "$6") * 2) for g in range(4)
+)
 # The same for int32 words (pack 1): the table in operands $2 (a) and $3 (b).
-KBLOCK_PTX_W0, KBLOCK_PTX_W1, KBLOCK_PTX_W2, KBLOCK_PTX_W3 = (_kblock_ptx((g,), "$1", ("$2", "$3") * 2)
-                                                              for g in range(4))
+KBLOCK_PTX_W0, KBLOCK_PTX_W1, KBLOCK_PTX_W2, KBLOCK_PTX_W3 = (
+    _kblock_ptx((g,), "$1", ("$2", "$3") * 2) for g in range(4)
+)
 
 
 def int32(word: int) -> int:
@@ -164,14 +169,19 @@ def kblock_quarters(p, BN: tl.constexpr, Q: tl.constexpr, USE_ASM: tl.constexpr)
     asm call packs into a register are one little-endian word of the layout (the load's
     16-byte vectors keep them together)."""
     if USE_ASM:
-        return tl.inline_asm_elementwise(KBLOCK_PTX, "=r,=r,=r,=r,r", [p], dtype=(tl.int8, tl.int8, tl.int8, tl.int8),
-                                         is_pure=True, pack=4)
+        return tl.inline_asm_elementwise(
+            KBLOCK_PTX, "=r,=r,=r,=r,r", [p], dtype=(tl.int8, tl.int8, tl.int8, tl.int8), is_pure=True, pack=4
+        )
     else:
         # Byte 4w + 2h + b holds the pair codes of nibbles n = 2b (low) and 2b + 1 of half h.
         x = tl.reshape(p.to(tl.int32) & 0xFF, (BN, Q // 4, 2, 2))  # [BN, w, h, b]
         lo_half, hi_half = tl.split(tl.permute(x, (0, 1, 3, 2)))  # [BN, w, b] each
-        return (_quarter_ref(lo_half, False, BN, Q), _quarter_ref(lo_half, True, BN, Q),
-                _quarter_ref(hi_half, False, BN, Q), _quarter_ref(hi_half, True, BN, Q))
+        return (
+            _quarter_ref(lo_half, False, BN, Q),
+            _quarter_ref(lo_half, True, BN, Q),
+            _quarter_ref(hi_half, False, BN, Q),
+            _quarter_ref(hi_half, True, BN, Q),
+        )
 
 
 @triton.jit
@@ -262,9 +272,25 @@ def apply_activation(y, ACTIVATION: tl.constexpr):
 
 
 @triton.jit
-def matmul_epilogue(acc, C, XS, WS, BIAS, RES, offs_m, offs_n, M, N, stride_cm, stride_rm,
-                    EPILOGUE: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr,
-                    ACTIVATION: tl.constexpr, HAS_RES: tl.constexpr):
+def matmul_epilogue(
+    acc,
+    C,
+    XS,
+    WS,
+    BIAS,
+    RES,
+    offs_m,
+    offs_n,
+    M,
+    N,
+    stride_cm,
+    stride_rm,
+    EPILOGUE: tl.constexpr,
+    PER_CHANNEL: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    ACTIVATION: tl.constexpr,
+    HAS_RES: tl.constexpr,
+):
     """The packed-ternary matmuls' epilogue on an int32 tile ``acc [BM tokens, BN weight rows]``:
     ``acc * s_w * s_x (+ bias)``, activation, residual, cast, in the reference's order (or
     the int32 tile itself without EPILOGUE)."""
@@ -297,8 +323,18 @@ def _fence(USE_ASM: tl.constexpr):
 
 
 @triton.jit
-def split_k_total(out, at, PARTIAL, COUNT, tile, pid_k, TILE: tl.constexpr, SPLIT_K: tl.constexpr,
-                  STORE_PARTIALS: tl.constexpr, USE_ASM: tl.constexpr):
+def split_k_total(
+    out,
+    at,
+    PARTIAL,
+    COUNT,
+    tile,
+    pid_k,
+    TILE: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    STORE_PARTIALS: tl.constexpr,
+    USE_ASM: tl.constexpr,
+):
     """``(total, last)`` for the int32 partial tile ``out`` (``at``: its elements' offsets
     within a TILE-element tile): the last of the SPLIT_K programs of ``tile`` to arrive (acq_rel
     counter, which it resets for the next call) gets the tile's total; int32 sums are exact in

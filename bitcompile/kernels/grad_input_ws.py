@@ -29,6 +29,7 @@ Takes: sm_90, 16-bit grads, one weight scale, TMA-describable operands (grad row
 16 bytes, packed rows of whole 16 bytes: ``supports``). Tails of M, N and K are TMA's zero
 fill (zero grads meet whatever the zero bytes decode to) and the store's mask.
 """
+
 from __future__ import annotations
 
 import functools
@@ -41,8 +42,12 @@ from bitcompile.kernels.common import ONE_TABLES, grouped_tile, int32
 try:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, warpgroup_mma,
-                                                                  warpgroup_mma_wait)
+    from triton.experimental.gluon.language.nvidia.hopper import (
+        fence_async_shared,
+        mbarrier,
+        warpgroup_mma,
+        warpgroup_mma_wait,
+    )
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     from bitcompile.kernels.wgmma_matmul import tma_load
@@ -64,10 +69,16 @@ CONFIGS = [dict(BM=256, BK=128, STAGES=4, SB=3, GROUP_K=16), dict(BM=256, BK=128
 # $13 (high bytes): $2s = field s of bytes 0, 1 and $2s+1 = field s of bytes 2, 3, each a
 # pair of 16-bit values. 23 instructions per 16 trits. Checked on the CPU by interpreting this
 # text (tests/kernels/test_grad_input.py).
-DECODE_PTX_TEXT = "{ .reg .b32 c, u; " + "".join(
-    (f"shr.b32 c, $8, {2 * s}; and.b32 c, c, 0x03030303; " if s else "and.b32 c, $8, 0x03030303; ")
-    + f"mad.lo.u32 u, c, 0x11, 0x40404040; prmt.b32 ${2 * s}, $9, $13, u; "
-    + f"shr.b32 u, u, 16; prmt.b32 ${2 * s + 1}, $9, $13, u; " for s in range(4)) + "}"
+DECODE_PTX_TEXT = (
+    "{ .reg .b32 c, u; "
+    + "".join(
+        (f"shr.b32 c, $8, {2 * s}; and.b32 c, c, 0x03030303; " if s else "and.b32 c, $8, 0x03030303; ")
+        + f"mad.lo.u32 u, c, 0x11, 0x40404040; prmt.b32 ${2 * s}, $9, $13, u; "
+        + f"shr.b32 u, u, 16; prmt.b32 ${2 * s + 1}, $9, $13, u; "
+        for s in range(4)
+    )
+    + "}"
+)
 
 
 def available() -> bool:
@@ -88,16 +99,25 @@ def supports(grad: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor) -> boo
     """Whether this kernel takes ``grad [.., n] @ unpack(wq [n, kb])``: a Gluon Triton, an sm_90
     GPU (wgmma), 16-bit grads, one weight scale, and row strides TMA can describe (16-byte
     multiples; ``launch`` copies operands whose base is not 16-byte aligned)."""
-    return (available() and grad.is_cuda and grad.dtype in (torch.bfloat16, torch.float16) and w_scale.numel() == 1
-            and wq.shape[0] % 8 == 0 and wq.shape[1] % 16 == 0 and _sm90(grad.device.index))
+    return (
+        available()
+        and grad.is_cuda
+        and grad.dtype in (torch.bfloat16, torch.float16)
+        and w_scale.numel() == 1
+        and wq.shape[0] % 8 == 0
+        and wq.shape[1] % 16 == 0
+        and _sm90(grad.device.index)
+    )
 
 
 def require(grad: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor) -> None:
     """ValueError naming what this kernel takes, unless it ``supports`` these operands."""
     if not supports(grad, wq, w_scale):
-        raise ValueError("the Gluon grad_input kernel takes 16-bit grads with N a multiple of 8, packed rows of whole "
-                         "16 bytes, one weight scale, on an sm_90 GPU with a Triton that has Gluon; got "
-                         f"{grad.dtype} grads, packed {tuple(wq.shape)}, {w_scale.numel()} scales on {grad.device}")
+        raise ValueError(
+            "the Gluon grad_input kernel takes 16-bit grads with N a multiple of 8, packed rows of whole "
+            "16 bytes, one weight scale, on an sm_90 GPU with a Triton that has Gluon; got "
+            f"{grad.dtype} grads, packed {tuple(wq.shape)}, {w_scale.numel()} scales on {grad.device}"
+        )
 
 
 if gluon is not None:
@@ -115,12 +135,18 @@ if gluon is not None:
         rows back to K (``_store_transposed``)."""
         R: gl.constexpr = p.shape[0]
         C: gl.constexpr = p.shape[1]
-        o0, o1, o2, o3 = gl.inline_asm_elementwise(DECODE_PTX, DECODE_CONSTRAINTS, [p, lo, hi],
-                                                   dtype=(gl.int16, gl.int16, gl.int16, gl.int16), is_pure=True,
-                                                   pack=4)
+        o0, o1, o2, o3 = gl.inline_asm_elementwise(
+            DECODE_PTX,
+            DECODE_CONSTRAINTS,
+            [p, lo, hi],
+            dtype=(gl.int16, gl.int16, gl.int16, gl.int16),
+            is_pure=True,
+            pack=4,
+        )
         shape: gl.constexpr = [R, C // 4, 2, 2]  # [R, W, e, h]
-        w = gl.join(gl.join(gl.reshape(o0, shape), gl.reshape(o1, shape)),
-                    gl.join(gl.reshape(o2, shape), gl.reshape(o3, shape)))  # [R, W, e, h, x, y]
+        w = gl.join(
+            gl.join(gl.reshape(o0, shape), gl.reshape(o1, shape)), gl.join(gl.reshape(o2, shape), gl.reshape(o3, shape))
+        )  # [R, W, e, h, x, y]
         w = gl.permute(w, (0, 1, 4, 2, 5, 3))  # [R, W, x, e, y, h]
         return gl.reshape(w, [R, 4 * C]).to(dtype, bitcast=True)
 
@@ -137,8 +163,11 @@ if gluon is not None:
         out = gl.convert_layout(out, layout)
         offs_m = row0 + gl.arange(0, BM, layout=gl.SliceLayout(1, layout))
         offs_k = col0 + gl.arange(0, BK, layout=gl.SliceLayout(0, layout))
-        gl.store(OUT + offs_m[:, None].to(gl.int64) * stride_o + offs_k[None, :], out,
-                 mask=(offs_m[:, None] < M) & (offs_k[None, :] < K))
+        gl.store(
+            OUT + offs_m[:, None].to(gl.int64) * stride_o + offs_k[None, :],
+            out,
+            mask=(offs_m[:, None] < M) & (offs_k[None, :] < K),
+        )
 
     @gluon.jit
     def _fetch(desc, coord0, coord1, bar, dst, pred):
@@ -146,22 +175,25 @@ if gluon is not None:
         tma_load(desc, [coord0, coord1], bar, dst, pred=pred)
 
     @gluon.jit
-    def _mma_partition(g_desc, g_smem, b_smem, g_loaded, decoded, b_empty, pid_m, STEPS, BK: gl.constexpr,
-                       num_warps: gl.constexpr):
+    def _mma_partition(
+        g_desc, g_smem, b_smem, g_loaded, decoded, b_empty, pid_m, STEPS, BK: gl.constexpr, num_warps: gl.constexpr
+    ):
         STAGES: gl.constexpr = g_smem.type.shape[0]
         SB: gl.constexpr = b_smem.type.shape[0]
         BM: gl.constexpr = g_smem.type.shape[1]
         # out^T [BK, BM] = trits^T [BK, CH] (the decoded tile read M-major) @ g^T [CH, BM]:
         # each warpgroup one m64 block of K rows at n = BM, so the trits are read once per step.
-        mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                      instr_shape=[16, BM, 16])
+        mma: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, BM, 16]
+        )
         acc = gl.zeros([BK, BM], gl.float32, mma)
         for i in range(STEPS):
             s = i % STAGES
             mbarrier.wait(g_loaded.index(s), (i // STAGES) & 1)
             mbarrier.wait(decoded.index(i % SB), (i // SB) & 1)
-            acc = warpgroup_mma(b_smem.index(i % SB).permute((1, 0)), g_smem.index(s).permute((1, 0)), acc,
-                                is_async=True)
+            acc = warpgroup_mma(
+                b_smem.index(i % SB).permute((1, 0)), g_smem.index(s).permute((1, 0)), acc, is_async=True
+            )
             acc = warpgroup_mma_wait(num_outstanding=1, deps=[acc])
             # Step i - 1's MMA is done: its trits buffer and grad stage are free (at i = 0 the
             # stage refilled below, STAGES - 1, was never used).
@@ -172,8 +204,9 @@ if gluon is not None:
         return (acc,)  # a tuple: the default partition's results are flattened
 
     @gluon.jit
-    def _decode_partition(p_desc, p_smem, b_smem, p_loaded, decoded, b_empty, pid_k, STEPS, ZERO,
-                          LO: gl.constexpr, HI: gl.constexpr):
+    def _decode_partition(
+        p_desc, p_smem, b_smem, p_loaded, decoded, b_empty, pid_k, STEPS, ZERO, LO: gl.constexpr, HI: gl.constexpr
+    ):
         STAGES: gl.constexpr = p_smem.type.shape[0]
         SB: gl.constexpr = b_smem.type.shape[0]
         BK: gl.constexpr = 4 * p_smem.type.shape[2]
@@ -196,9 +229,25 @@ if gluon is not None:
             _fetch(p_desc, j * CH, pid_k * (BK // 4), p_loaded.index(s), p_smem.index(s), j < STEPS)
 
     @gluon.jit
-    def _grad_input_ws_kernel(g_desc, p_desc, WS, OUT, M, K, STEPS, ZERO, stride_o, LO: gl.constexpr,
-                              HI: gl.constexpr, GROUP_K: gl.constexpr, STAGES: gl.constexpr, SB: gl.constexpr,
-                              DW: gl.constexpr, DREGS: gl.constexpr, num_warps: gl.constexpr):
+    def _grad_input_ws_kernel(
+        g_desc,
+        p_desc,
+        WS,
+        OUT,
+        M,
+        K,
+        STEPS,
+        ZERO,
+        stride_o,
+        LO: gl.constexpr,
+        HI: gl.constexpr,
+        GROUP_K: gl.constexpr,
+        STAGES: gl.constexpr,
+        SB: gl.constexpr,
+        DW: gl.constexpr,
+        DREGS: gl.constexpr,
+        num_warps: gl.constexpr,
+    ):
         BM: gl.constexpr = g_desc.block_type.shape[0]
         BK: gl.constexpr = 4 * p_desc.block_type.shape[1]
         dtype: gl.constexpr = g_desc.block_type.element_ty
@@ -219,10 +268,14 @@ if gluon is not None:
         for j in gl.static_range(STAGES):  # bytes: STAGES steps ahead; grad tiles: STAGES - 1
             _fetch(p_desc, j * CH, pid_k * (BK // 4), p_loaded.index(j), p_smem.index(j), j < STEPS)
             _fetch(g_desc, pid_m * BM, j * CH, g_loaded.index(j), g_smem.index(j), j < gl.minimum(STEPS, STAGES - 1))
-        acc, = gl.warp_specialize([(_mma_partition, (g_desc, g_smem, b_smem, g_loaded, decoded, b_empty, pid_m,
-                                                     STEPS, BK, num_warps)),
-                                   (_decode_partition, (p_desc, p_smem, b_smem, p_loaded, decoded, b_empty, pid_k,
-                                                        STEPS, ZERO, LO, HI))], [DW], [DREGS])
+        (acc,) = gl.warp_specialize(
+            [
+                (_mma_partition, (g_desc, g_smem, b_smem, g_loaded, decoded, b_empty, pid_m, STEPS, BK, num_warps)),
+                (_decode_partition, (p_desc, p_smem, b_smem, p_loaded, decoded, b_empty, pid_k, STEPS, ZERO, LO, HI)),
+            ],
+            [DW],
+            [DREGS],
+        )
         acc = acc * gl.load(WS).to(dtype).to(gl.float32)
         _store_transposed(acc, OUT, pid_m * BM, pid_k * BK, M, K, stride_o, num_warps)
 
@@ -242,7 +295,9 @@ def descriptors(g: torch.Tensor, p8: torch.Tensor, BM: int, BK: int):
     """TMA descriptors: grad tiles [BM, STEP] and packed-byte tiles [STEP rows of N, BK / 4]."""
     (m, n), gdt = g.shape, gl.bfloat16 if g.dtype == torch.bfloat16 else gl.float16
     g_desc = TensorDescriptor(g, [m, n], [g.stride(0), 1], [BM, STEP], _smem_layout(BM, STEP, gdt))
-    p_desc = TensorDescriptor(p8, list(p8.shape), [p8.stride(0), 1], [STEP, BK // 4], _smem_layout(STEP, BK // 4, gl.int8))
+    p_desc = TensorDescriptor(
+        p8, list(p8.shape), [p8.stride(0), 1], [STEP, BK // 4], _smem_layout(STEP, BK // 4, gl.int8)
+    )
     return g_desc, p_desc
 
 
@@ -251,20 +306,39 @@ def constexprs(dtype: str, STAGES: int, SB: int, GROUP_K: int) -> dict:
     """The kernel's compile-time arguments for ``dtype`` grads ("bf16" / "fp16"), as ``launch``
     passes them (``tools/sass.py`` compiles with the same)."""
     lo, hi = ONE_TABLES[dtype]
-    return dict(LO=int32(lo), HI=int32(hi), GROUP_K=GROUP_K, STAGES=STAGES, SB=SB, DW=DECODE_WARPS, DREGS=DECODE_REGS,
-                num_warps=MMA_WARPS)
+    return dict(
+        LO=int32(lo),
+        HI=int32(hi),
+        GROUP_K=GROUP_K,
+        STAGES=STAGES,
+        SB=SB,
+        DW=DECODE_WARPS,
+        DREGS=DECODE_REGS,
+        num_warps=MMA_WARPS,
+    )
 
 
-def launch(g: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, out: torch.Tensor, BM: int, BK: int,
-           STAGES: int, SB: int, GROUP_K: int):
+def launch(
+    g: torch.Tensor,
+    wq: torch.Tensor,
+    w_scale: torch.Tensor,
+    out: torch.Tensor,
+    BM: int,
+    BK: int,
+    STAGES: int,
+    SB: int,
+    GROUP_K: int,
+):
     """``out [m, k] = g [m, n] @ (unpack(wq [n, kb]) * w_scale)`` (operands as ``supports`` takes)."""
     (m, n), k = g.shape, out.shape[1]
     g, p8 = _tma_ready(g), _tma_ready(wq).view(torch.int8)
     g_desc, p_desc = descriptors(g, p8, BM, BK)
     grid = (-(-m // BM) * -(-k // BK),)
     options = constexprs("bf16" if g.dtype == torch.bfloat16 else "fp16", STAGES, SB, GROUP_K)
-    compiled = _grad_input_ws_kernel[grid](g_desc, p_desc, w_scale, out, m, k, -(-n // STEP), 0, out.stride(0),
-                                           **options, maxnreg=MAX_REGS)
-    tuning.dump_source(_grad_input_ws_kernel, compiled, dict(BM=BM, BK=BK, STAGES=STAGES, SB=SB, GROUP_K=GROUP_K,
-                                                             grad=str(g.dtype)))
+    compiled = _grad_input_ws_kernel[grid](
+        g_desc, p_desc, w_scale, out, m, k, -(-n // STEP), 0, out.stride(0), **options, maxnreg=MAX_REGS
+    )
+    tuning.dump_source(
+        _grad_input_ws_kernel, compiled, dict(BM=BM, BK=BK, STAGES=STAGES, SB=SB, GROUP_K=GROUP_K, grad=str(g.dtype))
+    )
     return compiled

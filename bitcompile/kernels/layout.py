@@ -9,6 +9,7 @@ QAT re-packs every step, so its ops re-lay out per call and keep nothing
 be memory the graph does not track). ``once`` is that per-tensor cache, also for the conv's
 re-ordered weights (``conv.conv_taps``).
 """
+
 from __future__ import annotations
 
 from typing import Callable, Optional
@@ -61,8 +62,9 @@ def relayout(wq: torch.Tensor, k: int, wrap: Optional[Callable] = None) -> torch
     """Canonical packed ``uint8 [N, ceil(k/4)]`` -> K-blocked ("nibbles") ``uint8 [N, kblocked_columns(k)]``
     (``wrap``: launched through ``torch.library.wrap_triton``, ``tuning.traceable``)."""
     if wq.dtype != torch.uint8 or wq.dim() != 2 or wq.shape[1] != (k + 3) // 4:
-        raise ValueError(f"relayout needs canonical packed uint8 [N, ceil(k/4)] weights, got {wq.dtype} "
-                         f"{tuple(wq.shape)} for k={k}")
+        raise ValueError(
+            f"relayout needs canonical packed uint8 [N, ceil(k/4)] weights, got {wq.dtype} {tuple(wq.shape)} for k={k}"
+        )
     wq = wq.contiguous()
     n = wq.shape[0]
     kbo = kblocked_columns(k)
@@ -71,14 +73,14 @@ def relayout(wq: torch.Tensor, k: int, wrap: Optional[Callable] = None) -> torch
         bn = 16 if tuning.interpreting() else 32  # sm_90: 4 loads + 1 16-byte store per thread, no shared memory
         words = out.view(torch.int32)  # rows of whole 64-byte blocks: word aligned
         kernel = tuning.traceable(_relayout_kernel, wrap)
-        kernel[(triton.cdiv(n, bn), kbo // QUARTER)](wq, words, n, k, wq.shape[1], wq.stride(0), words.stride(0),
-                                                     BN=bn, Q=QUARTER, num_warps=4)
+        kernel[(triton.cdiv(n, bn), kbo // QUARTER)](
+            wq, words, n, k, wq.shape[1], wq.stride(0), words.stride(0), BN=bn, Q=QUARTER, num_warps=4
+        )
     return out
 
 
 @triton.jit
-def _transposed_kernel(P, OUT, N, K, KB, stride_p, stride_o, BC: tl.constexpr, Q: tl.constexpr,
-                       NIBBLES: tl.constexpr):
+def _transposed_kernel(P, OUT, N, K, KB, stride_p, stride_o, BC: tl.constexpr, Q: tl.constexpr, NIBBLES: tl.constexpr):
     # Input: a [4Q rows, BC bytes] tile of canonical bytes, read along the bytes (coalesced).
     # Output row k = 4c + s (field s of byte column c), block b = program_id(1): the trit of
     # input row n = b*4Q + i*Q + j (quarter i, word j // 4, n' = j % 4) goes to byte j, bits 2i
@@ -109,8 +111,9 @@ def _transposed_kernel(P, OUT, N, K, KB, stride_p, stride_o, BC: tl.constexpr, Q
         tl.store(out_rows + k.to(tl.int64) * stride_o, out.to(tl.uint8), mask=k < K)
 
 
-def transposed_kblocked(wq: torch.Tensor, k: int, wrap: Optional[Callable] = None,
-                        order: str = "nibbles") -> torch.Tensor:
+def transposed_kblocked(
+    wq: torch.Tensor, k: int, wrap: Optional[Callable] = None, order: str = "nibbles"
+) -> torch.Tensor:
     """Canonical packed trits ``T [N, ceil(k/4)]`` -> ``T^T`` K-blocked, ``uint8 [k,
     kblocked_columns(N)]``, in ``order`` (``bitcompile.numerics.packing``): "nibbles" lets the
     forward matmul kernel compute ``g @ T`` (the int8 QAT input gradient), "fields" is the
@@ -118,8 +121,10 @@ def transposed_kblocked(wq: torch.Tensor, k: int, wrap: Optional[Callable] = Non
     if order not in KBLOCK_ORDERS:
         raise ValueError(f"unknown K-blocked order {order!r}; supported: {', '.join(KBLOCK_ORDERS)}")
     if wq.dtype != torch.uint8 or wq.dim() != 2 or wq.shape[1] != (k + 3) // 4:
-        raise ValueError(f"transposed_kblocked needs canonical packed uint8 [N, ceil(k/4)] weights, got {wq.dtype} "
-                         f"{tuple(wq.shape)} for k={k}")
+        raise ValueError(
+            f"transposed_kblocked needs canonical packed uint8 [N, ceil(k/4)] weights, got {wq.dtype} "
+            f"{tuple(wq.shape)} for k={k}"
+        )
     wq = wq.contiguous()
     n, kb = wq.shape
     cols = kblocked_columns(n)
@@ -127,8 +132,9 @@ def transposed_kblocked(wq: torch.Tensor, k: int, wrap: Optional[Callable] = Non
     if k and cols:
         bc = 16 if tuning.interpreting() else 32
         kernel = tuning.traceable(_transposed_kernel, wrap)
-        kernel[(triton.cdiv(kb, bc), cols // QUARTER)](wq, out, n, k, kb, wq.stride(0), out.stride(0), BC=bc, Q=QUARTER,
-                                                       NIBBLES=order == "nibbles", num_warps=4)
+        kernel[(triton.cdiv(kb, bc), cols // QUARTER)](
+            wq, out, n, k, kb, wq.stride(0), out.stride(0), BC=bc, Q=QUARTER, NIBBLES=order == "nibbles", num_warps=4
+        )
     return out
 
 

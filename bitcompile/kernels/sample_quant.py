@@ -12,6 +12,7 @@ A conv sums over channels and kernel taps, so its activations get one absmax sca
 
 Divisions are IEEE (``div_rn``), rounding ties to even, NaN -> 0: the reference's integers exactly.
 """
+
 from __future__ import annotations
 
 import torch
@@ -45,8 +46,9 @@ def _absmax_kernel(X, AMAX, E, PER, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _quantize_kernel(X, AMAX, Q, S, C, P, s_xn, s_xc, s_xp, qmax, BC: tl.constexpr, BP: tl.constexpr,
-                     USE_ASM: tl.constexpr):
+def _quantize_kernel(
+    X, AMAX, Q, S, C, P, s_xn, s_xc, s_xp, qmax, BC: tl.constexpr, BP: tl.constexpr, USE_ASM: tl.constexpr
+):
     n = tl.program_id(0)
     qmax = tl.cast(qmax, tl.float32)
     amax = tl.load(AMAX + n).to(tl.float32, bitcast=True)
@@ -92,7 +94,21 @@ def quantize_per_sample(x: torch.Tensor, bits: int = 8) -> tuple[torch.Tensor, t
     _absmax_kernel[(nb, triton.cdiv(per_sample, per))](x, amax, per_sample, per, BLOCK=block, num_warps=4)
     bp, bc = (16, 16) if interp else (64, 64)
     grid = (nb, triton.cdiv(positions, bp), triton.cdiv(c, bc))
-    compiled = _quantize_kernel[grid](x, amax, q, scale, c, positions, per_sample, s_xc, s_xp,
-                                      float(2 ** (bits - 1) - 1), BC=bc, BP=bp, USE_ASM=not interp, num_warps=4)
+    compiled = _quantize_kernel[grid](
+        x,
+        amax,
+        q,
+        scale,
+        c,
+        positions,
+        per_sample,
+        s_xc,
+        s_xp,
+        float(2 ** (bits - 1) - 1),
+        BC=bc,
+        BP=bp,
+        USE_ASM=not interp,
+        num_warps=4,
+    )
     tuning.dump_source(_quantize_kernel, compiled, {"BC": bc, "BP": bp, "x": str(x.dtype)})
     return q, scale

@@ -26,6 +26,7 @@ All share one epilogue (``common.matmul_epilogue``): ``acc * s_w * s_x (+ bias)`
 an optional residual add, and the cast to the output dtype, in the reference's order.
 How each kernel works and what its design choices measure on the H100: ``docs/kernels.md``.
 """
+
 from __future__ import annotations
 
 import functools
@@ -36,8 +37,17 @@ import triton
 import triton.language as tl
 
 from bitcompile.kernels import tuning, wgmma_matmul
-from bitcompile.kernels.common import (ACTIVATIONS, ZERO_WORD, grouped_tile, kblock_quarter, kblock_quarter_from,
-                                      matmul_epilogue, pair_tables_in_registers, split_k_total, unpack_kblock)
+from bitcompile.kernels.common import (
+    ACTIVATIONS,
+    ZERO_WORD,
+    grouped_tile,
+    kblock_quarter,
+    kblock_quarter_from,
+    matmul_epilogue,
+    pair_tables_in_registers,
+    split_k_total,
+    unpack_kblock,
+)
 from bitcompile.kernels.layout import QUARTER, kblocked, relayout
 
 GEMV_MAX_M = 16  # dp4a cost grows with M: from 2 rows on, tuning times it against the tensor cores
@@ -47,8 +57,9 @@ GEMV_MAX_M = 16  # dp4a cost grows with M: from 2 rows on, tuning times it again
 def _dp4a(a, b, c, USE_ASM: tl.constexpr):
     """c + sum over the 4 signed bytes of a times those of b, int32."""
     if USE_ASM:
-        return tl.inline_asm_elementwise("dp4a.s32.s32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c],
-                                         dtype=tl.int32, is_pure=True, pack=1)
+        return tl.inline_asm_elementwise(
+            "dp4a.s32.s32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c], dtype=tl.int32, is_pure=True, pack=1
+        )
     else:  # the interpreter has no PTX: the same sum, byte by byte
         for j in tl.static_range(4):
             c += ((a << (24 - 8 * j)) >> 24) * ((b << (24 - 8 * j)) >> 24)
@@ -86,17 +97,46 @@ def _row_words(P, row, N, stride_pn, offs, mask, MASKED: tl.constexpr, R: tl.con
     if R == 2:
         w = tl.join(w, _row_word(P, row + 1, N, stride_pn, offs, mask, MASKED))
     elif R == 4:
-        w = tl.join(tl.join(w, _row_word(P, row + 2, N, stride_pn, offs, mask, MASKED)),
-                    tl.join(_row_word(P, row + 1, N, stride_pn, offs, mask, MASKED),
-                            _row_word(P, row + 3, N, stride_pn, offs, mask, MASKED)))
+        w = tl.join(
+            tl.join(w, _row_word(P, row + 2, N, stride_pn, offs, mask, MASKED)),
+            tl.join(
+                _row_word(P, row + 1, N, stride_pn, offs, mask, MASKED),
+                _row_word(P, row + 3, N, stride_pn, offs, mask, MASKED),
+            ),
+        )
     return w
 
 
 @triton.jit
-def _gemv_kernel(A, P, C, XS, WS, BIAS, RES, M, N, XW, PW, ZERO, stride_am, stride_pn, stride_cm, stride_rm,
-                 BM: tl.constexpr, BN: tl.constexpr, BW: tl.constexpr, R: tl.constexpr, EVEN: tl.constexpr,
-                 USE_ASM: tl.constexpr, EPILOGUE: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr,
-                 ACTIVATION: tl.constexpr, HAS_RES: tl.constexpr):
+def _gemv_kernel(
+    A,
+    P,
+    C,
+    XS,
+    WS,
+    BIAS,
+    RES,
+    M,
+    N,
+    XW,
+    PW,
+    ZERO,
+    stride_am,
+    stride_pn,
+    stride_cm,
+    stride_rm,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BW: tl.constexpr,
+    R: tl.constexpr,
+    EVEN: tl.constexpr,
+    USE_ASM: tl.constexpr,
+    EPILOGUE: tl.constexpr,
+    PER_CHANNEL: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    ACTIVATION: tl.constexpr,
+    HAS_RES: tl.constexpr,
+):
     # A: int32 words of 4 int8 activations [M, XW]; P: int32 words of 4 K-blocked bytes
     # [N, PW]. Word w of a 16-word (256-trit) block, quarter i, holds trits
     # k = 256 * block + 64 i + 4 (w % 16) + 0..3, i.e. activation word 64 block + 16 i + w % 16.
@@ -145,8 +185,25 @@ def _gemv_kernel(A, P, C, XS, WS, BIAS, RES, M, N, XW, PW, ZERO, stride_am, stri
     out = tl.reshape(tl.sum(tl.sum(acc, axis=3), axis=2), (BM, BN))  # [BM, G, (a, b)]: row g R + 2a + b
     offs_m = tl.arange(0, BM)
     offs_n = pid_n * BN + tl.arange(0, BN)
-    matmul_epilogue(out, C, XS, WS, BIAS, RES, offs_m, offs_n, M, N, stride_cm, stride_rm,
-                    EPILOGUE, PER_CHANNEL, HAS_BIAS, ACTIVATION, HAS_RES)
+    matmul_epilogue(
+        out,
+        C,
+        XS,
+        WS,
+        BIAS,
+        RES,
+        offs_m,
+        offs_n,
+        M,
+        N,
+        stride_cm,
+        stride_rm,
+        EPILOGUE,
+        PER_CHANNEL,
+        HAS_BIAS,
+        ACTIVATION,
+        HAS_RES,
+    )
 
 
 @triton.jit
@@ -159,13 +216,42 @@ def _mma(acc, w, a, SWAP: tl.constexpr):
 
 
 @triton.jit
-def _gemm_kernel(A, P, C, XS, WS, BIAS, RES, PARTIAL, COUNT, M, N, K, KPB, stride_am, stride_pn, stride_cm,
-                 stride_rm, BM: tl.constexpr, BN: tl.constexpr, GROUP_N: tl.constexpr, Q: tl.constexpr,
-                 SPLIT_K: tl.constexpr, STORE_PARTIALS: tl.constexpr, SWAP: tl.constexpr, JOIN_K: tl.constexpr,
-                 EVEN_K: tl.constexpr,
-                 USE_ASM: tl.constexpr, EPILOGUE: tl.constexpr,
-                 PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, HAS_RES: tl.constexpr,
-                 A_TMA: tl.constexpr, HOST_DESC: tl.constexpr):
+def _gemm_kernel(
+    A,
+    P,
+    C,
+    XS,
+    WS,
+    BIAS,
+    RES,
+    PARTIAL,
+    COUNT,
+    M,
+    N,
+    K,
+    KPB,
+    stride_am,
+    stride_pn,
+    stride_cm,
+    stride_rm,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    GROUP_N: tl.constexpr,
+    Q: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    STORE_PARTIALS: tl.constexpr,
+    SWAP: tl.constexpr,
+    JOIN_K: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    USE_ASM: tl.constexpr,
+    EPILOGUE: tl.constexpr,
+    PER_CHANNEL: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    ACTIVATION: tl.constexpr,
+    HAS_RES: tl.constexpr,
+    A_TMA: tl.constexpr,
+    HOST_DESC: tl.constexpr,
+):
     # A_TMA: the tensor memory accelerator fetches the activations (blocks [BM, 4Q] joined,
     # [BM, Q] per quarter), zero-filling past M and K. A is then a host TensorDescriptor
     # (HOST_DESC) or the int8 pointer, described here (traced launches: Inductor cannot take a
@@ -219,13 +305,31 @@ def _gemm_kernel(A, P, C, XS, WS, BIAS, RES, PARTIAL, COUNT, M, N, K, KPB, strid
         out = acc
     if SPLIT_K > 1:
         at = tl.arange(0, BM)[:, None] * BN + tl.arange(0, BN)[None, :]
-        out, last = split_k_total(out, at, PARTIAL, COUNT, pid_n * tl.cdiv(M, BM) + pid_m, pid_k, BM * BN, SPLIT_K,
-                                  STORE_PARTIALS, USE_ASM)
+        out, last = split_k_total(
+            out, at, PARTIAL, COUNT, pid_n * tl.cdiv(M, BM) + pid_m, pid_k, BM * BN, SPLIT_K, STORE_PARTIALS, USE_ASM
+        )
     else:
         last = True
     if last:
-        matmul_epilogue(out, C, XS, WS, BIAS, RES, offs_m, offs_n, M, N, stride_cm, stride_rm,
-                        EPILOGUE, PER_CHANNEL, HAS_BIAS, ACTIVATION, HAS_RES)
+        matmul_epilogue(
+            out,
+            C,
+            XS,
+            WS,
+            BIAS,
+            RES,
+            offs_m,
+            offs_n,
+            M,
+            N,
+            stride_cm,
+            stride_rm,
+            EPILOGUE,
+            PER_CHANNEL,
+            HAS_BIAS,
+            ACTIVATION,
+            HAS_RES,
+        )
 
 
 _workspaces: dict = {}
@@ -237,8 +341,10 @@ def _split_k_workspace(device: torch.device, numel: int, tiles: int):
     key = (device, torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0)
     ws = _workspaces.get(key)
     if ws is None or ws[0].numel() < numel or ws[1].numel() < tiles:
-        ws = (torch.zeros(max(numel, 1 << 16), device=device, dtype=torch.int32),
-              torch.zeros(max(tiles, 1024), device=device, dtype=torch.int32))
+        ws = (
+            torch.zeros(max(numel, 1 << 16), device=device, dtype=torch.int32),
+            torch.zeros(max(tiles, 1024), device=device, dtype=torch.int32),
+        )
         _workspaces[key] = ws
     return ws
 
@@ -248,56 +354,124 @@ def _gemv_configs(m: int):
         return [dict(kernel="gemv", BN=4, BW=32, R=(2, 4, 1)[m % 3], num_warps=4)]
     # (BN, BW, warps, stages), timed on the H100 with benchmarks/sweep_matmul.py (docs/kernels.md):
     # each wins at some shape; 1-2 warp programs (up to 32 per SM) win at 8192^2 and 14336x4096.
-    shapes = [(4, 64, 4, 3), (8, 64, 4, 3), (4, 128, 4, 2), (8, 128, 8, 2), (4, 128, 8, 3), (2, 128, 4, 3),
-              (8, 128, 4, 3), (16, 128, 8, 2),
-              (4, 64, 2, 2), (2, 128, 2, 2), (8, 64, 2, 2), (4, 128, 2, 2), (2, 64, 1, 2),
-              (4, 32, 1, 2)]
+    shapes = [
+        (4, 64, 4, 3),
+        (8, 64, 4, 3),
+        (4, 128, 4, 2),
+        (8, 128, 8, 2),
+        (4, 128, 8, 3),
+        (2, 128, 4, 3),
+        (8, 128, 4, 3),
+        (16, 128, 8, 2),
+        (4, 64, 2, 2),
+        (2, 128, 2, 2),
+        (8, 64, 2, 2),
+        (4, 128, 2, 2),
+        (2, 64, 1, 2),
+        (4, 32, 1, 2),
+    ]
     configs = [dict(kernel="gemv", BN=bn, BW=bw, R=1, num_warps=w, num_stages=s) for bn, bw, w, s in shapes]
     if m == 1:  # (BN, R, BW, warps, stages): R rows per thread share the activation loads
-        configs += [dict(kernel="gemv", BN=bn, R=r, BW=bw, num_warps=w, num_stages=s) for bn, r, bw, w, s in
-                    [(4, 4, 128, 1, 2), (4, 4, 128, 1, 3), (4, 4, 256, 1, 2), (8, 4, 128, 2, 2), (16, 4, 128, 4, 2),
-                     (2, 2, 128, 1, 2), (2, 2, 128, 1, 3), (4, 2, 128, 2, 3), (8, 2, 128, 4, 3),
-                     # 64-word steps: rows of K = 4096 are only two 128-word steps
-                     (8, 4, 64, 1, 2), (8, 4, 64, 1, 3), (16, 4, 64, 2, 2), (4, 4, 256, 2, 2)]]
+        configs += [
+            dict(kernel="gemv", BN=bn, R=r, BW=bw, num_warps=w, num_stages=s)
+            for bn, r, bw, w, s in [
+                (4, 4, 128, 1, 2),
+                (4, 4, 128, 1, 3),
+                (4, 4, 256, 1, 2),
+                (8, 4, 128, 2, 2),
+                (16, 4, 128, 4, 2),
+                (2, 2, 128, 1, 2),
+                (2, 2, 128, 1, 3),
+                (4, 2, 128, 2, 3),
+                (8, 2, 128, 4, 3),
+                # 64-word steps: rows of K = 4096 are only two 128-word steps
+                (8, 4, 64, 1, 2),
+                (8, 4, 64, 1, 3),
+                (16, 4, 64, 2, 2),
+                (4, 4, 256, 2, 2),
+            ]
+        ]
     elif m > 4:  # BM x BN x BW accumulators: keep the register tile small
-        configs = [dict(kernel="gemv", BN=bn, BW=bw, R=1, num_warps=w, num_stages=s)
-                   for bn, bw, w, s in [(2, 64, 4, 3), (4, 64, 8, 3), (2, 128, 8, 2), (1, 128, 4, 3)]]
+        configs = [
+            dict(kernel="gemv", BN=bn, BW=bw, R=1, num_warps=w, num_stages=s)
+            for bn, bw, w, s in [(2, 64, 4, 3), (4, 64, 8, 3), (2, 128, 8, 2), (1, 128, 4, 3)]
+        ]
     return configs
 
 
 def _gemm_configs(m: int):
     if tuning.interpreting():
-        return [dict(kernel="gemm", BN=16, BM=16, GROUP_N=4, SPLIT_K=sk, SWAP=sw, JOIN_K=jk, num_warps=4)
-                for sk, sw, jk in ((2, True, True), (1, False, False), (1, False, True), (2, True, False))]
+        return [
+            dict(kernel="gemm", BN=16, BM=16, GROUP_N=4, SPLIT_K=sk, SWAP=sw, JOIN_K=jk, num_warps=4)
+            for sk, sw, jk in ((2, True, True), (1, False, False), (1, False, True), (2, True, False))
+        ]
     # Timed on the H100 with benchmarks/sweep_matmul.py; the measurements behind each list are in
     # docs/kernels.md.
     if m <= 32:  # (BN, BM, split, swap, warps, stages): split-K gives the few weight tiles enough programs
-        shapes = [(64, 16, 4, 1, 4, 3), (64, 16, 2, 1, 4, 3), (32, 16, 4, 1, 4, 3), (32, 16, 1, 1, 4, 3),
-                  (32, 16, 4, 0, 4, 3), (64, 16, 4, 0, 4, 3), (16, 16, 4, 0, 4, 3), (64, 32, 4, 1, 4, 3),
-                  (32, 16, 1, 0, 4, 3), (64, 16, 8, 1, 4, 3), (128, 16, 4, 1, 4, 3), (128, 16, 8, 1, 4, 3),
-                  (32, 16, 8, 1, 4, 3),
-                  # deeper pipelines: ahead at 4096^2 and M=4, a tie at 8192^2
-                  (64, 16, 4, 1, 4, 5), (64, 16, 2, 1, 4, 5), (64, 16, 8, 1, 4, 4), (32, 16, 4, 1, 4, 5)]
+        shapes = [
+            (64, 16, 4, 1, 4, 3),
+            (64, 16, 2, 1, 4, 3),
+            (32, 16, 4, 1, 4, 3),
+            (32, 16, 1, 1, 4, 3),
+            (32, 16, 4, 0, 4, 3),
+            (64, 16, 4, 0, 4, 3),
+            (16, 16, 4, 0, 4, 3),
+            (64, 32, 4, 1, 4, 3),
+            (32, 16, 1, 0, 4, 3),
+            (64, 16, 8, 1, 4, 3),
+            (128, 16, 4, 1, 4, 3),
+            (128, 16, 8, 1, 4, 3),
+            (32, 16, 8, 1, 4, 3),
+            # deeper pipelines: ahead at 4096^2 and M=4, a tie at 8192^2
+            (64, 16, 4, 1, 4, 5),
+            (64, 16, 2, 1, 4, 5),
+            (64, 16, 8, 1, 4, 4),
+            (32, 16, 4, 1, 4, 5),
+        ]
     elif m <= 256:
         # One 4-warp program per SM (128 tiles at 8192^2) issues an instruction only every ~3.5
         # cycles (ncu): smaller tiles, 8 warps or split-K give each SM more warps.
-        shapes = [(128, 64, 1, 1, 4, 3), (128, 128, 1, 1, 8, 3), (64, 64, 2, 1, 4, 3), (128, 64, 2, 0, 4, 3),
-                  (128, 128, 1, 0, 8, 3), (64, 128, 2, 0, 4, 3), (128, 128, 2, 0, 8, 3), (64, 64, 1, 1, 4, 3),
-                  (128, 64, 1, 1, 8, 3), (64, 128, 1, 1, 4, 3), (64, 32, 1, 1, 4, 3), (128, 64, 2, 1, 4, 3),
-                  (64, 64, 4, 1, 4, 3),
-                  # 4-5 stages: the best M=128 tiles at 8192^2 with the prmt decode
-                  (64, 64, 1, 1, 4, 4), (64, 64, 1, 1, 4, 5), (128, 64, 1, 1, 4, 4), (64, 64, 2, 1, 4, 4),
-                  (64, 32, 1, 1, 4, 4)]
+        shapes = [
+            (128, 64, 1, 1, 4, 3),
+            (128, 128, 1, 1, 8, 3),
+            (64, 64, 2, 1, 4, 3),
+            (128, 64, 2, 0, 4, 3),
+            (128, 128, 1, 0, 8, 3),
+            (64, 128, 2, 0, 4, 3),
+            (128, 128, 2, 0, 8, 3),
+            (64, 64, 1, 1, 4, 3),
+            (128, 64, 1, 1, 8, 3),
+            (64, 128, 1, 1, 4, 3),
+            (64, 32, 1, 1, 4, 3),
+            (128, 64, 2, 1, 4, 3),
+            (64, 64, 4, 1, 4, 3),
+            # 4-5 stages: the best M=128 tiles at 8192^2 with the prmt decode
+            (64, 64, 1, 1, 4, 4),
+            (64, 64, 1, 1, 4, 5),
+            (128, 64, 1, 1, 4, 4),
+            (64, 64, 2, 1, 4, 4),
+            (64, 32, 1, 1, 4, 4),
+        ]
     else:  # the 2-stage 128x128 tiles fit two programs per SM (registers and shared memory), so
         # one program's unpack can overlap the other's tensor-core work (Triton waits on each dot)
-        shapes = [(128, 256, 1, 1, 8, 3), (256, 128, 1, 0, 8, 3), (128, 256, 1, 0, 8, 3), (128, 128, 1, 0, 8, 4),
-                  (256, 128, 1, 1, 8, 3), (128, 128, 1, 1, 8, 2), (128, 128, 1, 0, 8, 2)]
+        shapes = [
+            (128, 256, 1, 1, 8, 3),
+            (256, 128, 1, 0, 8, 3),
+            (128, 256, 1, 0, 8, 3),
+            (128, 128, 1, 0, 8, 4),
+            (256, 128, 1, 1, 8, 3),
+            (128, 128, 1, 1, 8, 2),
+            (128, 128, 1, 0, 8, 2),
+        ]
     # JOIN_K: one dot per 256-trit block instead of one per quarter (both are timed). Left out:
     # what needs more than the H100's 227 KB of shared memory (4-stage 128x256 tiles, and the
     # joined 256-row activation tile unswapped).
-    configs = [dict(kernel="gemm", BN=bn, BM=bm, SPLIT_K=sk, SWAP=bool(sw), JOIN_K=jk, GROUP_N=8, num_warps=w,
-                    num_stages=s) for bn, bm, sk, sw, w, s in shapes for jk in (False, True)
-               if not (jk and bm == 256 and not sw)]
+    configs = [
+        dict(kernel="gemm", BN=bn, BM=bm, SPLIT_K=sk, SWAP=bool(sw), JOIN_K=jk, GROUP_N=8, num_warps=w, num_stages=s)
+        for bn, bm, sk, sw, w, s in shapes
+        for jk in (False, True)
+        if not (jk and bm == 256 and not sw)
+    ]
     if m > 256:  # activations by TMA, for the swapped tiles: no unswapped TMA tile wins on the H100
         configs += [dict(c, A_TMA=True) for c in configs if c["SWAP"]]
     return configs
@@ -309,8 +483,20 @@ def _wgmma_configs(m: int):
         return []
     # (BN, NB blocks per step, stages, split), timed on the H100 (sweep_matmul.py --kernels wgmma; see
     # docs/kernels.md): 4-block steps and 3-4 stage rings win at 8192^2, split 4 at K = 14336.
-    shapes = [(64, 2, 3, 1), (64, 2, 4, 1), (64, 4, 3, 1), (64, 4, 4, 1), (64, 4, 5, 1), (64, 4, 6, 1), (64, 8, 3, 1),
-              (64, 2, 4, 2), (64, 4, 3, 2), (64, 2, 3, 4), (64, 2, 4, 4), (64, 1, 4, 4)]
+    shapes = [
+        (64, 2, 3, 1),
+        (64, 2, 4, 1),
+        (64, 4, 3, 1),
+        (64, 4, 4, 1),
+        (64, 4, 5, 1),
+        (64, 4, 6, 1),
+        (64, 8, 3, 1),
+        (64, 2, 4, 2),
+        (64, 4, 3, 2),
+        (64, 2, 3, 4),
+        (64, 2, 4, 4),
+        (64, 1, 4, 4),
+    ]
     configs = [dict(kernel="wgmma", BN=bn, NB=nb, STAGES=s, SPLIT_K=sk, num_warps=4) for bn, nb, s, sk in shapes]
     configs += [dict(c, WIDE=True) for c in configs if c["NB"] % 2 == 0]
     return [c for c in configs if wgmma_matmul.fits(m, **c)]
@@ -350,11 +536,20 @@ def _as_words(t: torch.Tensor) -> torch.Tensor:
         return t.clone().view(torch.int32)
 
 
-def ternary_matmul(a: torch.Tensor, wq: torch.Tensor, k: int, x_scale: Optional[torch.Tensor] = None,
-                   w_scale: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None,
-                   out_dtype: torch.dtype = torch.int32, activation: str = "none",
-                   residual: Optional[torch.Tensor] = None, layout: str = "canonical",
-                   wrap: Optional[Callable] = None, keep: bool = True) -> torch.Tensor:
+def ternary_matmul(
+    a: torch.Tensor,
+    wq: torch.Tensor,
+    k: int,
+    x_scale: Optional[torch.Tensor] = None,
+    w_scale: Optional[torch.Tensor] = None,
+    bias: Optional[torch.Tensor] = None,
+    out_dtype: torch.dtype = torch.int32,
+    activation: str = "none",
+    residual: Optional[torch.Tensor] = None,
+    layout: str = "canonical",
+    wrap: Optional[Callable] = None,
+    keep: bool = True,
+) -> torch.Tensor:
     """``a int8 [..., K] @ trits(wq)^T``. ``wq`` is canonical packed ``[N, ceil(K/4)]``
     (re-laid out once, cached) or, with ``layout="kblocked"``, already K-blocked.
     ``keep=False``: nothing allocated here outlives the call (no cached K-blocked copy, no
@@ -394,8 +589,13 @@ def ternary_matmul(a: torch.Tensor, wq: torch.Tensor, k: int, x_scale: Optional[
     xs = x_scale.reshape(-1).contiguous() if epilogue else c
     ws = w_scale.contiguous() if epilogue else c
     res = residual.reshape(m, n).contiguous() if residual is not None else c
-    flags = dict(EPILOGUE=epilogue, PER_CHANNEL=epilogue and w_scale.numel() > 1, HAS_BIAS=bias is not None,
-                 ACTIVATION=ACTIVATIONS[activation], HAS_RES=residual is not None)
+    flags = dict(
+        EPILOGUE=epilogue,
+        PER_CHANNEL=epilogue and w_scale.numel() > 1,
+        HAS_BIAS=bias is not None,
+        ACTIVATION=ACTIVATIONS[activation],
+        HAS_RES=residual is not None,
+    )
     tail = (xs, ws, bias if bias is not None else c, res)
 
     a2 = a2.contiguous()
@@ -415,8 +615,10 @@ def ternary_matmul(a: torch.Tensor, wq: torch.Tensor, k: int, x_scale: Optional[
         store_partials = wrap is None  # see common.split_k_total
         numel = tiles * cfg["BM"] * cfg["BN"] * (cfg["SPLIT_K"] if store_partials else 1)
         if wrap is not None or not keep:  # traced, a graph input cannot be a global buffer
-            return (torch.zeros(numel, device=a.device, dtype=torch.int32),
-                    torch.zeros(tiles, device=a.device, dtype=torch.int32))
+            return (
+                torch.zeros(numel, device=a.device, dtype=torch.int32),
+                torch.zeros(tiles, device=a.device, dtype=torch.int32),
+            )
         return _split_k_workspace(a.device, numel, tiles)
 
     def activation_loads(cfg):
@@ -442,28 +644,70 @@ def ternary_matmul(a: torch.Tensor, wq: torch.Tensor, k: int, x_scale: Optional[
             gemv = tuning.traceable(_gemv_kernel, wrap)
             cfg.setdefault("R", 1)  # table entries without R use one row per thread
             return gemv[(-(-n // cfg["BN"]),)](
-                aw, pw, c, *tail, m, n, aw.shape[1], pw.shape[1], 0, aw.stride(0), pw.stride(0), c.stride(0),
-                res.stride(0), EVEN=pw.shape[1] % cfg["BW"] == 0 and aw.shape[1] == 4 * pw.shape[1], **flags,
-                **gemv_flags, **cfg)
+                aw,
+                pw,
+                c,
+                *tail,
+                m,
+                n,
+                aw.shape[1],
+                pw.shape[1],
+                0,
+                aw.stride(0),
+                pw.stride(0),
+                c.stride(0),
+                res.stride(0),
+                EVEN=pw.shape[1] % cfg["BW"] == 0 and aw.shape[1] == 4 * pw.shape[1],
+                **flags,
+                **gemv_flags,
+                **cfg,
+            )
         tiles = -(-m // cfg["BM"]) * -(-n // cfg["BN"])
         gemm = tuning.traceable(_gemm_kernel, wrap)
         cfg.update(activation_loads(cfg))
         a_arg = a2
         if cfg["HOST_DESC"]:
             from triton.tools.tensor_descriptor import TensorDescriptor
+
             a_arg = TensorDescriptor.from_tensor(a2, [cfg["BM"], 4 * QUARTER if cfg["JOIN_K"] else QUARTER])
         elif cfg["A_TMA"]:
             tuning.use_scratch_allocator()
         return gemm[(tiles, cfg["SPLIT_K"])](
-            a_arg, blocked, c, *tail, *split_k_buffers(cfg, tiles), m, n, k, kpb, a2.stride(0),
-            blocked.stride(0), c.stride(0), res.stride(0), STORE_PARTIALS=wrap is None, Q=QUARTER,
-            EVEN_K=k % (4 * QUARTER) == 0, USE_ASM=not tuning.interpreting(), **flags, **cfg)
+            a_arg,
+            blocked,
+            c,
+            *tail,
+            *split_k_buffers(cfg, tiles),
+            m,
+            n,
+            k,
+            kpb,
+            a2.stride(0),
+            blocked.stride(0),
+            c.stride(0),
+            res.stride(0),
+            STORE_PARTIALS=wrap is None,
+            Q=QUARTER,
+            EVEN_K=k % (4 * QUARTER) == 0,
+            USE_ASM=not tuning.interpreting(),
+            **flags,
+            **cfg,
+        )
 
     name, candidates = _launch_candidates(m, gluon_ok, tuning.interpreting())
     key = (tuning.bucket(m), n, k)
-    tuning.tune_before_tracing(wrap, name, key, candidates, lambda: ternary_matmul(
-        torch.randint(-127, 128, (m, k), device=a.device, dtype=torch.int8),
-        torch.randint(0, 256, tuple(blocked.shape), device=a.device, dtype=torch.uint8), k, layout="kblocked"))
+    tuning.tune_before_tracing(
+        wrap,
+        name,
+        key,
+        candidates,
+        lambda: ternary_matmul(
+            torch.randint(-127, 128, (m, k), device=a.device, dtype=torch.int8),
+            torch.randint(0, 256, tuple(blocked.shape), device=a.device, dtype=torch.uint8),
+            k,
+            layout="kblocked",
+        ),
+    )
     cfg = tuning.choose(name, key, candidates, launch)
     kernel = {"gemv": _gemv_kernel, "gemm": _gemm_kernel}.get(cfg["kernel"]) or wgmma_matmul._wgmma_kernel
     compiled = launch(cfg)

@@ -15,6 +15,7 @@ kernels, e.g. after a kernel change (set ``BITCOMPILE_AUTOTUNE=1`` with it to ti
 ``BITCOMPILE_DEBUG_DIR=<dir>`` writes the source of every specialised kernel that is
 launched (Python source with its constexpr values, plus TTIR/PTX when compiled).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -69,8 +70,11 @@ def _read(path: Path) -> dict[str, dict]:
 def _load(gpu: str) -> dict[str, dict]:
     if gpu not in _memory:
         retune = {k.strip() for k in os.environ.get("BITCOMPILE_RETUNE", "").split(",") if k.strip()}
-        shipped = {key: cfg for key, cfg in _read(SHIPPED_DIR / f"{gpu}.json").items()
-                   if "all" not in retune and key.split(":")[0] not in retune}
+        shipped = {
+            key: cfg
+            for key, cfg in _read(SHIPPED_DIR / f"{gpu}.json").items()
+            if "all" not in retune and key.split(":")[0] not in retune
+        }
         _memory[gpu] = {**shipped, **_read(user_cache_file(gpu))}  # user entries override shipped
     return _memory[gpu]
 
@@ -188,8 +192,9 @@ def cached(kernel: str, key: Sequence, candidates: Sequence[dict]) -> bool:
     return f"{kernel}:" + ",".join(map(str, key)) in _load(gpu_name())
 
 
-def tune_before_tracing(wrap: Optional[Callable], kernel: str, key: Sequence, candidates: Sequence[dict],
-                        tune: Callable[[], object]) -> None:
+def tune_before_tracing(
+    wrap: Optional[Callable], kernel: str, key: Sequence, candidates: Sequence[dict], tune: Callable[[], object]
+) -> None:
     """Traced launches (``wrap`` given: ``wrap_triton``) run on fake tensors and cannot be
     timed: if :func:`choose` would have to time, ``tune()`` first runs the launcher on real
     stand-in tensors of the same shapes, which times and caches the choice."""

@@ -9,6 +9,7 @@ contiguous 2-D tiles (16-byte loads, no gathers of every 4th column):
      trits need no division per weight: two exact comparisons decide them (see the kernel).
 The partials are summed in a fixed order: the scale is deterministic run to run.
 """
+
 from __future__ import annotations
 
 from typing import Callable, Optional
@@ -43,9 +44,24 @@ def _abs_sum_kernel(W, ROWSUM, PART, N, K, stride_w, BN: tl.constexpr, BK: tl.co
 
 
 @triton.jit
-def _pack_kernel(W, ROWSUM, TOTAL, SCALE, P, N, K, KB, count, stride_w, stride_p,
-                 BN: tl.constexpr, PER_CHANNEL: tl.constexpr, SCHEME: tl.constexpr,
-                 LAYOUT: tl.constexpr, QB: tl.constexpr):
+def _pack_kernel(
+    W,
+    ROWSUM,
+    TOTAL,
+    SCALE,
+    P,
+    N,
+    K,
+    KB,
+    count,
+    stride_w,
+    stride_p,
+    BN: tl.constexpr,
+    PER_CHANNEL: tl.constexpr,
+    SCHEME: tl.constexpr,
+    LAYOUT: tl.constexpr,
+    QB: tl.constexpr,
+):
     rows = tl.program_id(0) * BN + tl.arange(0, BN)
     blk = tl.program_id(1)
     if PER_CHANNEL:
@@ -89,12 +105,20 @@ def _pack_kernel(W, ROWSUM, TOTAL, SCALE, P, N, K, KB, count, stride_w, stride_p
         packed = tl.sum(tl.sum((d * (1 + 2 * q)) << (4 * nl), axis=5), axis=2)  # [BN, h, w, b]: byte 4w + 2h + b
         packed = tl.reshape(tl.permute(packed, (0, 2, 1, 3)), (BN, QB))
     c = blk * QB + tl.arange(0, QB)
-    tl.store(P + rows[:, None].to(tl.int64) * stride_p + c[None, :], packed.to(tl.uint8),
-             mask=(rows[:, None] < N) & (c[None, :] < KB))
+    tl.store(
+        P + rows[:, None].to(tl.int64) * stride_p + c[None, :],
+        packed.to(tl.uint8),
+        mask=(rows[:, None] < N) & (c[None, :] < KB),
+    )
 
 
-def quantize_pack(w: torch.Tensor, scheme: str = "ternary", per_channel: bool = False, layout: str = "canonical",
-                  wrap: Optional[Callable] = None):
+def quantize_pack(
+    w: torch.Tensor,
+    scheme: str = "ternary",
+    per_channel: bool = False,
+    layout: str = "canonical",
+    wrap: Optional[Callable] = None,
+):
     """``W [N, K] float -> (packed uint8 [N, ceil(K/4)] (canonical) or [N, kblocked_columns(K)],
     fp32 scale [N] | [1])``. ``wrap``: launched through ``torch.library.wrap_triton``
     (``tuning.traceable``)."""
@@ -108,7 +132,6 @@ def quantize_pack(w: torch.Tensor, scheme: str = "ternary", per_channel: bool = 
         w = w.contiguous()
     n, k = w.shape
     kb = (k + 3) // 4 if layout == "canonical" else kblocked_columns(k)
-    interp = tuning.interpreting()
     row_sum = torch.empty(n, device=w.device, dtype=torch.float32)
     scale = torch.empty(n if per_channel else 1, device=w.device, dtype=torch.float32)
     packed = torch.empty((n, kb), device=w.device, dtype=torch.uint8)
@@ -120,17 +143,36 @@ def quantize_pack(w: torch.Tensor, scheme: str = "ternary", per_channel: bool = 
     def launch(cfg):
         n_part = triton.cdiv(n, cfg["sum_rows"])
         part = torch.empty(n_part, device=w.device, dtype=torch.float32)
-        tuning.traceable(_abs_sum_kernel, wrap)[(n_part,)](w, row_sum, part, n, k, w.stride(0), BN=cfg["sum_rows"],
-                                                           BK=cfg["sum_cols"], num_warps=cfg["sum_warps"])
+        tuning.traceable(_abs_sum_kernel, wrap)[(n_part,)](
+            w, row_sum, part, n, k, w.stride(0), BN=cfg["sum_rows"], BK=cfg["sum_cols"], num_warps=cfg["sum_warps"]
+        )
         # Per tensor: the partials summed once (fixed order), not re-read by every program.
         total = part if per_channel else part.sum(0, keepdim=True)
         return tuning.traceable(_pack_kernel, wrap)[(triton.cdiv(n, cfg["BN"]), triton.cdiv(k, 4 * Q))](
-            w, row_sum, total, scale, packed, n, k, kb, float(n * k), w.stride(0), packed.stride(0),
-            BN=cfg["BN"], num_warps=cfg["num_warps"], **flags)
+            w,
+            row_sum,
+            total,
+            scale,
+            packed,
+            n,
+            k,
+            kb,
+            float(n * k),
+            w.stride(0),
+            packed.stride(0),
+            BN=cfg["BN"],
+            num_warps=cfg["num_warps"],
+            **flags,
+        )
 
     key, configs = (n, k, str(w.dtype), per_channel, layout), _configs()
-    tuning.tune_before_tracing(wrap, "weight_pack", key, configs, lambda: quantize_pack(
-        torch.randn(n, k, device=w.device, dtype=w.dtype), scheme, per_channel, layout))
+    tuning.tune_before_tracing(
+        wrap,
+        "weight_pack",
+        key,
+        configs,
+        lambda: quantize_pack(torch.randn(n, k, device=w.device, dtype=w.dtype), scheme, per_channel, layout),
+    )
     cfg = tuning.choose("weight_pack", key, configs, launch)
     compiled = launch(cfg)
     tuning.dump_source(_pack_kernel, compiled, {**flags, **cfg, "w": str(w.dtype)})
@@ -140,6 +182,14 @@ def quantize_pack(w: torch.Tensor, scheme: str = "ternary", per_channel: bool = 
 def _configs():
     if tuning.interpreting():
         return [dict(sum_rows=4, sum_cols=32, sum_warps=4, BN=4, num_warps=4)]
-    return [dict(sum_rows=sr, sum_cols=sc, sum_warps=sw, BN=bn, num_warps=w)
-            for sr, sc, sw, bn, w in [(16, 512, 4, 8, 4), (4, 1024, 4, 8, 4), (8, 2048, 8, 16, 4), (32, 256, 8, 32, 8),
-                                      (2, 2048, 4, 4, 4), (16, 512, 4, 64, 8)]]
+    return [
+        dict(sum_rows=sr, sum_cols=sc, sum_warps=sw, BN=bn, num_warps=w)
+        for sr, sc, sw, bn, w in [
+            (16, 512, 4, 8, 4),
+            (4, 1024, 4, 8, 4),
+            (8, 2048, 8, 16, 4),
+            (32, 256, 8, 32, 8),
+            (2, 2048, 4, 4, 4),
+            (16, 512, 4, 64, 8),
+        ]
+    ]

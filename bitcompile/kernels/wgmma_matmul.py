@@ -15,6 +15,7 @@ ring. M <= BM tokens (one token tile); optional split-K over the steps, summed a
 Triton GEMM (``common.split_k_total``). M=16 8192^2: ~9.3 us on the H100, 5.3x bf16 cuBLAS
 (docs/kernels.md).
 """
+
 from __future__ import annotations
 
 import functools
@@ -46,10 +47,12 @@ if gluon is not None:
     tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared  # renamed in Triton 3.7
 
     if hasattr(gl.shared_memory_descriptor, "reinterpret"):  # Triton >= 3.7 (3.6: private)
+
         @gluon.jit
         def _tiles(smem, shape: gl.constexpr, layout: gl.constexpr):
             return smem.reinterpret(gl.int8, shape, layout)
     else:
+
         @gluon.jit
         def _tiles(smem, shape: gl.constexpr, layout: gl.constexpr):
             return smem._reinterpret(gl.int8, shape, layout)
@@ -70,10 +73,31 @@ if gluon is not None:
         tma_load(x_desc, [step * x_desc.block_type.shape[0], 0, 0], bar, x_smem.index(stage), pred=pred)
 
     @gluon.jit
-    def _wgmma_kernel(x_desc, p_desc, TABLE, C, XS, WS, BIAS, RES, PARTIAL, COUNT, M, N, STEPS, stride_cm, stride_rm,
-                      STAGES: gl.constexpr, SPLIT_K: gl.constexpr, EPILOGUE: gl.constexpr, PER_CHANNEL: gl.constexpr,
-                      HAS_BIAS: gl.constexpr, ACTIVATION: gl.constexpr, HAS_RES: gl.constexpr,
-                      num_warps: gl.constexpr):
+    def _wgmma_kernel(
+        x_desc,
+        p_desc,
+        TABLE,
+        C,
+        XS,
+        WS,
+        BIAS,
+        RES,
+        PARTIAL,
+        COUNT,
+        M,
+        N,
+        STEPS,
+        stride_cm,
+        stride_rm,
+        STAGES: gl.constexpr,
+        SPLIT_K: gl.constexpr,
+        EPILOGUE: gl.constexpr,
+        PER_CHANNEL: gl.constexpr,
+        HAS_BIAS: gl.constexpr,
+        ACTIVATION: gl.constexpr,
+        HAS_RES: gl.constexpr,
+        num_warps: gl.constexpr,
+    ):
         W: gl.constexpr = p_desc.block_type.shape[2]  # bytes per chunk: 64 or 128
         PER: gl.constexpr = W // Q  # quarters (activations) or blocks (packed rows) per chunk
         PC: gl.constexpr = p_desc.block_type.shape[0]  # packed chunks per step
@@ -81,8 +105,9 @@ if gluon is not None:
         NB: gl.constexpr = PC * PER  # 256-trit blocks per step
         BN: gl.constexpr = p_desc.block_type.shape[1]
         BM: gl.constexpr = x_desc.block_type.shape[1]
-        mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                      instr_shape=[16, BM, 32])
+        mma: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, BM, 32]
+        )
         a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=4)
         # The rings as TMA writes them ([stage, chunk, row, W bytes]) and as 2-D tiles: the 3-D
         # tiles are whole swizzle atoms stacked, so tile t is bytes [t * rows * W, ...).
@@ -120,8 +145,16 @@ if gluon is not None:
                     acc = warpgroup_mma(kblock_quarter_from(p, ta, tb, ua, ub, g), x, acc, is_async=True)
             # Step i - 1's MMAs are done: its ring stage is free again.
             acc = warpgroup_mma_wait(num_outstanding=4 * NB, deps=[acc])
-            _fetch(x_desc, p_desc, p_smem, x_smem, ready, first + i + STAGES - 1, (i + STAGES - 1) % STAGES,
-                   i + STAGES - 1 < steps)
+            _fetch(
+                x_desc,
+                p_desc,
+                p_smem,
+                x_smem,
+                ready,
+                first + i + STAGES - 1,
+                (i + STAGES - 1) % STAGES,
+                i + STAGES - 1 < steps,
+            )
         acc = warpgroup_mma_wait(num_outstanding=0, deps=[acc])
         for j in gl.static_range(STAGES):
             mbarrier.invalidate(ready.index(j))
@@ -136,8 +169,25 @@ if gluon is not None:
             at = offs_m[:, None] * BN + (offs_n - gl.program_id(0) * BN)[None, :]
             out, last = split_k_total(out, at, PARTIAL, COUNT, gl.program_id(0), pid_k, BM * BN, SPLIT_K, True, True)
         if last:
-            matmul_epilogue(out, C, XS, WS, BIAS, RES, offs_m, offs_n, M, N, stride_cm, stride_rm,
-                            EPILOGUE, PER_CHANNEL, HAS_BIAS, ACTIVATION, HAS_RES)
+            matmul_epilogue(
+                out,
+                C,
+                XS,
+                WS,
+                BIAS,
+                RES,
+                offs_m,
+                offs_n,
+                M,
+                N,
+                stride_cm,
+                stride_rm,
+                EPILOGUE,
+                PER_CHANNEL,
+                HAS_BIAS,
+                ACTIVATION,
+                HAS_RES,
+            )
 
 
 def supports(m: int, k: int, a: torch.Tensor) -> bool:
@@ -188,8 +238,22 @@ def descriptors(a2: torch.Tensor, p: torch.Tensor, BN: int, NB: int, WIDE: bool)
     return x_desc, p_desc
 
 
-def launch(a2: torch.Tensor, blocked: torch.Tensor, c: torch.Tensor, tail: tuple, split_k_buffers: tuple, m: int,
-           n: int, flags: dict, BN: int, NB: int, STAGES: int, SPLIT_K: int, WIDE: bool = False, num_warps: int = 4):
+def launch(
+    a2: torch.Tensor,
+    blocked: torch.Tensor,
+    c: torch.Tensor,
+    tail: tuple,
+    split_k_buffers: tuple,
+    m: int,
+    n: int,
+    flags: dict,
+    BN: int,
+    NB: int,
+    STAGES: int,
+    SPLIT_K: int,
+    WIDE: bool = False,
+    num_warps: int = 4,
+):
     """Launch on int8 activations ``a2 [m, k]`` and K-blocked packed weights ``blocked [n, kpb]``
     (``split_k_buffers``: partial tiles and arrival counters, as ``ternary_matmul`` keeps them).
     Both are described to TMA as [chunk, row, W bytes], a chunk being 64 bytes (a quarter of
@@ -200,6 +264,22 @@ def launch(a2: torch.Tensor, blocked: torch.Tensor, c: torch.Tensor, tail: tuple
     x_desc, p_desc = descriptors(a2, blocked.view(torch.int8), BN, NB, WIDE)
     xs, ws, bias, res = tail
     return _wgmma_kernel[(-(-n // BN), SPLIT_K)](
-        x_desc, p_desc, prmt_tables(a2.device), c, xs, ws, bias, res, *split_k_buffers, m, n,
-        step_count(blocked.shape[1], NB), c.stride(0), res.stride(0), STAGES=STAGES, SPLIT_K=SPLIT_K,
-        num_warps=num_warps, **flags)
+        x_desc,
+        p_desc,
+        prmt_tables(a2.device),
+        c,
+        xs,
+        ws,
+        bias,
+        res,
+        *split_k_buffers,
+        m,
+        n,
+        step_count(blocked.shape[1], NB),
+        c.stride(0),
+        res.stride(0),
+        STAGES=STAGES,
+        SPLIT_K=SPLIT_K,
+        num_warps=num_warps,
+        **flags,
+    )

@@ -12,6 +12,7 @@
 * ``W8A16Linear``: int8 weights with per-channel scales and float activations, for the
   model-level ``bitcompile.Quantizer``.
 """
+
 from bitcompile.nn.bit_conv import BitConv1d, BitConv2d
 from bitcompile.nn.bit_linear import BitLinear
 from bitcompile.nn.learned_ternary_conv import TernaryConv2d
@@ -20,5 +21,14 @@ from bitcompile.nn.reference_model import reference_model
 from bitcompile.nn.ternary_attention import TernaryMultiheadAttention
 from bitcompile.nn.w8a16 import W8A16Linear, W8A16LinearLayer
 
-__all__ = ["BitLinear", "BitConv1d", "BitConv2d", "reference_model", "TernaryConv2d", "TernaryMultiheadAttention",
-           "PackedLinear", "W8A16Linear", "W8A16LinearLayer"]
+__all__ = [
+    "BitLinear",
+    "BitConv1d",
+    "BitConv2d",
+    "reference_model",
+    "TernaryConv2d",
+    "TernaryMultiheadAttention",
+    "PackedLinear",
+    "W8A16Linear",
+    "W8A16LinearLayer",
+]

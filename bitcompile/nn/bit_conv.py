@@ -4,6 +4,7 @@ Drop-ins for ``nn.Conv1d`` / ``nn.Conv2d`` (same constructor and state dict) tha
 exactly as the conv pass does, through the same ``bitnet`` ops: one int8 absmax scale
 per sample for activations, ``W.flatten(1)`` quantized like a linear's weight.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -26,7 +27,10 @@ class _BitConvMixin:
         if self.padding == "same":
             totals = [d * (k - 1) for k, d in zip(self.kernel_size, self.dilation)]
             if any(t % 2 for t in totals):
-                raise ValueError("BitConv supports padding='same' only where it is symmetric (odd kernel extent); pad explicitly instead")
+                raise ValueError(
+                    "BitConv supports padding='same' only where it is symmetric (odd kernel extent); "
+                    "pad explicitly instead"
+                )
             return [t // 2 for t in totals]
         return list(self.padding)
 
@@ -48,15 +52,34 @@ class _BitConvMixin:
         # Re-quantized on every call: this layer is the oracle, the compiled path is the fast one.
         wq, w_scale = torch.ops.bitnet.quantize_weights(self.weight.flatten(1), cfg.weight, cfg.per_channel)
         return torch.ops.bitnet.lowbit_conv(
-            x, self.weight, self.bias, xq, x_scale, wq, w_scale, list(self.stride), padding, list(self.dilation), self.groups
+            x,
+            self.weight,
+            self.bias,
+            xq,
+            x_scale,
+            wq,
+            w_scale,
+            list(self.stride),
+            padding,
+            list(self.dilation),
+            self.groups,
         )
 
     @classmethod
     def from_conv(cls, conv, **kwargs):
         """A BitConv sharing ``conv``'s parameters (no copy)."""
         layer = cls(
-            conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation, conv.groups,
-            conv.bias is not None, conv.padding_mode, device="meta", **kwargs,
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size,
+            conv.stride,
+            conv.padding,
+            conv.dilation,
+            conv.groups,
+            conv.bias is not None,
+            conv.padding_mode,
+            device="meta",
+            **kwargs,
         )
         layer.weight, layer.bias = conv.weight, conv.bias
         return layer
@@ -68,12 +91,26 @@ class _BitConvMixin:
 
 
 class BitConv1d(_BitConvMixin, nn.Conv1d):
-    def __init__(self, *args, weight: str = "ternary", activation_bits: Optional[int] = 8, granularity: Optional[str] = None, **kwargs):
+    def __init__(
+        self,
+        *args,
+        weight: str = "ternary",
+        activation_bits: Optional[int] = 8,
+        granularity: Optional[str] = None,
+        **kwargs,
+    ):
         super().__init__(*args, **kwargs)
         self._init_bit(weight, activation_bits, granularity)
 
 
 class BitConv2d(_BitConvMixin, nn.Conv2d):
-    def __init__(self, *args, weight: str = "ternary", activation_bits: Optional[int] = 8, granularity: Optional[str] = None, **kwargs):
+    def __init__(
+        self,
+        *args,
+        weight: str = "ternary",
+        activation_bits: Optional[int] = 8,
+        granularity: Optional[str] = None,
+        **kwargs,
+    ):
         super().__init__(*args, **kwargs)
         self._init_bit(weight, activation_bits, granularity)

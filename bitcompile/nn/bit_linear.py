@@ -4,6 +4,7 @@ A drop-in for ``nn.Linear`` (same constructor, same ``weight``/``bias`` state di
 that quantizes exactly as the backend does, through the same ``bitnet`` ops.
 With ``norm=True`` it is the BitNet layer with RMSNorm: RMSNorm, then 8-bit activations.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -33,8 +34,13 @@ class BitLinear(nn.Linear):
         dtype=None,
     ):
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
-        self.config = BitConfig(weight=weight, activation_bits=activation_bits, granularity=granularity, exclude=[],
-                                grad_input_bits=grad_input_bits)
+        self.config = BitConfig(
+            weight=weight,
+            activation_bits=activation_bits,
+            granularity=granularity,
+            exclude=[],
+            grad_input_bits=grad_input_bits,
+        )
         self.norm = nn.RMSNorm(in_features, eps=eps, device=device, dtype=dtype) if norm else None
 
     @classmethod
@@ -43,7 +49,9 @@ class BitLinear(nn.Linear):
         layer = cls(linear.in_features, linear.out_features, linear.bias is not None, device="meta", **kwargs)
         layer.weight, layer.bias = linear.weight, linear.bias
         if layer.norm is not None:
-            layer.norm = nn.RMSNorm(linear.in_features, eps=layer.norm.eps, device=linear.weight.device, dtype=linear.weight.dtype)
+            layer.norm = nn.RMSNorm(
+                linear.in_features, eps=layer.norm.eps, device=linear.weight.device, dtype=linear.weight.dtype
+            )
         return layer
 
     def packed_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -63,11 +71,14 @@ class BitLinear(nn.Linear):
         if self.config.activation_bits is not None:
             xq, x_scale = torch.ops.bitnet.quantize_activations(x, self.config.activation_bits)
         wq, w_scale = self.packed_weight()
-        return torch.ops.bitnet.lowbit_linear(x, self.weight, self.bias, xq, x_scale, wq, w_scale,
-                                              self.config.grad_input_bits)
+        return torch.ops.bitnet.lowbit_linear(
+            x, self.weight, self.bias, xq, x_scale, wq, w_scale, self.config.grad_input_bits
+        )
 
     def extra_repr(self) -> str:
         cfg = self.config
         acts = f"A{cfg.activation_bits}" if cfg.activation_bits else "A-float"
         grads = f", grad_input int{cfg.grad_input_bits}" if cfg.grad_input_bits else ""
-        return f"{super().extra_repr()}, {cfg.weight}, {acts}, {'per-channel' if cfg.per_channel else 'per-tensor'}{grads}"
+        return (
+            f"{super().extra_repr()}, {cfg.weight}, {acts}, {'per-channel' if cfg.per_channel else 'per-tensor'}{grads}"
+        )

@@ -13,6 +13,7 @@ Activations are optionally fake-quantized per pixel (absmax, ``activation_bits``
 While training, buffers track each channel's zero fraction and the input's absmax
 (exponential moving averages with ``momentum``).
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -44,7 +45,9 @@ class TernaryConv2d(nn.Conv2d):
         device=None,
         dtype=None,
     ):
-        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, device=device, dtype=dtype)
+        super().__init__(
+            in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, device=device, dtype=dtype
+        )
         if activation_bits is not None and not 2 <= activation_bits <= 8:
             raise ValueError(f"activation_bits must be in 2..8 or None, got {activation_bits}")
         self.activation_bits, self.momentum, self.temperature = activation_bits, momentum, temperature

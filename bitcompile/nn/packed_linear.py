@@ -9,6 +9,7 @@ under ``torch.compile(backend="bitnet")``, where the fusions apply as for any li
 ``bitcompile.deploy(model)`` and ``bitcompile.load_packed(model, path, deploy=True)`` swap these
 in for a model's quantized linears.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -22,11 +23,25 @@ from bitcompile.numerics.packing import packed_columns
 
 
 class PackedLinear(nn.Module):
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, weight: str = "ternary",
-                 per_channel: bool = False, activation_bits: Optional[int] = 8, device=None, dtype=None):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        weight: str = "ternary",
+        per_channel: bool = False,
+        activation_bits: Optional[int] = 8,
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
-        self.config = BitConfig(weight=weight, activation_bits=activation_bits,
-                                granularity="per_channel" if per_channel else "per_tensor", exclude=[])
+        self.config = BitConfig(
+            weight=weight,
+            activation_bits=activation_bits,
+            granularity="per_channel" if per_channel else "per_tensor",
+            exclude=[],
+        )
         self.in_features, self.out_features = in_features, out_features
         codes = (out_features, in_features) if weight == "int8" else (out_features, packed_columns(in_features))
         code_dtype = torch.int8 if weight == "int8" else torch.uint8
@@ -39,8 +54,15 @@ class PackedLinear(nn.Module):
         """``linear`` quantized as the backend would under ``options`` (``weight``,
         ``granularity``, ``activation_bits``); its float weight is not kept."""
         cfg = BitConfig.from_options({**options, "exclude": []})
-        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, weight=cfg.weight,
-                    per_channel=cfg.per_channel, activation_bits=cfg.activation_bits, device="meta")
+        layer = cls(
+            linear.in_features,
+            linear.out_features,
+            linear.bias is not None,
+            weight=cfg.weight,
+            per_channel=cfg.per_channel,
+            activation_bits=cfg.activation_bits,
+            device="meta",
+        )
         with torch.no_grad():
             wq, scale = torch.ops.bitnet.quantize_weights(linear.weight.detach(), cfg.weight, cfg.per_channel)
         layer.weight_packed, layer.weight_scale = wq, scale
@@ -59,7 +81,8 @@ class PackedLinear(nn.Module):
             raise RuntimeError(
                 "PackedLinear holds only packed weights and cannot be trained or backpropagated through; run it "
                 "under torch.no_grad()/inference_mode(), or load the checkpoint into a float model with "
-                "bitcompile.load_packed(model, path) to continue quantization-aware training")
+                "bitcompile.load_packed(model, path) to continue quantization-aware training"
+            )
         x = ref.autocast_input(x)
         dtype = x.dtype
         bias = None if self.bias is None else self.bias.to(dtype)
@@ -68,12 +91,15 @@ class PackedLinear(nn.Module):
             acc = torch.ops.bitnet.lowbit_matmul(x, self.weight_packed, self.in_features)
             return torch.ops.bitnet.dequantize(acc, None, self.weight_scale, bias, dtype)
         xq, x_scale = torch.ops.bitnet.quantize_activations(x, bits)
-        return torch.ops.bitnet.linear_q(xq, x_scale, self.weight_packed, self.weight_scale, bias, self.in_features,
-                                         dtype, "none", None)
+        return torch.ops.bitnet.linear_q(
+            xq, x_scale, self.weight_packed, self.weight_scale, bias, self.in_features, dtype, "none", None
+        )
 
     def extra_repr(self) -> str:
         cfg = self.config
         acts = f"A{cfg.activation_bits}" if cfg.activation_bits else "A-float"
         granularity = "per-channel" if cfg.per_channel else "per-tensor"
-        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"{cfg.weight} packed, {acts}, {granularity}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"{cfg.weight} packed, {acts}, {granularity}"
+        )

@@ -8,6 +8,7 @@ backend leaves in float (weight not a parameter, excluded, tied to an embedding,
 device it does not take, empty weight, ...) stay the original modules, for the same
 reasons (``numerics.spec.weight_skip_reason`` decides for both).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -19,10 +20,10 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from bitcompile.config import BitConfig
-from bitcompile.numerics.spec import weight_skip_reason
-from bitcompile.ops import attention as bit_attention
 from bitcompile.nn.bit_conv import BitConv1d, BitConv2d
 from bitcompile.nn.bit_linear import BitLinear
+from bitcompile.numerics.spec import weight_skip_reason
+from bitcompile.ops import attention as bit_attention
 
 
 def _layer_options(cfg: BitConfig) -> dict:
@@ -76,9 +77,22 @@ class BitMultiheadAttention(nn.MultiheadAttention):
             return (w, b, None, None)
         return (w, b, *torch.ops.bitnet.quantize_weights(w, self.bit_config.weight, self.bit_config.per_channel))
 
-    def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None, average_attn_weights=True, is_causal=False):
+    def forward(
+        self,
+        query,
+        key,
+        value,
+        key_padding_mask=None,
+        need_weights=True,
+        attn_mask=None,
+        average_attn_weights=True,
+        is_causal=False,
+    ):
         if not self._qkv_same_embed_dim or self.bias_k is not None or self.add_zero_attn or query.dim() != 3:
-            raise ValueError("BitMultiheadAttention supports batched input, kdim == vdim == embed_dim, no bias_k/bias_v/add_zero_attn")
+            raise ValueError(
+                "BitMultiheadAttention supports batched input, kdim == vdim == embed_dim, "
+                "no bias_k/bias_v/add_zero_attn"
+            )
         if self.batch_first:
             if query is key and key is value:
                 query = key = value = query.transpose(1, 0)
@@ -89,12 +103,21 @@ class BitMultiheadAttention(nn.MultiheadAttention):
                 query, key, value = (t.transpose(1, 0) for t in (query, key, value))
         cfg = self.bit_config
         out, weights = bit_attention.multi_head_attention(
-            query, key, value, self.num_heads,
+            query,
+            key,
+            value,
+            self.num_heads,
             self._projection(self.in_proj_weight, self.in_proj_bias, self.in_excluded),
             self._projection(self.out_proj.weight, self.out_proj.bias, self.out_excluded),
-            dropout_p=self.dropout, training=self.training, key_padding_mask=key_padding_mask, need_weights=need_weights,
-            attn_mask=attn_mask, average_attn_weights=average_attn_weights, is_causal=is_causal,
-            activation_bits=cfg.activation_bits, attention_bits=cfg.attention_bits,
+            dropout_p=self.dropout,
+            training=self.training,
+            key_padding_mask=key_padding_mask,
+            need_weights=need_weights,
+            attn_mask=attn_mask,
+            average_attn_weights=average_attn_weights,
+            is_causal=is_causal,
+            activation_bits=cfg.activation_bits,
+            attention_bits=cfg.attention_bits,
         )
         return (out.transpose(1, 0) if self.batch_first else out), weights
 
@@ -158,8 +181,9 @@ def _skip_reason(module: nn.Module, kind: str, path: str, cfg: BitConfig, embedd
     if kind != "conv" and id(weight) in embedding_weights:
         return "weight is tied to an embedding table (e.g. a tied lm_head); embeddings stay in float"
     # The weight as the op takes it: Conv1D multiplies by W [in, out], i.e. F.linear with W.t().
-    reason = weight_skip_reason(weight.t() if kind == "conv1d" else weight,
-                                unit="channels" if kind == "conv" else "features")
+    reason = weight_skip_reason(
+        weight.t() if kind == "conv1d" else weight, unit="channels" if kind == "conv" else "features"
+    )
     if reason or kind != "conv":
         return reason
     if module.groups > 1 and module.groups == module.in_channels and not cfg.quantize_depthwise:
@@ -175,8 +199,15 @@ def _swap(module: nn.Module, path: str, cfg: BitConfig, embedding_weights: set, 
     linear or conv stays as it is."""
     opts = _layer_options(cfg)
     conv1d_type = _gpt2_conv1d_type()
-    kind = ("linear" if type(module) is nn.Linear else "conv" if type(module) in (nn.Conv1d, nn.Conv2d)
-            else "conv1d" if conv1d_type is not None and type(module) is conv1d_type else None)
+    kind = (
+        "linear"
+        if type(module) is nn.Linear
+        else "conv"
+        if type(module) in (nn.Conv1d, nn.Conv2d)
+        else "conv1d"
+        if conv1d_type is not None and type(module) is conv1d_type
+        else None
+    )
     if kind is not None:
         reason = _skip_reason(module, kind, path, cfg, embedding_weights)
         if reason:
@@ -189,8 +220,9 @@ def _swap(module: nn.Module, path: str, cfg: BitConfig, embedding_weights: set, 
     if kind == "conv1d":
         return BitConv1DProjection(module, cfg)
     if type(module) is nn.MultiheadAttention:
-        return BitMultiheadAttention.from_mha(module, cfg, cfg.excluded(path) is not None,
-                                              cfg.excluded(f"{path}.out_proj") is not None)
+        return BitMultiheadAttention.from_mha(
+            module, cfg, cfg.excluded(path) is not None, cfg.excluded(f"{path}.out_proj") is not None
+        )
     if type(module) is nn.TransformerEncoderLayer:
         module.__class__ = _SlowPathEncoderLayer  # a copy already; its children are swapped below
     return None

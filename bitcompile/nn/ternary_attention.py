@@ -13,6 +13,7 @@ in ``last_attention`` and can be saved as a PNG heatmap
 The computation is ``bitcompile.ops.attention.multi_head_attention``, the same
 function the backend's attention pass inserts into compiled graphs.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -22,8 +23,8 @@ import torch
 from torch import nn
 
 from bitcompile.config import BitConfig
-from bitcompile.ops.attention import multi_head_attention
 from bitcompile.ops import WEIGHT_CACHE
+from bitcompile.ops.attention import multi_head_attention
 
 
 class TernaryMultiheadAttention(nn.Module):
@@ -48,9 +49,18 @@ class TernaryMultiheadAttention(nn.Module):
         if embed_dim % num_heads:
             raise ValueError(f"embed_dim {embed_dim} must be divisible by num_heads {num_heads}")
         if (kdim or embed_dim) != embed_dim or (vdim or embed_dim) != embed_dim:
-            raise ValueError(f"the fused [3E, E] QKV projection needs kdim == vdim == embed_dim={embed_dim}; got kdim={kdim}, vdim={vdim}")
+            raise ValueError(
+                f"the fused [3E, E] QKV projection needs kdim == vdim == embed_dim={embed_dim}; "
+                f"got kdim={kdim}, vdim={vdim}"
+            )
         self.embed_dim, self.num_heads, self.dropout, self.batch_first = embed_dim, num_heads, dropout, batch_first
-        self.config = BitConfig(weight=weight, activation_bits=activation_bits, granularity=granularity, exclude=[], attention_bits=attention_bits)
+        self.config = BitConfig(
+            weight=weight,
+            activation_bits=activation_bits,
+            granularity=granularity,
+            exclude=[],
+            attention_bits=attention_bits,
+        )
         kw = dict(device=device, dtype=dtype)
         self.in_proj_weight = nn.Parameter(torch.empty(3 * embed_dim, embed_dim, **kw))
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * embed_dim, **kw)) if bias else None
@@ -85,7 +95,10 @@ class TernaryMultiheadAttention(nn.Module):
         if query.dim() != 3:
             raise ValueError(f"TernaryMultiheadAttention needs batched 3-D inputs, got {query.dim()}-D")
         if key.shape[-1] != self.embed_dim or value.shape[-1] != self.embed_dim:
-            raise ValueError(f"key and value must have embed_dim={self.embed_dim} features (fused QKV projection); got {key.shape[-1]}, {value.shape[-1]}")
+            raise ValueError(
+                f"key and value must have embed_dim={self.embed_dim} features (fused QKV projection); "
+                f"got {key.shape[-1]}, {value.shape[-1]}"
+            )
         q = query.transpose(0, 1) if self.batch_first else query
         k = q if key is query else (key.transpose(0, 1) if self.batch_first else key)
         v = k if value is key else (q if value is query else (value.transpose(0, 1) if self.batch_first else value))
@@ -93,9 +106,10 @@ class TernaryMultiheadAttention(nn.Module):
         out_proj = (self.out_proj.weight, self.out_proj.bias, *self._packed(self.out_proj.weight))
         out, weights = multi_head_attention(
             q, k, v, self.num_heads, in_proj, out_proj,
-            dropout_p=self.dropout, training=self.training, key_padding_mask=key_padding_mask, need_weights=need_weights,
-            attn_mask=attn_mask, average_attn_weights=average_attn_weights, is_causal=is_causal,
-            activation_bits=self.config.activation_bits, attention_bits=self.config.attention_bits,
+            dropout_p=self.dropout, training=self.training, key_padding_mask=key_padding_mask,
+            need_weights=need_weights, attn_mask=attn_mask, average_attn_weights=average_attn_weights,
+            is_causal=is_causal, activation_bits=self.config.activation_bits,
+            attention_bits=self.config.attention_bits,
         )  # fmt: skip
         if weights is not None:
             self.last_attention = weights.detach()
@@ -114,7 +128,8 @@ class TernaryMultiheadAttention(nn.Module):
     def extra_repr(self) -> str:
         cfg = self.config
         acts = f"A{cfg.activation_bits}" if cfg.activation_bits else "A-float"
-        return f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, batch_first={self.batch_first}, {cfg.weight}, {acts}"
+        shape = f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, batch_first={self.batch_first}"
+        return f"{shape}, {cfg.weight}, {acts}"
 
 
 def save_attention_heatmap(attention: torch.Tensor, path: Union[str, Path], title: str = "attention") -> Path:

@@ -6,6 +6,7 @@
 Weights and scales are buffers (the layer is for inference), computed with the
 backend's int8 weight quantizer and run through the ``bitnet`` ops.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -18,10 +19,14 @@ from bitcompile.numerics import reference as ref
 
 
 class W8A16Linear(nn.Module):
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, dtype: torch.dtype = torch.float32, device=None):
+    def __init__(
+        self, in_features: int, out_features: int, bias: bool = True, dtype: torch.dtype = torch.float32, device=None
+    ):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.register_buffer("int8_weights", torch.randint(-128, 127, (out_features, in_features), dtype=torch.int8, device=device))
+        self.register_buffer(
+            "int8_weights", torch.randint(-128, 127, (out_features, in_features), dtype=torch.int8, device=device)
+        )
         self.register_buffer("scales", torch.randn(out_features, dtype=dtype, device=device))
         self.register_buffer("bias", torch.randn(out_features, dtype=dtype, device=device) if bias else None)
 
@@ -36,7 +41,13 @@ class W8A16Linear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> "W8A16Linear":
-        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, dtype=linear.weight.dtype, device=linear.weight.device)
+        layer = cls(
+            linear.in_features,
+            linear.out_features,
+            linear.bias is not None,
+            dtype=linear.weight.dtype,
+            device=linear.weight.device,
+        )
         layer.quantize(linear.weight)
         if linear.bias is not None:
             layer.bias = linear.bias.detach().clone()

@@ -5,6 +5,7 @@ per byte along K, trit ``j`` of a byte in bits ``2j..2j+1`` (least significant
 first), code = trit + 1 (0 -> -1, 1 -> 0, 2 -> +1; 3 is invalid), K padded with
 zero trits. This is what is saved and exchanged; kernels may re-layout it.
 """
+
 from __future__ import annotations
 
 import numbers
@@ -29,8 +30,9 @@ def _trit_error(trits: torch.Tensor, bad: torch.Tensor) -> ValueError:
     values = trits[bad]
     shown = ", ".join(repr(v) for v in values[:5].tolist())
     more = f" (and {values.numel() - 5} more)" if values.numel() > 5 else ""
-    return ValueError(f"pack_ternary needs trits exactly in {{-1, 0, 1}}; got {values.numel()} other value(s): "
-                      f"{shown}{more}")
+    return ValueError(
+        f"pack_ternary needs trits exactly in {{-1, 0, 1}}; got {values.numel()} other value(s): {shown}{more}"
+    )
 
 
 def pack_ternary(trits: torch.Tensor) -> torch.Tensor:
@@ -108,8 +110,10 @@ ZERO_PAIRS = 0x88888888  # a "nibbles" word of sixteen zero trits
 def _pair_tables() -> tuple[int, int, int, int]:
     """The prmt tables (a, b) of the "nibbles" order's even and odd quarters: byte v < 8 of
     table (a | b << 32) is the trit of code v; code 8 reads byte 0 sign-extended."""
+
     def word(trits):
         return sum((t & 0xFF) << (8 * i) for i, t in enumerate(trits))
+
     even = [PAIR_TRIT[v % 3] for v in range(8)]
     odd = [PAIR_TRIT[v // 3] for v in range(8)]
     return word(even[:4]), word(even[4:]), word(odd[:4]), word(odd[4:])

@@ -6,6 +6,7 @@ integer accumulator is exact, and the STE gradients are in the gradient's dtype,
 autocast region the op is called in (a quantized linear's activations follow autocast
 through ``autocast_input``, before they are quantized).
 """
+
 from __future__ import annotations
 
 import functools
@@ -17,6 +18,7 @@ from bitcompile.numerics.spec import ACTIVATIONS, EPS, GRAD_EPS, NORM_KINDS, WEI
 
 # float32 matmul of integers is exact while every partial sum stays below 2**24.
 _EXACT_F32_LIMIT = 2**24
+
 
 def quantize_activations(x: torch.Tensor, bits: int = 8, eps: float = EPS) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token absmax: ``x [..., K] -> (q int8 [..., K], scale float32 [..., 1])``; ``max|x|``
@@ -83,8 +85,9 @@ def quantize_weights(w: torch.Tensor, scheme: str = "ternary", per_channel: bool
     return (ints if scheme == "int8" else pack_ternary(ints)), scale
 
 
-def latent_weights(ints: torch.Tensor, scale: torch.Tensor, scheme: str, per_channel: bool,
-                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def latent_weights(
+    ints: torch.Tensor, scale: torch.Tensor, scheme: str, per_channel: bool, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """A weight ``W`` that ``quantize_weights(W, scheme, per_channel)`` maps back to ``ints`` and
     ``scale`` (the inverse a trainable model needs after loading packed weights).
 
@@ -120,8 +123,11 @@ def latent_weights(ints: torch.Tensor, scale: torch.Tensor, scheme: str, per_cha
     above, below = lo.view(torch.float32), (lo - 1).view(torch.float32)
     closer = (rederived(above) - target).abs() <= (rederived(below) - target).abs()
     w = (rows * torch.where(closer, above, below)).to(dtype)
-    if not per_channel and dtype == torch.float32 and not torch.equal(rederived_w := weight_scale(
-            w, scheme, False).reshape(1, 1), target):
+    if (
+        not per_channel
+        and dtype == torch.float32
+        and not torch.equal(rederived_w := weight_scale(w, scheme, False).reshape(1, 1), target)
+    ):
         w = _raise_one_weight(rows * below.reshape(1, 1), target, scheme, rederived_w)
     return w.reshape(ints.shape)
 
@@ -140,8 +146,11 @@ def _raise_one_weight(w: torch.Tensor, target: torch.Tensor, scheme: str, fallba
     if nonzero.numel() == 0:
         return w
     magnitude = float(flat[nonzero[0]].abs())
-    top_bits = int(torch.tensor([magnitude + 64 * float(target) * flat.numel() * 2.0**-23 + magnitude * 2.0**-20]
-                                ).view(torch.int32))
+    top_bits = int(
+        torch.tensor([magnitude + 64 * float(target) * flat.numel() * 2.0**-23 + magnitude * 2.0**-20]).view(
+            torch.int32
+        )
+    )
     for position in nonzero[torch.linspace(0, nonzero.numel() - 1, min(8, nonzero.numel())).round().long()].tolist():
         sign = float(flat[position].sign())
         lo, hi = int(flat[position].abs().reshape(1).view(torch.int32)), top_bits

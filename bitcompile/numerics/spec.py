@@ -8,6 +8,7 @@ BitNet b1.58 semantics (``reference`` computes them in plain torch):
   ``q = clip(round(x / s_x), -qmax - 1, qmax)``;
 * output: ``(q @ W_int^T) * s_x * s_w (+ bias)``, the integer product exact in int32.
 """
+
 from __future__ import annotations
 
 import numbers

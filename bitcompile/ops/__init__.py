@@ -8,6 +8,7 @@ dispatch, ``*kernel_supports`` predicates and Inductor-visible ``*_triton`` twin
 activation / residual), ``conv`` and ``attention``. ``weight_cache`` serves packed weights to
 inference graphs.
 """
+
 from bitcompile.ops import attention, conv, epilogue, linear, norm_quant, quantize  # noqa: F401  (register the ops)
 from bitcompile.ops.linear import dequantize, grad_input, lowbit_linear, lowbit_matmul
 from bitcompile.ops.quantize import quantize_activations, quantize_weights

@@ -10,6 +10,7 @@ traces through them) and what the eager reference layers call, so both share one
 A projection is ``(w, b, wq, w_scale)``; ``wq is None`` keeps it in floating point (an excluded
 module). ``attention_bits`` quantizes QK^T and attention @ V; softmax stays in floating point.
 """
+
 from __future__ import annotations
 
 import math
@@ -66,7 +67,15 @@ def _unbroadcast(g: Tensor, shape) -> Tensor:
 quantized_attention_matmul.register_autograd(_attn_backward, setup_context=_attn_setup)
 
 
-def project(x: Tensor, w: Tensor, b: Optional[Tensor], wq: Optional[Tensor], w_scale: Optional[Tensor], activation_bits, rows=None) -> Tensor:
+def project(
+    x: Tensor,
+    w: Tensor,
+    b: Optional[Tensor],
+    wq: Optional[Tensor],
+    w_scale: Optional[Tensor],
+    activation_bits,
+    rows=None,
+) -> Tensor:
     """``x @ w[rows]^T + b[rows]`` through ``lowbit_linear`` (rows: a slice of output features;
     packing runs along K, so a row slice of the packed weight is the packed row slice)."""
     if rows is not None:
@@ -88,10 +97,14 @@ def attention_matmul(a: Tensor, b: Tensor, attention_bits: Optional[int]) -> Ten
     return torch.ops.bitnet.quantized_attention_matmul(a, b, attention_bits)
 
 
-def quantized_sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False, *, attention_bits=8):
+def quantized_sdpa(
+    q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False, *, attention_bits=8
+):
     """``F.scaled_dot_product_attention`` with both matmuls int x int (softmax in float32)."""
     if attention_bits is None:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa
+        )
     if enable_gqa and k.size(-3) != q.size(-3):
         k = k.repeat_interleave(q.size(-3) // k.size(-3), dim=-3)
         v = v.repeat_interleave(q.size(-3) // v.size(-3), dim=-3)
@@ -109,8 +122,22 @@ def quantized_sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scal
 
 
 def multi_head_attention(
-    query, key, value, num_heads, in_proj, out_proj, *, dropout_p=0.0, training=False, key_padding_mask=None,
-    need_weights=True, attn_mask=None, average_attn_weights=True, is_causal=False, activation_bits=8, attention_bits=None,
+    query,
+    key,
+    value,
+    num_heads,
+    in_proj,
+    out_proj,
+    *,
+    dropout_p=0.0,
+    training=False,
+    key_padding_mask=None,
+    need_weights=True,
+    attn_mask=None,
+    average_attn_weights=True,
+    is_causal=False,
+    activation_bits=8,
+    attention_bits=None,
 ):
     """``F.multi_head_attention_forward`` (sequence-first ``[L, B, E]``, packed in-projection,
     no bias_k/bias_v/add_zero_attn) with quantized projections."""
@@ -123,10 +150,19 @@ def multi_head_attention(
         q = project(query, *in_proj, activation_bits, rows=slice(0, E))
         k, v = project(key, *in_proj, activation_bits, rows=slice(E, 3 * E)).chunk(2, dim=-1)
     else:
-        q, k, v = (project(t, *in_proj, activation_bits, rows=slice(i * E, (i + 1) * E)) for i, t in enumerate((query, key, value)))
-    attn_mask = F._canonical_mask(mask=attn_mask, mask_name="attn_mask", other_type=None, other_name="", target_type=q.dtype, check_other=False)
+        q, k, v = (
+            project(t, *in_proj, activation_bits, rows=slice(i * E, (i + 1) * E))
+            for i, t in enumerate((query, key, value))
+        )
+    attn_mask = F._canonical_mask(
+        mask=attn_mask, mask_name="attn_mask", other_type=None, other_name="", target_type=q.dtype, check_other=False
+    )
     key_padding_mask = F._canonical_mask(
-        mask=key_padding_mask, mask_name="key_padding_mask", other_type=F._none_or_dtype(attn_mask), other_name="attn_mask", target_type=q.dtype
+        mask=key_padding_mask,
+        mask_name="key_padding_mask",
+        other_type=F._none_or_dtype(attn_mask),
+        other_name="attn_mask",
+        target_type=q.dtype,
     )
     if is_causal and attn_mask is None:
         attn_mask = torch.zeros(L, S, dtype=q.dtype, device=q.device).masked_fill(
@@ -157,14 +193,34 @@ def multi_head_attention(
     else:
         if attn_mask is not None:
             attn_mask = attn_mask.unsqueeze(0) if attn_mask.size(0) == 1 else attn_mask.view(B, H, -1, S)
-        out = quantized_sdpa(q.view(B, H, L, D), k.view(B, H, S, D), v.view(B, H, S, D), attn_mask, dropout_p, attention_bits=attention_bits)
+        out = quantized_sdpa(
+            q.view(B, H, L, D),
+            k.view(B, H, S, D),
+            v.view(B, H, S, D),
+            attn_mask,
+            dropout_p,
+            attention_bits=attention_bits,
+        )
         out = out.permute(2, 0, 1, 3).reshape(B * L, E)
     out = project(out, *out_proj, activation_bits).view(L, B, E)
     return out, weights
 
 
 def encoder_layer(
-    src, num_heads, in_proj, out_proj, use_gelu, norm_first, eps, norm1, norm2, ff1, ff2, *, activation_bits=8, attention_bits=None
+    src,
+    num_heads,
+    in_proj,
+    out_proj,
+    use_gelu,
+    norm_first,
+    eps,
+    norm1,
+    norm2,
+    ff1,
+    ff2,
+    *,
+    activation_bits=8,
+    attention_bits=None,
 ):
     """The inference fast path of ``nn.TransformerEncoderLayer`` (batch-first, no mask)."""
     B, L, E = src.shape

@@ -6,6 +6,7 @@ op's parameters. Every other registration of the op (fake, CUDA kernel, the Indu
 twin) takes ``*args`` and reads them as ``op.Args(*args)``: the dispatcher passes arguments
 positionally, trailing defaults omitted, which the namedtuple's defaults fill in.
 """
+
 from __future__ import annotations
 
 import collections
@@ -59,8 +60,10 @@ def twin(name: str, op, impl: Callable, cpu: Callable | None = None):
 def require_static(t: Tensor, op: str) -> None:
     """The twins choose a kernel variant by row count at trace time: shapes must be static."""
     if not all(isinstance(d, int) for d in t.shape):
-        raise NotImplementedError(f"bitnet::{op} needs static shapes (its kernel variant depends on the row count); "
-                                  "with symbolic shapes use the opaque op")
+        raise NotImplementedError(
+            f"bitnet::{op} needs static shapes (its kernel variant depends on the row count); "
+            "with symbolic shapes use the opaque op"
+        )
 
 
 def packed_ternary(wq) -> bool:

@@ -6,6 +6,7 @@ per-sample activation scale factors out of a convolution's sum over channels *an
 positions, so the conv has its own activation quantizer. On CUDA both run Triton kernels
 (``kernels/sample_quant.py``, the implicit-GEMM ``kernels/conv.py``) where they apply.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -26,7 +27,9 @@ def quantize_activations_per_sample(x: Tensor, bits: int) -> tuple[Tensor, Tenso
 
 @quantize_activations_per_sample.register_fake
 def _(x, bits):
-    return ref.channels_last_empty(x, torch.int8), x.new_empty((x.shape[0], *([1] * (x.dim() - 1))), dtype=torch.float32)
+    return ref.channels_last_empty(x, torch.int8), x.new_empty(
+        (x.shape[0], *([1] * (x.dim() - 1))), dtype=torch.float32
+    )
 
 
 quantize_activations_per_sample.register_autograd(no_gradient, setup_context=quantizer_setup)
@@ -88,7 +91,16 @@ def _conv_backward(ctx, grad):
     a_deq = a.to(grad.dtype) if ctx.weight_only else ref.dequantized_activations(a, x_scale, grad.dtype)
     spatial = a.dim() - 2
     gx, gw, _ = torch.ops.aten.convolution_backward(
-        grad, a_deq, w_deq, None, stride, padding, dilation, False, [0] * spatial, groups,
+        grad,
+        a_deq,
+        w_deq,
+        None,
+        stride,
+        padding,
+        dilation,
+        False,
+        [0] * spatial,
+        groups,
         [ctx.needs_input_grad[0], ctx.needs_input_grad[1], False],
     )
     gb = grad.sum([d for d in range(grad.dim()) if d != 1]) if ctx.has_bias and ctx.needs_input_grad[2] else None
@@ -115,5 +127,17 @@ def _(x, weight, bias, xq, x_scale, wq, w_scale, stride, padding, dilation, grou
 
     if xq is None or not packed_ternary(wq):  # weight-only / int8 weights: the reference
         return ref.lowbit_conv(x, weight.shape, bias, xq, x_scale, wq, w_scale, stride, padding, dilation, groups)
-    return ternary_conv(xq, wq, weight.shape, stride, padding, dilation, groups, x_scale, w_scale, bias, x.dtype,
-                        ref.conv_memory_format(x))
+    return ternary_conv(
+        xq,
+        wq,
+        weight.shape,
+        stride,
+        padding,
+        dilation,
+        groups,
+        x_scale,
+        w_scale,
+        bias,
+        x.dtype,
+        ref.conv_memory_format(x),
+    )

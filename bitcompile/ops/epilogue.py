@@ -4,6 +4,7 @@ Emitted by ``passes/epilogue.py``: ``act(acc * s_w * s_x + bias) (+ residual)`` 
 float32 and cast once to the output dtype, so the activation and the residual add cost no
 extra pass over the output. No gradients: training graphs keep ``lowbit_linear``.
 """
+
 from __future__ import annotations
 
 import functools
@@ -19,8 +20,15 @@ from bitcompile.ops.common import bitnet_op, packed_ternary, require_static, twi
 
 @bitnet_op("bitnet::linear_q")
 def linear_q(
-    xq: Tensor, x_scale: Tensor, wq: Tensor, w_scale: Tensor, bias: Optional[Tensor], k: int, dtype: torch.dtype,
-    activation: str, residual: Optional[Tensor],
+    xq: Tensor,
+    x_scale: Tensor,
+    wq: Tensor,
+    w_scale: Tensor,
+    bias: Optional[Tensor],
+    k: int,
+    dtype: torch.dtype,
+    activation: str,
+    residual: Optional[Tensor],
 ) -> Tensor:
     """Inference linear from int8 activations with the fused epilogue
     ``act(acc * s_w * s_x + bias) (+ residual)`` cast to ``dtype``."""
@@ -41,8 +49,9 @@ def kernel_supports(wq: Tensor) -> bool:
 def _kernel(a, layout: str = "canonical", wrap=None):
     from bitcompile.kernels.ternary_matmul import ternary_matmul
 
-    return ternary_matmul(a.xq, a.wq, a.k, a.x_scale, a.w_scale, a.bias, a.dtype, a.activation, a.residual,
-                          layout=layout, wrap=wrap)
+    return ternary_matmul(
+        a.xq, a.wq, a.k, a.x_scale, a.w_scale, a.bias, a.dtype, a.activation, a.residual, layout=layout, wrap=wrap
+    )
 
 
 @linear_q.register_kernel("cuda")

@@ -10,6 +10,7 @@ On CUDA the matmuls run the Triton kernels where ``kernel_supports`` says they a
 activations and 2-bit packed weights), the reference elsewhere. The ``*_triton`` twins launch
 the same kernels from Inductor's code in graphs with static shapes.
 """
+
 from __future__ import annotations
 
 import functools
@@ -53,7 +54,9 @@ def _(a, wq, k):
 
 
 @bitnet_op("bitnet::dequantize")
-def dequantize(acc: Tensor, x_scale: Optional[Tensor], w_scale: Tensor, bias: Optional[Tensor], dtype: torch.dtype) -> Tensor:
+def dequantize(
+    acc: Tensor, x_scale: Optional[Tensor], w_scale: Tensor, bias: Optional[Tensor], dtype: torch.dtype
+) -> Tensor:
     """``acc * s_x * s_w (+ bias)`` computed in float32, returned as ``dtype``."""
     return ref.dequantize(acc, x_scale, w_scale, bias, dtype)
 
@@ -65,8 +68,14 @@ def _(acc, x_scale, w_scale, bias, dtype):
 
 @bitnet_op("bitnet::lowbit_linear")
 def lowbit_linear(
-    x: Tensor, weight: Tensor, bias: Optional[Tensor], xq: Optional[Tensor], x_scale: Optional[Tensor], wq: Tensor,
-    w_scale: Tensor, grad_input_bits: Optional[int] = None,
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    xq: Optional[Tensor],
+    x_scale: Optional[Tensor],
+    wq: Tensor,
+    w_scale: Tensor,
+    grad_input_bits: Optional[int] = None,
 ) -> Tensor:
     """Packed low-bit matmul with the dequantize epilogue. ``x`` and ``weight`` are the
     latent full-precision tensors: they carry the STE gradients (``weight`` is not read
@@ -118,7 +127,8 @@ def grad_kernel_supports(wq: Tensor, bits: Optional[int]) -> bool:
 
 def _grad_kernel(a, wrap=None):
     from bitcompile.kernels import tuning
-    from bitcompile.kernels.grad_input import grad_input as exact, grad_input_quantized
+    from bitcompile.kernels.grad_input import grad_input as exact
+    from bitcompile.kernels.grad_input import grad_input_quantized
 
     if a.bits is not None:
         return grad_input_quantized(a.grad, a.wq, a.w_scale, a.k, a.bits, wrap=wrap)
@@ -129,8 +139,15 @@ def _grad_kernel(a, wrap=None):
         # accumulated in fp32 and returned in fp32: the exact fp32 product runs on CUDA cores,
         # orders of magnitude slower, for a straight-through estimate.
         grad = grad.to(torch.bfloat16)
-    return exact(grad, a.wq, a.w_scale, a.k, wrap=wrap, gluon_op=grad_input_ws if wrap is not None else None,
-                 out_dtype=a.grad.dtype)
+    return exact(
+        grad,
+        a.wq,
+        a.w_scale,
+        a.k,
+        wrap=wrap,
+        gluon_op=grad_input_ws if wrap is not None else None,
+        out_dtype=a.grad.dtype,
+    )
 
 
 @grad_input.register_kernel("cuda")
@@ -186,8 +203,10 @@ def linear_traced(a):
     from torch.library import wrap_triton
 
     if not kernel_supports(a.xq, a.wq):
-        raise NotImplementedError("bitnet::lowbit_linear_triton needs int8 activations and 2-bit packed weights "
-                                  "(other configurations use bitnet::lowbit_linear)")
+        raise NotImplementedError(
+            "bitnet::lowbit_linear_triton needs int8 activations and 2-bit packed weights "
+            "(other configurations use bitnet::lowbit_linear)"
+        )
     require_static(a.xq, "lowbit_linear_triton")
     return _linear_kernel(a, wrap=wrap_triton)
 
@@ -224,22 +243,27 @@ def twin_lowbit_linear():
 # the result) cost ~90 µs per call on the H100's host, more than the launch itself, and this op
 # runs inside backward graphs, where it needs neither.
 _LIB = torch.library.Library("bitnet", "FRAGMENT")
-_LIB.define("grad_input_ws(Tensor grad, Tensor wq, Tensor w_scale, int k, int[] tile, ScalarType? out_dtype=None) "
-            "-> Tensor")
+_LIB.define(
+    "grad_input_ws(Tensor grad, Tensor wq, Tensor w_scale, int k, int[] tile, ScalarType? out_dtype=None) -> Tensor"
+)
 
 
-def _grad_input_ws_cpu(grad: Tensor, wq: Tensor, w_scale: Tensor, k: int, tile: list[int],
-                       out_dtype: Optional[torch.dtype] = None) -> Tensor:
+def _grad_input_ws_cpu(
+    grad: Tensor, wq: Tensor, w_scale: Tensor, k: int, tile: list[int], out_dtype: Optional[torch.dtype] = None
+) -> Tensor:
     return ref.grad_input(grad, wq, w_scale, k).to(out_dtype or grad.dtype)
 
 
-def _grad_input_ws_cuda(grad: Tensor, wq: Tensor, w_scale: Tensor, k: int, tile: list[int],
-                        out_dtype: Optional[torch.dtype] = None) -> Tensor:
+def _grad_input_ws_cuda(
+    grad: Tensor, wq: Tensor, w_scale: Tensor, k: int, tile: list[int], out_dtype: Optional[torch.dtype] = None
+) -> Tensor:
     from bitcompile.kernels import grad_input_ws as gluon
 
     if grad.dim() != 2 or tuple(wq.shape) != (grad.shape[1], (k + 3) // 4):
-        raise ValueError(f"bitnet::grad_input_ws takes grads [m, n] and packed weights [n, (k + 3) // 4]; got "
-                         f"{tuple(grad.shape)}, {tuple(wq.shape)}, k={k}")
+        raise ValueError(
+            f"bitnet::grad_input_ws takes grads [m, n] and packed weights [n, (k + 3) // 4]; got "
+            f"{tuple(grad.shape)}, {tuple(wq.shape)}, k={k}"
+        )
     gluon.require(grad, wq, w_scale)
     out = grad.new_empty((grad.shape[0], k), dtype=out_dtype or grad.dtype)
     gluon.launch(grad, wq, w_scale, out, *tile)

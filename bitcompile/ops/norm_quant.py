@@ -7,6 +7,7 @@ its autograd rule backpropagates the gradient reaching ``y`` (through the linear
 ``h`` through the norm and the residual add (``reference.normalize_backward``: plain torch
 that AOTAutograd traces into the backward graph, where Inductor fuses it).
 """
+
 from __future__ import annotations
 
 import functools
@@ -21,8 +22,16 @@ from bitcompile.ops.common import bitnet_op, twin
 
 @bitnet_op("bitnet::norm_quant")
 def norm_quant(
-    x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor], kind: str, eps: float,
-    bits: int, norm_dtype: torch.dtype, store_normed: bool, store_sum: bool,
+    x: Tensor,
+    residual: Optional[Tensor],
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    kind: str,
+    eps: float,
+    bits: int,
+    norm_dtype: torch.dtype,
+    store_normed: bool,
+    store_sum: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``h = x (+ residual)``, ``y = norm(h)`` (``kind``: rms | rms_fp32 | layer | none), then
     per-token quantization of ``y``. Returns ``(q, scale, y, h)``, ``y`` and ``h`` empty unless
@@ -61,8 +70,9 @@ def kernel_supports(x: Tensor) -> bool:
 def _fused(a, wrap=None):
     from bitcompile.kernels.act_quant import norm_quant as kernel
 
-    q, s, y, h = kernel(a.x, a.bits, a.kind, a.weight, a.bias, a.eps, a.residual, a.norm_dtype, a.store_normed,
-                        a.store_sum, wrap=wrap)
+    q, s, y, h = kernel(
+        a.x, a.bits, a.kind, a.weight, a.bias, a.eps, a.residual, a.norm_dtype, a.store_normed, a.store_sum, wrap=wrap
+    )
     return _unstored_empty(a, q, s, y, h)
 
 
@@ -118,4 +128,3 @@ def twin_norm_quant():
     op = twin("bitnet::norm_quant_triton", norm_quant, traced)
     op.register_autograd(_backward, setup_context=_setup)
     return torch.ops.bitnet.norm_quant_triton.default
-

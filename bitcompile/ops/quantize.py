@@ -4,6 +4,7 @@ Both return integers and float32 scales and pass no gradient back: the STE lives
 linear and conv ops that consume them. On CUDA each runs a Triton kernel where
 ``*_kernel_supports`` says the kernel covers the input, and the reference elsewhere.
 """
+
 from __future__ import annotations
 
 import functools
@@ -52,7 +53,9 @@ def quantize_weights(w: Tensor, scheme: str, per_channel: bool) -> tuple[Tensor,
 @quantize_weights.register_fake
 def _(w, scheme, per_channel):
     n, k = w.shape
-    wq = w.new_empty((n, k), dtype=torch.int8) if scheme == "int8" else w.new_empty((n, (k + 3) // 4), dtype=torch.uint8)
+    wq = (
+        w.new_empty((n, k), dtype=torch.int8) if scheme == "int8" else w.new_empty((n, (k + 3) // 4), dtype=torch.uint8)
+    )
     return wq, w.new_empty((n if per_channel else 1,), dtype=torch.float32)
 
 

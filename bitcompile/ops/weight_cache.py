@@ -8,6 +8,7 @@ version counter: call :meth:`WeightCache.clear` after those. Inference tensors
 (created under ``torch.inference_mode``) have no version counter, so they are
 re-quantized on every call rather than risk serving stale weights.
 """
+
 from __future__ import annotations
 
 import math
@@ -29,8 +30,9 @@ class WeightCache:
         self._entries = WeakIdKeyDictionary()
         self.stats = CacheStats()
 
-    def get(self, weight: torch.Tensor, scheme: str, per_channel: bool, layout: str = "canonical",
-            view: str = "") -> tuple[torch.Tensor, torch.Tensor]:
+    def get(
+        self, weight: torch.Tensor, scheme: str, per_channel: bool, layout: str = "canonical", view: str = ""
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(packed, scale)`` of ``weight``, or of ``weight.flatten(1)`` (``view="flatten"``, a
         conv) or ``weight.t()`` (``view="t"``); ``layout="kblocked"``: ternary codes in the
         kernels' K-blocked layout (relaid once per packed tensor), for ``bitnet::linear_q_triton``."""
@@ -53,8 +55,9 @@ class WeightCache:
             return _kblocked(packed[0], k), packed[1]
         return packed
 
-    def get_group(self, weights: Sequence[torch.Tensor], scheme: str, per_channel: bool,
-                  layout: str = "canonical") -> tuple[torch.Tensor, torch.Tensor]:
+    def get_group(
+        self, weights: Sequence[torch.Tensor], scheme: str, per_channel: bool, layout: str = "canonical"
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(packed, scale)`` of ``weights`` stacked along the output rows (sibling linears fused into
         one matmul): the members' packed codes concatenated, and one float32 scale per row (each
         member's scale over its rows), kept until a member changes."""
@@ -75,8 +78,14 @@ class WeightCache:
             return _kblocked(packed[0], first.shape[1]), packed[1]
         return packed
 
-    def put(self, weight: torch.Tensor, scheme: str, per_channel: bool, packed: tuple[torch.Tensor, torch.Tensor],
-            view: str = "") -> None:
+    def put(
+        self,
+        weight: torch.Tensor,
+        scheme: str,
+        per_channel: bool,
+        packed: tuple[torch.Tensor, torch.Tensor],
+        view: str = "",
+    ) -> None:
         """Serve ``packed`` for ``weight`` (seen through ``view``) until it changes (also used
         when loading packed checkpoints)."""
         self._entries.setdefault(weight, {})[(scheme, per_channel, view)] = (_version_key(weight), packed)

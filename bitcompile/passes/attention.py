@@ -15,6 +15,7 @@ With ``attention_bits`` set, ``F.scaled_dot_product_attention`` and the manual
 ``softmax(q @ k.transpose(-2, -1) * scale + mask) @ v`` spelling get both matmuls as
 ``bitnet.quantized_attention_matmul`` (int x int, per-head scales, softmax in float).
 """
+
 from __future__ import annotations
 
 import inspect
@@ -26,8 +27,16 @@ import torch.fx as fx
 from bitcompile.ops import attention as bit_attention
 from bitcompile.passes import targets as T
 from bitcompile.passes.context import PassContext
-from bitcompile.passes.graph import (describe_weights, dtype_name, emit_weight_quantization, meta, owner,
-                                     parameter_path, record, strip_root)
+from bitcompile.passes.graph import (
+    describe_weights,
+    dtype_name,
+    emit_weight_quantization,
+    meta,
+    owner,
+    parameter_path,
+    record,
+    strip_root,
+)
 
 MHA_SIGNATURE = inspect.signature(T.MHA)
 MATMULS = (T.MATMUL, T.BMM)
@@ -52,7 +61,15 @@ def _quantized_projection(graph, gm, ctx, w, b, x_node, label: str):
         reason = "weight is not a parameter"
     elif ctx.config.excluded(module):
         reason = f"excluded by pattern {ctx.config.excluded(module)!r}"
-    record(ctx, "linear", module, f"W{list(wm.shape) if wm is not None else '?'}", _dtype(x_node), reason, describe_weights(ctx.config) + f" ({label})")
+    record(
+        ctx,
+        "linear",
+        module,
+        f"W{list(wm.shape) if wm is not None else '?'}",
+        _dtype(x_node),
+        reason,
+        describe_weights(ctx.config) + f" ({label})",
+    )
     if reason:
         return (w, b, None, None)
     return (w, b, *emit_weight_quantization(graph, w, ctx.config))
@@ -82,15 +99,38 @@ def _rewrite_mha(node, gm, ctx) -> None:
         record(ctx, "attention", module, "", _dtype(a["query"]), reason, "")
         return
     with graph.inserting_before(node):
-        in_proj = _quantized_projection(graph, gm, ctx, a["in_proj_weight"], a["in_proj_bias"], a["query"], "fused q/k/v in_proj")
-        out_proj = _quantized_projection(graph, gm, ctx, a["out_proj_weight"], a["out_proj_bias"], a["query"], "out_proj")
-        kwargs = {k: a[k] for k in ("dropout_p", "training", "key_padding_mask", "need_weights", "attn_mask", "average_attn_weights", "is_causal")}
+        in_proj = _quantized_projection(
+            graph, gm, ctx, a["in_proj_weight"], a["in_proj_bias"], a["query"], "fused q/k/v in_proj"
+        )
+        out_proj = _quantized_projection(
+            graph, gm, ctx, a["out_proj_weight"], a["out_proj_bias"], a["query"], "out_proj"
+        )
+        kwargs = {
+            k: a[k]
+            for k in (
+                "dropout_p",
+                "training",
+                "key_padding_mask",
+                "need_weights",
+                "attn_mask",
+                "average_attn_weights",
+                "is_causal",
+            )
+        }
         new = graph.call_function(
             bit_attention.multi_head_attention,
             (a["query"], a["key"], a["value"], a["num_heads"], in_proj, out_proj),
             {**kwargs, "activation_bits": cfg.activation_bits, "attention_bits": cfg.attention_bits},
         )
-    record(ctx, "attention", module, "", _dtype(a["query"]), "", f"nn.MultiheadAttention, attention matmuls {_attn_desc(cfg)}")
+    record(
+        ctx,
+        "attention",
+        module,
+        "",
+        _dtype(a["query"]),
+        "",
+        f"nn.MultiheadAttention, attention matmuls {_attn_desc(cfg)}",
+    )
     new.meta.update(node.meta)
     node.replace_all_uses_with(new)
     graph.erase_node(node)
@@ -98,23 +138,64 @@ def _rewrite_mha(node, gm, ctx) -> None:
 
 def _rewrite_encoder_layer(node, gm, ctx) -> None:
     graph, cfg = gm.graph, ctx.config
-    (src, _e, heads, qkv_w, qkv_b, proj_w, proj_b, use_gelu, norm_first, eps, n1w, n1b, n2w, n2b, f1w, f1b, f2w, f2b, *rest) = node.args
+    (
+        src,
+        _e,
+        heads,
+        qkv_w,
+        qkv_b,
+        proj_w,
+        proj_b,
+        use_gelu,
+        norm_first,
+        eps,
+        n1w,
+        n1b,
+        n2w,
+        n2b,
+        f1w,
+        f1b,
+        f2w,
+        f2b,
+        *rest,
+    ) = node.args
     module = owner(owner(parameter_path(f1w, gm) or "encoder_layer.linear1.weight"))
     mask = rest[0] if rest else None
     if mask is not None:
-        record(ctx, "attention", module, "", _dtype(src), "encoder-layer fast path with a mask not supported (left in float)", "")
+        record(
+            ctx,
+            "attention",
+            module,
+            "",
+            _dtype(src),
+            "encoder-layer fast path with a mask not supported (left in float)",
+            "",
+        )
         return
     with graph.inserting_before(node):
         projs = [
             _quantized_projection(graph, gm, ctx, w, b, src, label)
-            for w, b, label in ((qkv_w, qkv_b, "fused q/k/v in_proj"), (proj_w, proj_b, "out_proj"), (f1w, f1b, "linear1"), (f2w, f2b, "linear2"))
+            for w, b, label in (
+                (qkv_w, qkv_b, "fused q/k/v in_proj"),
+                (proj_w, proj_b, "out_proj"),
+                (f1w, f1b, "linear1"),
+                (f2w, f2b, "linear2"),
+            )
         ]
         new = graph.call_function(
             bit_attention.encoder_layer,
             (src, heads, projs[0], projs[1], use_gelu, norm_first, eps, (n1w, n1b), (n2w, n2b), projs[2], projs[3]),
             {"activation_bits": cfg.activation_bits, "attention_bits": cfg.attention_bits},
         )
-    record(ctx, "attention", module, "", _dtype(src), "", f"TransformerEncoderLayer fast path, attention matmuls {_attn_desc(cfg)}")
+    record(
+        ctx,
+        "attention",
+        module,
+        "",
+        _dtype(src),
+        "",
+        f"TransformerEncoderLayer fast path, attention matmuls {_attn_desc(cfg)}",
+    )
     new.meta.update(node.meta)
     node.replace_all_uses_with(new)
     graph.erase_node(node)
@@ -169,7 +250,9 @@ def _values_matmul(softmax: fx.Node, depth: int = 4) -> Optional[fx.Node]:
 
 def _replace_matmul(graph, node, bits) -> None:
     with graph.inserting_before(node):
-        new = graph.call_function(torch.ops.bitnet.quantized_attention_matmul.default, (node.args[0], node.args[1], bits))
+        new = graph.call_function(
+            torch.ops.bitnet.quantized_attention_matmul.default, (node.args[0], node.args[1], bits)
+        )
     new.meta.update(node.meta)
     node.replace_all_uses_with(new)
     graph.erase_node(node)
@@ -180,8 +263,18 @@ def _rewrite_attention_matmuls(gm, ctx) -> None:
     for node in list(graph.nodes):
         if _is(node, (T.SDPA,)):
             with graph.inserting_before(node):
-                new = graph.call_function(bit_attention.quantized_sdpa, node.args, {**node.kwargs, "attention_bits": bits})
-            record(ctx, "attention_matmul", _module_path(node), f"q{list(meta(node.args[0]).shape) if meta(node.args[0]) is not None else '?'}", _dtype(node), "", f"scaled_dot_product_attention -> {_attn_desc(ctx.config)}")
+                new = graph.call_function(
+                    bit_attention.quantized_sdpa, node.args, {**node.kwargs, "attention_bits": bits}
+                )
+            record(
+                ctx,
+                "attention_matmul",
+                _module_path(node),
+                f"q{list(meta(node.args[0]).shape) if meta(node.args[0]) is not None else '?'}",
+                _dtype(node),
+                "",
+                f"scaled_dot_product_attention -> {_attn_desc(ctx.config)}",
+            )
             new.meta.update(node.meta)
             node.replace_all_uses_with(new)
             graph.erase_node(node)
@@ -194,7 +287,15 @@ def _rewrite_attention_matmuls(gm, ctx) -> None:
                 reason = "softmax not between two matmuls (not an attention pattern)"
             elif shape is None or shape.dim() < 3:
                 reason = "attention scores not batched per head (< 3-D)"
-            record(ctx, "attention_matmul", _module_path(node), f"scores{list(shape.shape) if shape is not None else '?'}", _dtype(node), reason, f"softmax(q @ k^T ...) @ v -> {_attn_desc(ctx.config)}")
+            record(
+                ctx,
+                "attention_matmul",
+                _module_path(node),
+                f"scores{list(shape.shape) if shape is not None else '?'}",
+                _dtype(node),
+                reason,
+                f"softmax(q @ k^T ...) @ v -> {_attn_desc(ctx.config)}",
+            )
             if not reason:
                 _replace_matmul(graph, scores, bits)
                 _replace_matmul(graph, values, bits)

@@ -11,6 +11,7 @@ eval-mode BN is folded into the layer's output scale and bias,
 so the eval graph has no separate BN. Train/eval switching recompiles (Dynamo guards on
 ``module.training``), which picks the right form.
 """
+
 from __future__ import annotations
 
 from operator import getitem as operator_getitem
@@ -89,7 +90,9 @@ def rewrite_batchnorms(gm: fx.GraphModule, ctx: PassContext) -> None:
             shape=f"x{list(xm.shape) if xm is not None else '?'}",
             dtype=str(xm.dtype).removeprefix("torch.") if xm is not None else "?",
             rewritten=after_quantized,
-            reason="input is not a quantized conv/linear: left to Inductor" if not after_quantized else (reason or "folded into the quantized layer's output scale and bias"),
+            reason="input is not a quantized conv/linear: left to Inductor"
+            if not after_quantized
+            else (reason or "folded into the quantized layer's output scale and bias"),
         )
         ctx.report.candidates.append(candidate)
         if not after_quantized or reason is not None:
@@ -97,7 +100,9 @@ def rewrite_batchnorms(gm: fx.GraphModule, ctx: PassContext) -> None:
         layer_args = list(x.args)
         bias_i, scale_i = 2, 6
         with graph.inserting_before(node):
-            folded = graph.call_function(fold_batchnorm, (layer_args[scale_i], layer_args[bias_i], mean, var, gamma, beta, float(eps)))
+            folded = graph.call_function(
+                fold_batchnorm, (layer_args[scale_i], layer_args[bias_i], mean, var, gamma, beta, float(eps))
+            )
             layer_args[scale_i] = graph.call_function(operator_getitem, (folded, 0))
             layer_args[bias_i] = graph.call_function(operator_getitem, (folded, 1))
             out = graph.call_function(x.target, tuple(layer_args))
@@ -105,4 +110,3 @@ def rewrite_batchnorms(gm: fx.GraphModule, ctx: PassContext) -> None:
         node.replace_all_uses_with(out)
         graph.erase_node(node)
         graph.erase_node(x)
-

@@ -1,5 +1,6 @@
 """What a pass receives besides the graph: the options, the graph's kind, the report it
 writes to, and what it asks the runtime wrapper to feed the compiled graph."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -26,8 +27,7 @@ class HoistedWeight:
         from bitcompile.ops import WEIGHT_CACHE
 
         if self.members:
-            return WEIGHT_CACHE.get_group([inputs[i] for i in self.members], self.scheme, self.per_channel,
-                                          self.layout)
+            return WEIGHT_CACHE.get_group([inputs[i] for i in self.members], self.scheme, self.per_channel, self.layout)
         return WEIGHT_CACHE.get(inputs[self.arg_index], self.scheme, self.per_channel, self.layout, self.view)
 
 

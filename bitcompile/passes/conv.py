@@ -7,6 +7,7 @@ modes reach us as ``F.pad`` + conv. Activations get one int8 absmax scale per sa
 activation scale that factors out of a convolution's sum over channels *and* kernel
 positions); weights are quantized as ``W.flatten(1)`` ``[C_out, C_in/groups * kh * kw]``.
 """
+
 from __future__ import annotations
 
 import torch
@@ -15,9 +16,19 @@ import torch.fx as fx
 from bitcompile.numerics.spec import weight_skip_reason
 from bitcompile.passes import targets as T
 from bitcompile.passes.context import PassContext
-from bitcompile.passes.graph import (describe_weights, dims, dtype_name, emit_activation_quantization,
-                                     emit_autocast_input, emit_weight_quantization, meta, owner, parameter_path,
-                                     parameter_skip_reason, record)
+from bitcompile.passes.graph import (
+    describe_weights,
+    dims,
+    dtype_name,
+    emit_activation_quantization,
+    emit_autocast_input,
+    emit_weight_quantization,
+    meta,
+    owner,
+    parameter_path,
+    parameter_skip_reason,
+    record,
+)
 
 
 def _ints(value, dims: int) -> list[int]:
@@ -70,10 +81,18 @@ def rewrite_convs(gm: fx.GraphModule, ctx: PassContext) -> None:
         if not reason:
             stride, dilation = _ints(stride, spatial), _ints(dilation, spatial)
             padding, reason = normalize_padding(padding, list(wm.shape[2:]), dilation)
-        shape = f"x{dims(xm)} * W{dims(wm)}" + (f" stride={stride} pad={padding} dil={dilation} groups={groups}"
-                                                if not reason else "")
-        record(ctx, f"conv{spatial}d" if spatial else "conv", owner(path) if path else str(node.name), shape,
-               dtype_name(xm), reason, describe_weights(cfg) + " (per-sample activation scale)")
+        shape = f"x{dims(xm)} * W{dims(wm)}" + (
+            f" stride={stride} pad={padding} dil={dilation} groups={groups}" if not reason else ""
+        )
+        record(
+            ctx,
+            f"conv{spatial}d" if spatial else "conv",
+            owner(path) if path else str(node.name),
+            shape,
+            dtype_name(xm),
+            reason,
+            describe_weights(cfg) + " (per-sample activation scale)",
+        )
         if reason:
             continue
         with graph.inserting_before(node):
@@ -81,7 +100,8 @@ def rewrite_convs(gm: fx.GraphModule, ctx: PassContext) -> None:
             xq, x_scale = emit_activation_quantization(graph, x, cfg, per_sample=True)
             wq, w_scale = emit_weight_quantization(graph, graph.call_function(torch.flatten, (w, 1)), cfg)
             out = graph.call_function(
-                torch.ops.bitnet.lowbit_conv.default, (x, w, b, xq, x_scale, wq, w_scale, stride, padding, dilation, groups)
+                torch.ops.bitnet.lowbit_conv.default,
+                (x, w, b, xq, x_scale, wq, w_scale, stride, padding, dilation, groups),
             )
         out.meta.update(node.meta)
         node.replace_all_uses_with(out)

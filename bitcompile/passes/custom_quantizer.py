@@ -15,10 +15,10 @@ to the graph's inputs; the backend's runtime wrapper feeds their current values 
 every call (``PassContext.runtime_inputs``), so AOTAutograd returns their gradients
 and the user's optimizer updates them like any parameter.
 """
+
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Optional
 
 import torch
 import torch.fx as fx
@@ -127,10 +127,13 @@ def check_traceable(call: QuantizerCall, weight_meta: torch.Tensor) -> None:
             raise TypeError(
                 f"{type(call.quantizer).__name__} cannot be compiled into the graph ({type(err).__name__}: {err}); "
                 "a quantizer used by the backend must be torch code on its input and its own parameters and buffers, "
-                "without host reads of tensor values (.item(), float(t), bool(t), a 0-d index tensor, data-dependent shapes)"
+                "without host reads of tensor values (.item(), float(t), bool(t), a 0-d index tensor, "
+                "data-dependent shapes)"
             ) from err
     if tuple(out.shape) != tuple(weight_meta.shape):
-        raise ValueError(f"{type(call.quantizer).__name__} changed the weight shape {tuple(weight_meta.shape)} -> {tuple(out.shape)}")
+        raise ValueError(
+            f"{type(call.quantizer).__name__} changed the weight shape {tuple(weight_meta.shape)} -> {tuple(out.shape)}"
+        )
 
 
 def rewrite_linear(gm: fx.GraphModule, ctx: PassContext, node: fx.Node, x, w, b, path: str) -> fx.Node:

@@ -7,6 +7,7 @@ output dtype, so on CUDA the activation and the residual add cost no extra pass
 over the output. Absorbed only when the linear's output has no other user.
 Training graphs keep ``lowbit_linear``: its autograd rule is the STE.
 """
+
 from __future__ import annotations
 
 import torch

@@ -1,5 +1,6 @@
 """Small FX helpers shared by the passes: tensor metadata, parameter paths, the reasons
 and report entries every rewrite shares, and the quantize nodes every rewrite emits."""
+
 from __future__ import annotations
 
 import operator
@@ -17,7 +18,9 @@ PARAMETER_OF = "bitnet_parameter_path"
 # Dynamo's name for the compiled module: a frame local (L['self']), a global, or an argument of a
 # decorated forward (L['args'][0]: transformers >= 5.24 wraps forward in *args decorators).
 _ROOT = re.compile(r"^(?:L|G)\[['\"][^'\"]+['\"]\](?:\[\d+\])*")
-_STEP = re.compile(r"""\._(?:modules|parameters|buffers)\[['"]([^'"]+)['"]\]|\.([A-Za-z_]\w*)|\[['"]?([^'"\]]+)['"]?\]""")
+_STEP = re.compile(
+    r"""\._(?:modules|parameters|buffers)\[['"]([^'"]+)['"]\]|\.([A-Za-z_]\w*)|\[['"]?([^'"\]]+)['"]?\]"""
+)
 # Dynamo names lifted parameters after their source, e.g. L_self_modules_fc_parameters_weight_.
 _PLACEHOLDER = re.compile(r"_(?:modules|parameters|buffers)_")
 
@@ -108,8 +111,16 @@ def parameter_skip_reason(path: Optional[str], ctx) -> str:
 def record(ctx, op: str, module: str, shape: str, dtype: str, reason: str, detail: str, **extra) -> Candidate:
     """Add one candidate to the report: rewritten when there is no ``reason`` (then ``detail``
     says how)."""
-    candidate = Candidate(graph=ctx.graph_index, op=op, module=module, shape=shape, dtype=dtype, rewritten=not reason,
-                          reason=reason or detail, **extra)
+    candidate = Candidate(
+        graph=ctx.graph_index,
+        op=op,
+        module=module,
+        shape=shape,
+        dtype=dtype,
+        rewritten=not reason,
+        reason=reason or detail,
+        **extra,
+    )
     ctx.report.candidates.append(candidate)
     return candidate
 

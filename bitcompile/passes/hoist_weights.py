@@ -7,6 +7,7 @@ backend's runtime wrapper fills from :data:`bitcompile.ops.WEIGHT_CACHE`, which
 re-packs only when the parameter changed. Training graphs keep the node: there
 the latent weights change every step.
 """
+
 from __future__ import annotations
 
 import operator
@@ -45,8 +46,9 @@ def hoist_packed_weights(gm: fx.GraphModule, ctx: PassContext) -> None:
                 packed = graph.placeholder(f"{w.name}{_SUFFIX[view]}_packed")
             with graph.inserting_after(packed):
                 last = scale = graph.placeholder(f"{w.name}{_SUFFIX[view]}_scale")
-            ctx.hoisted.append(HoistedWeight(placeholders.index(w), scheme, per_channel, packed.name, scale.name,
-                                             view=view))
+            ctx.hoisted.append(
+                HoistedWeight(placeholders.index(w), scheme, per_channel, packed.name, scale.name, view=view)
+            )
             hoisted[key] = packed, scale
         packed, scale = hoisted[key]
         for user in list(node.users):

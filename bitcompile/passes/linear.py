@@ -6,6 +6,7 @@ After ``normalize`` every linear is ``F.linear(x, W, b)``: ``nn.Linear``, the ha
 with any number of leading batch dimensions. The weight must be a parameter (or the
 transpose of one) of a module the options do not exclude.
 """
+
 from __future__ import annotations
 
 import torch
@@ -14,10 +15,22 @@ import torch.fx as fx
 from bitcompile.numerics.spec import weight_skip_reason
 from bitcompile.passes import targets as T
 from bitcompile.passes.context import PassContext
-from bitcompile.passes.graph import (buffer_path, describe_weights, dims, dtype_name, emit_activation_quantization,
-                                     emit_autocast_input,
-                                     emit_lowbit_linear, emit_weight_quantization, grad_note, meta, owner,
-                                     parameter_path, parameter_skip_reason, record)
+from bitcompile.passes.graph import (
+    buffer_path,
+    describe_weights,
+    dims,
+    dtype_name,
+    emit_activation_quantization,
+    emit_autocast_input,
+    emit_lowbit_linear,
+    emit_weight_quantization,
+    grad_note,
+    meta,
+    owner,
+    parameter_path,
+    parameter_skip_reason,
+    record,
+)
 
 
 def weight_parameter(w, gm: fx.GraphModule):
@@ -64,9 +77,16 @@ def rewrite_linears(gm: fx.GraphModule, ctx: PassContext) -> None:
         xm, wm = meta(x), meta(w)
         reason = skip_reason(x, param, b, path, ctx, linear_weight=w)
         spelled = " (transformers Conv1D: W[in, out] transposed)" if param is not w else ""
-        record(ctx, "linear", (owner(path) or "(root)") if path else f"({node.name})", f"x{dims(xm)} @ W{dims(wm)}^T",
-               dtype_name(xm), reason, describe_weights(cfg) + grad_note(ctx) + spelled,
-               weight_bits=8 if cfg.weight == "int8" else 2)
+        record(
+            ctx,
+            "linear",
+            (owner(path) or "(root)") if path else f"({node.name})",
+            f"x{dims(xm)} @ W{dims(wm)}^T",
+            dtype_name(xm),
+            reason,
+            describe_weights(cfg) + grad_note(ctx) + spelled,
+            weight_bits=8 if cfg.weight == "int8" else 2,
+        )
         if reason:
             continue
         if cfg.weight_quantizer is not None:  # a user quantizer object: its own forward and gradient
@@ -97,5 +117,12 @@ def _record_deployed(gm: fx.GraphModule, ctx: PassContext) -> None:
         scheme = "int8" if wqm is not None and wqm.dtype == torch.int8 else "2-bit"
         shape = f"x{dims(xqm)} @ W[{wqm.shape[0] if wqm is not None else '?'}, {k}]^T"
         node.meta["bitnet_candidate"] = record(
-            ctx, "linear", owner(path) or "(root)", shape, str(dtype).removeprefix("torch."), "",
-            f"deployed: {scheme} packed weights", weight_bits=8 if scheme == "int8" else 2)
+            ctx,
+            "linear",
+            owner(path) or "(root)",
+            shape,
+            str(dtype).removeprefix("torch."),
+            "",
+            f"deployed: {scheme} packed weights",
+            weight_bits=8 if scheme == "int8" else 2,
+        )

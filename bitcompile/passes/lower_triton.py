@@ -17,6 +17,7 @@ depend on the row count; with symbolic shapes the opaque ops choose at run time)
 
 The report shows each lowered linear (``lowered: triton``).
 """
+
 from __future__ import annotations
 
 import operator
@@ -97,7 +98,8 @@ def _lower_inference_linears(graph: fx.Graph, ctx: PassContext) -> None:
             continue
         users = list(packed.users)
         lowerable = [
-            u for u in users
+            u
+            for u in users
             if u.target is torch.ops.bitnet.linear_q.default and u.args[2] is packed and _static_cuda(u)
         ]
         if not users or len(lowerable) != len(users):

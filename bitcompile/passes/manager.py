@@ -13,6 +13,7 @@ and every pass sees it. Training graphs keep the region (its forward is recomput
 backward) and the passes rewrite inside it too, its inputs linked to the enclosing graph's
 parameters: the recomputed forward quantizes exactly as the first one did.
 """
+
 from __future__ import annotations
 
 import functools
@@ -24,8 +25,18 @@ from typing import Callable
 import torch
 import torch.fx as fx
 
-from bitcompile.passes import (attention, batchnorm, conv, epilogue, hoist_weights, linear, lower_triton, normalize,
-                               norm_quant, siblings)
+from bitcompile.passes import (
+    attention,
+    batchnorm,
+    conv,
+    epilogue,
+    hoist_weights,
+    linear,
+    lower_triton,
+    norm_quant,
+    normalize,
+    siblings,
+)
 from bitcompile.passes.context import PassContext
 from bitcompile.passes.graph import PARAMETER_OF, parameter_path
 

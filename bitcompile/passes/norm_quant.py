@@ -17,6 +17,7 @@ STE routes their input gradient through it) and ``norm_quant``'s autograd rule b
 through the norm and the residual add (``reference.normalize_backward``, plain torch ops that
 AOTAutograd traces into the backward graph for Inductor to fuse).
 """
+
 from __future__ import annotations
 
 import operator
@@ -78,7 +79,13 @@ def _manual_rms(y: fx.Node) -> Optional[Norm]:
         for w, other in (y.args, y.args[::-1]):
             wm, om = meta(w), meta(other)
             inner = other.args[0] if _cast(other) else other
-            if wm is not None and om is not None and wm.dim() == 1 and wm.shape[0] == om.shape[-1] and _normalized(inner):
+            if (
+                wm is not None
+                and om is not None
+                and wm.dim() == 1
+                and wm.shape[0] == om.shape[-1]
+                and _normalized(inner)
+            ):
                 weight, scaled = w, other
                 break
     cast_back = None
@@ -126,7 +133,11 @@ def _residual(h: fx.Node):
     if _call(h, T.ADD) and len(h.args) == 2 and not h.kwargs:
         a, b = h.args
         ms = [meta(n) for n in (a, b, h)]
-        if all(m is not None for m in ms) and ms[0].shape == ms[1].shape == ms[2].shape and ms[0].dtype == ms[1].dtype == ms[2].dtype:
+        if (
+            all(m is not None for m in ms)
+            and ms[0].shape == ms[1].shape == ms[2].shape
+            and ms[0].dtype == ms[1].dtype == ms[2].dtype
+        ):
             return a, b
     return h, None
 

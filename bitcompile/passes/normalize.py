@@ -16,6 +16,7 @@ Only rewrites that compute exactly the same values are made, and only on tensor-
 * batch norms -> ``F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)``;
 * ``torch.ops.bitnet.<op>`` called by the model itself -> its ``.default`` overload, the passes'.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -35,10 +36,14 @@ _POSITIONAL = {
     T.LINEAR: (("input", "weight", "bias"), (None,)),
     T.RMS_NORM: (("input", "normalized_shape", "weight", "eps"), (None, None)),
     T.LAYER_NORM: (("input", "normalized_shape", "weight", "bias", "eps"), (None, None, 1e-5)),
-    T.BATCH_NORM: (("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps"),
-                   (None, None, False, 0.1, 1e-5)),
-    **{conv: (("input", "weight", "bias", "stride", "padding", "dilation", "groups"), (None, 1, 0, 1, 1))
-       for conv in T.CONV},
+    T.BATCH_NORM: (
+        ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps"),
+        (None, None, False, 0.1, 1e-5),
+    ),
+    **{
+        conv: (("input", "weight", "bias", "stride", "padding", "dilation", "groups"), (None, 1, 0, 1, 1))
+        for conv in T.CONV
+    },
 }
 
 
@@ -106,7 +111,7 @@ def _function_call(gm: fx.GraphModule, node: fx.Node) -> None:
 
 def _positional(node: fx.Node, names: tuple, defaults: tuple) -> None:
     """All of ``names`` as positional arguments (keyword or default values moved in)."""
-    filled = dict(zip(names[len(names) - len(defaults):], defaults))
+    filled = dict(zip(names[len(names) - len(defaults) :], defaults))
     values = [node.args[i] if i < len(node.args) else node.kwargs.get(n, filled.get(n)) for i, n in enumerate(names)]
     node.args, node.kwargs = tuple(values), {k: v for k, v in node.kwargs.items() if k not in names}
 

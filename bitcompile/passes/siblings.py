@@ -9,6 +9,7 @@ output element is computed exactly as by its own linear. Members must share the 
 input, the output dtype, the weight scheme and plain (not transposed or flattened) parameter
 weights, and all have a bias or none.
 """
+
 from __future__ import annotations
 
 import operator
@@ -54,16 +55,18 @@ def _fuse(gm: fx.GraphModule, ctx: PassContext, xq, x_scale, dtype, members) -> 
         packed = graph.placeholder(f"{placeholders[h0.arg_index].name}_siblings_packed")
     with graph.inserting_after(packed):
         scale = graph.placeholder(f"{placeholders[h0.arg_index].name}_siblings_scale")
-    group = HoistedWeight(h0.arg_index, h0.scheme, h0.per_channel, packed.name, scale.name,
-                          members=tuple(h.arg_index for _, h in members))
+    group = HoistedWeight(
+        h0.arg_index, h0.scheme, h0.per_channel, packed.name, scale.name, members=tuple(h.arg_index for _, h in members)
+    )
     ctx.hoisted.append(group)
     rows = [meta(node).shape[-1] for node, _ in members]
     k = meta(first.args[0]).shape[-1]
     with graph.inserting_before(first):
         biases = [node.args[2] for node, _ in members]
         bias = None if biases[0] is None else graph.call_function(torch.cat, (biases,))
-        fused = graph.call_function(torch.ops.bitnet.linear_q.default,
-                                    (xq, x_scale, packed, scale, bias, k, dtype, "none", None))
+        fused = graph.call_function(
+            torch.ops.bitnet.linear_q.default, (xq, x_scale, packed, scale, bias, k, dtype, "none", None)
+        )
         out = meta(first)
         fused.meta["val"] = out.new_empty((*out.shape[:-1], sum(rows)))  # the lowering reads its shape
         offset = 0

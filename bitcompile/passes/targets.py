@@ -4,6 +4,7 @@ to these (one target per operation), so a matcher compares with one set.
 ``SPELLINGS`` is what ``normalize`` rewrites: for each canonical target, the functions
 (torch, ``torch.nn.functional``, aten) and tensor methods that compute the same thing.
 """
+
 from __future__ import annotations
 
 import operator
@@ -15,7 +16,14 @@ aten = torch.ops.aten
 
 # Canonical targets.
 LINEAR = F.linear  # = torch._C._nn.linear: (x, weight, bias)
-ADD, SUB, MUL, DIV, POW, MATMUL = operator.add, operator.sub, operator.mul, operator.truediv, operator.pow, operator.matmul
+ADD, SUB, MUL, DIV, POW, MATMUL = (
+    operator.add,
+    operator.sub,
+    operator.mul,
+    operator.truediv,
+    operator.pow,
+    operator.matmul,
+)
 BMM = torch.bmm
 RELU, GELU, SILU, SQUARE = torch.relu, F.gelu, F.silu, torch.square
 RSQRT, MEAN = torch.rsqrt, torch.mean
@@ -56,9 +64,24 @@ FUNCTION_SPELLINGS = {
 }
 # Tensor methods computing a canonical function of ``self`` and the same arguments.
 METHOD_SPELLINGS = {
-    "add": ADD, "__add__": ADD, "sub": SUB, "mul": MUL, "__mul__": MUL, "div": DIV, "__truediv__": DIV,
-    "pow": POW, "matmul": MATMUL, "__matmul__": MATMUL, "bmm": BMM, "relu": RELU, "square": SQUARE,
-    "rsqrt": RSQRT, "mean": MEAN, "t": TRANSPOSE_2D, "transpose": TRANSPOSE, "softmax": SOFTMAX,
+    "add": ADD,
+    "__add__": ADD,
+    "sub": SUB,
+    "mul": MUL,
+    "__mul__": MUL,
+    "div": DIV,
+    "__truediv__": DIV,
+    "pow": POW,
+    "matmul": MATMUL,
+    "__matmul__": MATMUL,
+    "bmm": BMM,
+    "relu": RELU,
+    "square": SQUARE,
+    "rsqrt": RSQRT,
+    "mean": MEAN,
+    "t": TRANSPOSE_2D,
+    "transpose": TRANSPOSE,
+    "softmax": SOFTMAX,
 }
 # Keyword arguments that change what a spelling computes: a call using them keeps its spelling.
 CHANGING_KWARGS = {"alpha", "out", "rounding_mode", "inplace", "approximate"}

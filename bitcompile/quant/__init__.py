@@ -4,10 +4,17 @@ the backend's custom weight quantizers.
 Built on the same definitions as the backend (``bitcompile.ops``): the default ternary
 quantizer here is the backend's BitNet b1.58 absmean quantizer.
 """
+
 import warnings
 
-from bitcompile.quant.functional import (fake_quantize_activations, quantized_conv2d, quantized_linear,
-                                         quantized_linear_with, quantized_matmul)
+from bitcompile.numerics.packing import pack_ternary, unpack_ternary
+from bitcompile.quant.functional import (
+    fake_quantize_activations,
+    quantized_conv2d,
+    quantized_linear,
+    quantized_linear_with,
+    quantized_matmul,
+)
 from bitcompile.quant.gradients import (
     QuantizedBatchNorm2d,
     clipped_ste_quantize,
@@ -20,7 +27,6 @@ from bitcompile.quant.gradients import (
     straight_through,
     threshold_for_sparsity,
 )
-from bitcompile.numerics.packing import pack_ternary, unpack_ternary
 from bitcompile.quant.primitives import (
     QuantizationReport,
     adaptive_threshold_quantize,
@@ -69,7 +75,8 @@ __all__ = [
 
 def __getattr__(name):
     if name == "Quantizer":  # the protocol's former name; bitcompile.Quantizer swaps a model's linears
-        warnings.warn("bitcompile.quant.Quantizer is now bitcompile.quant.WeightQuantizer", DeprecationWarning,
-                      stacklevel=2)
+        warnings.warn(
+            "bitcompile.quant.Quantizer is now bitcompile.quant.WeightQuantizer", DeprecationWarning, stacklevel=2
+        )
         return WeightQuantizer
     raise AttributeError(f"module 'bitcompile.quant' has no attribute {name!r}")

@@ -6,6 +6,7 @@ backend's BitNet absmean ternary quantizer, activations with its per-token
 absmax int8 quantizer, and gradients are the straight-through estimator, so
 ``quantized_linear(x, w, b, True, True)`` is exactly what the compiled path runs.
 """
+
 from __future__ import annotations
 
 from typing import Optional, Union
@@ -68,7 +69,11 @@ def quantized_linear(
     if quantize_weights:
         wq, w_scale = torch.ops.bitnet.quantize_weights(weight, "ternary", False)
         return torch.ops.bitnet.lowbit_linear(input, weight, bias, xq, x_scale, wq, w_scale)
-    x = straight_through(input, ref.dequantized_activations(xq, x_scale, input.dtype)) if quantize_activations else input
+    x = (
+        straight_through(input, ref.dequantized_activations(xq, x_scale, input.dtype))
+        if quantize_activations
+        else input
+    )
     return F.linear(x, weight, bias)
 
 
@@ -90,14 +95,22 @@ def quantized_conv2d(
     """``F.conv2d`` on ternary (absmean, per tensor) weights and/or per-pixel absmax
     ``activation_bits``-bit activations, with STE gradients."""
     if input.dim() != 4 or weight.dim() != 4:
-        raise ValueError(f"quantized_conv2d needs input [B, C, H, W] and weight [O, C, kh, kw]; got {tuple(input.shape)}, {tuple(weight.shape)}")
+        raise ValueError(
+            f"quantized_conv2d needs input [B, C, H, W] and weight [O, C, kh, kw]; "
+            f"got {tuple(input.shape)}, {tuple(weight.shape)}"
+        )
     w = ste_quantize(weight) if quantize_weights else weight
     x = _fake_quantize_channels(input, activation_bits) if quantize_activations else input
     return F.conv2d(x, w, bias, stride=stride, padding=padding)
 
 
 def quantized_matmul(
-    a: torch.Tensor, b: torch.Tensor, quantize_a: bool = False, quantize_b: bool = True, use_ste: bool = True, activation_bits: int = 8
+    a: torch.Tensor,
+    b: torch.Tensor,
+    quantize_a: bool = False,
+    quantize_b: bool = True,
+    use_ste: bool = True,
+    activation_bits: int = 8,
 ) -> torch.Tensor:
     """``a [..., k] @ b [k, n]`` with ``b`` ternary (absmean, per tensor) and/or ``a``
     per-row absmax int8. With both quantized the product is the exact integer
@@ -118,12 +131,17 @@ def quantized_matmul(
         return torch.ops.bitnet.lowbit_linear(a_in, b_in.t(), None, xq, x_scale, wq, w_scale)
     if quantize_a:
         q, s = torch.ops.bitnet.quantize_activations(a, activation_bits)
-        a_in = straight_through(a_in, ref.dequantized_activations(q, s, a.dtype)) if use_ste else ref.dequantized_activations(q, s, a.dtype)
+        a_in = (
+            straight_through(a_in, ref.dequantized_activations(q, s, a.dtype))
+            if use_ste
+            else ref.dequantized_activations(q, s, a.dtype)
+        )
     return a_in @ b_in
 
 
-def quantized_linear_with(quantizer, x, weight, bias=None, activation_bits: Optional[int] = 8,
-                          layer: Optional[str] = None) -> torch.Tensor:
+def quantized_linear_with(
+    quantizer, x, weight, bias=None, activation_bits: Optional[int] = 8, layer: Optional[str] = None
+) -> torch.Tensor:
     """What a compiled linear computes with a custom weight quantizer (``options={"weight":
     quantizer}``): ``linear(fake-quantized x, quantizer's fake-quantized weight, bias)``."""
     w = fake_quantize(quantizer, weight, layer)

@@ -5,6 +5,7 @@ quantization, differentiable sparse quantization and quantization-aware batch
 norm. Each returns a float tensor: the quantized value in the forward, the
 documented surrogate in the backward.
 """
+
 from __future__ import annotations
 
 from typing import Callable, Optional
@@ -38,7 +39,9 @@ def ste_quantize(x: torch.Tensor, quantize_fn: Callable = ternary_quantize) -> t
     return straight_through(x, _hard_value(x, quantize_fn))
 
 
-def clipped_ste_quantize(x: torch.Tensor, threshold: float = 1.0, quantize_fn: Callable = ternary_quantize) -> torch.Tensor:
+def clipped_ste_quantize(
+    x: torch.Tensor, threshold: float = 1.0, quantize_fn: Callable = ternary_quantize
+) -> torch.Tensor:
     """Forward as :func:`ste_quantize`; gradient passes where ``|x| <= threshold`` (finite, >= 0),
     0 elsewhere."""
     check_range("threshold", threshold, 0.0)
@@ -85,7 +88,9 @@ def gumbel_softmax_quantize(
     return level + (soft - soft.detach())
 
 
-def progressive_quantize(x: torch.Tensor, epoch: int, warmup_epochs: int = 10, quantize_fn: Callable = ternary_quantize) -> torch.Tensor:
+def progressive_quantize(
+    x: torch.Tensor, epoch: int, warmup_epochs: int = 10, quantize_fn: Callable = ternary_quantize
+) -> torch.Tensor:
     """Blend ``(1 - a) * x + a * ste_quantize(x)`` with ``a = epoch / warmup_epochs``,
     fully quantized from ``epoch >= warmup_epochs``."""
     if warmup_epochs <= 0 or epoch >= warmup_epochs:

@@ -7,6 +7,7 @@ straight-through estimator (identity) for the input unless a function says
 otherwise. ``ternary_quantize`` is the BitNet b1.58 absmean quantizer the backend
 uses (``bitcompile.numerics.reference``), so eager and compiled code agree.
 """
+
 from __future__ import annotations
 
 import numbers
@@ -33,7 +34,10 @@ def ste_carrier(x: torch.Tensor) -> Optional[torch.Tensor]:
 
 def _check_float(x, name="x"):
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got {type(x).__name__}{'' if not isinstance(x, torch.Tensor) else ' of ' + str(x.dtype)}")
+        raise TypeError(
+            f"{name} must be a floating-point tensor, got {type(x).__name__}"
+            f"{'' if not isinstance(x, torch.Tensor) else ' of ' + str(x.dtype)}"
+        )
 
 
 def _readable(t: torch.Tensor) -> bool:
@@ -41,8 +45,9 @@ def _readable(t: torch.Tensor) -> bool:
     return not torch.compiler.is_compiling() and t.device.type != "meta"
 
 
-def check_range(name: str, value, low: float, high: float = float("inf"), *, low_open: bool = False,
-                high_open: bool = False) -> None:
+def check_range(
+    name: str, value, low: float, high: float = float("inf"), *, low_open: bool = False, high_open: bool = False
+) -> None:
     """``value`` (a real number, or a tensor whose elements all are) is finite and within ``low`` ..
     ``high`` (``*_open``: that end excluded); else a ValueError naming ``name`` and the range. A
     tensor's values are read only eagerly, never while the compiler traces."""
@@ -52,12 +57,19 @@ def check_range(name: str, value, low: float, high: float = float("inf"), *, low
         if not _readable(value):
             return
         v = value.detach()
-        ok = bool(torch.isfinite(v).all() and ((v > low) if low_open else (v >= low)).all()
-                  and ((v < high) if high_open else (v <= high)).all())
+        ok = bool(
+            torch.isfinite(v).all()
+            and ((v > low) if low_open else (v >= low)).all()
+            and ((v < high) if high_open else (v <= high)).all()
+        )
     elif isinstance(value, numbers.Real) and not isinstance(value, bool):
         v = float(value)
-        ok = v == v and abs(v) != float("inf") and (v > low if low_open else v >= low) and (
-            v < high if high_open else v <= high)
+        ok = (
+            v == v
+            and abs(v) != float("inf")
+            and (v > low if low_open else v >= low)
+            and (v < high if high_open else v <= high)
+        )
     else:
         ok = False
     if not ok:
@@ -117,7 +129,9 @@ def sparsity_mask(x: torch.Tensor, sparsity: float, name: str = "sparsity") -> t
     return keep.reshape(x.shape)
 
 
-def adaptive_threshold_quantize(x: torch.Tensor, percentile: float = 0.7, target_sparsity: Optional[float] = None) -> TernaryTensor:
+def adaptive_threshold_quantize(
+    x: torch.Tensor, percentile: float = 0.7, target_sparsity: Optional[float] = None
+) -> TernaryTensor:
     """Threshold at the ``percentile``-th value of ``|x|`` (so that fraction becomes 0),
     or at whatever gives ``target_sparsity`` zeros when that is given (it wins).
     Exact to the element: the ``round(p * numel)`` smallest ``|x|`` become 0 (plus
@@ -141,7 +155,11 @@ def stochastic_probabilities(x: torch.Tensor, temperature: float = 1.0, threshol
 
 
 def stochastic_quantize(
-    x: torch.Tensor, temperature: float = 1.0, training: bool = True, threshold: float = 0.5, generator: Optional[torch.Generator] = None
+    x: torch.Tensor,
+    temperature: float = 1.0,
+    training: bool = True,
+    threshold: float = 0.5,
+    generator: Optional[torch.Generator] = None,
 ) -> TernaryTensor:
     """Sample each trit from ``{-1: p_neg, 0: p_zero, +1: p_pos}`` while ``training``;
     otherwise threshold deterministically at ``threshold`` (the temperature -> 0 limit
@@ -182,7 +200,9 @@ def learned_quantize(
     if _wants_grad(pos_threshold, neg_threshold):
         ps = pos_scale.detach() if isinstance(pos_scale, torch.Tensor) else pos_scale
         ns = neg_scale.detach() if isinstance(neg_scale, torch.Tensor) else neg_scale
-        soft = ps * torch.sigmoid((xd - pos_threshold) / temperature) - ns * torch.sigmoid((neg_threshold - xd) / temperature)
+        soft = ps * torch.sigmoid((xd - pos_threshold) / temperature) - ns * torch.sigmoid(
+            (neg_threshold - xd) / temperature
+        )
         carrier = (soft - soft.detach()) + (0 if carrier is None else carrier)
     return TernaryTensor(trits, pos_scale, neg_scale=neg_scale, grad_carrier=carrier)
 
@@ -198,7 +218,9 @@ def xnor_quantize(x: torch.Tensor, binary: bool = False) -> tuple[TernaryTensor,
     return TernaryTensor(trits, 1.0, grad_carrier=ste_carrier(x)), alpha
 
 
-def dequantize(x: Union[QuantizedTensor, torch.Tensor], scale: ScaleLike = 1.0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def dequantize(
+    x: Union[QuantizedTensor, torch.Tensor], scale: ScaleLike = 1.0, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """``codes * own scale * scale`` as ``dtype`` (a plain tensor is just scaled)."""
     if isinstance(x, QuantizedTensor):
         return x.dequantize(scale, dtype)
@@ -208,7 +230,9 @@ def dequantize(x: Union[QuantizedTensor, torch.Tensor], scale: ScaleLike = 1.0, 
 def _channel_view(v: ScaleLike, like: torch.Tensor) -> ScaleLike:
     if isinstance(v, torch.Tensor) and v.dim() == 1 and v.numel() > 1:
         if v.numel() != like.shape[0]:
-            raise ValueError(f"per-channel scale/zero_point has {v.numel()} entries; dim 0 of the tensor has {like.shape[0]}")
+            raise ValueError(
+                f"per-channel scale/zero_point has {v.numel()} entries; dim 0 of the tensor has {like.shape[0]}"
+            )
         return v.reshape(-1, *([1] * (like.dim() - 1)))
     return v
 
@@ -239,7 +263,9 @@ class QuantizationReport:
         )
 
 
-def validate_quantization(original: torch.Tensor, quantized: QuantizedTensor, verbose: bool = False) -> QuantizationReport:
+def validate_quantization(
+    original: torch.Tensor, quantized: QuantizedTensor, verbose: bool = False
+) -> QuantizationReport:
     """MSE and MAE between ``original`` and ``dequantize(quantized)``, and the
     fractions of -1 / 0 / +1 codes (``verbose`` also prints them)."""
     with torch.no_grad():

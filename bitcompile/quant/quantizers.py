@@ -12,6 +12,7 @@ Per-layer quantizers (``LayerAdaptiveQuantizer``, ``MixedPrecisionQuantizer``)
 take a layer index, or a module path when built with ``layers=[...]``; the
 backend passes each linear's module path.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -23,8 +24,14 @@ from torch import nn
 
 from bitcompile.config import BitConfig, check_quantizer
 from bitcompile.numerics.spec import check_int
-from bitcompile.quant.primitives import (check_positive, check_range, learned_quantize, positive, ste_carrier,
-                                         ternary_quantize)
+from bitcompile.quant.primitives import (
+    check_positive,
+    check_range,
+    learned_quantize,
+    positive,
+    ste_carrier,
+    ternary_quantize,
+)
 from bitcompile.quant.tensor import QuantizedTensor, TernaryTensor
 
 Layer = Union[int, str]
@@ -131,7 +138,10 @@ def _layer_index(layers: Optional[Sequence[str]], layer: Optional[Layer], count:
         layer = 0
     if isinstance(layer, str):
         if layers is None:
-            raise KeyError(f"layer {layer!r} given by name, but the quantizer was built without layers=[module paths] (the backend names layers by module path, e.g. 'fc1')")
+            raise KeyError(
+                f"layer {layer!r} given by name, but the quantizer was built without layers=[module paths] "
+                "(the backend names layers by module path, e.g. 'fc1')"
+            )
         if layer not in layers:
             raise KeyError(f"unknown layer {layer!r}; known layers: {list(layers)}")
         return list(layers).index(layer)
@@ -147,7 +157,14 @@ class LayerAdaptiveQuantizer(BaseQuantizer):
     multiplied by ``s_l`` would). ``threshold`` starts >= 0 and ``scale`` > 0; the forward
     uses ``|s_l|`` (at least 1e-8), so a scale trained to or through zero stays finite."""
 
-    def __init__(self, num_layers: Optional[int] = None, *, layers: Optional[Sequence[str]] = None, threshold: float = 0.5, scale: Union[float, Sequence[float]] = 1.0):
+    def __init__(
+        self,
+        num_layers: Optional[int] = None,
+        *,
+        layers: Optional[Sequence[str]] = None,
+        threshold: float = 0.5,
+        scale: Union[float, Sequence[float]] = 1.0,
+    ):
         super().__init__()
         if num_layers is None and layers is None:
             raise ValueError("give num_layers or layers (module paths)")
@@ -220,7 +237,11 @@ class PerLayerQuantizer(BaseQuantizer):
         """``factory(weight) -> quantizer`` for every ``nn.Linear`` of ``model`` not matched by
         ``exclude`` (the backend's rule: a glob on the module path or a dotted suffix of it)."""
         cfg = BitConfig(exclude=list(exclude))
-        found = {path: factory(m.weight) for path, m in model.named_modules() if isinstance(m, nn.Linear) and not cfg.excluded(path)}
+        found = {
+            path: factory(m.weight)
+            for path, m in model.named_modules()
+            if isinstance(m, nn.Linear) and not cfg.excluded(path)
+        }
         return cls(found)
 
     def _pick(self, layer_idx):
@@ -237,7 +258,7 @@ class PerLayerQuantizer(BaseQuantizer):
 
 
 __all__ = [
-    "Quantizer",
+    "WeightQuantizer",
     "BaseQuantizer",
     "TernaryQuantizer",
     "PercentileQuantizer",

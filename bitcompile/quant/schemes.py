@@ -5,6 +5,7 @@ soft differentiable (learnable-scale tanh), block-wise mixed precision and
 outlier-aware quantization. Each works eagerly and as the backend's weight
 quantizer (``options={"weight": quantizer}``).
 """
+
 from __future__ import annotations
 
 import math
@@ -83,7 +84,11 @@ class LSQQuantizer(BaseQuantizer):
         if w.numel() == 0:  # nothing to initialize from: keep the default step
             return q
         a = w.detach().abs().float()
-        init = (a.mean(dim=tuple(range(1, a.dim())), keepdim=True).reshape(-1, 1) if per_channel else a.mean()) * 2 / math.sqrt(q.qp)
+        init = (
+            (a.mean(dim=tuple(range(1, a.dim())), keepdim=True).reshape(-1, 1) if per_channel else a.mean())
+            * 2
+            / math.sqrt(q.qp)
+        )
         with torch.no_grad():
             q.step.copy_(init.clamp(min=1e-8))
         return q
@@ -155,13 +160,20 @@ class BlockwiseMixedPrecisionQuantizer(BaseQuantizer):
     (the ones ternary rounding hurts most) get ``high_bits`` absmax codes, the rest
     ``low_bits`` (2 = ternary absmean). ``last_bits`` holds each block's choice."""
 
-    def __init__(self, block_size: int = 64, low_bits: int = 2, high_bits: int = 8, high_precision_fraction: float = 0.25):
+    def __init__(
+        self, block_size: int = 64, low_bits: int = 2, high_bits: int = 8, high_precision_fraction: float = 0.25
+    ):
         super().__init__()
         check_bits("low_bits", low_bits)
         check_bits("high_bits", high_bits)
         check_int("block_size", block_size, 1)
         check_range("high_precision_fraction", high_precision_fraction, 0.0, 1.0)
-        self.block_size, self.low_bits, self.high_bits, self.fraction = block_size, low_bits, high_bits, high_precision_fraction
+        self.block_size, self.low_bits, self.high_bits, self.fraction = (
+            block_size,
+            low_bits,
+            high_bits,
+            high_precision_fraction,
+        )
         self.last_bits: Optional[torch.Tensor] = None
 
     def quantize(self, x: torch.Tensor) -> QuantizedTensor:

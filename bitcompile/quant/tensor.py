@@ -12,6 +12,7 @@ canonical 2-bit format (``bitcompile.numerics.packing``) and back. Both classes
 interoperate with torch through ``__torch_function__``: a torch function given one
 receives its dequantized value, so ``x @ t`` or ``torch.relu(t)`` just work.
 """
+
 from __future__ import annotations
 
 from typing import Optional, Union
@@ -103,7 +104,8 @@ class QuantizedTensor:
     __hash__ = object.__hash__
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(shape={tuple(self.shape)}, scale={self.scale.detach().flatten()[:4].tolist()}, counts={self.counts()})"
+        scale = self.scale.detach().flatten()[:4].tolist()
+        return f"{type(self).__name__}(shape={tuple(self.shape)}, scale={scale}, counts={self.counts()})"
 
     # -- torch interop ------------------------------------------------------------
     @classmethod

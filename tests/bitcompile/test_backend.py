@@ -1,4 +1,5 @@
 """The backend as a user meets it: entry point, inference cache, training, modes."""
+
 import subprocess
 import sys
 import uuid
@@ -25,7 +26,10 @@ def test_backend_name_works_in_a_fresh_interpreter_without_import():
 
 
 def test_import_is_cheap():
-    code = "import sys, bitcompile, bitcompile.nn; bad = [m for m in ('triton', 'torch._inductor.compile_fx') if m in sys.modules]; print(bad)"
+    code = (
+        "import sys, bitcompile, bitcompile.nn; "
+        "print([m for m in ('triton', 'torch._inductor.compile_fx') if m in sys.modules])"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
@@ -139,7 +143,9 @@ def test_cpp_wrapper_option_reaches_inductor_and_keeps_the_results(monkeypatch):
     import torch._inductor.compile_fx as inductor
 
     patches, original = [], inductor.compile_fx
-    monkeypatch.setattr(inductor, "compile_fx", lambda *a, **kw: patches.append(kw.get("config_patches")) or original(*a, **kw))
+    monkeypatch.setattr(
+        inductor, "compile_fx", lambda *a, **kw: patches.append(kw.get("config_patches")) or original(*a, **kw)
+    )
     torch.manual_seed(0)
     model, x = MLP(), torch.randn(4, 12, requires_grad=True)
     results = []
@@ -206,7 +212,7 @@ def test_aot_sees_parameters_and_packed_weights_as_static_inputs(monkeypatch):
     model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4)).eval()
     with torch.no_grad():
         torch.compile(model, backend="bitnet")(torch.randn(3, 8))
-    (mod, static), = seen
+    ((mod, static),) = seen
     names = [n.name for n in mod.graph.find_nodes(op="placeholder")]
     static_names = {names[i] for i in static}
     assert {n for n in names if n.endswith(("_packed", "_scale"))} <= static_names and len(static_names) == 8

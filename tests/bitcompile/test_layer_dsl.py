@@ -1,4 +1,5 @@
 """The layer language: compiled modules against hand-written torch, and its errors."""
+
 import traceback
 from pathlib import Path
 
@@ -71,9 +72,13 @@ def test_params_defaults_members_and_methods():
     "body,line,message",
     [
         ("forward(x) {\n return mystery(x)\n }", 3, "unknown name 'mystery'"),
-        ("param w: Tensor {\n shape: [2]\n init: \"magic\"\n }\n forward(x) {\n return x\n }", 4, "unknown init 'magic'"),
+        ('param w: Tensor {\n shape: [2]\n init: "magic"\n }\n forward(x) {\n return x\n }', 4, "unknown init 'magic'"),
         ("method f() {\n return 1\n }", 1, "has no forward"),
-        ("param w: Tensor {\n shape: [2]\n }\n forward(x) {\n w = x\n return x\n }", 6, "cannot assign to layer member"),
+        (
+            "param w: Tensor {\n shape: [2]\n }\n forward(x) {\n w = x\n return x\n }",
+            6,
+            "cannot assign to layer member",
+        ),
         ("forward(x) {\n return (lambda: x)()\n }", 3, "Lambda is not allowed"),
         ("forward(x) {\n return x._base\n }", 3, "private attribute"),
         ("widget foo\n", 2, "expected params, param, buffer, forward or method"),

@@ -1,4 +1,5 @@
 """The bitnet ops: opcheck (schema, fake, autograd registration) and the STE gradients."""
+
 import pytest
 import torch
 from hypothesis import given
@@ -17,7 +18,9 @@ def _operands(x, w, scheme="ternary", per_channel=False, bits=8):
     return xq, xs, wq, ws
 
 
-@pytest.mark.parametrize("scheme,per_channel,bits", [("ternary", False, 8), ("ternary", True, 4), ("binary", False, 8), ("int8", True, None)])
+@pytest.mark.parametrize(
+    "scheme,per_channel,bits", [("ternary", False, 8), ("ternary", True, 4), ("binary", False, 8), ("int8", True, None)]
+)
 def test_opcheck_every_op(scheme, per_channel, bits):
     x, w, b = torch.randn(2, 3, 10), torch.randn(6, 10), torch.randn(6)
     xq, xs, wq, ws = _operands(x, w, scheme, per_channel, bits)
@@ -38,8 +41,9 @@ def test_opcheck_grad_input_ws():
     """The Gluon input gradient's opaque op (CUDA only; the reference on the CPU): schema and
     fake (its shape without the batch dimensions, as the traced call passes 2-D grads)."""
     wq, ws = bitnet.quantize_weights(torch.randn(16, 10), "ternary", False)
-    torch.library.opcheck(bitnet.grad_input_ws, (torch.randn(5, 16, dtype=torch.bfloat16), wq, ws, 10,
-                                                 [256, 128, 4, 3, 16]))
+    torch.library.opcheck(
+        bitnet.grad_input_ws, (torch.randn(5, 16, dtype=torch.bfloat16), wq, ws, 10, [256, 128, 4, 3, 16])
+    )
 
 
 @given(

@@ -3,8 +3,16 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from bitcompile.numerics.packing import (KBLOCK_ORDERS, ZERO_PAIRS, from_kblocked, kblocked_columns, pack_ternary,
-                                     packed_columns, to_kblocked, unpack_ternary)
+from bitcompile.numerics.packing import (
+    KBLOCK_ORDERS,
+    ZERO_PAIRS,
+    from_kblocked,
+    kblocked_columns,
+    pack_ternary,
+    packed_columns,
+    to_kblocked,
+    unpack_ternary,
+)
 
 
 @given(rows=st.lists(st.integers(1, 5), max_size=2).map(tuple), k=st.integers(1, 41), seed=st.integers(0, 2**31 - 1))

@@ -1,4 +1,5 @@
 """The quantizers against the formulas of ``bitcompile.numerics.spec``, written out independently here."""
+
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
@@ -54,8 +55,16 @@ def test_lowbit_matmul_is_exact_int32(data, batch, n, k):
     assert acc.dtype == torch.int32 and torch.equal(acc.long(), exact)
 
 
-@given(data=st.data(), batch=batch_shapes, n=ns, k=ks, scheme=st.sampled_from(["ternary", "binary", "int8"]),
-       per_channel=st.booleans(), bits=st.integers(2, 8), magnitude=st.sampled_from([1.0, 1e-9]))
+@given(
+    data=st.data(),
+    batch=batch_shapes,
+    n=ns,
+    k=ks,
+    scheme=st.sampled_from(["ternary", "binary", "int8"]),
+    per_channel=st.booleans(),
+    bits=st.integers(2, 8),
+    magnitude=st.sampled_from([1.0, 1e-9]),
+)
 def test_quantized_grad_input_within_half_a_step_of_exact(data, batch, n, k, scheme, per_channel, bits, magnitude):
     g = data.draw(tensors((*batch, n))) * magnitude  # 1e-9: far below the activations' clamp
     wq, ws = ref.quantize_weights(data.draw(tensors((n, k))), scheme, per_channel)
@@ -106,8 +115,12 @@ def test_zero_nan_inf_inputs_have_defined_results():
     assert torch.isnan(y).all()  # a NaN weight poisons the per-tensor scale: every output is NaN
 
 
-@given(kind=st.sampled_from(["none", "rms", "rms_fp32", "layer"]), k=st.integers(1, 40), affine=st.booleans(),
-       seed=st.integers(0, 2**16))
+@given(
+    kind=st.sampled_from(["none", "rms", "rms_fp32", "layer"]),
+    k=st.integers(1, 40),
+    affine=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
 def test_normalize_backward_matches_autograd(kind, k, affine, seed):
     # The hand-written norm backward (QAT through norm_quant) against autograd through the
     # forward formula, in float64 so the comparison is not about rounding.

@@ -1,5 +1,6 @@
 """Reports: one per compile, holding every graph it produced (recompiles, graph breaks, DDP splits),
 with counts per graph and for the model, each layer once, and weight memory with units."""
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -22,13 +23,16 @@ def _linear(module, rewritten=True, reason="ternary W (per-tensor), A8", shape="
 
 def test_layers_are_listed_once_with_the_graphs_they_appear_in():
     report = Report()
-    reports.publish(_graph(_linear("fc1"), _linear("lm_head", False, "excluded by pattern 'lm_head'")), into=report,
-                    training=True)
+    reports.publish(
+        _graph(_linear("fc1"), _linear("lm_head", False, "excluded by pattern 'lm_head'")), into=report, training=True
+    )
     fused = _linear("fc1", reason="ternary W (per-tensor), A8, epilogue: silu", shape="x[1, 12] @ W[16, 12]^T")
     reports.publish(_graph(fused, _linear("lm_head", False, "excluded by pattern 'lm_head'")), into=report)
     assert reports.LAST is report and report.graphs == 2
     assert [(g.index, g.kind, g.rewritten, g.skipped) for g in report.per_graph] == [
-        (0, "training", 1, 1), (1, "inference", 1, 1)]
+        (0, "training", 1, 1),
+        (1, "inference", 1, 1),
+    ]
     assert [c.graph for c in report.candidates] == [0, 0, 1, 1]
     layers = {layer.module: layer for layer in report.layers}
     assert list(layers) == ["fc1", "lm_head"]
@@ -73,7 +77,10 @@ def test_last_is_the_compile_report_and_counts_every_graph():
     assert report.graphs == 2 and [g.kind for g in report.per_graph] == ["training", "inference"]
     assert "2 graph(s)" in str(report)
     assert [(layer.module, layer.graphs, layer.status) for layer in report.layers] == [
-        ("fc1", [0, 1], "rewritten"), ("fc2", [0, 1], "rewritten"), ("lm_head", [0, 1], "skipped")]
+        ("fc1", [0, 1], "rewritten"),
+        ("fc2", [0, 1], "rewritten"),
+        ("lm_head", [0, 1], "skipped"),
+    ]
     assert bitcompile.report_of(compiled) is report
 
     # Another compile gets a report of its own. (Other options: with equal ones, Dynamo would reuse

@@ -1,6 +1,7 @@
 """transformers' BitNet format: ``export_transformers`` writes what ``from_pretrained`` loads as
 ``BitLinear`` layers, ``load_transformers`` reads it back into a float (or deployed) model, and both
 compute the compiled model's logits within ``tolerance``. Tiny random-init Llama, CPU, no downloads."""
+
 import copy
 import json
 import os
@@ -24,9 +25,19 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 from transformers.integrations.bitnet import BitLinear  # noqa: E402
 
-LINEARS = [f"model.layers.{i}.{name}" for i in range(2) for name in (
-    "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-    "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")]
+LINEARS = [
+    f"model.layers.{i}.{name}"
+    for i in range(2)
+    for name in (
+        "self_attn.q_proj",
+        "self_attn.k_proj",
+        "self_attn.v_proj",
+        "self_attn.o_proj",
+        "mlp.gate_proj",
+        "mlp.up_proj",
+        "mlp.down_proj",
+    )
+]
 # bitcompile rounds x / (amax/127) and multiplies by s_x * s_w; transformers rounds x * (127/amax)
 # and divides. Apart from float32 rounding (~1e-7 of the logits), an activation within rounding error
 # of a .5 boundary can take the neighbouring code: one such flip moves the tiny model's logits by
@@ -68,11 +79,20 @@ def exported(tmp_path_factory):
     state, config = copy.deepcopy(model.state_dict()), model.config.to_dict()
     layers = bitcompile.export_transformers(model, directory)
     unchanged = config == model.config.to_dict() and all(
-        torch.equal(v, state[k]) for k, v in model.state_dict().items())
+        torch.equal(v, state[k]) for k, v in model.state_dict().items()
+    )
     theirs = AutoModelForCausalLM.from_pretrained(directory)
     ids = inputs()
-    return {"model": model, "dir": directory, "layers": layers, "unchanged": unchanged, "hf": theirs, "ids": ids,
-            "ours": compiled_logits(copy.deepcopy(model), ids), "theirs": transformers_logits(theirs, ids)}
+    return {
+        "model": model,
+        "dir": directory,
+        "layers": layers,
+        "unchanged": unchanged,
+        "hf": theirs,
+        "ids": ids,
+        "ours": compiled_logits(copy.deepcopy(model), ids),
+        "theirs": transformers_logits(theirs, ids),
+    }
 
 
 def test_export_loads_as_transformers_bitlinear_with_our_logits(exported):
@@ -135,8 +155,10 @@ def test_export_import_export_is_bitwise(exported, tmp_path):
         second = load_file(again / "model.safetensors")
         assert second.keys() == first.keys()
         assert [key for key in first if not torch.equal(first[key], second[key])] == []
-        assert json.loads((again / "config.json").read_text())["quantization_config"] == \
-            json.loads((exported["dir"] / "config.json").read_text())["quantization_config"]
+        assert (
+            json.loads((again / "config.json").read_text())["quantization_config"]
+            == json.loads((exported["dir"] / "config.json").read_text())["quantization_config"]
+        )
 
 
 def test_export_from_packed_checkpoints_matches_the_float_export(exported, tmp_path):
@@ -179,7 +201,8 @@ def test_tied_lm_head_stays_float_with_the_embedding(tmp_path):
     bitcompile.export_transformers(model, tmp_path, exclude=[])  # tied: float even when not excluded
     assert "lm_head.weight" not in load_file(tmp_path / "model.safetensors")
     assert json.loads((tmp_path / "config.json").read_text())["quantization_config"]["modules_to_not_convert"] == [
-        "lm_head"]
+        "lm_head"
+    ]
     theirs = AutoModelForCausalLM.from_pretrained(tmp_path)
     assert type(theirs.lm_head) is nn.Linear and theirs.lm_head.weight is theirs.model.embed_tokens.weight
     back = bitcompile.load_transformers(tmp_path)
@@ -223,9 +246,12 @@ def test_one_flipped_code_stays_within_the_tolerance():
 
 def test_export_refuses_what_the_format_cannot_hold(tmp_path):
     model = tiny_llama()
-    for options, match in (({"activation_bits": 4}, "activation_bits=4"), ({"weight": "int8"}, "weight='int8'"),
-                           ({"granularity": "per_channel"}, "'per_channel'"),
-                           ({"attention_bits": 8}, "attention_bits=8")):
+    for options, match in (
+        ({"activation_bits": 4}, "activation_bits=4"),
+        ({"weight": "int8"}, "weight='int8'"),
+        ({"granularity": "per_channel"}, "'per_channel'"),
+        ({"attention_bits": 8}, "attention_bits=8"),
+    ):
         with pytest.raises(ValueError, match="BitNet format holds ternary weights with one scale per tensor") as err:
             bitcompile.export_transformers(model, tmp_path, **options)
         assert match in str(err.value)
@@ -264,18 +290,26 @@ def test_import_names_the_file_and_entry_it_cannot_use(exported, tmp_path):
 
     q = "model.layers.0.self_attn.q_proj"
     cases = [
-        (broken(lambda t: t.pop(f"{q}.weight_scale")),
-         rf"model.safetensors: BitNet layer '{q}': '{q}.weight_scale' is missing"),
-        (broken(lambda t: t.update({f"{q}.weight": t[f"{q}.weight"][:4]})),
-         rf"model.safetensors: BitNet layer '{q}': '{q}.weight' is uint8 \[4, 32\], expected uint8 \[8, 32\]"),
+        (
+            broken(lambda t: t.pop(f"{q}.weight_scale")),
+            rf"model.safetensors: BitNet layer '{q}': '{q}.weight_scale' is missing",
+        ),
+        (
+            broken(lambda t: t.update({f"{q}.weight": t[f"{q}.weight"][:4]})),
+            rf"model.safetensors: BitNet layer '{q}': '{q}.weight' is uint8 \[4, 32\], expected uint8 \[8, 32\]",
+        ),
         (broken(lambda t: t.update({f"{q}.weight": torch.full((8, 32), 255, dtype=torch.uint8)})), "invalid code 3"),
         (broken(lambda t: t.update({f"{q}.weight_scale": torch.tensor([-1.0])})), "finite and > 0"),
         (broken(lambda t: t.pop("model.norm.weight")), r"model.safetensors: missing entries \['model.norm.weight'\]"),
-        (broken(lambda t: t.update({"model.norm.weight": torch.ones(3)})),
-         r"'model.norm.weight' has shape \[3\], the model's \[32\]"),
+        (
+            broken(lambda t: t.update({"model.norm.weight": torch.ones(3)})),
+            r"'model.norm.weight' has shape \[3\], the model's \[32\]",
+        ),
         (broken(lambda t: t.update({"extra": torch.ones(1)})), r"entries the model does not have: \['extra'\]"),
-        (broken(edit_config=lambda c: c["quantization_config"].update(quant_method="gptq")),
-         r"config.json: quantization_config.quant_method is 'gptq', not 'bitnet'"),
+        (
+            broken(edit_config=lambda c: c["quantization_config"].update(quant_method="gptq")),
+            r"config.json: quantization_config.quant_method is 'gptq', not 'bitnet'",
+        ),
     ]
     for directory, match in cases:
         with pytest.raises(ValueError, match=match):
@@ -288,8 +322,13 @@ def test_import_names_the_file_and_entry_it_cannot_use(exported, tmp_path):
 def test_llm_qat_example_runs(tmp_path):
     start = time.perf_counter()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")])}
-    out = subprocess.run([sys.executable, "examples/llm_qat.py", "--tiny", "--steps", "2", "--out", str(tmp_path)],
-                         capture_output=True, text=True, env=env, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "examples/llm_qat.py", "--tiny", "--steps", "2", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "perplexity" in out.stdout and "sample:" in out.stdout
     assert (tmp_path / "bitnet" / "config.json").exists()

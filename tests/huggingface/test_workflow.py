@@ -1,6 +1,7 @@
 """The transformers workflow through ``bitcompile.compile``: Trainer with default arguments,
 ``generate`` and ``pipeline`` against the eager reference twin, and the compiled wrapper's
 ``generate``, which refuses instead of running the float model. Tiny random-init Llama, no downloads."""
+
 import copy
 import inspect
 import math
@@ -16,9 +17,19 @@ from tests.models.zoo import VOCAB, llama
 
 transformers = pytest.importorskip("transformers")
 
-LINEARS = {f"model.layers.{i}.{name}" for i in range(2) for name in (
-    "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-    "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")}
+LINEARS = {
+    f"model.layers.{i}.{name}"
+    for i in range(2)
+    for name in (
+        "self_attn.q_proj",
+        "self_attn.k_proj",
+        "self_attn.v_proj",
+        "self_attn.o_proj",
+        "mlp.gate_proj",
+        "mlp.up_proj",
+        "mlp.down_proj",
+    )
+}
 
 
 def tiny_llama(seed=0):
@@ -91,7 +102,8 @@ def test_generate_and_pipeline_match_the_reference_twin():
     tokenizer = tiny_tokenizer()
     text = " ".join(f"w{i}" for i in prompt[0].clamp(min=2).tolist())
     out = pipeline("text-generation", model=model, tokenizer=tokenizer)(
-        text, max_new_tokens=6, do_sample=False, use_cache=True, return_tensors=True)
+        text, max_new_tokens=6, do_sample=False, use_cache=True, return_tensors=True
+    )
     with torch.no_grad():
         want = twin.generate(tokenizer(text, return_tensors="pt").input_ids, max_new_tokens=6, do_sample=False)
     assert out[0]["generated_token_ids"] == want[0].tolist()
@@ -127,8 +139,16 @@ def test_trainer_trains_the_compiled_model_with_default_arguments(tmp_path):
     model, make_inputs = tiny_llama()
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     data = [{"input_ids": ids, "labels": ids} for ids in make_inputs(8, 8)["input_ids"]]
-    args = TrainingArguments(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=2,
-                             learning_rate=1e-2, logging_steps=1, save_strategy="no", report_to="none", use_cpu=True)
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=3,
+        per_device_train_batch_size=2,
+        learning_rate=1e-2,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+    )
     trainer = Trainer(model=bitcompile.compile(model), args=args, train_dataset=data)
     trainer.train()
 

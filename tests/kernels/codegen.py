@@ -2,6 +2,7 @@
 tests in each kernel's test file. ``tools/inspect_kernels.py`` compiles every shipped configuration with
 the installed Triton's NVIDIA backend in a separate process (the test process runs the kernels in the
 interpreter); the tests are skipped where that backend is missing."""
+
 import json
 import os
 import subprocess
@@ -24,8 +25,13 @@ def compiler_env() -> dict:
 
 
 def shipped_profiles() -> list:
-    out = subprocess.run([sys.executable, str(ROOT / "tools" / "inspect_kernels.py"), "--join-k", "--json"],
-                         env=compiler_env(), capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "inspect_kernels.py"), "--join-k", "--json"],
+        env=compiler_env(),
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     assert rows, "inspect_kernels printed no profiles"
     return rows
@@ -33,8 +39,9 @@ def shipped_profiles() -> list:
 
 def row(profiles, key, **config):
     """The profile of shipped entry ``key`` (with ``config`` overrides such as JOIN_K=True)."""
-    matches = (r for r in profiles
-               if r["key"] == key and all(r["config"].get(k, False) == v for k, v in config.items()))
+    matches = (
+        r for r in profiles if r["key"] == key and all(r["config"].get(k, False) == v for k, v in config.items())
+    )
     return next(matches)
 
 

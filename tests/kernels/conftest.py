@@ -9,6 +9,7 @@ skipped). GPU-only tests (realistic shapes, compiled code, Inductor) are marked 
 Nothing outside tests/kernels imports the kernel modules on the CPU; ``kernels`` imports them after
 TRITON_INTERPRET is set, so the rest of the suite is unaffected.
 """
+
 import importlib
 import os
 

@@ -1,6 +1,7 @@
 """A small interpreter for the PTX the kernels inline: the exact asm text runs on the CPU against the
 plain-torch meaning of each snippet (the Triton interpreter cannot run PTX, so the CPU suite would
 otherwise never execute it). Each kernel's test file checks its own snippets."""
+
 import re
 
 MASK = 0xFFFFFFFF
@@ -19,9 +20,15 @@ def prmt(a, b, selector):
 
 
 OPS = {
-    "mov.b32": lambda a: a, "shr.b32": lambda a, b: a >> b, "and.b32": lambda a, b: a & b,
-    "or.b32": lambda a, b: a | b, "xor.b32": lambda a, b: a ^ b, "sub.u32": lambda a, b: (a - b) & MASK,
-    "mul.lo.u32": lambda a, b: (a * b) & MASK, "mad.lo.u32": lambda a, b, c: (a * b + c) & MASK, "prmt.b32": prmt,
+    "mov.b32": lambda a: a,
+    "shr.b32": lambda a, b: a >> b,
+    "and.b32": lambda a, b: a & b,
+    "or.b32": lambda a, b: a | b,
+    "xor.b32": lambda a, b: a ^ b,
+    "sub.u32": lambda a, b: (a - b) & MASK,
+    "mul.lo.u32": lambda a, b: (a * b) & MASK,
+    "mad.lo.u32": lambda a, b, c: (a * b + c) & MASK,
+    "prmt.b32": prmt,
 }
 
 

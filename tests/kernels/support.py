@@ -1,4 +1,5 @@
 """Strategies, constants and checks shared by the kernel test files."""
+
 import torch
 from hypothesis import strategies as st
 

@@ -1,5 +1,6 @@
 """The activation-quantization kernel (``bitcompile/kernels/act_quant.py``: absmax quantization, optionally
 after a fused residual add and RMS/layer norm) against the plain-torch reference."""
+
 import pytest
 import torch
 from hypothesis import given
@@ -11,9 +12,15 @@ from tests.kernels.support import DTYPES, dims, near_half
 ops = torch.ops.bitnet
 
 
-@given(m=st.integers(1, 6), k=dims, kind=st.sampled_from(["none", "rms", "rms_fp32", "layer"]),
-       dtype=st.sampled_from([torch.float32, torch.float16]), residual=st.booleans(), bits=st.sampled_from([8, 4]),
-       seed=st.integers(0, 2**16))
+@given(
+    m=st.integers(1, 6),
+    k=dims,
+    kind=st.sampled_from(["none", "rms", "rms_fp32", "layer"]),
+    dtype=st.sampled_from([torch.float32, torch.float16]),
+    residual=st.booleans(),
+    bits=st.sampled_from([8, 4]),
+    seed=st.integers(0, 2**16),
+)
 def test_norm_quant(kernels, device, m, k, kind, dtype, residual, bits, seed):
     # bfloat16 is covered on the GPU only: the interpreter's fp32->bf16 cast truncates.
     g = torch.Generator().manual_seed(seed)

@@ -1,5 +1,6 @@
 """The GPU benchmark scripts run end to end (``--smoke``: tiny shapes, on the CPU here), so a
 GPU round is not spent finding a broken script. Checks what they print, not their timings."""
+
 import ast
 import os
 import subprocess
@@ -13,8 +14,13 @@ LIBRARIES = {"timing", "qat_steps"}  # the modules of benchmarks/ that scripts i
 
 def smoke(script: str, *args: str) -> str:
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--smoke", *args], env=env,
-                          capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / script), "--smoke", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout
 

@@ -1,5 +1,6 @@
 """Device helpers shared by several kernels (``bitcompile/kernels/common.py``): the trit unpacking that the
 conv and the canonical input-gradient kernel inline, run by the PTX interpreter (tests/kernels/ptx.py)."""
+
 import numpy as np
 import pytest
 

@@ -1,5 +1,6 @@
 """The implicit-GEMM packed-ternary convolution (``bitcompile/kernels/conv.py``) with its epilogue, against the
 plain-torch reference."""
+
 import json
 
 import pytest
@@ -14,12 +15,23 @@ from tests.kernels.support import DTYPES, gpu_configs
 ops = torch.ops.bitnet
 
 
-@given(n=st.integers(1, 2), cin=st.integers(1, 6), cout=st.integers(1, 20), size=st.integers(1, 9),
-       kernel=st.integers(1, 3), stride=st.integers(1, 2), padding=st.integers(0, 2), dilation=st.integers(1, 2),
-       groups=st.sampled_from([1, 2]), spatial=st.sampled_from([1, 2]), channels_last=st.booleans(),
-       seed=st.integers(0, 2**16))
-def test_conv_implicit_gemm_exact(kernels, device, n, cin, cout, size, kernel, stride, padding, dilation, groups,
-                                  spatial, channels_last, seed):
+@given(
+    n=st.integers(1, 2),
+    cin=st.integers(1, 6),
+    cout=st.integers(1, 20),
+    size=st.integers(1, 9),
+    kernel=st.integers(1, 3),
+    stride=st.integers(1, 2),
+    padding=st.integers(0, 2),
+    dilation=st.integers(1, 2),
+    groups=st.sampled_from([1, 2]),
+    spatial=st.sampled_from([1, 2]),
+    channels_last=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_conv_implicit_gemm_exact(
+    kernels, device, n, cin, cout, size, kernel, stride, padding, dilation, groups, spatial, channels_last, seed
+):
     from hypothesis import assume
 
     assume(size + 2 * padding >= dilation * (kernel - 1) + 1)
@@ -31,8 +43,9 @@ def test_conv_implicit_gemm_exact(kernels, device, n, cin, cout, size, kernel, s
     layout = torch.channels_last if channels_last and spatial == 2 else torch.contiguous_format
     conv = dict(stride=[stride] * spatial, padding=[padding] * spatial, dilation=[dilation] * spatial, groups=groups)
     want = ref.lowbit_conv_accumulate(xq, wq, wshape, **conv)
-    got = kernels.conv.ternary_conv(xq.to(device).contiguous(memory_format=layout), wq.to(device), wshape, **conv,
-                                    memory_format=layout)
+    got = kernels.conv.ternary_conv(
+        xq.to(device).contiguous(memory_format=layout), wq.to(device), wshape, **conv, memory_format=layout
+    )
     assert got.dtype == torch.int32 and got.is_contiguous(memory_format=layout) and torch.equal(got.cpu(), want)
 
 
@@ -45,12 +58,21 @@ def test_conv_epilogue(kernels, device, per_channel):
     xq, xs = ref.quantize_activations_per_sample(x)
     args = ([2, 1], [1, 0], [1, 2], 2)
     want = ref.lowbit_conv(x, w.shape, bias, xq, xs, wq, ws, *args)
-    got = kernels.conv.ternary_conv(xq.to(device), wq.to(device), w.shape, *args, xs.to(device), ws.to(device),
-                                    bias.to(device), torch.float32)
+    got = kernels.conv.ternary_conv(
+        xq.to(device), wq.to(device), w.shape, *args, xs.to(device), ws.to(device), bias.to(device), torch.float32
+    )
     assert torch.equal(got.cpu(), want)  # same int32 accumulator, same fp32 operation order
-    last = kernels.conv.ternary_conv(xq.to(device).contiguous(memory_format=torch.channels_last), wq.to(device),
-                                     w.shape, *args, xs.to(device), ws.to(device), bias.to(device), torch.float32,
-                                     torch.channels_last)
+    last = kernels.conv.ternary_conv(
+        xq.to(device).contiguous(memory_format=torch.channels_last),
+        wq.to(device),
+        w.shape,
+        *args,
+        xs.to(device),
+        ws.to(device),
+        bias.to(device),
+        torch.float32,
+        torch.channels_last,
+    )
     assert last.is_contiguous(memory_format=torch.channels_last) and torch.equal(last.cpu(), want)
 
 
@@ -110,8 +132,12 @@ def test_conv_tiles_compile_for_the_h100():
 
 
 CONVS = [  # (N, C_in, C_out, HW, kernel, stride, padding, dilation, groups): ResNet / MobileNet-like
-    (8, 64, 64, 56, 3, 1, 1, 1, 1), (4, 128, 256, 28, 3, 2, 1, 1, 1), (4, 256, 512, 14, 1, 1, 0, 1, 1),
-    (2, 96, 96, 30, 3, 1, 2, 2, 1), (2, 64, 64, 20, 3, 1, 1, 1, 64), (2, 64, 128, 20, 3, 1, 1, 1, 4),
+    (8, 64, 64, 56, 3, 1, 1, 1, 1),
+    (4, 128, 256, 28, 3, 2, 1, 1, 1),
+    (4, 256, 512, 14, 1, 1, 0, 1, 1),
+    (2, 96, 96, 30, 3, 1, 2, 2, 1),
+    (2, 64, 64, 20, 3, 1, 1, 1, 64),
+    (2, 64, 128, 20, 3, 1, 1, 1, 4),
 ]
 
 

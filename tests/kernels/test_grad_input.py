@@ -1,6 +1,7 @@
 """The exact-STE input gradient ``grad @ (trits * s_w)`` (``bitcompile/kernels/grad_input.py``: canonical and
 transposed Triton kernels, and the warp-specialised Gluon kernel of ``grad_input_ws.py`` on the H100) and
 its int8 variant, in the kernels and in compiled QAT steps, against the plain-torch reference."""
+
 import numpy as np
 import pytest
 import torch
@@ -19,8 +20,15 @@ from tests.kernels.support import DTYPES, dims, gpu_configs
 ops = torch.ops.bitnet
 
 
-@given(m=st.integers(1, 20), n=dims, k=dims, per_channel=st.booleans(),
-       dtype=st.sampled_from([torch.float32, torch.float16]), seed=st.integers(0, 2**16), variant=st.integers(0, 99))
+@given(
+    m=st.integers(1, 20),
+    n=dims,
+    k=dims,
+    per_channel=st.booleans(),
+    dtype=st.sampled_from([torch.float32, torch.float16]),
+    seed=st.integers(0, 2**16),
+    variant=st.integers(0, 99),
+)
 @example(m=3, n=32, k=70, per_channel=True, dtype=torch.float16, seed=1, variant=0)  # whole N tiles: unmasked loads
 @example(m=17, n=48, k=64, per_channel=False, dtype=torch.float32, seed=2, variant=0)
 @example(m=5, n=256, k=40, per_channel=False, dtype=torch.float16, seed=3, variant=1)  # transposed, whole N blocks
@@ -31,8 +39,9 @@ def test_grad_input(kernels, device, m, n, k, per_channel, dtype, seed, variant)
     grad = torch.randn(m, n, generator=g).to(dtype)
     # every kernel that takes these operands: canonical; transposed per shift and joined (16-bit, one scale)
     configs = kernels.grad_input._configs(transposed_ok=not per_channel and dtype != torch.float32)
-    got = kernels.grad_input.grad_input(grad.to(device), wq.to(device), ws.to(device), k,
-                                        config=configs[variant % len(configs)]).cpu()
+    got = kernels.grad_input.grad_input(
+        grad.to(device), wq.to(device), ws.to(device), k, config=configs[variant % len(configs)]
+    ).cpu()
     # Same operands as the reference (trit * s_w in grad dtype); fp32 accumulation in
     # another order: error <= n * eps_fp32 * sum|g*w| plus the final rounding to dtype.
     want = grad.float() @ ref.dequantized_weight(wq, ws, k, dtype).float()
@@ -65,12 +74,20 @@ def test_grad_input_gluon_entry_falls_back_where_it_cannot_run(kernels, device, 
     want = grad.float() @ ref.dequantized_weight(wq, ws, 128, torch.float16).float()
     torch.testing.assert_close(got.float(), want, rtol=2**-10, atol=1e-5)
     with pytest.raises(ValueError, match="sm_90"):
-        gi.grad_input(grad.to(device), wq.to(device), ws.to(device), 128,
-                      config=dict(layout="ws", **grad_input_ws.CONFIGS[0]))
+        gi.grad_input(
+            grad.to(device), wq.to(device), ws.to(device), 128, config=dict(layout="ws", **grad_input_ws.CONFIGS[0])
+        )
 
 
-@given(m=st.integers(1, 24), n=dims, k=dims, per_channel=st.booleans(), bits=st.sampled_from([8, 4]),
-       dtype=st.sampled_from([torch.float32, torch.float16]), seed=st.integers(0, 2**16))
+@given(
+    m=st.integers(1, 24),
+    n=dims,
+    k=dims,
+    per_channel=st.booleans(),
+    bits=st.sampled_from([8, 4]),
+    dtype=st.sampled_from([torch.float32, torch.float16]),
+    seed=st.integers(0, 2**16),
+)
 @example(m=20, n=300, k=33, per_channel=True, bits=8, dtype=torch.float16, seed=3)  # > 1 block of N, GEMM path
 def test_grad_input_quantized(kernels, device, m, n, k, per_channel, bits, dtype, seed):
     g = torch.Generator().manual_seed(seed)
@@ -204,7 +221,8 @@ def test_every_grad_input_config(dtype, m, n, k):
     (bound as in the CPU test: n * eps_fp32 * sum|g * w| plus the final rounding to the grad
     dtype). The Gluon kernel sums the same products in the same 16-wide chunks as the
     transposed one: equal to it."""
-    from bitcompile.kernels import grad_input as gi, grad_input_ws
+    from bitcompile.kernels import grad_input as gi
+    from bitcompile.kernels import grad_input_ws
 
     g = torch.Generator(device="cuda").manual_seed(n)
     wq, ws = ops.quantize_weights(torch.randn(n, k, device="cuda", generator=g), "ternary", False)
@@ -241,13 +259,20 @@ def test_quantized_grad_input_equals_reference(dtype, per_channel, m, n, k):
 @pytest.fixture
 def gluon_grad_input(monkeypatch):
     """The exact-STE input gradient through the Gluon kernel only (the H100's choice at QAT sizes)."""
-    from bitcompile.kernels import grad_input as gi, grad_input_ws
+    from bitcompile.kernels import grad_input as gi
+    from bitcompile.kernels import grad_input_ws
 
-    if not grad_input_ws.supports(torch.empty(1, 8, device="cuda", dtype=torch.bfloat16),
-                                  torch.empty(8, 16, device="cuda", dtype=torch.uint8), torch.ones(1)):
+    if not grad_input_ws.supports(
+        torch.empty(1, 8, device="cuda", dtype=torch.bfloat16),
+        torch.empty(8, 16, device="cuda", dtype=torch.uint8),
+        torch.ones(1),
+    ):
         pytest.skip("the Gluon input gradient needs an sm_90 GPU and a Triton with Gluon")
-    monkeypatch.setattr(gi, "_configs", lambda transposed_ok=True, ws_ok=False: [
-        dict(layout="ws", **grad_input_ws.CONFIGS[0])] if ws_ok else [])
+    monkeypatch.setattr(
+        gi,
+        "_configs",
+        lambda transposed_ok=True, ws_ok=False: [dict(layout="ws", **grad_input_ws.CONFIGS[0])] if ws_ok else [],
+    )
 
 
 @pytest.mark.gpu

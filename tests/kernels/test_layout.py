@@ -1,5 +1,6 @@
 """The relayout kernels (``bitcompile/kernels/layout.py``: packed trits to the matmul's K-blocked order and
 to the input gradient's transposed operands) and their cache, against ``bitcompile.numerics.packing``."""
+
 import pytest
 import torch
 from hypothesis import example, given
@@ -45,6 +46,7 @@ def test_kblocked_cache_follows_changes(kernels, device):
     again = kernels.layout.kblocked(wq, 300)
     assert again is not first
     from bitcompile.numerics.packing import to_kblocked
+
     assert torch.equal(again.cpu(), to_kblocked(wq.cpu(), 300))
 
 

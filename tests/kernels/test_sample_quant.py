@@ -1,5 +1,6 @@
 """The per-sample activation quantization (``bitcompile/kernels/sample_quant.py``: one scale per sample,
 channels-last int8 codes, the conv's input) against the plain-torch reference."""
+
 import pytest
 import torch
 from hypothesis import given
@@ -12,17 +13,26 @@ from tests.kernels.support import DTYPES
 ops = torch.ops.bitnet
 
 
-@given(n=st.integers(1, 3), c=st.integers(1, 40), size=st.integers(1, 40), spatial=st.sampled_from([1, 2]),
-       layout=st.sampled_from(["contiguous", "channels_last", "strided"]), bits=st.sampled_from([8, 4]),
-       dtype=st.sampled_from([torch.float32, torch.bfloat16]), nan=st.booleans(), seed=st.integers(0, 2**16))
-def test_per_sample_quantization_equals_reference(kernels, device, n, c, size, spatial, layout, bits, dtype, nan,
-                                                  seed):
+@given(
+    n=st.integers(1, 3),
+    c=st.integers(1, 40),
+    size=st.integers(1, 40),
+    spatial=st.sampled_from([1, 2]),
+    layout=st.sampled_from(["contiguous", "channels_last", "strided"]),
+    bits=st.sampled_from([8, 4]),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+    nan=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_per_sample_quantization_equals_reference(kernels, device, n, c, size, spatial, layout, bits, dtype, nan, seed):
     """Both launches (sliced absmax with an atomic max on the float bits, then quantize into the
     channels-last integers) against the reference: integers and scales exactly, NaN samples
     included, from contiguous, channels-last and strided inputs."""
     g = torch.Generator().manual_seed(seed)
-    x = (torch.randn(n, c, *([size] * spatial), generator=g) * 10 ** torch.randn(n, *([1] * spatial), generator=g)
-         .unsqueeze(1)).to(dtype)
+    x = (
+        torch.randn(n, c, *([size] * spatial), generator=g)
+        * 10 ** torch.randn(n, *([1] * spatial), generator=g).unsqueeze(1)
+    ).to(dtype)
     if layout == "channels_last":
         x = x.movedim(1, -1).contiguous().movedim(-1, 1)
     elif layout == "strided":

@@ -1,6 +1,7 @@
 """The packed-ternary matmul (``bitcompile/kernels/ternary_matmul.py``: the GEMV, the GEMM and, on the H100,
 the Gluon wgmma kernel of ``wgmma_matmul.py``) with its epilogue, and the Triton twins of the ops that
 launch it from Inductor's code, against the plain-torch reference."""
+
 import copy
 
 import numpy as np
@@ -9,9 +10,23 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from bitcompile.kernels.common import (KBLOCK_PTX, KBLOCK_PTX_Q0, KBLOCK_PTX_Q1, KBLOCK_PTX_Q2, KBLOCK_PTX_Q3,
-                                      KBLOCK_PTX_T0, KBLOCK_PTX_T1, KBLOCK_PTX_T2, KBLOCK_PTX_T3, KBLOCK_PTX_W0,
-                                      KBLOCK_PTX_W1, KBLOCK_PTX_W2, KBLOCK_PTX_W3, PAIR_TABLE_WORDS, PAIR_TABLES)
+from bitcompile.kernels.common import (
+    KBLOCK_PTX,
+    KBLOCK_PTX_Q0,
+    KBLOCK_PTX_Q1,
+    KBLOCK_PTX_Q2,
+    KBLOCK_PTX_Q3,
+    KBLOCK_PTX_T0,
+    KBLOCK_PTX_T1,
+    KBLOCK_PTX_T2,
+    KBLOCK_PTX_T3,
+    KBLOCK_PTX_W0,
+    KBLOCK_PTX_W1,
+    KBLOCK_PTX_W2,
+    KBLOCK_PTX_W3,
+    PAIR_TABLE_WORDS,
+    PAIR_TABLES,
+)
 from bitcompile.numerics import reference as ref
 from bitcompile.numerics.packing import pack_ternary, to_kblocked
 from tests.kernels.codegen import needs_ptxas, row
@@ -57,8 +72,16 @@ def test_matmul_epilogue(kernels, device, m, act, per_channel):
     bias, res = torch.randn(n, generator=g), torch.randn(2, m, n, generator=g)
     want = ref.linear_epilogue(xq, xs, wq, ws, bias, k, torch.float32, act, res)
     got = kernels.ternary_matmul.ternary_matmul(
-        xq.to(device), wq.to(device), k, xs.to(device), ws.to(device), bias.to(device), torch.float32, act,
-        res.to(device))
+        xq.to(device),
+        wq.to(device),
+        k,
+        xs.to(device),
+        ws.to(device),
+        bias.to(device),
+        torch.float32,
+        act,
+        res.to(device),
+    )
     assert got.shape == (2, m, n)
     if act == "none":  # same accumulator, same fp32 operation order: bit-identical
         assert torch.equal(got.cpu(), want)
@@ -71,8 +94,9 @@ def test_matmul_rejects_bad_input(kernels, device):
     with pytest.raises(TypeError, match="int8 activations"):
         kernels.ternary_matmul.ternary_matmul(torch.randn(2, 16, device=device), wq.to(device), 16)
     with pytest.raises(ValueError, match="unknown activation"):
-        kernels.ternary_matmul.ternary_matmul(torch.zeros(2, 16, dtype=torch.int8, device=device), wq.to(device), 16,
-                                              activation="tanh")
+        kernels.ternary_matmul.ternary_matmul(
+            torch.zeros(2, 16, dtype=torch.int8, device=device), wq.to(device), 16, activation="tanh"
+        )
 
 
 # GEMV (dp4a emulated) and the four interpreter GEMM variants (index m % 4: split-K, operand
@@ -230,8 +254,9 @@ def test_qat_triton_twins(kernels, device):
     torch.testing.assert_close(ws.cpu(), rs, rtol=1e-6, atol=0)
     rs = ws.cpu()
     xq, xs = ref.quantize_activations(x)
-    out = linear.linear_traced(linear.lowbit_linear.Args(x.to(device), w.to(device), None, xq.to(device),
-                                                         xs.to(device), wq, ws))
+    out = linear.linear_traced(
+        linear.lowbit_linear.Args(x.to(device), w.to(device), None, xq.to(device), xs.to(device), wq, ws)
+    )
     assert torch.equal(out.cpu(), ref.lowbit_linear(x, None, xq, xs, rq, rs, 70))
     got = linear.grad_input_traced(linear.grad_input.Args(grad.to(device), wq, ws, 70, 8)).cpu()
     assert torch.equal(got, ref.grad_input_quantized(grad, rq, rs, 70, 8))
@@ -253,16 +278,18 @@ def test_kblock_ptx():
         w = int(rng.integers(0, 16))
         word = words[w] & MASK
         quarters = run_ptx(KBLOCK_PTX.value, {"$4": word})
-        singles = zip((KBLOCK_PTX_Q0, KBLOCK_PTX_Q1, KBLOCK_PTX_Q2, KBLOCK_PTX_Q3),
-                      (KBLOCK_PTX_T0, KBLOCK_PTX_T1, KBLOCK_PTX_T2, KBLOCK_PTX_T3),
-                      (KBLOCK_PTX_W0, KBLOCK_PTX_W1, KBLOCK_PTX_W2, KBLOCK_PTX_W3))
+        singles = zip(
+            (KBLOCK_PTX_Q0, KBLOCK_PTX_Q1, KBLOCK_PTX_Q2, KBLOCK_PTX_Q3),
+            (KBLOCK_PTX_T0, KBLOCK_PTX_T1, KBLOCK_PTX_T2, KBLOCK_PTX_T3),
+            (KBLOCK_PTX_W0, KBLOCK_PTX_W1, KBLOCK_PTX_W2, KBLOCK_PTX_W3),
+        )
         for g, (one, from_register, from_word_tables) in enumerate(singles):
             want = sum((int(trits[64 * g + 4 * w + n]) & 255) << 8 * n for n in range(4))
             assert quarters[f"${g}"] == want, (hex(word), g)
             assert run_ptx(one.value, {"$1": word})["$0"] == want, (hex(word), g)
-            a, b = PAIR_TABLES[2 * (g & 1):2 * (g & 1) + 2]  # the quarter parity's table, as the kernel passes it
+            a, b = PAIR_TABLES[2 * (g & 1) : 2 * (g & 1) + 2]  # the quarter parity's table, as the kernel passes it
             assert run_ptx(from_register.value, {"$1": word, "$2": a, "$6": b})["$0"] == want, (hex(word), g)
-            a, b = (t & MASK for t in PAIR_TABLE_WORDS[2 * (g & 1):2 * (g & 1) + 2])  # int32 kernel values
+            a, b = (t & MASK for t in PAIR_TABLE_WORDS[2 * (g & 1) : 2 * (g & 1) + 2])  # int32 kernel values
             assert run_ptx(from_word_tables.value, {"$1": word, "$2": a, "$3": b})["$0"] == want, (hex(word), g)
 
 
@@ -331,8 +358,19 @@ def test_lowbit_matmul_exact(m, n, k):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("m,n,k", [(1, 4096, 8192), (3, 1000, 1003), (16, 4096, 4096), (100, 1000, 1003),
-                                   (300, 2048, 4096), (257, 512, 1040), (5, 1000, 2112), (33, 384, 4096)])
+@pytest.mark.parametrize(
+    "m,n,k",
+    [
+        (1, 4096, 8192),
+        (3, 1000, 1003),
+        (16, 4096, 4096),
+        (100, 1000, 1003),
+        (300, 2048, 4096),
+        (257, 512, 1040),
+        (5, 1000, 2112),
+        (33, 384, 4096),
+    ],
+)
 def test_every_matmul_config_exact(m, n, k, monkeypatch):
     """Every launch configuration tuning may pick (GEMV, GEMM with and without split-K, operand
     swap, one dot per block, activations by TMA from a host descriptor and, as traced launches
@@ -394,8 +432,18 @@ def test_compiled_matmul_builds_tma_descriptors_on_device(monkeypatch):
     a = torch.randint(-128, 128, (m, k), dtype=torch.int8, device="cuda", generator=g)
     xs = torch.rand(m, 1, device="cuda", generator=g) / 127
     blocked = layout.relayout(wq, k)
-    cfg = dict(kernel="gemm", BN=128, BM=256, GROUP_N=8, SPLIT_K=1, SWAP=True, JOIN_K=True, num_warps=8,
-               num_stages=3, A_TMA=True)
+    cfg = dict(
+        kernel="gemm",
+        BN=128,
+        BM=256,
+        GROUP_N=8,
+        SPLIT_K=1,
+        SWAP=True,
+        JOIN_K=True,
+        num_warps=8,
+        num_stages=3,
+        A_TMA=True,
+    )
     monkeypatch.setattr(tuning, "choose", lambda *args: cfg)
     described = []
     real = tuning.use_scratch_allocator
@@ -433,8 +481,9 @@ def test_lowbit_linear_forward(m, n, k, dtype):
     # fewer), so allow one ulp of the output dtype.
     assert torch.equal(ops.lowbit_linear(x, w, None, xq, xs, wq, ws), ref.lowbit_linear(x, None, xq, xs, wq, ws, k))
     ulp = {torch.bfloat16: 2**-7, torch.float16: 2**-10, torch.float32: 2**-22}[dtype]
-    torch.testing.assert_close(ops.lowbit_linear(x, w, b, xq, xs, wq, ws), ref.lowbit_linear(x, b, xq, xs, wq, ws, k),
-                               rtol=ulp, atol=ulp)
+    torch.testing.assert_close(
+        ops.lowbit_linear(x, w, b, xq, xs, wq, ws), ref.lowbit_linear(x, b, xq, xs, wq, ws, k), rtol=ulp, atol=ulp
+    )
 
 
 @pytest.mark.gpu
@@ -479,13 +528,31 @@ def test_inference_under_cpp_wrapper():
         torch._dynamo.reset()
         compiled = torch.compile(model, backend="bitnet", dynamic=False, options=options)  # both shapes lowered
         with torch.no_grad():
-            outs.append([compiled(*(torch.randn(1, t, 256, device="cuda", dtype=torch.bfloat16,
-                                                generator=torch.Generator("cuda").manual_seed(t + i))
-                                    for i in range(2)))
-                         for t in (1, 300)])
+            outs.append(
+                [
+                    compiled(
+                        *(
+                            torch.randn(
+                                1,
+                                t,
+                                256,
+                                device="cuda",
+                                dtype=torch.bfloat16,
+                                generator=torch.Generator("cuda").manual_seed(t + i),
+                            )
+                            for i in range(2)
+                        )
+                    )
+                    for t in (1, 300)
+                ]
+            )
     for t, plain, cpp in zip((1, 300), *outs):
-        assert torch.equal(plain, cpp), (t, (plain.float() - cpp.float()).abs().max(), plain.isfinite().all(),
-                                         cpp.isfinite().all())
+        assert torch.equal(plain, cpp), (
+            t,
+            (plain.float() - cpp.float()).abs().max(),
+            plain.isfinite().all(),
+            cpp.isfinite().all(),
+        )
 
 
 @pytest.mark.gpu
@@ -501,8 +568,9 @@ def test_device_descriptors_under_cpp_wrapper(monkeypatch):
     from bitcompile.kernels import tuning
 
     cfg = next(c for c in tm._gemm_configs(1024) if c.get("A_TMA"))
-    monkeypatch.setattr(tuning, "choose",
-                        lambda kernel, key, candidates, run: cfg if kernel.startswith("ternary_mm") else candidates[0])
+    monkeypatch.setattr(
+        tuning, "choose", lambda kernel, key, candidates, run: cfg if kernel.startswith("ternary_mm") else candidates[0]
+    )
     torch.manual_seed(0)
     layer = torch.nn.Linear(1024, 1024, device="cuda", dtype=torch.bfloat16).eval()
     x = torch.randn(4, 300, 1024, device="cuda", dtype=torch.bfloat16)  # 1200 rows: a grid of many programs
@@ -539,25 +607,33 @@ def test_triton_twins_opcheck():
     from bitcompile.kernels.layout import relayout
     from bitcompile.ops import epilogue, linear, norm_quant, quantize
 
-    for register in (epilogue.twin_linear_q, norm_quant.twin_norm_quant, quantize.twin_quantize_weights,
-                     linear.twin_lowbit_linear, linear.twin_grad_input):
+    for register in (
+        epilogue.twin_linear_q,
+        norm_quant.twin_norm_quant,
+        quantize.twin_quantize_weights,
+        linear.twin_lowbit_linear,
+        linear.twin_grad_input,
+    ):
         register()
 
     wq, ws = ops.quantize_weights(torch.randn(64, 300, device="cuda"), "ternary", False)
     xq, xs = ops.quantize_activations(torch.randn(3, 300, device="cuda"), 8)
-    torch.library.opcheck(ops.linear_q_triton.default,
-                          (xq, xs, relayout(wq, 300), ws, None, 300, torch.bfloat16, "relu", None),
-                          test_utils=STATIC_OPCHECK)
+    torch.library.opcheck(
+        ops.linear_q_triton.default,
+        (xq, xs, relayout(wq, 300), ws, None, 300, torch.bfloat16, "relu", None),
+        test_utils=STATIC_OPCHECK,
+    )
     x = torch.randn(3, 300, device="cuda")
-    torch.library.opcheck(ops.norm_quant_triton.default,
-                          (x, None, None, None, "rms", 1e-6, 8, torch.float32, True, False),
-                          test_utils=STATIC_OPCHECK)
+    torch.library.opcheck(
+        ops.norm_quant_triton.default,
+        (x, None, None, None, "rms", 1e-6, 8, torch.float32, True, False),
+        test_utils=STATIC_OPCHECK,
+    )
     # the QAT twins, with inputs that need gradients (their autograd registration is checked)
     w = torch.randn(64, 300, device="cuda", requires_grad=True)
     torch.library.opcheck(ops.quantize_weights_triton.default, (w, "ternary", False), test_utils=STATIC_OPCHECK)
     xg = x.clone().requires_grad_()
-    torch.library.opcheck(ops.lowbit_linear_triton.default, (xg, w, None, xq, xs, wq, ws, 8),
-                          test_utils=STATIC_OPCHECK)
+    torch.library.opcheck(ops.lowbit_linear_triton.default, (xg, w, None, xq, xs, wq, ws, 8), test_utils=STATIC_OPCHECK)
     g = torch.randn(3, 64, device="cuda")
     for bits in (None, 8):
         torch.library.opcheck(ops.grad_input_triton.default, (g, wq, ws, 300, bits), test_utils=STATIC_OPCHECK)

@@ -1,5 +1,6 @@
 """Where launch configurations come from (shipped table, user cache, BITCOMPILE_RETUNE), how a traced
 launch makes one, how the tuner times, and whether the shipped ones still fit the H100."""
+
 import json
 
 import pytest
@@ -12,15 +13,19 @@ from tests.kernels.codegen import H100_SMEM_PER_BLOCK, needs_ptxas
 def test_lookup_order_and_retune(tmp_path, monkeypatch):
     shipped, user = tmp_path / "shipped", tmp_path / "user"
     shipped.mkdir()
-    (shipped / "gpu.json").write_text(json.dumps({"ternary_mm:1,8,8": {"BN": 4}, "grad_input:1,8,8": {"BM": 16},
-                                                  "weight_pack:8,8": {"BN": 2}}))
+    (shipped / "gpu.json").write_text(
+        json.dumps({"ternary_mm:1,8,8": {"BN": 4}, "grad_input:1,8,8": {"BM": 16}, "weight_pack:8,8": {"BN": 2}})
+    )
     (user / "autotune").mkdir(parents=True)
     (user / "autotune" / "gpu.json").write_text(json.dumps({"weight_pack:8,8": {"BN": 8}}))
     monkeypatch.setattr(tuning, "SHIPPED_DIR", shipped)
     monkeypatch.setenv("BITCOMPILE_CACHE_DIR", str(user))
     monkeypatch.setattr(tuning, "_memory", {})
-    assert tuning._load("gpu") == {"ternary_mm:1,8,8": {"BN": 4}, "grad_input:1,8,8": {"BM": 16},
-                                   "weight_pack:8,8": {"BN": 8}}  # the user's entry wins
+    assert tuning._load("gpu") == {
+        "ternary_mm:1,8,8": {"BN": 4},
+        "grad_input:1,8,8": {"BM": 16},
+        "weight_pack:8,8": {"BN": 8},
+    }  # the user's entry wins
     monkeypatch.setattr(tuning, "_memory", {})
     monkeypatch.setenv("BITCOMPILE_RETUNE", "ternary_mm, grad_input")
     assert tuning._load("gpu") == {"weight_pack:8,8": {"BN": 8}}  # shipped matmul entries dropped
@@ -30,16 +35,21 @@ def test_lookup_order_and_retune(tmp_path, monkeypatch):
 
 
 def test_untabled_shapes_take_the_nearest_tabled_configuration_unless_tuning_is_asked(tmp_path, monkeypatch):
-    table = {"ternary_mm:1,4096,4096": {"BN": 4}, "ternary_mm:1,14336,4096": {"BN": 8},
-             "ternary_mm:128,4096,4096": {"BM": 64}, "grad_input:1024,2048,4096,torch.bfloat16": {"BM": 128},
-             "grad_input:1024,2048,4096,torch.float16": {"BM": 64}}
+    table = {
+        "ternary_mm:1,4096,4096": {"BN": 4},
+        "ternary_mm:1,14336,4096": {"BN": 8},
+        "ternary_mm:128,4096,4096": {"BM": 64},
+        "grad_input:1024,2048,4096,torch.bfloat16": {"BM": 128},
+        "grad_input:1024,2048,4096,torch.float16": {"BM": 64},
+    }
     candidates = [{"BN": 2}, {"BN": 4}, {"BN": 8}]
     # K/V projections (1024x4096) are nearest the 4096x4096 entry; 28672x4096 nearest 14336x4096
     assert tuning.nearest(table, "ternary_mm", (1, 1024, 4096), candidates) == {"BN": 4}
     assert tuning.nearest(table, "ternary_mm", (1, 28672, 4096), candidates) == {"BN": 8}
     # labels must agree (the grad dtype); a tabled config that is no candidate here is never used
     assert tuning.nearest(table, "grad_input", (1024, 2048, 4096, "torch.float16"), [{"BM": 32}, {"BM": 64}]) == {
-        "BM": 64}
+        "BM": 64
+    }
     assert tuning.nearest(table, "ternary_mm", (128, 1024, 4096), [{"BN": 2}, {"BN": 16}]) == {"BN": 2}  # no match
 
     monkeypatch.setattr(tuning, "interpreting", lambda: False)

@@ -1,5 +1,6 @@
 """The weight quantize + pack kernel (``bitcompile/kernels/weight_pack.py``: absmean scale, trits packed
 four to a byte, canonical or K-blocked) against the plain-torch reference."""
+
 import pytest
 import torch
 from hypothesis import given
@@ -9,8 +10,14 @@ from bitcompile.numerics import reference as ref
 from tests.kernels.support import dims, gpu_configs, near_half
 
 
-@given(n=dims, k=dims, per_channel=st.booleans(), scheme=st.sampled_from(["ternary", "binary"]),
-       dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]), seed=st.integers(0, 2**16))
+@given(
+    n=dims,
+    k=dims,
+    per_channel=st.booleans(),
+    scheme=st.sampled_from(["ternary", "binary"]),
+    dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]),
+    seed=st.integers(0, 2**16),
+)
 def test_weight_pack_exact(kernels, device, n, k, per_channel, scheme, dtype, seed):
     # Weights on a dyadic grid: every partial sum is exact, so the absmean scale is
     # independent of the reduction order and packing must match bit for bit.

@@ -5,6 +5,7 @@ no more graph breaks than plain torch.compile, compiled == eager reference twin,
 sizes / lengths reuse one dynamic graph, a few QAT steps reduce the loss, and eval after
 training still matches the (new) twin.
 """
+
 import pytest
 import torch
 from torch import nn
@@ -56,7 +57,9 @@ def test_real_model(name):
 
     # Inference: report, graph breaks, match, dynamic shapes.
     model.eval()
-    plain_breaks = torch._dynamo.explain(model)(**{k: v for k, v in inputs[0].items() if k != "labels"}).graph_break_count
+    plain_breaks = torch._dynamo.explain(model)(
+        **{k: v for k, v in inputs[0].items() if k != "labels"}
+    ).graph_break_count
     torch._dynamo.reset()
     counters.clear()
     twin = reference_model(model)
@@ -112,8 +115,16 @@ def test_llama_eager_attention_manual_spelling_is_quantized():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(2)
-    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, attn_implementation="eager", use_cache=False)
+    cfg = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        attn_implementation="eager",
+        use_cache=False,
+    )
     model = LlamaForCausalLM(cfg).eval()
     ids = torch.randint(0, 64, (2, 8))
     with torch.no_grad(), collecting() as report:

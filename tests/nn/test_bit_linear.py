@@ -2,8 +2,8 @@ import torch
 from torch import nn
 
 from bitcompile.nn import BitLinear
-from bitcompile.ops import WEIGHT_CACHE
 from bitcompile.numerics import reference as ref
+from bitcompile.ops import WEIGHT_CACHE
 
 
 def test_bitlinear_is_a_drop_in_linear_with_the_design_semantics():

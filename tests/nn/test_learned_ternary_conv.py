@@ -1,4 +1,5 @@
 """TernaryConv2d against a plain-torch reimplementation of its formula."""
+
 import torch
 import torch.nn.functional as F
 from hypothesis import given
@@ -28,8 +29,14 @@ def reference_forward(layer, x):
 
 
 @given(
-    st.integers(1, 3), st.integers(1, 4), st.sampled_from([1, 3]), st.sampled_from([1, 2]), st.sampled_from([0, 1]),
-    st.sampled_from([None, 8, 4]), st.floats(0.2, 1.2), st.integers(0, 99),
+    st.integers(1, 3),
+    st.integers(1, 4),
+    st.sampled_from([1, 3]),
+    st.sampled_from([1, 2]),
+    st.sampled_from([0, 1]),
+    st.sampled_from([None, 8, 4]),
+    st.floats(0.2, 1.2),
+    st.integers(0, 99),
 )
 def test_matches_reference_forward_and_gradients(cin, cout, k, stride, padding, bits, threshold, seed):
     torch.manual_seed(seed)

@@ -1,4 +1,5 @@
 """TernaryMultiheadAttention against nn.MultiheadAttention on the dequantized weights."""
+
 import pytest
 import torch
 from hypothesis import given
@@ -24,7 +25,15 @@ def reference_mha(layer: TernaryMultiheadAttention) -> nn.MultiheadAttention:
     return mha.eval()
 
 
-@given(st.integers(1, 3), st.integers(1, 5), st.integers(1, 6), st.sampled_from([(8, 2), (12, 3), (4, 1)]), st.booleans(), st.sampled_from(["self", "cross_kv", "cross"]), st.integers(0, 99))
+@given(
+    st.integers(1, 3),
+    st.integers(1, 5),
+    st.integers(1, 6),
+    st.sampled_from([(8, 2), (12, 3), (4, 1)]),
+    st.booleans(),
+    st.sampled_from(["self", "cross_kv", "cross"]),
+    st.integers(0, 99),
+)
 def test_matches_torch_mha_on_dequantized_weights(batch, lq, ls, dims, batch_first, mode, seed):
     torch.manual_seed(seed)
     e, h = dims

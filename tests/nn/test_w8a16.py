@@ -1,4 +1,5 @@
 """W8A16Linear against its formula in plain torch."""
+
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
@@ -18,13 +19,17 @@ def formula_reference(x, w, b):
     return (y + b.double() if b is not None else y), int8.to(torch.int8), scales
 
 
-@given(st.data(), st.integers(1, 20), st.integers(1, 12), st.booleans(), st.sampled_from([torch.float32, torch.bfloat16]))
+@given(
+    st.data(), st.integers(1, 20), st.integers(1, 12), st.booleans(), st.sampled_from([torch.float32, torch.bfloat16])
+)
 def test_w8a16_matches_its_formula(data, k, n, bias, dtype):
     linear = nn.Linear(k, n, bias=bias).to(dtype)
     layer = W8A16Linear.from_linear(linear)
     assert layer.int8_weights.dtype == torch.int8 and layer.scales.shape == (n,)
     x = data.draw(tensors((3, k), dtype=dtype, scale=1.0))
-    y_ref, int8, scales = formula_reference(x.float(), linear.weight.float(), None if linear.bias is None else linear.bias.float())
+    y_ref, int8, scales = formula_reference(
+        x.float(), linear.weight.float(), None if linear.bias is None else linear.bias.float()
+    )
     assert torch.equal(layer.int8_weights, int8)  # integers exactly
     y = layer(x)
     assert y.dtype == dtype

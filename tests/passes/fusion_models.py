@@ -1,4 +1,5 @@
 """Blocks written the way real models write them, for the fusion-pass tests."""
+
 import torch
 import torch.nn.functional as F
 from torch import nn

@@ -1,5 +1,6 @@
 """Attention: int attention matmuls (op, SDPA and manual spellings), nn.MultiheadAttention
 projections (fused QKV, cross-attention), compiled == eager reference twin."""
+
 import math
 
 import pytest
@@ -10,14 +11,15 @@ from hypothesis import strategies as st
 from torch import nn
 
 import bitcompile
-from bitcompile.ops import attention as bit_attention
 from bitcompile.nn.reference_model import reference_model
 from bitcompile.numerics import reference as ref
+from bitcompile.ops import attention as bit_attention
 from tests.helpers import EXACT
 
 
-
-@given(st.integers(1, 3), st.integers(1, 4), st.integers(1, 9), st.integers(1, 16), st.integers(1, 9), st.integers(2, 8))
+@given(
+    st.integers(1, 3), st.integers(1, 4), st.integers(1, 9), st.integers(1, 16), st.integers(1, 9), st.integers(2, 8)
+)
 def test_quantized_attention_matmul_is_exact_int_with_per_head_scales(b, h, m, k, n, bits):
     torch.manual_seed(b * 1000 + h * 100 + m)
     x, y = torch.randn(b, h, m, k) * 4, torch.randn(b, h, k, n)
@@ -43,7 +45,10 @@ def test_quantized_attention_matmul_ste_grads_and_opcheck():
     out.backward(g), want.backward(g)
     torch.testing.assert_close(a.grad, ad.grad, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(b.grad, bd.grad, rtol=1e-5, atol=1e-6)
-    torch.library.opcheck(torch.ops.bitnet.quantized_attention_matmul, (torch.randn(2, 2, 3, 4, requires_grad=True), torch.randn(2, 2, 4, 3), 8))
+    torch.library.opcheck(
+        torch.ops.bitnet.quantized_attention_matmul,
+        (torch.randn(2, 2, 3, 4, requires_grad=True), torch.randn(2, 2, 4, 3), 8),
+    )
 
 
 def test_quantized_sdpa_is_close_to_float_sdpa():
@@ -118,7 +123,11 @@ def test_attention_matmuls_stay_float_by_default_and_non_attention_softmax_is_re
     with torch.no_grad():
         assert bitcompile.explain(SoftmaxOnly(), x).candidates == []
         r = bitcompile.explain(SoftmaxOnly(), x, attention_bits=8)
-    assert len(r.candidates) == 1 and not r.candidates[0].rewritten and "not an attention pattern" in r.candidates[0].reason
+    assert (
+        len(r.candidates) == 1
+        and not r.candidates[0].rewritten
+        and "not an attention pattern" in r.candidates[0].reason
+    )
     assert r.candidates[0].module == "softmax"  # the root module called it: the node name stands in
 
 
@@ -129,7 +138,16 @@ class MHABlock(nn.Module):
         self.cross = nn.MultiheadAttention(16, 4, batch_first=batch_first)
 
     def forward(self, x, mem, key_padding_mask):
-        y, weights = self.self_attn(x, x, x, attn_mask=torch.ones(x.shape[1 if self.self_attn.batch_first else 0], x.shape[1 if self.self_attn.batch_first else 0], dtype=torch.bool).triu(1))
+        y, weights = self.self_attn(
+            x,
+            x,
+            x,
+            attn_mask=torch.ones(
+                x.shape[1 if self.self_attn.batch_first else 0],
+                x.shape[1 if self.self_attn.batch_first else 0],
+                dtype=torch.bool,
+            ).triu(1),
+        )
         z, _ = self.cross(y, mem, mem, key_padding_mask=key_padding_mask, need_weights=False)
         return z, weights
 

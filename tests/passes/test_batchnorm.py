@@ -1,5 +1,6 @@
 """BatchNorm after quantized conv/linear: QAT BN in training (stats of the quantized output,
 running stats as eager), folded into scale/bias in inference, train<->eval switching."""
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -17,7 +18,9 @@ FOLD_TOL = dict(rtol=1e-5, atol=1e-5)
 
 def conv_bn():
     torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(), nn.Conv2d(6, 4, 3, bias=False), nn.BatchNorm2d(4))
+    return nn.Sequential(
+        nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(), nn.Conv2d(6, 4, 3, bias=False), nn.BatchNorm2d(4)
+    )
 
 
 def _randomize_bn(model):
@@ -40,7 +43,9 @@ def test_fold_formula_matches_bn_of_quantized_conv():
     scale, bias = fold_batchnorm(ws, b, mean, var, gamma, beta, 1e-5)
     torch.testing.assert_close(ref.lowbit_conv(x, w.shape, bias, xq, xs, wq, scale, *args), want, **FOLD_TOL)
     scale, bias = fold_batchnorm(ws, None, mean, var, None, None, 1e-3)  # no conv bias, affine=False
-    want = F.batch_norm(ref.lowbit_conv(x, w.shape, None, xq, xs, wq, ws, *args), mean, var, None, None, False, 0.1, 1e-3)
+    want = F.batch_norm(
+        ref.lowbit_conv(x, w.shape, None, xq, xs, wq, ws, *args), mean, var, None, None, False, 0.1, 1e-3
+    )
     torch.testing.assert_close(ref.lowbit_conv(x, w.shape, bias, xq, xs, wq, scale, *args), want, **FOLD_TOL)
 
 
@@ -88,7 +93,14 @@ def test_train_eval_switching_qat_stats_and_fold(monkeypatch):
 
 def test_linear_bn1d_folds_and_unquantized_bn_is_left_alone():
     torch.manual_seed(2)
-    model = nn.Sequential(nn.Linear(5, 8), nn.BatchNorm1d(8), nn.Flatten(), nn.BatchNorm1d(8), nn.Linear(8, 3, bias=False), nn.BatchNorm1d(3))
+    model = nn.Sequential(
+        nn.Linear(5, 8),
+        nn.BatchNorm1d(8),
+        nn.Flatten(),
+        nn.BatchNorm1d(8),
+        nn.Linear(8, 3, bias=False),
+        nn.BatchNorm1d(3),
+    )
     _randomize_bn(model)
     model.eval()
     x = torch.randn(6, 5)

@@ -1,5 +1,6 @@
 """Conv pass and ops: exact integer conv vs an independent im2col + lowbit_matmul, STE
 gradients vs float conv on the dequantized operands, compiled == BitConv reference."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -15,7 +16,6 @@ from bitcompile.numerics import reference as ref
 from tests.helpers import EXACT
 
 
-
 def im2col_accumulate(xq, ints, stride, padding, dilation):
     """Independent oracle: unfold the int8 input and use the linear path's exact matmul."""
     n, cout = xq.shape[0], ints.shape[0]
@@ -28,8 +28,14 @@ def im2col_accumulate(xq, ints, stride, padding, dilation):
 
 
 @given(
-    st.integers(1, 2), st.integers(1, 5), st.integers(1, 6), st.integers(1, 3), st.integers(4, 9),
-    st.integers(1, 2), st.integers(0, 2), st.integers(1, 2),
+    st.integers(1, 2),
+    st.integers(1, 5),
+    st.integers(1, 6),
+    st.integers(1, 3),
+    st.integers(4, 9),
+    st.integers(1, 2),
+    st.integers(0, 2),
+    st.integers(1, 2),
 )
 def test_conv2d_accumulator_is_exact_im2col(n, cin, cout, k, size, stride, padding, dilation):
     torch.manual_seed(n * 100 + cin)
@@ -51,7 +57,12 @@ def test_grouped_conv_is_per_group_concat_and_conv1d_matches_conv2d():
     xq, _ = ref.quantize_activations_per_sample(x)
     wq, _ = ref.quantize_weights(w.flatten(1))
     got = ref.lowbit_conv_accumulate(xq, wq, w.shape, [1, 1], [1, 1], [1, 1], 2)
-    parts = [ref.lowbit_conv_accumulate(xq[:, 3 * g : 3 * g + 3], wq[2 * g : 2 * g + 2], (2, 3, 3, 3), [1, 1], [1, 1], [1, 1], 1) for g in range(2)]
+    parts = [
+        ref.lowbit_conv_accumulate(
+            xq[:, 3 * g : 3 * g + 3], wq[2 * g : 2 * g + 2], (2, 3, 3, 3), [1, 1], [1, 1], [1, 1], 1
+        )
+        for g in range(2)
+    ]
     torch.testing.assert_close(got, torch.cat(parts, 1), **EXACT)
     w1 = torch.randn(5, 6, 3)
     wq1, _ = ref.quantize_weights(w1.flatten(1))
@@ -99,7 +110,9 @@ def test_opcheck_conv_ops():
     wq, ws = torch.ops.bitnet.quantize_weights(w.flatten(1), "ternary", False)
     torch.library.opcheck(torch.ops.bitnet.quantize_activations_per_sample, (x, 8))
     torch.library.opcheck(torch.ops.bitnet.lowbit_conv, (x.requires_grad_(), w, b, xq, xs, wq, ws, [1], [1], [1], 1))
-    torch.library.opcheck(torch.ops.bitnet.lowbit_conv, (x, w, None, None, None, wq, ws, [2], [0], [1], 1))  # weight-only
+    torch.library.opcheck(
+        torch.ops.bitnet.lowbit_conv, (x, w, None, None, None, wq, ws, [2], [0], [1], 1)
+    )  # weight-only
     # channels-last stays channels-last, in the fake kernels as in the real ones
     x4 = torch.randn(2, 3, 5, 6).contiguous(memory_format=torch.channels_last)
     w4 = torch.randn(4, 3, 3, 3, requires_grad=True)
@@ -248,7 +261,11 @@ def test_channels_last_model_compiles_trains_and_keeps_its_layout():
 
 @pytest.mark.parametrize(
     "options,dtype",
-    [({"activation_bits": None}, torch.float32), ({"weight": "int8"}, torch.float32), ({"granularity": "per_channel", "activation_bits": 4}, torch.bfloat16)],
+    [
+        ({"activation_bits": None}, torch.float32),
+        ({"weight": "int8"}, torch.float32),
+        ({"granularity": "per_channel", "activation_bits": 4}, torch.bfloat16),
+    ],
 )
 def test_conv_options_and_dtypes_match_reference(options, dtype):
     torch.manual_seed(6)
@@ -267,9 +284,9 @@ def test_inference_packs_conv_and_conv1d_projection_weights_once():
     # Conv weights (W.flatten(1)) and GPT-2 Conv1D weights (W.t()) are hoisted like linear
     # weights: packed once by the cache, not re-quantized inside the graph on every call, and
     # re-packed after an update.
-    from bitcompile.ops import WEIGHT_CACHE
-
     from transformers.pytorch_utils import Conv1D
+
+    from bitcompile.ops import WEIGHT_CACHE
 
     class ConvAndProjection(nn.Module):
         def __init__(self):

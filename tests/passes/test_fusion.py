@@ -1,4 +1,5 @@
 """The inference fusions (norm + quant, linear epilogues) against the unfused graph."""
+
 import re
 
 import pytest
@@ -94,7 +95,9 @@ def test_training_graphs_fuse_norms_and_keep_the_ste_linears():
     assert targets.count(bitnet.norm_quant.default) == 2 and bitnet.linear_q.default not in targets
     assert targets.count(bitnet.lowbit_linear.default) == 5  # the epilogue fusion is inference-only
     report = bitcompile.explain(model, x, r)
-    assert sum("normalized output also stored" in c.reason for c in report.candidates if c.op.endswith("+quant")) == 2, str(report)
+    assert (
+        sum("normalized output also stored" in c.reason for c in report.candidates if c.op.endswith("+quant")) == 2
+    ), str(report)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

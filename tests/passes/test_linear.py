@@ -1,4 +1,5 @@
 """The linear pass through the whole backend: compiled == eager reference, grads == STE."""
+
 import functools
 import warnings
 
@@ -13,8 +14,6 @@ import bitcompile
 from bitcompile.backend import BitcompileFallbackWarning
 from bitcompile.report import collecting
 from tests.helpers import EXACT, MLP, swap_to_bitlinear
-
-EXACT = dict(rtol=0, atol=0)  # same ops on the same inputs: bitwise equal
 
 
 class Functional(nn.Module):
@@ -45,6 +44,7 @@ def _passes_args_through(forward):
     @functools.wraps(forward)
     def wrapper(*args, **kwargs):
         return forward(*args, **kwargs)
+
     return wrapper
 
 
@@ -227,7 +227,12 @@ def test_hand_written_matmul_spellings_are_linears():
             self.b = nn.Parameter(torch.randn(4))
 
         def forward(self, x):
-            return x @ self.w.T + torch.matmul(x, self.w.t()) + torch.addmm(self.b, x, self.w.t()) + x @ self.w.transpose(0, 1)
+            return (
+                x @ self.w.T
+                + torch.matmul(x, self.w.t())
+                + torch.addmm(self.b, x, self.w.t())
+                + x @ self.w.transpose(0, 1)
+            )
 
     torch.manual_seed(0)
     model, x = HandWritten(), torch.randn(3, 8)

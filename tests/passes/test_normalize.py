@@ -1,4 +1,5 @@
 """The normalization pass: every spelling becomes its canonical target, values unchanged."""
+
 import operator
 
 import torch
@@ -30,7 +31,9 @@ class Spellings(nn.Module):
         lin = lin + x @ self.w.transpose(0, 1) + torch.addmm(self.b, x, self.w_in_out) + F.linear(x, weight=self.w)
         p = lin.softmax(-1) + F.softmax(lin, dim=-1)
         y = torch.ops.aten.convolution.default(img, self.conv, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1)
-        y = torch.batch_norm(y, None, None, self.mean, self.var, False, 0.1, 1e-5, False) + F.conv2d(img, self.conv, padding=1)
+        y = torch.batch_norm(y, None, None, self.mean, self.var, False, 0.1, 1e-5, False) + F.conv2d(
+            img, self.conv, padding=1
+        )
         return h.sum() + r.sum() + p.sum() + y.sum()
 
 
@@ -59,8 +62,17 @@ def test_spellings_become_canonical_with_the_same_values():
     assert targets.count(T.LINEAR) == 6  # five hand-written forms and F.linear with a keyword weight
     assert all(len(n.args) == 3 and not n.kwargs for n in nodes if n.target is T.LINEAR)
     assert targets.count(torch.add) == 1  # the alpha= call
-    for spelling in (torch.mul, torch.sub, torch.matmul, torch.addmm, F.relu, torch._C._nn.silu, F.softmax,
-                     torch.ops.aten.convolution.default, torch.batch_norm):
+    for spelling in (
+        torch.mul,
+        torch.sub,
+        torch.matmul,
+        torch.addmm,
+        F.relu,
+        torch._C._nn.silu,
+        F.softmax,
+        torch.ops.aten.convolution.default,
+        torch.batch_norm,
+    ):
         assert spelling not in targets, spelling
     assert targets.count(torch.conv2d) == 2 and T.BATCH_NORM in targets
     assert targets.count(T.SOFTMAX) == 2 and targets.count(T.RELU) == 2 and targets.count(T.SILU) == 2

@@ -1,4 +1,5 @@
 """Sibling linears (q/k/v, gate/up) fused into one packed matmul: bitwise the unfused graph."""
+
 import pytest
 import torch
 from torch import nn

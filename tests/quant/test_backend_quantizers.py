@@ -1,5 +1,6 @@
 """Quantizer objects as the backend's weight quantizer: compiled == eager, gradients
 reach the quantizer's parameters through the compiled graph, and an optimizer trains them."""
+
 import copy
 
 import pytest
@@ -98,10 +99,14 @@ def test_inference_with_a_custom_quantizer_and_weight_only():
     torch.manual_seed(0)
     model, quantizer = MLP(), Q.LogQuantizer(4)
     model.eval()
-    compiled = torch.compile(model, backend="bitnet", options={"weight": quantizer, "activation_bits": None, "strict": True})
+    compiled = torch.compile(
+        model, backend="bitnet", options={"weight": quantizer, "activation_bits": None, "strict": True}
+    )
     x = torch.randn(2, 3, 12)
     with torch.no_grad():
-        torch.testing.assert_close(compiled(x), eager_forward(model, quantizer, x, activation_bits=None), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(
+            compiled(x), eager_forward(model, quantizer, x, activation_bits=None), rtol=1e-5, atol=1e-6
+        )
 
 
 def test_config_accepts_quantizers_and_rejects_other_objects():

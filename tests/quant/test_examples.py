@@ -1,4 +1,5 @@
 """The image example scripts run end to end (tiny settings)."""
+
 import runpy
 import sys
 from pathlib import Path
@@ -23,13 +24,36 @@ def test_custom_conv(monkeypatch, capsys):
 
 def test_attention_with_heatmap(monkeypatch, capsys, tmp_path):
     png = tmp_path / "attn.png"
-    run_example(monkeypatch, "attention.py", "--train", "--epochs", "1", "--limit", "200", "--visualize-attention", "--out", str(png))
+    run_example(
+        monkeypatch,
+        "attention.py",
+        "--train",
+        "--epochs",
+        "1",
+        "--limit",
+        "200",
+        "--visualize-attention",
+        "--out",
+        str(png),
+    )
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "patch grid saved" in capsys.readouterr().out
 
 
 def test_custom_quant_through_the_backend(monkeypatch, capsys):
-    run_example(monkeypatch, "custom_quant.py", "--train", "--quantization-scheme", "lsq", "--bits", "4", "--epochs", "1", "--limit", "128")
+    run_example(
+        monkeypatch,
+        "custom_quant.py",
+        "--train",
+        "--quantization-scheme",
+        "lsq",
+        "--bits",
+        "4",
+        "--epochs",
+        "1",
+        "--limit",
+        "128",
+    )
     out = capsys.readouterr().out
     assert "lsq: test accuracy" in out and "quantizer parameter 0" in out
 

@@ -1,4 +1,5 @@
 """quantized_linear / quantized_conv2d / quantized_matmul against plain-torch references."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -49,7 +50,15 @@ def test_quantized_linear_with_a_ternary_tensor(data, k, n, per_channel):
     torch.testing.assert_close(Q.quantized_linear(x, asym), F.linear(x, asym.dequantize()), rtol=1e-6, atol=1e-6)
 
 
-@given(st.data(), st.integers(1, 3), st.integers(1, 4), st.sampled_from([1, 2]), st.sampled_from([0, 1]), st.booleans(), st.booleans())
+@given(
+    st.data(),
+    st.integers(1, 3),
+    st.integers(1, 4),
+    st.sampled_from([1, 2]),
+    st.sampled_from([0, 1]),
+    st.booleans(),
+    st.booleans(),
+)
 def test_quantized_conv2d(data, cin, cout, stride, padding, qw, qa):
     x = data.draw(tensors((2, cin, 5, 5))).requires_grad_()
     w = data.draw(tensors((cout, cin, 3, 3))).requires_grad_()

@@ -2,6 +2,7 @@
 
 The bitnet ops dispatch to the Triton kernels on CUDA; these check the eager and
 compiled paths built on them against the CPU reference."""
+
 import copy
 
 import pytest
@@ -55,6 +56,10 @@ def test_layers_cuda_match_cpu():
     x, img = torch.randn(2, 10, 64), torch.randn(2, 3, 8, 8)
     with torch.no_grad():
         cpu = (attn(x)[0], conv(img), lin(x))
-        gpu = (copy.deepcopy(attn).to(CUDA)(x.to(CUDA))[0], copy.deepcopy(conv).to(CUDA)(img.to(CUDA)), copy.deepcopy(lin).to(CUDA)(x.to(CUDA)))
+        gpu = (
+            copy.deepcopy(attn).to(CUDA)(x.to(CUDA))[0],
+            copy.deepcopy(conv).to(CUDA)(img.to(CUDA)),
+            copy.deepcopy(lin).to(CUDA)(x.to(CUDA)),
+        )
     for a, b in zip(gpu, cpu):
         torch.testing.assert_close(a.cpu(), b, rtol=1e-4, atol=1e-4)

@@ -1,4 +1,5 @@
 """Gradient estimators and advanced techniques (``bitcompile.quant.gradients``)."""
+
 import math
 
 import torch
@@ -63,9 +64,17 @@ def test_soft_hard_mode(data, shape, temperature):
 def test_gumbel_hard_outputs_are_trits_with_soft_gradient(data, shape, temperature):
     x = data.draw(tensors(shape, scale=1.0))
     seed = data.draw(st.integers(0, 1000))
-    hard, gx = grad_of(lambda t: Q.gumbel_softmax_quantize(t, temperature, hard=True, generator=torch.Generator().manual_seed(seed)), x, torch.ones(shape))
+    hard, gx = grad_of(
+        lambda t: Q.gumbel_softmax_quantize(t, temperature, hard=True, generator=torch.Generator().manual_seed(seed)),
+        x,
+        torch.ones(shape),
+    )
     assert set(hard.unique().tolist()) <= {-1.0, 0.0, 1.0}
-    soft, gs = grad_of(lambda t: Q.gumbel_softmax_quantize(t, temperature, hard=False, generator=torch.Generator().manual_seed(seed)), x, torch.ones(shape))
+    soft, gs = grad_of(
+        lambda t: Q.gumbel_softmax_quantize(t, temperature, hard=False, generator=torch.Generator().manual_seed(seed)),
+        x,
+        torch.ones(shape),
+    )
     assert bool((soft.abs() <= 1).all())
     assert torch.allclose(gx, gs)  # hard mode: soft gradient
     # The hard sample is the argmax of the same noisy probabilities: its sign agrees with a clear soft value.

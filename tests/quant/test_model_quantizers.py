@@ -1,4 +1,5 @@
 """The model-level linear swapper (``bitcompile.Quantizer``) and ``BitNetQuantizer``."""
+
 import pytest
 import torch
 from hypothesis import given
@@ -38,7 +39,12 @@ def test_quantizer_on_a_transformers_model_built_from_a_config():
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     config = transformers.LlamaConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2, vocab_size=64
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        vocab_size=64,
     )
     model = transformers.LlamaForCausalLM(config).eval()
     ids = torch.randint(0, 64, (1, 6))

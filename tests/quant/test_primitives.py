@@ -1,4 +1,5 @@
 """Properties of the quantization methods, dequantization and TernaryTensor."""
+
 import pytest
 import torch
 from hypothesis import given

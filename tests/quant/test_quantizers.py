@@ -1,4 +1,5 @@
 """The weight-quantizer protocol, the example quantizers and the custom schemes (eager)."""
+
 import math
 
 import pytest

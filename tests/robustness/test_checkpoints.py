@@ -1,5 +1,6 @@
 """Packed checkpoints: a failed load changes nothing and says what is wrong; what a load
 restores is the module's own state (copies, cache clears and grad-enabled eval keep it)."""
+
 import copy
 import json
 
@@ -53,19 +54,27 @@ def code_three(t):
 
 CORRUPTIONS = {
     "a later layer's codes are invalid": (dict(edit_tensors=code_three), "fc2.*invalid code 3"),
-    "a scale of the wrong shape": (dict(edit_tensors=lambda t: t.update({"fc2.weight_scale": torch.ones(2)})),
-                                   "fc2.*weight_scale"),
-    "a scale that is not finite": (dict(edit_tensors=lambda t: t["fc2.weight_scale"].fill_(float("nan"))),
-                                   "fc2.*finite"),
-    "packed codes of the wrong dtype": (dict(edit_tensors=lambda t: t.update(
-        {"fc2.weight_packed": t["fc2.weight_packed"].to(torch.int16)})), "fc2.*weight_packed"),
+    "a scale of the wrong shape": (
+        dict(edit_tensors=lambda t: t.update({"fc2.weight_scale": torch.ones(2)})),
+        "fc2.*weight_scale",
+    ),
+    "a scale that is not finite": (
+        dict(edit_tensors=lambda t: t["fc2.weight_scale"].fill_(float("nan"))),
+        "fc2.*finite",
+    ),
+    "packed codes of the wrong dtype": (
+        dict(edit_tensors=lambda t: t.update({"fc2.weight_packed": t["fc2.weight_packed"].to(torch.int16)})),
+        "fc2.*weight_packed",
+    ),
     "a missing packed tensor": (dict(edit_tensors=lambda t: t.pop("fc2.weight_scale")), "fc2.*missing"),
     "an unknown scheme": (dict(edit_layers=lambda meta: meta["fc2"].update(scheme="quaternary")), "unknown scheme"),
     "a layer the model lacks": (dict(edit_layers=lambda meta: meta.update(fc9=meta["fc2"])), "fc9.*no such"),
     "a wrong in_features": (dict(edit_layers=lambda meta: meta["fc2"].update(k=17)), "does not match"),
     "an unexpected tensor": (dict(edit_tensors=lambda t: t.update({"extra": torch.zeros(1)})), "unexpected"),
-    "another tensor of the wrong shape": (dict(edit_tensors=lambda t: t.update(
-        {"lm_head.weight": torch.zeros(5, 15)})), "lm_head.weight"),
+    "another tensor of the wrong shape": (
+        dict(edit_tensors=lambda t: t.update({"lm_head.weight": torch.zeros(5, 15)})),
+        "lm_head.weight",
+    ),
 }
 
 
@@ -113,9 +122,13 @@ def test_files_saved_from_a_compiled_wrapper_load_into_the_plain_model(tmp_path)
     assert all(not k.startswith("_orig_mod.") for k in load_file(path))
     # A file written with wrapper prefixes (as older versions did) loads too.
     prefixed = tmp_path / "prefixed.safetensors"
-    rewrite(path, tmp_path, edit_tensors=lambda t: [t.update({f"_orig_mod.{k}": t.pop(k)}) for k in list(t)],
-            edit_layers=lambda meta: [meta.update({f"_orig_mod.{k}": meta.pop(k)}) for k in list(meta)],
-            name="prefixed.safetensors")
+    rewrite(
+        path,
+        tmp_path,
+        edit_tensors=lambda t: [t.update({f"_orig_mod.{k}": t.pop(k)}) for k in list(t)],
+        edit_layers=lambda meta: [meta.update({f"_orig_mod.{k}": meta.pop(k)}) for k in list(meta)],
+        name="prefixed.safetensors",
+    )
     for file in (path, prefixed):
         fresh = MLP(d_in=10)
         bitcompile.load_packed(torch.compile(fresh, backend="bitnet"), file, deploy=True)

@@ -1,5 +1,6 @@
 """Graphs the backend used to give up on or leave in float: shared weights, activation
 checkpointing, autocast. Each compiled model equals its eager twin and reports every layer."""
+
 import warnings
 
 import pytest
@@ -9,8 +10,8 @@ from torch.utils.checkpoint import checkpoint
 
 import bitcompile
 from bitcompile.backend import BitcompileFallbackWarning
-from bitcompile.numerics import reference as ref
 from bitcompile.nn import reference_model
+from bitcompile.numerics import reference as ref
 from tests.helpers import EXACT
 
 
@@ -104,8 +105,7 @@ def test_integer_accumulation_stays_exact_under_autocast():
 @pytest.mark.parametrize("grad", [False, True])
 def test_output_dtype_follows_autocast_in_both_grad_modes(grad):
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8), nn.Unflatten(1, (2, 4)),
-                          nn.Conv1d(2, 3, 3))
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8), nn.Unflatten(1, (2, 4)), nn.Conv1d(2, 3, 3))
     twin = reference_model(model, exclude=[])
     x = torch.randn(4, 64, requires_grad=grad)
     with torch.autocast("cpu", dtype=torch.bfloat16), torch.set_grad_enabled(grad):

@@ -4,6 +4,7 @@ Each test covers one kind of bad input: values that are not trits, malformed tra
 tensors, non-bool options, empty layers, empty tensors through every quantizer, and out-of-range
 quantizer hyperparameters (including learnable ones that training moves to or through zero).
 """
+
 import dataclasses
 import math
 
@@ -257,8 +258,7 @@ def test_hyperparameters_out_of_range_are_errors_naming_them(call, name):
 def test_learnable_steps_and_scales_through_zero_keep_gradients_finite():
     w = torch.randn(6, 8, requires_grad=True)
     for value in (0.0, -0.05):  # where an optimizer step may take a step size or scale
-        learnable = [(Q.LSQQuantizer(4), "step"), (Q.SoftQuantizer(), "scale"),
-                     (Q.LayerAdaptiveQuantizer(1), "scales")]
+        learnable = [(Q.LSQQuantizer(4), "step"), (Q.SoftQuantizer(), "scale"), (Q.LayerAdaptiveQuantizer(1), "scales")]
         for q, name in learnable:
             with torch.no_grad():
                 getattr(q, name).fill_(value)

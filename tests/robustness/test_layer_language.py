@@ -5,6 +5,7 @@ compile`` (which then writes nothing), and must not create the sentinel file it 
 does get through, the test runs what it produced the way a user would (construct the layer, call it;
 import the written module), so a regression shows up as the sentinel file, not only as a missing error.
 """
+
 import importlib.util
 import itertools
 import re
@@ -154,14 +155,28 @@ def test_file_name_cannot_break_out_of_generated_code(tmp_path, monkeypatch, cap
         (forward_with("let y = x", args="x, x"), 5, "duplicate argument 'x'"),
         (forward_with("let y = x", args="x, in"), 5, "argument name 'in' is a Python keyword"),
         ("layer L {\n forward(x) {\n return x\n }\n method __init__() {\n return 1\n }\n}\n", 5, "may not start"),
-        ("layer L {\n param parameters: Tensor {\n shape: [2]\n }\n forward(x) {\n return x\n }\n}\n", 2,
-         "would shadow nn.Module.parameters"),
-        ("layer L {\n forward(x) {\n return x\n }\n method forward() {\n return 1\n }\n}\n", 5,
-         "would shadow nn.Module.forward"),
-        ("layer L {\n param w: Tensor {\n shape: [2]\n }\n buffer w: Tensor {\n shape: [2]\n }\n forward(x) {\n"
-         " return x\n }\n}\n", 5, "'w' is already defined on line 2"),
-        ("layer L {\n params {\n n: int = 1\n }\n param __dict__: Tensor {\n shape: [n]\n }\n forward(x) {\n"
-         " return x\n }\n}\n", 5, "may not start with '_'"),
+        (
+            "layer L {\n param parameters: Tensor {\n shape: [2]\n }\n forward(x) {\n return x\n }\n}\n",
+            2,
+            "would shadow nn.Module.parameters",
+        ),
+        (
+            "layer L {\n forward(x) {\n return x\n }\n method forward() {\n return 1\n }\n}\n",
+            5,
+            "would shadow nn.Module.forward",
+        ),
+        (
+            "layer L {\n param w: Tensor {\n shape: [2]\n }\n buffer w: Tensor {\n shape: [2]\n }\n forward(x) {\n"
+            " return x\n }\n}\n",
+            5,
+            "'w' is already defined on line 2",
+        ),
+        (
+            "layer L {\n params {\n n: int = 1\n }\n param __dict__: Tensor {\n shape: [n]\n }\n forward(x) {\n"
+            " return x\n }\n}\n",
+            5,
+            "may not start with '_'",
+        ),
         (forward_with("let y = x", params="nä: int = 1"), 3, "is not an identifier"),
     ],
 )
@@ -196,15 +211,27 @@ def test_statements_are_strict(statement, message, tmp_path, capsys):
         (forward_with("let y = x").replace("    }\n}", "    } trailing\n}"), 8, "unexpected text after"),
         (forward_with("let y = x") + "}\n", 10, "unbalanced '}'"),
         (forward_with("let y = x") + "junk\n", 10, "expected 'layer Name {'"),
-        (forward_with("if n > 1 {\n return x\n } else {\n return -x\n } else {\n return x\n }"), 10,
-         "'else' without 'if'"),
+        (
+            forward_with("if n > 1 {\n return x\n } else {\n return -x\n } else {\n return x\n }"),
+            10,
+            "'else' without 'if'",
+        ),
         (forward_with("let y = x").replace("return x\n    }", "return x\n    } else {"), 8, "'else' without 'if'"),
-        ("layer L {\n param w: Tensor {\n shape: [2]\n trainable: yes\n }\n forward(x) {\n return x\n }\n}\n", 4,
-         "trainable: must be true or false"),
-        ("layer L {\n buffer b: Tensor {\n shape: [2]\n init: \"ones\"\n }\n forward(x) {\n return x\n }\n}\n", 4,
-         "expected one of shape:, value: in b"),
-        ("layer L {\n param w: Tensor {\n shape: [2]\n shape: [3]\n }\n forward(x) {\n return x\n }\n}\n", 4,
-         "shape: is already given on line 3"),
+        (
+            "layer L {\n param w: Tensor {\n shape: [2]\n trainable: yes\n }\n forward(x) {\n return x\n }\n}\n",
+            4,
+            "trainable: must be true or false",
+        ),
+        (
+            'layer L {\n buffer b: Tensor {\n shape: [2]\n init: "ones"\n }\n forward(x) {\n return x\n }\n}\n',
+            4,
+            "expected one of shape:, value: in b",
+        ),
+        (
+            "layer L {\n param w: Tensor {\n shape: [2]\n shape: [3]\n }\n forward(x) {\n return x\n }\n}\n",
+            4,
+            "shape: is already given on line 3",
+        ),
         ("layer L {\n forward(x) -> list[int] {\n return x\n }\n}\n", 2, "expected params, param, buffer"),
         ("layer L {\n forward(x) -> Widget {\n return x\n }\n}\n", 2, "unknown return type 'Widget'"),
     ],
@@ -230,8 +257,11 @@ def _nested_ifs(depth: int) -> str:
         (forward_with("return " + "(" * 150 + "x" + ")" * 150), ATTACK_LINE, "MAX_NESTING_DEPTH"),
         (forward_with("return " + "x if true else " * 600 + "x"), ATTACK_LINE, "MAX_NESTING_DEPTH"),
         (forward_with("return '''a'b''' + " + "-" * 5000 + "x"), ATTACK_LINE, "MAX_NESTING_DEPTH"),
-        (forward_with("let y = [" * 120 + "]" * 120, params="n: list = " + "[" * 120 + "]" * 120), 3,
-         "MAX_NESTING_DEPTH"),
+        (
+            forward_with("let y = [" * 120 + "]" * 120, params="n: list = " + "[" * 120 + "]" * 120),
+            3,
+            "MAX_NESTING_DEPTH",
+        ),
         (forward_with(_nested_ifs(10_000)), ATTACK_LINE + MAX_NESTING_DEPTH - 1, "MAX_NESTING_DEPTH"),
         (forward_with("return " + "x + 1 + " * 3000 + "x"), ATTACK_LINE, "MAX_EXPRESSION_CHARS"),
         (forward_with("return " + "-" * 10_000 + "x"), ATTACK_LINE, "MAX_EXPRESSION_CHARS"),
@@ -240,9 +270,25 @@ def _nested_ifs(depth: int) -> str:
         (forward_with("let y = x * 0x" + "f" * 5000), ATTACK_LINE, "MAX_INT_BITS"),
         (forward_with("return x", params="n: int = 0x" + "f" * 5000), 3, "MAX_INT_BITS"),
     ],
-    ids=["unary-minus", "not", "power", "plus", "attributes", "calls", "parentheses", "conditional",
-         "triple-quoted", "list-default", "if-blocks", "expression-size", "unary-minus-10k", "source-10MB",
-         "source-lines", "int-literal", "int-default"],  # fmt: skip
+    ids=[
+        "unary-minus",
+        "not",
+        "power",
+        "plus",
+        "attributes",
+        "calls",
+        "parentheses",
+        "conditional",
+        "triple-quoted",
+        "list-default",
+        "if-blocks",
+        "expression-size",
+        "unary-minus-10k",
+        "source-10MB",
+        "source-lines",
+        "int-literal",
+        "int-default",
+    ],  # fmt: skip
 )
 def test_depth_and_size_are_bounded(text, line, message, tmp_path, capsys):
     assert_rejected(text, line, message, tmp_path, capsys)
@@ -270,11 +316,12 @@ VALID = [
     "if n > 1 {\nlet y = x\n} else {\nlet y = -x\n}",
 ]  # fmt: skip
 ATTACKS = [
-    f"let y = torch.save(x, {SENTINEL!r})", f"let y = open({SENTINEL!r}, 'w')", f"x = '{{0.__init__}}'.format(x)",
+    f"let y = torch.save(x, {SENTINEL!r})", f"let y = open({SENTINEL!r}, 'w')", "x = '{0.__init__}'.format(x)",
     f"let y = __import__('os').system('touch ' + {SENTINEL!r})",
 ]  # fmt: skip
 DEFAULT_ATTACKS = [
-    f"k: int = torch.save(torch.ones(1), {SENTINEL!r})", f"method h(y = open({SENTINEL!r}, 'w')) {{\nreturn y\n}}",
+    f"k: int = torch.save(torch.ones(1), {SENTINEL!r})",
+    f"method h(y = open({SENTINEL!r}, 'w')) {{\nreturn y\n}}",
 ]
 
 
@@ -294,7 +341,7 @@ def layer_sources(draw) -> str:
     """A layer skeleton around random parameter, tensor, statement and member lines, so most examples reach
     the forward body (and some load)."""
     params = draw(lines(2, ["m: float = 0.5", "k: int", "s: str = 'a'"], 4, DEFAULT_ATTACKS))
-    spec = draw(lines(2, ["init: \"zeros\"", "trainable: false", "value: 1.0"], 4))
+    spec = draw(lines(2, ['init: "zeros"', "trainable: false", "value: 1.0"], 4))
     body = draw(lines(8, VALID, 2, ATTACKS))
     tail = draw(lines(1, ["method g() {\nreturn 1\n}", "buffer b: Tensor {\nshape: [n]\n}", "}"], 2, DEFAULT_ATTACKS))
     text = "\n".join([

@@ -1,6 +1,7 @@
 """Every bitnet op's fake (traced) outputs agree with its real outputs for any input layout:
 transposed, sliced and channels-last inputs, not only contiguous ones. A disagreement fails a
 compiled graph's stride check (a conv front end, a transpose, then LayerNorm and linears)."""
+
 import pytest
 import torch
 import torch.nn.functional as F

@@ -1,5 +1,6 @@
 """``reference_model`` is a faithful oracle: it keeps in float exactly the layers the backend skips,
 for the same reasons, and quantizes the rest; a compiled model matches its twin."""
+
 import pytest
 import torch
 from torch import nn
