@@ -14,6 +14,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 import torch.fx as fx
 from torch._inductor.custom_graph_pass import CustomGraphPass
+from torch._subclasses.fake_tensor import FakeTensor, unset_fake_temporarily
 
 from bitcompile.config import BitConfig
 from bitcompile.passes.manager import source_hash
@@ -106,7 +107,7 @@ def _compile(gm: fx.GraphModule, example_inputs: list, ctx) -> Callable:
     # guard on them (a view or split of a projection's output) breaks guard building.
     fake_mode = torch._guards.detect_fake_mode()
     for h in hoisted:
-        packed = WEIGHT_CACHE.get(example_inputs[h.arg_index], h.scheme, h.per_channel, h.layout, h.view)
+        packed = _packed(WEIGHT_CACHE, example_inputs[h.arg_index], h)
         example_inputs.extend(fake_mode.from_tensor(t, static_shapes=True) if fake_mode is not None else t for t in packed)
     if "dynamo_compile_id" in gm.meta:
         _mark_added_inputs(gm, hoisted)
@@ -126,10 +127,22 @@ def _compile(gm: fx.GraphModule, example_inputs: list, ctx) -> Callable:
 
     def run_with_packed_weights(*args):
         extra = [t for fetch in runtime_inputs for t in fetch()]
-        packed = [t for h in hoisted for t in WEIGHT_CACHE.get(args[h.arg_index], h.scheme, h.per_channel, h.layout, h.view)]
+        packed = [t for h in hoisted for t in _packed(WEIGHT_CACHE, args[h.arg_index], h)]
         return compiled(*args, *extra, *packed)
 
     return run_with_packed_weights
+
+
+def _packed(cache, weight: torch.Tensor, h) -> tuple[torch.Tensor, ...]:
+    """The cached packed weights of a hoisted weight. Dynamo's DDP optimizer compiles each piece of
+    a split graph on fake inputs and runs the compiled piece on them to propagate shapes: a fake
+    weight gets the packing of a zero stand-in of its shape, as fakes of its mode (metadata only)."""
+    if not isinstance(weight, FakeTensor):
+        return cache.get(weight, h.scheme, h.per_channel, h.layout, h.view)
+    with unset_fake_temporarily():
+        stand_in = torch.zeros(weight.shape, dtype=weight.dtype, device=weight.device)
+        packed = cache.get(stand_in, h.scheme, h.per_channel, h.layout, h.view)
+    return tuple(weight.fake_mode.from_tensor(t, static_shapes=True) for t in packed)
 
 
 class _SourceKey(CustomGraphPass):
