@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import re
 import weakref
 from dataclasses import dataclass, field
@@ -161,7 +162,7 @@ class Report:
             w = getattr(_layer(model, "" if c.module == "(root)" else c.module), "weight", None)
             if not isinstance(w, torch.Tensor):
                 raise ValueError(f"layer {c.module!r} has no .weight tensor to measure")
-            rows, cols = w.shape[0], w[0].numel()
+            rows, cols = w.shape[0], math.prod(w.shape[1:])  # shape only: no collective on a sharded DTensor
             packed = rows * ((cols * c.weight_bits + 7) // 8) + 4 * rows
             deployed += packed - w.numel() * w.element_size()
         return WeightMemory(full, deployed)
