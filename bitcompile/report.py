@@ -5,10 +5,12 @@ recompiles (training and eval, new shapes), ``generate``'s prefill and decode st
 Dynamo's DDP optimizer splits a model into, the graphs around a graph break. Its :class:`Report`
 accumulates all of them.
 """
+
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import re
 import weakref
 from dataclasses import dataclass, field
@@ -93,8 +95,10 @@ class WeightMemory(NamedTuple):
         return self.full_bytes / self.deployed_bytes if self.deployed_bytes else float("inf")
 
     def __str__(self) -> str:
-        return (f"weights: {format_bytes(self.full_bytes)} float -> {format_bytes(self.deployed_bytes)} deployed "
-                f"({self.ratio:.1f}x smaller)")
+        return (
+            f"weights: {format_bytes(self.full_bytes)} float -> {format_bytes(self.deployed_bytes)} deployed "
+            f"({self.ratio:.1f}x smaller)"
+        )
 
 
 def format_bytes(n: int) -> str:
@@ -161,7 +165,7 @@ class Report:
             w = getattr(_layer(model, "" if c.module == "(root)" else c.module), "weight", None)
             if not isinstance(w, torch.Tensor):
                 raise ValueError(f"layer {c.module!r} has no .weight tensor to measure")
-            rows, cols = w.shape[0], w[0].numel()
+            rows, cols = w.shape[0], math.prod(w.shape[1:])  # shape only: no collective on a sharded DTensor
             packed = rows * ((cols * c.weight_bits + 7) // 8) + 4 * rows
             deployed += packed - w.numel() * w.element_size()
         return WeightMemory(full, deployed)
@@ -187,8 +191,10 @@ class Report:
         if self.graphs > 1:
             lines += [""] + _table(
                 [("graph", "kind", "rewritten", "skipped")]
-                + [(str(g.index), g.kind + (" (fallback)" if g.fallback else ""), str(g.rewritten), str(g.skipped))
-                   for g in self.per_graph]
+                + [
+                    (str(g.index), g.kind + (" (fallback)" if g.fallback else ""), str(g.rewritten), str(g.skipped))
+                    for g in self.per_graph
+                ]
             )
         rows = [("graphs", "op", "module", "shape", "dtype", "status", "note")]
         for layer in layers:
@@ -218,8 +224,9 @@ def _layer(model, path: str):
                 return root.get_submodule(path)
             except AttributeError:
                 pass
-    raise ValueError(f"the report's layer {path!r} is not in {type(model).__name__}: "
-                     "is it the model the report is about?")
+    raise ValueError(
+        f"the report's layer {path!r} is not in {type(model).__name__}: is it the model the report is about?"
+    )
 
 
 def _table(rows: list[tuple]) -> list[str]:
@@ -300,10 +307,15 @@ def publish(graph_report: Report, into: Optional[Report] = None, training: bool 
         index = report.graphs
         report.graphs += 1
         rewritten = sum(c.rewritten for c in graph_report.candidates)
-        report.per_graph.append(GraphSummary(
-            index, "training" if training else "inference", rewritten, len(graph_report.candidates) - rewritten,
-            fallback=bool(graph_report.fallbacks),
-        ))
+        report.per_graph.append(
+            GraphSummary(
+                index,
+                "training" if training else "inference",
+                rewritten,
+                len(graph_report.candidates) - rewritten,
+                fallback=bool(graph_report.fallbacks),
+            )
+        )
         report.candidates.extend(dataclasses.replace(c, graph=index) for c in graph_report.candidates)
         report.fallbacks.extend(graph_report.fallbacks)
     LAST = into

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
+from torch._subclasses.fake_tensor import FakeTensor, unset_fake_temporarily
+
 from bitcompile.config import BitConfig
 from bitcompile.report import Report
 
@@ -23,12 +26,25 @@ class HoistedWeight:
     members: tuple[int, ...] = ()  # sibling linears fused into one matmul: their weights' positions
 
     def fetch(self, inputs) -> tuple:
-        """``(packed, scale)`` for this call's graph inputs, from the weight cache."""
+        """``(packed, scale)`` for this call's graph inputs, from the weight cache.
+
+        Dynamo's DDP optimizer compiles each piece of a split graph and runs it on fake inputs to
+        propagate shapes: fake weights get the packing of zero stand-ins of their shapes, as fakes
+        of their mode (metadata only; a fake has no data to pack)."""
+        weights = [inputs[i] for i in self.members] if self.members else [inputs[self.arg_index]]
+        fake = next((w for w in weights if isinstance(w, FakeTensor)), None)
+        if fake is None:
+            return self._packed(weights)
+        with unset_fake_temporarily():
+            packed = self._packed([torch.zeros(w.shape, dtype=w.dtype, device=w.device) for w in weights])
+        return tuple(fake.fake_mode.from_tensor(t, static_shapes=True) for t in packed)
+
+    def _packed(self, weights: list) -> tuple:
         from bitcompile.ops import WEIGHT_CACHE
 
         if self.members:
-            return WEIGHT_CACHE.get_group([inputs[i] for i in self.members], self.scheme, self.per_channel, self.layout)
-        return WEIGHT_CACHE.get(inputs[self.arg_index], self.scheme, self.per_channel, self.layout, self.view)
+            return WEIGHT_CACHE.get_group(weights, self.scheme, self.per_channel, self.layout)
+        return WEIGHT_CACHE.get(weights[0], self.scheme, self.per_channel, self.layout, self.view)
 
 
 @dataclass
