@@ -29,7 +29,6 @@ import contextlib
 import copy
 import gc
 import json
-import time
 
 import torch
 import torch.nn.functional as F
@@ -95,14 +94,6 @@ def reset_peak() -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
-def seconds(fn) -> tuple[float, object]:
-    timing.sync()
-    start = time.perf_counter()
-    out = fn()
-    timing.sync()
-    return time.perf_counter() - start, out
-
-
 def quantized_bytes(model: nn.Module) -> int:
     """Bytes of the weights of the layers the backend quantizes (linears but lm_head)."""
     total = 0
@@ -148,10 +139,10 @@ def decode_side(model, label: str, args, rows: list, prompt_len: int, short: int
             generator=torch.Generator(timing.DEVICE).manual_seed(batch),
         )
         reset_peak()
-        first, result = seconds(lambda: generate(model, prompts, short))
-        t_short = min(seconds(lambda: generate(model, prompts, short))[0] for _ in range(args.repeat))
+        first, result = timing.timed(lambda: generate(model, prompts, short))
+        t_short = min(timing.timed(lambda: generate(model, prompts, short))[0] for _ in range(args.repeat))
         t_long, result = min(
-            (seconds(lambda: generate(model, prompts, long)) for _ in range(args.repeat)), key=lambda r: r[0]
+            (timing.timed(lambda: generate(model, prompts, long)) for _ in range(args.repeat)), key=lambda r: r[0]
         )
         tokens_per_s = batch * (long - short) / (t_long - t_short)
         emit(
@@ -250,8 +241,8 @@ def prefill(model, label: str, backend: str, args, rows: list) -> None:
         return forward(x, use_cache=False).logits
 
     with torch.no_grad():
-        first, _ = seconds(run)
-        times = sorted(seconds(run)[0] for _ in range(max(args.repeat, 5)))
+        first, _ = timing.timed(run)
+        times = sorted(timing.timed(run)[0] for _ in range(max(args.repeat, 5)))
     emit(
         rows,
         args,
@@ -388,10 +379,10 @@ def qat_step(shapes: dict, recipe: str, variant: str, tokens: int, seq: int, rep
         opt.zero_grad(set_to_none=True)
 
     reset_peak()
-    first, _ = seconds(step)
+    first, _ = timing.timed(step)
     for _ in range(2):
         step()
-    times = sorted(seconds(step)[0] for _ in range(repeat + 2))
+    times = sorted(timing.timed(step)[0] for _ in range(repeat + 2))
     return 1e3 * times[len(times) // 2], first, peak_gib()
 
 

@@ -8,7 +8,8 @@ On CUDA a time is the median, in microseconds, of repeated CUDA-event intervals:
   or a compiled graph) or launched from Python each time;
 - ``cold_l2_us``: the tuner's own timer (``tuning.gpu_microseconds``: L2 flushed before each launch, host
   launch time excluded), to rank launch configurations as the tuner ranks them;
-- ``host_us`` / ``wall_us``: host time per call, and wall time per call including the GPU's work.
+- ``host_us`` / ``wall_us``: host time per call, and wall time per call including the GPU's work;
+- ``timed``: the wall time of one whole step (a training step, a ``generate``, a compiling first call).
 
 ``copy_bandwidth`` and ``read_floor_us`` measure what reading memory costs in this harness.
 
@@ -134,6 +135,16 @@ def wall_us(fn: Callable[[], None], calls: int) -> float:
         fn()
     sync()
     return (time.perf_counter() - start) / calls * 1e6
+
+
+def timed(fn: Callable[[], object]) -> tuple[float, object]:
+    """``(seconds, fn())`` of one call, until the GPU has finished it: a whole step (a training
+    step, a generate call, a first call that compiles)."""
+    sync()
+    start = time.perf_counter()
+    out = fn()
+    sync()
+    return time.perf_counter() - start, out
 
 
 def tb_per_s(nbytes: float, us: float) -> float:
