@@ -1,6 +1,7 @@
 """QAT through the backend under mixed precision learns as well as float training: a byte-level
 language model on text that ships with Python, a few hundred steps, validation loss within 10%
 of the same model trained without quantization under the same recipe."""
+
 import inspect
 import json
 
