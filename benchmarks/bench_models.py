@@ -8,8 +8,8 @@ Every row compiles both sides the same way in this process and reports their rat
   128256; ``--layers``, 16 by default; random init, bf16), greedy ``generate`` with a static cache,
   the forward compiled with CUDA graphs (``mode="reduce-overhead"``) on both sides: bf16 Inductor,
   and the model after ``bitcompile.deploy`` (packed weights only) compiled with ``backend="bitnet"``.
-  Tokens/s from the difference of two generate lengths (prefill and setup cancel), at batch 1 and 8;
-  the first generate's wall time (compile + graph capture); peak GPU memory; the 32 decode steps'
+  Tokens/s from the difference of two generate lengths (prefill and setup cancel), at batch 1 and 8
+  (``--batches``); the first generate's wall time (compile + graph capture); peak GPU memory; the 32 decode steps'
   logits against the eager reference twin's on the same tokens.
 - prefill: the same models' forward over a 2048-token prompt (CUDA graphs).
 - layers: a stack of independent compiled ``nn.Linear`` layers (each its own input), per layer.
@@ -130,7 +130,7 @@ def compile_decode(model, backend: str) -> None:
 def decode_side(model, label: str, args, rows: list, prompt_len: int, short: int, long: int) -> dict:
     """First-call wall time, tokens/s at batch 1 and 8, peak memory, and batch 1's logits."""
     out = {}
-    for batch in (1, 8):
+    for batch in args.batches:
         prompts = torch.randint(
             1,
             model.config.vocab_size,
@@ -182,7 +182,7 @@ def bench_decode_and_prefill(args, rows: list) -> None:
     compile_decode(deployed, "bitnet")
     if "decode" in parts:
         bitnet = decode_side(deployed, "bitnet (deployed)", args, rows, prompt_len, short, long)
-        for batch in (1, 8):
+        for batch in args.batches:
             emit(
                 rows,
                 args,
@@ -202,7 +202,7 @@ def bench_decode_and_prefill(args, rows: list) -> None:
             quantized_layers_bitnet_gib=round(quantized_bytes(deployed) / 2**30, 3),
             fraction=round(quantized_bytes(deployed) / float_bytes, 4),
         )
-        check_logits(twin, bitnet[1]["result"], prompt_len, args, rows)
+        check_logits(twin, bitnet[args.batches[0]]["result"], prompt_len, args, rows)
     del twin
     if "prefill" in parts:
         prefill(deployed, "bitnet (deployed)", "bitnet", args, rows)
@@ -410,6 +410,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--part", default="decode,prefill,layers,qat", type=lambda s: s.split(","))
     parser.add_argument("--layers", type=int, default=16, help="decoder layers of the Llama-3-8B-shaped model")
+    parser.add_argument(
+        "--batches", type=lambda s: [int(v) for v in s.split(",")], default=[1, 8], help="decode batch sizes"
+    )
     parser.add_argument("--qat-sizes", type=lambda s: [int(v) for v in s.split(",")], default=[384, 2048, 4096])
     parser.add_argument("--recipes", type=lambda s: s.split(","), default=list(RECIPES))
     parser.add_argument(
