@@ -9,8 +9,10 @@ Every row compiles both sides the same way in this process and reports their rat
   the forward compiled with CUDA graphs (``mode="reduce-overhead"``) on both sides: bf16 Inductor,
   and the model after ``bitcompile.deploy`` (packed weights only) compiled with ``backend="bitnet"``.
   Tokens/s from the difference of two generate lengths (prefill and setup cancel), at batch 1 and 8
-  (``--batches``); the first generate's wall time (compile + graph capture); peak GPU memory; the 32 decode steps'
-  logits against the eager reference twin's on the same tokens.
+  (``--batches``); the first generate's wall time (compile + graph capture); the side's peak GPU memory
+  (its model's state plus what decoding allocates); the first 32 decode steps' logits against an eager
+  forward over the same tokens: the bf16 model's for bf16 (the noise compiling alone brings), the
+  reference twin's for bitnet.
 - prefill: the same models' forward over a 2048-token prompt (CUDA graphs).
 - layers: a stack of independent compiled ``nn.Linear`` layers (each its own input), per layer.
 - qat: a full training step (forward, backward, fused AdamW) of Llama-shaped models with 8192 tokens,
@@ -87,6 +89,10 @@ def peak_gib() -> float:
     return torch.cuda.max_memory_allocated() / 2**30 if timing.CUDA else 0.0
 
 
+def state_bytes(model: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+
+
 def reset_peak() -> None:
     gc.collect()
     if timing.CUDA:
@@ -139,12 +145,17 @@ def decode_side(model, label: str, args, rows: list, prompt_len: int, short: int
             generator=torch.Generator(timing.DEVICE).manual_seed(batch),
         )
         reset_peak()
+        # What this side needs: its model's state plus the most allocated above what was allocated
+        # when it began (the other side's model, which CUDA-graph trees keep alive, and the
+        # reference twin excluded).
+        start = torch.cuda.memory_allocated() if timing.CUDA else 0
         first, result = timing.timed(lambda: generate(model, prompts, short))
         t_short = min(timing.timed(lambda: generate(model, prompts, short))[0] for _ in range(args.repeat))
         t_long, result = min(
             (timing.timed(lambda: generate(model, prompts, long)) for _ in range(args.repeat)), key=lambda r: r[0]
         )
         tokens_per_s = batch * (long - short) / (t_long - t_short)
+        peak = peak_gib() - start / 2**30 + state_bytes(model) / 2**30
         emit(
             rows,
             args,
@@ -153,9 +164,9 @@ def decode_side(model, label: str, args, rows: list, prompt_len: int, short: int
             batch=batch,
             tokens_per_s=round(tokens_per_s, 1),
             first_generate_s=round(first, 1),
-            peak_gib=round(peak_gib(), 2),
+            peak_gib=round(peak, 2),
         )
-        out[batch] = dict(tokens_per_s=tokens_per_s, first=first, peak=peak_gib(), result=result)
+        out[batch] = dict(tokens_per_s=tokens_per_s, first=first, peak=peak, result=result)
     return out
 
 
@@ -169,7 +180,11 @@ def bench_decode_and_prefill(args, rows: list) -> None:
     parts = set(args.part)
 
     compile_decode(model, "inductor")
-    bf16 = decode_side(model, "bf16 Inductor", args, rows, prompt_len, short, long) if "decode" in parts else {}
+    bf16 = {}
+    if "decode" in parts:
+        bf16 = decode_side(model, "bf16 Inductor", args, rows, prompt_len, short, long)
+        # The same check against the same model run eagerly: the noise compiling alone brings.
+        check_logits(model, bf16[args.batches[0]]["result"], prompt_len, "bf16 Inductor", args, rows)
     if "prefill" in parts:
         prefill(model, "bf16 Inductor", "inductor", args, rows)
     torch._dynamo.reset()
@@ -202,7 +217,7 @@ def bench_decode_and_prefill(args, rows: list) -> None:
             quantized_layers_bitnet_gib=round(quantized_bytes(deployed) / 2**30, 3),
             fraction=round(quantized_bytes(deployed) / float_bytes, 4),
         )
-        check_logits(twin, bitnet[args.batches[0]]["result"], prompt_len, args, rows)
+        check_logits(twin, bitnet[args.batches[0]]["result"], prompt_len, "bitnet (deployed)", args, rows)
     del twin
     if "prefill" in parts:
         prefill(deployed, "bitnet (deployed)", "bitnet", args, rows)
@@ -211,11 +226,11 @@ def bench_decode_and_prefill(args, rows: list) -> None:
     reset_peak()
 
 
-def check_logits(twin, result, prompt_len: int, args, rows: list) -> None:
-    """Each decode step's logits against the twin's over the same tokens (one eager forward)."""
+def check_logits(reference, result, prompt_len: int, label: str, args, rows: list) -> None:
+    """Each decode step's logits against ``reference``'s over the same tokens (one eager forward)."""
     sequence = result.sequences
     with torch.no_grad():
-        want = twin(sequence[:, :-1]).logits[:, prompt_len - 1 :].float()
+        want = reference(sequence[:, :-1]).logits[:, prompt_len - 1 :].float()
     got = torch.stack(result.logits, dim=1).float()
     want, got = want[:, :32], got[:, :32]  # the first 32 decode steps
     scale = want.abs().amax()
@@ -225,6 +240,7 @@ def check_logits(twin, result, prompt_len: int, args, rows: list) -> None:
         rows,
         args,
         part="decode logits",
+        side=label,
         steps=len(step_error),
         max_rel_error=round(max(step_error), 5),
         mean_rel_error=round(sum(step_error) / len(step_error), 5),
