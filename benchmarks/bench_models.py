@@ -9,7 +9,8 @@ Every row compiles both sides the same way in this process and reports their rat
   the forward compiled with CUDA graphs (``mode="reduce-overhead"``) on both sides: bf16 Inductor,
   and the model after ``bitcompile.deploy`` (packed weights only) compiled with ``backend="bitnet"``.
   Tokens/s from the difference of two generate lengths (prefill and setup cancel), at batch 1 and 8
-  (``--batches``); the first generate's wall time (compile + graph capture); the side's peak GPU memory
+  (``--batches``), and the compiled decode step's time alone (a plain loop, no ``generate`` around
+  it); the first generate's wall time (compile + graph capture); the side's peak GPU memory
   (its model's state plus what decoding allocates); the first 32 decode steps' logits against an eager
   forward over the same tokens: the bf16 model's for bf16 (the noise compiling alone brings), the
   reference twin's for bitnet.
@@ -127,6 +128,34 @@ def generate(model, prompts: torch.Tensor, new_tokens: int):
     )
 
 
+def decode_step_ms(model, prompts: torch.Tensor, new_tokens: int, warmup: int = 3) -> float:
+    """Milliseconds per token of the compiled decode step alone: the forward ``generate`` compiles
+    (same compile config, same static-cache length), called in a plain loop that feeds back the
+    greedy token, without ``generate``'s per-token Python around it. The gap to ``1/tokens_per_s``
+    is that Python; the step itself is what a serving loop would pay."""
+    from transformers import StaticCache
+
+    prompt_len = prompts.shape[1]
+    cache = StaticCache(config=model.config, max_cache_len=prompt_len + new_tokens)
+    step = model.get_compiled_call(model.generation_config.compile_config)
+    steps = new_tokens - warmup
+    with torch.no_grad():
+        logits = model(prompts, past_key_values=cache, use_cache=True).logits  # eager prefill fills the cache
+        token = logits[:, -1:].argmax(-1)
+
+        def decode(first: int, count: int) -> torch.Tensor:
+            nonlocal token
+            for position in range(first, first + count):
+                cache_position = torch.tensor([position], device=prompts.device)
+                logits = step(token, past_key_values=cache, cache_position=cache_position, use_cache=True).logits
+                token = logits[:, -1:].argmax(-1)
+            return token
+
+        decode(prompt_len, warmup)  # compiles (or reuses generate's graph) and records the CUDA graph
+        elapsed, _ = timing.timed(lambda: decode(prompt_len + warmup, steps))
+    return 1e3 * elapsed / steps
+
+
 def compile_decode(model, backend: str) -> None:
     from transformers import CompileConfig
 
@@ -155,6 +184,7 @@ def decode_side(model, label: str, args, rows: list, prompt_len: int, short: int
             (timing.timed(lambda: generate(model, prompts, long)) for _ in range(args.repeat)), key=lambda r: r[0]
         )
         tokens_per_s = batch * (long - short) / (t_long - t_short)
+        step_ms = decode_step_ms(model, prompts, long)
         peak = peak_gib() - start / 2**30 + state_bytes(model) / 2**30
         emit(
             rows,
@@ -163,10 +193,11 @@ def decode_side(model, label: str, args, rows: list, prompt_len: int, short: int
             side=label,
             batch=batch,
             tokens_per_s=round(tokens_per_s, 1),
+            step_ms=round(step_ms, 3),
             first_generate_s=round(first, 1),
             peak_gib=round(peak, 2),
         )
-        out[batch] = dict(tokens_per_s=tokens_per_s, first=first, peak=peak, result=result)
+        out[batch] = dict(tokens_per_s=tokens_per_s, step_ms=step_ms, first=first, peak=peak, result=result)
     return out
 
 

@@ -2,6 +2,7 @@
 GPU round is not spent finding a broken script. Checks what they print, not their timings."""
 
 import ast
+import json
 import os
 import subprocess
 import sys
@@ -42,6 +43,27 @@ def test_bench_kernels_smoke(tmp_path):
     assert conv == ["NCHW", "NHWC"]
     assert "C++ wrapper (`cpp_wrapper`)" in table
     assert all("nan" not in line and line in printed for line in qat)
+
+
+def test_bench_models_smoke(tmp_path):
+    out = tmp_path / "models.md"
+    printed = smoke(
+        "bench_models.py", "--batches", "1", "--repeat", "1", "--recipes", "fp32+autocast", "--out", str(out)
+    )
+    rows = [json.loads(line) for line in printed.splitlines() if line.startswith("{")]
+    parts = {row["part"] for row in rows}
+    assert parts == {"decode", "decode logits", "prefill", "memory", "layers", "qat"}
+    decode = {row["side"]: row for row in rows if row["part"] == "decode"}
+    assert set(decode) == {"bf16 Inductor", "bitnet (deployed)", "ratio"}
+    # (tokens/s comes from two short generate times, which CPU noise can invert at these sizes)
+    assert all(decode[side]["step_ms"] > 0 for side in decode if side != "ratio")
+    # On the CPU both sides compute what their eager reference computes: every greedy token agrees.
+    logits = {row["side"]: row["argmax_agreement"] for row in rows if row["part"] == "decode logits"}
+    assert logits == {"bf16 Inductor": 1.0, "bitnet (deployed)": 1.0}
+    qat = [row["variant"] for row in rows if row["part"] == "qat"]
+    assert qat == ["Inductor", "fake-quant", "bitnet", "bitnet q8"]
+    table = out.read_text()
+    assert all(f"## {part}" in table for part in parts)
 
 
 def test_profile_qat_smoke():
