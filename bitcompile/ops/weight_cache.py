@@ -78,6 +78,33 @@ class WeightCache:
             return _kblocked(packed[0], first.shape[1]), packed[1]
         return packed
 
+    def get_prepacked(
+        self, codes: Sequence[torch.Tensor], scales: Sequence[torch.Tensor], k: int, layout: str = "canonical"
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(packed, scale)`` of deployed layers' 2-bit ``codes`` and ``scales``: one layer's as they
+        are, several (sibling linears) stacked along the output rows with one scale per row, kept
+        until a member changes; ``layout="kblocked"`` as for :meth:`get`."""
+        if len(codes) == 1:
+            packed = codes[0], scales[0]
+        else:
+            tensors = (*codes, *scales)
+            key = ("prepacked group", tuple(id(t) for t in tensors))
+            versions = tuple(_version_key(t) for t in tensors)
+            cached = not any(t.is_inference() for t in tensors)
+            entry = self._entries.get(codes[0], {}).get(key) if cached else None
+            if entry is not None and entry[0] == versions:
+                self.stats.hits += 1
+                packed = entry[1]
+            else:
+                self.stats.misses += 1
+                rows = [s.float().expand(c.shape[0]) if s.numel() == 1 else s.float() for c, s in zip(codes, scales)]
+                packed = torch.cat(codes), torch.cat(rows).contiguous()
+                if cached:
+                    self._entries.setdefault(codes[0], {})[key] = (versions, packed)
+        if layout == "kblocked":
+            return _kblocked(packed[0], k), packed[1]
+        return packed
+
     def put(
         self,
         weight: torch.Tensor,

@@ -24,6 +24,10 @@ class HoistedWeight:
     layout: str = "canonical"  # or "kblocked" (passes.lower_triton)
     view: str = ""  # quantize W itself, or W.flatten(1) ("flatten"), or W.t() ("t")
     members: tuple[int, ...] = ()  # sibling linears fused into one matmul: their weights' positions
+    # Deployed layers' weights, already packed (2-bit codes): the inputs at ``arg_index`` /
+    # ``members`` are codes, these are the positions of their scales, and ``k`` their column count.
+    scale_indices: tuple[int, ...] = ()
+    k: int = 0
 
     def fetch(self, inputs) -> tuple:
         """``(packed, scale)`` for this call's graph inputs, from the weight cache.
@@ -32,6 +36,7 @@ class HoistedWeight:
         propagate shapes: fake weights get the packing of zero stand-ins of their shapes, as fakes
         of their mode (metadata only; a fake has no data to pack)."""
         weights = [inputs[i] for i in self.members] if self.members else [inputs[self.arg_index]]
+        weights += [inputs[i] for i in self.scale_indices]
         fake = next((w for w in weights if isinstance(w, FakeTensor)), None)
         if fake is None:
             return self._packed(weights)
@@ -42,6 +47,9 @@ class HoistedWeight:
     def _packed(self, weights: list) -> tuple:
         from bitcompile.ops import WEIGHT_CACHE
 
+        if self.scale_indices:
+            half = len(weights) // 2
+            return WEIGHT_CACHE.get_prepacked(weights[:half], weights[half:], self.k, self.layout)
         if self.members:
             return WEIGHT_CACHE.get_group(weights, self.scheme, self.per_channel, self.layout)
         return WEIGHT_CACHE.get(weights[0], self.scheme, self.per_channel, self.layout, self.view)

@@ -6,6 +6,10 @@ Without gradients the packed weights depend only on the parameters, so each
 backend's runtime wrapper fills from :data:`bitcompile.ops.WEIGHT_CACHE`, which
 re-packs only when the parameter changed. Training graphs keep the node: there
 the latent weights change every step.
+
+Deployed layers' ``linear_q`` on 2-bit packed buffers is served the same way (the buffers
+themselves, or their stacking and K-blocked layout once the later passes ask for them), so
+the sibling fusion and the Triton lowering treat deployed and float models alike.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import torch
 import torch.fx as fx
 
 from bitcompile.passes.context import HoistedWeight, PassContext
+from bitcompile.passes.graph import meta
 
 
 def _parameter_view(w: fx.Node):
@@ -56,6 +61,37 @@ def hoist_packed_weights(gm: fx.GraphModule, ctx: PassContext) -> None:
             user.replace_all_uses_with(packed if user.args[1] == 0 else scale)
             graph.erase_node(user)
         graph.erase_node(node)
+    _serve_deployed(graph, placeholders, ctx)
+
+
+def _serve_deployed(graph: fx.Graph, placeholders: list, ctx: PassContext) -> None:
+    served = {}
+    for node in graph.find_nodes(op="call_function", target=torch.ops.bitnet.linear_q.default):
+        codes, scale = node.args[2:4]
+        if not all(isinstance(n, fx.Node) and n.op == "placeholder" for n in (codes, scale)):
+            continue
+        cm, sm = meta(codes), meta(scale)
+        if cm is None or sm is None or cm.dtype != torch.uint8 or cm.dim() != 2:
+            continue  # int8 codes: read as they are
+        if (codes, scale) not in served:
+            last = list(graph.find_nodes(op="placeholder"))[-1]
+            with graph.inserting_after(last):
+                packed = graph.placeholder(f"{codes.name}_served")
+            with graph.inserting_after(packed):
+                served_scale = graph.placeholder(f"{scale.name}_served")
+            ctx.hoisted.append(
+                HoistedWeight(
+                    placeholders.index(codes),
+                    "ternary",  # 2-bit codes: ternary and binary weights share the format
+                    sm.numel() > 1,
+                    packed.name,
+                    served_scale.name,
+                    scale_indices=(placeholders.index(scale),),
+                    k=node.args[5],
+                )
+            )
+            served[(codes, scale)] = packed, served_scale
+        node.args = (*node.args[:2], *served[(codes, scale)], *node.args[4:])
 
 
 _SUFFIX = {"": "", "flatten": "_flat", "t": "_t"}

@@ -50,6 +50,10 @@ _POSITIONAL = {
 def normalize_spellings(gm: fx.GraphModule, ctx: PassContext) -> None:
     graph = gm.graph
     for node in list(graph.nodes):
+        target = node.target
+        if isinstance(target, torch._ops.OpOverloadPacket) and target._qualified_op_name.startswith("bitnet::"):
+            # A bitnet op the model calls itself (a deployed layer's), tuple-valued ones included.
+            node.target = target.default
         if not isinstance(meta(node), torch.Tensor):
             continue
         if node.op == "call_module":
@@ -88,8 +92,6 @@ def _method_call(node: fx.Node) -> None:
 
 def _function_call(gm: fx.GraphModule, node: fx.Node) -> None:
     target = node.target
-    if isinstance(target, torch._ops.OpOverloadPacket) and target._qualified_op_name.startswith("bitnet::"):
-        node.target = target = target.default  # a bitnet op the model calls itself (a deployed layer's)
     if target is getattr and node.args[1] in ("T", "mT") and _matrix(node.args[0]):
         _retarget(node, T.TRANSPOSE_2D, (node.args[0],), {})
     elif target in _FUNCTION_TO_CANONICAL and _plain(node):

@@ -7,7 +7,9 @@ ones where a sibling is small (GQA's K/V projections). The weight cache builds t
 codes once (``WeightCache.get_group``) with one scale per row, each member's own, so every
 output element is computed exactly as by its own linear. Members must share the quantized
 input, the output dtype, the weight scheme and plain (not transposed or flattened) parameter
-weights, and all have a bias or none.
+weights, and all have a bias or none. Deployed layers' ``linear_q`` on 2-bit packed buffers
+(served by ``hoist_weights``) group the same way, their codes stacked once
+(``WeightCache.get_prepacked``).
 """
 
 from __future__ import annotations
@@ -29,13 +31,33 @@ def fuse_sibling_linears(gm: fx.GraphModule, ctx: PassContext) -> None:
     for node in graph.find_nodes(op="call_function", target=torch.ops.bitnet.lowbit_linear.default):
         x, _w, bias, xq, x_scale, wq = node.args[:6]
         h = hoisted.get(getattr(wq, "name", None))
-        if xq is None or h is None or h.view or h.members or meta(node) is None:
+        if xq is None or h is None or h.view or h.members or h.scale_indices or meta(node) is None:
             continue
-        groups[(_quantized_input(xq), meta(node).dtype, bias is None)].append((node, h))
-    for (_, dtype, _), members in groups.items():
-        if len(members) > 1:
-            xq, x_scale = members[0][0].args[3:5]
-            _fuse(gm, ctx, xq, x_scale, dtype, members)
+        groups[(_quantized_input(xq), meta(node).dtype, bias is None, False)].append((node, h))
+    for node in graph.find_nodes(op="call_function", target=torch.ops.bitnet.linear_q.default):
+        xq, x_scale, wq, _scale, bias = node.args[:5]
+        h = hoisted.get(getattr(wq, "name", None))
+        if h is None or not h.scale_indices or h.members or node.args[7:] != ("none", None) or meta(node) is None:
+            continue
+        groups[(_quantized_input(xq), meta(node).dtype, bias is None, True)].append((node, h))
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    for (_, dtype, _, _deployed), members in groups.items():
+        members.sort(key=lambda member: order[member[0]])
+        if len(members) > 1 and _biases_before(members, order):
+            _fuse(gm, ctx, dtype, members)
+
+
+def _biases_before(members, order: dict) -> bool:
+    """Every member's bias is computed before the first member (where the fused matmul goes), or
+    is moved there: a deployed layer casts its bias buffer (``bias.to(dtype)``) right before its own
+    call. False (no fusion) for a bias computed from anything but graph inputs."""
+    first = members[0][0]
+    late = [b for node, _ in members if isinstance(b := _operands(node)[2], fx.Node) and order[b] > order[first]]
+    if not all(all(a.op == "placeholder" for a in b.all_input_nodes) for b in late):
+        return False
+    for b in late:
+        first.prepend(b)
+    return True
 
 
 def _quantized_input(xq: fx.Node):
@@ -47,22 +69,38 @@ def _quantized_input(xq: fx.Node):
     return xq
 
 
-def _fuse(gm: fx.GraphModule, ctx: PassContext, xq, x_scale, dtype, members) -> None:
+def _operands(node: fx.Node) -> tuple:
+    """``(xq, x_scale, bias, k)`` of a ``lowbit_linear`` or a deployed ``linear_q``."""
+    if node.target is torch.ops.bitnet.linear_q.default:
+        xq, x_scale, _wq, _scale, bias, k = node.args[:6]
+        return xq, x_scale, bias, k
+    x, _w, bias, xq, x_scale = node.args[:5]
+    return xq, x_scale, bias, meta(x).shape[-1]
+
+
+def _fuse(gm: fx.GraphModule, ctx: PassContext, dtype, members) -> None:
     graph = gm.graph
     first, h0 = members[0]
+    xq, x_scale, _, k = _operands(first)
     placeholders = list(graph.find_nodes(op="placeholder"))
     with graph.inserting_after(placeholders[-1]):
         packed = graph.placeholder(f"{placeholders[h0.arg_index].name}_siblings_packed")
     with graph.inserting_after(packed):
         scale = graph.placeholder(f"{placeholders[h0.arg_index].name}_siblings_scale")
     group = HoistedWeight(
-        h0.arg_index, h0.scheme, h0.per_channel, packed.name, scale.name, members=tuple(h.arg_index for _, h in members)
+        h0.arg_index,
+        h0.scheme,
+        h0.per_channel,
+        packed.name,
+        scale.name,
+        members=tuple(h.arg_index for _, h in members),
+        scale_indices=tuple(i for _, h in members for i in h.scale_indices),
+        k=h0.k,
     )
     ctx.hoisted.append(group)
     rows = [meta(node).shape[-1] for node, _ in members]
-    k = meta(first.args[0]).shape[-1]
     with graph.inserting_before(first):
-        biases = [node.args[2] for node, _ in members]
+        biases = [_operands(node)[2] for node, _ in members]
         bias = None if biases[0] is None else graph.call_function(torch.cat, (biases,))
         fused = graph.call_function(
             torch.ops.bitnet.linear_q.default, (xq, x_scale, packed, scale, bias, k, dtype, "none", None)

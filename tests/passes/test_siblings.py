@@ -74,3 +74,23 @@ def test_siblings_with_and_without_bias_stay_apart():
     torch.manual_seed(0)
     _, report = compiled(Mixed().eval(), torch.randn(3, 16))
     assert all("sibling" not in c.reason for c in report.rewritten)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_deployed_layers_fuse_like_float_ones(bias, monkeypatch):
+    """A deployed model (packed buffers, ``bitcompile.deploy``) gets the same fusions as the float
+    model it came from: norm + quantization, q/k/v and gate/up as one matmul each, bitwise the
+    graph without the sibling fusion, and its eager forward."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 32)
+    deployed = bitcompile.deploy(Attention(bias).eval())
+    with torch.no_grad():
+        eager = deployed(x)
+    fused, report = compiled(deployed, x)
+    unfused, _ = compiled(deployed, x, siblings=False, monkeypatch=monkeypatch)
+    torch.testing.assert_close(fused, unfused, **EXACT)
+    torch.testing.assert_close(fused, eager, rtol=1e-3, atol=1e-3)  # the norm fusion's float order (README)
+    notes = {c.module: c.reason for c in report.rewritten}
+    assert "deployed" in notes["q"] and "sibling-fused: q + k + v (one matmul, 48 rows)" in notes["q"]
+    assert "sibling-fused: gate + up (one matmul, 96 rows)" in notes["up"]
+    assert any(c.op.endswith("+quant") for c in report.rewritten)  # the RMSNorm fused with quantization
