@@ -643,10 +643,12 @@ def test_triton_twins_opcheck():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("deployed", [False, True])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_compiled_block_launches_our_kernels_from_inductor_code(dtype, monkeypatch):
+def test_compiled_block_launches_our_kernels_from_inductor_code(dtype, deployed, monkeypatch):
     # CUDA inference with static shapes: Inductor's generated code launches the Triton
-    # kernels itself (triton_op); the output equals the same graph on the opaque ops.
+    # kernels itself (triton_op); the output equals the same graph on the opaque ops. A deployed
+    # model (packed buffers) is lowered the same way.
     from torch._inductor.utils import run_and_get_code
 
     from bitcompile.passes import lower_triton
@@ -654,6 +656,10 @@ def test_compiled_block_launches_our_kernels_from_inductor_code(dtype, monkeypat
 
     torch.manual_seed(0)
     model = Block(d=256, hidden=512).to("cuda", dtype).eval()
+    if deployed:
+        from bitcompile import deploy
+
+        model = deploy(model)
     x, r = (torch.randn(2, 7, 256, device="cuda", dtype=dtype) for _ in range(2))
     with torch.no_grad():
         got, (code, *_) = run_and_get_code(torch.compile(model, backend="bitnet"), x, r)

@@ -146,13 +146,16 @@ def test_fuse_false_keeps_the_plain_linear_path():
     assert bitnet.norm_quant.default not in targets and bitnet.linear_q.default not in targets
 
 
-def test_cuda_static_graphs_lower_to_inductor_visible_triton_ops(monkeypatch):
+@pytest.mark.parametrize("deployed", [False, True])
+def test_cuda_static_graphs_lower_to_inductor_visible_triton_ops(deployed, monkeypatch):
     # The lowering applies to CUDA graphs; here the device test is widened to the CPU so
     # the rewrite itself is checked without a GPU (the graph is inspected, not run).
     from bitcompile.passes import lower_triton
 
     monkeypatch.setattr(lower_triton, "_static_cuda", lambda *nodes: _static(*nodes))
     model = Block().eval()
+    if deployed:
+        model = bitcompile.deploy(model)  # packed buffers: the same fusions and lowering
     x, r = torch.randn(2, 5, 16), torch.randn(2, 5, 16)
     with torch.no_grad():
         targets = rewritten_targets(model, x, r)
