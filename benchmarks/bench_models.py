@@ -22,7 +22,9 @@ Every row compiles both sides the same way in this process and reports their rat
   ``grad_input_bits=8``; the first step's wall time and peak memory.
 
 Results: one JSON object per row on stdout (also appended to ``--jsonl``), and a markdown table in
-``--out``. ``--smoke`` runs tiny shapes on any device (the CPU in CI): it checks the script, not speed.
+``--out``; ``--profile FILE``: each decode step's and QAT step's kernel table (device time per
+kernel) and host table (CPU time per operator) against its step time, appended to FILE.
+``--smoke`` runs tiny shapes on any device (the CPU in CI): it checks the script, not speed.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from torch import nn
 import bitcompile
 from bitcompile.nn import reference_model
 
+import profiling
 import timing
 
 LLAMA3_8B = dict(
@@ -128,32 +131,52 @@ def generate(model, prompts: torch.Tensor, new_tokens: int):
     )
 
 
-def decode_step_ms(model, prompts: torch.Tensor, new_tokens: int, warmup: int = 3) -> float:
+PROFILED_STEPS = 13  # what profiled() runs: kernel_table's 3 warm-up and 5 steps, host_table's 5
+
+
+def decode_step_ms(model, prompts: torch.Tensor, new_tokens: int, profile_label: str = "", warmup: int = 3) -> float:
     """Milliseconds per token of the compiled decode step alone: the forward ``generate`` compiles
-    (same compile config, same static-cache length), called in a plain loop that feeds back the
-    greedy token, without ``generate``'s per-token Python around it. The gap to ``1/tokens_per_s``
-    is that Python; the step itself is what a serving loop would pay."""
+    (same compile config), called in a plain loop that feeds back the greedy token, without
+    ``generate``'s per-token Python around it. The gap to ``1/tokens_per_s`` is that Python; the
+    step itself is what a serving loop would pay. The static cache has room for the profiled steps
+    too (recent transformers write at the cache's own running position, so none is decoded twice)."""
     from transformers import StaticCache
 
     prompt_len = prompts.shape[1]
-    cache = StaticCache(config=model.config, max_cache_len=prompt_len + new_tokens)
+    cache = StaticCache(config=model.config, max_cache_len=prompt_len + new_tokens + PROFILED_STEPS)
     step = model.get_compiled_call(model.generation_config.compile_config)
     steps = new_tokens - warmup
+    position = prompt_len
     with torch.no_grad():
         logits = model(prompts, past_key_values=cache, use_cache=True).logits  # eager prefill fills the cache
         token = logits[:, -1:].argmax(-1)
 
-        def decode(first: int, count: int) -> torch.Tensor:
-            nonlocal token
-            for position in range(first, first + count):
+        def decode(count: int) -> torch.Tensor:
+            nonlocal token, position
+            for _ in range(count):
                 cache_position = torch.tensor([position], device=prompts.device)
                 logits = step(token, past_key_values=cache, cache_position=cache_position, use_cache=True).logits
                 token = logits[:, -1:].argmax(-1)
+                position += 1
             return token
 
-        decode(prompt_len, warmup)  # compiles (or reuses generate's graph) and records the CUDA graph
-        elapsed, _ = timing.timed(lambda: decode(prompt_len + warmup, steps))
+        decode(warmup)  # compiles (or reuses generate's graph) and records the CUDA graph
+        elapsed, _ = timing.timed(lambda: decode(steps))
+        if profile_label:
+            profiled(lambda: decode(1), f"decode step, {profile_label}", 1e3 * elapsed / steps)
     return 1e3 * elapsed / steps
+
+
+PROFILE_OUT: list = []  # the --profile file, once parsed
+
+
+def profiled(step, label: str, step_ms: float) -> None:
+    """Kernel and host tables of ``step`` appended to the ``--profile`` file: a device total well
+    below the step's time means the GPU waits for the host."""
+    text = "\n".join((profiling.kernel_table(step, label), f"{1e3 * step_ms:9.1f} us  step time", ""))
+    text += "\n" + profiling.host_table(step, steps=5) + "\n\n"
+    with open(PROFILE_OUT[0], "a") as f:
+        f.write(text)
 
 
 def compile_decode(model, backend: str) -> None:
@@ -184,7 +207,7 @@ def decode_side(model, label: str, args, rows: list, prompt_len: int, short: int
             (timing.timed(lambda: generate(model, prompts, long)) for _ in range(args.repeat)), key=lambda r: r[0]
         )
         tokens_per_s = batch * (long - short) / (t_long - t_short)
-        step_ms = decode_step_ms(model, prompts, long)
+        step_ms = decode_step_ms(model, prompts, long, f"{label}, batch {batch}" if args.profile else "")
         peak = peak_gib() - start / 2**30 + state_bytes(model) / 2**30
         emit(
             rows,
@@ -384,7 +407,8 @@ def bench_qat(args, rows: list) -> None:
             for variant in variants:
                 if variant in ("fake-quant", "bitnet q8") and not args.smoke and recipe not in args.full_recipes:
                     continue
-                ms, first, peak = qat_step(shapes, recipe, variant, tokens, seq, args.repeat)
+                label = f"QAT step, hidden {size}, {recipe}, {variant}" if args.profile else ""
+                ms, first, peak = qat_step(shapes, recipe, variant, tokens, seq, args.repeat, label)
                 result[variant] = ms
                 emit(
                     rows,
@@ -402,7 +426,7 @@ def bench_qat(args, rows: list) -> None:
                 reset_peak()
 
 
-def qat_step(shapes: dict, recipe: str, variant: str, tokens: int, seq: int, repeat: int) -> tuple:
+def qat_step(shapes: dict, recipe: str, variant: str, tokens: int, seq: int, repeat: int, profile_label="") -> tuple:
     """``(median step ms, first step s, peak GiB)`` of one model, recipe and variant."""
     torch.manual_seed(0)
     param_dtype = torch.bfloat16 if recipe == "bf16" else torch.float32
@@ -430,7 +454,10 @@ def qat_step(shapes: dict, recipe: str, variant: str, tokens: int, seq: int, rep
     for _ in range(2):
         step()
     times = sorted(timing.timed(step)[0] for _ in range(repeat + 2))
-    return 1e3 * times[len(times) // 2], first, peak_gib()
+    ms = 1e3 * times[len(times) // 2]
+    if profile_label:
+        profiled(step, profile_label, ms)
+    return ms, first, peak_gib()
 
 
 def markdown(rows: list) -> str:
@@ -471,7 +498,10 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--out", default="benchmarks/results/models.md")
     parser.add_argument("--jsonl", default=None, help="also append each row here as it is measured")
+    parser.add_argument("--profile", default=None, help="append each decode and QAT step's kernel and host tables here")
     args = timing.parse_args(parser)
+    if args.profile:
+        PROFILE_OUT.append(args.profile)
     rows: list = []
     torch.backends.cuda.matmul.allow_tf32 = False  # fp32 recipes: fp32 GEMMs on both sides
     if {"decode", "prefill"} & set(args.part):

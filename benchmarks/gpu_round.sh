@@ -35,7 +35,8 @@ case "${1:-}" in
     echo "bench rc=$?"; grep -v "^  \[" "$out/bench.log" | tail -60 ;;
   models)
     (cd benchmarks && timeout "${LIMIT:-560}" python3 bench_models.py --part "${2:-decode,prefill,layers,qat}" \
-      --out "$out/models.md" --jsonl "$out/models.jsonl" "${@:3}" > "$out/models.log" 2>&1)
+      --out "$out/models.md" --jsonl "$out/models.jsonl" --profile "$out/models_profile.txt" "${@:3}" \
+      > "$out/models.log" 2>&1)
     echo "models rc=$?"; grep -v "^  \[" "$out/models.log" | grep "^{" | tail -60 ;;
   profile)
     timeout 300 python3 benchmarks/profile_qat.py > "$out/profile_qat.log" 2>&1; echo "profile_qat rc=$?"

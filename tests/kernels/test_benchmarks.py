@@ -10,7 +10,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 BENCHMARKS = ROOT / "benchmarks"
-LIBRARIES = {"timing", "qat_steps"}  # the modules of benchmarks/ that scripts import; the rest are scripts
+LIBRARIES = {"timing", "qat_steps", "profiling"}  # the modules of benchmarks/ that scripts import; the rest are scripts
 
 
 def smoke(script: str, *args: str) -> str:
@@ -46,10 +46,9 @@ def test_bench_kernels_smoke(tmp_path):
 
 
 def test_bench_models_smoke(tmp_path):
-    out = tmp_path / "models.md"
-    printed = smoke(
-        "bench_models.py", "--batches", "1", "--repeat", "1", "--recipes", "fp32+autocast", "--out", str(out)
-    )
+    out, profile = tmp_path / "models.md", tmp_path / "profile.txt"
+    options = ("--batches", "1", "--repeat", "1", "--recipes", "fp32+autocast", "--profile", str(profile))
+    printed = smoke("bench_models.py", *options, "--out", str(out))
     rows = [json.loads(line) for line in printed.splitlines() if line.startswith("{")]
     parts = {row["part"] for row in rows}
     assert parts == {"decode", "decode logits", "prefill", "memory", "layers", "qat"}
@@ -64,6 +63,9 @@ def test_bench_models_smoke(tmp_path):
     assert qat == ["Inductor", "fake-quant", "bitnet", "bitnet q8"]
     table = out.read_text()
     assert all(f"## {part}" in table for part in parts)
+    profiles = profile.read_text()  # both decode sides and the four QAT variants, each with its host table
+    assert profiles.count("== decode step,") == 2 and profiles.count("== QAT step,") == 4
+    assert profiles.count("step time") == profiles.count("host time per step") == 6
 
 
 def test_profile_qat_smoke():

@@ -1,0 +1,46 @@
+"""Where a step's time goes, by torch.profiler: device time per kernel and host time per
+operator, averaged over steps (shared by the scripts that profile)."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from torch.profiler import ProfilerActivity, profile
+
+from timing import CUDA, sync
+
+
+def kernel_table(fn: Callable[[], object], label: str, steps: int = 5, top: int = 12) -> str:
+    """Device time per kernel per step (CPU op time where there is no GPU), the ``top`` kernels
+    and the total, after three warm-up calls. Kernels replayed from a CUDA graph are listed
+    where the profiler sees inside graphs (CUPTI on CUDA 12)."""
+    for _ in range(3):
+        fn()
+    sync()
+    with profile(activities=[ProfilerActivity.CUDA if CUDA else ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            fn()
+        sync()
+    rows = [
+        (e.key, (e.device_time_total if CUDA else e.self_cpu_time_total) / steps, e.count / steps)
+        for e in prof.key_averages()
+    ]
+    rows = [r for r in rows if r[1] > 0]
+    lines = [f"== {label}: per step, {steps} steps averaged"]
+    lines += [f"{us:9.1f} us  x{count:g}  {name[:110]}" for name, us, count in sorted(rows, key=lambda r: -r[1])[:top]]
+    lines.append(f"{sum(r[1] for r in rows):9.1f} us  total, {sum(r[2] for r in rows):g} kernels")
+    return "\n".join(lines)
+
+
+def host_table(fn: Callable[[], object], steps: int = 20, top: int = 20) -> str:
+    """Host time per step by operator and CUDA runtime call, by own CPU time (torch.profiler's
+    CPU side: unlike cProfile it sees time spent in C++ and in the CUDA driver, e.g. a blocking
+    call)."""
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            fn()
+        sync()
+    rows = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:top]
+    lines = [f"host time per step by own CPU time ({steps} steps averaged):"]
+    lines += [f"{e.self_cpu_time_total / steps:9.1f} us  x{e.count // steps}  {e.key[:100]}" for e in rows]
+    return "\n".join(lines)
