@@ -63,8 +63,8 @@ class ServedWeights:
     """The hoisted inputs of one compiled graph, for each call: what the weight cache serves,
     looked up again only when the cache was changed from outside or a source input is another
     tensor, was updated in place (its version) or got new storage (``.data = ...``). One check of
-    identity, version and address per source instead of a cache lookup per weight: a decode step
-    of a 32-layer model otherwise spends ~0.5 ms of host time here on every call."""
+    identity, version and address per source instead of a cache lookup per weight, which cost a
+    16-layer model's decode step 270 us of host time per call (43 us with the check, same CPU)."""
 
     def __init__(self, hoisted: list[HoistedWeight]):
         self.hoisted = hoisted
