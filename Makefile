@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # picks the build for the platform.
 TORCH ?= torch==2.13.0
 
-.PHONY: demo test test-gpu gpu-install bench clean
+.PHONY: demo test test-gpu gpu-install bench bench-models clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -40,6 +40,11 @@ test-gpu: gpu-install
 # written by hand, is left alone).
 bench: gpu-install
 	$(GPU_PY) benchmarks/bench_kernels.py --out $(BENCH_OUT)
+
+# Whole-model benchmark (bitnet against bf16 Inductor in one process): the table to
+# benchmarks/results/models.md, each step's kernel and host profile beside it.
+bench-models: gpu-install
+	$(GPU_PY) benchmarks/bench_models.py --out benchmarks/results/models.md --profile benchmarks/results/models_profile.txt
 
 clean:
 	rm -rf $(VENV) build *.egg-info

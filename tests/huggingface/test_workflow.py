@@ -109,6 +109,26 @@ def test_generate_and_pipeline_match_the_reference_twin():
     assert out[0]["generated_token_ids"] == want[0].tolist()
 
 
+@pytest.mark.slow
+def test_a_deployed_model_generates_the_reference_twins_tokens():
+    """Packed buffers only (``bitcompile.deploy``), compiled: the float model's fusions apply
+    (q/k/v and gate/up as one matmul each) and greedy decoding gives the twin's 32 tokens."""
+    model, make_inputs = tiny_llama()
+    model.eval()
+    twin = reference_model(model).model
+    deployed = bitcompile.deploy(copy.deepcopy(model))
+    bitcompile.compile(deployed)
+    prompt = make_inputs(1, 8)["input_ids"]
+    with torch.no_grad():
+        got = deployed.generate(prompt, max_new_tokens=32, do_sample=False, use_cache=True)
+        want = twin.generate(prompt, max_new_tokens=32, do_sample=False, use_cache=True)
+    assert torch.equal(got, want)
+    notes = {layer.module: layer.note for layer in bitcompile.report_of(deployed).layers}
+    assert "deployed" in notes["model.layers.0.self_attn.q_proj"]
+    assert "q_proj + k_proj + v_proj" in notes["model.layers.0.self_attn.q_proj"]
+    assert "gate_proj + up_proj" in notes["model.layers.1.mlp.up_proj"]
+
+
 def test_generate_on_a_bitnet_wrapper_refuses_and_other_backends_are_untouched():
     from transformers import pipeline
 
