@@ -33,6 +33,7 @@ import argparse
 import contextlib
 import copy
 import gc
+import inspect
 import json
 
 import torch
@@ -147,15 +148,17 @@ def decode_step_ms(model, prompts: torch.Tensor, new_tokens: int, profile_label:
     step = model.get_compiled_call(model.generation_config.compile_config)
     steps = new_tokens - warmup
     position = prompt_len
+    # transformers 5.25 renamed the forward's past_key_values to cache (the old name warns)
+    cache_arg = {"cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values": cache}
     with torch.no_grad():
-        logits = model(prompts, past_key_values=cache, use_cache=True).logits  # eager prefill fills the cache
+        logits = model(prompts, **cache_arg, use_cache=True).logits  # eager prefill fills the cache
         token = logits[:, -1:].argmax(-1)
 
         def decode(count: int) -> torch.Tensor:
             nonlocal token, position
             for _ in range(count):
                 cache_position = torch.tensor([position], device=prompts.device)
-                logits = step(token, past_key_values=cache, cache_position=cache_position, use_cache=True).logits
+                logits = step(token, **cache_arg, cache_position=cache_position, use_cache=True).logits
                 token = logits[:, -1:].argmax(-1)
                 position += 1
             return token
