@@ -5,6 +5,8 @@
 #   bash benchmarks/gpu_round.sh bench [--quick] # re-tune the matmul (shipped entries skipped; RETUNE=grad_input,...
 #                                                # names other kernels) + bench_kernels.py, table in $OUT/kernels.md
 #   bash benchmarks/gpu_round.sh models [PARTS]  # whole-model benchmark (bench_models.py --part PARTS)
+#   bash benchmarks/gpu_round.sh tune [MODELS]   # tune the common models' shapes (tune_models.py --qat;
+#                                                # resumable, stops starting shapes after LIMIT s)
 #   bash benchmarks/gpu_round.sh profile         # QAT per-kernel split + static profile on this Triton
 #   bash benchmarks/gpu_round.sh sweep [M,N,K ..] # every matmul launch configuration, timed (sweep_matmul.py;
 #                                                # REPEAT=3: three rounds over all of them, medians)
@@ -38,6 +40,10 @@ case "${1:-}" in
       --out "$out/models.md" --jsonl "$out/models.jsonl" --profile "$out/models_profile.txt" "${@:3}" \
       > "$out/models.log" 2>&1)
     echo "models rc=$?"; grep -v "^  \[" "$out/models.log" | grep "^{" | tail -60 ;;
+  tune)
+    (cd benchmarks && timeout 570 python3 tune_models.py --qat --limit-s "${LIMIT:-450}" ${2:+--models "$2"} \
+      > "$out/tune.log" 2>&1)
+    echo "tune rc=$?"; grep -v "^  \[" "$out/tune.log" | tail -20 ;;
   profile)
     timeout 300 python3 benchmarks/profile_qat.py > "$out/profile_qat.log" 2>&1; echo "profile_qat rc=$?"
     timeout 200 python3 tools/inspect_kernels.py --join-k > "$out/inspect.md" 2>&1; echo "inspect rc=$?"
@@ -45,6 +51,6 @@ case "${1:-}" in
   sweep)
     cd benchmarks && timeout 560 python3 sweep_matmul.py --json "$out/sweep.json" --repeat "${REPEAT:-1}" ${2:+--shapes "${@:2}"} \
       > "$out/sweep.log" 2>&1; echo "sweep rc=$?"; cd ..; cat "$out/sweep.log" ;;
-  *) echo "usage: $0 test [K_EXPR]|bench [--quick]|models [PARTS]|profile|sweep [M,N,K ...]" >&2; exit 2 ;;
+  *) echo "usage: $0 test [K_EXPR]|bench [--quick]|models [PARTS]|tune [MODELS]|profile|sweep [M,N,K ...]" >&2; exit 2 ;;
 esac
 cp -r "$BITCOMPILE_CACHE_DIR" "$out/cache" 2>/dev/null || true

@@ -68,6 +68,12 @@ def test_bench_models_smoke(tmp_path):
     assert profiles.count("step time") == profiles.count("host time per step") == 6
 
 
+def test_tune_models_smoke():
+    printed = smoke("tune_models.py", "--qat")
+    assert printed.count(" inference M=1 ") == printed.count(" training M=64 ") == 6  # distinct (N, K)
+    assert "tuned 12 shapes" in printed
+
+
 def test_profile_qat_smoke():
     printed = smoke("profile_qat.py")
     for label in ("bitnet ops", "backend=bitnet,", "grad_input_bits=8", "Inductor fake-quant"):

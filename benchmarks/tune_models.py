@@ -1,0 +1,119 @@
+"""Tune the kernels for the linear shapes of common open models, so that a first run on this GPU
+finds them in the table instead of estimating them from the nearest tabled shape.
+
+    python benchmarks/tune_models.py [--models llama3-8b,qwen2.5-7b] [--rows 1,16,128,2048]
+                                     [--qat] [--limit-s 500] [--smoke]
+
+For each model's projections (q/o, GQA k/v, the sibling-fused q+k+v and gate+up, gate/up, down)
+at each row count: the inference matmul as a compiled model launches it (Inductor-traced) and as
+an eager call does; with ``--qat``, at 8192 rows, the training-side kernels (the input gradient
+from bf16 output gradients, the weight packer from bf16 and fp32 weights). Every timing lands in
+the user's tuning cache (``bitcompile.kernels.tuning``), keys already there are skipped, and
+``--limit-s`` stops between shapes: rerun to resume. Merge the cache into
+``bitcompile/kernels/tuned/<gpu>.json`` to ship the results. ``--smoke``: a tiny model in the
+Triton interpreter (no timing): checks the script.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import torch
+
+import timing
+
+# hidden, intermediate, attention heads, key/value heads (the models' published configs)
+MODELS = {
+    "llama2-7b": (4096, 11008, 32, 32),
+    "llama3-8b": (4096, 14336, 32, 8),
+    "mistral-7b": (4096, 14336, 32, 8),
+    "llama3-70b": (8192, 28672, 64, 8),
+    "qwen2.5-0.5b": (896, 4864, 14, 2),
+    "qwen2.5-1.5b": (1536, 8960, 12, 2),
+    "qwen2.5-3b": (2048, 11008, 16, 2),
+    "qwen2.5-7b": (3584, 18944, 28, 4),
+}
+SMOKE_MODELS = {"tiny-gqa": (64, 96, 4, 2)}
+QAT_ROWS = 8192
+
+
+def projections(hidden: int, intermediate: int, heads: int, kv_heads: int) -> dict[str, tuple[int, int]]:
+    """``{name: (N, K)}`` of a Llama-style decoder layer's linears, sibling-fused ones included."""
+    kv = kv_heads * (hidden // heads)
+    return {
+        "q/o": (hidden, hidden),
+        "k/v": (kv, hidden),
+        "q+k+v": (hidden + 2 * kv, hidden),
+        "gate/up": (intermediate, hidden),
+        "gate+up": (2 * intermediate, hidden),
+        "down": (hidden, intermediate),
+    }
+
+
+def shapes(models: list[str], table: dict) -> list[tuple[int, int]]:
+    """The distinct ``(N, K)`` of ``models``, in the order given."""
+    seen: dict[tuple[int, int], None] = {}
+    for name in models:
+        for nk in projections(*table[name]).values():
+            seen.setdefault(nk)
+    return list(seen)
+
+
+def tune_inference(m: int, n: int, k: int) -> None:
+    from bitcompile.kernels.ternary_matmul import ternary_matmul
+
+    a = torch.randint(-127, 128, (m, k), dtype=torch.int8, device=timing.DEVICE)
+    # codes 0 and 1 in every 2-bit field: trits -1 and 0 (valid packed weights; timing ignores values)
+    wq = torch.randint(0, 256, (n, (k + 3) // 4), dtype=torch.uint8, device=timing.DEVICE) & 0x55
+    xs = torch.rand(m, 1, device=timing.DEVICE)
+    ws = torch.rand(1, device=timing.DEVICE)
+    for wrap in (None, lambda f: f):  # eager launch, then as Inductor's traced launch chooses
+        ternary_matmul(a, wq, k, xs, ws, None, torch.bfloat16, wrap=wrap)
+
+
+def tune_training(m: int, n: int, k: int) -> None:
+    import bitcompile.ops  # noqa: F401  (registers the bitnet ops)
+    from bitcompile.kernels.weight_pack import quantize_pack
+
+    for dtype in (torch.bfloat16, torch.float32):  # the bf16 and the fp32-master-weight recipes
+        wq, ws = quantize_pack(torch.randn(n, k, device=timing.DEVICE, dtype=dtype))
+    grad = torch.randn(m, n, device=timing.DEVICE, dtype=torch.bfloat16)
+    torch.ops.bitnet.grad_input(grad, wq, ws, k, None)  # the exact STE's input gradient
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", type=lambda s: s.split(","), default=list(MODELS))
+    parser.add_argument("--rows", type=lambda s: [int(v) for v in s.split(",")], default=[1, 16, 128, 2048])
+    parser.add_argument("--qat", action="store_true", help=f"also the training kernels at {QAT_ROWS} rows")
+    parser.add_argument("--limit-s", type=float, default=float("inf"), help="stop starting new shapes after this")
+    args = timing.parse_args(parser)
+    table = SMOKE_MODELS if args.smoke else MODELS
+    if args.smoke:
+        args.models, args.rows = list(SMOKE_MODELS), [1]
+    unknown = [name for name in args.models if name not in table]
+    if unknown:
+        parser.error(f"unknown model(s) {', '.join(unknown)}; known: {', '.join(table)}")
+    os.environ["BITCOMPILE_AUTOTUNE"] = "1"
+    work = [("inference", m, n, k) for n, k in shapes(args.models, table) for m in args.rows]
+    if args.qat:
+        rows = 64 if args.smoke else QAT_ROWS
+        work += [("training", rows, n, k) for n, k in shapes(args.models, table)]
+    start = time.monotonic()
+    for i, (kind, m, n, k) in enumerate(work):
+        if time.monotonic() - start > args.limit_s:
+            print(f"stopped after {i} of {len(work)} shapes (--limit-s); rerun to resume", flush=True)
+            return
+        print(f"[{i + 1}/{len(work)}] {kind} M={m} N={n} K={k}", flush=True)
+        if kind == "inference":
+            tune_inference(m, n, k)
+        else:
+            tune_training(m, n, k)
+        timing.sync()
+    print(f"tuned {len(work)} shapes in {time.monotonic() - start:.0f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
