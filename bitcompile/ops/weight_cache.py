@@ -29,8 +29,9 @@ class WeightCache:
     def __init__(self):
         self._entries = WeakIdKeyDictionary()
         self.stats = CacheStats()
-        # Bumped whenever an entry is replaced from outside (``put``, ``clear``): callers that
-        # remember what they were served (``passes.context.ServedWeights``) look again then.
+        # Bumped whenever an entry is stored (``put``, a checkpoint's or a miss's) or the cache is
+        # cleared: callers that remember what they were served (``passes.context.ServedWeights``)
+        # look again then.
         self.generation = 0
 
     def get(
