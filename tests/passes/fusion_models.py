@@ -54,3 +54,19 @@ class Epilogues(nn.Module):
         y = y + torch.relu(l4(n)).square()
         z = l5(y)
         return z + y, n * 2  # the residual `+ y`; the normalized tensor is also an output
+
+
+class Attention(nn.Module):
+    """q/k/v projections of one input (GQA-shaped k/v), with or without biases, and a gated MLP."""
+
+    def __init__(self, bias: bool):
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(32, 32, bias=bias), nn.Linear(32, 8, bias=bias), nn.Linear(32, 8, bias=bias)
+        self.gate, self.up, self.down = nn.Linear(32, 48), nn.Linear(32, 48), nn.Linear(48, 32)
+        self.norm = nn.RMSNorm(32)
+
+    def forward(self, x):
+        h = self.norm(x)
+        q, k, v = self.q(h), self.k(h), self.v(h)
+        h = x + q + torch.cat([k, v], -1).repeat(1, 1, 2)
+        return self.down(torch.nn.functional.silu(self.gate(h)) * self.up(h))

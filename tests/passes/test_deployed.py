@@ -7,7 +7,7 @@ import torch
 
 import bitcompile
 from tests.helpers import EXACT
-from tests.passes.test_siblings import Attention
+from tests.passes.fusion_models import Attention
 
 OPTIONS = [
     {},

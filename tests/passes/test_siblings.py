@@ -7,22 +7,7 @@ from torch import nn
 import bitcompile
 from bitcompile.passes import manager
 from tests.helpers import EXACT
-
-
-class Attention(nn.Module):
-    """q/k/v projections of one input (GQA-shaped k/v), with or without biases, and a gated MLP."""
-
-    def __init__(self, bias: bool):
-        super().__init__()
-        self.q, self.k, self.v = nn.Linear(32, 32, bias=bias), nn.Linear(32, 8, bias=bias), nn.Linear(32, 8, bias=bias)
-        self.gate, self.up, self.down = nn.Linear(32, 48), nn.Linear(32, 48), nn.Linear(48, 32)
-        self.norm = nn.RMSNorm(32)
-
-    def forward(self, x):
-        h = self.norm(x)
-        q, k, v = self.q(h), self.k(h), self.v(h)
-        h = x + q + torch.cat([k, v], -1).repeat(1, 1, 2)
-        return self.down(torch.nn.functional.silu(self.gate(h)) * self.up(h))
+from tests.passes.fusion_models import Attention
 
 
 def compiled(model, x, siblings=True, monkeypatch=None):
