@@ -3,7 +3,8 @@
 Lookup order: this process's memory -> the user's cache
 (``$BITCOMPILE_CACHE_DIR`` or ``$XDG_CACHE_HOME/bitcompile`` or ``~/.cache/bitcompile``,
 file ``autotune/<gpu>.json``) -> the table shipped in the package
-(``bitcompile/kernels/tuned/<gpu>.json``, one for the H100) -> for a shape in neither, the
+(``bitcompile/kernels/tuned/<gpu>.json``, one for the H100; a GPU without its own starts from
+its architecture's, e.g. an H200 from the H100's) -> for a shape in neither, the
 configuration of the nearest tabled shape of the same kernel (log-distance over M, N, K) that
 is a valid candidate here, else the kernel's default candidate: a first run never waits on
 timing. ``BITCOMPILE_AUTOTUNE=1`` times every candidate of such a shape instead
@@ -35,6 +36,10 @@ _lock = threading.Lock()
 _memory: dict[str, dict[str, dict]] = {}  # gpu -> key -> config
 _dumped: set[str] = set()
 SHIPPED_DIR = Path(__file__).with_name("tuned")
+# The shipped table a GPU without its own starts from, by compute capability: the same kernels
+# and candidate configurations (an H200, H100 PCIe/NVL or GH200 differs from the H100 SXM in
+# bandwidth and clocks, not in what a configuration needs); the defaults would be far slower.
+ARCH_TABLES = {(9, 0): "NVIDIA_H100_80GB_HBM3"}
 
 
 def interpreting() -> bool:
@@ -67,12 +72,21 @@ def _read(path: Path) -> dict[str, dict]:
         return {}
 
 
+def shipped_table(gpu: str) -> Path:
+    """The shipped table for ``gpu`` (the current CUDA device): its own, else its architecture's."""
+    own = SHIPPED_DIR / f"{gpu}.json"
+    if own.exists() or interpreting() or not torch.cuda.is_available():
+        return own
+    sibling = ARCH_TABLES.get(tuple(torch.cuda.get_device_capability()))
+    return SHIPPED_DIR / f"{sibling}.json" if sibling else own
+
+
 def _load(gpu: str) -> dict[str, dict]:
     if gpu not in _memory:
         retune = {k.strip() for k in os.environ.get("BITCOMPILE_RETUNE", "").split(",") if k.strip()}
         shipped = {
             key: cfg
-            for key, cfg in _read(SHIPPED_DIR / f"{gpu}.json").items()
+            for key, cfg in _read(shipped_table(gpu)).items()
             if "all" not in retune and key.split(":")[0] not in retune
         }
         _memory[gpu] = {**shipped, **_read(user_cache_file(gpu))}  # user entries override shipped

@@ -34,6 +34,21 @@ def test_lookup_order_and_retune(tmp_path, monkeypatch):
     assert tuning._load("gpu") == {"weight_pack:8,8": {"BN": 8}}
 
 
+def test_a_gpu_without_its_own_table_starts_from_its_architectures(tmp_path, monkeypatch):
+    (tmp_path / "h100.json").write_text(json.dumps({"ternary_mm:1,8,8": {"BN": 4}}))
+    monkeypatch.setattr(tuning, "SHIPPED_DIR", tmp_path)
+    monkeypatch.setattr(tuning, "ARCH_TABLES", {(9, 0): "h100"})
+    monkeypatch.setenv("BITCOMPILE_CACHE_DIR", str(tmp_path / "user"))
+    monkeypatch.setattr(tuning, "_memory", {})
+    monkeypatch.setattr(tuning, "interpreting", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    assert tuning._load("h200") == {"ternary_mm:1,8,8": {"BN": 4}}
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (8, 0))
+    monkeypatch.setattr(tuning, "_memory", {})
+    assert tuning._load("a100") == {}  # another architecture: no table, the nearest-or-default rule
+
+
 def test_untabled_shapes_take_the_nearest_tabled_configuration_unless_tuning_is_asked(tmp_path, monkeypatch):
     table = {
         "ternary_mm:1,4096,4096": {"BN": 4},
