@@ -10,7 +10,7 @@ from torch.profiler import ProfilerActivity, profile
 from timing import CUDA, sync
 
 
-def kernel_table(fn: Callable[[], object], label: str, steps: int = 5, top: int = 12) -> str:
+def kernel_table(fn: Callable[[], object], label: str, steps: int = 5, top: int = 25) -> str:
     """Device time per kernel per step (CPU op time where there is no GPU), the ``top`` kernels
     and the total, after three warm-up calls. Kernels replayed from a CUDA graph are listed
     where the profiler sees inside graphs (CUPTI on CUDA 12)."""
