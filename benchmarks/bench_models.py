@@ -177,9 +177,12 @@ def profiled(step, label: str, step_ms: float) -> None:
     """Kernel and host tables of ``step`` appended to the ``--profile`` file: a device total well
     below the step's time means the GPU waits for the host."""
     text = "\n".join((profiling.kernel_table(step, label), f"{1e3 * step_ms:9.1f} us  step time", ""))
-    text += "\n" + profiling.host_table(step, steps=5) + "\n\n"
+    write_profile(text + "\n" + profiling.host_table(step, steps=5))
+
+
+def write_profile(text: str) -> None:
     with open(PROFILE_OUT[0], "a") as f:
-        f.write(text)
+        f.write(text + "\n\n")
 
 
 def compile_decode(model, backend: str) -> None:
@@ -208,7 +211,10 @@ def decode_side(model, label: str, args, rows: list, prompt_len: int, short: int
         # when it began (the other side's model, which CUDA-graph trees keep alive, and the
         # reference twin excluded).
         start = torch.cuda.memory_allocated() if timing.CUDA else 0
+        profiling.reset_compile_times()
         first, result = timing.timed(lambda: generate(model, prompts, short))
+        if args.profile:
+            write_profile(profiling.compile_table(f"generate, {label}, batch {batch}", first))
         t_short = min(timing.timed(lambda: generate(model, prompts, short))[0] for _ in range(args.repeat))
         t_long, result = min(
             (timing.timed(lambda: generate(model, prompts, long)) for _ in range(args.repeat)), key=lambda r: r[0]
@@ -318,7 +324,10 @@ def prefill(model, label: str, backend: str, args, rows: list) -> None:
         return forward(x, use_cache=False).logits
 
     with torch.no_grad():
+        profiling.reset_compile_times()
         first, _ = timing.timed(run)
+        if args.profile:
+            write_profile(profiling.compile_table(f"prefill, {label}", first))
         times = sorted(timing.timed(run)[0] for _ in range(max(args.repeat, 5)))
     emit(
         rows,
@@ -457,7 +466,10 @@ def qat_step(shapes: dict, recipe: str, variant: str, tokens: int, seq: int, rep
         opt.zero_grad(set_to_none=True)
 
     reset_peak()
+    profiling.reset_compile_times()
     first, _ = timing.timed(step)
+    if profile_label:
+        write_profile(profiling.compile_table(profile_label, first))
     for _ in range(2):
         step()
     times = sorted(timing.timed(step)[0] for _ in range(repeat + 2))

@@ -44,3 +44,23 @@ def host_table(fn: Callable[[], object], steps: int = 20, top: int = 20) -> str:
     lines = [f"host time per step by own CPU time ({steps} steps averaged):"]
     lines += [f"{e.self_cpu_time_total / steps:9.1f} us  x{e.count // steps}  {e.key[:100]}" for e in rows]
     return "\n".join(lines)
+
+
+def reset_compile_times() -> None:
+    """Start :func:`compile_table`'s counts afresh (Dynamo accumulates them per process)."""
+    from torch._dynamo import utils
+
+    utils.compilation_time_metrics.clear()
+
+
+def compile_table(label: str, first_call_s: float, min_s: float = 0.5) -> str:
+    """Where a first call's compile time went, by Dynamo's and Inductor's phase timers (phases of
+    at least ``min_s``, summed over every graph since :func:`reset_compile_times`); the first
+    call's time beyond them is run time: Triton's compiles of kernels launched outside
+    Inductor's code, tuning, CUDA-graph capture."""
+    from torch._dynamo import utils
+
+    rows = sorted(((sum(v), k) for k, v in utils.compilation_time_metrics.items()), reverse=True)
+    lines = [f"== first call, {label}: {first_call_s:.1f} s; compile phases (nested, summed over graphs):"]
+    lines += [f"{s:9.1f} s  {name}" for s, name in rows if s >= min_s]
+    return "\n".join(lines)

@@ -66,6 +66,8 @@ def test_bench_models_smoke(tmp_path):
     profiles = profile.read_text()  # both decode sides and the four QAT variants, each with its host table
     assert profiles.count("== decode step,") == 2 and profiles.count("== QAT step,") == 4
     assert profiles.count("step time") == profiles.count("host time per step") == 6
+    # and each first call's compile phases: two generates, two prefills, four first QAT steps
+    assert profiles.count("== first call,") == 8
 
 
 def test_tune_models_smoke():
