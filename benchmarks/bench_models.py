@@ -19,7 +19,8 @@ Every row compiles both sides the same way in this process and reports their rat
 - qat: a full training step (forward, backward, fused AdamW) of Llama-shaped models with 8192 tokens,
   under three recipes (bf16 parameters; fp32 parameters with bf16 autocast; fp32), for Inductor, the
   usual fake-quant BitLinear formula under Inductor, bitnet (exact STE) and bitnet with
-  ``grad_input_bits=8``; the first step's wall time and peak memory.
+  ``grad_input_bits=8``; the first step's wall time and peak memory. ``--qat-mode reduce-overhead``
+  compiles every side with CUDA graphs (forward and backward graphs replayed; the optimizer eager).
 
 Results: one JSON object per row on stdout (also appended to ``--jsonl``), and a markdown table in
 ``--out``; ``--profile FILE``: each decode step's and QAT step's kernel table (device time per
@@ -424,7 +425,7 @@ def bench_qat(args, rows: list) -> None:
                 if variant in ("fake-quant", "bitnet q8") and not args.smoke and recipe not in args.full_recipes:
                     continue
                 label = f"QAT step, hidden {size}, {recipe}, {variant}" if args.profile else ""
-                ms, first, peak = qat_step(shapes, recipe, variant, tokens, seq, args.repeat, label)
+                ms, first, peak = qat_step(shapes, recipe, variant, tokens, seq, args.repeat, label, args.qat_mode)
                 result[variant] = ms
                 emit(
                     rows,
@@ -433,6 +434,7 @@ def bench_qat(args, rows: list) -> None:
                     hidden=size,
                     recipe=recipe,
                     variant=variant,
+                    mode=args.qat_mode or "default",
                     step_ms=round(ms, 2),
                     first_step_s=round(first, 1),
                     peak_gib=round(peak, 2),
@@ -442,8 +444,11 @@ def bench_qat(args, rows: list) -> None:
                 reset_peak()
 
 
-def qat_step(shapes: dict, recipe: str, variant: str, tokens: int, seq: int, repeat: int, profile_label="") -> tuple:
-    """``(median step ms, first step s, peak GiB)`` of one model, recipe and variant."""
+def qat_step(
+    shapes: dict, recipe: str, variant: str, tokens: int, seq: int, repeat: int, profile_label="", mode=None
+) -> tuple:
+    """``(median step ms, first step s, peak GiB)`` of one model, recipe and variant, every side
+    compiled with Inductor's ``mode`` (``"reduce-overhead"``: forward and backward in CUDA graphs)."""
     torch.manual_seed(0)
     param_dtype = torch.bfloat16 if recipe == "bf16" else torch.float32
     dims = {k: v for k, v in shapes.items() if k != "num_hidden_layers"}
@@ -451,9 +456,10 @@ def qat_step(shapes: dict, recipe: str, variant: str, tokens: int, seq: int, rep
     if variant == "fake-quant":
         fake_quant(model)
     if variant.startswith("bitnet"):
-        bitcompile.compile(model, **({"grad_input_bits": 8} if variant == "bitnet q8" else {}))
+        options = {"grad_input_bits": 8} if variant == "bitnet q8" else {}
+        bitcompile.compile(model, **options, **({"mode": mode} if mode else {}))
     else:
-        model.compile()
+        model.compile(mode=mode)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=timing.CUDA)
     ids = torch.randint(1, model.config.vocab_size, (tokens // seq, seq), device=timing.DEVICE)
     autocast = torch.autocast(timing.DEVICE, dtype=torch.bfloat16) if recipe == "fp32+autocast" else None
@@ -513,6 +519,9 @@ def main() -> None:
         type=lambda s: s.split(","),
         default=["bf16"],
         help="recipes that also run fake-quant and grad_input_bits=8",
+    )
+    parser.add_argument(
+        "--qat-mode", default=None, help='Inductor mode of every QAT side ("reduce-overhead": CUDA graphs)'
     )
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--out", default="benchmarks/results/models.md")
