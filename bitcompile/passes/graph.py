@@ -156,12 +156,18 @@ def emit_lowbit_linear(graph: fx.Graph, args: tuple, ctx) -> fx.Node:
 
 def emit_autocast_input(graph: fx.Graph, x: fx.Node, layer: fx.Node) -> fx.Node:
     """``x`` cast to ``layer``'s output dtype where they differ: the layer ran under autocast,
-    which casts a linear's or conv's inputs (``reference.autocast_input``, as the eager layers)."""
+    which casts a linear's or conv's inputs (``reference.autocast_input``, as the eager layers).
+    Layers that read the same ``x`` (q/k/v, gate/up) share one cast, and so one quantization:
+    the layers are rewritten in graph order, so an earlier layer's cast precedes this one."""
     xm, out = meta(x), meta(layer)
     if xm is None or out is None or xm.dtype == out.dtype or not out.is_floating_point():
         return x
+    for user in x.users:
+        if user.meta.get("bitnet_autocast_input") and user.args == (x, out.dtype):
+            return user
     cast = graph.call_method("to", (x, out.dtype))
     cast.meta["val"] = xm.to(out.dtype)
+    cast.meta["bitnet_autocast_input"] = True
     return cast
 
 
@@ -171,5 +177,11 @@ def emit_activation_quantization(graph: fx.Graph, x: fx.Node, cfg, per_sample: b
     if cfg.activation_bits is None:
         return None, None
     op = torch.ops.bitnet.quantize_activations_per_sample if per_sample else torch.ops.bitnet.quantize_activations
+    for user in x.users:  # layers reading the same input share its quantization (as above)
+        if user.meta.get("bitnet_shared_input") and user.target is op.default and user.args == (x, cfg.activation_bits):
+            items = {u.args[1]: u for u in user.users if u.target is operator.getitem}
+            if set(items) == {0, 1}:
+                return items[0], items[1]
     qa = graph.call_function(op.default, (x, cfg.activation_bits))
+    qa.meta["bitnet_shared_input"] = True
     return graph.call_function(operator.getitem, (qa, 0)), graph.call_function(operator.getitem, (qa, 1))

@@ -10,7 +10,8 @@ gate/up) share one ``norm_quant``. Recognised spellings:
 * transformers' Llama / Mistral / Qwen RMSNorm written out:
   ``w * (h32 * torch.rsqrt(h32.pow(2).mean(-1, keepdim=True) + eps)).to(dtype)``
   with ``h32 = h.to(torch.float32)`` (with or without the casts and the weight);
-* a residual add feeding the norm, ``h = x + r``.
+* a residual add feeding the norm, ``h = x + r``;
+* under autocast, the fp32 norm output cast to bf16/fp16 before the linears.
 
 Training graphs are fused too: there the normalized tensor is always stored (the linears'
 STE routes their input gradient through it) and ``norm_quant``'s autograd rule backpropagates
@@ -128,6 +129,15 @@ def _normalized(node) -> Optional[tuple[fx.Node, float, set]]:
     return None
 
 
+def _autocast_cast(y) -> bool:
+    """``y`` is an fp32 tensor cast to a 16-bit float (the cast autocast puts before a linear)."""
+    if not _cast(y) or len(y.args) != 2:
+        return False
+    src, out = meta(y.args[0]), meta(y)
+    half = (torch.bfloat16, torch.float16)
+    return src is not None and out is not None and src.dtype == torch.float32 and out.dtype in half
+
+
 def _residual(h: fx.Node):
     """``(x, r)`` if ``h = x + r`` with operands of h's shape and dtype, else ``(h, None)``."""
     if _call(h, T.ADD) and len(h.args) == 2 and not h.kwargs:
@@ -151,10 +161,23 @@ def fuse_norm_quant(gm: fx.GraphModule, ctx: PassContext) -> None:
             continue
         y, bits = node.args
         norm = match_norm(y)
+        if norm is None and _autocast_cast(y):
+            # Under autocast the linears quantize the norm's fp32 output cast to bf16/fp16:
+            # normalize(..., out_dtype) rounds its fp32 result once to that dtype, as the cast does.
+            norm = match_norm(y.args[0])
+            if norm is not None:
+                norm.internal.add(y)
         if norm is None:
             continue
         quants = [u for u in y.users if u.target is quantize and u.args[1] == bits]
         done.update(quants)
+        readers = sum(  # the linears reading the int8 activations (a sibling-fused matmul: its members)
+            u.meta.get("bitnet_linears", 1)
+            for q in quants
+            for g in q.users
+            if g.target is operator.getitem and g.args[1] == 0
+            for u in g.users
+        )
         hm = meta(norm.h)
         path = parameter_path(norm.weight, gm) if norm.weight is not None else None
         candidate = Candidate(
@@ -191,5 +214,5 @@ def fuse_norm_quant(gm: fx.GraphModule, ctx: PassContext) -> None:
             q.replace_all_uses_with(fused)  # getitem 0 / 1 of either is (int8, scale)
         candidate.reason = (
             f"fused: {'residual add + ' if residual is not None else ''}{norm.kind} norm + int{bits} quant "
-            f"feeding {len(quants)} linear(s){'; normalized output also stored' if store_normed else ''}"
+            f"feeding {readers} linear(s){'; normalized output also stored' if store_normed else ''}"
         )

@@ -61,8 +61,8 @@ def _biases_before(members, order: dict) -> bool:
 
 
 def _quantized_input(xq: fx.Node):
-    """``(x, bits)`` of the activation quantization ``xq`` comes from (each linear quantizes its
-    own input until the norm fusion merges them), else ``xq`` itself."""
+    """``(x, bits)`` of the activation quantization ``xq`` comes from, else ``xq`` itself (a
+    ``norm_quant`` that serves its linears one quantization)."""
     src = xq.args[0] if xq.target is operator.getitem else None
     if isinstance(src, fx.Node) and src.target is torch.ops.bitnet.quantize_activations.default:
         return tuple(src.args)
@@ -107,6 +107,7 @@ def _fuse(gm: fx.GraphModule, ctx: PassContext, dtype, members) -> None:
         )
         out = meta(first)
         fused.meta["val"] = out.new_empty((*out.shape[:-1], sum(rows)))  # the lowering reads its shape
+        fused.meta["bitnet_linears"] = len(members)  # what the norm fusion's report counts
         offset = 0
         for (node, _), n in zip(members, rows):
             part = graph.call_function(torch.narrow, (fused, -1, offset, n))

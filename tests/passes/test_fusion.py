@@ -121,6 +121,31 @@ def test_qat_gradients_through_the_fused_norm_match_the_unfused_graph(dtype):
         torch.testing.assert_close(got, want, **TOL[dtype])
 
 
+def test_autocast_linears_share_one_cast_and_fuse_with_their_norm():
+    # fp32 model under bf16 autocast (mixed-precision training): each linear's input is the fp32
+    # norm output cast to bf16. q/k/v share that cast and one fused norm + quantization; the
+    # fused graph's loss and gradients equal the unfused one's (bf16 activations: TOL[bf16]).
+    torch.manual_seed(0)
+    model = Block()
+    x, r = torch.randn(2, 5, 16), torch.randn(2, 5, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        targets = rewritten_targets(model, x, r, training=True)
+    assert targets.count(bitnet.norm_quant.default) == 2  # one per norm, shared by its linears
+    assert targets.count(bitnet.quantize_activations.default) == 1  # `down`'s input alone
+
+    def grads(**options):
+        torch._dynamo.reset()
+        model.zero_grad()
+        xs, rs = x.clone().requires_grad_(), r.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = torch.compile(model, backend="bitnet", options=options)(xs, rs)
+        out.float().pow(2).mean().backward()
+        return [out.detach(), xs.grad, rs.grad] + [p.grad.clone() for p in model.parameters()]
+
+    for got, want in zip(grads(), grads(fuse=False)):
+        torch.testing.assert_close(got, want, **TOL[torch.bfloat16])
+
+
 def test_a_linear_output_with_other_users_keeps_its_activation_outside():
     class Shared(torch.nn.Module):
         def __init__(self):
