@@ -303,8 +303,10 @@ def test_qat_launch_modes_give_the_same_gradients(grad_input_bits, launch, reque
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("grad_input_bits", [None, 8, "gluon"])
-def test_compiled_qat_launches_our_kernels_from_inductor_code(grad_input_bits, monkeypatch, request):
+@pytest.mark.parametrize(
+    "grad_input_bits,autocast", [(None, False), (8, False), ("gluon", False), (None, True), ("gluon", True)]
+)
+def test_compiled_qat_launches_our_kernels_from_inductor_code(grad_input_bits, autocast, monkeypatch, request):
     # QAT on CUDA with static shapes: the forward and the backward graph launch the weight
     # pack, matmul and input-gradient kernels from Inductor's code (no opaque bitnet op
     # called through Python); outputs and every gradient match the opaque ops' run. Not
@@ -327,20 +329,25 @@ def test_compiled_qat_launches_our_kernels_from_inductor_code(grad_input_bits, m
         triton_only = gi._configs
         monkeypatch.setattr(gi, "_configs", lambda transposed_ok=True, ws_ok=False: triton_only(transposed_ok, False))
     torch.manual_seed(0)
-    model = Block(d=256, hidden=512).to("cuda", torch.bfloat16)
-    x, r = (torch.randn(2, 7, 256, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    # autocast: fp32 parameters under bf16 autocast (mixed precision), the norms fused through
+    # the linears' input cast
+    dtype = torch.float32 if autocast else torch.bfloat16
+    model = Block(d=256, hidden=512).to("cuda", dtype)
+    x, r = (torch.randn(2, 7, 256, device="cuda", dtype=dtype) for _ in range(2))
     options = {} if grad_input_bits is None else {"grad_input_bits": grad_input_bits}
 
     def step():
         model.zero_grad()
         xs = x.clone().requires_grad_()
-        out = torch.compile(model, backend="bitnet", options=options)(xs, r)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            out = torch.compile(model, backend="bitnet", options=options)(xs, r)
         out.float().pow(2).mean().backward()
         return [out.detach(), xs.grad] + [p.grad.clone() for p in model.parameters()]
 
     got, codes = run_and_get_code(step)
     code = "\n".join(codes)
     assert "_pack_kernel" in code and ("_gemv_kernel" in code or "_gemm_kernel" in code)
+    assert "_norm_quant_kernel" in code and "bitnet.norm_quant.default" not in code
     if gluon:
         assert "bitnet.grad_input_ws.default" in code and "_grad_input" not in code
     elif grad_input_bits is None:  # the exact STE kernels
