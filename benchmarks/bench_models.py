@@ -133,7 +133,7 @@ def generate(model, prompts: torch.Tensor, new_tokens: int):
     )
 
 
-PROFILED_STEPS = 13  # what profiled() runs: kernel_table's 3 warm-up and 5 steps, host_table's 5
+PROFILED_STEPS = 18  # what profiled() runs: kernel_table's 3 warm-up and 5 steps, host_table's 5, python_table's 5
 
 
 def decode_step_ms(model, prompts: torch.Tensor, new_tokens: int, profile_label: str = "", warmup: int = 3) -> float:
@@ -178,7 +178,7 @@ def profiled(step, label: str, step_ms: float) -> None:
     """Kernel and host tables of ``step`` appended to the ``--profile`` file: a device total well
     below the step's time means the GPU waits for the host."""
     text = "\n".join((profiling.kernel_table(step, label), f"{1e3 * step_ms:9.1f} us  step time", ""))
-    write_profile(text + "\n" + profiling.host_table(step, steps=5))
+    write_profile(text + "\n" + profiling.host_table(step, steps=5) + "\n\n" + profiling.python_table(step, steps=5))
 
 
 def write_profile(text: str) -> None:

@@ -46,11 +46,34 @@ def host_table(fn: Callable[[], object], steps: int = 20, top: int = 20) -> str:
     return "\n".join(lines)
 
 
+def python_table(fn: Callable[[], object], steps: int = 20, top: int = 20) -> str:
+    """Host time per step by Python function, own time (cProfile: it sees which Python code runs,
+    not C++; its own overhead inflates functions that make many small calls)."""
+    import cProfile
+    import io
+    import pstats
+
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(steps):
+        fn()
+    sync()
+    profiler.disable()
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(top)
+    body = text.getvalue().splitlines()
+    start = next((i for i, line in enumerate(body) if line.lstrip().startswith("ncalls")), 0)
+    return f"python own time by function, cProfile, {steps} steps in all:\n" + "\n".join(body[start:])
+
+
 def reset_compile_times() -> None:
     """Start :func:`compile_table`'s counts afresh (Dynamo accumulates them per process)."""
     from torch._dynamo import utils
 
+    from bitcompile.ops import kernel_analysis
+
     utils.compilation_time_metrics.clear()
+    kernel_analysis.STATS.update(calls=0, analysed=0, seconds=0.0)
 
 
 def compile_table(label: str, first_call_s: float, min_s: float = 0.5) -> str:
@@ -60,7 +83,14 @@ def compile_table(label: str, first_call_s: float, min_s: float = 0.5) -> str:
     Inductor's code, tuning, CUDA-graph capture."""
     from torch._dynamo import utils
 
+    from bitcompile.ops import kernel_analysis
+
     rows = sorted(((sum(v), k) for k, v in utils.compilation_time_metrics.items()), reverse=True)
     lines = [f"== first call, {label}: {first_call_s:.1f} s; compile phases (nested, summed over graphs):"]
     lines += [f"{s:9.1f} s  {name}" for s, name in rows if s >= min_s]
+    stats = kernel_analysis.STATS
+    lines.append(
+        f"{stats['seconds']:9.1f} s  torch's analysis of bitcompile's Triton launches: {stats['analysed']} analysed,"
+        f" {stats['calls'] - stats['analysed']} answered from the first analysis of the same launch"
+    )
     return "\n".join(lines)

@@ -46,6 +46,10 @@ def twin(name: str, op, impl: Callable, cpu: Callable | None = None):
     ``twin_*()`` (cached) defines one and returns its overload, for the pass that emits it."""
     from torch.library import triton_op
 
+    from bitcompile.ops import kernel_analysis
+
+    kernel_analysis.install()  # torch analyses each traced launch: once per distinct launch of ours
+
     def body(*args):
         return impl(op.Args(*args))
 
