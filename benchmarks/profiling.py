@@ -73,7 +73,7 @@ def reset_compile_times() -> None:
     from bitcompile.ops import kernel_analysis
 
     utils.compilation_time_metrics.clear()
-    kernel_analysis.STATS.update(calls=0, analysed=0, seconds=0.0)
+    kernel_analysis.STATS.update(calls=0, analysed=0, unkeyed=0, seconds=0.0)
 
 
 def compile_table(label: str, first_call_s: float, min_s: float = 0.5) -> str:
@@ -91,6 +91,8 @@ def compile_table(label: str, first_call_s: float, min_s: float = 0.5) -> str:
     stats = kernel_analysis.STATS
     lines.append(
         f"{stats['seconds']:9.1f} s  torch's analysis of bitcompile's Triton launches: {stats['analysed']} analysed,"
-        f" {stats['calls'] - stats['analysed']} answered from the first analysis of the same launch"
+        f" {stats['calls'] - stats['analysed']} answered from the first analysis of the same launch,"
+        f" {stats['unkeyed']} not keyed ({stats.get('last_unkeyed', '')})"
     )
+    lines.append(kernel_analysis.summary())
     return "\n".join(lines)

@@ -8,6 +8,7 @@ passes and give it to Inductor (``compile_fx``), on the CPU as on CUDA.
 
 from __future__ import annotations
 
+import operator
 import sys
 import warnings
 from typing import Any, Callable, Optional, Sequence
@@ -104,6 +105,7 @@ def _compile(gm: fx.GraphModule, example_inputs: list, ctx) -> Callable:
     from torch._inductor.compile_fx import compile_fx
 
     hoisted = list(ctx.hoisted)
+    dynamo_inputs = len(example_inputs)
     # Extra graph inputs, in placeholder order: runtime inputs (e.g. a custom quantizer's
     # parameters, fetched fresh each call), then the hoisted packed weights.
     runtime_inputs = list(ctx.runtime_inputs)
@@ -119,6 +121,8 @@ def _compile(gm: fx.GraphModule, example_inputs: list, ctx) -> Callable:
         )
     if "dynamo_compile_id" in gm.meta:
         _mark_added_inputs(gm, hoisted)
+    read = _drop_unread_sources(gm, hoisted, dynamo_inputs)
+    example_inputs = [example_inputs[i] for i in read] + example_inputs[dynamo_inputs:]
     mode = ctx.config.mode
     patches = {**(list_mode_options(mode) if mode not in (None, "default") else {}), **source_key_patch()}
     if ctx.config.cpp_wrapper:
@@ -134,12 +138,36 @@ def _compile(gm: fx.GraphModule, example_inputs: list, ctx) -> Callable:
         return compiled
 
     served = ServedWeights(hoisted)
+    if len(read) == dynamo_inputs:
 
-    def run_with_packed_weights(*args):
+        def run_with_packed_weights(*args):
+            extra = [t for fetch in runtime_inputs for t in fetch()]
+            return compiled(*args, *extra, *served(args))
+
+        return run_with_packed_weights
+
+    take = operator.itemgetter(*read) if len(read) > 1 else lambda args: tuple(args[i] for i in read)
+
+    def run_with_packed_weights_only(*args):
         extra = [t for fetch in runtime_inputs for t in fetch()]
-        return compiled(*args, *extra, *served(args))
+        return compiled(*take(args), *extra, *served(args))
 
-    return run_with_packed_weights
+    return run_with_packed_weights_only
+
+
+def _drop_unread_sources(gm: fx.GraphModule, hoisted, count: int) -> list[int]:
+    """Positions of Dynamo's ``count`` inputs the rewritten graph still reads. The weights that
+    hoisted inputs are packed from (latent weights, or a deployed layer's codes and scales) are
+    read only by the runtime wrapper once the graph takes their packing: handing them to the
+    compiled graph too costs every call their handling by AOTAutograd's wrapper and the CUDA
+    graph's input checks (a 16-layer deployed Llama: 224 of its ~400 inputs)."""
+    placeholders = gm.graph.find_nodes(op="placeholder")[:count]
+    unread = {i for h in hoisted for i in h.sources() if not placeholders[i].users}
+    for i in unread:
+        gm.graph.erase_node(placeholders[i])
+    if unread:
+        gm.recompile()
+    return [i for i in range(count) if i not in unread]
 
 
 class _SourceKey(CustomGraphPass):

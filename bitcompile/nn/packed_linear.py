@@ -43,6 +43,9 @@ class PackedLinear(nn.Module):
             exclude=[],
         )
         self.in_features, self.out_features = in_features, out_features
+        # what forward reads, as a plain attribute: under torch.compile each attribute read is a
+        # guard checked on every call, and a decode step's host time is mostly those checks
+        self.activation_bits = activation_bits
         codes = (out_features, in_features) if weight == "int8" else (out_features, packed_columns(in_features))
         code_dtype = torch.int8 if weight == "int8" else torch.uint8
         self.register_buffer("weight_packed", torch.zeros(codes, dtype=code_dtype, device=device))
@@ -86,7 +89,7 @@ class PackedLinear(nn.Module):
         x = ref.autocast_input(x)
         dtype = x.dtype
         bias = None if self.bias is None else self.bias.to(dtype)
-        bits = self.config.activation_bits
+        bits = self.activation_bits
         if bits is None:  # weight-only: float activations times the integer weights
             acc = torch.ops.bitnet.lowbit_matmul(x, self.weight_packed, self.in_features)
             return torch.ops.bitnet.dequantize(acc, None, self.weight_scale, bias, dtype)

@@ -23,7 +23,8 @@ import torch
 # ``identify_mutated_tensors`` (writes); both take (kernel, kwargs, tma_descriptor_metadata).
 ANALYSES = ("identify_accessed_tensors", "identify_mutated_tensors")
 
-STATS = {"calls": 0, "analysed": 0, "seconds": 0.0}  # what the benchmark's compile profile reports
+STATS = {"calls": 0, "analysed": 0, "unkeyed": 0, "seconds": 0.0}  # what the benchmark's compile profile reports
+_MEMOS: list = []  # every memoized analysis's answers, for summary()
 
 
 class _Unkeyable(Exception):
@@ -76,7 +77,9 @@ def memoized(analyse: Callable) -> Callable:
             return analyse(kernel, kwargs, *rest, **options)
         try:
             key = launch_key(kernel, kwargs, rest[0] if rest else options.get("tma_descriptor_metadata"))
-        except _Unkeyable:
+        except _Unkeyable as err:
+            STATS["unkeyed"] += 1
+            STATS["last_unkeyed"] = str(err)
             return analyse(kernel, kwargs, *rest, **options)
         STATS["calls"] += 1
         if key not in answers:
@@ -88,7 +91,23 @@ def memoized(analyse: Callable) -> Callable:
         return copy.deepcopy(answers[key])  # callers may extend what they are given
 
     analysis.bitcompile_memo = answers
+    _MEMOS.append((answers, kernels))
     return analysis
+
+
+def summary() -> str:
+    """Per kernel: how many distinct launches were analysed, and the arguments whose type or
+    value differed between them (what keeps launches from sharing an analysis)."""
+    lines = []
+    for answers, kernels in _MEMOS:
+        by_kernel: dict = {}
+        for kernel_id, arguments, _tma in answers:
+            by_kernel.setdefault(kernel_id, []).append(dict(arguments))
+        for kernel_id, launches in by_kernel.items():
+            varying = {name for launch in launches for name in launch if len({str(a.get(name)) for a in launches}) > 1}
+            name = getattr(getattr(kernels[kernel_id], "fn", None), "__name__", "?")
+            lines.append(f"{name}: {len(launches)} distinct launches; differing in {sorted(varying)[:8]}")
+    return "\n".join(lines)
 
 
 def install() -> None:

@@ -349,7 +349,10 @@ def test_compiled_qat_launches_our_kernels_from_inductor_code(grad_input_bits, a
     assert "_pack_kernel" in code and ("_gemv_kernel" in code or "_gemm_kernel" in code)
     assert "_norm_quant_kernel" in code and "bitnet.norm_quant.default" not in code
     if gluon:
-        assert "bitnet.grad_input_ws.default" in code and "_grad_input" not in code
+        # (Inductor may name a fused kernel after the op, "..._grad_input_ws_view_0": only our
+        # Triton kernels' names are checked for)
+        assert "bitnet.grad_input_ws.default" in code
+        assert "_grad_input_kernel" not in code and "_grad_input_t_kernel" not in code
     elif grad_input_bits is None:  # the exact STE kernels
         assert "_grad_input_kernel" in code or "_grad_input_t_kernel" in code
     else:  # int8 output gradients through the forward matmul on transposed trits
