@@ -60,11 +60,21 @@ def _ours(kernel: Any) -> bool:
     return getattr(fn, "__module__", "").startswith("bitcompile.")
 
 
+def _base(kernel: Any) -> Any:
+    """The ``JITFunction`` analysed: torch wraps a launch's options (``num_warps``...) in a new
+    ``Autotuner`` around the same function at every launch, and analyses its function with the
+    first configuration's arguments."""
+    return kernel.fn if hasattr(kernel, "configs") else kernel
+
+
 def launch_key(kernel: Any, kwargs: dict, tma_descriptor_metadata: Any = None) -> tuple:
     """What the analysis of ``kernel`` launched with ``kwargs`` depends on; raises ``_Unkeyable``
     for an argument it cannot key (the launch is then analysed by torch as usual)."""
+    configs = getattr(kernel, "configs", None) or []
+    if configs:
+        kwargs = {**kwargs, **configs[0].kwargs}
     arguments = tuple(sorted((name, _argument_key(value)) for name, value in kwargs.items()))
-    return id(kernel), arguments, repr(sorted((tma_descriptor_metadata or {}).items()))
+    return id(_base(kernel)), arguments, repr(sorted((tma_descriptor_metadata or {}).items()))
 
 
 def memoized(analyse: Callable) -> Callable:
@@ -85,7 +95,7 @@ def memoized(analyse: Callable) -> Callable:
         if key not in answers:
             start = time.perf_counter()
             answers[key] = analyse(kernel, kwargs, *rest, **options)
-            kernels[id(kernel)] = kernel
+            kernels[id(_base(kernel))] = _base(kernel)
             STATS["analysed"] += 1
             STATS["seconds"] += time.perf_counter() - start
         return copy.deepcopy(answers[key])  # callers may extend what they are given
@@ -105,7 +115,7 @@ def summary() -> str:
             by_kernel.setdefault(kernel_id, []).append(dict(arguments))
         for kernel_id, launches in by_kernel.items():
             varying = {name for launch in launches for name in launch if len({str(a.get(name)) for a in launches}) > 1}
-            name = getattr(getattr(kernels[kernel_id], "fn", None), "__name__", "?")
+            name = getattr(getattr(kernels[kernel_id], "fn", None), "__name__", "?")  # a JITFunction's function
             lines.append(f"{name}: {len(launches)} distinct launches; differing in {sorted(varying)[:8]}")
     return "\n".join(lines)
 

@@ -37,6 +37,20 @@ def test_one_analysis_per_kernel_dtypes_and_constants():
     assert analysis(ours, {"x": torch.zeros(3), "n": 3, "BLOCK": 64}, {}) == ["x"] and len(seen) == 3
 
 
+def test_launch_options_wrapped_per_launch_share_the_analysis():
+    # torch wraps each launch's options (num_warps...) in a new Autotuner around the same kernel
+    analysis, seen = _counting()
+    ours = _kernel("bitcompile.kernels.example")
+    config = types.SimpleNamespace(kwargs={"BLOCK": 64})
+    for _ in range(3):
+        analysis(types.SimpleNamespace(fn=ours, configs=[config]), {"x": torch.zeros(3)}, {})
+    assert len(seen) == 1
+    analysis(
+        types.SimpleNamespace(fn=ours, configs=[types.SimpleNamespace(kwargs={"BLOCK": 32})]), {"x": torch.zeros(3)}, {}
+    )
+    assert len(seen) == 2
+
+
 def test_other_kernels_and_unkeyable_arguments_are_analysed_every_time():
     analysis, seen = _counting()
     theirs = _kernel("user_code.kernels")
@@ -77,6 +91,7 @@ def test_compiled_layers_reuse_the_analysis_and_it_matches_torchs(monkeypatch):
             launches.append((kernel, dict(kwargs), rest, answer))
         return answer
 
+    recording.bitcompile_memo = memo.bitcompile_memo  # installed: later twins must not wrap it again
     monkeypatch.setattr(wrap, name, recording)
 
     class Stack(torch.nn.Module):
