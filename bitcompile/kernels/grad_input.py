@@ -222,6 +222,14 @@ def _grad_input_t_kernel(
     )
 
 
+# In a compiled graph the Gluon kernel is an opaque op whose call costs ~80-100 us of host time
+# (BENCHMARKS.md rounds 21 and 28), where Inductor launches the Triton kernels from its own code
+# for a few: below ~3e10 FLOPs (~80 us of an H100's dense bf16 throughput) a faster Gluon kernel
+# cannot win that back, and small models' training steps are host-bound (hidden 384: 42 calls
+# took 4.3 ms of a 24.5 ms step). Compiled graphs use the Triton kernels there.
+GLUON_TRACED_MIN_FLOPS = 1 << 35
+
+
 def _configs(transposed_ok: bool = True, ws_ok: bool = False):
     """Launch candidates; ``transposed_ok``: the grads are 16-bit and the scale one number;
     ``ws_ok``: ``grad_input_ws.supports`` the operands."""
@@ -295,7 +303,8 @@ def grad_input(
     ws = w_scale.contiguous()
     per_channel = ws.numel() > 1
     transposed_ok = not per_channel and grad.dtype in (torch.bfloat16, torch.float16)
-    ws_ok = (wrap is None or gluon_op is not None) and grad_input_ws.supports(grad, wq, ws)
+    traced_ws_ok = gluon_op is not None and 2 * m * n * k >= GLUON_TRACED_MIN_FLOPS
+    ws_ok = (wrap is None or traced_ws_ok) and grad_input_ws.supports(grad, wq, ws)
     use_asm = not tuning.interpreting()
 
     def launch(cfg):

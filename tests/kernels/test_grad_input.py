@@ -273,6 +273,7 @@ def gluon_grad_input(monkeypatch):
         "_configs",
         lambda transposed_ok=True, ws_ok=False: [dict(layout="ws", **grad_input_ws.CONFIGS[0])] if ws_ok else [],
     )
+    monkeypatch.setattr(gi, "GLUON_TRACED_MIN_FLOPS", 0)  # compiled graphs too, at the tests' small shapes
 
 
 @pytest.mark.gpu
@@ -300,6 +301,30 @@ def test_qat_launch_modes_give_the_same_gradients(grad_input_bits, launch, reque
         grads.append((xi.grad.clone(), layer.weight.grad.clone()))
     for name, plain, other in zip(("dx", "dw"), *grads):
         assert torch.equal(plain, other), (name, (plain.float() - other.float()).abs().max(), other.isfinite().all())
+
+
+@pytest.mark.gpu
+def test_compiled_small_layers_keep_the_input_gradient_in_inductors_code():
+    # Below GLUON_TRACED_MIN_FLOPS the opaque Gluon op's host cost outweighs any kernel gain: a
+    # compiled step launches a Triton input-gradient kernel from Inductor's code instead.
+    from torch._inductor.utils import run_and_get_code
+
+    from bitcompile.kernels import grad_input as gi
+    from tests.passes.fusion_models import Block
+
+    torch.manual_seed(0)
+    model = Block(d=256, hidden=512).to("cuda", torch.bfloat16)
+    x, r = (torch.randn(2, 7, 256, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    assert 2 * 14 * 512 * 256 < gi.GLUON_TRACED_MIN_FLOPS
+
+    def step():
+        out = torch.compile(model, backend="bitnet")(x.clone().requires_grad_(), r)
+        out.float().pow(2).mean().backward()
+
+    _, codes = run_and_get_code(step)
+    code = "\n".join(codes)
+    assert "bitnet.grad_input_ws.default" not in code
+    assert "_grad_input_kernel" in code or "_grad_input_t_kernel" in code
 
 
 @pytest.mark.gpu
