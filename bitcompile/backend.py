@@ -138,21 +138,22 @@ def _compile(gm: fx.GraphModule, example_inputs: list, ctx) -> Callable:
         return compiled
 
     served = ServedWeights(hoisted)
-    if len(read) == dynamo_inputs:
+    take = _picker(read, dynamo_inputs)
 
-        def run_with_packed_weights(*args):
-            extra = [t for fetch in runtime_inputs for t in fetch()]
-            return compiled(*args, *extra, *served(args))
-
-        return run_with_packed_weights
-
-    take = operator.itemgetter(*read) if len(read) > 1 else lambda args: tuple(args[i] for i in read)
-
-    def run_with_packed_weights_only(*args):
+    def run_with_packed_weights(*args):
         extra = [t for fetch in runtime_inputs for t in fetch()]
         return compiled(*take(args), *extra, *served(args))
 
-    return run_with_packed_weights_only
+    return run_with_packed_weights
+
+
+def _picker(positions: list[int], count: int) -> Callable:
+    """``args -> the args at positions`` (of ``count``), as cheap as it gets per call."""
+    if len(positions) == count:
+        return lambda args: args
+    if len(positions) == 1:
+        return lambda args: (args[positions[0]],)
+    return operator.itemgetter(*positions) if positions else lambda args: ()
 
 
 def _drop_unread_sources(gm: fx.GraphModule, hoisted, count: int) -> list[int]:

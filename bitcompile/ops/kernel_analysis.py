@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 import torch
 
-# torch ≥ 2.10 names it ``identify_accessed_tensors`` (reads and writes); earlier releases
+# Recent torch names it ``identify_accessed_tensors`` (reads and writes), older releases
 # ``identify_mutated_tensors`` (writes); both take (kernel, kwargs, tma_descriptor_metadata).
 ANALYSES = ("identify_accessed_tensors", "identify_mutated_tensors")
 
