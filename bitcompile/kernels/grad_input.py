@@ -227,7 +227,7 @@ def _grad_input_t_kernel(
 # for a few: below ~3e10 FLOPs (~80 us of an H100's dense bf16 throughput) a faster Gluon kernel
 # cannot win that back, and small models' training steps are host-bound (hidden 384: 42 calls
 # took 4.3 ms of a 24.5 ms step). Compiled graphs use the Triton kernels there (also under CUDA
-# graphs, where the call's host cost is gone: the decision is made while tracing, before the mode).
+# graphs, where the call's host cost is gone: the launcher traced here does not know the mode).
 GLUON_TRACED_MIN_FLOPS = 1 << 35
 
 
