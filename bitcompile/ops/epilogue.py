@@ -3,6 +3,13 @@
 Emitted by ``passes/epilogue.py``: ``act(acc * s_w * s_x + bias) (+ residual)`` computed in
 float32 and cast once to the output dtype, so the activation and the residual add cost no
 extra pass over the output. No gradients: training graphs keep ``lowbit_linear``.
+
+Compiled graphs on CUDA take the packed weights in the kernels' K-blocked layout (relaid once
+by the weight cache) through one of two ops (``passes/lower_triton.py``):
+``linear_q_triton``, whose kernel Inductor launches from its own code, and
+``linear_q_kblocked``, an opaque call that launches whichever kernel tuning picks, the Gluon
+tensor-core kernel for 2-64 rows included (Inductor's code launches Triton kernels only). The
+opaque call costs host time on every call, except under CUDA graphs, where a replay runs none.
 """
 
 from __future__ import annotations
@@ -36,7 +43,7 @@ def linear_q(
 
 
 @linear_q.register_fake
-def _(*args):
+def _fake(*args):
     a = linear_q.Args(*args)
     return a.xq.new_empty((*a.xq.shape[:-1], a.wq.shape[0]), dtype=a.dtype)
 
@@ -46,11 +53,22 @@ def kernel_supports(wq: Tensor) -> bool:
     return packed_ternary(wq)
 
 
-def _kernel(a, layout: str = "canonical", wrap=None):
+def _kernel(a, layout: str = "canonical", wrap=None, keep: bool = True):
     from bitcompile.kernels.ternary_matmul import ternary_matmul
 
     return ternary_matmul(
-        a.xq, a.wq, a.k, a.x_scale, a.w_scale, a.bias, a.dtype, a.activation, a.residual, layout=layout, wrap=wrap
+        a.xq,
+        a.wq,
+        a.k,
+        a.x_scale,
+        a.w_scale,
+        a.bias,
+        a.dtype,
+        a.activation,
+        a.residual,
+        layout=layout,
+        wrap=wrap,
+        keep=keep,
     )
 
 
@@ -69,8 +87,37 @@ def traced(a):
     return _kernel(a, layout="kblocked", wrap=wrap_triton)
 
 
-def _reference_kblocked(a):
-    return linear_q.prototype(*a._replace(wq=from_kblocked(a.wq, a.k)))
+@bitnet_op("bitnet::linear_q_kblocked")
+def linear_q_kblocked(
+    xq: Tensor,
+    x_scale: Tensor,
+    wq: Tensor,
+    w_scale: Tensor,
+    bias: Optional[Tensor],
+    k: int,
+    dtype: torch.dtype,
+    activation: str,
+    residual: Optional[Tensor],
+) -> Tensor:
+    """``linear_q`` on K-blocked packed weights (``numerics.packing.to_kblocked``)."""
+    return ref.linear_epilogue(xq, x_scale, from_kblocked(wq, k), w_scale, bias, k, dtype, activation, residual)
+
+
+linear_q_kblocked.register_fake(_fake)
+
+
+@linear_q_kblocked.register_kernel("cuda")
+def _(*args):
+    # keep=False: nothing allocated here outlives the call (a CUDA graph records this launch)
+    return _kernel(linear_q_kblocked.Args(*args), layout="kblocked", keep=False)
+
+
+def gluon_rows(rows: int) -> bool:
+    """Row counts at which tuning may pick the Gluon kernel, which only ``linear_q_kblocked`` can
+    launch in a compiled graph."""
+    from bitcompile.kernels import wgmma_matmul
+
+    return 2 <= rows <= wgmma_matmul.MAX_M and wgmma_matmul.available()
 
 
 @functools.cache
@@ -78,5 +125,5 @@ def twin_linear_q():
     """``bitnet::linear_q_triton``: the matmul kernel launched from Inductor's code in CUDA graphs
     with static shapes; its packed weights arrive in the kernels' K-blocked layout
     (``numerics.packing.to_kblocked``), relaid once by the weight cache."""
-    twin("bitnet::linear_q_triton", linear_q, traced, cpu=_reference_kblocked)
+    twin("bitnet::linear_q_triton", linear_q, traced, cpu=lambda a: linear_q_kblocked(*a))
     return torch.ops.bitnet.linear_q_triton.default

@@ -5,7 +5,9 @@ opaque op through Python on every call.
 * Both: ``norm_quant`` and ``quantize_activations`` -> ``norm_quant_triton``.
 * Inference: ``linear_q`` -> ``linear_q_triton`` when its packed weights are a hoisted
   ternary weight (its cache then serves them in the K-blocked layout) and every user of
-  that weight is lowered.
+  that weight is lowered. Under CUDA graphs, at 2-64 rows, ``linear_q_kblocked`` instead: an
+  opaque call, free at replay, that can launch the Gluon tensor-core kernel (Inductor's code
+  launches Triton kernels only; at batch 8 of a 16-layer Llama the Triton GEMM took 939 us).
 * Training (QAT): ``quantize_weights`` -> ``quantize_weights_triton`` (a scheme of the
   weight-pack kernel, 2-D weights), ``lowbit_linear`` -> ``lowbit_linear_triton`` (int8
   activations, packed ternary weights); the twins keep their originals' autograd rules,
@@ -15,7 +17,7 @@ Only where the choice of kernel can be made at compile time: the graph runs on C
 every shape the kernels see is static (the variant and its tuned launch configuration
 depend on the row count; with symbolic shapes the opaque ops choose at run time).
 
-The report shows each lowered linear (``lowered: triton``).
+The report shows each lowered linear (``lowered: triton``, or ``lowered: opaque kernel call``).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import operator
 import torch
 import torch.fx as fx
 
+from bitcompile.config import CUDA_GRAPH_MODES
 from bitcompile.ops import epilogue, linear, norm_quant, quantize
 from bitcompile.passes.context import PassContext
 from bitcompile.passes.graph import meta
@@ -91,6 +94,7 @@ def _packed_codes(wq) -> bool:
 
 
 def _lower_inference_linears(graph: fx.Graph, ctx: PassContext) -> None:
+    graphed = ctx.config.mode in CUDA_GRAPH_MODES
     placeholders = {n.name: n for n in graph.nodes if n.op == "placeholder"}
     for hoisted in ctx.hoisted:
         packed = placeholders.get(hoisted.packed_name)
@@ -106,11 +110,16 @@ def _lower_inference_linears(graph: fx.Graph, ctx: PassContext) -> None:
             continue
         hoisted.layout = "kblocked"
         for user in lowerable:
-            user.target = epilogue.twin_linear_q()
-            _note_lowered(user)
+            xq = meta(user.args[0])
+            if graphed and epilogue.gluon_rows(xq.numel() // xq.shape[-1]):
+                user.target = torch.ops.bitnet.linear_q_kblocked.default
+                _note_lowered(user, "opaque kernel call")
+            else:
+                user.target = epilogue.twin_linear_q()
+                _note_lowered(user)
 
 
-def _note_lowered(node: fx.Node) -> None:
+def _note_lowered(node: fx.Node, how: str = "triton") -> None:
     candidate = node.meta.get("bitnet_candidate")
     if candidate is not None:
-        candidate.reason += ", lowered: triton"
+        candidate.reason += f", lowered: {how}"

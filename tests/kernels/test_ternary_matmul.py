@@ -231,12 +231,14 @@ def test_linear_q_triton_twin(kernels, device, m, n, k, per_channel, seed):
     want = ref.linear_epilogue(xq, xs, wq, ws, bias, k, torch.float32, "none", res)
     blocked = to_kblocked(wq, k)
     dev = [t.to(device) for t in (xq, xs, blocked, ws, bias)]
-    got = epilogue.traced(epilogue.linear_q.Args(*dev, k, torch.float32, "none", res.to(device)))
-    assert torch.equal(got.cpu(), want)
-    # On the CPU the op itself is the reference on the relaid codes.
+    args = epilogue.linear_q.Args(*dev, k, torch.float32, "none", res.to(device))
+    assert torch.equal(epilogue.traced(args).cpu(), want)
+    # the opaque call CUDA graphs use at 2-64 rows: the same kernels, launched from Python
+    assert torch.equal(epilogue._kernel(args, layout="kblocked", keep=False).cpu(), want)
+    # On the CPU both ops are the reference on the relaid codes.
     epilogue.twin_linear_q()
-    cpu = torch.ops.bitnet.linear_q_triton(xq, xs, blocked, ws, bias, k, torch.float32, "none", res)
-    assert torch.equal(cpu, want)
+    for op in (torch.ops.bitnet.linear_q_triton, torch.ops.bitnet.linear_q_kblocked):
+        assert torch.equal(op(xq, xs, blocked, ws, bias, k, torch.float32, "none", res), want)
 
 
 def test_qat_triton_twins(kernels, device):
@@ -665,6 +667,31 @@ def test_compiled_block_launches_our_kernels_from_inductor_code(dtype, deployed,
         got, (code, *_) = run_and_get_code(torch.compile(model, backend="bitnet"), x, r)
         assert "_norm_quant_kernel" in code and ("_gemv_kernel" in code or "_gemm_kernel" in code)
         assert "torch.ops.bitnet.linear_q.default" not in code and "bitnet.norm_quant.default" not in code
+        torch._dynamo.reset()
+        monkeypatch.setattr(lower_triton, "lower_to_triton", lambda gm, ctx: None)
+        opaque = torch.compile(model, backend="bitnet")(x, r)
+    assert torch.equal(got, opaque)
+
+
+@pytest.mark.gpu
+def test_cuda_graphs_launch_any_matmul_kernel_for_a_few_tokens(monkeypatch):
+    # Under CUDA graphs, 14 rows: the linears are opaque calls (free at replay) that launch the
+    # tuned kernel, Gluon included; replayed, they equal the same graph on the opaque ops.
+    from torch._inductor.utils import run_and_get_code
+
+    from bitcompile import deploy
+    from bitcompile.passes import lower_triton
+    from tests.passes.fusion_models import Block
+
+    torch.manual_seed(0)
+    model = deploy(Block(d=256, hidden=512).to("cuda", torch.bfloat16).eval())
+    x, r = (torch.randn(2, 7, 256, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    with torch.no_grad():
+        compiled = torch.compile(model, backend="bitnet", mode="reduce-overhead")
+        _, (code, *_) = run_and_get_code(compiled, x, r)
+        assert "bitnet.linear_q_kblocked.default" in code and "_gemm_kernel" not in code
+        for _ in range(3):  # recording, then replays
+            got = compiled(x, r).clone()
         torch._dynamo.reset()
         monkeypatch.setattr(lower_triton, "lower_to_triton", lambda gm, ctx: None)
         opaque = torch.compile(model, backend="bitnet")(x, r)

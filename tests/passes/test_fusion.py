@@ -193,6 +193,22 @@ def test_cuda_static_graphs_lower_to_inductor_visible_triton_ops(deployed, monke
     assert bitnet.linear_q_triton.default not in targets and targets.count(bitnet.linear_q.default) == 4
 
 
+@pytest.mark.parametrize("tokens", [1, 5, 40])
+def test_cuda_graphs_give_few_token_linears_the_opaque_kernel_call(tokens, monkeypatch):
+    # Under CUDA graphs a replay runs no host code, so at 2-64 rows (here 2 x tokens) the linears
+    # become the opaque call that can launch the Gluon kernel; one row keeps Inductor's launch
+    # (the GEMV), and so does every row count without CUDA graphs (the test above).
+    from bitcompile.passes import lower_triton
+
+    monkeypatch.setattr(lower_triton, "_static_cuda", lambda *nodes: _static(*nodes))
+    x, r = torch.randn(2 if tokens > 1 else 1, tokens, 16), torch.randn(2 if tokens > 1 else 1, tokens, 16)
+    with torch.no_grad():
+        targets = rewritten_targets(bitcompile.deploy(Block().eval()), x, r, mode="reduce-overhead")
+    opaque, traced = targets.count(bitnet.linear_q_kblocked.default), targets.count(bitnet.linear_q_triton.default)
+    rows = x.numel() // x.shape[-1]
+    assert (opaque, traced) == ((4, 0) if 2 <= rows <= 64 else (0, 4)), (rows, opaque, traced)
+
+
 def test_cuda_static_training_graphs_lower_qat_ops_to_triton_twins(monkeypatch):
     # QAT on CUDA with static shapes: the weight quantizers, the linears and the activation
     # quantizers become the Triton twins (with autograd); widened to the CPU as above.
