@@ -8,7 +8,6 @@ passes and give it to Inductor (``compile_fx``), on the CPU as on CUDA.
 
 from __future__ import annotations
 
-import operator
 import sys
 import warnings
 from typing import Any, Callable, Optional, Sequence
@@ -18,7 +17,7 @@ import torch.fx as fx
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
 from bitcompile.config import BitConfig
-from bitcompile.passes.context import ServedWeights
+from bitcompile.passes.context import ServedWeights, picker
 from bitcompile.passes.manager import source_hash
 
 
@@ -138,22 +137,13 @@ def _compile(gm: fx.GraphModule, example_inputs: list, ctx) -> Callable:
         return compiled
 
     served = ServedWeights(hoisted)
-    take = _picker(read, dynamo_inputs)
+    take = (lambda args: args) if len(read) == dynamo_inputs else picker(read)
 
     def run_with_packed_weights(*args):
         extra = [t for fetch in runtime_inputs for t in fetch()]
         return compiled(*take(args), *extra, *served(args))
 
     return run_with_packed_weights
-
-
-def _picker(positions: list[int], count: int) -> Callable:
-    """``args -> the args at positions`` (of ``count``), as cheap as it gets per call."""
-    if len(positions) == count:
-        return lambda args: args
-    if len(positions) == 1:
-        return lambda args: (args[positions[0]],)
-    return operator.itemgetter(*positions) if positions else lambda args: ()
 
 
 def _drop_unread_sources(gm: fx.GraphModule, hoisted, count: int) -> list[int]:
