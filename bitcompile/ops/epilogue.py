@@ -6,10 +6,10 @@ extra pass over the output. No gradients: training graphs keep ``lowbit_linear``
 
 Compiled graphs on CUDA take the packed weights in the kernels' K-blocked layout (relaid once
 by the weight cache) through one of two ops (``passes/lower_triton.py``):
-``linear_q_triton``, whose kernel Inductor launches from its own code, and
-``linear_q_kblocked``, an opaque call that launches whichever kernel tuning picks, the Gluon
-tensor-core kernel for 2-64 rows included (Inductor's code launches Triton kernels only). The
-opaque call costs host time on every call, except under CUDA graphs, where a replay runs none.
+``linear_q_triton``, whose kernel Inductor launches from its own code, and, under CUDA graphs,
+where a replay runs no Python, ``linear_q_kblocked``, an opaque call that launches whichever
+kernel tuning picks, the Gluon tensor-core kernel for 2-64 rows included (Inductor's code
+launches Triton kernels only).
 """
 
 from __future__ import annotations
@@ -110,14 +110,6 @@ linear_q_kblocked.register_fake(_fake)
 def _(*args):
     # keep=False: nothing allocated here outlives the call (a CUDA graph records this launch)
     return _kernel(linear_q_kblocked.Args(*args), layout="kblocked", keep=False)
-
-
-def gluon_rows(rows: int) -> bool:
-    """Row counts at which tuning may pick the Gluon kernel, which only ``linear_q_kblocked`` can
-    launch in a compiled graph."""
-    from bitcompile.kernels import wgmma_matmul
-
-    return 2 <= rows <= wgmma_matmul.MAX_M and wgmma_matmul.available()
 
 
 @functools.cache

@@ -1,23 +1,28 @@
-"""CUDA graphs: the bitnet ops become their Inductor-visible Triton twins (the ops'
-``twin_*()``), so Inductor launches our kernels from its generated code instead of calling an
-opaque op through Python on every call.
+"""Compiled graphs on CUDA launch our kernels without a Python call per op where they can.
 
-* Both: ``norm_quant`` and ``quantize_activations`` -> ``norm_quant_triton``.
-* Inference: ``linear_q`` -> ``linear_q_triton`` when its packed weights are a hoisted
-  ternary weight (its cache then serves them in the K-blocked layout) and every user of
-  that weight is lowered. Under CUDA graphs, at 2-64 rows, ``linear_q_kblocked`` instead: an
-  opaque call, free at replay, that can launch the Gluon tensor-core kernel (Inductor's code
-  launches Triton kernels only; at batch 8 of a 16-layer Llama the Triton GEMM took 939 us).
-* Training (QAT): ``quantize_weights`` -> ``quantize_weights_triton`` (a scheme of the
-  weight-pack kernel, 2-D weights), ``lowbit_linear`` -> ``lowbit_linear_triton`` (int8
-  activations, packed ternary weights); the twins keep their originals' autograd rules,
-  so the backward graph launches the input-gradient kernels from Inductor's code too.
+* Without CUDA graphs the bitnet ops become their Inductor-visible Triton twins (the ops'
+  ``twin_*()``), so Inductor launches the kernels from its generated code instead of calling an
+  opaque op through Python (~100 us of host time per call):
+  ``norm_quant`` and ``quantize_activations`` -> ``norm_quant_triton``; in inference,
+  ``linear_q`` -> ``linear_q_triton``; in training (QAT), ``quantize_weights`` ->
+  ``quantize_weights_triton`` (a scheme of the weight-pack kernel, 2-D weights),
+  ``lowbit_linear`` -> ``lowbit_linear_triton`` (int8 activations, packed ternary weights),
+  whose twins keep their originals' autograd rules, so the backward graph launches the
+  input-gradient kernels from Inductor's code too.
+* Inference under CUDA graphs (``mode="reduce-overhead"``), where a replay runs no Python: the
+  activation quantizers stay opaque ops and ``linear_q`` becomes ``linear_q_kblocked``, an opaque
+  call on the weights in the kernels' layout. Both launch what an eager call launches (the Gluon
+  matmul for 2-64 rows included, which Inductor's code cannot launch), and Inductor compiles a
+  graph of extern calls instead of tracing every kernel launch (compile time).
 
-Only where the choice of kernel can be made at compile time: the graph runs on CUDA and
-every shape the kernels see is static (the variant and its tuned launch configuration
-depend on the row count; with symbolic shapes the opaque ops choose at run time).
+A linear is lowered when its packed weights are a hoisted ternary weight (the weight cache then
+serves them in the K-blocked layout) and every user of that weight is lowered. Only where the
+choice of kernel can be made at compile time: the graph runs on CUDA and every shape the
+kernels see is static (the variant and its tuned launch configuration depend on the row count;
+with symbolic shapes the opaque ops choose at run time).
 
-The report shows each lowered linear (``lowered: triton``, or ``lowered: opaque kernel call``).
+The report shows each lowered linear (``lowered: triton``, or ``lowered: opaque call`` under
+CUDA graphs).
 """
 
 from __future__ import annotations
@@ -45,11 +50,13 @@ def lower_to_triton(gm: fx.GraphModule, ctx: PassContext) -> None:
     graph = gm.graph
     if not any(_static_cuda(n) for n in graph.nodes if n.op == "placeholder"):
         return
-    _lower_activation_quantization(graph)
+    graphed = not ctx.training and ctx.config.mode in CUDA_GRAPH_MODES
+    if not graphed:
+        _lower_activation_quantization(graph)
     if ctx.training:
         _lower_qat_linears(graph)
     else:
-        _lower_inference_linears(graph, ctx)
+        _lower_inference_linears(graph, ctx, graphed)
 
 
 def _lower_activation_quantization(graph: fx.Graph) -> None:
@@ -80,7 +87,7 @@ def _lower_qat_linears(graph: fx.Graph) -> None:
             if xq is None or not _packed_codes(wq) or not _static_cuda(node, x):
                 continue
             node.target = linear.twin_lowbit_linear()
-            _note_lowered(node)
+            _note_lowered(node, "triton")
 
 
 def _packed_codes(wq) -> bool:
@@ -93,8 +100,8 @@ def _packed_codes(wq) -> bool:
     return isinstance(src, fx.Node) and src.target in quantizers and linear.kernel_supports_scheme(src.args[1])
 
 
-def _lower_inference_linears(graph: fx.Graph, ctx: PassContext) -> None:
-    graphed = ctx.config.mode in CUDA_GRAPH_MODES
+def _lower_inference_linears(graph: fx.Graph, ctx: PassContext, graphed: bool) -> None:
+    target = torch.ops.bitnet.linear_q_kblocked.default if graphed else epilogue.twin_linear_q()
     placeholders = {n.name: n for n in graph.nodes if n.op == "placeholder"}
     for hoisted in ctx.hoisted:
         packed = placeholders.get(hoisted.packed_name)
@@ -110,16 +117,11 @@ def _lower_inference_linears(graph: fx.Graph, ctx: PassContext) -> None:
             continue
         hoisted.layout = "kblocked"
         for user in lowerable:
-            xq = meta(user.args[0])
-            if graphed and epilogue.gluon_rows(xq.numel() // xq.shape[-1]):
-                user.target = torch.ops.bitnet.linear_q_kblocked.default
-                _note_lowered(user, "opaque kernel call")
-            else:
-                user.target = epilogue.twin_linear_q()
-                _note_lowered(user)
+            user.target = target
+            _note_lowered(user, "opaque call" if graphed else "triton")
 
 
-def _note_lowered(node: fx.Node, how: str = "triton") -> None:
+def _note_lowered(node: fx.Node, how: str) -> None:
     candidate = node.meta.get("bitnet_candidate")
     if candidate is not None:
         candidate.reason += f", lowered: {how}"
