@@ -112,6 +112,16 @@ def _(*args):
     return _kernel(linear_q_kblocked.Args(*args), layout="kblocked", keep=False)
 
 
+def make_device_constants(device: torch.device) -> None:
+    """Allocate what the matmul kernels keep on the device between calls (the Gluon kernel's prmt
+    tables) now, at compile time: allocated during a CUDA graph's warm-up run, it would live in
+    the graph's memory pool, which CUDA graph trees refuse (a live tensor they do not track)."""
+    from bitcompile.kernels import wgmma_matmul
+
+    if wgmma_matmul.available():
+        wgmma_matmul.prmt_tables(device)
+
+
 @functools.cache
 def twin_linear_q():
     """``bitnet::linear_q_triton``: the matmul kernel launched from Inductor's code in CUDA graphs

@@ -119,6 +119,8 @@ def _lower_inference_linears(graph: fx.Graph, ctx: PassContext, graphed: bool) -
         for user in lowerable:
             user.target = target
             _note_lowered(user, "opaque call" if graphed else "triton")
+            if graphed:
+                epilogue.make_device_constants(meta(user.args[0]).device)
 
 
 def _note_lowered(node: fx.Node, how: str) -> None:
