@@ -86,7 +86,7 @@ class ServedWeights:
             if (
                 all(map(operator.is_, sources, tensors))
                 and list(map(_VERSION, sources)) == versions
-                and list(map(torch.Tensor.data_ptr, sources)) == addresses
+                and _same_addresses(sources, addresses)
             ):
                 return self._served
         served = [t for h in self.hoisted for t in h.fetch(inputs)]
@@ -100,6 +100,14 @@ class ServedWeights:
 
 
 _VERSION = operator.attrgetter("_version")
+
+
+def _same_addresses(tensors: tuple, addresses: list) -> bool:
+    # CUDA builds compare the addresses in C++ (the check CUDA graph trees make of static inputs)
+    same = getattr(torch._C, "_tensors_data_ptrs_at_indices_equal", None)
+    if same is None:
+        return list(map(torch.Tensor.data_ptr, tensors)) == addresses
+    return same(list(tensors), addresses, list(range(len(addresses))))
 
 
 def picker(positions: list[int]) -> Callable:

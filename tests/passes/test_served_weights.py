@@ -1,6 +1,7 @@
 """What the runtime wrapper feeds a compiled graph's hoisted inputs: the packed weights of the
 weights it is called with, remembered between calls and looked up again on any change."""
 
+import pytest
 import torch
 
 from bitcompile.numerics import reference as ref
@@ -10,17 +11,20 @@ from bitcompile.passes.context import HoistedWeight, ServedWeights
 
 def served_for(weight: torch.Tensor):
     served = ServedWeights([HoistedWeight(1, "ternary", False, "w_packed", "w_scale")])
-    x = torch.randn(2, weight.shape[1])
+    x = torch.randn(2, weight.shape[1], device=weight.device)
     return lambda: served([x, weight])
 
 
 def assert_packs(got, weight):
-    want = ref.quantize_weights(weight.detach(), "ternary", False)
-    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    want = ref.quantize_weights(weight.detach().cpu(), "ternary", False)
+    assert torch.equal(got[0].cpu(), want[0])
+    torch.testing.assert_close(got[1].cpu(), want[1], rtol=1e-6, atol=0)  # the GPU's sum: another order
 
 
-def test_repeated_calls_skip_the_cache_and_changes_are_seen():
-    weight = torch.nn.Parameter(torch.randn(8, 16))
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_repeated_calls_skip_the_cache_and_changes_are_seen(device):
+    # (CUDA builds of torch compare the addresses in C++: the "cuda" case runs that path)
+    weight = torch.nn.Parameter(torch.randn(8, 16, device=device))
     call = served_for(weight)
     first = call()
     assert_packs(first, weight)
@@ -29,7 +33,7 @@ def test_repeated_calls_skip_the_cache_and_changes_are_seen():
     with torch.no_grad():
         weight.mul_(-1)  # in place: a new version
     assert_packs(call(), weight)
-    weight.data = torch.randn(8, 16)  # new storage, same version
+    weight.data = torch.randn(8, 16, device=device)  # new storage, same version
     assert_packs(call(), weight)
     weight.data.mul_(-1)  # bypasses the version counter: seen once the cache is cleared
     WEIGHT_CACHE.clear()
