@@ -124,8 +124,8 @@ def make_device_constants(device: torch.device) -> None:
 
 @functools.cache
 def twin_linear_q():
-    """``bitnet::linear_q_triton``: the matmul kernel launched from Inductor's code in CUDA graphs
-    with static shapes; its packed weights arrive in the kernels' K-blocked layout
-    (``numerics.packing.to_kblocked``), relaid once by the weight cache."""
+    """``bitnet::linear_q_triton``: the matmul kernel launched from Inductor's code (compiled
+    graphs on CUDA with static shapes, not under CUDA graphs); its packed weights arrive in the
+    kernels' K-blocked layout (``numerics.packing.to_kblocked``), relaid once by the weight cache."""
     twin("bitnet::linear_q_triton", linear_q, traced, cpu=lambda a: linear_q_kblocked(*a))
     return torch.ops.bitnet.linear_q_triton.default

@@ -233,7 +233,7 @@ def test_linear_q_triton_twin(kernels, device, m, n, k, per_channel, seed):
     dev = [t.to(device) for t in (xq, xs, blocked, ws, bias)]
     args = epilogue.linear_q.Args(*dev, k, torch.float32, "none", res.to(device))
     assert torch.equal(epilogue.traced(args).cpu(), want)
-    # the opaque call CUDA graphs use at 2-64 rows: the same kernels, launched from Python
+    # the opaque call of graphs under CUDA graphs: the same kernels, launched from Python
     assert torch.equal(epilogue._kernel(args, layout="kblocked", keep=False).cpu(), want)
     # On the CPU both ops are the reference on the relaid codes.
     epilogue.twin_linear_q()
