@@ -11,9 +11,9 @@ Every row compiles both sides the same way in this process and reports their rat
   Tokens/s from the difference of two generate lengths (prefill and setup cancel), at batch 1 and 8
   (``--batches``), and the compiled decode step's time alone (a plain loop, no ``generate`` around
   it); the first generate's wall time (compile + graph capture); the side's peak GPU memory
-  (its model's state plus what decoding allocates); the first 32 decode steps' logits against an eager
-  forward over the same tokens: the bf16 model's for bf16 (the noise compiling alone brings), the
-  reference twin's for bitnet.
+  (its model's state plus what decoding allocates); at each batch size, the first 32 decode steps'
+  logits against an eager forward over the same tokens: the bf16 model's for bf16 (the noise
+  compiling alone brings), the reference twin's for bitnet.
 - prefill: the same models' forward over a 2048-token prompt (CUDA graphs).
 - layers: a stack of independent compiled ``nn.Linear`` layers (each its own input), per layer.
 - qat: a full training step (forward, backward, fused AdamW) of Llama-shaped models with 8192 tokens,
@@ -252,7 +252,8 @@ def bench_decode_and_prefill(args, rows: list) -> None:
     if "decode" in parts:
         bf16 = decode_side(model, "bf16 Inductor", args, rows, prompt_len, short, long)
         # The same check against the same model run eagerly: the noise compiling alone brings.
-        check_logits(model, bf16[args.batches[0]]["result"], prompt_len, "bf16 Inductor", args, rows)
+        for batch in args.batches:
+            check_logits(model, bf16[batch]["result"], prompt_len, "bf16 Inductor", args, rows)
     if "prefill" in parts:
         prefill(model, "bf16 Inductor", "inductor", args, rows)
     torch._dynamo.reset()
@@ -285,7 +286,8 @@ def bench_decode_and_prefill(args, rows: list) -> None:
             quantized_layers_bitnet_gib=round(quantized_bytes(deployed) / 2**30, 3),
             fraction=round(quantized_bytes(deployed) / float_bytes, 4),
         )
-        check_logits(twin, bitnet[args.batches[0]]["result"], prompt_len, "bitnet (deployed)", args, rows)
+        for batch in args.batches:  # each batch size runs its own kernels (GEMV, tensor-core GEMM)
+            check_logits(twin, bitnet[batch]["result"], prompt_len, "bitnet (deployed)", args, rows)
     del twin
     if "prefill" in parts:
         prefill(deployed, "bitnet (deployed)", "bitnet", args, rows)
@@ -309,6 +311,7 @@ def check_logits(reference, result, prompt_len: int, label: str, args, rows: lis
         args,
         part="decode logits",
         side=label,
+        batch=sequence.shape[0],
         steps=len(step_error),
         max_rel_error=round(max(step_error), 5),
         mean_rel_error=round(sum(step_error) / len(step_error), 5),
