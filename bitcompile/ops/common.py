@@ -3,8 +3,9 @@
 ``bitnet_op`` defines a custom op from an annotated function (its body is the default
 implementation, the plain-torch reference) and gives it ``op.Args``, a namedtuple of the
 op's parameters. Every other registration of the op (fake, CUDA kernel, the Inductor-visible
-twin) takes ``*args`` and reads them as ``op.Args(*args)``: the dispatcher passes arguments
-positionally, trailing defaults omitted, which the namedtuple's defaults fill in.
+twin, a ``variant`` with the same signature) takes ``*args`` and reads them as ``op.Args(*args)``:
+the dispatcher passes arguments positionally, trailing defaults omitted, which the namedtuple's
+defaults fill in.
 """
 
 from __future__ import annotations
@@ -27,6 +28,20 @@ def bitnet_op(name: str) -> Callable:
         return op
 
     return define
+
+
+def variant(name: str, op, impl: Callable):
+    """A custom op with ``op``'s signature and ``Args`` (another form of the same op, e.g. on
+    weights in another layout) whose default implementation is ``impl(op.Args(*args))``."""
+
+    def body(*args):
+        return impl(op.Args(*args))
+
+    body.__signature__ = inspect.signature(op.prototype, eval_str=True)  # the schema custom_op infers
+    body.__name__ = name.rpartition("::")[2]
+    new = torch.library.custom_op(name, mutates_args=())(body)
+    new.prototype, new.Args = body, op.Args
+    return new
 
 
 def arguments(fn: Callable) -> type:

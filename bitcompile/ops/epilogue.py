@@ -22,7 +22,7 @@ from torch import Tensor
 
 from bitcompile.numerics import reference as ref
 from bitcompile.numerics.packing import from_kblocked
-from bitcompile.ops.common import bitnet_op, packed_ternary, require_static, twin
+from bitcompile.ops.common import bitnet_op, packed_ternary, require_static, twin, variant
 
 
 @bitnet_op("bitnet::linear_q")
@@ -87,22 +87,10 @@ def traced(a):
     return _kernel(a, layout="kblocked", wrap=wrap_triton)
 
 
-@bitnet_op("bitnet::linear_q_kblocked")
-def linear_q_kblocked(
-    xq: Tensor,
-    x_scale: Tensor,
-    wq: Tensor,
-    w_scale: Tensor,
-    bias: Optional[Tensor],
-    k: int,
-    dtype: torch.dtype,
-    activation: str,
-    residual: Optional[Tensor],
-) -> Tensor:
-    """``linear_q`` on K-blocked packed weights (``numerics.packing.to_kblocked``)."""
-    return ref.linear_epilogue(xq, x_scale, from_kblocked(wq, k), w_scale, bias, k, dtype, activation, residual)
-
-
+# ``linear_q`` on K-blocked packed weights (``numerics.packing.to_kblocked``)
+linear_q_kblocked = variant(
+    "bitnet::linear_q_kblocked", linear_q, lambda a: linear_q.prototype(*a._replace(wq=from_kblocked(a.wq, a.k)))
+)
 linear_q_kblocked.register_fake(_fake)
 
 

@@ -37,6 +37,20 @@ def test_opcheck_every_op(scheme, per_channel, bits):
     torch.library.opcheck(bitnet.lowbit_linear, (*args, 8))
 
 
+def test_opcheck_inference_linears():
+    """``linear_q`` and its form on K-blocked weights (the opaque call of graphs under CUDA
+    graphs): schema, fake, and the same result."""
+    from bitcompile.numerics.packing import to_kblocked
+
+    x, w, b, r = torch.randn(2, 3, 300), torch.randn(6, 300), torch.randn(6), torch.randn(2, 3, 6)
+    xq, xs, wq, ws = _operands(x, w)
+    args = (xq, xs, wq, ws, b, 300, torch.bfloat16, "silu", r)
+    blocked = (xq, xs, to_kblocked(wq, 300), *args[3:])
+    torch.library.opcheck(bitnet.linear_q, args)
+    torch.library.opcheck(bitnet.linear_q_kblocked, blocked)
+    assert torch.equal(bitnet.linear_q_kblocked(*blocked), bitnet.linear_q(*args))
+
+
 def test_opcheck_grad_input_ws():
     """The Gluon input gradient's opaque op (CUDA only; the reference on the CPU): schema and
     fake (its shape without the batch dimensions, as the traced call passes 2-D grads)."""
