@@ -10,7 +10,9 @@ Every row compiles both sides the same way in this process and reports their rat
   and the model after ``bitcompile.deploy`` (packed weights only) compiled with ``backend="bitnet"``.
   Tokens/s from the difference of two generate lengths (prefill and setup cancel), at batch 1 and 8
   (``--batches``), and the compiled decode step's time alone (a plain loop, no ``generate`` around
-  it); the first generate's wall time (compile + graph capture); the side's peak GPU memory
+  it), once with the position sent from the host every token (host and GPU time add up, as in
+  ``generate``) and once kept on the GPU (the host runs ahead: the larger of the two); the first
+  generate's wall time (compile + graph capture); the side's peak GPU memory
   (its model's state plus what decoding allocates); at each batch size, the first 32 decode steps'
   logits against an eager forward over the same tokens: the bf16 model's for bf16 (the noise
   compiling alone brings), the reference twin's for bitnet.
@@ -136,12 +138,19 @@ def generate(model, prompts: torch.Tensor, new_tokens: int):
 PROFILED_STEPS = 18  # what profiled() runs: kernel_table's 3 warm-up and 5 steps, host_table's 5, python_table's 5
 
 
-def decode_step_ms(model, prompts: torch.Tensor, new_tokens: int, profile_label: str = "", warmup: int = 3) -> float:
+def decode_step_ms(
+    model, prompts: torch.Tensor, new_tokens: int, profile_label: str = "", warmup: int = 3, host_sync: bool = True
+) -> float:
     """Milliseconds per token of the compiled decode step alone: the forward ``generate`` compiles
     (same compile config), called in a plain loop that feeds back the greedy token, without
-    ``generate``'s per-token Python around it. The gap to ``1/tokens_per_s`` is that Python; the
-    step itself is what a serving loop would pay. The static cache has room for the profiled steps
-    too (recent transformers write at the cache's own running position, so none is decoded twice)."""
+    ``generate``'s per-token Python around it. The gap to ``1/tokens_per_s`` is that Python.
+
+    ``host_sync``: the position goes to the GPU from a Python int every token, a copy that waits
+    for the previous token (as ``generate``'s loop also does): host time and GPU time add up.
+    Otherwise the position stays on the GPU and is incremented there, as serving loops do: the
+    host prepares token n+1 while the GPU runs token n, and the step costs the larger of the two.
+    The static cache has room for the profiled steps too (recent transformers write at the cache's
+    own running position, so none is decoded twice)."""
     from transformers import StaticCache
 
     prompt_len = prompts.shape[1]
@@ -149,6 +158,7 @@ def decode_step_ms(model, prompts: torch.Tensor, new_tokens: int, profile_label:
     step = model.get_compiled_call(model.generation_config.compile_config)
     steps = new_tokens - warmup
     position = prompt_len
+    on_device = torch.tensor([prompt_len], device=prompts.device)
     # transformers 5.25 renamed the forward's past_key_values to cache (the old name warns)
     cache_arg = {"cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values": cache}
     with torch.no_grad():
@@ -156,12 +166,14 @@ def decode_step_ms(model, prompts: torch.Tensor, new_tokens: int, profile_label:
         token = logits[:, -1:].argmax(-1)
 
         def decode(count: int) -> torch.Tensor:
-            nonlocal token, position
+            nonlocal token, position, on_device
             for _ in range(count):
-                cache_position = torch.tensor([position], device=prompts.device)
+                cache_position = torch.tensor([position], device=prompts.device) if host_sync else on_device
                 logits = step(token, **cache_arg, cache_position=cache_position, use_cache=True).logits
                 token = logits[:, -1:].argmax(-1)
                 position += 1
+                if not host_sync:
+                    on_device += 1
             return token
 
         decode(warmup)  # compiles (or reuses generate's graph) and records the CUDA graph
@@ -222,6 +234,7 @@ def decode_side(model, label: str, args, rows: list, prompt_len: int, short: int
         )
         tokens_per_s = batch * (long - short) / (t_long - t_short)
         step_ms = decode_step_ms(model, prompts, long, f"{label}, batch {batch}" if args.profile else "")
+        async_ms = decode_step_ms(model, prompts, long, host_sync=False)
         peak = peak_gib() - start / 2**30 + state_bytes(model) / 2**30
         emit(
             rows,
@@ -231,10 +244,13 @@ def decode_side(model, label: str, args, rows: list, prompt_len: int, short: int
             batch=batch,
             tokens_per_s=round(tokens_per_s, 1),
             step_ms=round(step_ms, 3),
+            step_ms_no_sync=round(async_ms, 3),
             first_generate_s=round(first, 1),
             peak_gib=round(peak, 2),
         )
-        out[batch] = dict(tokens_per_s=tokens_per_s, step_ms=step_ms, first=first, peak=peak, result=result)
+        out[batch] = dict(
+            tokens_per_s=tokens_per_s, step_ms=step_ms, async_ms=async_ms, first=first, peak=peak, result=result
+        )
     return out
 
 
@@ -274,6 +290,8 @@ def bench_decode_and_prefill(args, rows: list) -> None:
                 side="ratio",
                 batch=batch,
                 speedup=round(bitnet[batch]["tokens_per_s"] / bf16[batch]["tokens_per_s"], 2),
+                step_speedup=round(bf16[batch]["step_ms"] / bitnet[batch]["step_ms"], 2),
+                step_speedup_no_sync=round(bf16[batch]["async_ms"] / bitnet[batch]["async_ms"], 2),
                 first_call_ratio=round(bitnet[batch]["first"] / bf16[batch]["first"], 2),
                 peak_gib_bf16=round(bf16[batch]["peak"], 2),
                 peak_gib_bitnet=round(bitnet[batch]["peak"], 2),
