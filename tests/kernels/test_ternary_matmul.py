@@ -180,12 +180,14 @@ def test_matmul_activations_by_tma_exact(kernels, device, join_k, monkeypatch):
         assert len(allocations) == device_descriptors
 
 
-def test_matmul_keep_false_keeps_no_relaid_copy(kernels, device):
+@pytest.mark.parametrize("m", [3, 7])  # interpreted: the GEMV, and the GEMM split in two along K
+def test_matmul_keep_false_keeps_no_relaid_copy(kernels, device, m):
     """Training passes fresh packed weights every step: with ``keep=False`` the matmul must not
-    keep their K-blocked copy (inside a CUDA graph it would be untracked pool memory)."""
+    keep their K-blocked copy (inside a CUDA graph it would be untracked pool memory); split-K
+    partials are then fresh, unzeroed buffers."""
     wq, _ = ref.quantize_weights(torch.randn(8, 300))
     wq = wq.to(device)
-    a = torch.randint(-128, 128, (3, 300), dtype=torch.int8).to(device)
+    a = torch.randint(-128, 128, (m, 300), dtype=torch.int8).to(device)
     want = ref.lowbit_matmul(a.cpu(), wq.cpu(), 300)
     assert torch.equal(kernels.ternary_matmul.ternary_matmul(a, wq, 300, keep=False).cpu(), want)
     assert wq not in kernels.layout._cache
