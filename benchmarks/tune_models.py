@@ -1,7 +1,7 @@
 """Tune the kernels for the linear shapes of common open models, so that a first run on this GPU
 finds them in the table instead of estimating them from the nearest tabled shape.
 
-    python benchmarks/tune_models.py [--models llama3-8b,qwen2.5-7b] [--rows 1,16,128,2048]
+    python benchmarks/tune_models.py [--models llama3-8b,qwen2.5-7b] [--rows 1,8,16,128,2048]
                                      [--qat] [--limit-s 500] [--smoke]
 
 For each model's projections (q/o, GQA k/v, the sibling-fused q+k+v and gate+up, gate/up, down)
@@ -30,6 +30,7 @@ MODELS = {
     "llama3-8b": (4096, 14336, 32, 8),
     "mistral-7b": (4096, 14336, 32, 8),
     "llama3-70b": (8192, 28672, 64, 8),
+    "tinyllama-1.1b": (2048, 5632, 32, 4),
     "qwen2.5-0.5b": (896, 4864, 14, 2),
     "qwen2.5-1.5b": (1536, 8960, 12, 2),
     "qwen2.5-3b": (2048, 11008, 16, 2),
@@ -86,7 +87,7 @@ def tune_training(m: int, n: int, k: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", type=lambda s: s.split(","), default=list(MODELS))
-    parser.add_argument("--rows", type=lambda s: [int(v) for v in s.split(",")], default=[1, 16, 128, 2048])
+    parser.add_argument("--rows", type=lambda s: [int(v) for v in s.split(",")], default=[1, 8, 16, 128, 2048])
     parser.add_argument("--qat", action="store_true", help=f"also the training kernels at {QAT_ROWS} rows")
     parser.add_argument("--limit-s", type=float, default=float("inf"), help="stop starting new shapes after this")
     args = timing.parse_args(parser)
