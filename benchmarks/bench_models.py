@@ -16,7 +16,9 @@ Every row compiles both sides the same way in this process and reports their rat
   (its model's state plus what decoding allocates); at each batch size, the first 32 decode steps'
   logits against an eager forward over the same tokens: the bf16 model's for bf16 (the noise
   compiling alone brings), the reference twin's for bitnet.
-- prefill: the same models' forward over a 2048-token prompt (CUDA graphs).
+- prefill: the same models' forward over a 2048-token prompt (CUDA graphs), with the logits of
+  the last position only, as ``generate``'s prefill computes them (``--prefill-logits all``: of
+  every position, which adds the same 2048-row bf16 ``lm_head`` GEMM, ~3 ms, to both sides).
 - layers: a stack of independent compiled ``nn.Linear`` layers (each its own input), per layer.
 - qat: a full training step (forward, backward, fused AdamW) of Llama-shaped models with 8192 tokens,
   under three recipes (bf16 parameters; fp32 parameters with bf16 autocast; fp32), for Inductor, the
@@ -341,9 +343,10 @@ def prefill(model, label: str, backend: str, args, rows: list) -> None:
     tokens = 64 if args.smoke else 2048
     x = torch.randint(1, model.config.vocab_size, (1, tokens), device=timing.DEVICE)
     forward = torch.compile(model, backend=backend, mode="reduce-overhead")
+    keep = 1 if args.prefill_logits == "last" else 0  # transformers: 0 keeps every position
 
     def run():
-        return forward(x, use_cache=False).logits
+        return forward(x, use_cache=False, logits_to_keep=keep).logits
 
     with torch.no_grad():
         profiling.reset_compile_times()
@@ -351,12 +354,15 @@ def prefill(model, label: str, backend: str, args, rows: list) -> None:
         if args.profile:
             write_profile(profiling.compile_table(f"prefill, {label}", first))
         times = sorted(timing.timed(run)[0] for _ in range(max(args.repeat, 5)))
+        if args.profile:
+            profiled(run, f"prefill, {label}", 1e3 * times[len(times) // 2])
     emit(
         rows,
         args,
         part="prefill",
         side=label,
         tokens=tokens,
+        logits=args.prefill_logits,
         ms=round(1e3 * times[len(times) // 2], 2),
         first_call_s=round(first, 1),
     )
@@ -544,6 +550,7 @@ def main() -> None:
     parser.add_argument(
         "--qat-mode", default=None, help='Inductor mode of every QAT side ("reduce-overhead": CUDA graphs)'
     )
+    parser.add_argument("--prefill-logits", choices=("last", "all"), default="last")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--out", default="benchmarks/results/models.md")
     parser.add_argument("--jsonl", default=None, help="also append each row here as it is measured")
