@@ -9,16 +9,18 @@ at each row count: the inference matmul as a compiled model launches it (Inducto
 an eager call does; with ``--qat``, at 8192 rows, the training-side kernels (the input gradient
 from bf16 output gradients, the weight packer from bf16 and fp32 weights). Every timing lands in
 the user's tuning cache (``bitcompile.kernels.tuning``), keys already there are skipped, and
-``--limit-s`` stops between shapes: rerun to resume. Merge the cache into
-``bitcompile/kernels/tuned/<gpu>.json`` to ship the results. ``--smoke``: a tiny model in the
+``--limit-s`` stops between shapes: rerun to resume. ``--ship CACHE_JSON`` merges such a cache
+file into the shipped H100 table (``bitcompile/kernels/tuned/``). ``--smoke``: a tiny model in the
 Triton interpreter (no timing): checks the script.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import time
+from pathlib import Path
 
 import torch
 
@@ -84,12 +86,28 @@ def tune_training(m: int, n: int, k: int) -> None:
     torch.ops.bitnet.grad_input(grad, wq, ws, k, None)  # the exact STE's input gradient
 
 
+def ship(cache: str) -> None:
+    from bitcompile.kernels import tuning
+
+    table = tuning.SHIPPED_DIR / f"{tuning.ARCH_TABLES[(9, 0)]}.json"
+    shipped, tuned = json.loads(table.read_text()), json.loads(Path(cache).read_text())
+    added = sum(key not in shipped for key in tuned)
+    changed = sum(key in shipped and shipped[key] != cfg for key, cfg in tuned.items())
+    shipped.update(tuned)
+    table.write_text(json.dumps(shipped, indent=1, sort_keys=True) + "\n")
+    print(f"{table}: {added} entries added, {changed} changed")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", type=lambda s: s.split(","), default=list(MODELS))
     parser.add_argument("--rows", type=lambda s: [int(v) for v in s.split(",")], default=[1, 8, 16, 128, 2048])
     parser.add_argument("--qat", action="store_true", help=f"also the training kernels at {QAT_ROWS} rows")
     parser.add_argument("--limit-s", type=float, default=float("inf"), help="stop starting new shapes after this")
+    parser.add_argument("--ship", metavar="CACHE_JSON", help="merge a tuning cache file into the shipped table, exit")
+    shipping = parser.parse_known_args()[0].ship  # (needs no GPU)
+    if shipping:
+        return ship(shipping)
     args = timing.parse_args(parser)
     table = SMOKE_MODELS if args.smoke else MODELS
     if args.smoke:
