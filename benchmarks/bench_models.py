@@ -142,7 +142,7 @@ PROFILED_STEPS = 18  # what profiled() runs: kernel_table's 3 warm-up and 5 step
 
 def decode_step_ms(
     model, prompts: torch.Tensor, new_tokens: int, profile_label: str = "", warmup: int = 3, host_sync: bool = True
-) -> float:
+) -> tuple[float, torch.Tensor]:
     """Milliseconds per token of the compiled decode step alone: the forward ``generate`` compiles
     (same compile config), called in a plain loop that feeds back the greedy token, without
     ``generate``'s per-token Python around it. The gap to ``1/tokens_per_s`` is that Python.
@@ -152,7 +152,8 @@ def decode_step_ms(
     Otherwise the position stays on the GPU and is incremented there, as serving loops do: the
     host prepares token n+1 while the GPU runs token n, and the step costs the larger of the two.
     The static cache has room for the profiled steps too (recent transformers write at the cache's
-    own running position, so none is decoded twice)."""
+    own running position, so none is decoded twice). Returns the time and the greedy tokens of
+    the timed steps."""
     from transformers import StaticCache
 
     prompt_len = prompts.shape[1]
@@ -173,16 +174,19 @@ def decode_step_ms(
                 cache_position = torch.tensor([position], device=prompts.device) if host_sync else on_device
                 logits = step(token, **cache_arg, cache_position=cache_position, use_cache=True).logits
                 token = logits[:, -1:].argmax(-1)
+                decoded.append(token)
                 position += 1
                 if not host_sync:
                     on_device += 1
             return token
 
+        decoded: list = []
         decode(warmup)  # compiles (or reuses generate's graph) and records the CUDA graph
         elapsed, _ = timing.timed(lambda: decode(steps))
+        tokens = torch.cat(decoded, 1)
         if profile_label:
             profiled(lambda: decode(1), f"decode step, {profile_label}", 1e3 * elapsed / steps)
-    return 1e3 * elapsed / steps
+    return 1e3 * elapsed / steps, tokens
 
 
 PROFILE_OUT: list = []  # the --profile file, once parsed
@@ -235,8 +239,8 @@ def decode_side(model, label: str, args, rows: list, prompt_len: int, short: int
             (timing.timed(lambda: generate(model, prompts, long)) for _ in range(args.repeat)), key=lambda r: r[0]
         )
         tokens_per_s = batch * (long - short) / (t_long - t_short)
-        step_ms = decode_step_ms(model, prompts, long, f"{label}, batch {batch}" if args.profile else "")
-        async_ms = decode_step_ms(model, prompts, long, host_sync=False)
+        step_ms, tokens = decode_step_ms(model, prompts, long, f"{label}, batch {batch}" if args.profile else "")
+        async_ms, same = decode_step_ms(model, prompts, long, host_sync=False)
         peak = peak_gib() - start / 2**30 + state_bytes(model) / 2**30
         emit(
             rows,
@@ -247,6 +251,7 @@ def decode_side(model, label: str, args, rows: list, prompt_len: int, short: int
             tokens_per_s=round(tokens_per_s, 1),
             step_ms=round(step_ms, 3),
             step_ms_no_sync=round(async_ms, 3),
+            loops_agree=torch.equal(tokens, same),  # the two loops decode the same tokens
             first_generate_s=round(first, 1),
             peak_gib=round(peak, 2),
         )
