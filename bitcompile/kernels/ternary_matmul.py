@@ -615,10 +615,8 @@ def ternary_matmul(
         store_partials = wrap is None  # see common.split_k_total
         numel = tiles * cfg["BM"] * cfg["BN"] * (cfg["SPLIT_K"] if store_partials else 1)
         if wrap is not None or not keep:  # traced, a graph input cannot be a global buffer
-            # stored partials are each written before they are read: only atomics need zeros
-            partials = torch.empty if store_partials else torch.zeros
             return (
-                partials(numel, device=a.device, dtype=torch.int32),
+                torch.zeros(numel, device=a.device, dtype=torch.int32),
                 torch.zeros(tiles, device=a.device, dtype=torch.int32),
             )
         return _split_k_workspace(a.device, numel, tiles)

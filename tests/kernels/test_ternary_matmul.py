@@ -184,7 +184,7 @@ def test_matmul_activations_by_tma_exact(kernels, device, join_k, monkeypatch):
 def test_matmul_keep_false_keeps_no_relaid_copy(kernels, device, m):
     """Training passes fresh packed weights every step: with ``keep=False`` the matmul must not
     keep their K-blocked copy (inside a CUDA graph it would be untracked pool memory); split-K
-    partials are then fresh, unzeroed buffers."""
+    workspaces are then fresh buffers."""
     wq, _ = ref.quantize_weights(torch.randn(8, 300))
     wq = wq.to(device)
     a = torch.randint(-128, 128, (m, 300), dtype=torch.int8).to(device)
