@@ -76,11 +76,15 @@ def lowbit_linear(
     wq: Tensor,
     w_scale: Tensor,
     grad_input_bits: Optional[int] = None,
+    wq_kblocked: Optional[Tensor] = None,
 ) -> Tensor:
     """Packed low-bit matmul with the dequantize epilogue. ``x`` and ``weight`` are the
     latent full-precision tensors: they carry the STE gradients (``weight`` is not read
     in the forward). ``xq``/``x_scale`` are None for weight-only quantization.
-    ``grad_input_bits`` only changes the backward (see the module docstring)."""
+    ``grad_input_bits`` only changes the backward (see the module docstring).
+    ``wq_kblocked``: the same codes in the kernels' K-blocked layout, where the caller has
+    them (``quantize_weights_kblocked``): the matmul kernel then reads them instead of
+    re-laying out ``wq`` (the backward reads ``wq``)."""
     return ref.lowbit_linear(x, bias, xq, x_scale, wq, w_scale, x.shape[-1])
 
 
@@ -93,8 +97,11 @@ def _(*args):
 def _linear_kernel(a, wrap=None):
     from bitcompile.kernels.ternary_matmul import ternary_matmul
 
-    # Weights re-quantized every step: relaid per call, not kept.
-    return ternary_matmul(a.xq, a.wq, a.x.shape[-1], a.x_scale, a.w_scale, a.bias, a.x.dtype, wrap=wrap, keep=False)
+    # Weights re-quantized every step: relaid per call (unless given in both layouts), not kept.
+    wq, layout = (a.wq, "canonical") if a.wq_kblocked is None else (a.wq_kblocked, "kblocked")
+    return ternary_matmul(
+        a.xq, wq, a.x.shape[-1], a.x_scale, a.w_scale, a.bias, a.x.dtype, layout=layout, wrap=wrap, keep=False
+    )
 
 
 @lowbit_linear.register_kernel("cuda")
@@ -188,7 +195,7 @@ def _linear_backward(grad_input_op):
             gw = (g2.t() @ a_deq.reshape(-1, ctx.k)).to(ctx.weight_dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             gb = g2.sum(0)
-        return gx, gw, gb, None, None, None, None, None
+        return gx, gw, gb, None, None, None, None, None, None
 
     return backward
 

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from bitcompile.numerics import reference as ref
+from bitcompile.numerics.packing import kblocked_columns, to_kblocked
 from bitcompile.ops.common import bitnet_op, no_gradient, quantizer_setup, twin
 
 
@@ -75,8 +76,38 @@ def _(w, scheme, per_channel):
     return quantize_pack(w, scheme, per_channel)
 
 
-quantize_activations.register_autograd(no_gradient, setup_context=quantizer_setup)
-quantize_weights.register_autograd(no_gradient, setup_context=quantizer_setup)
+@bitnet_op("bitnet::quantize_weights_kblocked")
+def quantize_weights_kblocked(w: Tensor, scheme: str, per_channel: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """``quantize_weights`` (2-bit schemes) and the same codes in the matmul kernels' K-blocked
+    layout: ``(packed [N, ceil(K/4)], scale, K-blocked [N, kblocked_columns(K)])``. A QAT step
+    needs both (the input gradient reads the first, the forward matmul the second), and on
+    CUDA one launch of the pack kernel writes both."""
+    wq, scale = ref.quantize_weights(w, scheme, per_channel)
+    return wq, scale, to_kblocked(wq, w.shape[1])
+
+
+@quantize_weights_kblocked.register_fake
+def _(w, scheme, per_channel):
+    n, k = w.shape
+    return (
+        w.new_empty((n, (k + 3) // 4), dtype=torch.uint8),
+        w.new_empty((n if per_channel else 1,), dtype=torch.float32),
+        w.new_empty((n, kblocked_columns(k)), dtype=torch.uint8),
+    )
+
+
+@quantize_weights_kblocked.register_kernel("cuda")
+def _(w, scheme, per_channel):
+    from bitcompile.kernels.weight_pack import quantize_pack_both
+
+    if not weights_kernel_supports(w, scheme):
+        wq, scale = ref.quantize_weights(w, scheme, per_channel)
+        return wq, scale, to_kblocked(wq, w.shape[1])
+    return quantize_pack_both(w, scheme, per_channel)
+
+
+for _quantizer in (quantize_activations, quantize_weights, quantize_weights_kblocked):
+    _quantizer.register_autograd(no_gradient, setup_context=quantizer_setup)
 
 
 def weights_traced(a) -> tuple[Tensor, Tensor]:
@@ -87,6 +118,14 @@ def weights_traced(a) -> tuple[Tensor, Tensor]:
     return quantize_pack(a.w, a.scheme, a.per_channel, wrap=wrap_triton)
 
 
+def weights_kblocked_traced(a) -> tuple[Tensor, Tensor, Tensor]:
+    from torch.library import wrap_triton
+
+    from bitcompile.kernels.weight_pack import quantize_pack_both
+
+    return quantize_pack_both(a.w, a.scheme, a.per_channel, wrap=wrap_triton)
+
+
 @functools.cache
 def twin_quantize_weights():
     """``bitnet::quantize_weights_triton``: QAT graphs' per-step weight quantization through the
@@ -94,3 +133,12 @@ def twin_quantize_weights():
     op = twin("bitnet::quantize_weights_triton", quantize_weights, weights_traced)
     op.register_autograd(no_gradient, setup_context=quantizer_setup)
     return torch.ops.bitnet.quantize_weights_triton.default
+
+
+@functools.cache
+def twin_quantize_weights_kblocked():
+    """``bitnet::quantize_weights_kblocked_triton``: the QAT weight quantization whose codes feed
+    lowered linears only, both layouts from one pack-kernel launch from Inductor's code."""
+    op = twin("bitnet::quantize_weights_kblocked_triton", quantize_weights_kblocked, weights_kblocked_traced)
+    op.register_autograd(no_gradient, setup_context=quantizer_setup)
+    return torch.ops.bitnet.quantize_weights_kblocked_triton.default

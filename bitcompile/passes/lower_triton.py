@@ -75,7 +75,9 @@ def _lower_activation_quantization(graph: fx.Graph) -> None:
 def _lower_qat_linears(graph: fx.Graph) -> None:
     """Training: the per-step weight quantizers and the linears on packed ternary weights and
     int8 activations (their STE backward then launches the input-gradient kernels from
-    Inductor's code as well)."""
+    Inductor's code as well). A quantizer whose codes feed lowered linears only writes them in
+    the matmul kernels' layout too, in the same launch (``quantize_weights_kblocked``): the
+    forward matmul then needs no relayout launch of its own."""
     for node in list(graph.nodes):
         if node.target is torch.ops.bitnet.quantize_weights.default:
             w, scheme = node.args[:2]
@@ -88,6 +90,21 @@ def _lower_qat_linears(graph: fx.Graph) -> None:
                 continue
             node.target = linear.twin_lowbit_linear()
             _note_lowered(node, "triton")
+    lowered = linear.twin_lowbit_linear()
+    for node in graph.find_nodes(op="call_function", target=quantize.twin_quantize_weights()):
+        codes = [u for u in node.users if u.target is operator.getitem and u.args[1] == 0]
+        users = [u for c in codes for u in c.users]
+        if not linear.kernel_supports_scheme(node.args[1]) or not users:
+            continue
+        if not all(u.target is lowered and u.args[5] in codes for u in users):
+            continue
+        node.target = quantize.twin_quantize_weights_kblocked()
+        with graph.inserting_after(node):
+            blocked = graph.call_function(operator.getitem, (node, 2))
+        for user in users:
+            args = list(user.args) + [None] * (9 - len(user.args))
+            args[8] = blocked
+            user.args = tuple(args)
 
 
 def _packed_codes(wq) -> bool:

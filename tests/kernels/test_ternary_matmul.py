@@ -266,6 +266,13 @@ def test_qat_triton_twins(kernels, device):
     assert torch.equal(got, ref.grad_input_quantized(grad, rq, rs, 70, 8))
     got = linear.grad_input_traced(linear.grad_input.Args(grad.to(device), wq, ws, 70)).cpu()
     torch.testing.assert_close(got, ref.grad_input(grad, rq, rs, 70), rtol=1e-5, atol=1e-6)
+    # the quantizer of lowered linears: both layouts from one launch, the matmul on the K-blocked codes
+    wq2, ws2, blocked = quantize.weights_kblocked_traced(
+        quantize.quantize_weights_kblocked.Args(w.to(device), "ternary", False)
+    )
+    assert torch.equal(wq2.cpu(), rq) and torch.equal(ws2, ws) and torch.equal(blocked.cpu(), to_kblocked(rq, 70))
+    args = (x.to(device), w.to(device), None, xq.to(device), xs.to(device), wq2, ws2, None, blocked)
+    assert torch.equal(linear.linear_traced(linear.lowbit_linear.Args(*args)).cpu(), out.cpu())
 
 
 # The kernel's inline PTX, run by the PTX interpreter (tests/kernels/ptx.py).
@@ -615,6 +622,7 @@ def test_triton_twins_opcheck():
         epilogue.twin_linear_q,
         norm_quant.twin_norm_quant,
         quantize.twin_quantize_weights,
+        quantize.twin_quantize_weights_kblocked,
         linear.twin_lowbit_linear,
         linear.twin_grad_input,
     ):
@@ -636,8 +644,15 @@ def test_triton_twins_opcheck():
     # the QAT twins, with inputs that need gradients (their autograd registration is checked)
     w = torch.randn(64, 300, device="cuda", requires_grad=True)
     torch.library.opcheck(ops.quantize_weights_triton.default, (w, "ternary", False), test_utils=STATIC_OPCHECK)
+    torch.library.opcheck(
+        ops.quantize_weights_kblocked_triton.default, (w, "ternary", False), test_utils=STATIC_OPCHECK
+    )
     xg = x.clone().requires_grad_()
     torch.library.opcheck(ops.lowbit_linear_triton.default, (xg, w, None, xq, xs, wq, ws, 8), test_utils=STATIC_OPCHECK)
+    wkb = relayout(wq, 300)
+    torch.library.opcheck(
+        ops.lowbit_linear_triton.default, (xg, w, None, xq, xs, wq, ws, None, wkb), test_utils=STATIC_OPCHECK
+    )
     g = torch.randn(3, 64, device="cuda")
     for bits in (None, 8):
         torch.library.opcheck(ops.grad_input_triton.default, (g, wq, ws, 300, bits), test_utils=STATIC_OPCHECK)

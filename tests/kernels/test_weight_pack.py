@@ -74,6 +74,38 @@ def test_weight_pack_kblocked_layout(kernels, device, n, k, per_channel, seed):
     assert torch.equal(packed.cpu(), to_kblocked(rp, k))
 
 
+@given(
+    n=dims,
+    k=st.integers(1, 600),
+    per_channel=st.booleans(),
+    scheme=st.sampled_from(["ternary", "binary"]),
+    seed=st.integers(0, 2**16),
+)
+def test_weight_pack_both_layouts_in_one_launch(kernels, device, n, k, per_channel, scheme, seed):
+    # QAT's quantizer for lowered linears: the canonical codes and their K-blocked layout, one launch.
+    from bitcompile.numerics.packing import to_kblocked
+
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randint(-24, 25, (n, k), generator=g) / 8
+    packed, scale, blocked = kernels.weight_pack.quantize_pack_both(w.to(device), scheme, per_channel)
+    rp, rs = ref.quantize_weights(w, scheme, per_channel)
+    assert torch.equal(scale.cpu(), rs)
+    assert torch.equal(packed.cpu(), rp)
+    assert torch.equal(blocked.cpu(), to_kblocked(rp, k))
+
+
+def test_weight_pack_per_tensor_scale_sums_the_capped_partials(kernels, device, monkeypatch):
+    # More row tiles than partial sums: each abs-sum program loops over several tiles, and every
+    # pack program sums the partials itself (no launch of its own for the total).
+    wp = kernels.weight_pack
+    monkeypatch.setattr(wp, "MAX_PARTS", 4)
+    g = torch.Generator().manual_seed(5)
+    w = torch.randint(-24, 25, (70, 40), generator=g) / 8  # 18 row tiles of 4 over 4 programs
+    packed, scale = wp.quantize_pack(w.to(device), "ternary", False)
+    rp, rs = ref.quantize_weights(w, "ternary", False)
+    assert torch.equal(scale.cpu(), rs) and torch.equal(packed.cpu(), rp)
+
+
 @pytest.mark.parametrize("layout", ["canonical", "kblocked"])
 def test_every_gpu_weight_pack_config_exact(kernels, device, layout, monkeypatch):
     """Weight quantize + pack with each GPU launch configuration (row tiles of both passes,
