@@ -12,7 +12,8 @@ from timing import CUDA, sync
 
 def kernel_table(fn: Callable[[], object], label: str, steps: int = 5, top: int = 25) -> str:
     """Device time per kernel per step (CPU op time where there is no GPU), the ``top`` kernels
-    and the total, after three warm-up calls. Kernels replayed from a CUDA graph are listed
+    and the total, then the ``top`` most launched (a host-bound step's time follows its launch
+    count), after three warm-up calls. Kernels replayed from a CUDA graph are listed
     where the profiler sees inside graphs (CUPTI on CUDA 12)."""
     for _ in range(3):
         fn()
@@ -29,6 +30,10 @@ def kernel_table(fn: Callable[[], object], label: str, steps: int = 5, top: int 
     lines = [f"== {label}: per step, {steps} steps averaged"]
     lines += [f"{us:9.1f} us  x{count:g}  {name[:110]}" for name, us, count in sorted(rows, key=lambda r: -r[1])[:top]]
     lines.append(f"{sum(r[1] for r in rows):9.1f} us  total, {sum(r[2] for r in rows):g} kernels")
+    lines.append("most launched, per step:")
+    lines += [
+        f"  x{count:<5g} {us:9.1f} us  {name[:110]}" for name, us, count in sorted(rows, key=lambda r: -r[2])[:top]
+    ]
     return "\n".join(lines)
 
 
