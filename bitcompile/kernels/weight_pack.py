@@ -34,7 +34,7 @@ LAYOUTS = {"canonical": 0, "kblocked": 1}
 Q = 64  # bytes per 256-trit block
 
 
-MAX_PARTS = 128  # partial sums of |W|: every pack program sums them all (512 bytes from L2)
+MAX_PARTS = 256  # partial sums of |W|: every pack program sums them all (1 KB from L2); 2 abs-sum programs per SM
 
 
 @triton.jit
