@@ -7,6 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from bitcompile.numerics import reference as ref
+from tests.kernels.codegen import compile_in_child, needs_ptxas
 from tests.kernels.support import dims, gpu_configs, near_half
 
 
@@ -124,6 +125,32 @@ def test_every_gpu_weight_pack_config_exact(kernels, device, layout, monkeypatch
             rp, rs = ref.quantize_weights(w, "ternary", per_channel)
             assert torch.equal(scale.cpu(), rs), cfg
             assert torch.equal(packed.cpu(), rp if layout == "canonical" else to_kblocked(rp, 300)), cfg
+
+
+# Machine code for the H100 (sm_90), compiled without a GPU (tests/kernels/codegen.py), in a fresh process.
+WEIGHT_PACK = """
+import sys
+sys.path.insert(0, {tools!r})
+import sass
+from bitcompile.kernels import weight_pack as wp
+for cfg in wp._configs():
+    sass.compile_sm90(wp._abs_sum_kernel, dict(W="*fp32", ROWSUM="*fp32", PART="*fp32", N=4096, K=4096, stride_w=4096),
+                      dict(BN=cfg["sum_rows"], BK=cfg["sum_cols"]), cfg["sum_warps"], 3)
+    for layout in (0, 1, 2):
+        for per_channel in (False, True):
+            args = dict(W="*bf16", ROWSUM="*fp32", PART="*fp32", SCALE="*fp32", P="*u8", P2="*u8", N=4096, K=4096,
+                        KB=1024, KB2=1024, n_part=200, count=2.0**24, stride_w=4096, stride_p=1024, stride_p2=1024)
+            flags = dict(BN=cfg["BN"], PER_CHANNEL=per_channel, SCHEME=0, LAYOUT=layout, QB=wp.Q, PARTS=wp.MAX_PARTS)
+            sass.compile_sm90(wp._pack_kernel, args, flags, cfg["num_warps"], 3)
+"""
+
+
+@needs_ptxas
+def test_weight_pack_compiles_for_the_h100():
+    """The abs-sum loop and the pack kernel in each layout (both at once included) and scale kind
+    compile for sm_90 at every GPU configuration (the interpreter accepts what a compile rejects)."""
+    out = compile_in_child(WEIGHT_PACK)
+    assert out.returncode == 0, out.stderr[-3000:]
 
 
 # GPU only (make test-gpu): realistic shapes, compiled kernels.
