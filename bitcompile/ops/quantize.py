@@ -14,7 +14,7 @@ from torch import Tensor
 
 from bitcompile.numerics import reference as ref
 from bitcompile.numerics.packing import kblocked_columns, to_kblocked
-from bitcompile.ops.common import bitnet_op, no_gradient, quantizer_setup, twin
+from bitcompile.ops.common import bitnet_op, no_gradient, packed_scheme, quantizer_setup, twin
 
 
 @bitnet_op("bitnet::quantize_activations")
@@ -82,6 +82,8 @@ def quantize_weights_kblocked(w: Tensor, scheme: str, per_channel: bool) -> tupl
     layout: ``(packed [N, ceil(K/4)], scale, K-blocked [N, kblocked_columns(K)])``. A QAT step
     needs both (the input gradient reads the first, the forward matmul the second), and on
     CUDA one launch of the pack kernel writes both."""
+    if not packed_scheme(scheme):
+        raise ValueError(f"quantize_weights_kblocked takes the 2-bit schemes ternary, binary (got {scheme!r})")
     wq, scale = ref.quantize_weights(w, scheme, per_channel)
     return wq, scale, to_kblocked(wq, w.shape[1])
 
@@ -101,8 +103,7 @@ def _(w, scheme, per_channel):
     from bitcompile.kernels.weight_pack import quantize_pack_both
 
     if not weights_kernel_supports(w, scheme):
-        wq, scale = ref.quantize_weights(w, scheme, per_channel)
-        return wq, scale, to_kblocked(wq, w.shape[1])
+        return quantize_weights_kblocked.prototype(w, scheme, per_channel)
     return quantize_pack_both(w, scheme, per_channel)
 
 

@@ -126,3 +126,18 @@ def test_quantizer_outputs_are_not_differentiable():
     x = torch.randn(2, 4, requires_grad=True)
     q, s = bitnet.quantize_activations(x, 8)
     assert not q.requires_grad and not s.requires_grad
+
+
+def test_quantize_weights_kblocked_is_both_layouts_of_quantize_weights():
+    # The QAT quantizer of lowered linears: quantize_weights' codes and scale, plus those codes
+    # K-blocked; int8 weights have no 2-bit layout and are refused with the supported schemes.
+    from bitcompile.numerics.packing import to_kblocked
+
+    w = torch.randn(24, 300)
+    for scheme in ("ternary", "binary"):
+        wq, scale, blocked = torch.ops.bitnet.quantize_weights_kblocked(w, scheme, False)
+        want_q, want_s = torch.ops.bitnet.quantize_weights(w, scheme, False)
+        assert torch.equal(wq, want_q) and torch.equal(scale, want_s)
+        assert torch.equal(blocked, to_kblocked(want_q, 300))
+    with pytest.raises(ValueError, match="ternary, binary"):
+        torch.ops.bitnet.quantize_weights_kblocked(w, "int8", False)
