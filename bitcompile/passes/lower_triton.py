@@ -101,10 +101,8 @@ def _lower_qat_linears(graph: fx.Graph) -> None:
         node.target = quantize.twin_quantize_weights_kblocked()
         with graph.inserting_after(node):
             blocked = graph.call_function(operator.getitem, (node, 2))
-        for user in users:
-            args = list(user.args) + [None] * (9 - len(user.args))
-            args[8] = blocked
-            user.args = tuple(args)
+        for user in users:  # (a keyword: grad_input_bits may be one, before it in the schema)
+            user.kwargs = {**user.kwargs, "wq_kblocked": blocked}
 
 
 def _packed_codes(wq) -> bool:
@@ -137,7 +135,7 @@ def _lower_inference_linears(graph: fx.Graph, ctx: PassContext, graphed: bool) -
             user.target = target
             _note_lowered(user, "opaque call" if graphed else "triton")
             if graphed:
-                epilogue.make_device_constants(meta(user.args[0]).device)
+                epilogue.make_device_constants(meta(user).device)
 
 
 def _note_lowered(node: fx.Node, how: str) -> None:

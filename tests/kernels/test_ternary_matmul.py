@@ -265,7 +265,12 @@ def test_qat_triton_twins(kernels, device):
     got = linear.grad_input_traced(linear.grad_input.Args(grad.to(device), wq, ws, 70, 8)).cpu()
     assert torch.equal(got, ref.grad_input_quantized(grad, rq, rs, 70, 8))
     got = linear.grad_input_traced(linear.grad_input.Args(grad.to(device), wq, ws, 70)).cpu()
-    torch.testing.assert_close(got, ref.grad_input(grad, rq, rs, 70), rtol=1e-5, atol=1e-6)
+    want = ref.grad_input(grad, rq, rs, 70)
+    if device == "cuda":  # fp32 gradients reach the tensor cores rounded once to bf16 (2^-9 relative)
+        bound = (grad.abs() @ ref.unpack_weights(rq, 70).abs().float()) * rs * 2**-8 + 1e-6
+        assert ((got - want).abs() <= bound).all()
+    else:
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     # the quantizer of lowered linears: both layouts from one launch, the matmul on the K-blocked codes
     wq2, ws2, blocked = quantize.weights_kblocked_traced(
         quantize.quantize_weights_kblocked.Args(w.to(device), "ternary", False)
