@@ -6,8 +6,10 @@ finds them in the table instead of estimating them from the nearest tabled shape
 
 For each model's projections (q/o, GQA k/v, the sibling-fused q+k+v and gate+up, gate/up, down)
 at each row count: the inference matmul as a compiled model launches it (Inductor-traced) and as
-an eager call does; with ``--qat``, at 8192 rows, the training-side kernels (the input gradient
-from bf16 output gradients, the weight packer from bf16 and fp32 weights). Every timing lands in
+an eager call does; with ``--qat``, at 8192 rows and for the unfused projections (training graphs
+keep siblings apart), the training step's kernels (the forward matmul, the input gradient from
+bf16 output gradients, the weight packer from bf16 and fp32 weights). The models: common open
+ones, and ``bench-qat-*``, the QAT models of ``bench_models.py``. Every timing lands in
 the user's tuning cache (``bitcompile.kernels.tuning``), keys already there are skipped, and
 ``--limit-s`` stops between shapes: rerun to resume. ``--ship CACHE_JSON`` merges such a cache
 file into the shipped H100 table (``bitcompile/kernels/tuned/``). ``--smoke``: a tiny model in the
@@ -25,6 +27,7 @@ from pathlib import Path
 import torch
 
 import timing
+from bench_models import QAT_SIZES
 
 # hidden, intermediate, attention heads, key/value heads (the models' published configs)
 MODELS = {
@@ -38,28 +41,28 @@ MODELS = {
     "qwen2.5-3b": (2048, 11008, 16, 2),
     "qwen2.5-7b": (3584, 18944, 28, 4),
 }
+# bench_models.py's QAT models (Llama-shaped; the 2048 one is not TinyLlama: 16 heads, not 32)
+CONFIG_KEYS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads")
+MODELS.update({f"bench-qat-{size}": tuple(c[key] for key in CONFIG_KEYS) for size, c in QAT_SIZES.items()})
 SMOKE_MODELS = {"tiny-gqa": (64, 96, 4, 2)}
 QAT_ROWS = 8192
 
 
-def projections(hidden: int, intermediate: int, heads: int, kv_heads: int) -> dict[str, tuple[int, int]]:
-    """``{name: (N, K)}`` of a Llama-style decoder layer's linears, sibling-fused ones included."""
+def projections(hidden: int, intermediate: int, heads: int, kv_heads: int, fused: bool = True) -> dict:
+    """``{name: (N, K)}`` of a Llama-style decoder layer's linears; ``fused``: the sibling-fused
+    ones too (inference graphs fuse them; training graphs keep the linears apart)."""
     kv = kv_heads * (hidden // heads)
-    return {
-        "q/o": (hidden, hidden),
-        "k/v": (kv, hidden),
-        "q+k+v": (hidden + 2 * kv, hidden),
-        "gate/up": (intermediate, hidden),
-        "gate+up": (2 * intermediate, hidden),
-        "down": (hidden, intermediate),
-    }
+    shapes = {"q/o": (hidden, hidden), "k/v": (kv, hidden), "gate/up": (intermediate, hidden)}
+    if fused:
+        shapes |= {"q+k+v": (hidden + 2 * kv, hidden), "gate+up": (2 * intermediate, hidden)}
+    return shapes | {"down": (hidden, intermediate)}
 
 
-def shapes(models: list[str], table: dict) -> list[tuple[int, int]]:
+def shapes(models: list[str], table: dict, fused: bool = True) -> list[tuple[int, int]]:
     """The distinct ``(N, K)`` of ``models``, in the order given."""
     seen: dict[tuple[int, int], None] = {}
     for name in models:
-        for nk in projections(*table[name]).values():
+        for nk in projections(*table[name], fused=fused).values():
             seen.setdefault(nk)
     return list(seen)
 
@@ -80,6 +83,7 @@ def tune_training(m: int, n: int, k: int) -> None:
     import bitcompile.ops  # noqa: F401  (registers the bitnet ops)
     from bitcompile.kernels.weight_pack import quantize_pack
 
+    tune_inference(m, n, k)  # the step's forward matmul
     for dtype in (torch.bfloat16, torch.float32):  # the bf16 and the fp32-master-weight recipes
         wq, ws = quantize_pack(torch.randn(n, k, device=timing.DEVICE, dtype=dtype))
     grad = torch.randn(m, n, device=timing.DEVICE, dtype=torch.bfloat16)
@@ -101,7 +105,9 @@ def ship(cache: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", type=lambda s: s.split(","), default=list(MODELS))
-    parser.add_argument("--rows", type=lambda s: [int(v) for v in s.split(",")], default=[1, 8, 16, 128, 2048])
+    parser.add_argument(
+        "--rows", type=lambda s: [int(v) for v in s.split(",") if v], default=[1, 8, 16, 128, 2048], help='"": none'
+    )
     parser.add_argument("--qat", action="store_true", help=f"also the training kernels at {QAT_ROWS} rows")
     parser.add_argument("--limit-s", type=float, default=float("inf"), help="stop starting new shapes after this")
     parser.add_argument("--ship", metavar="CACHE_JSON", help="merge a tuning cache file into the shipped table, exit")
@@ -119,7 +125,7 @@ def main() -> None:
     work = [("inference", m, n, k) for n, k in shapes(args.models, table) for m in args.rows]
     if args.qat:
         rows = 64 if args.smoke else QAT_ROWS
-        work += [("training", rows, n, k) for n, k in shapes(args.models, table)]
+        work += [("training", rows, n, k) for n, k in shapes(args.models, table, fused=False)]
     start = time.monotonic()
     for i, (kind, m, n, k) in enumerate(work):
         if time.monotonic() - start > args.limit_s:

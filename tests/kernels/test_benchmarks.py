@@ -74,8 +74,9 @@ def test_bench_models_smoke(tmp_path):
 
 def test_tune_models_smoke():
     printed = smoke("tune_models.py", "--qat")
-    assert printed.count(" inference M=1 ") == printed.count(" training M=64 ") == 6  # distinct (N, K)
-    assert "tuned 12 shapes" in printed
+    assert printed.count(" inference M=1 ") == 6  # distinct (N, K), sibling-fused ones included
+    assert printed.count(" training M=64 ") == 4  # training graphs keep siblings apart
+    assert "tuned 10 shapes" in printed
 
 
 def test_profile_qat_smoke():
