@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 import timing
-from bench_models import QAT_SIZES
+from model_shapes import QAT_SIZES
 
 # hidden, intermediate, attention heads, key/value heads (the models' published configs)
 MODELS = {

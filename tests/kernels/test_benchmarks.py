@@ -10,7 +10,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 BENCHMARKS = ROOT / "benchmarks"
-LIBRARIES = {"timing", "qat_steps", "profiling"}  # the modules of benchmarks/ that scripts import; the rest are scripts
+# the modules of benchmarks/ that scripts import; the rest are scripts
+LIBRARIES = {"timing", "qat_steps", "profiling", "model_shapes"}
 
 
 def smoke(script: str, *args: str) -> str:
