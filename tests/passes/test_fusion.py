@@ -228,6 +228,46 @@ def test_cuda_static_training_graphs_lower_qat_ops_to_triton_twins(monkeypatch):
     assert bitnet.lowbit_linear_triton.default not in targets and targets.count(bitnet.lowbit_linear.default) == 5
 
 
+def test_cuda_graphs_lower_linears_after_plain_quantizers(monkeypatch):
+    # Linears whose inputs come from plain activation quantizers (no norm before them) lower
+    # too (strict: a failing pass raises instead of falling back to the float graph).
+    from bitcompile.passes import lower_triton
+
+    monkeypatch.setattr(lower_triton, "_static_cuda", lambda *nodes: _static(*nodes))
+    model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.SiLU(), torch.nn.Linear(64, 32)).eval()
+    with torch.no_grad():
+        targets = rewritten_targets(model, torch.randn(4, 32), mode="reduce-overhead", strict=True)
+    assert targets.count(bitnet.linear_q_kblocked.default) == 2 and bitnet.linear_q.default not in targets
+
+
+@pytest.mark.parametrize("grad_input_bits", [None, 8])
+def test_lowered_qat_graph_computes_what_the_unlowered_graph_does(grad_input_bits, monkeypatch):
+    # Run on the CPU (the twins' CPU kernels are their references): every lowered call binds to
+    # its op's schema, the K-blocked codes included beside a keyword grad_input_bits.
+    from bitcompile.passes import lower_triton
+
+    monkeypatch.setattr(lower_triton, "_static_cuda", lambda *nodes: _static(*nodes))
+    torch.manual_seed(0)
+    model, x, r = Block(), torch.randn(2, 5, 16, requires_grad=True), torch.randn(2, 5, 16)
+    outputs = {}
+
+    def capture(gm, example_inputs):
+        for lowered in (True, False):
+            with monkeypatch.context() as patch:
+                if not lowered:
+                    patch.setattr(lower_triton, "lower_to_triton", lambda gm, ctx: None)
+                ctx = PassContext(BitConfig.from_options({"grad_input_bits": grad_input_bits}), training=True)
+                rewritten = run_passes(_copy(gm), ctx)
+            outputs[lowered] = rewritten(*example_inputs)
+            if lowered:
+                assert bitnet.quantize_weights_kblocked_triton.default in [n.target for n in rewritten.graph.nodes]
+        return gm.forward
+
+    torch.compile(model, backend=capture)(x, r)
+    for got, want in zip(outputs[True], outputs[False], strict=True):
+        assert torch.equal(got, want)
+
+
 def _static(*nodes):
     from bitcompile.passes.graph import meta
 
