@@ -61,6 +61,8 @@ def test_bench_models_smoke(tmp_path):
     # On the CPU both sides compute what their eager reference computes: every greedy token agrees.
     logits = {row["side"]: row["argmax_agreement"] for row in rows if row["part"] == "decode logits"}
     assert logits == {"bf16 Inductor": 1.0, "bitnet (deployed)": 1.0}
+    (checked,) = [row for row in rows if row["part"] == "decode logits" and row["side"] == "bitnet (deployed)"]
+    assert checked["within"] == (checked["max_rel_error"] <= checked["tolerance"])  # against the bf16 noise
     qat = [row["variant"] for row in rows if row["part"] == "qat"]
     assert qat == ["Inductor", "fake-quant", "bitnet", "bitnet q8"]
     table = out.read_text()
