@@ -330,6 +330,8 @@ def check_logits(reference, result, prompt_len: int, label: str, args, rows: lis
     scale = want.abs().amax()
     step_error = ((got - want).abs().amax(dim=(0, 2)) / scale).tolist()
     agree = (got.argmax(-1) == want.argmax(-1)).float().mean().item()
+    limit = None if noise is None else LOGIT_TOLERANCE * noise
+    checked = {} if limit is None else dict(tolerance=round(limit, 5), within=max(step_error) <= limit)
     emit(
         rows,
         args,
@@ -340,8 +342,7 @@ def check_logits(reference, result, prompt_len: int, label: str, args, rows: lis
         max_rel_error=round(max(step_error), 5),
         mean_rel_error=round(sum(step_error) / len(step_error), 5),
         argmax_agreement=round(agree, 4),
-        **({} if noise is None else dict(tolerance=round(LOGIT_TOLERANCE * noise, 5))),
-        **({} if noise is None else dict(within=max(step_error) <= LOGIT_TOLERANCE * noise)),
+        **checked,
     )
     return max(step_error)
 
