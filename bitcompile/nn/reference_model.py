@@ -41,7 +41,7 @@ class BitConv1DProjection(nn.Module):
         cfg, w = self.config, self.weight.t()
         x2 = x.reshape(-1, x.size(-1))
         wq, w_scale = torch.ops.bitnet.quantize_weights(w, cfg.weight, cfg.per_channel)
-        out = bit_attention.project(x2, w, self.bias, wq, w_scale, cfg.activation_bits)
+        out = bit_attention.project(x2, w, self.bias, wq, w_scale, cfg.activation_bits, None, cfg.grad_input_bits)
         return out.view(*x.shape[:-1], self.nf)
 
 
@@ -213,8 +213,8 @@ def _swap(module: nn.Module, path: str, cfg: BitConfig, embedding_weights: set, 
         if reason:
             skipped[path] = reason
             return None
-    if kind == "linear":
-        return BitLinear.from_linear(module, **opts)
+    if kind == "linear":  # the backend's linears (Conv1D's too) honour grad_input_bits; convs and attention do not
+        return BitLinear.from_linear(module, **opts, grad_input_bits=cfg.grad_input_bits)
     if kind == "conv":
         return (_TwinConv1d if type(module) is nn.Conv1d else _TwinConv2d).from_conv(module, **opts)
     if kind == "conv1d":

@@ -75,9 +75,11 @@ def project(
     w_scale: Optional[Tensor],
     activation_bits,
     rows=None,
+    grad_input_bits: Optional[int] = None,
 ) -> Tensor:
     """``x @ w[rows]^T + b[rows]`` through ``lowbit_linear`` (rows: a slice of output features;
-    packing runs along K, so a row slice of the packed weight is the packed row slice)."""
+    packing runs along K, so a row slice of the packed weight is the packed row slice), its input
+    gradient from output gradients quantized to ``grad_input_bits`` if given."""
     if rows is not None:
         w, b = w[rows], (b[rows] if b is not None else None)
         if wq is not None:
@@ -88,7 +90,7 @@ def project(
     x = ref.autocast_input(x).contiguous()  # the quantizer's fake kernel assumes a contiguous result
     if activation_bits is not None:
         xq, x_scale = torch.ops.bitnet.quantize_activations(x, activation_bits)
-    return torch.ops.bitnet.lowbit_linear(x, w, b, xq, x_scale, wq, w_scale)
+    return torch.ops.bitnet.lowbit_linear(x, w, b, xq, x_scale, wq, w_scale, grad_input_bits)
 
 
 def attention_matmul(a: Tensor, b: Tensor, attention_bits: Optional[int]) -> Tensor:

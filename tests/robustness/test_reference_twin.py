@@ -77,3 +77,36 @@ def test_twin_runs_unbatched_conv_input_in_float_as_the_backend_does():
     assert "unbatched input" in bitcompile.explain(model, x).skipped[0].reason
     batched = torch.randn(1, 2, 8)
     assert not torch.equal(twin(batched), model(batched))  # batched input is still quantized
+
+
+def test_twin_quantizes_the_input_gradient_where_the_backend_does():
+    # grad_input_bits applies to linears, GPT-2's Conv1D projections included: the twin's input
+    # gradient equals the compiled model's bit for bit, with and without it; the parameter
+    # gradients to fp32 summation order (Inductor's kernels sum the bias gradient in their own order).
+    from transformers.pytorch_utils import Conv1D
+
+    class Projections(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.proj = nn.Linear(8, 12), Conv1D(6, 12)  # Conv1D(nf=out, nx=in)
+
+        def forward(self, x):
+            return self.proj(self.fc(x).relu())
+
+    torch.manual_seed(0)
+    model, x = Projections(), torch.randn(5, 8)
+    input_grads = {}
+    for bits in (None, 4):
+        grads = []
+        for side in (torch.compile(model, backend="bitnet", options={"grad_input_bits": bits}),
+                     reference_model(model, grad_input_bits=bits)):  # fmt: skip
+            model.zero_grad()
+            xs = x.clone().requires_grad_()
+            side(xs).square().sum().backward()
+            grads.append([xs.grad] + [p.grad.clone() for p in side.parameters()])
+        torch._dynamo.reset()
+        assert torch.equal(grads[0][0], grads[1][0]), bits
+        for got, want in zip(grads[0][1:], grads[1][1:], strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7, msg=str(bits))
+        input_grads[bits] = grads[0][0]
+    assert not torch.equal(input_grads[None], input_grads[4])  # the option is in effect
