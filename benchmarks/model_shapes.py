@@ -16,3 +16,17 @@ QAT_SIZES = {
         hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=8, num_hidden_layers=4
     ),
 }
+
+# Common open models' decoder layers: hidden, intermediate, attention heads, key/value heads (their
+# published configs), for tune_models.py.
+OPEN_MODELS = {
+    "llama2-7b": (4096, 11008, 32, 32),
+    "llama3-8b": (4096, 14336, 32, 8),
+    "mistral-7b": (4096, 14336, 32, 8),
+    "llama3-70b": (8192, 28672, 64, 8),
+    "tinyllama-1.1b": (2048, 5632, 32, 4),
+    "qwen2.5-0.5b": (896, 4864, 14, 2),
+    "qwen2.5-1.5b": (1536, 8960, 12, 2),
+    "qwen2.5-3b": (2048, 11008, 16, 2),
+    "qwen2.5-7b": (3584, 18944, 28, 4),
+}

@@ -27,23 +27,12 @@ from pathlib import Path
 import torch
 
 import timing
-from model_shapes import QAT_SIZES
+from model_shapes import OPEN_MODELS, QAT_SIZES
 
-# hidden, intermediate, attention heads, key/value heads (the models' published configs)
-MODELS = {
-    "llama2-7b": (4096, 11008, 32, 32),
-    "llama3-8b": (4096, 14336, 32, 8),
-    "mistral-7b": (4096, 14336, 32, 8),
-    "llama3-70b": (8192, 28672, 64, 8),
-    "tinyllama-1.1b": (2048, 5632, 32, 4),
-    "qwen2.5-0.5b": (896, 4864, 14, 2),
-    "qwen2.5-1.5b": (1536, 8960, 12, 2),
-    "qwen2.5-3b": (2048, 11008, 16, 2),
-    "qwen2.5-7b": (3584, 18944, 28, 4),
-}
-# bench_models.py's QAT models (Llama-shaped; the 2048 one is not TinyLlama: 16 heads, not 32)
+# (hidden, intermediate, attention heads, key/value heads): the open models and the model benchmark's
+# QAT models (bench-qat-<hidden>; the 2048 one is not TinyLlama: 16 heads, not 32)
 CONFIG_KEYS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads")
-MODELS.update({f"bench-qat-{size}": tuple(c[key] for key in CONFIG_KEYS) for size, c in QAT_SIZES.items()})
+MODELS = OPEN_MODELS | {f"bench-qat-{size}": tuple(c[key] for key in CONFIG_KEYS) for size, c in QAT_SIZES.items()}
 SMOKE_MODELS = {"tiny-gqa": (64, 96, 4, 2)}
 QAT_ROWS = 8192
 
