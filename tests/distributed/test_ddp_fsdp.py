@@ -21,9 +21,14 @@ quantization is per token, weight quantization sees the same full weight) are th
   step 3 here, with LR 1 SGD). The loss, a mean over 60 tokens, stays close: 1e-3 relative
   (7e-6 measured), against a loss that falls by ~15% per step.
 
-Eval against the eager reference twin: 1e-4 relative error of the logits, as in
-``tests/models/test_models.py`` (the same bitnet ops on the same integers; Inductor fuses the float
-glue differently, which moves values by ulps and can flip an isolated activation rounding).
+Eval against the eager reference twin: the same bitnet ops on the same integers, but Inductor fuses
+the float glue differently, which moves values by ulps (1e-7 relative measured) and can flip an
+isolated int8 activation code on a rounding boundary, which depends on the CPU's vector width. One
+such flip moves these logits by up to 9e-4 relative (measured on the trained model's twin, flipping
+the code nearest a boundary in each quantized activation: an early MLP input at the first token
+moves them most; CI saw 9.9e-4 once). The bound, 5e-3, allows a few flips; what it guards against,
+logits of stale or partly sharded weights, are off by ~1 (the logits before and after training
+differ by 0.96).
 """
 
 from __future__ import annotations
@@ -48,7 +53,7 @@ LINEARS = (
 NORMS = ("input_layernorm", "post_attention_layernorm")
 STEP0 = dict(rtol=1e-5, atol=1e-6)  # gradients at step 0 (see the module docstring)
 LOSS_RTOL = 1e-3  # losses of later steps
-EVAL_REL = 1e-4  # compiled eval logits against the eager twin
+EVAL_REL = 5e-3  # compiled eval logits against the eager twin (a few rounding flips)
 
 
 @pytest.fixture(scope="module")
