@@ -20,6 +20,8 @@ Every row compiles both sides the same way in this process and reports their rat
 - prefill: the same models' forward over a 2048-token prompt (CUDA graphs), with the logits of
   the last position only, as ``generate``'s prefill computes them (``--prefill-logits all``: of
   every position, which adds the same 2048-row bf16 ``lm_head`` GEMM, ~3 ms, to both sides).
+  ``--int8-head``: the deployed model again with its ``lm_head`` in int8 (weight-only,
+  ``deploy(excluded_weights="int8")``), the same rows against the same bf16 side.
 - layers: a stack of independent compiled ``nn.Linear`` layers (each its own input), per layer.
 - qat: a full training step (forward, backward, fused AdamW) of Llama-shaped models with 8192 tokens,
   under three recipes (bf16 parameters; fp32 parameters with bf16 autocast; fp32), for Inductor, the
@@ -310,12 +312,39 @@ def bench_decode_and_prefill(args, rows: list) -> None:
         for batch in args.batches:  # each batch size runs its own kernels (GEMV, tensor-core GEMM)
             noise = bf16.get(batch, {}).get("error")
             check_logits(twin, bitnet[batch]["result"], prompt_len, "bitnet (deployed)", args, rows, noise)
-    del twin
     if "prefill" in parts:
         prefill(deployed, "bitnet (deployed)", "bitnet", args, rows)
-    del deployed
+    if args.int8_head:
+        int8_head_side(deployed, twin, bf16, args, rows, prompt_len, short, long)
+    del twin, deployed
     torch._dynamo.reset()
     reset_peak()
+
+
+def int8_head_side(deployed, twin, bf16: dict, args, rows: list, prompt_len: int, short: int, long: int) -> None:
+    """The deployed model again with its ``lm_head`` in int8 (``deploy(excluded_weights="int8")``,
+    weight-only, in place), against the bf16 rows above; its logits against the twin's with the
+    same int8 head (so the check holds the compiled model to its own numerics)."""
+    torch._dynamo.reset()
+    bitcompile.deploy(deployed, excluded_weights="int8")
+    compile_decode(deployed, "bitnet")
+    label = "bitnet (deployed, int8 lm_head)"
+    if "decode" in args.part:
+        side = decode_side(deployed, label, args, rows, prompt_len, short, long)
+        bitcompile.deploy(twin.model, excluded_weights="int8")  # the twin's other linears are its own layers
+        for batch in args.batches:
+            emit(
+                rows,
+                args,
+                part="decode",
+                side="ratio, int8 lm_head",
+                batch=batch,
+                speedup=round(side[batch]["tokens_per_s"] / bf16[batch]["tokens_per_s"], 2),
+                step_speedup_no_sync=round(bf16[batch]["async_ms"] / side[batch]["async_ms"], 2),
+            )
+            check_logits(twin, side[batch]["result"], prompt_len, label, args, rows, bf16[batch].get("error"))
+    if "prefill" in args.part:
+        prefill(deployed, label, "bitnet", args, rows)
 
 
 def check_logits(reference, result, prompt_len: int, label: str, args, rows: list, noise=None) -> float:
@@ -561,6 +590,9 @@ def main() -> None:
         "--qat-mode", default=None, help='Inductor mode of every QAT side ("reduce-overhead": CUDA graphs)'
     )
     parser.add_argument("--prefill-logits", choices=("last", "all"), default="last")
+    parser.add_argument(
+        "--int8-head", action="store_true", help="also decode and prefill with lm_head in int8 (weight-only)"
+    )
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--out", default="benchmarks/results/models.md")
     parser.add_argument("--jsonl", default=None, help="also append each row here as it is measured")

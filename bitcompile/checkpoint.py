@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Iterator, Union
 
@@ -139,18 +140,50 @@ def load_packed(model: nn.Module, path: PathLike, *, deploy: bool = False) -> di
     return {layer.name: layer.scheme for layer in packed}
 
 
-def deploy(model: nn.Module, **options) -> nn.Module:
+EXCLUDED_WEIGHTS = ("float", "int8")
+
+
+def deploy(model: nn.Module, *, excluded_weights: str = "float", **options) -> nn.Module:
     """Swap, in place, every linear the backend would quantize under ``options`` for a
     ``PackedLinear`` holding only its packed weights and scale (its float weight is freed), and
     return the model: the memory of inference, not of training. The deployed model runs eager
     or compiled with ``backend="bitnet"`` (same outputs as the compiled float model in
-    inference) and refuses to train."""
+    inference) and refuses to train.
+
+    ``excluded_weights``: what becomes of the linears ``options`` exclude (by default
+    ``lm_head``). ``"float"`` (default) keeps them as they are. ``"int8"`` stores their weights as
+    int8 with one absmax scale per output row, activations staying in floating point
+    (``PackedLinear(weight="int8", activation_bits=None)``: weight-only, post-training): at decode
+    each token reads an ``lm_head`` once, and int8 halves what its 16-bit weights cost, for an
+    error of at most half a step (max|row| / 254) per weight. A linear whose weight is tied to an
+    embedding table stays float (the embedding needs the weight), with a warning."""
+    if excluded_weights not in EXCLUDED_WEIGHTS:
+        raise ValueError(
+            f"invalid excluded_weights={excluded_weights!r}; valid choices: {', '.join(map(repr, EXCLUDED_WEIGHTS))}"
+        )
     model = unwrap(model)
     config = BitConfig.from_options(options)
     for name, module in list(quantized_layers(model, config)):
         if not isinstance(module, PackedLinear):
             _set_submodule(model, name, PackedLinear.from_linear(module, **{**options, "exclude": []}))
+    if excluded_weights == "int8":
+        _deploy_excluded_int8(model, config)
     return model
+
+
+def _deploy_excluded_int8(model: nn.Module, config: BitConfig) -> None:
+    embedding_weights = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    for name, module in list(model.named_modules()):
+        if type(module) is not nn.Linear or not config.excluded(name) or weight_skip_reason(module.weight):
+            continue
+        if id(module.weight) in embedding_weights:
+            warnings.warn(
+                f"deploy(excluded_weights='int8'): {name} stays float: its weight is tied to an embedding table",
+                stacklevel=3,
+            )
+            continue
+        int8 = dict(weight="int8", granularity="per_channel", activation_bits=None)
+        _set_submodule(model, name, PackedLinear.from_linear(module, **int8))
 
 
 def _read(where: str) -> tuple[dict, dict]:

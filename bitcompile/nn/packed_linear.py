@@ -91,8 +91,7 @@ class PackedLinear(nn.Module):
         bias = None if self.bias is None else self.bias.to(dtype)
         bits = self.activation_bits
         if bits is None:  # weight-only: float activations times the integer weights
-            acc = torch.ops.bitnet.lowbit_matmul(x, self.weight_packed, self.in_features)
-            return torch.ops.bitnet.dequantize(acc, None, self.weight_scale, bias, dtype)
+            return torch.ops.bitnet.weight_only_linear(x, self.weight_packed, self.weight_scale, bias, self.in_features)
         xq, x_scale = torch.ops.bitnet.quantize_activations(x, bits)
         return torch.ops.bitnet.linear_q(
             xq, x_scale, self.weight_packed, self.weight_scale, bias, self.in_features, dtype, "none", None

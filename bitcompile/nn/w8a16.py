@@ -54,9 +54,8 @@ class W8A16Linear(nn.Module):
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        acc = torch.ops.bitnet.lowbit_matmul(x, self.int8_weights, self.in_features)  # float32 x int8, weight-only
         bias: Optional[torch.Tensor] = self.bias
-        return torch.ops.bitnet.dequantize(acc, None, self.scales.float(), bias, x.dtype)
+        return torch.ops.bitnet.weight_only_linear(x, self.int8_weights, self.scales.float(), bias, self.in_features)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, W8A16"

@@ -7,7 +7,9 @@ quantized operands, backward treats both quantizers as the identity, so
 (``reference.grad_input_quantized``): an int8 tensor-core matmul in place of a 16-bit one.
 
 On CUDA the matmuls run the Triton kernels where ``kernel_supports`` says they apply (int8
-activations and 2-bit packed weights), the reference elsewhere. The ``*_triton`` twins launch
+activations and 2-bit packed weights), the weight-only int8 kernel for float activations and
+int8 weights (``int8_weights_only``; also ``weight_only_linear``, the deployed weight-only
+layer's op), the reference elsewhere. The ``*_triton`` twins launch
 the same kernels from Inductor's code in graphs with static shapes.
 """
 
@@ -44,10 +46,23 @@ def kernel_supports_scheme(scheme: str) -> bool:
     return packed_scheme(scheme)
 
 
+def int8_weights_only(x: Tensor, wq: Tensor) -> bool:
+    """Float activations times int8 weights: the weight-only int8 kernel's operands."""
+    return x.is_floating_point() and wq.dtype == torch.int8
+
+
+def _int8_weight_kernel(x, wq, w_scale, bias=None, out_dtype=None):
+    from bitcompile.kernels.int8_weight_matmul import int8_weight_matmul
+
+    return int8_weight_matmul(x, wq, w_scale, bias, out_dtype)
+
+
 @lowbit_matmul.register_kernel("cuda")
 def _(a, wq, k):
     from bitcompile.kernels.ternary_matmul import ternary_matmul
 
+    if int8_weights_only(a, wq):  # the float32 accumulator: a unit scale, float32 out
+        return _int8_weight_kernel(a, wq, a.new_ones(1, dtype=torch.float32), out_dtype=torch.float32)
     if not kernel_supports(a, wq):
         return ref.lowbit_matmul(a, wq, k)
     return ternary_matmul(a, wq, k, keep=False)
@@ -107,9 +122,31 @@ def _linear_kernel(a, wrap=None):
 @lowbit_linear.register_kernel("cuda")
 def _(*args):
     a = lowbit_linear.Args(*args)
+    if a.xq is None and int8_weights_only(a.x, a.wq):
+        return _int8_weight_kernel(a.x, a.wq, a.w_scale, a.bias)
     if not kernel_supports(a.xq, a.wq):
         return lowbit_linear.prototype(*a)
     return _linear_kernel(a)
+
+
+@bitnet_op("bitnet::weight_only_linear")
+def weight_only_linear(x: Tensor, wq: Tensor, w_scale: Tensor, bias: Optional[Tensor], k: int) -> Tensor:
+    """Inference linear on quantized weights and float activations, ``(x @ W_int^T) * s_w
+    (+ bias)`` computed in float32 and returned as ``x.dtype`` (a deployed weight-only layer:
+    no latent weight, no gradient)."""
+    return ref.lowbit_linear(x, bias, None, None, wq, w_scale, k)
+
+
+@weight_only_linear.register_fake
+def _(x, wq, w_scale, bias, k):
+    return x.new_empty((*x.shape[:-1], wq.shape[0]))
+
+
+@weight_only_linear.register_kernel("cuda")
+def _(x, wq, w_scale, bias, k):
+    if int8_weights_only(x, wq):
+        return _int8_weight_kernel(x, wq, w_scale, bias)
+    return weight_only_linear.prototype(x, wq, w_scale, bias, k)
 
 
 @bitnet_op("bitnet::grad_input")

@@ -108,14 +108,22 @@ def rewrite_linears(gm: fx.GraphModule, ctx: PassContext) -> None:
 
 def _record_deployed(gm: fx.GraphModule, ctx: PassContext) -> None:
     """Deployed layers (``bitcompile.nn.PackedLinear``) already run ``linear_q`` on packed
-    buffers: report them, and let the fusions that follow add to their entry."""
-    for node in gm.graph.find_nodes(op="call_function", target=torch.ops.bitnet.linear_q.default):
-        path = buffer_path(node.args[2], gm)
+    buffers (or, weight-only, ``weight_only_linear``): report them, and let the fusions that
+    follow add to their entry."""
+    deployed = [
+        *gm.graph.find_nodes(op="call_function", target=torch.ops.bitnet.linear_q.default),
+        *gm.graph.find_nodes(op="call_function", target=torch.ops.bitnet.weight_only_linear.default),
+    ]
+    for node in deployed:
+        weight_only = node.target is torch.ops.bitnet.weight_only_linear.default
+        codes = node.args[1 if weight_only else 2]
+        path = buffer_path(codes, gm)
         if path is None:
             continue
-        xqm, wqm, k, dtype = meta(node.args[0]), meta(node.args[2]), node.args[5], node.args[6]
+        xm, wqm = meta(node.args[0]), meta(codes)
+        k, dtype = (node.args[4], xm.dtype if xm is not None else "?") if weight_only else node.args[5:7]
         scheme = "int8" if wqm is not None and wqm.dtype == torch.int8 else "2-bit"
-        shape = f"x{dims(xqm)} @ W[{wqm.shape[0] if wqm is not None else '?'}, {k}]^T"
+        shape = f"x{dims(xm)} @ W[{wqm.shape[0] if wqm is not None else '?'}, {k}]^T"
         node.meta["bitnet_candidate"] = record(
             ctx,
             "linear",
@@ -123,6 +131,6 @@ def _record_deployed(gm: fx.GraphModule, ctx: PassContext) -> None:
             shape,
             str(dtype).removeprefix("torch."),
             "",
-            f"deployed: {scheme} packed weights",
+            f"deployed: {scheme} packed weights" + (", float activations (weight-only)" if weight_only else ""),
             weight_bits=8 if scheme == "int8" else 2,
         )

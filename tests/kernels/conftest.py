@@ -73,6 +73,7 @@ def kernels(_triton_interpreter):
         layout = importlib.import_module("bitcompile.kernels.layout")
         conv = importlib.import_module("bitcompile.kernels.conv")
         sample_quant = importlib.import_module("bitcompile.kernels.sample_quant")
+        int8_weight_matmul = importlib.import_module("bitcompile.kernels.int8_weight_matmul")
 
     return Modules
 

@@ -48,31 +48,34 @@ def test_bench_kernels_smoke(tmp_path):
 
 def test_bench_models_smoke(tmp_path):
     out, profile = tmp_path / "models.md", tmp_path / "profile.txt"
-    options = ("--batches", "1", "--repeat", "1", "--recipes", "fp32+autocast", "--profile", str(profile))
+    options = ("--batches", "1", "--repeat", "1", "--recipes", "fp32+autocast", "--int8-head")
+    options += ("--profile", str(profile))
     printed = smoke("bench_models.py", *options, "--out", str(out))
     rows = [json.loads(line) for line in printed.splitlines() if line.startswith("{")]
     parts = {row["part"] for row in rows}
     assert parts == {"decode", "decode logits", "prefill", "memory", "layers", "qat"}
     decode = {row["side"]: row for row in rows if row["part"] == "decode"}
-    assert set(decode) == {"bf16 Inductor", "bitnet (deployed)", "ratio"}
+    int8 = "bitnet (deployed, int8 lm_head)"
+    assert set(decode) == {"bf16 Inductor", "bitnet (deployed)", "ratio", int8, "ratio, int8 lm_head"}
     # (tokens/s comes from two short generate times, which CPU noise can invert at these sizes)
-    sides = [decode[side] for side in decode if side != "ratio"]
+    sides = [decode[side] for side in decode if not side.startswith("ratio")]
     assert all(side["step_ms"] > 0 < side["step_ms_no_sync"] and side["loops_agree"] is True for side in sides)
     # On the CPU both sides compute what their eager reference computes: every greedy token agrees.
     logits = {row["side"]: row["argmax_agreement"] for row in rows if row["part"] == "decode logits"}
-    assert logits == {"bf16 Inductor": 1.0, "bitnet (deployed)": 1.0}
+    assert logits == {"bf16 Inductor": 1.0, "bitnet (deployed)": 1.0, int8: 1.0}
     (checked,) = [row for row in rows if row["part"] == "decode logits" and row["side"] == "bitnet (deployed)"]
     assert checked["within"] == (checked["max_rel_error"] <= checked["tolerance"])  # against the bf16 noise
     qat = [row["variant"] for row in rows if row["part"] == "qat"]
     assert qat == ["Inductor", "fake-quant", "bitnet", "bitnet q8"]
     table = out.read_text()
     assert all(f"## {part}" in table for part in parts)
-    profiles = profile.read_text()  # both decode and prefill sides, the four QAT variants, each with its host table
-    assert profiles.count("== decode step,") == profiles.count("== prefill,") == 2
+    # the three decode and prefill sides, the four QAT variants, each with its host table
+    profiles = profile.read_text()
+    assert profiles.count("== decode step,") == profiles.count("== prefill,") == 3
     assert profiles.count("== QAT step,") == 4
-    assert profiles.count("step time") == profiles.count("host time per step") == 8
-    # and each first call's compile phases: two generates, two prefills, four first QAT steps
-    assert profiles.count("== first call,") == 8
+    assert profiles.count("step time") == profiles.count("host time per step") == 10
+    # and each first call's compile phases: three generates, three prefills, four first QAT steps
+    assert profiles.count("== first call,") == 10
 
 
 def test_tune_models_smoke():
