@@ -51,8 +51,11 @@ def test_matches_reference_forward_and_gradients(cin, cout, k, stride, padding, 
     g = torch.randn_like(y)
     y.backward(g)
     y_ref.backward(g)
+    # Each gradient sums over the up to 2 x 7 x 7 = 98 output positions, in another order than the
+    # reference's: a float32 sum of n unit-size terms moves by ~sqrt(n) x 2^-24 x sqrt(n) ~ 6e-6, and
+    # cancellation leaves that beside a small result (seen: 1.6e-6 on a bias gradient of 0.006).
     for name in ("weight", "bias", "threshold", "alpha"):
-        torch.testing.assert_close(getattr(layer, name).grad, getattr(twin, name).grad, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(getattr(layer, name).grad, getattr(twin, name).grad, rtol=1e-4, atol=2e-5)
     if trits.abs().sum() > 0:  # alpha scales the non-zero trits only
         assert layer.alpha.grad.abs().sum() > 0
 
