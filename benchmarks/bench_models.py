@@ -29,6 +29,8 @@ Every row compiles both sides the same way in this process and reports their rat
   ``grad_input_bits=8``, per step from runs of 4 consecutive steps (a loop that does not wait for
   each loss); the first step's wall time and peak memory. ``--qat-mode reduce-overhead``
   compiles every side with CUDA graphs (forward and backward graphs replayed; the optimizer eager).
+  ``--group-weight-pack``: also bitnet with every graph's weight quantizers in one grouped call
+  (``bitnet grouped``, ``BITCOMPILE_GROUP_WEIGHT_PACK=1``).
 
 Results: one JSON object per row on stdout (also appended to ``--jsonl``), and a markdown table in
 ``--out``; ``--profile FILE``: each decode step's and QAT step's kernel table (device time per
@@ -44,6 +46,8 @@ import copy
 import gc
 import inspect
 import json
+import os
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -480,7 +484,9 @@ def bench_qat(args, rows: list) -> None:
     sizes = [64] if args.smoke else args.qat_sizes
     tokens = 256 if args.smoke else 8192
     seq = 128 if args.smoke else 2048
-    variants = ("Inductor", "fake-quant", "bitnet", "bitnet q8")
+    variants = ("Inductor", "fake-quant", "bitnet", "bitnet q8") + (
+        ("bitnet grouped",) if args.group_weight_pack else ()
+    )
     for size in sizes:
         shapes = dict(SMOKE, num_hidden_layers=2) if args.smoke else QAT_SIZES[size]
         for recipe in args.recipes:
@@ -489,7 +495,9 @@ def bench_qat(args, rows: list) -> None:
                 if variant in ("fake-quant", "bitnet q8") and not args.smoke and recipe not in args.full_recipes:
                     continue
                 label = f"QAT step, hidden {size}, {recipe}, {variant}" if args.profile else ""
-                ms, first, peak = qat_step(shapes, recipe, variant, tokens, seq, args.repeat, label, args.qat_mode)
+                grouped = "1" if variant == "bitnet grouped" else os.environ.get("BITCOMPILE_GROUP_WEIGHT_PACK", "0")
+                with mock.patch.dict(os.environ, {"BITCOMPILE_GROUP_WEIGHT_PACK": grouped}):
+                    ms, first, peak = qat_step(shapes, recipe, variant, tokens, seq, args.repeat, label, args.qat_mode)
                 result[variant] = ms
                 emit(
                     rows,
@@ -585,6 +593,11 @@ def main() -> None:
         type=lambda s: s.split(","),
         default=["bf16"],
         help="recipes that also run fake-quant and grad_input_bits=8",
+    )
+    parser.add_argument(
+        "--group-weight-pack",
+        action="store_true",
+        help="also QAT with each graph's weights packed in one grouped call (BITCOMPILE_GROUP_WEIGHT_PACK=1)",
     )
     parser.add_argument(
         "--qat-mode", default=None, help='Inductor mode of every QAT side ("reduce-overhead": CUDA graphs)'

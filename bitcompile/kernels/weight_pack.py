@@ -38,10 +38,12 @@ MAX_PARTS = 256  # partial sums of |W|: every pack program sums them all (1 KB f
 
 
 @triton.jit
-def _abs_sum_kernel(W, ROWSUM, PART, N, K, stride_w, BN: tl.constexpr, BK: tl.constexpr):
+def _abs_sum_rows(W, ROWSUM, N, K, stride_w, program, programs, BN: tl.constexpr, BK: tl.constexpr):
+    """Row sums of |W| for row tiles ``program``, ``program + programs``, ... stored to ROWSUM;
+    returns their total (this program's partial sum)."""
     cols = tl.arange(0, BK)
     part = tl.zeros((BN,), dtype=tl.float32)
-    for r0 in range(tl.program_id(0) * BN, N, tl.num_programs(0) * BN):
+    for r0 in range(program * BN, N, programs * BN):
         rows = r0 + tl.arange(0, BN)
         acc = tl.zeros((BN, BK), dtype=tl.float32)
         w_ptrs = W + rows[:, None].to(tl.int64) * stride_w + cols[None, :]
@@ -51,7 +53,13 @@ def _abs_sum_kernel(W, ROWSUM, PART, N, K, stride_w, BN: tl.constexpr, BK: tl.co
         row_sum = tl.sum(acc, axis=1)
         tl.store(ROWSUM + rows, row_sum, mask=rows < N)
         part += row_sum
-    tl.store(PART + tl.program_id(0), tl.sum(part, axis=0))
+    return tl.sum(part, axis=0)
+
+
+@triton.jit
+def _abs_sum_kernel(W, ROWSUM, PART, N, K, stride_w, BN: tl.constexpr, BK: tl.constexpr):
+    part = _abs_sum_rows(W, ROWSUM, N, K, stride_w, tl.program_id(0), tl.num_programs(0), BN, BK)
+    tl.store(PART + tl.program_id(0), part)
 
 
 @triton.jit

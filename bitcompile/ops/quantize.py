@@ -89,7 +89,7 @@ def quantize_weights_kblocked(w: Tensor, scheme: str, per_channel: bool) -> tupl
 
 
 @quantize_weights_kblocked.register_fake
-def _(w, scheme, per_channel):
+def _kblocked_fake(w, scheme, per_channel):
     n, k = w.shape
     return (
         w.new_empty((n, (k + 3) // 4), dtype=torch.uint8),
@@ -107,7 +107,38 @@ def _(w, scheme, per_channel):
     return quantize_pack_both(w, scheme, per_channel)
 
 
-for _quantizer in (quantize_activations, quantize_weights, quantize_weights_kblocked):
+@bitnet_op("bitnet::quantize_weights_group")
+def quantize_weights_group(weights: list[Tensor], scheme: str, per_channel: bool) -> list[Tensor]:
+    """``quantize_weights_kblocked`` of each weight, flattened: ``[codes_0, scale_0, kblocked_0,
+    codes_1, ...]``. On CUDA one abs-sum and one pack launch for all of them
+    (``kernels.weight_pack_group``) where ``group_kernel_supports``; a QAT step's weights at once."""
+    return [t for w in weights for t in quantize_weights_kblocked.prototype(w, scheme, per_channel)]
+
+
+@quantize_weights_group.register_fake
+def _(weights, scheme, per_channel):
+    return [t for w in weights for t in _kblocked_fake(w, scheme, per_channel)]
+
+
+def group_kernel_supports(weights: list[Tensor], scheme: str) -> bool:
+    """The grouped pack kernel takes weights the single one takes, of one dtype and device."""
+    first = weights[0] if weights else None
+    return bool(weights) and all(
+        weights_kernel_supports(w, scheme) and w.dtype == first.dtype and w.device == first.device for w in weights
+    )
+
+
+@quantize_weights_group.register_kernel("cuda")
+def _(weights, scheme, per_channel):
+    from bitcompile.kernels.weight_pack_group import quantize_pack_group
+
+    # (the kernels' table is copied from the host per call: not inside a CUDA graph capture)
+    if not group_kernel_supports(weights, scheme) or torch.cuda.is_current_stream_capturing():
+        return [t for w in weights for t in torch.ops.bitnet.quantize_weights_kblocked(w, scheme, per_channel)]
+    return [t for entry in quantize_pack_group(weights, scheme, per_channel) for t in entry]
+
+
+for _quantizer in (quantize_activations, quantize_weights, quantize_weights_kblocked, quantize_weights_group):
     _quantizer.register_autograd(no_gradient, setup_context=quantizer_setup)
 
 

@@ -28,6 +28,8 @@ CUDA graphs).
 from __future__ import annotations
 
 import operator
+import os
+from collections import defaultdict
 
 import torch
 import torch.fx as fx
@@ -103,6 +105,44 @@ def _lower_qat_linears(graph: fx.Graph) -> None:
             blocked = graph.call_function(operator.getitem, (node, 2))
         for user in users:  # (a keyword: grad_input_bits may be one, before it in the schema)
             user.kwargs = {**user.kwargs, "wq_kblocked": blocked}
+    if group_weight_pack():
+        _group_weight_quantizers(graph)
+
+
+def group_weight_pack() -> bool:
+    """``BITCOMPILE_GROUP_WEIGHT_PACK=1``: a training graph's weight quantizers run as one grouped
+    call (``_group_weight_quantizers``). Off by default until measured on a GPU."""
+    return os.environ.get("BITCOMPILE_GROUP_WEIGHT_PACK", "0") == "1"
+
+
+def _group_weight_quantizers(graph: fx.Graph) -> None:
+    """The K-blocked weight quantizers of a training graph whose weights are graph inputs become one
+    ``quantize_weights_group`` call per (scheme, granularity, weight dtype, device), placed after the
+    inputs: the step's whole weight side in two launches (``kernels.weight_pack_group``) instead of
+    two per linear, an opaque call (its kernels take a table of addresses, which traced launches
+    cannot build)."""
+    groups = defaultdict(list)
+    for node in graph.find_nodes(op="call_function", target=quantize.twin_quantize_weights_kblocked()):
+        w, scheme, per_channel = node.args
+        wm = meta(w)
+        if w.op == "placeholder" and wm is not None:
+            groups[(scheme, per_channel, wm.dtype, wm.device)].append(node)
+    last_input = list(graph.find_nodes(op="placeholder"))[-1]
+    for (scheme, per_channel, _, _), nodes in groups.items():
+        if len(nodes) < 2:
+            continue
+        with graph.inserting_after(last_input):
+            group = graph.call_function(
+                torch.ops.bitnet.quantize_weights_group.default, ([n.args[0] for n in nodes], scheme, per_channel)
+            )
+        for i, node in enumerate(nodes):
+            for user in list(node.users):
+                with graph.inserting_after(group):
+                    part = graph.call_function(operator.getitem, (group, 3 * i + user.args[1]))
+                part.meta.update(user.meta)
+                user.replace_all_uses_with(part)
+                graph.erase_node(user)
+            graph.erase_node(node)
 
 
 def _packed_codes(wq) -> bool:

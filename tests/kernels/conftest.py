@@ -74,6 +74,7 @@ def kernels(_triton_interpreter):
         conv = importlib.import_module("bitcompile.kernels.conv")
         sample_quant = importlib.import_module("bitcompile.kernels.sample_quant")
         int8_weight_matmul = importlib.import_module("bitcompile.kernels.int8_weight_matmul")
+        weight_pack_group = importlib.import_module("bitcompile.kernels.weight_pack_group")
 
     return Modules
 

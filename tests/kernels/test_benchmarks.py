@@ -48,7 +48,7 @@ def test_bench_kernels_smoke(tmp_path):
 
 def test_bench_models_smoke(tmp_path):
     out, profile = tmp_path / "models.md", tmp_path / "profile.txt"
-    options = ("--batches", "1", "--repeat", "1", "--recipes", "fp32+autocast", "--int8-head")
+    options = ("--batches", "1", "--repeat", "1", "--recipes", "fp32+autocast", "--int8-head", "--group-weight-pack")
     options += ("--profile", str(profile))
     printed = smoke("bench_models.py", *options, "--out", str(out))
     rows = [json.loads(line) for line in printed.splitlines() if line.startswith("{")]
@@ -66,16 +66,16 @@ def test_bench_models_smoke(tmp_path):
     (checked,) = [row for row in rows if row["part"] == "decode logits" and row["side"] == "bitnet (deployed)"]
     assert checked["within"] == (checked["max_rel_error"] <= checked["tolerance"])  # against the bf16 noise
     qat = [row["variant"] for row in rows if row["part"] == "qat"]
-    assert qat == ["Inductor", "fake-quant", "bitnet", "bitnet q8"]
+    assert qat == ["Inductor", "fake-quant", "bitnet", "bitnet q8", "bitnet grouped"]
     table = out.read_text()
     assert all(f"## {part}" in table for part in parts)
-    # the three decode and prefill sides, the four QAT variants, each with its host table
+    # the three decode and prefill sides, the five QAT variants, each with its host table
     profiles = profile.read_text()
     assert profiles.count("== decode step,") == profiles.count("== prefill,") == 3
-    assert profiles.count("== QAT step,") == 4
-    assert profiles.count("step time") == profiles.count("host time per step") == 10
-    # and each first call's compile phases: three generates, three prefills, four first QAT steps
-    assert profiles.count("== first call,") == 10
+    assert profiles.count("== QAT step,") == 5
+    assert profiles.count("step time") == profiles.count("host time per step") == 11
+    # and each first call's compile phases: three generates, three prefills, five first QAT steps
+    assert profiles.count("== first call,") == 11
 
 
 def test_tune_models_smoke():

@@ -268,6 +268,39 @@ def test_lowered_qat_graph_computes_what_the_unlowered_graph_does(grad_input_bit
         assert torch.equal(got, want)
 
 
+def test_grouped_weight_pack_computes_what_one_pack_per_weight_does(monkeypatch):
+    # BITCOMPILE_GROUP_WEIGHT_PACK=1: the lowered training graph's five weight quantizers become one
+    # grouped call after the inputs; on the CPU (references) its outputs and gradients equal the
+    # ungrouped graph's bit for bit.
+    from bitcompile.passes import lower_triton
+
+    monkeypatch.setattr(lower_triton, "_static_cuda", lambda *nodes: _static(*nodes))
+    torch.manual_seed(0)
+    model, x, r = Block(), torch.randn(2, 5, 16, requires_grad=True), torch.randn(2, 5, 16)
+    results = {}
+
+    def capture(gm, example_inputs):
+        for grouped in (True, False):
+            monkeypatch.setenv("BITCOMPILE_GROUP_WEIGHT_PACK", "1" if grouped else "0")
+            rewritten = run_passes(_copy(gm), PassContext(BitConfig(), training=True))
+            targets = [n.target for n in rewritten.graph.nodes]
+            calls = [n for n in rewritten.graph.nodes if n.target is bitnet.quantize_weights_group.default]
+            if grouped:
+                assert len(calls) == 1 and len(calls[0].args[0]) == 5, targets
+                assert bitnet.quantize_weights_kblocked_triton.default not in targets
+            else:
+                assert not calls and targets.count(bitnet.quantize_weights_kblocked_triton.default) == 5
+            inputs = [t.detach().requires_grad_(t.requires_grad) for t in example_inputs]
+            out = rewritten(*inputs)
+            grads = torch.autograd.grad([o.sum() for o in out], [t for t in inputs if t.requires_grad])
+            results[grouped] = (out, grads)
+        return gm.forward
+
+    torch.compile(model, backend=capture)(x, r)
+    for got, want in zip(results[True], results[False], strict=True):
+        assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+
+
 def _static(*nodes):
     from bitcompile.passes.graph import meta
 
