@@ -43,7 +43,7 @@ case "${1:-}" in
       > "$out/models.log" 2>&1)
     echo "models rc=$?"; grep -v "^  \[" "$out/models.log" | grep "^{" | tail -60 ;;
   tune)
-    (cd benchmarks && timeout 570 python3 tune_models.py --qat --limit-s "${LIMIT:-450}" ${2:+--models "$2"} \
+    (cd benchmarks && timeout 570 python3 tune_models.py --qat --int8-head --limit-s "${LIMIT:-450}" ${2:+--models "$2"} \
       > "$out/tune.log" 2>&1)
     echo "tune rc=$?"; grep -v "^  \[" "$out/tune.log" | tail -20 ;;
   profile)

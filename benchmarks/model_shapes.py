@@ -30,3 +30,13 @@ OPEN_MODELS = {
     "qwen2.5-3b": (2048, 11008, 16, 2),
     "qwen2.5-7b": (3584, 18944, 28, 4),
 }
+# Their vocabulary sizes where lm_head has its own weight (an int8 lm_head, deploy(excluded_weights="int8"));
+# Qwen2.5 up to 3B ties lm_head to the embedding (it stays float).
+OPEN_MODEL_HEADS = {
+    "llama2-7b": 32000,
+    "llama3-8b": 128256,
+    "mistral-7b": 32000,
+    "llama3-70b": 128256,
+    "tinyllama-1.1b": 32000,
+    "qwen2.5-7b": 152064,
+}

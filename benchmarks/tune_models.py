@@ -2,13 +2,14 @@
 finds them in the table instead of estimating them from the nearest tabled shape.
 
     python benchmarks/tune_models.py [--models llama3-8b,qwen2.5-7b] [--rows 1,8,16,128,2048]
-                                     [--qat] [--limit-s 500] [--smoke]
+                                     [--qat] [--int8-head] [--limit-s 500] [--smoke]
 
 For each model's projections (q/o, GQA k/v, the sibling-fused q+k+v and gate+up, gate/up, down)
 at each row count: the inference matmul as a compiled model launches it (Inductor-traced) and as
 an eager call does; with ``--qat``, at 8192 rows and for the unfused projections (training graphs
 keep siblings apart), the training step's kernels (the forward matmul, the input gradient from
-bf16 output gradients, the weight packer from bf16 and fp32 weights). The models: common open
+bf16 output gradients, the weight packer from bf16 and fp32 weights); with ``--int8-head``, an
+int8 lm_head (``deploy(excluded_weights="int8")``) at decode rows. The models: common open
 ones, and ``bench-qat-*``, the QAT models of ``bench_models.py``. Every timing lands in
 the user's tuning cache (``bitcompile.kernels.tuning``), keys already there are skipped, and
 ``--limit-s`` stops between shapes: rerun to resume. ``--ship CACHE_JSON`` merges such a cache
@@ -27,13 +28,15 @@ from pathlib import Path
 import torch
 
 import timing
-from model_shapes import OPEN_MODELS, QAT_SIZES
+from model_shapes import OPEN_MODEL_HEADS, OPEN_MODELS, QAT_SIZES
 
 # (hidden, intermediate, attention heads, key/value heads): the open models and the model benchmark's
 # QAT models (bench-qat-<hidden>; the 2048 one is not TinyLlama: 16 heads, not 32)
 CONFIG_KEYS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads")
 MODELS = OPEN_MODELS | {f"bench-qat-{size}": tuple(c[key] for key in CONFIG_KEYS) for size, c in QAT_SIZES.items()}
 SMOKE_MODELS = {"tiny-gqa": (64, 96, 4, 2)}
+SMOKE_HEADS = {"tiny-gqa": 256}
+HEAD_ROWS = (1, 8, 16)  # an int8 lm_head's rows: decode batches (prefill keeps the last position's logits)
 QAT_ROWS = 8192
 
 
@@ -68,6 +71,14 @@ def tune_inference(m: int, n: int, k: int) -> None:
         ternary_matmul(a, wq, k, xs, ws, None, torch.bfloat16, wrap=wrap)
 
 
+def tune_int8_head(m: int, n: int, k: int) -> None:
+    from bitcompile.kernels.int8_weight_matmul import int8_weight_matmul
+
+    x = torch.randn(m, k, device=timing.DEVICE, dtype=torch.bfloat16 if timing.CUDA else torch.float32)
+    w = torch.randint(-127, 128, (n, k), dtype=torch.int8, device=timing.DEVICE)
+    int8_weight_matmul(x, w, torch.rand(n, device=timing.DEVICE))
+
+
 def tune_training(m: int, n: int, k: int) -> None:
     import bitcompile.ops  # noqa: F401  (registers the bitnet ops)
     from bitcompile.kernels.weight_pack import quantize_pack
@@ -98,6 +109,7 @@ def main() -> None:
         "--rows", type=lambda s: [int(v) for v in s.split(",") if v], default=[1, 8, 16, 128, 2048], help='"": none'
     )
     parser.add_argument("--qat", action="store_true", help=f"also the training kernels at {QAT_ROWS} rows")
+    parser.add_argument("--int8-head", action="store_true", help=f"also an int8 lm_head at {HEAD_ROWS} rows")
     parser.add_argument("--limit-s", type=float, default=float("inf"), help="stop starting new shapes after this")
     parser.add_argument("--ship", metavar="CACHE_JSON", help="merge a tuning cache file into the shipped table, exit")
     shipping = parser.parse_known_args()[0].ship  # (needs no GPU)
@@ -115,16 +127,17 @@ def main() -> None:
     if args.qat:
         rows = 64 if args.smoke else QAT_ROWS
         work += [("training", rows, n, k) for n, k in shapes(args.models, table, fused=False)]
+    if args.int8_head:
+        heads = SMOKE_HEADS if args.smoke else OPEN_MODEL_HEADS
+        sizes = dict.fromkeys((heads[name], table[name][0]) for name in args.models if name in heads)
+        work += [("int8 head", m, n, k) for n, k in sizes for m in HEAD_ROWS]
     start = time.monotonic()
     for i, (kind, m, n, k) in enumerate(work):
         if time.monotonic() - start > args.limit_s:
             print(f"stopped after {i} of {len(work)} shapes (--limit-s); rerun to resume", flush=True)
             return
         print(f"[{i + 1}/{len(work)}] {kind} M={m} N={n} K={k}", flush=True)
-        if kind == "inference":
-            tune_inference(m, n, k)
-        else:
-            tune_training(m, n, k)
+        {"inference": tune_inference, "training": tune_training, "int8 head": tune_int8_head}[kind](m, n, k)
         timing.sync()
     print(f"tuned {len(work)} shapes in {time.monotonic() - start:.0f} s", flush=True)
 

@@ -79,10 +79,11 @@ def test_bench_models_smoke(tmp_path):
 
 
 def test_tune_models_smoke():
-    printed = smoke("tune_models.py", "--qat")
+    printed = smoke("tune_models.py", "--qat", "--int8-head")
     assert printed.count(" inference M=1 ") == 6  # distinct (N, K), sibling-fused ones included
     assert printed.count(" training M=64 ") == 4  # training graphs keep siblings apart
-    assert "tuned 10 shapes" in printed
+    assert printed.count(" int8 head M=") == 3  # decode rows 1, 8, 16
+    assert "tuned 13 shapes" in printed
 
 
 def test_profile_qat_smoke():
