@@ -291,20 +291,7 @@ def bench_decode_and_prefill(args, rows: list) -> None:
     compile_decode(deployed, "bitnet")
     if "decode" in parts:
         bitnet = decode_side(deployed, "bitnet (deployed)", args, rows, prompt_len, short, long)
-        for batch in args.batches:
-            emit(
-                rows,
-                args,
-                part="decode",
-                side="ratio",
-                batch=batch,
-                speedup=round(bitnet[batch]["tokens_per_s"] / bf16[batch]["tokens_per_s"], 2),
-                step_speedup=round(bf16[batch]["step_ms"] / bitnet[batch]["step_ms"], 2),
-                step_speedup_no_sync=round(bf16[batch]["async_ms"] / bitnet[batch]["async_ms"], 2),
-                first_call_ratio=round(bitnet[batch]["first"] / bf16[batch]["first"], 2),
-                peak_gib_bf16=round(bf16[batch]["peak"], 2),
-                peak_gib_bitnet=round(bitnet[batch]["peak"], 2),
-            )
+        emit_ratios(rows, args, "ratio", bf16, bitnet)
         emit(
             rows,
             args,
@@ -325,6 +312,24 @@ def bench_decode_and_prefill(args, rows: list) -> None:
     reset_peak()
 
 
+def emit_ratios(rows: list, args, label: str, bf16: dict, bitnet: dict) -> None:
+    """One ``decode`` row per batch size: bitnet's speed-ups over bf16 and both sides' peaks."""
+    for batch in args.batches:
+        emit(
+            rows,
+            args,
+            part="decode",
+            side=label,
+            batch=batch,
+            speedup=round(bitnet[batch]["tokens_per_s"] / bf16[batch]["tokens_per_s"], 2),
+            step_speedup=round(bf16[batch]["step_ms"] / bitnet[batch]["step_ms"], 2),
+            step_speedup_no_sync=round(bf16[batch]["async_ms"] / bitnet[batch]["async_ms"], 2),
+            first_call_ratio=round(bitnet[batch]["first"] / bf16[batch]["first"], 2),
+            peak_gib_bf16=round(bf16[batch]["peak"], 2),
+            peak_gib_bitnet=round(bitnet[batch]["peak"], 2),
+        )
+
+
 def int8_head_side(deployed, twin, bf16: dict, args, rows: list, prompt_len: int, short: int, long: int) -> None:
     """The deployed model again with its ``lm_head`` in int8 (``deploy(excluded_weights="int8")``,
     weight-only, in place), against the bf16 rows above; its logits against the twin's with the
@@ -335,17 +340,9 @@ def int8_head_side(deployed, twin, bf16: dict, args, rows: list, prompt_len: int
     label = "bitnet (deployed, int8 lm_head)"
     if "decode" in args.part:
         side = decode_side(deployed, label, args, rows, prompt_len, short, long)
+        emit_ratios(rows, args, "ratio, int8 lm_head", bf16, side)
         bitcompile.deploy(twin.model, excluded_weights="int8")  # the twin's other linears are its own layers
         for batch in args.batches:
-            emit(
-                rows,
-                args,
-                part="decode",
-                side="ratio, int8 lm_head",
-                batch=batch,
-                speedup=round(side[batch]["tokens_per_s"] / bf16[batch]["tokens_per_s"], 2),
-                step_speedup_no_sync=round(bf16[batch]["async_ms"] / side[batch]["async_ms"], 2),
-            )
             check_logits(twin, side[batch]["result"], prompt_len, label, args, rows, bf16[batch].get("error"))
     if "prefill" in args.part:
         prefill(deployed, label, "bitnet", args, rows)

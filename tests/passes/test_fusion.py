@@ -240,15 +240,24 @@ def test_cuda_graphs_lower_linears_after_plain_quantizers(monkeypatch):
     assert targets.count(bitnet.linear_q_kblocked.default) == 2 and bitnet.linear_q.default not in targets
 
 
-@pytest.mark.parametrize("grad_input_bits", [None, 8])
-def test_lowered_qat_graph_computes_what_the_unlowered_graph_does(grad_input_bits, monkeypatch):
-    # Run on the CPU (the twins' CPU kernels are their references): every lowered call binds to
-    # its op's schema, the K-blocked codes included beside a keyword grad_input_bits.
+@pytest.fixture
+def qat_block_lowered_on_cpu(monkeypatch):
+    """``(lower_triton, (a seeded Block, x, r))`` with the lowering's device test widened to the CPU
+    (where the twins' kernels are their references)."""
     from bitcompile.passes import lower_triton
 
     monkeypatch.setattr(lower_triton, "_static_cuda", lambda *nodes: _static(*nodes))
     torch.manual_seed(0)
-    model, x, r = Block(), torch.randn(2, 5, 16, requires_grad=True), torch.randn(2, 5, 16)
+    return lower_triton, (Block(), torch.randn(2, 5, 16, requires_grad=True), torch.randn(2, 5, 16))
+
+
+@pytest.mark.parametrize("grad_input_bits", [None, 8])
+def test_lowered_qat_graph_computes_what_the_unlowered_graph_does(
+    grad_input_bits, qat_block_lowered_on_cpu, monkeypatch
+):
+    # Every lowered call binds to its op's schema, the K-blocked codes included beside a keyword
+    # grad_input_bits.
+    lower_triton, (model, x, r) = qat_block_lowered_on_cpu
     outputs = {}
 
     def capture(gm, example_inputs):
@@ -268,15 +277,10 @@ def test_lowered_qat_graph_computes_what_the_unlowered_graph_does(grad_input_bit
         assert torch.equal(got, want)
 
 
-def test_grouped_weight_pack_computes_what_one_pack_per_weight_does(monkeypatch):
+def test_grouped_weight_pack_computes_what_one_pack_per_weight_does(qat_block_lowered_on_cpu, monkeypatch):
     # BITCOMPILE_GROUP_WEIGHT_PACK=1: the lowered training graph's five weight quantizers become one
-    # grouped call after the inputs; on the CPU (references) its outputs and gradients equal the
-    # ungrouped graph's bit for bit.
-    from bitcompile.passes import lower_triton
-
-    monkeypatch.setattr(lower_triton, "_static_cuda", lambda *nodes: _static(*nodes))
-    torch.manual_seed(0)
-    model, x, r = Block(), torch.randn(2, 5, 16, requires_grad=True), torch.randn(2, 5, 16)
+    # grouped call after the inputs; its outputs and gradients equal the ungrouped graph's bit for bit.
+    _, (model, x, r) = qat_block_lowered_on_cpu
     results = {}
 
     def capture(gm, example_inputs):
