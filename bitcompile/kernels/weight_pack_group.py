@@ -132,7 +132,9 @@ def quantize_pack_group(weights: list[torch.Tensor], scheme: str = "ternary", pe
         sum_programs += parts
         pack_programs += triton.cdiv(n, PACK_ROWS) * triton.cdiv(k, 4 * Q)
     if rows:
-        table = torch.tensor(rows, dtype=torch.int64).to(first.device)
+        table = torch.tensor(rows, dtype=torch.int64)
+        if first.is_cuda:  # pinned and asynchronous: a pageable copy would wait for the GPU's queue
+            table = table.pin_memory().to(first.device, non_blocking=True)
         g, gp = len(rows), triton.next_power_of_2(len(rows))
         _abs_sum_group_kernel[(sum_programs,)](table, first, g, GP=gp, BN=SUM_ROWS, BK=SUM_COLS, num_warps=SUM_WARPS)
         _pack_group_kernel[(pack_programs,)](
