@@ -1,6 +1,7 @@
 """Per-token activation quantization, optionally fused behind (residual add +) a norm.
 
 One program per token row holds the whole row in registers, so x is read once:
+  x = silu(x[:K]) * x[K:]               if GATED (a fused gate+up output: SwiGLU), in x's dtype
   h = x (+ residual)                    stored only if STORE_H (the new residual stream)
   y = norm(h) * weight (+ bias)         stored only if STORE_Y (another consumer needs it)
   s = max(max|y|, qeps) / qmax, q = round(y / s) clipped     -> int8 q, fp32 s
@@ -53,6 +54,7 @@ def _norm_quant_kernel(
     STORE_Y: tl.constexpr,
     STORE_H: tl.constexpr,
     USE_ASM: tl.constexpr,
+    GATED: tl.constexpr = False,
 ):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
@@ -61,6 +63,11 @@ def _norm_quant_kernel(
     eps = tl.cast(eps, tl.float32)
     qmax = tl.cast(qmax, tl.float32)
     x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0)
+    if GATED:  # silu rounded to x's dtype, then the product rounded: eager's two ops
+        g = x.to(tl.float32)
+        act = tl.math.div_rn(g, 1.0 + tl.exp(-g)).to(X.dtype.element_ty).to(tl.float32)
+        up = tl.load(X + row * stride_x + K + cols, mask=mask, other=0.0).to(tl.float32)
+        x = (act * up).to(X.dtype.element_ty)
     if HAS_RES:
         # The add happens in the input dtype, as `x + residual` does in the graph.
         x = (x.to(tl.float32) + tl.load(RES + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)).to(
@@ -125,8 +132,12 @@ def norm_quant(
     store_sum: bool = False,
     wrap: Optional[Callable] = None,
     qeps: float = EPS,
+    gated: bool = False,
 ):
     """Returns ``(q int8 [..., K], scale fp32 [..., 1], normed | None, h | None)``.
+
+    ``gated``: ``x`` is ``[..., 2K]``, a gate and an up projection side by side, and the row
+    quantized is ``silu(gate) * up`` (``reference.gated_quantize``; the "none" norm only).
 
     ``normed`` (dtype ``norm_dtype``, default x.dtype) is written only with ``store_normed``;
     ``h = x + residual`` only with ``store_sum``. ``wrap=torch.library.wrap_triton``
@@ -136,11 +147,15 @@ def norm_quant(
         raise ValueError(f"unknown norm {kind!r}; supported: {', '.join(NORM_KINDS)}")
     if not 2 <= bits <= 8:
         raise ValueError(f"activation bits must be in 2..8, got {bits}")
-    k = x.shape[-1]
+    if gated and (kind != "none" or residual is not None or weight is not None or store_normed or store_sum):
+        raise ValueError("the gated prologue takes the plain quantization only (no norm, residual or stores)")
+    if gated and x.shape[-1] % 2:
+        raise ValueError(f"a gated row holds gate and up halves: even width needed, got {x.shape[-1]}")
+    k = x.shape[-1] // 2 if gated else x.shape[-1]
     if k > MAX_ROW:
         raise ValueError(f"rows longer than {MAX_ROW} are not supported by the fused kernel (got {k})")
     lead = x.shape[:-1]
-    x2 = rows(x, k)
+    x2 = rows(x, x.shape[-1])
     m = x2.shape[0]
     q = torch.empty((m, k), device=x.device, dtype=torch.int8)
     s = torch.empty((m, 1), device=x.device, dtype=torch.float32)
@@ -158,6 +173,7 @@ def norm_quant(
             STORE_Y=store_normed,
             STORE_H=store_sum,
             USE_ASM=not tuning.interpreting(),
+            GATED=gated,
         )
         warps = 1 if tuning.interpreting() else num_warps(block)
         compiled = tuning.traceable(_norm_quant_kernel, wrap)[(m,)](

@@ -410,6 +410,14 @@ def norm_quant(x, residual, weight, bias, kind: str, eps: float, bits: int, norm
     return q, s, y, h
 
 
+def gated_quantize(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x = [gate | up]`` along the last dimension (a fused gate+up projection's output):
+    ``quantize_activations(silu(gate) * up)``, the product in x's dtype as eager computes it
+    (``silu`` rounded to x's dtype, then the product)."""
+    gate, up = x.chunk(2, dim=-1)
+    return quantize_activations(torch.nn.functional.silu(gate) * up, bits)
+
+
 def activation(y: torch.Tensor, name: str) -> torch.Tensor:
     """The epilogue activations, on fp32."""
     if name == "none":

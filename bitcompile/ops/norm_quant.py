@@ -128,3 +128,52 @@ def twin_norm_quant():
     op = twin("bitnet::norm_quant_triton", norm_quant, traced)
     op.register_autograd(_backward, setup_context=_setup)
     return torch.ops.bitnet.norm_quant_triton.default
+
+
+@bitnet_op("bitnet::gated_quant")
+def gated_quant(x: Tensor, bits: int) -> tuple[Tensor, Tensor]:
+    """``x = [gate | up]`` (a fused gate+up projection's output, ``[..., 2K]``): per-token
+    quantization of ``silu(gate) * up`` (``reference.gated_quantize``), ``(int8 [..., K], float32
+    [..., 1])``, without writing the product. Inference graphs only (no gradient)."""
+    return ref.gated_quantize(x, bits)
+
+
+@gated_quant.register_fake
+def _(x, bits):
+    k = x.shape[-1] // 2
+    return x.new_empty((*x.shape[:-1], k), dtype=torch.int8), x.new_empty((*x.shape[:-1], 1), dtype=torch.float32)
+
+
+def gated_kernel_supports(x: Tensor) -> bool:
+    """The kernel's row is one half of ``x`` (the product), at most ``MAX_ROW`` wide."""
+    from bitcompile.kernels.act_quant import MAX_ROW
+
+    return x.dtype.is_floating_point and x.shape[-1] % 2 == 0 and x.shape[-1] // 2 <= MAX_ROW
+
+
+def _gated(x, bits, wrap=None):
+    from bitcompile.kernels.act_quant import norm_quant as kernel
+
+    q, s, _, _ = kernel(x, bits, gated=True, wrap=wrap)
+    return q, s
+
+
+@gated_quant.register_kernel("cuda")
+def _(x, bits):
+    if not gated_kernel_supports(x):
+        return gated_quant.prototype(x, bits)
+    return _gated(x, bits)
+
+
+def gated_traced(a):
+    from torch.library import wrap_triton
+
+    return _gated(a.x, a.bits, wrap=wrap_triton)
+
+
+@functools.cache
+def twin_gated_quant():
+    """``bitnet::gated_quant_triton``: the gated quantization launched from Inductor's code (static
+    CUDA graphs without CUDA-graph replay, where ``gated_kernel_supports``)."""
+    twin("bitnet::gated_quant_triton", gated_quant, gated_traced)
+    return torch.ops.bitnet.gated_quant_triton.default

@@ -3,7 +3,8 @@
 * Without CUDA graphs the bitnet ops become their Inductor-visible Triton twins (the ops'
   ``twin_*()``), so Inductor launches the kernels from its generated code instead of calling an
   opaque op through Python (~100 us of host time per call):
-  ``norm_quant`` and ``quantize_activations`` -> ``norm_quant_triton``; in inference,
+  ``norm_quant`` and ``quantize_activations`` -> ``norm_quant_triton``, ``gated_quant`` ->
+  ``gated_quant_triton``; in inference,
   ``linear_q`` -> ``linear_q_triton``; in training (QAT), ``quantize_weights`` ->
   ``quantize_weights_triton`` (a scheme of the weight-pack kernel, 2-D weights),
   ``lowbit_linear`` -> ``lowbit_linear_triton`` (int8 activations, packed ternary weights),
@@ -66,6 +67,9 @@ def _lower_activation_quantization(graph: fx.Graph) -> None:
         if node.target is torch.ops.bitnet.norm_quant.default and _static_cuda(node.args[0], node.args[1]):
             if norm_quant.kernel_supports(meta(node.args[0])):
                 node.target = norm_quant.twin_norm_quant()
+        elif node.target is torch.ops.bitnet.gated_quant.default and _static_cuda(node.args[0]):
+            if norm_quant.gated_kernel_supports(meta(node.args[0])):
+                node.target = norm_quant.twin_gated_quant()
         elif node.target is torch.ops.bitnet.quantize_activations.default and _static_cuda(node.args[0]):
             x, bits = node.args
             xm = meta(x)

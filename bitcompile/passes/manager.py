@@ -30,6 +30,7 @@ from bitcompile.passes import (
     batchnorm,
     conv,
     epilogue,
+    gated_quant,
     hoist_weights,
     linear,
     lower_triton,
@@ -69,6 +70,7 @@ PASSES = (
     Pass("hoist_weights", hoist_weights.hoist_packed_weights, inference),  # packed weights from the cache
     Pass("siblings", siblings.fuse_sibling_linears, lambda ctx: fusing(ctx) and inference(ctx)),
     Pass("epilogue", epilogue.fuse_epilogues, lambda ctx: fusing(ctx) and inference(ctx)),
+    Pass("gated_quant", gated_quant.fuse_gated_quant, lambda ctx: fusing(ctx) and inference(ctx)),  # SwiGLU + quant
     Pass("norm_quant", norm_quant.fuse_norm_quant, fusing),  # (add +) norm + activation quant
     Pass("lower_triton", lower_triton.lower_to_triton, fusing),  # CUDA, static shapes
 )

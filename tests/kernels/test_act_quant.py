@@ -116,3 +116,54 @@ def test_qat_fused_norm_gradients_on_cuda():
 
     for got, want in zip(grads(), grads(fuse=False)):
         torch.testing.assert_close(got, want, rtol=3e-2, atol=3e-2 * want.abs().max().item())
+
+
+def assert_gated_close(q, s, x, bits):
+    """Against ``reference.gated_quantize``: the kernel's exp (Triton's, or numpy's in the interpreter) may
+    differ from torch's by an ulp, which can move ``silu`` and the product ``silu(gate) * up`` by an ulp or
+    two of x's dtype: a code by at most 1 where it does, the scale (the largest product over qmax) by at
+    most 4 ulps."""
+    want_q, want_s = ref.gated_quantize(x.cpu(), bits)
+    torch.testing.assert_close(s.cpu(), want_s, rtol=4 * torch.finfo(x.dtype).eps, atol=0)
+    assert (q.cpu().int() - want_q.int()).abs().max() <= 1
+    assert (q.cpu() != want_q).sum() <= max(1, want_q.numel() // 100)  # such flips are rare
+
+
+@given(
+    m=st.integers(1, 6),
+    k=dims,
+    dtype=st.sampled_from([torch.float32, torch.float16]),
+    bits=st.sampled_from([8, 4]),
+    seed=st.integers(0, 2**16),
+)
+def test_gated_quant(kernels, device, m, k, dtype, bits, seed):
+    """``[gate | up]`` rows of 2k: the codes and scale of ``silu(gate) * up``, the product never written."""
+    g = torch.Generator().manual_seed(seed)
+    x = (3 * torch.randn(m, 2 * k, generator=g)).to(dtype)
+    q, s, normed, h = kernels.act_quant.norm_quant(x.to(device), bits, gated=True)
+    assert q.shape == (m, k) and s.shape == (m, 1) and normed is None and h is None
+    assert_gated_close(q, s, x, bits)
+
+
+def test_gated_quant_op_and_its_limits(kernels, device):
+    x = torch.randn(2, 3, 40)
+    q, s = ops.gated_quant(x.to(device), 8)  # leading dimensions kept, each row's halves
+    assert q.shape == (2, 3, 20) and s.shape == (2, 3, 1)
+    assert_gated_close(q, s, x, 8)
+    with pytest.raises(ValueError, match="even width"):
+        kernels.act_quant.norm_quant(torch.randn(2, 7, device=device), 8, gated=True)
+    with pytest.raises(ValueError, match="plain quantization only"):
+        kernels.act_quant.norm_quant(torch.randn(2, 8, device=device), 8, "rms", gated=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 8, 2048])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gated_quant_llama_mlp_rows_on_the_gpu(m, dtype):
+    """Llama-3-8B's fused gate+up output (2 x 14336 per row), through the op and its Inductor twin."""
+    from bitcompile.kernels.act_quant import norm_quant
+
+    x = (3 * torch.randn(m, 2 * 14336, device="cuda")).to(dtype)
+    q, s, _, _ = norm_quant(x, 8, gated=True)
+    assert_gated_close(q, s, x, 8)
+    assert all(torch.equal(a, b) for a, b in zip(ops.gated_quant(x, 8), (q, s)))
