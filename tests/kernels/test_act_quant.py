@@ -7,6 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from bitcompile.numerics import reference as ref
+from tests.kernels.codegen import compile_in_child, needs_ptxas
 from tests.kernels.support import DTYPES, dims, near_half
 
 ops = torch.ops.bitnet
@@ -67,6 +68,28 @@ def test_norm_quant_triton_twin(kernels, device):
     q, s, y, h = norm_quant.traced(norm_quant.norm_quant.Args(*args))
     assert torch.equal(q.cpu(), want[0]) and torch.equal(h.cpu(), want[3]) and y.numel() == 0
     torch.testing.assert_close(s.cpu(), want[1], rtol=1e-6, atol=0)
+
+
+# Machine code for the H100 (sm_90), compiled without a GPU (tests/kernels/codegen.py).
+
+GATED = """
+import sys
+sys.path.insert(0, {tools!r})
+import sass
+from bitcompile.kernels import act_quant as aq
+args = dict(X="*bf16", RES="*bf16", W="*bf16", B="*bf16", Q="*i8", S="*fp32", Y="*bf16", H="*bf16", K=14336,
+            stride_x=28672, stride_r=28672, stride_q=14336, stride_y=1, stride_h=1, eps=1e-6, qmax=127.0)
+flags = dict(QEPS=1e-5, BLOCK=16384, NORM=0, HAS_RES=False, HAS_W=False, HAS_B=False, STORE_Y=False,
+             STORE_H=False, USE_ASM=True, GATED=True)
+sass.compile_sm90(aq._norm_quant_kernel, args, flags, aq.num_warps(16384), 3)
+"""
+
+
+@needs_ptxas
+def test_gated_prologue_compiles_for_the_h100():
+    """The SwiGLU prologue at Llama-3-8B's intermediate width compiles for sm_90."""
+    out = compile_in_child(GATED)
+    assert out.returncode == 0, out.stderr[-3000:]
 
 
 # GPU only (make test-gpu): realistic shapes, compiled kernels.

@@ -14,6 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from bitcompile.numerics import reference as ref
+from tests.kernels.codegen import compile_in_child, needs_ptxas
 from tests.kernels.support import dims, gpu_configs
 
 UNIT = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
@@ -72,6 +73,33 @@ def test_leading_dims_empty_operands_and_bad_input(kernels, device):
         f(x[:, :6], codes, scale)
     with pytest.raises(ValueError, match="1 or 5 scales"):
         f(x, codes, scale[:2])
+
+
+# --- Machine code for the H100 (sm_90), compiled without a GPU (tests/kernels/codegen.py) ----------
+
+INT8_MATMUL = """
+import sys
+sys.path.insert(0, {tools!r})
+import sass
+from bitcompile.kernels import int8_weight_matmul as iw
+args = dict(X="*bf16", W="*i8", S="*fp32", BIAS="*bf16", C="*bf16", N=128256, K=4096, stride_xm=4096,
+            stride_wn=4096, stride_cm=128256)
+for m in (1, 3, 8, 2048):
+    for cfg in iw.candidates(m):
+        cfg = dict(cfg)
+        warps, stages, gemv = cfg.pop("num_warps"), cfg.pop("num_stages"), cfg.pop("GEMV")
+        for per_channel in (False, True):
+            flags = dict(cfg, PER_CHANNEL=per_channel, HAS_BIAS=True)
+            kernel = iw._gemv_kernel if gemv else iw._gemm_kernel
+            sass.compile_sm90(kernel, dict(args, M=m), flags if gemv else dict(flags, IEEE=False), warps, stages)
+"""
+
+
+@needs_ptxas
+def test_every_candidate_compiles_for_the_h100():
+    """Each GEMV and GEMM candidate, per-tensor and per-row scales, compiles for sm_90."""
+    out = compile_in_child(INT8_MATMUL)
+    assert out.returncode == 0, out.stderr[-3000:]
 
 
 # --- GPU: realistic shapes, the ops' routing ---------------------------------------------------------

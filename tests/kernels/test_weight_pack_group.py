@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 from bitcompile.numerics import reference as ref
 from bitcompile.numerics.packing import to_kblocked
+from tests.kernels.codegen import compile_in_child, needs_ptxas
 
 SHAPES = st.lists(st.tuples(st.integers(0, 40), st.integers(0, 600)), min_size=1, max_size=6)
 
@@ -65,6 +66,31 @@ def test_group_op_matches_one_quantizer_per_weight(kernels, device):
     want = [t for w in weights for t in torch.ops.bitnet.quantize_weights_kblocked(w, "ternary", False)]
     assert len(got) == 6 and all(torch.equal(a, b) for a, b in zip(got, want))
     assert not any(t.requires_grad for t in got)
+
+
+# Machine code for the H100 (sm_90), compiled without a GPU (tests/kernels/codegen.py).
+
+GROUP_PACK = """
+import sys
+sys.path.insert(0, {tools!r})
+import sass
+from bitcompile.kernels import weight_pack as wp, weight_pack_group as wg
+for cfg in wp._configs():
+    for dtype in ("*fp32", "*bf16"):
+        sass.compile_sm90(wg._abs_sum_group_kernel, dict(T="*i64", W0=dtype, G=42),
+                          dict(GP=64, BN=cfg["sum_rows"], BK=cfg["sum_cols"]), cfg["sum_warps"], 3)
+        for per_channel in (False, True):
+            flags = dict(GP=64, BN=cfg["BN"], PER_CHANNEL=per_channel, SCHEME=0, QB=wp.Q, PARTS=wp.MAX_PARTS)
+            sass.compile_sm90(wg._pack_group_kernel, dict(T="*i64", W0=dtype, G=42), flags, cfg["num_warps"], 3)
+"""
+
+
+@needs_ptxas
+def test_group_kernels_compile_for_the_h100():
+    """The grouped abs-sum and pack (addresses read from a table) compile for sm_90 at every GPU
+    configuration of the single-weight kernels."""
+    out = compile_in_child(GROUP_PACK)
+    assert out.returncode == 0, out.stderr[-3000:]
 
 
 @pytest.mark.gpu
