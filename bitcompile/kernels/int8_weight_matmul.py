@@ -8,12 +8,12 @@ the ternary scheme but not out of quantization (an ``lm_head`` deployed with int
 their weights once per token, and int8 halves what a 16-bit weight costs to read.
 
 Two kernels, the same arithmetic (int8 codes convert exactly to any float type: |v| <= 127):
-  * ``_gemv_kernel`` (a few rows, decode): CUDA cores. A program owns BN weight rows and walks K
-    in BK-wide slices; each slice of weights is read once and meets all the activation rows
-    (``MR`` <= 8), so the weight read, the kernel's whole cost, is independent of M.
-  * ``_gemm_kernel``: tensor cores, ``tl.dot`` of the activation tile with the weight tile
-    converted to the activation's 16-bit type (exact products, float32 accumulation); float32
-    activations multiply at full precision (``input_precision="ieee"``), as the reference does.
+  * ``_gemv_kernel`` (one row: batch-1 decode, a prefill's last position): CUDA cores. A program
+    owns BN weight rows and walks K in BK-wide slices, reading each weight once.
+  * ``_gemm_kernel`` (two rows and more; 16-row tiles for decode batches): tensor cores, ``tl.dot``
+    of the activation tile with the weight tile converted to the activation's 16-bit type (exact
+    products, float32 accumulation); float32 activations multiply at full precision
+    (``input_precision="ieee"``), as the reference does.
 The launch configuration comes from the tuning table (``int8w_mm`` keys), a heuristic where the
 shape is not tabled.
 """
@@ -28,8 +28,6 @@ import triton.language as tl
 
 from bitcompile.kernels import tuning
 from bitcompile.kernels.common import rows
-
-GEMV_MAX_M = 8  # the GEMV keeps MR accumulators per weight row: beyond 8 rows, tensor cores
 
 
 @triton.jit
@@ -59,25 +57,31 @@ def _gemv_kernel(
     stride_xm,
     stride_wn,
     stride_cm,
-    MR: tl.constexpr,
     BN: tl.constexpr,
     BK: tl.constexpr,
     PER_CHANNEL: tl.constexpr,
     HAS_BIAS: tl.constexpr,
 ):
     offs_n = tl.program_id(0) * BN + tl.arange(0, BN)
-    offs_m = tl.arange(0, MR)
     offs_k = tl.arange(0, BK)
     w_rows = W + (offs_n % N).to(tl.int64)[:, None] * stride_wn  # rows past N read a valid row, never stored
-    x_rows = X + offs_m.to(tl.int64)[:, None] * stride_xm
-    acc = tl.zeros((BN, MR), dtype=tl.float32)
+    # x is loaded at the weight tile's shape (the pointer broadcast over rows; L1 serves the
+    # repeats): a [BK] load would be moved into the tile's layout through shared memory, with
+    # barriers, every step. Products accumulate elementwise in [BN, BK] and are summed over K once,
+    # after the loop (a sum per slice would shuffle across threads every step). The next slice's
+    # weights are requested before this slice's arithmetic: a load is in flight while it computes.
+    x_row = X + 0 * offs_n[:, None]
+    acc = tl.zeros((BN, BK), dtype=tl.float32)
+    w = tl.load(w_rows + offs_k[None, :], mask=offs_k[None, :] < K, other=0, eviction_policy="evict_first")
     for k0 in range(0, K, BK):
         k = k0 + offs_k
-        w = tl.load(w_rows + k[None, :], mask=k[None, :] < K, other=0, eviction_policy="evict_first")
-        x = tl.load(x_rows + k[None, :], mask=(offs_m[:, None] < M) & (k[None, :] < K), other=0.0)
-        # [BN, 1, BK] * [1, MR, BK], summed over K: each weight meets every row from registers
-        acc += tl.sum(w.to(tl.float32)[:, None, :] * x.to(tl.float32)[None, :, :], axis=2)
-    _epilogue(tl.trans(acc), S, BIAS, C, offs_m, offs_n, M, N, stride_cm, PER_CHANNEL, HAS_BIAS)
+        k_next = k + BK
+        w_next = tl.load(w_rows + k_next[None, :], mask=k_next[None, :] < K, other=0, eviction_policy="evict_first")
+        x = tl.load(x_row + k[None, :], mask=k[None, :] < K, other=0.0)
+        acc += w.to(tl.float32) * x.to(tl.float32)
+        w = w_next
+    out = tl.sum(acc, axis=1)[None, :]
+    _epilogue(out, S, BIAS, C, tl.arange(0, 1), offs_n, M, N, stride_cm, PER_CHANNEL, HAS_BIAS)
 
 
 @triton.jit
@@ -119,20 +123,14 @@ def _gemm_kernel(
 
 def candidates(m: int) -> list[dict]:
     """Launch configurations for ``m`` rows, the heuristic first (``tuning.choose``)."""
-    if m <= GEMV_MAX_M:
-        # The product [BN, MR, BK] lives in registers before its sum: 64 values a thread (BK
-        # shrinks as rows are added, so the weight slice read per iteration shrinks with it).
-        mr = 1 << (m - 1).bit_length()
-        return [
-            dict(GEMV=True, MR=mr, BN=bn, BK=max(bk // mr, 16), num_warps=w, num_stages=s)
-            for bn, bk, w in ((32, 256, 4), (16, 512, 4), (64, 128, 4), (32, 512, 8), (64, 256, 8))
-            for s in (3, 2)
-        ]
-    bm = 64 if m <= 64 else 128
-    return [
-        dict(GEMV=False, BM=bm, BN=bn, BK=bk, num_warps=w, num_stages=s)
-        for bn, bk, w, s in ((128, 64, 8, 3), (64, 128, 4, 4), (128, 128, 8, 3), (256, 64, 8, 3), (64, 64, 4, 4))
-    ]
+    if m == 1:  # BN x BK float32 accumulators: 32 or 64 per thread (the next slice's weights as many bytes)
+        tiles = ((16, 256, 4), (8, 512, 4), (32, 128, 4), (4, 1024, 4), (16, 512, 4), (32, 256, 8), (8, 256, 2))
+        return [dict(GEMV=True, BN=bn, BK=bk, num_warps=w, num_stages=1) for bn, bk, w in tiles]
+    bm = 16 if m <= 16 else 64 if m <= 64 else 128
+    tiles = ((64, 128, 4, 4), (128, 128, 4, 3), (64, 256, 4, 3), (128, 64, 4, 5), (32, 256, 4, 4))
+    if bm > 16:
+        tiles = ((128, 64, 8, 3), (64, 128, 4, 4), (128, 128, 8, 3), (256, 64, 8, 3), (64, 64, 4, 4))
+    return [dict(GEMV=False, BM=bm, BN=bn, BK=bk, num_warps=w, num_stages=s) for bn, bk, w, s in tiles]
 
 
 def int8_weight_matmul(

@@ -6,9 +6,15 @@ are one matmul whose output ``y = [gate | up]`` is split by two ``narrow`` views
 activation quantizer. ``bitnet::gated_quant(y)`` computes the product per row in registers and
 writes only its int8 codes and scales: one launch and one round trip of the product fewer per
 layer. Matched only when the product and the ``silu`` have no other users.
+
+Off unless ``BITCOMPILE_GATED_QUANT=1``: measured on an H100 (BENCHMARKS.md, round 31) the fused
+kernel is slower than Inductor's silu·mul plus the plain quantizer at decode (one program per row
+does all of a 14336-wide row's exp and divisions) and at a 2048-token prefill.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.fx as fx
@@ -16,6 +22,11 @@ import torch.fx as fx
 from bitcompile.passes import targets as T
 from bitcompile.passes.context import PassContext
 from bitcompile.passes.graph import meta
+
+
+def enabled() -> bool:
+    """``BITCOMPILE_GATED_QUANT=1`` turns the fusion on (off by default: see the module docstring)."""
+    return os.environ.get("BITCOMPILE_GATED_QUANT", "0") == "1"
 
 
 def fuse_gated_quant(gm: fx.GraphModule, ctx: PassContext) -> None:

@@ -54,6 +54,11 @@ def inference(ctx: PassContext) -> bool:
     return not ctx.training
 
 
+def gated(ctx: PassContext) -> bool:
+    """SwiGLU + quantization: inference, with ``BITCOMPILE_GATED_QUANT=1`` (``passes/gated_quant.py``)."""
+    return inference(ctx) and gated_quant.enabled()
+
+
 @dataclass(frozen=True)
 class Pass:
     name: str
@@ -70,7 +75,7 @@ PASSES = (
     Pass("hoist_weights", hoist_weights.hoist_packed_weights, inference),  # packed weights from the cache
     Pass("siblings", siblings.fuse_sibling_linears, lambda ctx: fusing(ctx) and inference(ctx)),
     Pass("epilogue", epilogue.fuse_epilogues, lambda ctx: fusing(ctx) and inference(ctx)),
-    Pass("gated_quant", gated_quant.fuse_gated_quant, lambda ctx: fusing(ctx) and inference(ctx)),  # SwiGLU + quant
+    Pass("gated_quant", gated_quant.fuse_gated_quant, lambda ctx: fusing(ctx) and gated(ctx)),  # opt-in
     Pass("norm_quant", norm_quant.fuse_norm_quant, fusing),  # (add +) norm + activation quant
     Pass("lower_triton", lower_triton.lower_to_triton, fusing),  # CUDA, static shapes
 )

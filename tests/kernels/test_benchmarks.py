@@ -101,6 +101,13 @@ def test_sweep_norm_quant_smoke():
     assert printed.count("(launcher's)") == 2
 
 
+def test_sweep_norm_quant_gated_smoke():
+    printed = smoke("sweep_norm_quant.py", "--gated")
+    for label in ("silu*mul (Inductor)", "quantize the product", "the two", "(launcher's)"):
+        assert printed.count(label) == 1, label
+    assert printed.count("2x2x32 fused, warps=") >= 4
+
+
 def test_sweep_matmul_smoke():
     printed = smoke("sweep_matmul.py")
     assert "exact=False" not in printed and printed.count("exact=True") >= 9

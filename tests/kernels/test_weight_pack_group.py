@@ -109,4 +109,4 @@ def test_group_of_a_llama_layer_on_the_gpu(dtype):
         differ = ref.unpack_weights(codes, w.shape[1]) != ref.unpack_weights(want_codes, w.shape[1])
         gap = ((w.float() / want_scale).abs() - 0.5).abs()[differ]
         assert gap.numel() == 0 or gap.max() < 1e-5
-        assert torch.equal(blocked, to_kblocked(codes, w.shape[1]))
+        assert torch.equal(blocked.cpu(), to_kblocked(codes.cpu(), w.shape[1]))

@@ -11,6 +11,12 @@ from tests.passes.test_fusion import _static, rewritten_targets
 bitnet = torch.ops.bitnet
 
 
+@pytest.fixture(autouse=True)
+def gated_on(monkeypatch):
+    """The fusion is opt-in (``BITCOMPILE_GATED_QUANT=1``)."""
+    monkeypatch.setenv("BITCOMPILE_GATED_QUANT", "1")
+
+
 class ProductAlsoReturned(nn.Module):
     """The gated product has a second reader: the fusion would have to write it anyway."""
 
@@ -40,6 +46,13 @@ def test_gated_mlp_input_is_quantized_from_the_fused_gate_up_output(deployed):
     torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)  # the norm fusion's float order (README)
     notes = {c.module: c.reason for c in report.rewritten}
     assert "input: silu(gate) * up quantized in one kernel" in notes["down"]
+
+
+def test_off_by_default(monkeypatch):
+    monkeypatch.delenv("BITCOMPILE_GATED_QUANT")
+    with torch.no_grad():
+        targets = rewritten_targets(Attention(bias=False).eval(), torch.randn(2, 5, 32), exclude=[])
+    assert bitnet.gated_quant.default not in targets
 
 
 def test_a_product_read_elsewhere_is_not_fused():
