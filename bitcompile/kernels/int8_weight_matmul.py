@@ -174,5 +174,8 @@ def int8_weight_matmul(
             _gemm_kernel[grid](*args, **cfg, **flags, IEEE=x2.dtype == torch.float32)
 
     options = candidates(m)
-    launch(tuning.choose("int8w_mm", (tuning.bucket(m), n, k, str(x2.dtype)), options, launch))
+    chosen = tuning.choose("int8w_mm", (tuning.bucket(m), n, k, str(x2.dtype)), options, launch)
+    # A cached entry that is no candidate here (tuned by another version: the GEMV takes one row)
+    # would compute the wrong rows: the heuristic instead.
+    launch(chosen if chosen in options else options[0])
     return c.reshape(*lead, n)

@@ -75,6 +75,16 @@ def test_leading_dims_empty_operands_and_bad_input(kernels, device):
         f(x, codes, scale[:2])
 
 
+def test_a_cached_configuration_that_is_no_candidate_is_not_launched(kernels, device, monkeypatch):
+    """A GEMV entry (one row) cached for 3 rows, as another version could have tuned it: the
+    heuristic runs instead and the rows are right."""
+    mod = kernels.int8_weight_matmul
+    stale = dict(GEMV=True, BN=16, BK=256, num_warps=4, num_stages=1)
+    monkeypatch.setattr(mod.tuning, "choose", lambda *args: stale)
+    x, codes, scale, b = operands(3, 40, 298, torch.float32, True, True, seed=3, device=device)
+    assert_within_summation_order(mod.int8_weight_matmul(x, codes, scale, b), x, codes, scale, b)
+
+
 # --- Machine code for the H100 (sm_90), compiled without a GPU (tests/kernels/codegen.py) ----------
 
 INT8_MATMUL = """
