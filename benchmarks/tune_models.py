@@ -36,6 +36,7 @@ CONFIG_KEYS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_k
 MODELS = OPEN_MODELS | {f"bench-qat-{size}": tuple(c[key] for key in CONFIG_KEYS) for size, c in QAT_SIZES.items()}
 SMOKE_MODELS = {"tiny-gqa": (64, 96, 4, 2)}
 SMOKE_HEADS = {"tiny-gqa": 256}
+INFERENCE_ROWS = (1, 8, 16, 128, 2048)  # decode batches, a 128-token chunk, a 2048-token prefill
 HEAD_ROWS = (1, 8, 16)  # an int8 lm_head's rows: decode batches (prefill keeps the last position's logits)
 QAT_ROWS = 8192
 
@@ -106,7 +107,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", type=lambda s: s.split(","), default=list(MODELS))
     parser.add_argument(
-        "--rows", type=lambda s: [int(v) for v in s.split(",") if v], default=[1, 8, 16, 128, 2048], help='"": none'
+        "--rows", type=lambda s: [int(v) for v in s.split(",") if v], default=list(INFERENCE_ROWS), help='"": none'
     )
     parser.add_argument("--qat", action="store_true", help=f"also the training kernels at {QAT_ROWS} rows")
     parser.add_argument("--int8-head", action="store_true", help=f"also an int8 lm_head at {HEAD_ROWS} rows")

@@ -138,3 +138,28 @@ def test_scripts_share_timing_and_import_no_script():
         assert "sys.modules" not in source and "sys.path" not in source, name
         clocks = {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)} & {"perf_counter", "Event"}
         assert name == "timing" or not clocks, f"{name} times by itself: {clocks}"
+
+
+def test_the_shipped_h100_table_holds_every_open_model_shape(monkeypatch):
+    """A first run of a common open model on an H100 tunes nothing: each projection (sibling-fused
+    ones too) at the decode and prefill rows, its training kernels and an int8 lm_head are tabled."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import tune_models
+
+    table = json.loads((ROOT / "bitcompile/kernels/tuned/NVIDIA_H100_80GB_HBM3.json").read_text())
+    models = list(tune_models.OPEN_MODELS)
+    wanted = [
+        f"ternary_mm:{m},{n},{k}"
+        for n, k in tune_models.shapes(models, tune_models.MODELS)
+        for m in tune_models.INFERENCE_ROWS
+    ]
+    for n, k in tune_models.shapes(models, tune_models.MODELS, fused=False):
+        wanted += [
+            f"ternary_mm:{tune_models.QAT_ROWS},{n},{k}",
+            f"grad_input:{tune_models.QAT_ROWS},{n},{k},torch.bfloat16",
+        ]
+        wanted += [f"weight_pack:{n},{k},torch.{dtype},False,canonical" for dtype in ("bfloat16", "float32")]
+    heads = {(tune_models.OPEN_MODEL_HEADS[name], tune_models.MODELS[name][0]) for name in tune_models.OPEN_MODEL_HEADS}
+    wanted += [f"int8w_mm:{m},{n},{k},torch.bfloat16" for n, k in heads for m in tune_models.HEAD_ROWS]
+    assert len(wanted) > 300
+    assert [key for key in wanted if key not in table] == []
