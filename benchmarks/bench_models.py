@@ -241,6 +241,9 @@ def decode_side(model, label: str, args, rows: list, prompt_len: int, short: int
             (timing.timed(lambda: generate(model, prompts, long)) for _ in range(args.repeat)), key=lambda r: r[0]
         )
         tokens_per_s = batch * (long - short) / (t_long - t_short)
+        if args.profile:  # where generate's host time goes beyond the compiled step's
+            host = profiling.python_table(lambda: generate(model, prompts, long), 1, 30, "generate call")
+            write_profile(f"== generate, {label}, batch {batch}: {long} new tokens, one call\n{host}")
         step_ms, tokens = decode_step_ms(model, prompts, long, f"{label}, batch {batch}" if args.profile else "")
         async_ms, same = decode_step_ms(model, prompts, long, host_sync=False)
         peak = peak_gib() - start / 2**30 + state_bytes(model) / 2**30

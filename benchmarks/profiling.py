@@ -51,7 +51,7 @@ def host_table(fn: Callable[[], object], steps: int = 20, top: int = 20) -> str:
     return "\n".join(lines)
 
 
-def python_table(fn: Callable[[], object], steps: int = 20, top: int = 20) -> str:
+def python_table(fn: Callable[[], object], steps: int = 20, top: int = 20, unit: str = "steps") -> str:
     """Host time per step by Python function, own time (cProfile: it sees which Python code runs,
     not C++; its own overhead inflates functions that make many small calls)."""
     import cProfile
@@ -68,7 +68,7 @@ def python_table(fn: Callable[[], object], steps: int = 20, top: int = 20) -> st
     pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(top)
     body = text.getvalue().splitlines()
     start = next((i for i, line in enumerate(body) if line.lstrip().startswith("ncalls")), 0)
-    return f"python own time by function, cProfile, {steps} steps in all:\n" + "\n".join(body[start:])
+    return f"python own time by function, cProfile, {steps} {unit} in all:\n" + "\n".join(body[start:])
 
 
 def reset_compile_times() -> None:

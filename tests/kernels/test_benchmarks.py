@@ -69,9 +69,10 @@ def test_bench_models_smoke(tmp_path):
     assert qat == ["Inductor", "fake-quant", "bitnet", "bitnet q8", "bitnet grouped"]
     table = out.read_text()
     assert all(f"## {part}" in table for part in parts)
-    # the three decode and prefill sides, the five QAT variants, each with its host table
+    # the three decode and prefill sides (and their generate call's Python), the five QAT
+    # variants, each with its host table
     profiles = profile.read_text()
-    assert profiles.count("== decode step,") == profiles.count("== prefill,") == 3
+    assert profiles.count("== decode step,") == profiles.count("== prefill,") == profiles.count("== generate,") == 3
     assert profiles.count("== QAT step,") == 5
     assert profiles.count("step time") == profiles.count("host time per step") == 11
     # and each first call's compile phases: three generates, three prefills, five first QAT steps
