@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from timing import CUDA, sync
@@ -12,8 +13,8 @@ from timing import CUDA, sync
 
 def kernel_table(fn: Callable[[], object], label: str, steps: int = 5, top: int = 25) -> str:
     """Device time per kernel per step (CPU op time where there is no GPU), the ``top`` kernels
-    and the total, then the ``top`` most launched (a host-bound step's time follows its launch
-    count), after three warm-up calls. Kernels replayed from a CUDA graph are listed
+    and the total, on CUDA the device timeline (:func:`timeline`), then the ``top`` most launched
+    (a host-bound step's time follows its launch count), after three warm-up calls. Kernels replayed from a CUDA graph are listed
     where the profiler sees inside graphs (CUPTI on CUDA 12)."""
     for _ in range(3):
         fn()
@@ -30,11 +31,38 @@ def kernel_table(fn: Callable[[], object], label: str, steps: int = 5, top: int 
     lines = [f"== {label}: per step, {steps} steps averaged"]
     lines += [f"{us:9.1f} us  x{count:g}  {name[:110]}" for name, us, count in sorted(rows, key=lambda r: -r[1])[:top]]
     lines.append(f"{sum(r[1] for r in rows):9.1f} us  total, {sum(r[2] for r in rows):g} kernels")
+    if CUDA:
+        kernels = [(e.time_range.start, e.time_range.end) for e in prof.events() if e.device_type == DeviceType.CUDA]
+        lines.append(timeline(kernels, steps))
     lines.append("most launched, per step:")
     lines += [
         f"  x{count:<5g} {us:9.1f} us  {name[:110]}" for name, us, count in sorted(rows, key=lambda r: -r[2])[:top]
     ]
     return "\n".join(lines)
+
+
+def timeline(intervals: list[tuple[float, float]], steps: int, gap_us: float = 20.0) -> str:
+    """Per step, from the device's kernel intervals (µs) over ``steps`` back-to-back steps: the
+    span from the first kernel's start to the last one's end, the time some kernel ran, and the
+    idle rest, with the gaps longer than ``gap_us`` (waits for the host, or between graph nodes)
+    counted apart. A step whose time exceeds its kernels' sum shows here where the GPU idled."""
+    if not intervals:
+        return "device timeline: no kernels"
+    intervals = sorted(intervals)
+    busy, gaps, (start, end) = 0.0, [], intervals[0]
+    for s, e in intervals[1:]:
+        if s > end:  # an idle stretch: close the running union
+            busy, gaps = busy + end - start, gaps + [s - end]
+            start, end = s, e
+        else:
+            end = max(end, e)
+    busy += end - start
+    span = max(e for _, e in intervals) - intervals[0][0]
+    long = [g for g in gaps if g > gap_us]
+    return (
+        f"device timeline per step: span {span / steps:.1f} us, busy {busy / steps:.1f} us, idle "
+        f"{(span - busy) / steps:.1f} us ({len(long) / steps:g} gaps over {gap_us:g} us: {sum(long) / steps:.1f} us)"
+    )
 
 
 def host_table(fn: Callable[[], object], steps: int = 20, top: int = 20) -> str:

@@ -164,3 +164,14 @@ def test_the_shipped_h100_table_holds_every_open_model_shape(monkeypatch):
     wanted += [f"int8w_mm:{m},{n},{k},torch.bfloat16" for n, k in heads for m in tune_models.HEAD_ROWS]
     assert len(wanted) > 300
     assert [key for key in wanted if key not in table] == []
+
+
+def test_profile_timeline_separates_busy_and_idle_device_time(monkeypatch):
+    """Overlapping kernels count once; gaps over the threshold are reported apart."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import profiling
+
+    # two steps: kernels at 0-10 and 5-12 overlap, a 30 us wait, 42-48, a 2 us gap, 50-60
+    line = profiling.timeline([(42.0, 48.0), (0.0, 10.0), (5.0, 12.0), (50.0, 60.0)], steps=2)
+    assert line == "device timeline per step: span 30.0 us, busy 14.0 us, idle 16.0 us (0.5 gaps over 20 us: 15.0 us)"
+    assert profiling.timeline([], steps=1) == "device timeline: no kernels"
