@@ -14,8 +14,8 @@ from timing import CUDA, sync
 def kernel_table(fn: Callable[[], object], label: str, steps: int = 5, top: int = 25) -> str:
     """Device time per kernel per step (CPU op time where there is no GPU), the ``top`` kernels
     and the total, on CUDA the device timeline (:func:`timeline`), then the ``top`` most launched
-    (a host-bound step's time follows its launch count), after three warm-up calls. Kernels replayed from a CUDA graph are listed
-    where the profiler sees inside graphs (CUPTI on CUDA 12)."""
+    (a host-bound step's time follows its launch count), after three warm-up calls. Kernels
+    replayed from a CUDA graph are listed where the profiler sees inside graphs (CUPTI on CUDA 12)."""
     for _ in range(3):
         fn()
     sync()

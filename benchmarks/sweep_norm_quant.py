@@ -81,7 +81,7 @@ def gated(args) -> None:
         s = torch.empty(m, 1, device=DEVICE, dtype=torch.float32)
         block = max(16, 1 << (k - 1).bit_length())
         flags = dict(BLOCK=block, NORM=0, HAS_RES=False, HAS_W=False, HAS_B=False, STORE_Y=False, STORE_H=False)
-        for warps in sorted({4, 8, 16, 32, act_quant.num_warps(block)}):
+        for warps in sorted({4, 8, 16, 32, act_quant.gated_num_warps(block)}):
 
             def run():
                 act_quant._norm_quant_kernel[(m,)](
@@ -108,7 +108,7 @@ def gated(args) -> None:
                     **flags,
                 )
 
-            launcher = " (launcher's)" if warps == act_quant.num_warps(block) else ""
+            launcher = " (launcher's)" if warps == act_quant.gated_num_warps(block) else ""
             times[f"fused, warps={warps}{launcher}"] = cold_l2_us(run)
         for name, us in times.items():
             print(f"{m}x2x{k} {name:28s} {us:8.1f} us", flush=True)

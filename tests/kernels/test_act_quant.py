@@ -81,7 +81,7 @@ args = dict(X="*bf16", RES="*bf16", W="*bf16", B="*bf16", Q="*i8", S="*fp32", Y=
             stride_x=28672, stride_r=28672, stride_q=14336, stride_y=1, stride_h=1, eps=1e-6, qmax=127.0)
 flags = dict(QEPS=1e-5, BLOCK=16384, NORM=0, HAS_RES=False, HAS_W=False, HAS_B=False, STORE_Y=False,
              STORE_H=False, USE_ASM=True, GATED=True)
-sass.compile_sm90(aq._norm_quant_kernel, args, flags, aq.num_warps(16384), 3)
+sass.compile_sm90(aq._norm_quant_kernel, args, flags, aq.gated_num_warps(16384), 3)
 """
 
 
