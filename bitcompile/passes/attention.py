@@ -28,6 +28,7 @@ from bitcompile.ops import attention as bit_attention
 from bitcompile.passes import targets as T
 from bitcompile.passes.context import PassContext
 from bitcompile.passes.graph import (
+    caller_module,
     describe_weights,
     dtype_name,
     emit_weight_quantization,
@@ -35,7 +36,6 @@ from bitcompile.passes.graph import (
     owner,
     parameter_path,
     record,
-    strip_root,
 )
 
 MHA_SIGNATURE = inspect.signature(T.MHA)
@@ -205,14 +205,6 @@ def _attn_desc(cfg) -> str:
     return f"int{cfg.attention_bits} x int{cfg.attention_bits} (per-head scales)" if cfg.attention_bits else "float"
 
 
-def _module_path(node: fx.Node) -> str:
-    """The module that called ``node`` (from Dynamo's ``nn_module_stack``), else the node name."""
-    stack = node.meta.get("nn_module_stack") or {}
-    if not stack:
-        return node.name
-    return strip_root(list(stack.values())[-1][0]).lstrip(".") or node.name
-
-
 def _is(node, targets, methods=()) -> bool:
     return isinstance(node, fx.Node) and (
         (node.op == "call_function" and node.target in targets) or (node.op == "call_method" and node.target in methods)
@@ -269,7 +261,7 @@ def _rewrite_attention_matmuls(gm, ctx) -> None:
             record(
                 ctx,
                 "attention_matmul",
-                _module_path(node),
+                caller_module(node),
                 f"q{list(meta(node.args[0]).shape) if meta(node.args[0]) is not None else '?'}",
                 _dtype(node),
                 "",
@@ -290,7 +282,7 @@ def _rewrite_attention_matmuls(gm, ctx) -> None:
             record(
                 ctx,
                 "attention_matmul",
-                _module_path(node),
+                caller_module(node),
                 f"scores{list(shape.shape) if shape is not None else '?'}",
                 _dtype(node),
                 reason,

@@ -78,6 +78,12 @@ def buffer_path(node, gm: fx.GraphModule) -> Optional[str]:
     return source_path(name) if "_buffers" in name else None
 
 
+def caller_module(node: fx.Node) -> str:
+    """The module that called ``node`` (from Dynamo's ``nn_module_stack``), else the node's name."""
+    stack = node.meta.get("nn_module_stack") or {}
+    return (strip_root(list(stack.values())[-1][0]).lstrip(".") if stack else "") or node.name
+
+
 def _get_attr(gm: fx.GraphModule, target: str):
     obj = gm
     for part in target.split("."):

@@ -31,6 +31,7 @@ from bitcompile.passes import (
     conv,
     epilogue,
     gated_quant,
+    grouped_query,
     hoist_weights,
     linear,
     lower_triton,
@@ -69,6 +70,8 @@ class Pass:
 PASSES = (
     Pass("normalize", normalize.normalize_spellings),
     Pass("attention", attention.rewrite_attention),  # claims MHA / encoder-layer projections first
+    # float attention left by the pass above: K/V heads read once, not copied per query head
+    Pass("grouped_query", grouped_query.fold_grouped_query_attention, lambda ctx: fusing(ctx) and inference(ctx)),
     Pass("conv", conv.rewrite_convs),
     Pass("linear", linear.rewrite_linears),
     Pass("batchnorm", batchnorm.rewrite_batchnorms),  # folds into the lowbit ops the passes above emit
