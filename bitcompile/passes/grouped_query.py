@@ -40,15 +40,16 @@ def fold_grouped_query_attention(gm: fx.GraphModule, ctx: PassContext) -> None:
         if fold is None:
             continue
         (b, h, length, d), kv, groups = fold
-        folded = (b, h // groups, groups * length, d)
+        folded = (b, h // groups, groups * length)
+        dv = meta(kv[1]).shape[-1]  # the output's head size is V's
         with graph.inserting_before(node):
-            q = graph.call_method("reshape", (call["query"], folded))
+            q = graph.call_method("reshape", (call["query"], (*folded, d)))
             kwargs = {k: call[k] for k in ("attn_mask", "scale") if call[k] is not None}
             out = graph.call_function(T.SDPA, (q, *kv), kwargs)
-            back = graph.call_method("reshape", (out, (b, h, length, d)))
-        q.meta["example_value"] = meta(call["query"]).reshape(folded)
+            back = graph.call_method("reshape", (out, (b, h, length, dv)))
+        q.meta["example_value"] = meta(call["query"]).reshape(*folded, d)
         if meta(node) is not None:
-            out.meta["example_value"] = meta(node).reshape(folded)
+            out.meta["example_value"] = meta(node).reshape(*folded, dv)
             back.meta["example_value"] = meta(node)
         node.replace_all_uses_with(back)
         graph.erase_node(node)

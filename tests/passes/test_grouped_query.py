@@ -15,25 +15,29 @@ from bitcompile.passes import manager
 class GroupedAttention(nn.Module):
     """transformers' spelling: ``repeat_kv`` on K and V, then SDPA with an explicit mask."""
 
-    def __init__(self, heads=4, kv_heads=2, dim=8, is_causal=False):
+    def __init__(self, heads=4, kv_heads=2, dim=8, is_causal=False, dim_v=None):
         super().__init__()
-        self.groups, self.dim, self.is_causal = heads // kv_heads, dim, is_causal
-        self.proj = nn.Linear(dim * heads, dim * heads)
+        self.groups, self.is_causal = heads // kv_heads, is_causal
+        self.proj = nn.Linear((dim_v or dim) * heads, dim * heads)
 
     def forward(self, q, k, v, mask):
         b, hkv, s, d = k.shape
         k = k[:, :, None, :, :].expand(b, hkv, self.groups, s, d).reshape(b, hkv * self.groups, s, d)
-        v = v[:, :, None, :, :].expand(b, hkv, self.groups, s, d).reshape(b, hkv * self.groups, s, d)
+        dv = v.shape[-1]
+        v = v[:, :, None, :, :].expand(b, hkv, self.groups, s, dv).reshape(b, hkv * self.groups, s, dv)
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, dropout_p=0.0, scale=0.3, is_causal=self.is_causal
         )
         return self.proj(out.transpose(1, 2).reshape(q.shape[0], q.shape[2], -1))
 
 
-def inputs(batch=2, length=1, keys=6, heads=4, kv_heads=2, dim=8, mask_rows=1, device="cpu", dtype=torch.float32):
+def inputs(
+    batch=2, length=1, keys=6, heads=4, kv_heads=2, dim=8, mask_rows=1, device="cpu", dtype=torch.float32, dim_v=None
+):
     g = torch.Generator().manual_seed(0)
     q = torch.randn(batch, heads, length, dim, generator=g)
-    k, v = (torch.randn(batch, kv_heads, keys, dim, generator=g) for _ in range(2))
+    k = torch.randn(batch, kv_heads, keys, dim, generator=g)
+    v = torch.randn(batch, kv_heads, keys, dim_v or dim, generator=g)
     mask = torch.rand(batch, 1, mask_rows, keys, generator=g) > 0.3
     mask[..., 0] = True  # every row attends somewhere
     return tuple(t.to(device, dtype if t.is_floating_point() else t.dtype) for t in (q, k, v, mask))
@@ -52,22 +56,25 @@ def compiled(model, args, fold=True, monkeypatch=None):
 
 
 CASES = [
-    pytest.param("cpu", 1, 4, 2, 8, id="cpu-decode"),
-    pytest.param("cpu", 3, 4, 2, 8, id="cpu-3-rows"),
+    pytest.param("cpu", 1, 4, 2, 8, None, id="cpu-decode"),
+    pytest.param("cpu", 3, 4, 2, 8, None, id="cpu-3-rows"),
+    pytest.param("cpu", 1, 6, 2, 8, 4, id="cpu-value-heads-of-another-size"),
     # Llama 3 8B's attention (32 query heads on 8 K/V heads), bf16, what the H100 decode runs
-    pytest.param("cuda", 1, 32, 8, 128, id="cuda-llama3", marks=pytest.mark.gpu),
+    pytest.param("cuda", 1, 32, 8, 128, None, id="cuda-llama3", marks=pytest.mark.gpu),
 ]
 
 
-@pytest.mark.parametrize("device, length, heads, kv_heads, dim", CASES)
-def test_folded_attention_gives_the_expanded_result(device, length, heads, kv_heads, dim, monkeypatch):
+@pytest.mark.parametrize("device, length, heads, kv_heads, dim, dim_v", CASES)
+def test_folded_attention_gives_the_expanded_result(device, length, heads, kv_heads, dim, dim_v, monkeypatch):
     torch.manual_seed(0)
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
-    model = GroupedAttention(heads, kv_heads, dim).eval().to(device, dtype)
-    args = inputs(length=length, keys=37, heads=heads, kv_heads=kv_heads, dim=dim, device=device, dtype=dtype)
+    model = GroupedAttention(heads, kv_heads, dim, dim_v=dim_v).eval().to(device, dtype)
+    shapes = dict(heads=heads, kv_heads=kv_heads, dim=dim, dim_v=dim_v)
+    args = inputs(length=length, keys=37, **shapes, device=device, dtype=dtype)
     folded, folds = compiled(model, args)
     unfolded, none = compiled(model, args, fold=False, monkeypatch=monkeypatch)
     groups = heads // kv_heads
+    assert folded.shape == (2, length, dim * heads)
     assert [c.reason for c in folds] == [f"float; grouped-query: {groups} query heads per K/V head, K/V not expanded"]
     assert folds[0].shape == f"q[2, {heads}, {length}, {dim}], k/v[2, {kv_heads}, 37, {dim}]" and not none
     # Each row sums the same keys in the same order: fp32 on the CPU agrees to the last places of
