@@ -51,6 +51,7 @@ def fold_grouped_query_attention(gm: fx.GraphModule, ctx: PassContext) -> None:
         if meta(node) is not None:
             out.meta["example_value"] = meta(node).reshape(*folded, dv)
             back.meta["example_value"] = meta(node)
+        module = caller_module(node)
         node.replace_all_uses_with(back)
         graph.erase_node(node)
         for copy in dict.fromkeys((call["key"], call["value"])):  # reshape <- expand <- getitem, once unused
@@ -60,7 +61,7 @@ def fold_grouped_query_attention(gm: fx.GraphModule, ctx: PassContext) -> None:
         record(
             ctx,
             "attention",
-            caller_module(node),
+            module,
             f"q{[b, h, length, d]}, k/v{list(meta(kv[0]).shape)}",
             dtype_name(meta(call["query"])),
             "",
