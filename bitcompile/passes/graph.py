@@ -84,6 +84,15 @@ def caller_module(node: fx.Node) -> str:
     return (strip_root(list(stack.values())[-1][0]).lstrip(".") if stack else "") or node.name
 
 
+_SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+_SDPA_DEFAULTS = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None, "enable_gqa": False}
+
+
+def sdpa_call(node: fx.Node) -> dict:
+    """An ``F.scaled_dot_product_attention`` node's arguments by name, defaults filled in."""
+    return {**_SDPA_DEFAULTS, **dict(zip(_SDPA_ARGS, node.args)), **node.kwargs}
+
+
 def _get_attr(gm: fx.GraphModule, target: str):
     obj = gm
     for part in target.split("."):

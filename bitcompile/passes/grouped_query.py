@@ -24,10 +24,8 @@ import torch.fx as fx
 
 from bitcompile.passes import targets as T
 from bitcompile.passes.context import PassContext
-from bitcompile.passes.graph import caller_module, dtype_name, meta, record
+from bitcompile.passes.graph import caller_module, dtype_name, meta, record, sdpa_call
 
-SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
-SDPA_DEFAULTS = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None, "enable_gqa": False}
 # x[:, :, None, :, :]: repeat_kv's new group axis
 _GROUP_AXIS = (slice(None), slice(None), None, slice(None), slice(None))
 
@@ -35,7 +33,7 @@ _GROUP_AXIS = (slice(None), slice(None), None, slice(None), slice(None))
 def fold_grouped_query_attention(gm: fx.GraphModule, ctx: PassContext) -> None:
     graph = gm.graph
     for node in list(graph.find_nodes(op="call_function", target=T.SDPA)):
-        call = {**SDPA_DEFAULTS, **dict(zip(SDPA_ARGS, node.args)), **node.kwargs}
+        call = sdpa_call(node)
         fold = _fold(call)
         if fold is None:
             continue
@@ -74,7 +72,7 @@ def _fold(call: dict):
     mask (or none) shared by every head and query row, else None."""
     if call["dropout_p"] != 0.0 or call["is_causal"] is not False or call["enable_gqa"] is not False:
         return None
-    kv = [_repeated(call[name]) for name in ("key", "value")]
+    kv = [repeated(call[name]) for name in ("key", "value")]
     qm = meta(call["query"])
     if None in kv or qm is None or qm.dim() != 4 or not all(isinstance(s, int) for s in qm.shape):
         return None
@@ -89,7 +87,7 @@ def _fold(call: dict):
     return (b, h, length, d), (k, v), gk
 
 
-def _repeated(node):
+def repeated(node):
     """``(source, G)`` if ``node`` is ``source[:, :, None].expand(B, Hkv, G, S, D).reshape(B, Hkv*G, S, D)``."""
     if not (isinstance(node, fx.Node) and node.op == "call_method" and node.target == "reshape"):
         return None

@@ -28,6 +28,7 @@ import torch.fx as fx
 from bitcompile.passes import (
     attention,
     batchnorm,
+    causal_mask,
     conv,
     epilogue,
     gated_quant,
@@ -70,7 +71,9 @@ class Pass:
 PASSES = (
     Pass("normalize", normalize.normalize_spellings),
     Pass("attention", attention.rewrite_attention),  # claims MHA / encoder-layer projections first
-    # float attention left by the pass above: K/V heads read once, not copied per query head
+    # float attention left by the pass above: constant causal masks become is_causal, and K/V heads
+    # are read once, not copied per query head
+    Pass("causal_mask", causal_mask.fold_constant_causal_masks, fusing),
     Pass("grouped_query", grouped_query.fold_grouped_query_attention, lambda ctx: fusing(ctx) and inference(ctx)),
     Pass("conv", conv.rewrite_convs),
     Pass("linear", linear.rewrite_linears),
