@@ -30,6 +30,7 @@ from bitcompile.passes.grouped_query import repeated
 
 MAX_MASK = 1 << 26  # elements evaluated at compile time (a 8192-token square mask)
 MAX_NODES = 256  # a mask's subgraph (transformers': ~30 nodes)
+_RANDOM = ("rand", "bernoulli", "dropout", "multinomial", "normal")
 
 
 def fold_constant_causal_masks(gm: fx.GraphModule, ctx: PassContext) -> None:
@@ -90,6 +91,8 @@ def _evaluate(node: fx.Node) -> Optional[torch.Tensor]:
             continue
         if n.op not in ("call_function", "call_method") or len(seen) >= MAX_NODES:
             return None
+        if any(word in getattr(n.target, "__name__", str(n.target)) for word in _RANDOM):
+            return None  # a value drawn at run time is no constant
         seen.add(n)
         stack.extend(n.all_input_nodes)
     position = {n: i for i, n in enumerate(node.graph.nodes)}

@@ -85,3 +85,17 @@ def test_only_the_causal_pattern_is_rewritten(mask, rewritten):
         want = ConstantMask(mask)(q, k, v)
     assert notes == (["float; constant causal mask -> is_causal"] if rewritten else [])
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+class RandomMask(nn.Module):
+    def forward(self, q, k, v):
+        n = q.shape[-2]
+        keep = torch.ones(n, n, dtype=torch.bool).tril() | (torch.rand(n, n) < 0.0)  # causal, but drawn
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
+
+
+def test_a_mask_with_a_random_draw_is_not_evaluated():
+    q, k, v = torch.randn(3, 1, 2, 5, 8).unbind(0)
+    with torch.no_grad():
+        _, notes = compiled(RandomMask(), q, k, v)
+    assert notes == []
