@@ -54,13 +54,14 @@ def fold_constant_causal_masks(gm: fx.GraphModule, ctx: PassContext) -> None:
         with graph.inserting_before(node):
             new = graph.call_function(T.SDPA, (call["query"], *kv), kwargs)
         new.meta.update(node.meta)
+        module = caller_module(node)
         node.replace_all_uses_with(new)
         graph.erase_node(node)  # the mask's subgraph and the K/V copies go with the dead code
         note = "float; constant causal mask -> is_causal"
         record(
             ctx,
             "attention",
-            caller_module(node),
+            module,
             f"q{list(qm.shape)}, k{list(meta(kv[0]).shape)}",
             dtype_name(qm),
             "",
