@@ -74,6 +74,7 @@ def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
 
 LINEAR_PATHS = {f"model.layers.{i}.{name}" for i in range(2) for name in LINEARS} | {"lm_head"}
 NORM_PATHS = {f"model.layers.{i}.{name}" for i in range(2) for name in NORMS}
+ATTENTION_PATHS = {f"model.layers.{i}.self_attn" for i in range(2)}
 
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
@@ -154,7 +155,9 @@ def test_report_lists_every_layer_once_with_its_full_path(runs, mode):
     layers = [(module, op) for module, op, _, _ in report["layers"]]
     assert len(layers) == len(set(layers)), report["text"]
     assert {module for module, op in layers if op == "linear"} == LINEAR_PATHS, report["text"]
-    norms = {module for module, op in layers if op != "linear"}
+    norms = {module for module, op in layers if op not in ("linear", "attention")}
+    # float attention rewritten (a constant causal mask run as is_causal), where a graph holds one
+    assert {module for module, op in layers if op == "attention"} <= ATTENTION_PATHS, report["text"]
     # A norm fuses with the quantization of the linears it feeds when they are in its graph: a DDP
     # bucket boundary between them leaves both unfused (a norm, then a separate quantization).
     assert (norms == NORM_PATHS) if mode == "fsdp" else (norms <= NORM_PATHS), report["text"]
