@@ -89,6 +89,8 @@ def llama(layers: int, shapes: dict, dtype=torch.bfloat16):
 
 
 def emit(rows: list, args, **row) -> None:
+    if args.without_passes:
+        row["without"] = "+".join(args.without_passes)
     rows.append(row)
     line = json.dumps(row, default=str)
     print(line, flush=True)
@@ -579,6 +581,15 @@ def markdown(rows: list) -> str:
     return "\n".join(lines)
 
 
+def drop_passes(names: list) -> None:
+    from bitcompile.passes import manager
+
+    known = [p.name for p in manager.PASSES]
+    if unknown := sorted(set(names) - set(known)):
+        raise SystemExit(f"--without-passes: unknown pass(es) {unknown}; the passes are {known}")
+    manager.PASSES = tuple(p for p in manager.PASSES if p.name not in names)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--part", default="decode,prefill,layers,qat", type=lambda s: s.split(","))
@@ -606,6 +617,12 @@ def main() -> None:
     parser.add_argument(
         "--int8-head", action="store_true", help="also decode and prefill with lm_head in int8 (weight-only)"
     )
+    parser.add_argument(
+        "--without-passes",
+        type=lambda s: s.split(","),
+        default=[],
+        help="run bitnet without these compiler passes (names in bitcompile.passes.PASSES), to measure one",
+    )
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--out", default="benchmarks/results/models.md")
     parser.add_argument("--jsonl", default=None, help="also append each row here as it is measured")
@@ -613,6 +630,7 @@ def main() -> None:
     args = timing.parse_args(parser)
     if args.profile:
         PROFILE_OUT.append(args.profile)
+    drop_passes(args.without_passes)
     rows: list = []
     torch.backends.cuda.matmul.allow_tf32 = False  # fp32 recipes: fp32 GEMMs on both sides
     if {"decode", "prefill"} & set(args.part):
