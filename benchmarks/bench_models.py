@@ -32,9 +32,13 @@ Every row compiles both sides the same way in this process and reports their rat
   ``--group-weight-pack``: also bitnet with every graph's weight quantizers in one grouped call
   (``bitnet grouped``, ``BITCOMPILE_GROUP_WEIGHT_PACK=1``).
 
+``--without-passes NAME,...`` runs every bitnet side without those compiler passes (an A/B of one
+pass, the bf16 side re-measured in the same run); each row then names them (``without``).
+
 Results: one JSON object per row on stdout (also appended to ``--jsonl``), and a markdown table in
 ``--out``; ``--profile FILE``: each decode step's and QAT step's kernel table (device time per
-kernel) and host table (CPU time per operator) against its step time, appended to FILE.
+kernel) and host table (CPU time per operator) against its step time, and the host time per
+step split at the compiled graphs' calls, by clocks (``profiling.host_phases``), appended to FILE.
 ``--smoke`` runs tiny shapes on any device (the CPU in CI): it checks the script, not speed.
 """
 
@@ -141,7 +145,9 @@ def generate(model, prompts: torch.Tensor, new_tokens: int):
     )
 
 
-PROFILED_STEPS = 18  # what profiled() runs: kernel_table's 3 warm-up and 5 steps, host_table's 5, python_table's 5
+# what profiled() runs: kernel_table's 3 warm-up and 5 steps, host_table's 5, python_table's 5,
+# host_phases' 3 warm-up and 30
+PROFILED_STEPS = 51
 
 
 def decode_step_ms(
@@ -200,7 +206,8 @@ def profiled(step, label: str, step_ms: float) -> None:
     """Kernel and host tables of ``step`` appended to the ``--profile`` file: a device total well
     below the step's time means the GPU waits for the host."""
     text = "\n".join((profiling.kernel_table(step, label), f"{1e3 * step_ms:9.1f} us  step time", ""))
-    write_profile(text + "\n" + profiling.host_table(step, steps=5) + "\n\n" + profiling.python_table(step, steps=5))
+    host = (profiling.host_table(step, steps=5), profiling.python_table(step, steps=5), profiling.host_phases(step, 30))
+    write_profile(text + "\n" + "\n\n".join(host))
 
 
 def write_profile(text: str) -> None:

@@ -75,6 +75,10 @@ def test_bench_models_smoke(tmp_path):
     assert profiles.count("== decode step,") == profiles.count("== prefill,") == profiles.count("== generate,") == 3
     assert profiles.count("== QAT step,") == 5
     assert profiles.count("step time") == profiles.count("host time per step") == 11
+    # each step's host time split at its compiled graphs' calls, by clocks: one graph in decode
+    # and prefill, forward and backward in QAT
+    assert profiles.count("host phases per step (clocks, median of 30)") == 11
+    assert profiles.count(" + in 1 graph call(s) ") == 6 and profiles.count(" + in 2 graph call(s) ") == 5
     # and each first call's compile phases: three generates, three prefills, five first QAT steps
     assert profiles.count("== first call,") == 11
 
@@ -175,3 +179,24 @@ def test_profile_timeline_separates_busy_and_idle_device_time(monkeypatch):
     line = profiling.timeline([(42.0, 48.0), (0.0, 10.0), (5.0, 12.0), (50.0, 60.0)], steps=2)
     assert line == "device timeline per step: span 30.0 us, busy 14.0 us, idle 16.0 us (0.5 gaps over 20 us: 15.0 us)"
     assert profiling.timeline([], steps=1) == "device timeline: no kernels"
+
+
+def test_bench_models_drops_the_named_passes(monkeypatch):
+    """``--without-passes`` removes exactly the named passes; an unknown name stops the run,
+    naming the passes there are."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import bench_models
+
+    from bitcompile.passes import manager
+
+    names = [p.name for p in manager.PASSES]
+    monkeypatch.setattr(manager, "PASSES", manager.PASSES)  # restored after the test
+    try:
+        bench_models.drop_passes(["causal_mask", "nope"])
+    except SystemExit as stop:
+        assert "'nope'" in str(stop) and "causal_mask" in str(stop)
+    else:
+        raise AssertionError("an unknown pass name was accepted")
+    assert [p.name for p in manager.PASSES] == names
+    bench_models.drop_passes(["causal_mask", "grouped_query"])
+    assert [p.name for p in manager.PASSES] == [n for n in names if n not in ("causal_mask", "grouped_query")]
