@@ -6,9 +6,10 @@ causal mask as a tensor (aranges, comparisons, ``&``) and hands it to
 also expand K and V per query head (``repeat_kv``). When no padding mask is passed, the mask's
 whole subgraph reads no graph input: this pass evaluates it once at compile time, and if it is
 exactly SDPA's own causal pattern (query i sees keys j <= i), calls SDPA with ``is_causal=True``
-instead, on the un-expanded K/V with ``enable_gqa=True`` where they were copies. That is the
-call transformers makes itself when it knows there is no padding: no mask is read, no K/V copy
-is made, and SDPA may pick its causal kernels. The result is the masked call's up to the
+instead, on the un-expanded K/V with ``enable_gqa=True`` where they were copies (head dims up to
+256, which SDPA's fused kernels take un-expanded). That is the call transformers makes itself
+when it knows there is no padding: no mask is read, no K/V copy is made, and SDPA may pick its
+causal kernels. The result is the masked call's up to the
 attention kernel's summation order (tested against it). Masks read from an input (padding),
 float masks and masks over more than ``MAX_MASK`` elements are left alone. Each rewrite is in
 the report (op ``attention``).
@@ -30,6 +31,7 @@ from bitcompile.passes.grouped_query import repeated
 
 MAX_MASK = 1 << 26  # elements evaluated at compile time (a 8192-token square mask)
 MAX_NODES = 256  # a mask's subgraph (transformers': ~30 nodes)
+MAX_GQA_HEAD_DIM = 256
 _RANDOM = ("rand", "bernoulli", "dropout", "multinomial", "normal")
 
 
@@ -46,7 +48,7 @@ def fold_constant_causal_masks(gm: fx.GraphModule, ctx: PassContext) -> None:
             continue
         kv, groups = (call["key"], call["value"]), 1
         copies = [repeated(call[name]) for name in ("key", "value")]
-        if None not in copies and copies[0][1] == copies[1][1]:
+        if None not in copies and copies[0][1] == copies[1][1] and _fused_gqa_ok(km, meta(call["value"])):
             kv, groups = (copies[0][0], copies[1][0]), copies[0][1]
         kwargs = {"dropout_p": call["dropout_p"], "is_causal": True, "scale": call["scale"]}
         if groups > 1:
@@ -67,6 +69,13 @@ def fold_constant_causal_masks(gm: fx.GraphModule, ctx: PassContext) -> None:
             "",
             note + (f", grouped-query: {groups} query heads per K/V head, K/V not expanded" if groups > 1 else ""),
         )
+
+
+def _fused_gqa_ok(key, value) -> bool:
+    """SDPA's fused kernels take un-expanded K/V heads (``enable_gqa``) for head dims up to
+    ``MAX_GQA_HEAD_DIM``, equal for K and V; elsewhere it would run its math kernel, so the copies
+    stay (the condition transformers checks before it passes ``enable_gqa`` itself)."""
+    return value is not None and key.shape[-1] == value.shape[-1] <= MAX_GQA_HEAD_DIM
 
 
 def _is_causal(mask: fx.Node, rows: int, keys: int) -> bool:

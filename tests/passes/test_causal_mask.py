@@ -99,3 +99,26 @@ def test_a_mask_with_a_random_draw_is_not_evaluated():
     with torch.no_grad():
         _, notes = compiled(RandomMask(), q, k, v)
     assert notes == []
+
+
+class RepeatedKV(nn.Module):
+    """transformers' masked GQA call: K/V copied per query head (``repeat_kv``) beside a mask."""
+
+    def forward(self, q, k, v):
+        (b, h, n, d), hkv = q.shape, k.shape[1]
+        i = torch.arange(n)
+        k, v = (t[:, :, None, :, :].expand(b, hkv, h // hkv, n, d).reshape(b, h, n, d) for t in (k, v))
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=i[None, :] <= i[:, None])
+
+
+@pytest.mark.parametrize("head_dim, grouped", [(64, True), (320, False)])
+def test_kv_heads_stay_copied_where_the_fused_kernels_take_no_gqa(head_dim, grouped):
+    """Past a head dim of 256 SDPA would run its math kernel on un-expanded K/V heads: the call
+    becomes causal, and keeps the copies."""
+    q, k, v = torch.randn(1, 4, 5, head_dim), torch.randn(1, 2, 5, head_dim), torch.randn(1, 2, 5, head_dim)
+    with torch.no_grad():
+        got, notes = compiled(RepeatedKV(), q, k, v)
+        want = RepeatedKV()(q, k, v)
+    grouped_note = ", grouped-query: 2 query heads per K/V head, K/V not expanded"
+    assert notes == ["float; constant causal mask -> is_causal" + (grouped_note if grouped else "")]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
