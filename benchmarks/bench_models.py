@@ -38,7 +38,7 @@ pass, the bf16 side re-measured in the same run); each row then names them (``wi
 Results: one JSON object per row on stdout (also appended to ``--jsonl``), and a markdown table in
 ``--out``; ``--profile FILE``: each decode step's and QAT step's kernel table (device time per
 kernel) and host table (CPU time per operator) against its step time, and the host time per
-step split at the compiled graphs' calls, by clocks (``profiling.host_phases``), appended to FILE.
+step split at the compiled graphs' calls, by clocks (``timing.host_phases``), appended to FILE.
 ``--smoke`` runs tiny shapes on any device (the CPU in CI): it checks the script, not speed.
 """
 
@@ -206,7 +206,7 @@ def profiled(step, label: str, step_ms: float) -> None:
     """Kernel and host tables of ``step`` appended to the ``--profile`` file: a device total well
     below the step's time means the GPU waits for the host."""
     text = "\n".join((profiling.kernel_table(step, label), f"{1e3 * step_ms:9.1f} us  step time", ""))
-    host = (profiling.host_table(step, steps=5), profiling.python_table(step, steps=5), profiling.host_phases(step, 30))
+    host = (profiling.host_table(step, steps=5), profiling.python_table(step, steps=5), timing.host_phases(step, 30))
     write_profile(text + "\n" + "\n\n".join(host))
 
 
