@@ -9,10 +9,9 @@ exactly SDPA's own causal pattern (query i sees keys j <= i), calls SDPA with ``
 instead, on the un-expanded K/V with ``enable_gqa=True`` where they were copies (head dims up to
 256, which SDPA's fused kernels take un-expanded). That is the call transformers makes itself
 when it knows there is no padding: no mask is read, no K/V copy is made, and SDPA may pick its
-causal kernels. The result is the masked call's up to the
-attention kernel's summation order (tested against it). Masks read from an input (padding),
-float masks and masks over more than ``MAX_MASK`` elements are left alone. Each rewrite is in
-the report (op ``attention``).
+causal kernels. The result is the masked call's up to the attention kernel's summation order
+(tested against it). Masks read from an input (padding), float masks and masks over more than
+``MAX_MASK`` elements are left alone. Each rewrite is in the report (op ``attention``).
 """
 
 from __future__ import annotations
