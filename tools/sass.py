@@ -188,8 +188,8 @@ def ternary_mm_case(config: dict, m: int, n: int, k: int) -> tuple:
             stages,
         )
     scratch = "*i32" if cfg["SPLIT_K"] > 1 else "*bf16"
-    if kind == "wgmma":
-        return _wgmma_case(cfg, m, n, k, flags, pointers, scratch, warps)
+    if kind in ("wgmma", "mma_sync"):
+        return _wgmma_case(cfg, m, n, k, flags, pointers, scratch, warps, sync=kind == "mma_sync")
     args = dict(
         A="*i8",
         P="*u8",
@@ -213,7 +213,9 @@ def ternary_mm_case(config: dict, m: int, n: int, k: int) -> tuple:
     return tm._gemm_kernel, args, constexprs, warps, stages
 
 
-def _wgmma_case(cfg: dict, m: int, n: int, k: int, flags: dict, pointers: dict, scratch: str, warps: int) -> tuple:
+def _wgmma_case(
+    cfg: dict, m: int, n: int, k: int, flags: dict, pointers: dict, scratch: str, warps: int, sync: bool
+) -> tuple:
     """The Gluon kernel's launch: its TMA descriptors' types as the launcher specialises them."""
     import torch
     from triton.runtime.jit import mangle_type
@@ -223,7 +225,7 @@ def _wgmma_case(cfg: dict, m: int, n: int, k: int, flags: dict, pointers: dict, 
 
     a = torch.empty(m, k, dtype=torch.int8)
     p = torch.empty(n, kblocked_columns(k), dtype=torch.int8)
-    x_desc, p_desc = wm.descriptors(a, p, cfg["BN"], cfg["NB"], cfg.get("WIDE", False))
+    x_desc, p_desc = wm.descriptors(a, p, cfg["BN"], cfg["NB"], cfg.get("WIDE", False), sync)
     args = dict(
         x_desc=mangle_type(x_desc),
         p_desc=mangle_type(p_desc),
@@ -237,7 +239,7 @@ def _wgmma_case(cfg: dict, m: int, n: int, k: int, flags: dict, pointers: dict, 
         stride_cm=n,
         stride_rm=n,
     )
-    constexprs = dict(STAGES=cfg["STAGES"], SPLIT_K=cfg["SPLIT_K"], num_warps=warps, **flags)
+    constexprs = dict(STAGES=cfg["STAGES"], SPLIT_K=cfg["SPLIT_K"], SYNC=sync, num_warps=warps, **flags)
     return wm._wgmma_kernel, args, constexprs, warps, 1
 
 

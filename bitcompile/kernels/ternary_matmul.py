@@ -498,8 +498,26 @@ def _wgmma_configs(m: int):
         (64, 1, 4, 4),
     ]
     configs = [dict(kernel="wgmma", BN=bn, NB=nb, STAGES=s, SPLIT_K=sk, num_warps=4) for bn, nb, s, sk in shapes]
+    if m <= GEMV_MAX_M:
+        # The mma.sync form, (BN, NB, stages, split, warps): 16 weight rows per warp and MMA; not yet
+        # timed on a GPU, so the list spans tile height, ring depth and split-K.
+        sync_shapes = [
+            (64, 2, 4, 1, 4),
+            (64, 4, 4, 1, 4),
+            (64, 4, 3, 1, 4),
+            (64, 2, 4, 2, 4),
+            (64, 2, 4, 4, 4),
+            (128, 2, 4, 1, 4),
+            (128, 2, 4, 1, 8),
+            (128, 2, 4, 4, 8),
+            (32, 4, 4, 1, 2),
+            (32, 4, 4, 4, 2),
+        ]
+        configs += [
+            dict(kernel="mma_sync", BN=bn, NB=nb, STAGES=s, SPLIT_K=sk, num_warps=w) for bn, nb, s, sk, w in sync_shapes
+        ]
     configs += [dict(c, WIDE=True) for c in configs if c["NB"] % 2 == 0]
-    return [c for c in configs if wgmma_matmul.fits(m, **c)]
+    return [c for c in configs if wgmma_matmul.fits(m, sync=c["kernel"] == "mma_sync", **c)]
 
 
 def _candidates(m: int) -> list[dict]:
@@ -515,10 +533,10 @@ def _launch_candidates(m: int, gluon_ok: bool, interpreting: bool) -> tuple[str,
     of host time. The configurations are shared: nothing may modify them."""
     candidates = _candidates(m)
     name = "ternary_mm"
-    if not gluon_ok and any(c["kernel"] == "wgmma" for c in candidates):
+    if not gluon_ok and any(c["kernel"] in wgmma_matmul.KINDS for c in candidates):
         # The Gluon kernel is ruled out for this call (traced launches: Inductor generates
         # Triton launch code only; rows TMA cannot describe): the Triton kernels' own choice.
-        candidates = [c for c in candidates if c["kernel"] != "wgmma"]
+        candidates = [c for c in candidates if c["kernel"] not in wgmma_matmul.KINDS]
         name = "ternary_mm_triton"
     if interpreting:
         # No timing here: spread the CPU tests' M over every kernel variant instead.
@@ -634,12 +652,13 @@ def ternary_matmul(
     def launch(cfg):
         cfg = dict(cfg)
         kind = cfg.pop("kernel")
-        if kind == "wgmma":
+        if kind in wgmma_matmul.KINDS:
             if not gluon_ok:
                 raise ValueError(f"the Gluon matmul cannot take this launch (m={m}, k={k}, traced={wrap is not None})")
-            bm = wgmma_matmul.token_tile(m)
+            sync = kind == "mma_sync"
+            bm = wgmma_matmul.token_tile(m, sync)
             buffers = split_k_buffers(dict(cfg, BM=bm), -(-n // cfg["BN"]))
-            return wgmma_matmul.launch(a2, blocked, c, tail, buffers, m, n, flags, **cfg)
+            return wgmma_matmul.launch(a2, blocked, c, tail, buffers, m, n, flags, sync=sync, **cfg)
         if kind == "gemv":
             gemv = tuning.traceable(_gemv_kernel, wrap)
             cfg.setdefault("R", 1)  # table entries without R use one row per thread

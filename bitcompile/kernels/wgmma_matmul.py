@@ -14,6 +14,13 @@ and no data moves between threads. Weights and activations arrive by TMA in a ST
 ring. M <= BM tokens (one token tile); optional split-K over the steps, summed as in the
 Triton GEMM (``common.split_k_total``). M=16 8192^2: ~9.3 us on the H100, 5.3x bf16 cuBLAS
 (docs/kernels.md).
+
+``SYNC`` (launch configurations of kind ``mma_sync``, M <= 16): the same ring and decode with
+``mma.sync`` m16n8k32 per warp instead: 8 tokens fill the MMA's N (wgmma's is 16 at least),
+and the step has no warpgroup arrive/wait nor wgmma's shared-memory descriptors (the
+activations come to registers by ``ldmatrix``; at batch 8 the warpgroup form's step was 243
+instructions, this one 175). Even and odd quarters accumulate apart, two dependency chains.
+The warps read the ring independently, so a CTA barrier frees a stage before TMA refills it.
 """
 
 from __future__ import annotations
@@ -27,12 +34,14 @@ from bitcompile.kernels.common import PAIR_TABLE_WORDS, kblock_quarter_from, mat
 try:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.ampere import mma_v2
     from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 except ImportError:  # a Triton without Gluon: the Triton kernels serve every M
     gluon = None
 
 MAX_M = 64  # one token tile: the MMA's N
+KINDS = ("wgmma", "mma_sync")  # the launch configurations' "kernel" values this module serves
 QUARTER = 64  # bytes of one 256-trit block per weight row: one quarter of trits, one MMA's K
 TABLE_ROWS = 256  # copies of each prmt table word in memory: one per weight row of a tile (BN <= 256)
 
@@ -45,6 +54,7 @@ if gluon is not None:
     Q = gl.constexpr(QUARTER)
     TR = gl.constexpr(TABLE_ROWS)
     tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared  # renamed in Triton 3.7
+    cta_barrier = getattr(gl, "barrier", None) or gl.thread_barrier  # renamed in Triton 3.7
 
     if hasattr(gl.shared_memory_descriptor, "reinterpret"):  # Triton >= 3.7 (3.6: private)
 
@@ -96,6 +106,7 @@ if gluon is not None:
         HAS_BIAS: gl.constexpr,
         ACTIVATION: gl.constexpr,
         HAS_RES: gl.constexpr,
+        SYNC: gl.constexpr,
         num_warps: gl.constexpr,
     ):
         W: gl.constexpr = p_desc.block_type.shape[2]  # bytes per chunk: 64 or 128
@@ -105,10 +116,16 @@ if gluon is not None:
         NB: gl.constexpr = PC * PER  # 256-trit blocks per step
         BN: gl.constexpr = p_desc.block_type.shape[1]
         BM: gl.constexpr = x_desc.block_type.shape[1]
-        mma: gl.constexpr = gl.NVMMADistributedLayout(
-            version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, BM, 32]
-        )
+        if SYNC:  # mma.sync m16n8k32 per warp: BM = 8 tokens is one MMA, no padding
+            mma: gl.constexpr = gl.NVMMADistributedLayout(
+                version=[2, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, 8]
+            )
+        else:  # wgmma m64nBMk32 per warpgroup
+            mma: gl.constexpr = gl.NVMMADistributedLayout(
+                version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, BM, 32]
+            )
         a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=4)
+        b_layout: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=4)
         # The rings as TMA writes them ([stage, chunk, row, W bytes]) and as 2-D tiles: the 3-D
         # tiles are whole swizzle atoms stacked, so tile t is bytes [t * rows * W, ...).
         p_smem = gl.allocate_shared_memory(gl.int8, [STAGES, PC, BN, W], p_desc.layout)
@@ -128,6 +145,7 @@ if gluon is not None:
             _fetch(x_desc, p_desc, p_smem, x_smem, ready, first + j, j, j < steps)
 
         acc = gl.zeros([BN, BM], gl.int32, mma)
+        acc_odd = gl.zeros([BN, BM], gl.int32, mma)  # SYNC: odd quarters, two dependency chains
         rows = gl.arange(0, BN, layout=gl.SliceLayout(1, a_layout))
         # The decode's prmt tables, one copy per row so that each stays in an ordinary register.
         zeros = gl.zeros([BN, Q], gl.int32, a_layout)
@@ -142,9 +160,19 @@ if gluon is not None:
                 p = _chunk(p_tiles, stage * PC, b, PER).load(a_layout)
                 for g in gl.static_range(4):
                     x = _chunk(x_tiles, stage * XC, 4 * b + g, PER).permute((1, 0))
-                    acc = warpgroup_mma(kblock_quarter_from(p, ta, tb, ua, ub, g), x, acc, is_async=True)
-            # Step i - 1's MMAs are done: its ring stage is free again.
-            acc = warpgroup_mma_wait(num_outstanding=4 * NB, deps=[acc])
+                    t = kblock_quarter_from(p, ta, tb, ua, ub, g)
+                    if not SYNC:
+                        acc = warpgroup_mma(t, x, acc, is_async=True)
+                    elif g % 2 == 0:
+                        acc = mma_v2(t, x.load(b_layout), acc)
+                    else:
+                        acc_odd = mma_v2(t, x.load(b_layout), acc_odd)
+            # Step i - 1's MMAs are done (SYNC: every warp's, which read the ring in registers
+            # before their MMAs): its ring stage is free again.
+            if SYNC:
+                cta_barrier()
+            else:
+                acc = warpgroup_mma_wait(num_outstanding=4 * NB, deps=[acc])
             _fetch(
                 x_desc,
                 p_desc,
@@ -155,7 +183,10 @@ if gluon is not None:
                 (i + STAGES - 1) % STAGES,
                 i + STAGES - 1 < steps,
             )
-        acc = warpgroup_mma_wait(num_outstanding=0, deps=[acc])
+        if SYNC:
+            acc += acc_odd
+        else:
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=[acc])
         for j in gl.static_range(STAGES):
             mbarrier.invalidate(ready.index(j))
 
@@ -212,13 +243,14 @@ def step_count(kpb: int, NB: int) -> int:
     return -(-kpb // (QUARTER * NB))
 
 
-def token_tile(m: int) -> int:
-    return max(16, 1 << (m - 1).bit_length())  # not triton.next_power_of_2: ~1.5 us per host call
+def token_tile(m: int, sync: bool = False) -> int:
+    """Tokens per tile: the MMA's N (wgmma: 16 and up; mma.sync: 8 and up)."""
+    return max(8 if sync else 16, 1 << (m - 1).bit_length())  # not triton.next_power_of_2: ~1.5 us per host call
 
 
-def fits(m: int, BN: int, NB: int, STAGES: int, **_) -> bool:
+def fits(m: int, BN: int, NB: int, STAGES: int, sync: bool = False, **_) -> bool:
     """Whether a configuration's rings fit the H100's shared memory (227 KB per CTA) at M rows."""
-    return STAGES * NB * QUARTER * (BN + 4 * token_tile(m)) + 1024 <= 232448
+    return STAGES * NB * QUARTER * (BN + 4 * token_tile(m, sync)) + 1024 <= 232448
 
 
 @functools.lru_cache(maxsize=None)
@@ -227,12 +259,12 @@ def _smem_layout(box: tuple):
     return gl.NVMMASharedLayout.get_default_for(list(box), gl.int8)
 
 
-def descriptors(a2: torch.Tensor, p: torch.Tensor, BN: int, NB: int, WIDE: bool):
+def descriptors(a2: torch.Tensor, p: torch.Tensor, BN: int, NB: int, WIDE: bool, sync: bool = False):
     """TMA descriptors of the activations ``a2 [m, k]`` and the int8 view of the packed weights
     ``p [n, kpb]``, each as [chunk, row, W bytes] (see :func:`launch`)."""
     (m, k), (n, kpb) = a2.shape, p.shape
     w = 2 * QUARTER if WIDE and NB % 2 == 0 and k % 512 == 0 else QUARTER
-    x_box, p_box = (4 * NB * QUARTER // w, token_tile(m), w), (NB * QUARTER // w, BN, w)
+    x_box, p_box = (4 * NB * QUARTER // w, token_tile(m, sync), w), (NB * QUARTER // w, BN, w)
     x_desc = TensorDescriptor(a2, [k // w, m, w], [w, a2.stride(0), 1], list(x_box), _smem_layout(x_box))
     p_desc = TensorDescriptor(p, [kpb // w, n, w], [w, p.stride(0), 1], list(p_box), _smem_layout(p_box))
     return x_desc, p_desc
@@ -253,6 +285,7 @@ def launch(
     SPLIT_K: int,
     WIDE: bool = False,
     num_warps: int = 4,
+    sync: bool = False,
 ):
     """Launch on int8 activations ``a2 [m, k]`` and K-blocked packed weights ``blocked [n, kpb]``
     (``split_k_buffers``: partial tiles and arrival counters, as ``ternary_matmul`` keeps them).
@@ -260,8 +293,8 @@ def launch(
     activations, one block of a packed row) or, WIDE where K is whole 512-trit chunks, 128
     (half the box rows; ~2% faster at M=16 8192^2). Either way one copy per step brings its NB
     blocks and one their activations, as 2-D tiles the MMA reads (every TMA copy costs the CTA
-    a barrier)."""
-    x_desc, p_desc = descriptors(a2, blocked.view(torch.int8), BN, NB, WIDE)
+    a barrier). ``sync``: the mma.sync form (8-token tiles, see the module doc)."""
+    x_desc, p_desc = descriptors(a2, blocked.view(torch.int8), BN, NB, WIDE, sync)
     xs, ws, bias, res = tail
     return _wgmma_kernel[(-(-n // BN), SPLIT_K)](
         x_desc,
@@ -280,6 +313,7 @@ def launch(
         res.stride(0),
         STAGES=STAGES,
         SPLIT_K=SPLIT_K,
+        SYNC=sync,
         num_warps=num_warps,
         **flags,
     )
