@@ -7,7 +7,7 @@ beforehand (pointer loads, and TMA descriptors where this Triton has them), to p
 unpacked weights in memory against unpacking them in registers.
 
     python3 benchmarks/sweep_matmul.py [--shapes M,N,K ...] [--repeat R] [--traced] [--shipped-only]
-                                          [--kernels gemv,gemm,wgmma] [--json results.json]
+                                          [--kernels gemv,gemm,wgmma,mma_sync] [--json results.json]
     python3 benchmarks/sweep_matmul.py --smoke   # tiny shapes, any device: the script runs
 """
 
@@ -269,7 +269,8 @@ def main() -> None:
     parser.add_argument("--shipped-only", action="store_true", help="time only the shipped table's choice")
     parser.add_argument(
         "--kernels",
-        help="comma-separated kernel families (gemv, gemm, wgmma): time only their candidates, and the shipped choice",
+        help="comma-separated kernel families (gemv, gemm, wgmma, mma_sync): time only their candidates and the "
+        "shipped choice",
     )
     args = parse_args(parser)
     shapes = (
