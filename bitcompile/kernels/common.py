@@ -18,6 +18,8 @@ def rows(t: torch.Tensor, width: int) -> torch.Tensor:
 
 # Epilogue activations (constexpr ACTIVATION); names as the passes and ops spell them.
 ACTIVATIONS = {name: code for code, name in enumerate(spec.ACTIVATIONS)}  # the epilogue's ACTIVATION codes
+SWIGLU = tl.constexpr(ACTIVATIONS["swiglu"])
+SILU = tl.constexpr(ACTIVATIONS["silu"])
 
 
 @triton.jit
@@ -293,9 +295,8 @@ def matmul_epilogue(
 ):
     """The packed-ternary matmuls' epilogue on an int32 tile ``acc [BM tokens, BN weight rows]``:
     ``acc * s_w * s_x (+ bias)``, activation, residual, cast, in the reference's order (or
-    the int32 tile itself without EPILOGUE)."""
-    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-    c_ptrs = C + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :]
+    the int32 tile itself without EPILOGUE). SWIGLU: the tile's rows pair up (gate, up) and
+    its BN / 2 outputs ``silu(gate) * up`` go to columns ``offs_n / 2`` of C, ``N / 2`` wide."""
     if EPILOGUE:
         if PER_CHANNEL:
             ws = tl.load(WS + offs_n, mask=offs_n < N, other=0.0)[None, :]
@@ -306,7 +307,16 @@ def matmul_epilogue(
         y = y * xs
         if HAS_BIAS:
             y = y + tl.load(BIAS + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
-        y = apply_activation(y, ACTIVATION)
+        if ACTIVATION == SWIGLU:
+            gate, up = tl.split(tl.reshape(y, (y.shape[0], y.shape[1] // 2, 2)))
+            y = apply_activation(gate, SILU) * up
+            offs_n = tl.split(tl.reshape(offs_n, (offs_n.shape[0] // 2, 2)))[0] // 2
+            N = N // 2
+        else:
+            y = apply_activation(y, ACTIVATION)
+    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    c_ptrs = C + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :]
+    if EPILOGUE:
         if HAS_RES:
             r = tl.load(RES + offs_m[:, None].to(tl.int64) * stride_rm + offs_n[None, :], mask=mask, other=0.0)
             y = y + r.to(tl.float32)

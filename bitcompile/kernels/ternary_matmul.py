@@ -575,7 +575,8 @@ def ternary_matmul(
     recording, where a kept allocation would be pool memory the graph does not track.
     Without scales: the exact int32 accumulator. With ``x_scale [..., 1]`` and
     ``w_scale [N] | [1]``: the dequantized ``out_dtype`` output with bias, ``activation``
-    and ``residual [..., N]`` fused.
+    and ``residual [..., N]`` fused (``swiglu``: N / 2 outputs ``silu(gate) * up`` of weight
+    rows interleaved gate, up, ..., ``reference.interleave_rows``).
 
     ``wrap=torch.library.wrap_triton`` launches through it (the ops' Inductor-visible twins: traceable,
     so Inductor compiles and launches the kernel from its own generated code); the
@@ -601,12 +602,16 @@ def ternary_matmul(
     a2 = a.reshape(-1, k)
     m = a2.shape[0]
     epilogue = w_scale is not None
-    c = torch.empty((m, n), device=a.device, dtype=out_dtype if epilogue else torch.int32)
+    swiglu = activation == "swiglu"
+    if swiglu and (n % 2 or not epilogue):
+        raise ValueError(f"the swiglu epilogue needs scales and an even number of weight rows (gate, up), got {n}")
+    width = n // 2 if swiglu else n  # output columns
+    c = torch.empty((m, width), device=a.device, dtype=out_dtype if epilogue else torch.int32)
     if m == 0 or n == 0:
-        return c.reshape(*lead, n)
+        return c.reshape(*lead, width)
     xs = x_scale.reshape(-1).contiguous() if epilogue else c
     ws = w_scale.contiguous() if epilogue else c
-    res = residual.reshape(m, n).contiguous() if residual is not None else c
+    res = residual.reshape(m, width).contiguous() if residual is not None else c
     flags = dict(
         EPILOGUE=epilogue,
         PER_CHANNEL=epilogue and w_scale.numel() > 1,
@@ -624,7 +629,8 @@ def ternary_matmul(
         pw = blocked.view(torch.int32)
     gemv_flags = dict(BM=1 << (m - 1).bit_length(), USE_ASM=not tuning.interpreting())
 
-    gluon_ok = wrap is None and wgmma_matmul.supports(m, k, a2)
+    # The Gluon kernel's epilogue takes no swiglu: such launches choose among the Triton kernels.
+    gluon_ok = wrap is None and wgmma_matmul.supports(m, k, a2) and not swiglu
 
     def split_k_buffers(cfg, tiles):
         """Partial tiles and arrival counters for a split-K launch (unused otherwise)."""
@@ -728,8 +734,10 @@ def ternary_matmul(
         ),
     )
     cfg = tuning.choose(name, key, candidates, launch)
+    if swiglu and cfg["BN"] < 2:  # a tile holds whole (gate, up) row pairs
+        cfg = dict(cfg, BN=2)
     kernel = {"gemv": _gemv_kernel, "gemm": _gemm_kernel}.get(cfg["kernel"]) or wgmma_matmul._wgmma_kernel
     compiled = launch(cfg)
     launched = {**cfg, **activation_loads(cfg)} if kernel is _gemm_kernel else cfg
     tuning.dump_source(kernel, compiled, {**flags, **launched, "out": str(c.dtype)})
-    return c.reshape(*lead, n)
+    return c.reshape(*lead, width)

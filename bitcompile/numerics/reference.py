@@ -432,12 +432,23 @@ def activation(y: torch.Tensor, name: str) -> torch.Tensor:
         return torch.nn.functional.silu(y)
     if name == "relu2":
         return torch.relu(y).square()
+    if name == "swiglu":  # even columns gate, odd columns up (interleave_rows)
+        return torch.nn.functional.silu(y[..., 0::2]) * y[..., 1::2]
     raise ValueError(f"unknown activation {name!r}; supported: {', '.join(ACTIVATIONS)}")
+
+
+def interleave_rows(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """Rows (or per-row scales) of two equal-shape tensors alternated: gate 0, up 0, gate 1, ...
+    The weights of a matmul whose ``swiglu`` epilogue pairs each gate row with its up row."""
+    if gate.shape != up.shape:
+        raise ValueError(f"interleave_rows needs equal shapes, got {tuple(gate.shape)} and {tuple(up.shape)}")
+    return torch.stack((gate, up), 1).flatten(0, 1)
 
 
 def linear_epilogue(xq, x_scale, wq, w_scale, bias, k: int, dtype: torch.dtype, act: str = "none", residual=None):
     """Quantized linear from int8 operands with the fused epilogue:
-    ``act(acc * s_w * s_x + bias) (+ residual)`` in fp32, cast to ``dtype``."""
+    ``act(acc * s_w * s_x + bias) (+ residual)`` in fp32, cast to ``dtype`` (``swiglu``: half
+    the weight rows wide, the residual too)."""
     y = dequantize(lowbit_matmul(xq, wq, k), x_scale, w_scale, bias, torch.float32)
     y = activation(y, act)
     if residual is not None:

@@ -27,8 +27,9 @@ GRANULARITIES = ("per_tensor", "per_channel")
 MIN_BITS, MAX_BITS = 2, 8
 # Norms fused with activation quantization (``reference.normalize``).
 NORM_KINDS = ("none", "rms", "rms_fp32", "layer")
-# Activations fused into a linear's epilogue (``reference.activation``).
-ACTIVATIONS = ("none", "relu", "gelu", "silu", "relu2", "gelu_tanh")
+# Activations fused into a linear's epilogue (``reference.activation``). "swiglu" halves the width:
+# ``silu(gate) * up`` over weight rows interleaved gate, up, gate, ... (``reference.interleave_rows``).
+ACTIVATIONS = ("none", "relu", "gelu", "silu", "relu2", "gelu_tanh", "swiglu")
 # What the weight rewrites take; anything else stays in float, with the reason in the report.
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 DEVICES = ("cpu", "cuda")

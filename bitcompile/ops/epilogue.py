@@ -2,7 +2,9 @@
 
 Emitted by ``passes/epilogue.py``: ``act(acc * s_w * s_x + bias) (+ residual)`` computed in
 float32 and cast once to the output dtype, so the activation and the residual add cost no
-extra pass over the output. No gradients: training graphs keep ``lowbit_linear``.
+extra pass over the output; by ``passes/swiglu.py`` with ``activation="swiglu"`` over a fused
+gate+up matmul whose rows alternate gate, up (half the rows wide: ``silu(gate) * up``). No
+gradients: training graphs keep ``lowbit_linear``.
 
 Compiled graphs on CUDA take the packed weights in the kernels' K-blocked layout (relaid once
 by the weight cache) through one of two ops (``passes/lower_triton.py``):
@@ -45,7 +47,8 @@ def linear_q(
 @linear_q.register_fake
 def _fake(*args):
     a = linear_q.Args(*args)
-    return a.xq.new_empty((*a.xq.shape[:-1], a.wq.shape[0]), dtype=a.dtype)
+    width = a.wq.shape[0] // 2 if a.activation == "swiglu" else a.wq.shape[0]
+    return a.xq.new_empty((*a.xq.shape[:-1], width), dtype=a.dtype)
 
 
 def kernel_supports(wq: Tensor) -> bool:

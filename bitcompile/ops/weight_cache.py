@@ -18,6 +18,8 @@ from typing import Sequence
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
+from bitcompile.numerics.reference import interleave_rows
+
 
 @dataclass
 class CacheStats:
@@ -60,13 +62,19 @@ class WeightCache:
         return packed
 
     def get_group(
-        self, weights: Sequence[torch.Tensor], scheme: str, per_channel: bool, layout: str = "canonical"
+        self,
+        weights: Sequence[torch.Tensor],
+        scheme: str,
+        per_channel: bool,
+        layout: str = "canonical",
+        interleave: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(packed, scale)`` of ``weights`` stacked along the output rows (sibling linears fused into
         one matmul): the members' packed codes concatenated, and one float32 scale per row (each
-        member's scale over its rows), kept until a member changes."""
+        member's scale over its rows), kept until a member changes. ``interleave``: two members'
+        rows alternated instead (``reference.interleave_rows``)."""
         first = weights[0]
-        key = ("group", scheme, per_channel, tuple(id(w) for w in weights))
+        key = ("group", scheme, per_channel, interleave, tuple(id(w) for w in weights))
         versions = tuple(_version_key(w) for w in weights)
         entry = None if any(w.is_inference() for w in weights) else self._entries.get(first, {}).get(key)
         if entry is not None and entry[0] == versions:
@@ -75,7 +83,7 @@ class WeightCache:
         else:
             parts = [self.get(w, scheme, per_channel) for w in weights]
             scales = [s.expand(w.shape[0]) if s.numel() == 1 else s for w, (_, s) in zip(weights, parts)]
-            packed = torch.cat([p for p, _ in parts]), torch.cat(scales).contiguous()
+            packed = _stack([p for p, _ in parts], scales, interleave)
             if not any(w.is_inference() for w in weights):
                 self._entries.setdefault(first, {})[key] = (versions, packed)
         if layout == "kblocked":
@@ -83,16 +91,22 @@ class WeightCache:
         return packed
 
     def get_prepacked(
-        self, codes: Sequence[torch.Tensor], scales: Sequence[torch.Tensor], k: int, layout: str = "canonical"
+        self,
+        codes: Sequence[torch.Tensor],
+        scales: Sequence[torch.Tensor],
+        k: int,
+        layout: str = "canonical",
+        interleave: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(packed, scale)`` of deployed layers' 2-bit ``codes`` and ``scales``: one layer's as they
-        are, several (sibling linears) stacked along the output rows with one scale per row, kept
-        until a member changes; ``layout="kblocked"`` as for :meth:`get`."""
+        are, several (sibling linears) stacked along the output rows with one scale per row (or two
+        alternated, ``interleave``), kept until a member changes; ``layout="kblocked"`` as for
+        :meth:`get`."""
         if len(codes) == 1:
             packed = codes[0], scales[0]
         else:
             tensors = (*codes, *scales)
-            key = ("prepacked group", tuple(id(t) for t in tensors))
+            key = ("prepacked group", interleave, tuple(id(t) for t in tensors))
             versions = tuple(_version_key(t) for t in tensors)
             cached = not any(t.is_inference() for t in tensors)
             entry = self._entries.get(codes[0], {}).get(key) if cached else None
@@ -102,7 +116,7 @@ class WeightCache:
             else:
                 self.stats.misses += 1
                 rows = [s.float().expand(c.shape[0]) if s.numel() == 1 else s.float() for c, s in zip(codes, scales)]
-                packed = torch.cat(codes), torch.cat(rows).contiguous()
+                packed = _stack(codes, rows, interleave)
                 if cached:
                     self._entries.setdefault(codes[0], {})[key] = (versions, packed)
         if layout == "kblocked":
@@ -130,6 +144,13 @@ class WeightCache:
 
 WEIGHT_CACHE = WeightCache()
 _VIEWS = {"": lambda w: w, "flatten": lambda w: w.flatten(1), "t": lambda w: w.t()}
+
+
+def _stack(codes: Sequence[torch.Tensor], scales: Sequence[torch.Tensor], interleave: bool) -> tuple:
+    """Members' packed rows and per-row scales, stacked or (two members) alternated."""
+    if interleave:
+        return interleave_rows(*codes), interleave_rows(*scales).contiguous()
+    return torch.cat(codes), torch.cat(scales).contiguous()
 
 
 def _kblocked(packed: torch.Tensor, k: int) -> torch.Tensor:

@@ -30,6 +30,7 @@ class HoistedWeight:
     # ``members`` are codes, these are the positions of their scales, and ``k`` their column count.
     scale_indices: tuple[int, ...] = ()
     k: int = 0
+    interleave: bool = False  # two members' rows alternated (a swiglu epilogue), not stacked
 
     def sources(self) -> tuple[int, ...]:
         """Positions of the graph inputs this entry is computed from."""
@@ -55,9 +56,9 @@ class HoistedWeight:
 
         if self.scale_indices:
             half = len(weights) // 2
-            return WEIGHT_CACHE.get_prepacked(weights[:half], weights[half:], self.k, self.layout)
+            return WEIGHT_CACHE.get_prepacked(weights[:half], weights[half:], self.k, self.layout, self.interleave)
         if self.members:
-            return WEIGHT_CACHE.get_group(weights, self.scheme, self.per_channel, self.layout)
+            return WEIGHT_CACHE.get_group(weights, self.scheme, self.per_channel, self.layout, self.interleave)
         return WEIGHT_CACHE.get(weights[0], self.scheme, self.per_channel, self.layout, self.view)
 
 

@@ -19,9 +19,8 @@ import os
 import torch
 import torch.fx as fx
 
-from bitcompile.passes import targets as T
 from bitcompile.passes.context import PassContext
-from bitcompile.passes.graph import meta
+from bitcompile.passes.graph import swiglu_product
 
 
 def enabled() -> bool:
@@ -33,7 +32,7 @@ def fuse_gated_quant(gm: fx.GraphModule, ctx: PassContext) -> None:
     graph = gm.graph
     for quant in list(graph.find_nodes(op="call_function", target=torch.ops.bitnet.quantize_activations.default)):
         product, bits = quant.args
-        match = _swiglu(product)
+        match = swiglu_product(product)
         if match is None:
             continue
         fused, internal = match
@@ -46,39 +45,6 @@ def fuse_gated_quant(gm: fx.GraphModule, ctx: PassContext) -> None:
             if not node.users:
                 graph.erase_node(node)
         _note(gated)
-
-
-def _swiglu(product: fx.Node):
-    """``(y, [product, silu, gate half, up half])`` if ``product = silu(y[..., :n]) * y[..., n:]``
-    with ``y`` 2n wide, the product and the silu read by nothing else; else None."""
-    if not (isinstance(product, fx.Node) and product.target is T.MUL and len(product.users) == 1):
-        return None
-    for act, up in (product.args, product.args[::-1]):
-        if not (isinstance(act, fx.Node) and act.target is T.SILU and not act.kwargs and len(act.users) == 1):
-            continue
-        gate = act.args[0]
-        halves = [_half(gate), _half(up)]
-        if None in halves or halves[0][0] is not halves[1][0]:
-            continue
-        y, start_gate, _ = halves[0]
-        _, start_up, width = halves[1]
-        ym, pm = meta(y), meta(product)
-        if ym is None or pm is None or pm.dtype != ym.dtype or pm.shape != (*ym.shape[:-1], width):
-            continue
-        if start_gate == 0 and start_up == width and ym.shape[-1] == 2 * width:
-            return y, [product, act, gate, up]
-    return None
-
-
-def _half(node):
-    """``(y, start, width)`` of ``torch.narrow(y, -1, start, width)`` (the sibling fusion's split)."""
-    if not (isinstance(node, fx.Node) and node.target is torch.narrow and not node.kwargs):
-        return None
-    y, dim, start, width = node.args
-    ym = meta(y)
-    if ym is None or dim not in (-1, ym.dim() - 1) or not all(isinstance(v, int) for v in (start, width)):
-        return None
-    return y, start, width
 
 
 def _note(gated: fx.Node) -> None:

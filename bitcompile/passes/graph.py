@@ -10,6 +10,7 @@ from typing import Optional
 import torch
 import torch.fx as fx
 
+from bitcompile.passes import targets as T
 from bitcompile.report import Candidate
 
 # Meta key of a subgraph placeholder fed by a parameter of the enclosing graph: its module path.
@@ -200,3 +201,36 @@ def emit_activation_quantization(graph: fx.Graph, x: fx.Node, cfg, per_sample: b
     qa = graph.call_function(op.default, (x, cfg.activation_bits))
     qa.meta["bitnet_shared_input"] = True
     return graph.call_function(operator.getitem, (qa, 0)), graph.call_function(operator.getitem, (qa, 1))
+
+
+def swiglu_product(product: fx.Node):
+    """``(y, [product, silu, gate half, up half])`` if ``product = silu(y[..., :n]) * y[..., n:]``
+    with ``y`` 2n wide, the product and the silu read by nothing else; else None."""
+    if not (isinstance(product, fx.Node) and product.target is T.MUL and len(product.users) == 1):
+        return None
+    for act, up in (product.args, product.args[::-1]):
+        if not (isinstance(act, fx.Node) and act.target is T.SILU and not act.kwargs and len(act.users) == 1):
+            continue
+        gate = act.args[0]
+        halves = [_narrowed(gate), _narrowed(up)]
+        if None in halves or halves[0][0] is not halves[1][0]:
+            continue
+        y, start_gate, _ = halves[0]
+        _, start_up, width = halves[1]
+        ym, pm = meta(y), meta(product)
+        if ym is None or pm is None or pm.dtype != ym.dtype or pm.shape != (*ym.shape[:-1], width):
+            continue
+        if start_gate == 0 and start_up == width and ym.shape[-1] == 2 * width:
+            return y, [product, act, gate, up]
+    return None
+
+
+def _narrowed(node):
+    """``(y, start, width)`` of ``torch.narrow(y, -1, start, width)`` (the sibling fusion's split)."""
+    if not (isinstance(node, fx.Node) and node.target is torch.narrow and not node.kwargs):
+        return None
+    y, dim, start, width = node.args
+    ym = meta(y)
+    if ym is None or dim not in (-1, ym.dim() - 1) or not all(isinstance(v, int) for v in (start, width)):
+        return None
+    return y, start, width

@@ -108,6 +108,7 @@ def _fuse(gm: fx.GraphModule, ctx: PassContext, dtype, members) -> None:
         out = meta(first)
         fused.meta["val"] = out.new_empty((*out.shape[:-1], sum(rows)))  # the lowering reads its shape
         fused.meta["bitnet_linears"] = len(members)  # what the norm fusion's report counts
+        fused.meta["bitnet_members"] = [c for node, _ in members if (c := node.meta.get("bitnet_candidate"))]
         offset = 0
         for (node, _), n in zip(members, rows):
             part = graph.call_function(torch.narrow, (fused, -1, offset, n))

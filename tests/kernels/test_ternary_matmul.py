@@ -220,6 +220,43 @@ def test_every_gpu_matmul_config_exact(kernels, device, m, monkeypatch):
         torch.testing.assert_close(got, fused, rtol=1e-5, atol=1e-5, msg=str(cfg))  # as test_matmul_epilogue
 
 
+@pytest.mark.parametrize("m", [1, 5, 40])
+def test_swiglu_epilogue(kernels, device, m, monkeypatch):
+    """``silu(gate) * up`` in the epilogue over interleaved gate/up rows: half as many output
+    columns, per-row scales and bias in the interleaved order, a residual of the output's width;
+    GEMV tiles of one, two and four rows per thread (a one-row tile widened to a row pair), GEMM
+    tiles swapped or not, split along K or not, with partial row tiles (N = 2 x 20)."""
+    tm = kernels.ternary_matmul
+    configs = [c for c in gpu_configs(tm._candidates, m) if c["kernel"] in ("gemv", "gemm") and not c.get("A_TMA")]
+    gemv = {c.get("R", 1): c for c in configs if c["kernel"] == "gemv"}
+    gemm = {(c["SWAP"], c["SPLIT_K"] > 1): c for c in configs if c["kernel"] == "gemm"}
+    chosen = [*gemv.values(), *gemm.values()] + ([dict(gemv[min(gemv)], BN=1, R=1)] if gemv else [])
+    n, k = 20, 298
+    g = torch.Generator().manual_seed(m)
+    xq, xs = ref.quantize_activations(torch.randn(m, k, generator=g))
+    gates, ups = (ref.quantize_weights(torch.randn(n, k, generator=g), "ternary", True) for _ in range(2))
+    wq, ws = (ref.interleave_rows(a, b) for a, b in zip(gates, ups))
+    bias, res = torch.randn(2 * n, generator=g), torch.randn(m, n, generator=g)
+    want = ref.linear_epilogue(xq, xs, wq, ws, bias, k, torch.float32, "swiglu", res)
+    gate = ref.linear_epilogue(xq, xs, gates[0], gates[1], bias[0::2], k, torch.float32)
+    up = ref.linear_epilogue(xq, xs, ups[0], ups[1], bias[1::2], k, torch.float32)
+    torch.testing.assert_close(want, torch.nn.functional.silu(gate) * up + res)  # what the interleaving means
+    args = [t.to(device) for t in (xq, wq, xs, ws, bias)]
+    for cfg in chosen:
+        monkeypatch.setattr(tm.tuning, "choose", lambda *args, cfg=cfg: cfg)
+        got = tm.ternary_matmul(*args[:2], k, *args[2:], torch.float32, "swiglu", res.to(device)).cpu()
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=str(cfg))  # as test_matmul_epilogue
+
+
+def test_swiglu_epilogue_needs_row_pairs(kernels, device):
+    wq, ws = ref.quantize_weights(torch.randn(5, 64), "ternary", True)
+    xq, xs = ref.quantize_activations(torch.randn(2, 64))
+    with pytest.raises(ValueError, match="even number of weight rows"):
+        kernels.ternary_matmul.ternary_matmul(
+            xq.to(device), wq.to(device), 64, xs.to(device), ws.to(device), activation="swiglu"
+        )
+
+
 @given(m=st.integers(1, 20), n=dims, k=dims, per_channel=st.booleans(), seed=st.integers(0, 2**16))
 def test_linear_q_triton_twin(kernels, device, m, n, k, per_channel, seed):
     # The Inductor-visible twin runs the same kernels on K-blocked weights: bit-identical

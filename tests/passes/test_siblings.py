@@ -11,11 +11,11 @@ from tests.passes.fusion_models import Attention
 
 
 def compiled(model, x, siblings=True, monkeypatch=None):
-    """Compiled without the SwiGLU + quantization fusion, which needs the fused gate/up split (its
+    """Compiled without the fusions of SwiGLU's product, which need the fused gate/up matmul (their
     product rounds as eager does, the unfused graph's as Inductor fuses it): only the sibling
     fusion differs between the two graphs compared here."""
     torch._dynamo.reset()
-    dropped = ("gated_quant",) if siblings else ("gated_quant", "siblings")
+    dropped = ("gated_quant", "swiglu") if siblings else ("gated_quant", "swiglu", "siblings")
     if monkeypatch is not None:
         monkeypatch.setattr(manager, "PASSES", tuple(p for p in manager.PASSES if p.name not in dropped))
     with torch.no_grad():
