@@ -310,7 +310,12 @@ def matmul_epilogue(
         if ACTIVATION == SWIGLU:
             gate, up = tl.split(tl.reshape(y, (y.shape[0], y.shape[1] // 2, 2)))
             y = apply_activation(gate, SILU) * up
-            offs_n = tl.split(tl.reshape(offs_n, (offs_n.shape[0] // 2, 2)))[0] // 2
+            # The tile's outputs are contiguous from its first row / 2: said so (not derived from
+            # offs_n through the split) so that their stores are wide and coalesced.
+            first = tl.min(offs_n, axis=0) // 2
+            if offs_n.shape[0] >= 16:  # tiles start at multiples of their height
+                first = tl.multiple_of(first, offs_n.shape[0] // 2)
+            offs_n = first + tl.arange(0, offs_n.shape[0] // 2)
             N = N // 2
         else:
             y = apply_activation(y, ACTIVATION)

@@ -8,18 +8,21 @@ up 0, gate 1, ...: the weight cache builds them once, ``reference.interleave_row
 tile holds whole (gate, up) row pairs, and its epilogue computes ``silu(gate) * up``
 (``linear_q``'s ``activation="swiglu"``): the product is the matmul's only output. Matched for a
 sibling group of exactly two linears whose halves feed nothing but the product (their biases,
-if any, interleaved in the graph).
+if any, interleaved in the graph), except at 2-64 rows (``_gluon_rows``).
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.fx as fx
 
+from bitcompile.kernels.wgmma_matmul import MAX_M
 from bitcompile.numerics.reference import interleave_rows
 from bitcompile.passes import targets as T
 from bitcompile.passes.context import PassContext
-from bitcompile.passes.graph import swiglu_product
+from bitcompile.passes.graph import meta, swiglu_product
 
 
 def fuse_swiglu(gm: fx.GraphModule, ctx: PassContext) -> None:
@@ -35,6 +38,8 @@ def fuse_swiglu(gm: fx.GraphModule, ctx: PassContext) -> None:
         xq, x_scale, packed, scale, bias, k, dtype = y.args[:7]
         group = hoisted.get(getattr(packed, "name", None))
         if group is None or len(group.members) != 2 or set(y.users) != {gate, up} or not _stacked(bias):
+            continue
+        if _gluon_rows(product):
             continue
         group.interleave = True  # equal halves: swiglu_product matched [0, n) and [n, 2n)
         with graph.inserting_before(product):
@@ -57,3 +62,12 @@ def fuse_swiglu(gm: fx.GraphModule, ctx: PassContext) -> None:
 def _stacked(bias) -> bool:
     """No bias, or the sibling fusion's ``torch.cat`` of two (whose rows are then interleaved)."""
     return bias is None or (bias.target is torch.cat and len(bias.args) == 1 and len(bias.args[0]) == 2)
+
+
+def _gluon_rows(product: fx.Node) -> bool:
+    """A static row count in the Gluon kernel's range (2-64), whose epilogue has no swiglu: the fused
+    matmul would run on a Triton kernel there, which tuning ranks below the Gluon kernel at those
+    rows on the H100 (the shipped table)."""
+    m = meta(product)
+    rows = math.prod(m.shape[:-1]) if m is not None else None
+    return isinstance(rows, int) and 2 <= rows <= MAX_M
