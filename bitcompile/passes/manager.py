@@ -83,7 +83,7 @@ PASSES = (
     Pass("siblings", siblings.fuse_sibling_linears, lambda ctx: fusing(ctx) and inference(ctx)),
     Pass("epilogue", epilogue.fuse_epilogues, lambda ctx: fusing(ctx) and inference(ctx)),
     Pass("gated_quant", gated_quant.fuse_gated_quant, lambda ctx: fusing(ctx) and gated(ctx)),  # opt-in
-    Pass("swiglu", swiglu.fuse_swiglu, lambda ctx: fusing(ctx) and inference(ctx)),
+    Pass("swiglu", swiglu.fuse_swiglu, lambda ctx: fusing(ctx) and inference(ctx) and swiglu.enabled()),  # opt-in
     Pass("norm_quant", norm_quant.fuse_norm_quant, fusing),  # (add +) norm + activation quant
     Pass("lower_triton", lower_triton.lower_to_triton, fusing),  # CUDA, static shapes
 )

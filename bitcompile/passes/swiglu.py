@@ -9,11 +9,16 @@ tile holds whole (gate, up) row pairs, and its epilogue computes ``silu(gate) * 
 (``linear_q``'s ``activation="swiglu"``): the product is the matmul's only output. Matched for a
 sibling group of exactly two linears whose halves feed nothing but the product (their biases,
 if any, interleaved in the graph), except at 2-64 rows (``_gluon_rows``).
+
+Off unless ``BITCOMPILE_SWIGLU=1``: its first form made an H100 prefill's matmuls slower
+(BENCHMARKS.md round 35: the epilogue stored 2-byte scalars); the corrected epilogue has not
+been timed on a GPU yet.
 """
 
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.fx as fx
@@ -23,6 +28,11 @@ from bitcompile.numerics.reference import interleave_rows
 from bitcompile.passes import targets as T
 from bitcompile.passes.context import PassContext
 from bitcompile.passes.graph import meta, swiglu_product
+
+
+def enabled() -> bool:
+    """``BITCOMPILE_SWIGLU=1`` turns the fusion on (off by default: see the module docstring)."""
+    return os.environ.get("BITCOMPILE_SWIGLU", "0") == "1"
 
 
 def fuse_swiglu(gm: fx.GraphModule, ctx: PassContext) -> None:

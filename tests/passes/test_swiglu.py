@@ -15,6 +15,17 @@ bitnet = torch.ops.bitnet
 NOTE = "epilogue: silu(gate) * up (gate and up rows interleaved)"
 
 
+@pytest.fixture(autouse=True)
+def swiglu_on(monkeypatch):
+    """The fusion is opt-in (``BITCOMPILE_SWIGLU=1``)."""
+    monkeypatch.setenv("BITCOMPILE_SWIGLU", "1")
+
+
+def test_off_by_default(monkeypatch):
+    monkeypatch.delenv("BITCOMPILE_SWIGLU")
+    assert "swiglu" not in linear_activations(MLP().eval(), torch.randn(1, 32), exclude=[])
+
+
 class MLP(nn.Module):
     """A Llama MLP: down(silu(gate(x)) * up(x)), no biases."""
 
