@@ -499,8 +499,9 @@ def _wgmma_configs(m: int):
     ]
     configs = [dict(kernel="wgmma", BN=bn, NB=nb, STAGES=s, SPLIT_K=sk, num_warps=4) for bn, nb, s, sk in shapes]
     if m <= GEMV_MAX_M:
-        # The mma.sync form, (BN, NB, stages, split, warps): 16 weight rows per warp and MMA; not yet
-        # timed on a GPU, so the list spans tile height, ring depth and split-K.
+        # The mma.sync form, (BN, NB, stages, split, warps): 16 weight rows per warp and MMA. At 8 rows
+        # its best beat the warpgroup form's by 3-13% at Llama-3-8B's shapes (H100, BENCHMARKS.md
+        # round 35), with 64-row tiles every time; the list still spans tile height and split-K.
         sync_shapes = [
             (64, 2, 4, 1, 4),
             (64, 4, 4, 1, 4),
