@@ -415,6 +415,35 @@ def test_mma_sync_matmul_has_no_warpgroup_waits():
     assert stats["loop_instructions"] < 243, stats
 
 
+SWIGLU_STORES = """
+import json, sys
+sys.path.insert(0, {tools!r})
+import sass
+from bitcompile.kernels.common import ACTIVATIONS
+cfg = dict(A_TMA=True, BM=128, BN=128, GROUP_N=8, JOIN_K=False, SPLIT_K=1, SWAP=True, kernel="gemm",
+           num_stages=2, num_warps=8)  # the shipped 2048 x 28672 x 4096 tile
+stores = {}
+for act in ("none", "swiglu"):
+    kernel, args, constexprs, warps, stages = sass.ternary_mm_case(cfg, 2048, 28672, 4096)
+    cubin = sass.compile_sm90(kernel, args, {**constexprs, "ACTIVATION": ACTIVATIONS[act]}, warps, stages).asm["cubin"]
+    ops = [op for _, op, _ in sass.SASS_OP.findall(sass._run("cuobjdump", cubin, "-sass"))]
+    stores[act] = [op for op in ops if op.startswith("STG")]
+print(json.dumps(stores))
+"""
+
+
+@needs_ptxas
+def test_swiglu_epilogue_stores_are_wide():
+    """The swiglu epilogue writes half the tile with half the stores, all 16 bytes wide: output
+    offsets derived through the row-pair split made them 2-byte scalars (32 per thread), and a
+    2048-token prefill's matmuls 1.6x slower on the H100 (BENCHMARKS.md round 35)."""
+    out = compile_in_child(SWIGLU_STORES)
+    assert out.returncode == 0, out.stderr[-3000:]
+    stores = json.loads(out.stdout.strip().splitlines()[-1])
+    assert all(op.endswith(".128") for op in stores["none"] + stores["swiglu"]), stores
+    assert 2 * len(stores["swiglu"]) == len(stores["none"]), stores
+
+
 # GPU only (make test-gpu): realistic shapes, compiled kernels.
 
 
