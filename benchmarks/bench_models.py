@@ -22,7 +22,9 @@ Every row compiles both sides the same way in this process and reports their rat
   every position, which adds the same 2048-row bf16 ``lm_head`` GEMM, ~3 ms, to both sides).
   ``--int8-head``: the deployed model again with its ``lm_head`` in int8 (weight-only,
   ``deploy(excluded_weights="int8")``), the same rows against the same bf16 side.
-- layers: a stack of independent compiled ``nn.Linear`` layers (each its own input), per layer.
+- layers: a stack of independent compiled ``nn.Linear`` layers (each its own input), per layer;
+  where gemlite is installed, its A8W158 layer (int8 activations quantized per token in the call,
+  ternary weights; a peer's Triton kernels) as a third side, compiled the same way.
 - qat: a full training step (forward, backward, fused AdamW) of Llama-shaped models with 8192 tokens,
   under three recipes (bf16 parameters; fp32 parameters with bf16 autocast; fp32), for Inductor, the
   usual fake-quant BitLinear formula under Inductor, bitnet (exact STE) and bitnet with
@@ -434,6 +436,7 @@ def bench_layers(args, rows: list) -> None:
 
     for m, d, n in cases:
         per_layer = stack_us(Stack, m, d, n)
+        peer = per_layer.get("gemlite A8W158")
         emit(
             rows,
             args,
@@ -445,25 +448,57 @@ def bench_layers(args, rows: list) -> None:
             bf16_us=round(per_layer["bf16 Inductor"], 2),
             bitnet_us=round(per_layer["bitnet"], 2),
             speedup=round(per_layer["bf16 Inductor"] / per_layer["bitnet"], 2),
+            gemlite_us=round(peer, 2) if isinstance(peer, float) else peer,
         )
         reset_peak()
 
 
 def stack_us(stack: type, m: int, d: int, n: int) -> dict:
-    """Per-layer time of ``stack(d, n)`` on ``m`` rows, each side compiled with CUDA graphs."""
+    """Per-layer time of ``stack(d, n)`` on ``m`` rows, each side compiled with CUDA graphs (the
+    gemlite side: a float, or why it did not run)."""
     model = stack(d, n).to(timing.DEVICE, torch.bfloat16).eval()
     xs = [torch.randn(m, d, device=timing.DEVICE, dtype=torch.bfloat16) for _ in range(n)]
+    sides = [
+        ("bf16 Inductor", lambda: torch.compile(model, mode="reduce-overhead")),
+        ("bitnet", lambda: torch.compile(model, backend="bitnet", options={"mode": "reduce-overhead", "exclude": []})),
+        ("gemlite A8W158", lambda: torch.compile(gemlite_stack(model), mode="reduce-overhead")),
+    ]
     per_layer = {}
-    for label, compiled in (
-        ("bf16 Inductor", torch.compile(model, mode="reduce-overhead")),
-        ("bitnet", torch.compile(model, backend="bitnet", options={"mode": "reduce-overhead", "exclude": []})),
-    ):
-        with torch.no_grad():
-            for _ in range(3):
-                compiled(xs)
-            per_layer[label] = timing.wall_us(lambda: compiled(xs), calls=20) / n
+    for label, build in sides:
+        try:
+            compiled = build()
+            with torch.no_grad():
+                for _ in range(3):
+                    compiled(xs)
+                per_layer[label] = timing.wall_us(lambda: compiled(xs), calls=20) / n
+        except Exception as e:  # the peer only: an optional package, its own failures reported
+            if label != "gemlite A8W158":
+                raise
+            per_layer[label] = f"not run: {type(e).__name__}: {str(e)[:120]}"
         torch._dynamo.reset()
     return per_layer
+
+
+def gemlite_stack(model: nn.Module) -> nn.Module:
+    """``model``'s linears as gemlite A8W158 layers over the same ternary weights (per-tensor
+    absmean scale, the BitNet b1.58 quantizer), each called on its own input as in ``model``."""
+    from gemlite.helper import A8W158_INT_dynamic
+
+    def ternary(linear: nn.Linear) -> nn.Module:
+        w = linear.weight.detach().float()
+        scale = w.abs().mean().clamp(min=1e-5)
+        trits = (w / scale).round().clamp(-1, 1).to(linear.weight.dtype)
+        return A8W158_INT_dynamic(device=str(w.device)).from_weights(trits, scale)
+
+    class Peer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.ModuleList(ternary(layer) for layer in model.layers)
+
+        def forward(self, xs):
+            return [layer(x) for layer, x in zip(self.layers, xs)]
+
+    return Peer()
 
 
 class FakeQuantLinear(nn.Linear):
