@@ -349,6 +349,20 @@ def _split_k_workspace(device: torch.device, numel: int, tiles: int):
     return ws
 
 
+_graph_counters: dict = {}
+GRAPH_COUNTERS = 1 << 14  # split-K tiles one launch may count in the preallocated array
+
+
+def make_split_k_counters(device: torch.device) -> None:
+    """Allocate the device's arrival counters for split-K launches with ``keep=False`` now (at
+    compile time: made during a CUDA graph's warm-up, they would be pool memory the graph does
+    not track). Every such launch on the device shares them: its last program leaves them zero,
+    and launches on one stream (a CUDA graph's replay) run one after another; graphs replayed
+    on two streams at once must not both launch split-K matmuls."""
+    if device not in _graph_counters:
+        _graph_counters[device] = torch.zeros(GRAPH_COUNTERS, device=device, dtype=torch.int32)
+
+
 def _gemv_configs(m: int):
     if tuning.interpreting():  # rows per thread R spread over the tests' M
         return [dict(kernel="gemv", BN=4, BW=32, R=(2, 4, 1)[m % 3], num_warps=4)]
@@ -639,11 +653,18 @@ def ternary_matmul(
             return c, c
         store_partials = wrap is None  # see common.split_k_total
         numel = tiles * cfg["BM"] * cfg["BN"] * (cfg["SPLIT_K"] if store_partials else 1)
-        if wrap is not None or not keep:  # traced, a graph input cannot be a global buffer
+        if wrap is not None:  # traced, a graph input cannot be a global buffer
             return (
                 torch.zeros(numel, device=a.device, dtype=torch.int32),
                 torch.zeros(tiles, device=a.device, dtype=torch.int32),
             )
+        if not keep:
+            # Stored partials need no zeros; the counters come from the device's preallocated
+            # array where there is one (a fill launch fewer per call under CUDA graphs).
+            counters = _graph_counters.get(a.device)
+            if counters is None or counters.numel() < tiles:
+                counters = torch.zeros(tiles, device=a.device, dtype=torch.int32)
+            return torch.empty(numel, device=a.device, dtype=torch.int32), counters
         return _split_k_workspace(a.device, numel, tiles)
 
     def activation_loads(cfg):

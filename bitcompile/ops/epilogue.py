@@ -105,10 +105,12 @@ def _(*args):
 
 def make_device_constants(device: torch.device) -> None:
     """Allocate what the matmul kernels keep on the device between calls (the Gluon kernel's prmt
-    tables) now, at compile time: allocated during a CUDA graph's warm-up run, it would live in
-    the graph's memory pool, which CUDA graph trees refuse (a live tensor they do not track)."""
-    from bitcompile.kernels import wgmma_matmul
+    tables, the split-K arrival counters) now, at compile time: allocated during a CUDA graph's
+    warm-up run, it would live in the graph's memory pool, which CUDA graph trees refuse (a live
+    tensor they do not track)."""
+    from bitcompile.kernels import ternary_matmul, wgmma_matmul
 
+    ternary_matmul.make_split_k_counters(device)
     if wgmma_matmul.available():
         wgmma_matmul.prmt_tables(device)
 

@@ -139,24 +139,40 @@ def test_gemv_rows_per_thread_exact(kernels, device, rows_per_thread, monkeypatc
         assert torch.equal(got.cpu(), want), (m, k)
 
 
-@pytest.mark.parametrize("traced", [False, True])
-def test_split_k_reductions_exact(kernels, device, traced, monkeypatch):
-    """Both split-K reductions: stored partials summed by the last program (untraced launches,
-    shared workspace) and atomics into a zeroed tile (launches traced by torch.compile; a
-    pass-through ``wrap`` selects it here). Two calls in a row with different inputs: the
-    arrival counters (and the atomic path's tile) must be left reset for the next call."""
+@pytest.mark.parametrize("launch", ["kept workspace", "traced", "graphed"])
+def test_split_k_reductions_exact(kernels, device, launch, monkeypatch):
+    """Both split-K reductions: stored partials summed by the last program (untraced launches:
+    the shared workspace, or, with ``keep=False`` as under CUDA graphs, unzeroed partials and
+    the device's preallocated counters, no fill at all) and atomics into a zeroed tile
+    (launches traced by torch.compile; a pass-through ``wrap`` selects it here). Two calls in a
+    row with different inputs: the arrival counters (and the atomic path's tile) must be left
+    reset for the next call."""
     tm, tuning = kernels.ternary_matmul, kernels.ternary_matmul.tuning
     g = torch.Generator().manual_seed(7)
     m, n, k = 20, 40, 1030  # several 256-trit blocks per split, a partial last block
     wq, _ = ref.quantize_weights(torch.randn(n, k, generator=g))
     split = [c for c in tm._gemm_configs(m) if c["SPLIT_K"] > 1]
     assert split
+    dev = torch.device(device)
+    if launch == "graphed":
+        tm.make_split_k_counters(dev)
+
+    def no_fill(*args, **kwargs):
+        raise AssertionError("a graphed split-K launch filled a buffer")
+
     for cfg in split:
         monkeypatch.setattr(tuning, "choose", lambda *args, cfg=cfg: cfg)
         for _ in range(2):
-            a = torch.randint(-128, 128, (m, k), dtype=torch.int8, generator=g)
-            got = tm.ternary_matmul(a.to(device), wq.to(device), k, wrap=(lambda f: f) if traced else None)
-            assert torch.equal(got.cpu(), ref.lowbit_matmul(a, wq, k)), cfg
+            a = torch.randint(-128, 128, (m, k), dtype=torch.int8, generator=g).to(device)
+            with monkeypatch.context() as patch:
+                if launch == "graphed":
+                    patch.setattr(torch, "zeros", no_fill)
+                got = tm.ternary_matmul(
+                    a, wq.to(device), k, wrap=(lambda f: f) if launch == "traced" else None, keep=launch != "graphed"
+                )
+            assert torch.equal(got.cpu(), ref.lowbit_matmul(a.cpu(), wq, k)), cfg
+    if launch == "graphed":
+        assert not tm._graph_counters[dev].any()
 
 
 # Interpreter only: the scratch allocator is replaced by a recorder, which a GPU launch would need.
