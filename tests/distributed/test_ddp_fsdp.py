@@ -38,18 +38,10 @@ import torch
 
 from tests.distributed import worker
 from tests.distributed.launch import Launch
+from tests.models.zoo import LLAMA_LINEARS
 
 pytest.importorskip("transformers")
 
-LINEARS = (
-    "self_attn.q_proj",
-    "self_attn.k_proj",
-    "self_attn.v_proj",
-    "self_attn.o_proj",
-    "mlp.gate_proj",
-    "mlp.up_proj",
-    "mlp.down_proj",
-)
 NORMS = ("input_layernorm", "post_attention_layernorm")
 STEP0 = dict(rtol=1e-5, atol=1e-6)  # gradients at step 0 (see the module docstring)
 LOSS_RTOL = 1e-3  # losses of later steps
@@ -72,7 +64,7 @@ def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
     return ((got - want).norm() / want.norm()).item()
 
 
-LINEAR_PATHS = {f"model.layers.{i}.{name}" for i in range(2) for name in LINEARS} | {"lm_head"}
+LINEAR_PATHS = set(LLAMA_LINEARS) | {"lm_head"}
 NORM_PATHS = {f"model.layers.{i}.{name}" for i in range(2) for name in NORMS}
 ATTENTION_PATHS = {f"model.layers.{i}.self_attn" for i in range(2)}
 
@@ -120,7 +112,7 @@ def test_weight_scales_come_from_the_whole_weight(runs, mode):
     step got one whole initial weight (FSDP2 all-gathers before the forward, so the graph never
     sees the local shard), its scale is that tensor's absmean, and both ranks used the same."""
     initial = runs["ranks"][0]["fsdp"]["initial"]  # the same seed for every run
-    linears = {f"model.layers.{i}.{name}.weight" for i in range(2) for name in LINEARS}
+    linears = {f"{path}.weight" for path in LLAMA_LINEARS}
     for r, rank in enumerate(runs["ranks"]):
         calls = rank[mode]["quantized"]
         assert len(calls) == len(linears)  # lm_head is excluded, the rest once each

@@ -17,7 +17,7 @@ from torch import nn
 import bitcompile
 from bitcompile.nn.packed_linear import PackedLinear
 from bitcompile.numerics import reference as ref
-from tests.models.zoo import VOCAB, llama
+from tests.models.zoo import LLAMA_LINEARS, VOCAB, llama
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")  # transformers' BitNet loader needs it
@@ -25,19 +25,7 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 from transformers.integrations.bitnet import BitLinear  # noqa: E402
 
-LINEARS = [
-    f"model.layers.{i}.{name}"
-    for i in range(2)
-    for name in (
-        "self_attn.q_proj",
-        "self_attn.k_proj",
-        "self_attn.v_proj",
-        "self_attn.o_proj",
-        "mlp.gate_proj",
-        "mlp.up_proj",
-        "mlp.down_proj",
-    )
-]
+LINEARS = list(LLAMA_LINEARS)
 # bitcompile rounds x / (amax/127) and multiplies by s_x * s_w; transformers rounds x * (127/amax)
 # and divides. Apart from float32 rounding (~1e-7 of the logits), an activation within rounding error
 # of a .5 boundary can take the neighbouring code: one such flip moves the tiny model's logits by

@@ -13,23 +13,11 @@ import torch
 import bitcompile
 from bitcompile.compile_model import GENERATE_ON_WRAPPER
 from bitcompile.nn.reference_model import reference_model
-from tests.models.zoo import VOCAB, llama
+from tests.models.zoo import LLAMA_LINEARS, VOCAB, llama
 
 transformers = pytest.importorskip("transformers")
 
-LINEARS = {
-    f"model.layers.{i}.{name}"
-    for i in range(2)
-    for name in (
-        "self_attn.q_proj",
-        "self_attn.k_proj",
-        "self_attn.v_proj",
-        "self_attn.o_proj",
-        "mlp.gate_proj",
-        "mlp.up_proj",
-        "mlp.down_proj",
-    )
-}
+LINEARS = set(LLAMA_LINEARS)
 
 
 def tiny_llama(seed=0):

@@ -8,6 +8,17 @@ import torch.nn.functional as F
 from torch import nn
 
 VOCAB = 64
+# A Llama decoder layer's linears, by their paths within the layer (``llama()`` has two layers)
+LLAMA_PROJECTIONS = (
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+)
+LLAMA_LINEARS = tuple(f"model.layers.{i}.{name}" for i in range(2) for name in LLAMA_PROJECTIONS)
 
 
 def _ids(batch, seq):
