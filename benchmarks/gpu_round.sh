@@ -12,10 +12,18 @@
 #                                                # REPEAT=3: three rounds over all of them, medians)
 # Tuning results persist in .gpu_round_cache while the machine stays warm (a bench cut short resumes
 # where it stopped) and are copied to $OUT/cache/autotune/<gpu>.json, to merge into bitcompile/kernels/tuned/.
+# Wheels in .whl/ (git-ignored; a machine without internet gets them carried there) are installed
+# first: setuptools >= 77 for the editable install, gemlite for the layer stack's peer side. Fill it with
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_17_x86_64 \
+#     -d .whl "setuptools>=77"; pip wheel --no-deps gemlite -w .whl
 set -u
 out=${OUT:-gpu_round}
 mkdir -p "$out" && out=$(cd "$out" && pwd)
 export BITCOMPILE_CACHE_DIR="$PWD/.gpu_round_cache"
+if ls .whl/*.whl > /dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/bitcompile_wheels .whl/*.whl &&
+    export PYTHONPATH=/tmp/bitcompile_wheels${PYTHONPATH:+:$PYTHONPATH}
+fi
 # (the device tool returns only a few files per call: the install log is kept only when it failed)
 python3 -m pip install -q --no-deps --no-build-isolation -e . > "$out/install.log" 2>&1 || { tail "$out/install.log"; exit 1; }
 rm -f "$out/install.log"
