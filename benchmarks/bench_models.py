@@ -36,6 +36,9 @@ Every row compiles both sides the same way in this process and reports their rat
 
 ``--without-passes NAME,...`` runs every bitnet side without those compiler passes (an A/B of one
 pass, the bf16 side re-measured in the same run); each row then names them (``without``).
+``--variants NAME:VAR=VALUE,...`` adds decode and prefill sides of the same deployed model compiled
+under those environment variables (opt-in passes: an A/B against the default build without a
+second bf16 compile), each named in its rows.
 
 Results: one JSON object per row on stdout (also appended to ``--jsonl``), and a markdown table in
 ``--out``; ``--profile FILE``: each decode step's and QAT step's kernel table (device time per
@@ -319,8 +322,12 @@ def bench_decode_and_prefill(args, rows: list) -> None:
             check_logits(twin, bitnet[batch]["result"], prompt_len, "bitnet (deployed)", args, rows, noise)
     if "prefill" in parts:
         prefill(deployed, "bitnet (deployed)", "bitnet", args, rows)
+    label = "bitnet (deployed)"
     if args.int8_head:
-        int8_head_side(deployed, twin, bf16, args, rows, prompt_len, short, long)
+        label = int8_head_side(deployed, twin, bf16, args, rows, prompt_len, short, long)
+    for name, env in args.variants:
+        with mock.patch.dict(os.environ, env):
+            variant_side(deployed, twin, bf16, f"{label[:-1]}, {name})", args, rows, prompt_len, short, long)
     del twin, deployed
     torch._dynamo.reset()
     reset_peak()
@@ -344,18 +351,26 @@ def emit_ratios(rows: list, args, label: str, bf16: dict, bitnet: dict) -> None:
         )
 
 
-def int8_head_side(deployed, twin, bf16: dict, args, rows: list, prompt_len: int, short: int, long: int) -> None:
+def int8_head_side(deployed, twin, bf16: dict, args, rows: list, prompt_len: int, short: int, long: int) -> str:
     """The deployed model again with its ``lm_head`` in int8 (``deploy(excluded_weights="int8")``,
     weight-only, in place), against the bf16 rows above; its logits against the twin's with the
-    same int8 head (so the check holds the compiled model to its own numerics)."""
-    torch._dynamo.reset()
+    same int8 head (so the check holds the compiled model to its own numerics). Returns its label."""
     bitcompile.deploy(deployed, excluded_weights="int8")
-    compile_decode(deployed, "bitnet")
+    if twin is not None:
+        bitcompile.deploy(twin.model, excluded_weights="int8")  # the twin's other linears are its own layers
     label = "bitnet (deployed, int8 lm_head)"
+    variant_side(deployed, twin, bf16, label, args, rows, prompt_len, short, long)
+    return label
+
+
+def variant_side(deployed, twin, bf16: dict, label: str, args, rows: list, prompt_len: int, short: int, long: int):
+    """``deployed`` compiled afresh (the environment as the caller set it: ``--variants``), its
+    decode and prefill rows against the bf16 rows above and its logits against ``twin``'s."""
+    torch._dynamo.reset()
+    compile_decode(deployed, "bitnet")
     if "decode" in args.part:
         side = decode_side(deployed, label, args, rows, prompt_len, short, long)
-        emit_ratios(rows, args, "ratio, int8 lm_head", bf16, side)
-        bitcompile.deploy(twin.model, excluded_weights="int8")  # the twin's other linears are its own layers
+        emit_ratios(rows, args, "ratio, " + label.removeprefix("bitnet (deployed, ").rstrip(")"), bf16, side)
         for batch in args.batches:
             check_logits(twin, side[batch]["result"], prompt_len, label, args, rows, bf16[batch].get("error"))
     if "prefill" in args.part:
@@ -623,6 +638,18 @@ def markdown(rows: list) -> str:
     return "\n".join(lines)
 
 
+def variants(spec: str) -> list[tuple[str, dict]]:
+    """``"a:X=1;Y=2,b:Z=1"`` -> ``[("a", {"X": "1", "Y": "2"}), ("b", {"Z": "1"})]``."""
+    out = []
+    for item in filter(None, spec.split(",")):
+        name, _, assignments = item.partition(":")
+        env = dict(a.split("=", 1) for a in assignments.split(";") if "=" in a)
+        if not name or not env:
+            raise argparse.ArgumentTypeError(f"a variant is NAME:VAR=VALUE[;VAR=VALUE], got {item!r}")
+        out.append((name, env))
+    return out
+
+
 def drop_passes(names: list) -> None:
     from bitcompile.passes import manager
 
@@ -664,6 +691,13 @@ def main() -> None:
         type=lambda s: s.split(","),
         default=[],
         help="run bitnet without these compiler passes (names in bitcompile.passes.PASSES), to measure one",
+    )
+    parser.add_argument(
+        "--variants",
+        type=variants,
+        default=[],
+        help="also decode and prefill the deployed model compiled under these environments, each"
+        ' "NAME:VAR=VALUE[;VAR=VALUE]" (e.g. swiglu:BITCOMPILE_SWIGLU=1), after the default (and int8 head) sides',
     )
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--out", default="benchmarks/results/models.md")

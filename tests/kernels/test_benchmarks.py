@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 BENCHMARKS = ROOT / "benchmarks"
 # the modules of benchmarks/ that scripts import; the rest are scripts
@@ -49,38 +51,40 @@ def test_bench_kernels_smoke(tmp_path):
 def test_bench_models_smoke(tmp_path):
     out, profile = tmp_path / "models.md", tmp_path / "profile.txt"
     options = ("--batches", "1", "--repeat", "1", "--recipes", "fp32+autocast", "--int8-head", "--group-weight-pack")
+    options += ("--variants", "swiglu:BITCOMPILE_SWIGLU=1")
     options += ("--profile", str(profile))
     printed = smoke("bench_models.py", *options, "--out", str(out))
     rows = [json.loads(line) for line in printed.splitlines() if line.startswith("{")]
     parts = {row["part"] for row in rows}
     assert parts == {"decode", "decode logits", "prefill", "memory", "layers", "qat"}
     decode = {row["side"]: row for row in rows if row["part"] == "decode"}
-    int8 = "bitnet (deployed, int8 lm_head)"
-    assert set(decode) == {"bf16 Inductor", "bitnet (deployed)", "ratio", int8, "ratio, int8 lm_head"}
+    int8, swiglu = "bitnet (deployed, int8 lm_head)", "bitnet (deployed, int8 lm_head, swiglu)"
+    ratios = {"ratio", "ratio, int8 lm_head", "ratio, int8 lm_head, swiglu"}
+    assert set(decode) == {"bf16 Inductor", "bitnet (deployed)", int8, swiglu} | ratios
     # (tokens/s comes from two short generate times, which CPU noise can invert at these sizes)
     sides = [decode[side] for side in decode if not side.startswith("ratio")]
     assert all(side["step_ms"] > 0 < side["step_ms_no_sync"] and side["loops_agree"] is True for side in sides)
     # On the CPU both sides compute what their eager reference computes: every greedy token agrees.
     logits = {row["side"]: row["argmax_agreement"] for row in rows if row["part"] == "decode logits"}
-    assert logits == {"bf16 Inductor": 1.0, "bitnet (deployed)": 1.0, int8: 1.0}
+    assert logits == {"bf16 Inductor": 1.0, "bitnet (deployed)": 1.0, int8: 1.0, swiglu: 1.0}
     (checked,) = [row for row in rows if row["part"] == "decode logits" and row["side"] == "bitnet (deployed)"]
     assert checked["within"] == (checked["max_rel_error"] <= checked["tolerance"])  # against the bf16 noise
     qat = [row["variant"] for row in rows if row["part"] == "qat"]
     assert qat == ["Inductor", "fake-quant", "bitnet", "bitnet q8", "bitnet grouped"]
     table = out.read_text()
     assert all(f"## {part}" in table for part in parts)
-    # the three decode and prefill sides (and their generate call's Python), the five QAT
+    # the four decode and prefill sides (and their generate call's Python), the five QAT
     # variants, each with its host table
     profiles = profile.read_text()
-    assert profiles.count("== decode step,") == profiles.count("== prefill,") == profiles.count("== generate,") == 3
+    assert profiles.count("== decode step,") == profiles.count("== prefill,") == profiles.count("== generate,") == 4
     assert profiles.count("== QAT step,") == 5
-    assert profiles.count("step time") == profiles.count("host time per step") == 11
+    assert profiles.count("step time") == profiles.count("host time per step") == 13
     # each step's host time split at its compiled graphs' calls, by clocks: one graph in decode
     # and prefill, forward and backward in QAT
-    assert profiles.count("host phases per step (clocks, median of 30)") == 11
-    assert profiles.count(" + in 1 graph call(s) ") == 6 and profiles.count(" + in 2 graph call(s) ") == 5
-    # and each first call's compile phases: three generates, three prefills, five first QAT steps
-    assert profiles.count("== first call,") == 11
+    assert profiles.count("host phases per step (clocks, median of 30)") == 13
+    assert profiles.count(" + in 1 graph call(s) ") == 8 and profiles.count(" + in 2 graph call(s) ") == 5
+    # and each first call's compile phases: four generates, four prefills, five first QAT steps
+    assert profiles.count("== first call,") == 13
 
 
 def test_tune_models_smoke():
@@ -179,6 +183,20 @@ def test_profile_timeline_separates_busy_and_idle_device_time(monkeypatch):
     line = profiling.timeline([(42.0, 48.0), (0.0, 10.0), (5.0, 12.0), (50.0, 60.0)], steps=2)
     assert line == "device timeline per step: span 30.0 us, busy 14.0 us, idle 16.0 us (0.5 gaps over 20 us: 15.0 us)"
     assert profiling.timeline([], steps=1) == "device timeline: no kernels"
+
+
+def test_bench_models_variants_parse(monkeypatch):
+    """``--variants``: named environments, several assignments each; a malformed one is refused."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import argparse
+
+    import bench_models
+
+    got = bench_models.variants("swiglu:BITCOMPILE_SWIGLU=1,both:A=1;B=x=y")
+    assert got == [("swiglu", {"BITCOMPILE_SWIGLU": "1"}), ("both", {"A": "1", "B": "x=y"})]
+    for bad in ("swiglu", ":A=1", "name:"):
+        with pytest.raises(argparse.ArgumentTypeError, match="NAME:VAR=VALUE"):
+            bench_models.variants(bad)
 
 
 def test_bench_models_drops_the_named_passes(monkeypatch):
