@@ -46,6 +46,8 @@ def signature_type(value) -> str:
         return value
     if isinstance(value, str):  # a pointer type such as "*i8"
         return value + ":16"
+    if isinstance(value, float):
+        return "fp32"
     if value == 1:
         return "constexpr"
     return "i32:16" if value % 16 == 0 else "i32"

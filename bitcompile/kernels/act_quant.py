@@ -55,7 +55,11 @@ def _norm_quant_kernel(
     STORE_H: tl.constexpr,
     USE_ASM: tl.constexpr,
     GATED: tl.constexpr = False,
+    PDL: tl.constexpr = False,
 ):
+    if PDL:  # (tuning.pdl) wait for the kernel before, then let the matmul behind start loading
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < K
@@ -187,6 +191,9 @@ def norm_quant(
             GATED=gated,
         )
         warps = 1 if tuning.interpreting() else (gated_num_warps if gated else num_warps)(block)
+        pdl = wrap is None and tuning.pdl(x.device)
+        if pdl:
+            flags.update(PDL=True, launch_pdl=True)
         compiled = tuning.traceable(_norm_quant_kernel, wrap)[(m,)](
             x2,
             r2,

@@ -108,6 +108,15 @@ def _row_words(P, row, N, stride_pn, offs, mask, MASKED: tl.constexpr, R: tl.con
 
 
 @triton.jit
+def _step_words(P, row, N, stride_pn, word, w, PW, BW: tl.constexpr, EVEN: tl.constexpr, R: tl.constexpr):
+    """The weights of the step at word ``w``. With EVEN (whole steps, no partial words) no load
+    needs a mask, and a step past the end re-reads the last one."""
+    if EVEN:
+        return _row_words(P, row, N, stride_pn, word + tl.minimum(w, PW - BW), None, False, R)
+    return _row_words(P, row, N, stride_pn, word + w, w + word < PW, True, R)
+
+
+@triton.jit
 def _gemv_kernel(
     A,
     P,
@@ -136,6 +145,8 @@ def _gemv_kernel(
     HAS_BIAS: tl.constexpr,
     ACTIVATION: tl.constexpr,
     HAS_RES: tl.constexpr,
+    AHEAD: tl.constexpr = 1,
+    PDL: tl.constexpr = False,
 ):
     # A: int32 words of 4 int8 activations [M, XW]; P: int32 words of 4 K-blocked bytes
     # [N, PW]. Word w of a 16-word (256-trit) block, quarter i, holds trits
@@ -163,16 +174,19 @@ def _gemv_kernel(
     acc = _in_thread(tl.zeros((BM, G, BW // 16, 16), dtype=tl.int32), R)
     if USE_ASM:
         ta, tb, ua, ub = pair_tables_in_registers(_in_thread(ZERO * word, R))
-    # With EVEN (whole steps, no partial words) no load needs a mask, and the last step's
-    # prefetch re-reads its own tile.
+    # PDL (tuning.pdl): what follows may launch now; the weights of the first AHEAD steps are
+    # requested before waiting for the kernel before this one (the activations' quantizer).
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
     p = _row_words(P, row, N, stride_pn, word, word < PW, not EVEN, R)
+    if AHEAD == 2:
+        p1 = _step_words(P, row, N, stride_pn, word, BW, PW, BW, EVEN, R)
+    if PDL:
+        tl.extra.cuda.gdc_wait()  # before the loop: nothing the pipeliner hoists reads A earlier
     for w0 in range(0, PW, BW):
-        # The next step's weights are requested before this step's arithmetic (a register
-        # double buffer), so each program has a DRAM load in flight while it computes.
-        if EVEN:
-            p_next = _row_words(P, row, N, stride_pn, word + tl.minimum(w0 + BW, PW - BW), None, False, R)
-        else:
-            p_next = _row_words(P, row, N, stride_pn, word + w0 + BW, w0 + BW + word < PW, True, R)
+        # The weights AHEAD steps on are requested before this step's arithmetic (a register
+        # buffer), so each program has a DRAM load in flight while it computes.
+        p_next = _step_words(P, row, N, stride_pn, word, w0 + AHEAD * BW, PW, BW, EVEN, R)
         for i in tl.static_range(4):
             xi = 4 * w0 + 16 * i
             x = _in_thread(tl.load(x_ptrs + xi, mask=(xi + x_word < XW) | EVEN, other=0), R)
@@ -181,7 +195,11 @@ def _gemv_kernel(
             else:
                 t = kblock_quarter(p, i, 0, 0, False)
             acc = _dp4a(t, x, acc, USE_ASM)
-        p = p_next
+        if AHEAD == 2:
+            p = p1
+            p1 = p_next
+        else:
+            p = p_next
     out = tl.reshape(tl.sum(tl.sum(acc, axis=3), axis=2), (BM, BN))  # [BM, G, (a, b)]: row g R + 2a + b
     offs_m = tl.arange(0, BM)
     offs_n = pid_n * BN + tl.arange(0, BN)
@@ -642,7 +660,8 @@ def ternary_matmul(
         # dp4a reads int32 words: whole words of activations
         aw = _as_words(torch.nn.functional.pad(a2, (0, 4 - k % 4)) if k % 4 else a2)
         pw = blocked.view(torch.int32)
-    gemv_flags = dict(BM=1 << (m - 1).bit_length(), USE_ASM=not tuning.interpreting())
+    pdl = wrap is None and tuning.pdl(a.device)
+    gemv_flags = dict(BM=1 << (m - 1).bit_length(), USE_ASM=not tuning.interpreting(), PDL=pdl)
 
     # The Gluon kernel's epilogue takes no swiglu: such launches choose among the Triton kernels.
     gluon_ok = wrap is None and wgmma_matmul.supports(m, k, a2) and not swiglu
@@ -690,6 +709,8 @@ def ternary_matmul(
         if kind == "gemv":
             gemv = tuning.traceable(_gemv_kernel, wrap)
             cfg.setdefault("R", 1)  # table entries without R use one row per thread
+            # with PDL two steps' weights are requested before the wait, where there are two
+            cfg.setdefault("AHEAD", 2 if pdl and pw.shape[1] >= 2 * cfg["BW"] else 1)
             return gemv[(-(-n // cfg["BN"]),)](
                 aw,
                 pw,
@@ -708,6 +729,7 @@ def ternary_matmul(
                 **flags,
                 **gemv_flags,
                 **cfg,
+                **({"launch_pdl": True} if pdl else {}),
             )
         tiles = -(-m // cfg["BM"]) * -(-n // cfg["BN"])
         gemm = tuning.traceable(_gemm_kernel, wrap)

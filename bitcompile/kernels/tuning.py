@@ -236,6 +236,19 @@ def use_scratch_allocator() -> None:
     triton.set_allocator(_scratch)
 
 
+def pdl(device: torch.device) -> bool:
+    """``BITCOMPILE_PDL=1``: the activation quantizer and the GEMV behind it launch with
+    programmatic dependent launch (sm_90+, untraced launches; opt-in until timed on a GPU): the
+    quantizer lets the GEMV start once it runs, and the GEMV streams its first weights while the
+    quantizer finishes, waiting (``griddepcontrol.wait``) only before it reads the activations."""
+    return (
+        os.environ.get("BITCOMPILE_PDL", "0") == "1"
+        and device.type == "cuda"
+        and not interpreting()
+        and torch.cuda.get_device_capability(device) >= (9, 0)
+    )
+
+
 def device_descriptors_ok() -> bool:
     """Whether a traced launch may build TMA descriptors on the device. Each program writes
     its descriptor into the launcher's global scratch, one slice per program: Triton's

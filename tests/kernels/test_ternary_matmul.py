@@ -119,13 +119,14 @@ def test_matmul_multi_block_exact(kernels, device, m, k):
     assert torch.equal(got.cpu(), ref.lowbit_matmul(a, wq, k))
 
 
-@pytest.mark.parametrize("rows_per_thread", [1, 2, 4])
-def test_gemv_rows_per_thread_exact(kernels, device, rows_per_thread, monkeypatch):
+@pytest.mark.parametrize("rows_per_thread,ahead", [(1, 1), (2, 1), (4, 1), (1, 2), (4, 2)])
+def test_gemv_rows_per_thread_exact(kernels, device, rows_per_thread, ahead, monkeypatch):
     """The GEMV with R rows per thread (in-thread axes joined from one load per row): rows
     past N (23 is not a multiple of the 8-row tile), whole and partial steps (K = 1024 and
-    1300), one token and several, with the epilogue's per-channel scales."""
+    1300), one token and several, with the epilogue's per-channel scales; weights requested one
+    step ahead, or two (the PDL launches' form)."""
     tm, tuning = kernels.ternary_matmul, kernels.ternary_matmul.tuning
-    cfg = dict(kernel="gemv", BN=8, BW=32, R=rows_per_thread, num_warps=4)
+    cfg = dict(kernel="gemv", BN=8, BW=32, R=rows_per_thread, num_warps=4, AHEAD=ahead)
     monkeypatch.setattr(tuning, "choose", lambda *args: cfg)
     g = torch.Generator().manual_seed(rows_per_thread)
     for m, k in [(1, 1024), (1, 1300), (3, 1300)]:
@@ -460,10 +461,102 @@ def test_swiglu_epilogue_stores_are_wide():
     assert 2 * len(stores["swiglu"]) == len(stores["none"]), stores
 
 
+PDL_ORDER = """
+import json, re, sys
+sys.path.insert(0, {tools!r})
+import sass
+from bitcompile.kernels.act_quant import _norm_quant_kernel
+
+def loads_before_wait(ptx):
+    at = ptx.find("griddepcontrol.wait")
+    return None if at < 0 else len(re.findall(r"ld\\.global", ptx[:at]))
+
+out = {}
+cfg = dict(BN=8, BW=128, R=4, kernel="gemv", num_stages=2, num_warps=2)  # the shipped 1 x 6144 x 4096 tile
+forms = {"off": dict(PDL=False, AHEAD=1), "one": dict(PDL=True, AHEAD=1), "two": dict(PDL=True, AHEAD=2)}
+for name, extra in forms.items():
+    kernel, args, constexprs, warps, stages = sass.ternary_mm_case(cfg, 1, 6144, 4096)
+    ptx = sass.compile_sm90(kernel, args, {**constexprs, **extra}, warps, stages).asm["ptx"]
+    out[name] = [loads_before_wait(ptx), "griddepcontrol.launch_dependents" in ptx]
+pointers = dict(X="*bf16", RES="*bf16", W="*bf16", B="*bf16", Q="*i8", S="*fp32", Y="*bf16", H="*bf16")
+strides = dict.fromkeys(("stride_x", "stride_r", "stride_q", "stride_y", "stride_h"), 4096)
+args = dict(pointers, **strides, K=4096, eps=1e-6, qmax=127.0)
+flags = dict(QEPS=1e-5, BLOCK=4096, NORM=1, HAS_RES=False, HAS_W=True, HAS_B=False, STORE_Y=False, STORE_H=False)
+ptx = sass.compile_sm90(_norm_quant_kernel, args, dict(flags, USE_ASM=True, GATED=False, PDL=True), 4, 1).asm["ptx"]
+then = ptx.find("griddepcontrol.launch_dependents") > ptx.find("griddepcontrol.wait")
+out["norm_quant"] = [loads_before_wait(ptx), then]
+print(json.dumps(out))
+"""
+
+
+@needs_ptxas
+def test_pdl_launches_wait_before_reading_what_came_before():
+    """Programmatic dependent launch (``BITCOMPILE_PDL=1``): the GEMV requests only weights (its
+    first one or two steps) before ``griddepcontrol.wait``, then the activations; the quantizer
+    waits before its first load and only then lets its dependents launch. Without PDL the GEMV
+    has no grid-dependency instructions."""
+    out = compile_in_child(PDL_ORDER)
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    one = got["one"][0]
+    assert got["off"] == [None, False] and got["one"] == [one, True] and one > 0, got
+    assert got["two"] == [2 * one, True], got
+    assert got["norm_quant"] == [0, True], got
+
+
 # GPU only (make test-gpu): realistic shapes, compiled kernels.
 
 
 SHAPES = [(1, 4096, 4096), (7, 1000, 1003), (16, 4096, 14336), (256, 14336, 4096), (4097, 1024, 4096)]
+
+
+@pytest.mark.gpu
+def test_pdl_chain_exact_under_cuda_graphs(monkeypatch):
+    """A decode layer's launch pattern, (norm + quantization -> GEMV) four times, each GEMV's
+    output the next norm's input, with ``BITCOMPILE_PDL=1``: eager and captured in a CUDA graph
+    (replayed on fresh inputs), bitwise what the launches without PDL give. A GEMV that read
+    its activations before the quantizer finished would read the previous replay's codes."""
+    from bitcompile.kernels.act_quant import norm_quant
+    from bitcompile.kernels.ternary_matmul import ternary_matmul
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    k = 4096
+    layers = []
+    for n in (4096, 4096, 4096, 6144):
+        wq, ws = ref.quantize_weights(torch.randn(n, k, device="cuda", generator=g))
+        layers.append((to_kblocked(wq, k), ws))
+    norm_w = torch.rand(k, device="cuda", generator=g).to(torch.bfloat16) + 0.5
+    x = torch.empty(1, k, device="cuda", dtype=torch.bfloat16)
+
+    def chain():
+        h, outs = x, []
+        for wq, ws in layers:
+            q, s, _, _ = norm_quant(h, 8, "rms", norm_w, None, 1e-6)
+            h = ternary_matmul(q, wq, k, s, ws, None, torch.bfloat16, layout="kblocked", keep=False)
+            outs.append(h)
+        return outs
+
+    def plain(value):
+        x.copy_(value)
+        monkeypatch.delenv("BITCOMPILE_PDL", raising=False)
+        try:
+            return [t.clone() for t in chain()]
+        finally:
+            monkeypatch.setenv("BITCOMPILE_PDL", "1")
+
+    inputs = [torch.randn(1, k, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(8)]
+    want = [plain(v) for v in inputs]
+    monkeypatch.setenv("BITCOMPILE_PDL", "1")
+    x.copy_(inputs[0])
+    assert all(torch.equal(a, b) for a, b in zip(chain(), want[0]))  # eager PDL launches
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = chain()
+    for value, expected in zip(inputs, want):
+        x.copy_(value)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert all(torch.equal(a, b) for a, b in zip(captured, expected))
 
 
 STATIC_OPCHECK = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_static")

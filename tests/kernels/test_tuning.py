@@ -84,6 +84,23 @@ def test_untabled_shapes_take_the_nearest_tabled_configuration_unless_tuning_is_
     assert len(timed) == len(candidates)  # every candidate timed when asked
 
 
+def test_pdl_is_opt_in_and_needs_a_hopper_gpu(monkeypatch):
+    """Programmatic dependent launch only with ``BITCOMPILE_PDL=1``, on CUDA devices of compute
+    capability 9.0 and up, and never in the interpreter."""
+    cuda = torch.device("cuda", 0)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.delenv("BITCOMPILE_PDL", raising=False)
+    assert not tuning.pdl(cuda)
+    monkeypatch.setenv("BITCOMPILE_PDL", "1")
+    assert tuning.pdl(cuda) and not tuning.pdl(torch.device("cpu"))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    assert not tuning.pdl(cuda)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert not tuning.pdl(cuda)
+
+
 def test_traced_tma_launch_follows_the_wrapper(monkeypatch):
     """A tuned GEMM configuration with activations by TMA, launched traced (as Inductor will
     make it): under the Python wrapper the kernel builds its descriptor on the device; under
