@@ -16,6 +16,7 @@ GEMV tile that moves its operands through shared memory every step); timings sti
 from __future__ import annotations
 
 import collections
+import inspect
 import os
 import re
 import subprocess
@@ -69,6 +70,8 @@ def compile_sm90(kernel, args: dict, constexprs: dict, num_warps: int, num_stage
             "kernels imported with TRITON_INTERPRET=1 run in the interpreter and cannot be "
             "compiled: inspect them in a process without it"
         )
+    defaults = {p.name: p.default for p in kernel.params if p.default is not inspect.Parameter.empty}
+    constexprs = {**{k: v for k, v in defaults.items() if k not in args}, **constexprs}  # as a launch omits them
     signature, attrs, constants = {}, {}, dict(constexprs)
     for index, name in enumerate(kernel.arg_names):
         if name in constexprs:

@@ -331,6 +331,20 @@ def matmul_epilogue(
 
 
 @triton.jit
+def grid_dependency_wait():
+    """``griddepcontrol.wait`` as inline PTX, for the Gluon kernel (whose language has no
+    grid-dependency op; the Triton kernels use ``tl.extra.cuda.gdc_wait``): the kernel before
+    this one, under programmatic dependent launch, has finished and its writes are visible."""
+    tl.inline_asm_elementwise("griddepcontrol.wait;", "=r", [], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def grid_dependency_launch_dependents():
+    """``griddepcontrol.launch_dependents`` as inline PTX (see ``grid_dependency_wait``)."""
+    tl.inline_asm_elementwise("griddepcontrol.launch_dependents;", "=r", [], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
 def _fence(USE_ASM: tl.constexpr):
     """A GPU-scope memory fence in every thread (the interpreter runs programs one by one)."""
     if USE_ASM:

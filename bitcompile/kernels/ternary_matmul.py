@@ -705,7 +705,7 @@ def ternary_matmul(
             sync = kind == "mma_sync"
             bm = wgmma_matmul.token_tile(m, sync)
             buffers = split_k_buffers(dict(cfg, BM=bm), -(-n // cfg["BN"]))
-            return wgmma_matmul.launch(a2, blocked, c, tail, buffers, m, n, flags, sync=sync, **cfg)
+            return wgmma_matmul.launch(a2, blocked, c, tail, buffers, m, n, flags, sync=sync, pdl=pdl, **cfg)
         if kind == "gemv":
             gemv = tuning.traceable(_gemv_kernel, wrap)
             cfg.setdefault("R", 1)  # table entries without R use one row per thread

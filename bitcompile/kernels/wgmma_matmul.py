@@ -29,7 +29,14 @@ import functools
 
 import torch
 
-from bitcompile.kernels.common import PAIR_TABLE_WORDS, kblock_quarter_from, matmul_epilogue, split_k_total
+from bitcompile.kernels.common import (
+    PAIR_TABLE_WORDS,
+    grid_dependency_launch_dependents,
+    grid_dependency_wait,
+    kblock_quarter_from,
+    matmul_epilogue,
+    split_k_total,
+)
 
 try:
     from triton.experimental import gluon
@@ -76,11 +83,20 @@ if gluon is not None:
     def _fetch(x_desc, p_desc, p_smem, x_smem, ready, step, stage, pred):
         """TMA, two copies per step: the packed blocks of this program's rows ([chunks, BN, W])
         and their activations ([chunks, BM, W])."""
+        _fetch_weights(x_desc, p_desc, p_smem, ready, step, stage, pred)
+        _fetch_activations(x_desc, x_smem, ready, step, stage, pred)
+
+    @gluon.jit
+    def _fetch_weights(x_desc, p_desc, p_smem, ready, step, stage, pred):
+        """The step's packed blocks; its barrier expects the activations' bytes too."""
         bar = ready.index(stage)
         mbarrier.expect(bar, p_desc.block_type.nbytes + x_desc.block_type.nbytes, pred=pred)
         row = gl.program_id(0) * p_desc.block_type.shape[1]
         tma_load(p_desc, [step * p_desc.block_type.shape[0], row, 0], bar, p_smem.index(stage), pred=pred)
-        tma_load(x_desc, [step * x_desc.block_type.shape[0], 0, 0], bar, x_smem.index(stage), pred=pred)
+
+    @gluon.jit
+    def _fetch_activations(x_desc, x_smem, ready, step, stage, pred):
+        tma_load(x_desc, [step * x_desc.block_type.shape[0], 0, 0], ready.index(stage), x_smem.index(stage), pred=pred)
 
     @gluon.jit
     def _wgmma_kernel(
@@ -108,6 +124,7 @@ if gluon is not None:
         HAS_RES: gl.constexpr,
         SYNC: gl.constexpr,
         num_warps: gl.constexpr,
+        PDL: gl.constexpr = False,
     ):
         W: gl.constexpr = p_desc.block_type.shape[2]  # bytes per chunk: 64 or 128
         PER: gl.constexpr = W // Q  # quarters (activations) or blocks (packed rows) per chunk
@@ -141,8 +158,16 @@ if gluon is not None:
         per = gl.cdiv(STEPS, SPLIT_K)
         first = pid_k * per
         steps = gl.minimum(STEPS - first, per)
-        for j in gl.static_range(STAGES - 1):
-            _fetch(x_desc, p_desc, p_smem, x_smem, ready, first + j, j, j < steps)
+        if PDL:  # (tuning.pdl) the ring's first weights before waiting for the activations' producer
+            grid_dependency_launch_dependents()
+            for j in gl.static_range(STAGES - 1):
+                _fetch_weights(x_desc, p_desc, p_smem, ready, first + j, j, j < steps)
+            grid_dependency_wait()
+            for j in gl.static_range(STAGES - 1):
+                _fetch_activations(x_desc, x_smem, ready, first + j, j, j < steps)
+        else:
+            for j in gl.static_range(STAGES - 1):
+                _fetch(x_desc, p_desc, p_smem, x_smem, ready, first + j, j, j < steps)
 
         acc = gl.zeros([BN, BM], gl.int32, mma)
         acc_odd = gl.zeros([BN, BM], gl.int32, mma)  # SYNC: odd quarters, two dependency chains
@@ -286,6 +311,7 @@ def launch(
     WIDE: bool = False,
     num_warps: int = 4,
     sync: bool = False,
+    pdl: bool = False,
 ):
     """Launch on int8 activations ``a2 [m, k]`` and K-blocked packed weights ``blocked [n, kpb]``
     (``split_k_buffers``: partial tiles and arrival counters, as ``ternary_matmul`` keeps them).
@@ -293,7 +319,9 @@ def launch(
     activations, one block of a packed row) or, WIDE where K is whole 512-trit chunks, 128
     (half the box rows; ~2% faster at M=16 8192^2). Either way one copy per step brings its NB
     blocks and one their activations, as 2-D tiles the MMA reads (every TMA copy costs the CTA
-    a barrier). ``sync``: the mma.sync form (8-token tiles, see the module doc)."""
+    a barrier). ``sync``: the mma.sync form (8-token tiles, see the module doc). ``pdl``:
+    programmatic dependent launch (``tuning.pdl``): the first STAGES - 1 steps' weights are
+    requested before the wait for the kernel before this one, their activations after it."""
     x_desc, p_desc = descriptors(a2, blocked.view(torch.int8), BN, NB, WIDE, sync)
     xs, ws, bias, res = tail
     return _wgmma_kernel[(-(-n // BN), SPLIT_K)](
@@ -316,4 +344,5 @@ def launch(
         SYNC=sync,
         num_warps=num_warps,
         **flags,
+        **(dict(PDL=True, launch_pdl=True) if pdl else {}),
     )

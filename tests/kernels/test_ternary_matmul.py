@@ -485,6 +485,13 @@ flags = dict(QEPS=1e-5, BLOCK=4096, NORM=1, HAS_RES=False, HAS_W=True, HAS_B=Fal
 ptx = sass.compile_sm90(_norm_quant_kernel, args, dict(flags, USE_ASM=True, GATED=False, PDL=True), 4, 1).asm["ptx"]
 then = ptx.find("griddepcontrol.launch_dependents") > ptx.find("griddepcontrol.wait")
 out["norm_quant"] = [loads_before_wait(ptx), then]
+cfg = dict(kernel="mma_sync", BN=64, NB=2, STAGES=4, SPLIT_K=4, WIDE=True, num_warps=4)  # shipped at 8 x 4096 x 14336
+for pdl in (False, True):
+    kernel, args, constexprs, warps, stages = sass.ternary_mm_case(cfg, 8, 4096, 14336)
+    ptx = sass.compile_sm90(kernel, args, {**constexprs, "PDL": pdl}, warps, stages).asm["ptx"]
+    at = ptx.find("griddepcontrol.wait")
+    copies = [m.start() for m in re.finditer(r"cp\\.async\\.bulk\\.tensor", ptx)]
+    out[f"gluon {pdl}"] = [len(copies), None if at < 0 else sum(c < at for c in copies)]
 print(json.dumps(out))
 """
 
@@ -492,9 +499,10 @@ print(json.dumps(out))
 @needs_ptxas
 def test_pdl_launches_wait_before_reading_what_came_before():
     """Programmatic dependent launch (``BITCOMPILE_PDL=1``): the GEMV requests only weights (its
-    first one or two steps) before ``griddepcontrol.wait``, then the activations; the quantizer
-    waits before its first load and only then lets its dependents launch. Without PDL the GEMV
-    has no grid-dependency instructions."""
+    first one or two steps) before ``griddepcontrol.wait``, then the activations; the Gluon
+    matmul issues its ring's first STAGES - 1 weight copies (TMA) before the wait and their
+    activation copies after, the same copies as without PDL; the quantizer waits before its first
+    load and only then lets its dependents launch. Without PDL no grid-dependency instruction."""
     out = compile_in_child(PDL_ORDER)
     assert out.returncode == 0, out.stderr[-3000:]
     got = json.loads(out.stdout.strip().splitlines()[-1])
@@ -502,6 +510,8 @@ def test_pdl_launches_wait_before_reading_what_came_before():
     assert got["off"] == [None, False] and got["one"] == [one, True] and one > 0, got
     assert got["two"] == [2 * one, True], got
     assert got["norm_quant"] == [0, True], got
+    copies = got["gluon False"][0]
+    assert got["gluon False"] == [copies, None] and got["gluon True"] == [copies, 4 - 1], got
 
 
 # GPU only (make test-gpu): realistic shapes, compiled kernels.
@@ -511,11 +521,12 @@ SHAPES = [(1, 4096, 4096), (7, 1000, 1003), (16, 4096, 14336), (256, 14336, 4096
 
 
 @pytest.mark.gpu
-def test_pdl_chain_exact_under_cuda_graphs(monkeypatch):
-    """A decode layer's launch pattern, (norm + quantization -> GEMV) four times, each GEMV's
-    output the next norm's input, with ``BITCOMPILE_PDL=1``: eager and captured in a CUDA graph
-    (replayed on fresh inputs), bitwise what the launches without PDL give. A GEMV that read
-    its activations before the quantizer finished would read the previous replay's codes."""
+@pytest.mark.parametrize("rows", [1, 8])  # the GEMV; the Gluon matmul
+def test_pdl_chain_exact_under_cuda_graphs(rows, monkeypatch):
+    """A decode layer's launch pattern, (norm + quantization -> matmul) four times, each
+    matmul's output the next norm's input, with ``BITCOMPILE_PDL=1``: eager and captured in a
+    CUDA graph (replayed on fresh inputs), bitwise what the launches without PDL give. A matmul
+    that read its activations before the quantizer finished would read the previous replay's."""
     from bitcompile.kernels.act_quant import norm_quant
     from bitcompile.kernels.ternary_matmul import ternary_matmul
 
@@ -526,7 +537,7 @@ def test_pdl_chain_exact_under_cuda_graphs(monkeypatch):
         wq, ws = ref.quantize_weights(torch.randn(n, k, device="cuda", generator=g))
         layers.append((to_kblocked(wq, k), ws))
     norm_w = torch.rand(k, device="cuda", generator=g).to(torch.bfloat16) + 0.5
-    x = torch.empty(1, k, device="cuda", dtype=torch.bfloat16)
+    x = torch.empty(rows, k, device="cuda", dtype=torch.bfloat16)
 
     def chain():
         h, outs = x, []
@@ -544,7 +555,7 @@ def test_pdl_chain_exact_under_cuda_graphs(monkeypatch):
         finally:
             monkeypatch.setenv("BITCOMPILE_PDL", "1")
 
-    inputs = [torch.randn(1, k, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(8)]
+    inputs = [torch.randn(rows, k, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(8)]
     want = [plain(v) for v in inputs]
     monkeypatch.setenv("BITCOMPILE_PDL", "1")
     x.copy_(inputs[0])
