@@ -237,10 +237,11 @@ def use_scratch_allocator() -> None:
 
 
 def pdl(device: torch.device) -> bool:
-    """``BITCOMPILE_PDL=1``: the activation quantizer and the GEMV behind it launch with
-    programmatic dependent launch (sm_90+, untraced launches; opt-in until timed on a GPU): the
-    quantizer lets the GEMV start once it runs, and the GEMV streams its first weights while the
-    quantizer finishes, waiting (``griddepcontrol.wait``) only before it reads the activations."""
+    """``BITCOMPILE_PDL=1``: the activation quantizer and the decode matmul behind it (the GEMV,
+    the Gluon GEMM) launch with programmatic dependent launch (sm_90+, untraced launches; opt-in
+    until timed on a GPU): the quantizer lets the matmul start once it runs, and the matmul
+    streams its first weights while the quantizer finishes, waiting (``griddepcontrol.wait``)
+    only before it reads the activations."""
     return (
         os.environ.get("BITCOMPILE_PDL", "0") == "1"
         and device.type == "cuda"
