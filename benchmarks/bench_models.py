@@ -38,7 +38,7 @@ Every row compiles both sides the same way in this process and reports their rat
 pass, the bf16 side re-measured in the same run); each row then names them (``without``).
 ``--variants NAME:VAR=VALUE,...`` adds decode and prefill sides of the same deployed model compiled
 under those environment variables (opt-in passes: an A/B against the default build without a
-second bf16 compile), each named in its rows.
+second bf16 compile), each named in its rows, and a bitnet column per variant to the layer rows.
 
 Results: one JSON object per row on stdout (also appended to ``--jsonl``), and a markdown table in
 ``--out``; ``--profile FILE``: each decode step's and QAT step's kernel table (device time per
@@ -450,8 +450,9 @@ def bench_layers(args, rows: list) -> None:
             return [layer(x) for layer, x in zip(self.layers, xs)]
 
     for m, d, n in cases:
-        per_layer = stack_us(Stack, m, d, n)
+        per_layer = stack_us(Stack, m, d, n, args.variants)
         peer = per_layer.get("gemlite A8W158")
+        bf16 = per_layer["bf16 Inductor"]
         emit(
             rows,
             args,
@@ -460,29 +461,37 @@ def bench_layers(args, rows: list) -> None:
             n=d,
             k=d,
             layers=n,
-            bf16_us=round(per_layer["bf16 Inductor"], 2),
+            bf16_us=round(bf16, 2),
             bitnet_us=round(per_layer["bitnet"], 2),
-            speedup=round(per_layer["bf16 Inductor"] / per_layer["bitnet"], 2),
+            speedup=round(bf16 / per_layer["bitnet"], 2),
+            **{f"bitnet_{name}_us": round(per_layer[f"bitnet, {name}"], 2) for name, _ in args.variants},
+            **{f"speedup_{name}": round(bf16 / per_layer[f"bitnet, {name}"], 2) for name, _ in args.variants},
             gemlite_us=round(peer, 2) if isinstance(peer, float) else peer,
         )
         reset_peak()
 
 
-def stack_us(stack: type, m: int, d: int, n: int) -> dict:
+def stack_us(stack: type, m: int, d: int, n: int, variants=()) -> dict:
     """Per-layer time of ``stack(d, n)`` on ``m`` rows, each side compiled with CUDA graphs (the
-    gemlite side: a float, or why it did not run)."""
+    gemlite side: a float, or why it did not run); bitnet again under each of ``variants``'
+    environments (``--variants``)."""
     model = stack(d, n).to(timing.DEVICE, torch.bfloat16).eval()
     xs = [torch.randn(m, d, device=timing.DEVICE, dtype=torch.bfloat16) for _ in range(n)]
+
+    def bitnet():
+        return torch.compile(model, backend="bitnet", options={"mode": "reduce-overhead", "exclude": []})
+
     sides = [
-        ("bf16 Inductor", lambda: torch.compile(model, mode="reduce-overhead")),
-        ("bitnet", lambda: torch.compile(model, backend="bitnet", options={"mode": "reduce-overhead", "exclude": []})),
-        ("gemlite A8W158", lambda: torch.compile(gemlite_stack(model), mode="reduce-overhead")),
+        ("bf16 Inductor", {}, lambda: torch.compile(model, mode="reduce-overhead")),
+        ("bitnet", {}, bitnet),
+        *((f"bitnet, {name}", env, bitnet) for name, env in variants),
+        ("gemlite A8W158", {}, lambda: torch.compile(gemlite_stack(model), mode="reduce-overhead")),
     ]
     per_layer = {}
-    for label, build in sides:
+    for label, env, build in sides:
         try:
-            compiled = build()
-            with torch.no_grad():
+            with mock.patch.dict(os.environ, env), torch.no_grad():
+                compiled = build()
                 for _ in range(3):
                     compiled(xs)
                 per_layer[label] = timing.wall_us(lambda: compiled(xs), calls=20) / n

@@ -57,6 +57,8 @@ def test_bench_models_smoke(tmp_path):
     rows = [json.loads(line) for line in printed.splitlines() if line.startswith("{")]
     parts = {row["part"] for row in rows}
     assert parts == {"decode", "decode logits", "prefill", "memory", "layers", "qat"}
+    layers = [row for row in rows if row["part"] == "layers"]
+    assert all(row["bitnet_swiglu_us"] > 0 and row["speedup_swiglu"] > 0 for row in layers)  # the variant's column
     decode = {row["side"]: row for row in rows if row["part"] == "decode"}
     int8, swiglu = "bitnet (deployed, int8 lm_head)", "bitnet (deployed, int8 lm_head, swiglu)"
     ratios = {"ratio", "ratio, int8 lm_head", "ratio, int8 lm_head, swiglu"}
